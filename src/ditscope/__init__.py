@@ -1,0 +1,30 @@
+"""ditscope: measure where a diffusion transformer repeats itself across denoising steps.
+
+    profile = ditscope.profile(pipe, prompts, num_inference_steps=20, seed=0)
+    profile.to_pandas(); profile.plot("figures/"); profile.save("p.ditscope")
+
+    with ditscope.record(model, attention="MyAttention") as rec:   # any model that calls SDPA
+        for prompt in prompts:
+            my_sampling_loop(model, prompt)
+            rec.next_sample()
+    profile = rec.profile()
+"""
+
+__version__ = "0.1.0"
+
+from .capture.recorder import Recorder  # noqa: E402
+from .errors import DitscopeError  # noqa: E402
+from .profile.artifact import Profile  # noqa: E402
+from .profile.runner import profile  # noqa: E402
+
+
+def record(model, attention=None, **kwargs) -> Recorder:
+    """Record attention redundancy of `model` while it runs; each forward is one step.
+
+    `attention` names the attention modules: a class name, a glob or regex on module names, or a list
+    (default: every module with a `.processor`, i.e. diffusers attention). See `Recorder` for options.
+    """
+    return Recorder(model, attention=attention, **kwargs)
+
+
+__all__ = ["DitscopeError", "Profile", "Recorder", "__version__", "profile", "record"]
