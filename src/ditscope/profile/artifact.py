@@ -221,18 +221,25 @@ class Profile:
         """The view figures and summaries use by default: image tokens, the cond branch."""
         streams, branches = self.options("stream"), self.options("branch")
         return {
-            "stream": "image" if "image" in streams else streams[0],
+            "stream": "auto" if "image" in streams else streams[0],
             "branch": "cond" if "cond" in branches else branches[0],
         }
 
     def grid(self, target: str, stream: str, branch: str, metric: str = "l1", stat: str = "mean") -> np.ndarray:
-        """(layers, steps-1) array of a statistic; NaN where a layer has no such key."""
+        """(layers, steps-1) array of a statistic; NaN where a layer has no such key.
+
+        `stream="auto"` takes each layer's image stream, or its text stream where it has no image
+        stream for this target (K and V of cross-attention layers).
+        """
         m = self.metrics.index(metric)
         arr = self.stats.cov if stat == "cov" else self.stats.std if stat == "std" else self.stats.mean
         out = np.full((self.n_layers, self.n_steps - 1), np.nan)
-        for i, (layer, t, s, b) in enumerate(self.keys):
-            if (t, s, b) == (target, stream, branch):
+        taken = set()
+        for i, (layer, t, s, b) in sorted(enumerate(self.keys), key=lambda item: item[1][2] != "image"):
+            wanted = (s == "image" or layer not in taken) if stream == "auto" else s == stream
+            if t == target and b == branch and wanted:
                 out[layer] = arr[i, :, m]
+                taken.add(layer)
         return out
 
     def cov_table(self, metric: str = "l1"):

@@ -3,13 +3,17 @@
 The device reduces each captured tensor X_t (with X_{t-1} kept from the previous step) to four sums
 per batch entry and token stream, in float32:
 
-    absdiff = sum|X_t - X_{t-1}|      abscur = sum|X_t|      dot = sum X_t * X_{t-1}      sq = sum X_t^2
+    absdiff = sum|X_t - X_{t-1}|      abscur = sum|X_t|      sqdiff = sum (X_t - X_{t-1})^2      sq = sum X_t^2
 
 The host turns them into the three metrics, using the previous step's `abscur` and `sq`:
 
     l1     = absdiff / numel                               (the paper's mean |X_t - X_{t-1}|)
     rel_l1 = absdiff / sum|X_{t-1}|
-    cos    = 1 - dot / sqrt(sum X_t^2 * sum X_{t-1}^2)      (cosine distance of the flattened tensors)
+    cos    = 1 - <X_t, X_{t-1}> / (|X_t| |X_{t-1}|)       (cosine distance of the flattened tensors)
+
+Cosine distance is computed as (|X_t - X_{t-1}|^2 - (|X_t| - |X_{t-1}|)^2) / (2 |X_t| |X_{t-1}|), which
+is the same quantity without the cancellation of `1 - dot/norm` in float32 when the two steps are
+nearly identical, which is exactly the redundant case this tool exists to measure.
 
 Sums (not means) are what the device returns, so several attention calls of one layer (Mochi calls
 attention once per sample) and several batch entries of one sample (Latte's temporal attention runs
@@ -22,40 +26,41 @@ import numpy as np
 import torch
 
 METRICS = ("l1", "rel_l1", "cos")
-N_SUMS = 4  # absdiff, abscur, dot, sq
+N_SUMS = 4  # absdiff, abscur, sqdiff, sq
 
 
 def reduce_sums(x: torch.Tensor, prev: torch.Tensor | None, segments: list[tuple[int, int]]) -> torch.Tensor:
     """Four sums per (entry, segment) of `x` shaped (N, H, S, D); segments are [start, end) on S.
 
     Returns a float32 tensor (4, N, len(segments)) on x's device. Without `prev` (the first step)
-    absdiff and dot are zero.
+    absdiff and sqdiff are zero.
     """
     x = x.detach().float()
     per_token = [x.abs().sum((1, 3)), x.square().sum((1, 3))]
     if prev is None:
         zeros = torch.zeros_like(per_token[0])
-        absdiff, dot = zeros, zeros
+        absdiff, sqdiff = zeros, zeros
     else:
-        p = prev.to(device=x.device, dtype=torch.float32)
-        absdiff = (x - p).abs().sum((1, 3))
-        dot = (x * p).sum((1, 3))
-    sums = torch.stack([absdiff, per_token[0], dot, per_token[1]])  # (4, N, S)
+        diff = x - prev.to(device=x.device, dtype=torch.float32)
+        absdiff = diff.abs().sum((1, 3))
+        sqdiff = diff.square().sum((1, 3))
+    sums = torch.stack([absdiff, per_token[0], sqdiff, per_token[1]])  # (4, N, S)
     if len(segments) == 1 and segments[0] == (0, x.shape[2]):
         return sums.sum(-1, keepdim=True)
     return torch.stack([sums[..., a:b].sum(-1) for a, b in segments], dim=-1)
 
 
 def metrics_from_sums(sums: np.ndarray, prev_abs: np.ndarray, prev_sq: np.ndarray, numel: np.ndarray) -> np.ndarray:
-    """(absdiff, _, dot, sq) of step t plus step t-1's sum|X| and sum X^2 -> (..., 3) metrics.
+    """(absdiff, _, sqdiff, sq) of step t plus step t-1's sum|X| and sum X^2 -> (..., 3) metrics.
 
     0/0 is defined as 0 (two all-zero tensors are identical); a zero denominator with a nonzero
     numerator gives relative distance inf and cosine distance 1.
     """
-    absdiff, dot, sq = sums[0], sums[2], sums[3]
+    absdiff, sqdiff, sq = sums[0], sums[2], sums[3]
     with np.errstate(divide="ignore", invalid="ignore"):
         l1 = absdiff / numel
         rel = np.where(prev_abs > 0, absdiff / prev_abs, np.where(absdiff > 0, np.inf, 0.0))
-        norm = np.sqrt(sq * prev_sq)
-        cos = np.where(norm > 0, 1.0 - dot / norm, np.where((sq > 0) | (prev_sq > 0), 1.0, 0.0))
+        norm_cur, norm_prev = np.sqrt(sq), np.sqrt(prev_sq)
+        cos = np.clip((sqdiff - (norm_cur - norm_prev) ** 2) / (2 * norm_cur * norm_prev), 0.0, 2.0)
+        cos = np.where(norm_cur * norm_prev > 0, cos, np.where((sq > 0) | (prev_sq > 0), 1.0, 0.0))
     return np.stack([l1, rel, cos], axis=-1)

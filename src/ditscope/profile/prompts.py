@@ -1,0 +1,66 @@
+"""Reading prompt files: .txt (one prompt a line), .jsonl (one object or string a line), .csv (a column)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..errors import DitscopeError
+
+DEFAULT_COLUMNS = ("prompt", "caption", "text")
+
+
+def load_prompts(path, column: str | None = None) -> list[str]:
+    """Prompts from a file, in order, empty lines skipped. Errors name the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise DitscopeError(f"prompts file {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DitscopeError(f"cannot read prompts file {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DitscopeError(f"prompts file {path} is not UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8") from None
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = _jsonl(text, path, column)
+    elif suffix == ".csv":
+        prompts = _csv(text, path, column)
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise DitscopeError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def _pick(record: dict, column: str | None, where: str) -> str:
+    names = (column,) if column else DEFAULT_COLUMNS
+    for name in names:
+        if name in record:
+            return str(record[name]).strip()
+    raise DitscopeError(f"{where} has no column {' or '.join(repr(n) for n in names)}; choose one with --column")
+
+
+def _jsonl(text: str, path: Path, column: str | None) -> list[str]:
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise DitscopeError(f"{path} line {n} is not valid JSON") from None
+        prompts.append(item.strip() if isinstance(item, str) else _pick(item, column, f"{path} line {n}"))
+    return prompts
+
+
+def _csv(text: str, path: Path, column: str | None) -> list[str]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise DitscopeError(f"prompts file {path} has no header row")
+    return [_pick(row, column, str(path)) for row in reader]

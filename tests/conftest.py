@@ -1,0 +1,33 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_pipe():
+    """The built-in default pipeline (random-init PixArt), built once per session."""
+    from ditscope import zoo
+
+    return zoo.load(zoo.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def call_kwargs():
+    from ditscope import zoo
+
+    return zoo.ZOO[zoo.DEFAULT_MODEL].call_kwargs
+
+
+@pytest.fixture
+def prompts():
+    from ditscope import zoo
+
+    return zoo.builtin_prompts()[:3]
+
+
+torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1,0 +1,56 @@
+"""Streaming statistics: batch updates and shard merges equal one pass over all samples."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ditscope.stats import RunningStats, metrics_from_sums, reduce_sums
+
+values = st.lists(st.floats(0.0, 1e3, allow_nan=False, width=32), min_size=1, max_size=30)
+
+
+@given(values, st.integers(0, 30))
+@settings(max_examples=60, deadline=None)
+def test_any_split_merges_to_the_same_moments(xs, cut):
+    x = np.asarray(xs, np.float64).reshape(-1, 1)
+    cut = min(cut, len(xs))
+    whole = RunningStats.of(x)
+    parts = RunningStats.empty((1,))
+    for chunk in (x[:cut], x[cut:]):
+        if len(chunk):
+            parts = parts.update(chunk)
+    np.testing.assert_array_equal(parts.count, whole.count)
+    np.testing.assert_allclose(parts.mean, x.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(parts.std, x.std(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(parts.min, x.min(0))
+    np.testing.assert_array_equal(parts.max, x.max(0))
+
+
+def test_cov_is_std_over_mean_and_zero_for_zero_mean():
+    s = RunningStats.of(np.array([[1.0, 0.0], [3.0, 0.0]]))
+    np.testing.assert_allclose(s.cov, [0.5, 0.0])
+
+
+def test_reduce_and_metrics_match_a_hand_computation():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    prev = torch.randn(2, 3, 7, 4, generator=g)
+    cur = prev + 0.1 * torch.randn(2, 3, 7, 4, generator=g)
+    segments = [(0, 5), (5, 7)]
+    s_prev = reduce_sums(prev, None, segments).double().numpy()
+    s_cur = reduce_sums(cur, prev, segments).double().numpy()
+    numel = np.array([3 * 5 * 4, 3 * 2 * 4], np.float64)
+    got = metrics_from_sums(s_cur, s_prev[1], s_prev[3], numel)  # (N, segments, 3)
+    for n in range(2):
+        for j, (a, b) in enumerate(segments):
+            x, p = cur[n, :, a:b].double(), prev[n, :, a:b].double()
+            l1 = (x - p).abs().mean().item()
+            rel = ((x - p).abs().sum() / p.abs().sum()).item()
+            cos = 1 - (x * p).sum().item() / (x.norm() * p.norm()).item()
+            np.testing.assert_allclose(got[n, j], [l1, rel, cos], rtol=1e-5)
+
+
+def test_identical_and_zero_tensors_have_zero_distance():
+    sums = np.zeros((4, 1))
+    np.testing.assert_array_equal(metrics_from_sums(sums, np.zeros(1), np.zeros(1), np.ones(1)), [[0.0, 0.0, 0.0]])
