@@ -284,6 +284,8 @@ def _print_summary(prof) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped to a file: do not fold layer names
     meta = prof.meta
     console.print(
         f"[bold]{meta.get('model', '?')}[/bold] ({meta.get('transformer', '?')}), {prof.n_layers} attention layers, "

@@ -15,6 +15,8 @@ DEFAULT_COLUMNS = ("prompt", "caption", "text")
 def load_prompts(path, column: str | None = None) -> list[str]:
     """Prompts from a file, in order, empty lines skipped. Errors name the file and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise DitscopeError(f"prompts file {path} is a folder; give a .txt, .jsonl or .csv file")
     if not path.is_file():
         raise DitscopeError(f"prompts file {path} does not exist")
     try:

@@ -21,16 +21,22 @@ from ..families import family_of, pipeline_prompt_kwargs
 from .artifact import RUN_FIELDS, Profile, sha256_of
 
 
+def config_dict(config) -> dict:
+    """A diffusers config without its private bookkeeping (`_use_default_values` is built from a set,
+    so its order changes from process to process)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def run_metadata(pipe, prompts, *, model_id, num_inference_steps, seed, guidance_scale, batch_size, targets,
                  storage_dtype) -> dict:
     transformer = pipe.transformer
-    scheduler_config = dict(pipe.scheduler.config)
+    scheduler_config = config_dict(pipe.scheduler.config)
     return {
         "model": model_id or getattr(pipe, "name_or_path", None) or type(transformer).__name__,
         "transformer": type(transformer).__name__,
         "pipeline": type(pipe).__name__,
         "family": family_of(transformer).name,
-        "model_config_hash": sha256_of(dict(transformer.config)),
+        "model_config_hash": sha256_of(config_dict(transformer.config)),
         "scheduler": type(pipe.scheduler).__name__,
         "scheduler_config": scheduler_config,
         "scheduler_config_hash": sha256_of(scheduler_config),

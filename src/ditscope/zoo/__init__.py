@@ -62,13 +62,25 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         raise DitscopeError(
             f"unknown model {model!r}: not a zoo name ({', '.join(ZOO)}), a local folder, or a hub id (org/name)"
         )
-    from diffusers import DiffusionPipeline
+    import inspect
+    import warnings
 
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    # newer diffusers call it `dtype`, older ones `torch_dtype`
+    takes_dtype = "dtype" in inspect.getsource(DiffusionPipeline.from_pretrained)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # loading chatter would bury our one-line error
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = DiffusionPipeline.from_pretrained(source, **{"dtype" if takes_dtype else "torch_dtype": dtype})
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DitscopeError(f"cannot load model {model!r} ({reason[:200]}); check the id, or download it first") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if getattr(pipe, "transformer", None) is None:
         raise DitscopeError(f"{model} ({type(pipe).__name__}) has no transformer; ditscope profiles diffusion transformers")
     return pipe.to(device)
