@@ -71,8 +71,8 @@ def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):
 
 
 def test_newer_format_is_a_clear_error(tmp_path):
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     path = make([0]).save(tmp_path / "p.ditscope")
     with safe_open(str(path), "np") as f:

@@ -144,6 +144,7 @@ class Recorder:
         self._active: _Layer | None = None
         self._orig_sdpa = None
         self._samples: list[Sample] = []
+        self._scratch: dict = {}  # reusable float32 work buffers of reduce_sums, by shape
         self._reset_sample()
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -171,10 +172,11 @@ class Recorder:
             F.scaled_dot_product_attention = self._orig_sdpa
             self._orig_sdpa = None
         self._active = None
+        self._scratch.clear()
 
     # ----------------------------------------------------------------------------- sample control
     def _reset_sample(self):
-        self._prev: dict = {}  # (layer, call, target) -> kept tensor of the previous step
+        self._prev: dict = {}  # (layer, branches, call, target) -> kept tensor of the previous step
         self._host_prev: dict[Key, tuple[np.ndarray, np.ndarray]] = {}  # key -> (sum|X|, sum X^2)
         self._pending: list = []  # this step's rows: (key, slots, numel, device sums (4, n))
         self._steps: list[dict[Key, np.ndarray]] = []  # per finished step: key -> (prompts, 3)
@@ -332,14 +334,15 @@ class Recorder:
         return [(IMAGE, 0, n - joint_text), (TEXT, n - joint_text, n)]
 
     def _reduce(self, layer: _Layer, call: int, target: str, x: torch.Tensor, streams):
-        slot = (layer.index, call, target)
+        # separate guidance passes of one step run the same layer once each: each keeps its own previous step
+        slot = (layer.index, self._branch_of_call[0], call, target)
         prev = self._prev.get(slot)
         if prev is not None and prev.shape != x.shape:
             raise DitscopeError(
                 f"layer {layer.name} {target.upper()} changed shape from {tuple(prev.shape)} to "
                 f"{tuple(x.shape)} between steps; profile one resolution and prompt length per run"
             )
-        sums = reduce_sums(x, prev, [(a, b) for _, a, b in streams])
+        sums = reduce_sums(x, prev, [(a, b) for _, a, b in streams], self._scratch)
         dtype = self.storage_dtype or x.dtype
         device = "cpu" if self.offload else x.device
         self._prev[slot] = x.detach().to(device=device, dtype=dtype, copy=True, non_blocking=self.offload)

@@ -175,7 +175,8 @@ def profile(
     created_dir = not out.exists()
     created_state = not state.exists()
     from ..profile.artifact import Profile
-    from ..profile.runner import RUN_FIELDS, profile as run_profile, run_metadata
+    from ..profile.runner import RUN_FIELDS, run_metadata
+    from ..profile.runner import profile as run_profile
 
     if final.exists() and part is None:
         done = Profile.load(final)
@@ -253,7 +254,14 @@ class _progress:
         if not self.enabled:
             return None
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),

@@ -29,25 +29,44 @@ METRICS = ("l1", "rel_l1", "cos")
 N_SUMS = 4  # absdiff, abscur, sqdiff, sq
 
 
-def reduce_sums(x: torch.Tensor, prev: torch.Tensor | None, segments: list[tuple[int, int]]) -> torch.Tensor:
+def reduce_sums(
+    x: torch.Tensor, prev: torch.Tensor | None, segments: list[tuple[int, int]], scratch: dict | None = None
+) -> torch.Tensor:
     """Four sums per (entry, segment) of `x` shaped (N, H, S, D); segments are [start, end) on S.
 
     Returns a float32 tensor (4, N, len(segments)) on x's device. Without `prev` (the first step)
-    absdiff and sqdiff are zero.
+    absdiff and sqdiff are zero. This runs for every tensor of every layer at every step, so it is
+    written for speed (measured in benchmarks/README.md): reductions over whole trailing dims (no
+    strided partial reductions), squares through `vector_norm` (no temporary), and the elementwise
+    work written into one reused float32 buffer from `scratch` (no fresh allocation per call).
     """
-    x = x.detach().float()
-    per_token = [x.abs().sum((1, 3)), x.square().sum((1, 3))]
-    if prev is None:
-        zeros = torch.zeros_like(per_token[0])
-        absdiff, sqdiff = zeros, zeros
-    else:
-        diff = x - prev.to(device=x.device, dtype=torch.float32)
-        absdiff = diff.abs().sum((1, 3))
-        sqdiff = diff.square().sum((1, 3))
-    sums = torch.stack([absdiff, per_token[0], sqdiff, per_token[1]])  # (4, N, S)
-    if len(segments) == 1 and segments[0] == (0, x.shape[2]):
-        return sums.sum(-1, keepdim=True)
-    return torch.stack([sums[..., a:b].sum(-1) for a, b in segments], dim=-1)
+    x = x.detach()
+    if x.dtype != torch.float32:
+        x = x.float()
+    buf = _buffer(scratch, x)
+    whole = len(segments) == 1 and segments[0] == (0, x.shape[2])
+    dims = (1, 2, 3)
+    zeros = torch.zeros(x.shape[0], device=x.device)
+    torch.abs(x, out=buf)
+    rows = [[zeros, (buf if whole else buf[:, :, a:b]).sum(dims), zeros, None] for a, b in segments]
+    for row, (a, b) in zip(rows, segments):
+        row[3] = torch.linalg.vector_norm(x if whole else x[:, :, a:b], 2, dims).square()
+    if prev is not None:
+        torch.sub(x, prev.to(device=x.device, dtype=torch.float32), out=buf)
+        for row, (a, b) in zip(rows, segments):
+            seg = buf if whole else buf[:, :, a:b]
+            row[2] = torch.linalg.vector_norm(seg, 2, dims).square()
+            row[0] = seg.abs_().sum(dims)  # in place, after the squares: segments are disjoint
+    return torch.stack([torch.stack(row) for row in rows], dim=-1)
+
+
+def _buffer(scratch: dict | None, x: torch.Tensor) -> torch.Tensor:
+    if scratch is None:
+        return torch.empty(x.shape, device=x.device)
+    key = (tuple(x.shape), x.device)
+    if key not in scratch:
+        scratch[key] = torch.empty(x.shape, device=x.device)
+    return scratch[key]
 
 
 def metrics_from_sums(sums: np.ndarray, prev_abs: np.ndarray, prev_sq: np.ndarray, numel: np.ndarray) -> np.ndarray:

@@ -36,7 +36,12 @@ def word_tokenizer(vocab=VOCAB, max_length: int = MAX_TEXT_TOKENS):
 
 def random_pixart(seed: int = 0, dtype: torch.dtype = torch.float32):
     """PixArt-alpha-shaped pipeline with random weights: 8 blocks, hidden 64, 256 image tokens."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+    )
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)

@@ -1,0 +1,114 @@
+"""Overhead of profiling: wall time and peak memory of a profiled denoising loop against the same loop
+without ditscope, on a random-init PixArt-alpha-shaped transformer.
+
+Each measurement runs in a fresh child process (so peak RSS is that run's own), plain and profiled
+runs alternate, and we report medians over repeats and their ratio.
+
+    python benchmarks/profile_overhead.py                      # CPU, mid-size (12 layers, hidden 512, 1024 tokens)
+    python benchmarks/profile_overhead.py --size full --device cuda   # PixArt-alpha XL size (28 layers, 1152)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SIZES = {
+    # ~PixArt-alpha shape, scaled to run on a 2-core CPU: 12 blocks, hidden 512, 32x32 patches = 1024 tokens
+    "mid": dict(num_layers=12, attention_head_dim=64, num_attention_heads=8, sample_size=64, caption_channels=512,
+                cross_attention_dim=512),
+    # PixArt-alpha XL/2 1024px: 28 blocks, hidden 1152, 64x64 patches = 4096 tokens, T5-XXL captions
+    "full": dict(num_layers=28, attention_head_dim=72, num_attention_heads=16, sample_size=128, caption_channels=4096,
+                 cross_attention_dim=1152),
+}
+
+
+def child(size: str, mode: str, steps: int, device: str, dtype: str) -> dict:
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    import ditscope
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    cfg = SIZES[size]
+    model = PixArtTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        use_additional_conditions=False, **cfg,
+    ).to(device=device, dtype=dt).eval()
+    latent = cfg["sample_size"]
+    x = torch.randn(2, 4, latent, latent, device=device, dtype=dt)  # CFG batch: uncond + cond
+    text = torch.randn(2, 120, cfg["caption_channels"], device=device, dtype=dt)
+    extra = {"aspect_ratio": None, "resolution": None}
+
+    def loop(n):
+        h = x
+        for i in range(n):
+            t = torch.full((2,), 999 - i * (1000 // n), device=device)
+            out = model(h, encoder_hidden_states=text, timestep=t, added_cond_kwargs=extra).sample
+            h = h - 0.05 * out[:, :4]  # a scheduler-like update so steps differ
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        loop(2)  # warm-up (allocator, kernels)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kept = 0
+        start = time.perf_counter()
+        if mode == "profiled":
+            with ditscope.record(model, batched_branches=("uncond", "cond")) as rec:
+                loop(steps)
+                kept = sum(t.numel() * t.element_size() for t in rec._prev.values())
+                rec.next_sample()
+        else:
+            loop(steps)
+        seconds = time.perf_counter() - start
+    result = {"mode": mode, "seconds": seconds, "kept_bytes": kept}
+    if device.startswith("cuda"):
+        result["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base_mem
+    else:
+        result["peak_extra_bytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="mid")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.child:
+        print(json.dumps(child(args.size, args.child, args.steps, args.device, dtype)))
+        return
+    runs = {"plain": [], "profiled": []}
+    for rep in range(args.repeats):
+        for mode in ("plain", "profiled"):
+            cmd = [sys.executable, __file__, "--child", mode, "--size", args.size, "--steps", str(args.steps),
+                   "--device", args.device, "--dtype", dtype]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            runs[mode].append(json.loads(out))
+            print(f"repeat {rep + 1}/{args.repeats} {mode:8s} {runs[mode][-1]['seconds']:.2f}s", file=sys.stderr)
+    med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
+    mem = {m: statistics.median(r["peak_extra_bytes"] for r in rs) for m, rs in runs.items()}
+    kept = runs["profiled"][0]["kept_bytes"]
+    print(f"size={args.size} device={args.device} dtype={dtype} steps={args.steps} repeats={args.repeats}")
+    print(f"median seconds: plain {med['plain']:.3f}, profiled {med['profiled']:.3f}, ratio {med['profiled'] / med['plain']:.3f}")
+    print(f"peak memory growth: plain {mem['plain'] / 2**20:.1f} MiB, profiled {mem['profiled'] / 2**20:.1f} MiB, "
+          f"extra {(mem['profiled'] - mem['plain']) / 2**20:.1f} MiB; one step's kept tensors {kept / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
