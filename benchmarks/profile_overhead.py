@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -93,16 +94,25 @@ def main():
     if args.child:
         print(json.dumps(child(args.size, args.child, args.steps, args.device, dtype)))
         return
+    def run_child(mode, env=None):
+        cmd = [sys.executable, __file__, "--child", mode, "--size", args.size, "--steps", str(args.steps),
+               "--device", args.device, "--dtype", dtype]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     runs = {"plain": [], "profiled": []}
     for rep in range(args.repeats):
         for mode in ("plain", "profiled"):
-            cmd = [sys.executable, __file__, "--child", mode, "--size", args.size, "--steps", str(args.steps),
-                   "--device", args.device, "--dtype", dtype]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            runs[mode].append(json.loads(out))
+            runs[mode].append(run_child(mode))
             print(f"repeat {rep + 1}/{args.repeats} {mode:8s} {runs[mode][-1]['seconds']:.2f}s", file=sys.stderr)
     med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
-    mem = {m: statistics.median(r["peak_extra_bytes"] for r in rs) for m, rs in runs.items()}
+    if args.device.startswith("cuda"):
+        mem = {m: statistics.median(r["peak_extra_bytes"] for r in rs) for m, rs in runs.items()}
+    else:
+        # Peak RSS also counts heap that glibc keeps after free; return big blocks to the OS so that
+        # it tracks live tensors. Separate runs, so the timings above use the default allocator.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+        mem = {m: run_child(m, env)["peak_extra_bytes"] for m in ("plain", "profiled")}
     kept = runs["profiled"][0]["kept_bytes"]
     print(f"size={args.size} device={args.device} dtype={dtype} steps={args.steps} repeats={args.repeats}")
     print(f"median seconds: plain {med['plain']:.3f}, profiled {med['profiled']:.3f}, ratio {med['profiled'] / med['plain']:.3f}")

@@ -343,9 +343,12 @@ class Recorder:
                 f"{tuple(x.shape)} between steps; profile one resolution and prompt length per run"
             )
         sums = reduce_sums(x, prev, [(a, b) for _, a, b in streams], self._scratch)
-        dtype = self.storage_dtype or x.dtype
-        device = "cpu" if self.offload else x.device
-        self._prev[slot] = x.detach().to(device=device, dtype=dtype, copy=True, non_blocking=self.offload)
+        if prev is None:  # allocated once; later steps overwrite it, so memory stays at one step's tensors
+            device = torch.device("cpu") if self.offload else x.device
+            prev = torch.empty(x.shape, dtype=self.storage_dtype or x.dtype, device=device,
+                               pin_memory=self.offload and x.is_cuda)
+            self._prev[slot] = prev
+        prev.copy_(x.detach(), non_blocking=self.offload)
         per_entry = x.shape[1] * x.shape[3]
         numel = np.array([(b - a) * per_entry for _, a, b in streams], np.float64)
         return sums, numel, [s for s, _, _ in streams]
