@@ -31,7 +31,8 @@ class Family:
             no `encoder_hidden_states` (Flux single blocks). Their text length is read from the
             transformer's own `encoder_hidden_states` argument.
         exclude: regexes of attention modules that are not trunk layers (never recorded).
-        cfg_batched: branch names, in batch order, when the pipeline batches guidance into one call.
+        cfg_batched: branch names, in batch order, when the pipeline batches guidance into one call
+            (the diffusers pipeline's order; a pipeline may override it with `cfg_batched_branches`).
         cfg_separate: branch names, in call order, when the pipeline calls the model once per branch.
     """
 

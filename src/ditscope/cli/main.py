@@ -6,7 +6,6 @@ invocation created. A killed `profile` leaves its saved state; the same command 
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import sys
@@ -16,102 +15,15 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=False,
-    help="Measure step-to-step redundancy in diffusion transformers.",
-    pretty_exceptions_enable=False,
+from .common import (  # noqa: E402
+    app,
+    check_writable_dir,
+    parse_shard,
+    pick_device,
+    resolve_scheduler_class,
+    torch_dtype,
+    user_errors,
 )
-
-SCHEDULER_ALIASES = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "dpm-solver": "DPMSolverMultistepScheduler",
-    "dpm-sde": "DPMSolverSDEScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "flow-euler": "FlowMatchEulerDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def _fail(message: str) -> typer.Exit:
-    print(f"error: {message}", file=sys.stderr)
-    return typer.Exit(code=2)
-
-
-def user_errors(fn):
-    """Turn a DitscopeError into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DitscopeError as e:
-            raise _fail(str(e)) from None
-
-    return wrapper
-
-
-# --------------------------------------------------------------------------------- validation
-def resolve_scheduler_class(name: str):
-    import diffusers
-
-    cls_name = SCHEDULER_ALIASES.get(name.lower(), name)
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not cls_name.endswith("Scheduler"):
-        raise DitscopeError(
-            f"unknown scheduler {name!r}; use a diffusers scheduler class name or one of: {', '.join(SCHEDULER_ALIASES)}"
-        )
-    return cls
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise DitscopeError(f"--shard must look like i/n (e.g. 0/4), not {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise DitscopeError(f"--shard {text}: need 0 <= i < n")
-    return i, n
-
-
-def check_writable_dir(out: Path) -> None:
-    """Fail early if `out` cannot become a writable folder (creates nothing)."""
-    if out.exists() and not out.is_dir():
-        raise DitscopeError(f"output folder {out} exists and is not a folder; choose another --out")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise DitscopeError(f"output folder {out} is not writable (at {probe}); choose another --out")
-
-
-def torch_dtype(name: str, device: str):
-    import torch
-
-    if name not in DTYPES:
-        raise DitscopeError(f"unknown --dtype {name!r}; choose from {', '.join(DTYPES)}")
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DitscopeError("--device cuda asked for, but torch sees no CUDA device")
-    return name
 
 
 # ------------------------------------------------------------------------------------ profile
@@ -373,6 +285,9 @@ def plot_cmd(
     check_writable_dir(out)
     files = plot_profile(prof, out, metric=metric)
     print(f"wrote {len(files)} figure files to {out}")
+
+
+from . import zoo as _zoo_commands  # noqa: E402,F401  (registers generate, eval, zoo)
 
 
 def main():

@@ -160,7 +160,8 @@ def profile(
     family = family_of(pipe.transformer)
     rec = Recorder(
         pipe.transformer, attention=attention, targets=targets, storage_dtype=storage_dtype, offload=offload,
-        step_on="external", batched_branches=family.cfg_batched, separate_branches=family.cfg_separate,
+        step_on="external", batched_branches=getattr(pipe, "cfg_batched_branches", family.cfg_batched),
+        separate_branches=family.cfg_separate,
         on_step=(lambda _: progress.advance(task)) if progress is not None else None,
     )
     if done is not None and done.layer_names:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,36 @@ class ZooEntry:
     call_kwargs: dict = field(default_factory=dict)
 
 
+ASSETS = Path(__file__).parent / "assets"
+
+
+def _trained(name: str):
+    def build(dtype):
+        from .pipeline import ShapesPipeline
+
+        folder = ASSETS / name
+        if not (folder / "model_index.json").is_file():
+            raise DitscopeError(f"zoo model {name} has no weights in {folder}; train it with `ditscope zoo train {name}`")
+        with quiet_loading():
+            pipe = ShapesPipeline.from_pretrained(str(folder))
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+    return build
+
+
 ZOO: dict[str, ZooEntry] = {
+    "tiny-pixart": ZooEntry(
+        build=_trained("tiny-pixart"),
+        description="PixArtTransformer2DModel trained here on shapes captions (8 blocks, 256 tokens, T5 text encoder)",
+        steps=20,
+        guidance_scale=4.5,
+    ),
+    "tiny-dit": ZooEntry(
+        build=_trained("tiny-dit"),
+        description="DiTTransformer2DModel, class-conditional (shape x colour), trained here",
+        steps=50,
+        guidance_scale=4.0,
+    ),
     "random-pixart": ZooEntry(
         build=lambda dtype: builtin.random_pixart(dtype=dtype),
         description="PixArt-alpha-shaped, random weights (8 blocks, 256 tokens, T5 text encoder)",
@@ -30,7 +60,37 @@ ZOO: dict[str, ZooEntry] = {
         call_kwargs={"max_sequence_length": builtin.MAX_TEXT_TOKENS, "clean_caption": False, "use_resolution_binning": False},
     ),
 }
-DEFAULT_MODEL = "random-pixart"
+def available(name: str) -> bool:
+    """Whether a zoo model can be built here (trained models need their shipped weights)."""
+    return name in ZOO and (name.startswith("random-") or (ASSETS / name / "model_index.json").is_file())
+
+
+# The trained tiny-pixart once its weights ship; the random-weight pipeline until then.
+DEFAULT_MODEL = "tiny-pixart" if available("tiny-pixart") else "random-pixart"
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence diffusers/transformers loading chatter (progress bars, advice, deprecations)."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
 
 
 def builtin_prompts() -> list[str]:
@@ -56,6 +116,12 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         if not (path / "transformer").is_dir():
             raise DitscopeError(f"{model} has no transformer/ folder; ditscope profiles diffusion transformers")
         source = str(path)
+        if '"ShapesPipeline"' in (path / "model_index.json").read_text(encoding="utf-8", errors="replace"):
+            from .pipeline import ShapesPipeline
+
+            with quiet_loading():
+                pipe = ShapesPipeline.from_pretrained(source)
+            return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)).to(device)
     elif model.count("/") == 1 and not model.startswith((".", "/")):
         source = model
     else:
@@ -63,24 +129,17 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
             f"unknown model {model!r}: not a zoo name ({', '.join(ZOO)}), a local folder, or a hub id (org/name)"
         )
     import inspect
-    import warnings
 
     from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
 
     # newer diffusers call it `dtype`, older ones `torch_dtype`
     takes_dtype = "dtype" in inspect.getsource(DiffusionPipeline.from_pretrained)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # loading chatter would bury our one-line error
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(source, **{"dtype" if takes_dtype else "torch_dtype": dtype})
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DitscopeError(f"cannot load model {model!r} ({reason[:200]}); check the id, or download it first") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
     if getattr(pipe, "transformer", None) is None:
         raise DitscopeError(f"{model} ({type(pipe).__name__}) has no transformer; ditscope profiles diffusion transformers")
     return pipe.to(device)

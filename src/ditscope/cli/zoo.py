@@ -1,0 +1,155 @@
+"""Commands around the zoo models: generate an image, evaluate a model, list and train the zoo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import DitscopeError
+from .common import app, check_writable_dir, pick_device, torch_dtype, user_errors
+
+zoo_app = typer.Typer(help="The zoo: small models that run with no download.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+def _load(model: str, device: str, dtype: str):
+    from .. import zoo
+
+    dev = pick_device(device)
+    return zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev), zoo.ZOO.get(model)
+
+
+@app.command()
+@user_errors
+def generate(
+    model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
+    prompt: Annotated[str, typer.Option(help="text prompt (tiny-dit: a class index or '<colour> <shape>')")],
+    out: Annotated[Path, typer.Option(help="image file to write (.png, .jpg)")],
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
+    upscale: Annotated[int, typer.Option(help="nearest-neighbour enlargement of the saved image")] = 1,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+):
+    """Generate one image from a prompt."""
+    import warnings
+
+    import torch
+
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif", ".webp"):
+        raise DitscopeError(f"--out {out}: use an image file name (.png, .jpg, .gif, .webp)")
+    if upscale < 1:
+        raise DitscopeError("--upscale must be at least 1")
+    check_writable_dir(out.parent)
+    pipe, entry = _load(model, device, dtype)
+    steps = steps or (entry.steps if entry else 20)
+    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(entry.call_kwargs) if entry else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                     generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs).images[0]
+    for w in caught:
+        if "vocabulary" in str(w.message):
+            print(f"warning: {w.message}", file=sys.stderr)
+    if isinstance(image, list):  # video frames -> animated image
+        frames = [f.resize((f.width * upscale, f.height * upscale), 0) for f in image]
+        frames[0].save(out, save_all=True, append_images=frames[1:], duration=150, loop=0)
+    else:
+        image.resize((image.width * upscale, image.height * upscale), 0).save(out)
+    print(f"wrote {out}")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
+    n: Annotated[int, typer.Option(help="number of generated images")] = 256,
+    steps: Annotated[int | None, typer.Option()] = None,
+    guidance_scale: Annotated[float | None, typer.Option()] = None,
+    objects: Annotated[int, typer.Option(help="objects per prompt: 1, or up to 2")] = 1,
+    seed: Annotated[int, typer.Option(help="seed of the evaluation prompts and noise")] = 1000,
+    random_init: Annotated[bool, typer.Option(help="evaluate the same architecture untrained")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the results as JSON")] = None,
+):
+    """Score a model's images against their prompts (attribute accuracy) and real renders (Fréchet)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..zoo import evaluator
+    from ..zoo.train import build
+
+    if n < 2:
+        raise DitscopeError("--n must be at least 2 (the Fréchet distance needs a covariance)")
+    if objects not in (1, 2):
+        raise DitscopeError("--objects must be 1 or 2")
+    net = evaluator.load_evaluator()
+    if random_init:
+        pipe, entry = build(model), None
+        from .. import zoo
+
+        entry = zoo.ZOO.get(model)
+    else:
+        pipe, entry = _load(model, device, "float32")
+    pipe.set_progress_bar_config(disable=True)
+    steps = steps or (entry.steps if entry else 20)
+    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
+    result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                                max_objects=objects, net=net)
+    table = Table(title=f"{model}{' (random init)' if random_init else ''}: {n} images, {steps} steps, guidance {guidance}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("chance", justify="right")
+    for key, value in result.items():
+        chance = evaluator.CHANCE.get(key)
+        shown = f"{value:.1%}" if key not in ("frechet", "n") else f"{value:.3g}"
+        table.add_row(key, shown, f"{chance:.1%}" if chance else "")
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@zoo_app.command("list")
+def zoo_list():
+    """The zoo's models and whether their weights are here."""
+    from .. import zoo
+
+    for name, entry in zoo.ZOO.items():
+        state = "ready" if zoo.available(name) else "not trained yet"
+        print(f"{name:14s} {state:16s} {entry.description}")
+
+
+@zoo_app.command("train")
+@user_errors
+def zoo_train(
+    name: Annotated[str, typer.Argument(help="tiny-pixart, tiny-dit or evaluator")],
+    out: Annotated[Path | None, typer.Option(help="folder to write (default: a runs/ folder)")] = None,
+    minutes: Annotated[float | None, typer.Option(help="stop after this much training time")] = None,
+    steps: Annotated[int, typer.Option(help="stop after this many optimizer steps")] = 100_000,
+    batch: Annotated[int, typer.Option()] = 32,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+):
+    """Train a zoo model (resumes from OUT/train_state.pt if present)."""
+    from ..zoo import evaluator, train
+
+    out = out or Path("runs") / "zoo" / name
+    check_writable_dir(out)
+    if name == "evaluator":
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        net = evaluator.train_evaluator(steps=min(steps, 1500), seed=seed)
+        save_file(net.state_dict(), str(out / "attribute_net.safetensors"))
+        print(f"wrote {out / 'attribute_net.safetensors'}")
+        return
+    if name not in ("tiny-pixart", "tiny-dit"):
+        raise DitscopeError(f"no training recipe for {name!r}; choose tiny-pixart, tiny-dit or evaluator")
+    train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995)

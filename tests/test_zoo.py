@@ -1,0 +1,157 @@
+"""The zoo: deterministic data, diffusers-style pipelines, the evaluator, and trained-model quality."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ditscope import DitscopeError, zoo
+from ditscope.cli.main import app
+from ditscope.zoo import data, evaluator
+from ditscope.zoo.pipeline import ShapesPipeline
+from ditscope.zoo.train import build
+
+needs_evaluator = pytest.mark.skipif(not evaluator.WEIGHTS.is_file(), reason="evaluator weights not shipped yet")
+needs_pixart = pytest.mark.skipif(not zoo.available("tiny-pixart"), reason="tiny-pixart weights not shipped yet")
+
+
+def test_data_is_deterministic_and_captions_describe_the_image():
+    a, scenes = data.dataset(16, seed=3)
+    b, _ = data.dataset(16, seed=3)
+    c, _ = data.dataset(16, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (16, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    for scene in scenes:
+        assert data.parse_caption(scene.caption()) == scene
+        assert 1 <= len(scene.objects) <= 2
+    # an object's colour is at its cell's centre
+    scene = data.Scene((data.Obj("square", "red", "large", 4),), "black")
+    img = data.render(scene)
+    np.testing.assert_allclose(img[:, 16, 16], data.COLORS["red"], atol=1e-6)
+    np.testing.assert_allclose(img[:, 1, 1], data.BACKGROUNDS["black"], atol=1e-6)
+
+
+def test_video_objects_move_as_the_caption_says():
+    videos, scenes = data.video_dataset(12, seed=0)
+    assert videos.shape == (12, 8, 3, 32, 32)
+    for frames, scene in zip(videos, scenes):
+        assert "moving" in scene.caption()
+        assert evaluator.motion_direction(frames) == scene.direction
+
+
+@pytest.fixture(scope="module")
+def untrained_pixart():
+    pipe = build("tiny-pixart")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def gens(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def test_pipeline_is_diffusers_style_and_deterministic(untrained_pixart, tmp_path):
+    pipe = untrained_pixart
+    prompt = "a small red circle at the top left on a grey background"
+    out = pipe([prompt, prompt], num_inference_steps=3, generator=gens(2), output_type="pt").images
+    assert out.shape == (2, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    again = pipe([prompt, prompt], num_inference_steps=3, generator=gens(2), output_type="pt").images
+    assert torch.equal(out, again)
+    assert not torch.equal(out[0], out[1])  # one generator per prompt
+    pil = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert pil.size == (32, 32)
+    assert pipe(prompt, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = zoo.load_pipeline(str(tmp_path / "p"))
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded, ShapesPipeline)
+    reloaded = loaded([prompt, prompt], num_inference_steps=3, generator=gens(2), output_type="pt").images
+    assert torch.equal(out, reloaded)
+
+
+def test_unknown_words_fall_back_to_unk_with_a_warning(untrained_pixart):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = untrained_pixart("a glittering unicorn", num_inference_steps=2, output_type="pt").images
+    assert out.shape == (1, 3, 32, 32)
+    assert any("glittering, unicorn" in str(w.message) for w in caught)
+
+
+def test_class_conditional_prompts():
+    pipe = build("tiny-dit")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.class_labels(["red circle", 5, "blue triangle"]) == [
+        data.class_label(data.Obj("circle", "red", "small", 4)), 5,
+        data.class_label(data.Obj("triangle", "blue", "small", 4))]
+    with pytest.raises(DitscopeError, match="class index"):
+        pipe.class_labels(["a dragon"])
+    with pytest.raises(DitscopeError, match="0..17"):
+        pipe.class_labels([99])
+
+
+def test_unknown_zoo_name_is_a_clear_error():
+    with pytest.raises(DitscopeError, match="unknown zoo model 'tiny-nothing'"):
+        zoo.load("tiny-nothing")
+
+
+@needs_evaluator
+def test_evaluator_reads_real_generator_images():
+    """>= 95% per attribute on fresh generator images (not the training draws)."""
+    net = evaluator.load_evaluator()
+    images, scenes = data.dataset(300, seed=12345)
+    acc = evaluator.attribute_accuracy(net, torch.from_numpy(images), scenes)
+    for key in ("shape", "color", "size", "position", "background"):
+        assert acc[key] >= 0.95, (key, acc)
+    # the Fréchet distance of real images to real images of other draws is small, to noise large
+    other, _ = data.dataset(300, seed=999)
+    real_fd = evaluator.frechet_distance(net, torch.from_numpy(images), torch.from_numpy(other))
+    noise_fd = evaluator.frechet_distance(net, torch.rand(300, 3, 32, 32), torch.from_numpy(other))
+    assert real_fd < 0.1 * noise_fd
+
+
+def test_psnr_and_ssim():
+    a = torch.rand(4, 3, 32, 32)
+    psnr, ssim = evaluator.psnr_ssim(a, a)
+    assert psnr == float("inf") or psnr > 80
+    assert ssim == pytest.approx(1.0, abs=1e-4)
+    psnr_noisy, ssim_noisy = evaluator.psnr_ssim(a, (a + 0.1 * torch.randn_like(a)).clamp(0, 1))
+    assert 15 < psnr_noisy < 25 and ssim_noisy < 0.99
+
+
+@needs_pixart
+@needs_evaluator
+def test_trained_pixart_loads_offline_and_beats_random_init():
+    pipe = zoo.load("tiny-pixart")
+    pipe.set_progress_bar_config(disable=True)
+    net = evaluator.load_evaluator()
+    trained = evaluator.evaluate(pipe, n=24, num_inference_steps=10, net=net)
+    untrained = build("tiny-pixart")
+    untrained.set_progress_bar_config(disable=True)
+    random = evaluator.evaluate(untrained, n=24, num_inference_steps=10, net=net)
+    assert trained["color"] > random["color"] + 0.3
+    assert trained["frechet"] < 0.5 * random["frechet"]
+    a = pipe("a large blue square in the center on a white background", num_inference_steps=5,
+             generator=torch.Generator().manual_seed(1), output_type="pt").images
+    b = zoo.load("tiny-pixart")("a large blue square in the center on a white background", num_inference_steps=5,
+                                generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert torch.equal(a, b)
+
+
+def test_cli_generate_and_zoo_list(tmp_path):
+    runner = CliRunner()
+    listed = runner.invoke(app, ["zoo", "list"])
+    assert listed.exit_code == 0 and "random-pixart" in listed.stdout
+    out = tmp_path / "img.png"
+    result = runner.invoke(app, ["generate", "random-pixart", "--prompt", "a red circle in the center on a grey background",
+                                 "--out", str(out), "--steps", "2", "--upscale", "2"])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(out).size == (128, 128)  # random-pixart decodes 64 px through its VAE
+    bad = runner.invoke(app, ["generate", "tiny-nothing", "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    assert bad.exit_code == 2 and "unknown model" in bad.stderr
+    bad_ext = runner.invoke(app, ["generate", "random-pixart", "--prompt", "x", "--out", str(tmp_path / "x.txt")])
+    assert bad_ext.exit_code == 2 and "image file" in bad_ext.stderr
