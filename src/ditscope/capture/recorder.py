@@ -174,6 +174,16 @@ class Recorder:
         self._active = None
         self._scratch.clear()
 
+    def number_layers(self, names: list[str]) -> None:
+        """Use a known layer order (a resumed run's) instead of first-execution order."""
+        by_name = {layer.name: layer for layer in self._layers}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise DitscopeError(f"the saved profile has layers this model lacks: {', '.join(missing[:3])}")
+        self.layer_names[:] = list(names)
+        for i, name in enumerate(names):
+            by_name[name].index = i
+
     # ----------------------------------------------------------------------------- sample control
     def _reset_sample(self):
         self._prev: dict = {}  # (layer, branches, call, target) -> kept tensor of the previous step

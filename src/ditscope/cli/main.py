@@ -65,7 +65,7 @@ def profile(
 
     if not target_list or any(t not in TARGETS for t in target_list):
         raise DitscopeError(f"--targets {targets!r}: choose a comma list from {','.join(TARGETS)}")
-    prompt_list = _read_prompts(prompts, column, model)
+    prompt_list = _read_prompts(prompts, column)
     out = out or Path("runs") / Path(model).name.replace("/", "_")
     check_writable_dir(out)
     dev = pick_device(device)
@@ -135,7 +135,7 @@ def profile(
     _finish(result, target_file, out, plot and part is None, save=False)
 
 
-def _read_prompts(path: Path | None, column: str | None, model: str) -> list[str]:
+def _read_prompts(path: Path | None, column: str | None) -> list[str]:
     from .. import zoo
     from ..profile.prompts import load_prompts
 

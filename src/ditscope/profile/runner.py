@@ -164,11 +164,8 @@ def profile(
         separate_branches=family.cfg_separate,
         on_step=(lambda _: progress.advance(task)) if progress is not None else None,
     )
-    if done is not None and done.layer_names:
-        rec.layer_names.extend(done.layer_names)  # keep layer numbering identical across resumes
-        by_name = {layer.name: layer for layer in rec._layers}
-        for i, name in enumerate(done.layer_names):
-            by_name[name].index = i
+    if done is not None:
+        rec.number_layers(done.layer_names)  # keep layer numbering identical across resumes
     kwargs = dict(call_kwargs or {})
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
