@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ditscope import Profile
+from ditscope import Profile, zoo
 from ditscope.cli.main import app
 
 runner = CliRunner()
@@ -36,10 +36,10 @@ def write(path, text):
 def test_profile_with_no_arguments_writes_profile_and_figures(tmp_path):
     result = cli("profile", cwd=tmp_path)
     assert result.exit_code == 0, result.output
-    out = tmp_path / "runs" / "random-pixart"
+    out = tmp_path / "runs" / zoo.DEFAULT_MODEL
     prof = Profile.load(out / "profile.ditscope")
-    assert prof.n_prompts == 8 and prof.n_steps == 20 and prof.n_layers == 16
-    assert prof.meta["model"] == "random-pixart" and prof.meta["scheduler"] == "DPMSolverMultistepScheduler"
+    assert prof.n_prompts == 8 and prof.n_steps == 20 and prof.n_layers == 16  # PixArt-shaped: 8 blocks x 2
+    assert prof.meta["model"] == zoo.DEFAULT_MODEL and prof.meta["scheduler"] == "DPMSolverMultistepScheduler"
     for name in ("layers", "heatmap_k", "heatmap_v", "heatmap_a", "cov_table"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
         assert (out / "figures" / f"{name}.svg").stat().st_size > 1000

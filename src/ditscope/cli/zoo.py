@@ -153,3 +153,52 @@ def zoo_train(
     if name not in ("tiny-pixart", "tiny-dit"):
         raise DitscopeError(f"no training recipe for {name!r}; choose tiny-pixart, tiny-dit or evaluator")
     train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995)
+
+
+@zoo_app.command("grid")
+@user_errors
+def zoo_grid(
+    model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
+    out: Annotated[Path, typer.Option(help="PNG file to write")],
+    n: Annotated[int, typer.Option(help="number of prompts")] = 12,
+    objects: Annotated[int, typer.Option(help="objects per prompt: 1, or up to 2")] = 1,
+    seed: Annotated[int, typer.Option()] = 2000,
+    random_init: Annotated[bool, typer.Option(help="the same architecture untrained")] = False,
+):
+    """A sample grid: each prompt's generated image beside the generator's real render of it."""
+    import textwrap
+
+    import numpy as np
+    import torch
+    from matplotlib.figure import Figure
+
+    from .. import zoo
+    from ..zoo import data, evaluator
+    from ..zoo.train import build
+
+    check_writable_dir(out.parent)
+    pipe = build(model) if random_init else _load(model, "cpu", "float32")[0]
+    entry = zoo.ZOO.get(model)
+    pipe.set_progress_bar_config(disable=True)
+    scenes = evaluator.evaluation_scenes(n, seed, objects)
+    class_cond = getattr(pipe, "is_class_conditional", False)
+    prompts = [data.class_label(s.objects[0]) for s in scenes] if class_cond else [s.caption() for s in scenes]
+    images = pipe(prompts, num_inference_steps=entry.steps if entry else 20,
+                  guidance_scale=entry.guidance_scale if entry else 4.5,
+                  generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], output_type="np").images
+    cols = 4
+    rows = -(-n // cols)
+    fig = Figure(figsize=(cols * 3.2, rows * 2.2), layout="constrained")
+    axes = fig.subplots(rows, cols * 2, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        k, real = divmod(i, 2)
+        if k >= n:
+            continue
+        img = data.render(scenes[k]).transpose(1, 2, 0) if real else images[k]
+        ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
+        text = data.class_name(prompts[k]) if class_cond else "\n".join(textwrap.wrap(prompts[k], 34))
+        ax.set_title(("real" if real else "generated") + ("" if real else f"\n{text}"), fontsize=5)
+    fig.suptitle(f"{model}{' (random init)' if random_init else ''}: generated | real render", fontsize=9)
+    fig.savefig(out, dpi=130)
+    print(f"wrote {out}")
