@@ -144,3 +144,26 @@ def test_storage_dtype_and_offload_keep_numbers_close(default_pipe, prompts, cal
     np.testing.assert_array_equal(off.values, ref.values)
     half = run(default_pipe, prompts[:1], call_kwargs, storage_dtype=torch.bfloat16)
     np.testing.assert_allclose(half.values[..., 0], ref.values[..., 0], rtol=0.05, atol=1e-3)
+
+
+def test_attention_that_bypasses_sdpa_is_a_clear_error(call_kwargs, prompts):
+    """A processor (or attention backend) that never calls SDPA cannot be profiled: say so."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = zoo.load(zoo.DEFAULT_MODEL)
+    pipe.transformer.set_attn_processor(AttnProcessor())  # the pre-2.0 processor: baddbmm + softmax
+    with pytest.raises(DitscopeError, match=r"transformer_blocks\.0\.attn1 .*bypasses it.*native"):
+        run(pipe, prompts[:1], call_kwargs)
+
+
+def test_one_device_to_host_transfer_per_step(default_pipe, prompts, call_kwargs, monkeypatch):
+    calls = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *a, **k):
+        calls.append(tuple(self.shape))
+        return real_cpu(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    run(default_pipe, prompts[:1], call_kwargs)
+    assert len(calls) == STEPS
