@@ -8,10 +8,24 @@
             my_sampling_loop(model, prompt)
             rec.next_sample()
     profile = rec.profile()
+
+    handle = ditscope.apply(pipe, ditscope.ToCaConfig())   # token-wise caching, and seven more methods
+    image = pipe(prompt).images[0]; print(handle.stats()); handle.remove()
 """
 
 __version__ = "0.1.0"
 
+from .cache import (  # noqa: E402
+    DeltaDiTConfig,
+    DuCaConfig,
+    FBCacheConfig,
+    FORAConfig,
+    PABConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+    ToCaConfig,
+    apply,
+)
 from .capture.recorder import Recorder  # noqa: E402
 from .errors import DitscopeError  # noqa: E402
 from .profile.artifact import Profile  # noqa: E402
@@ -27,4 +41,7 @@ def record(model, attention=None, **kwargs) -> Recorder:
     return Recorder(model, attention=attention, **kwargs)
 
 
-__all__ = ["DitscopeError", "Profile", "Recorder", "__version__", "profile", "record"]
+__all__ = [
+    "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Profile", "Recorder",
+    "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "__version__", "apply", "profile", "record",
+]

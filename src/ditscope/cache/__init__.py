@@ -1,0 +1,99 @@
+"""Cache methods for diffusion transformers, all on one mechanism (`engine.py`).
+
+    handle = ditscope.apply(pipe, ditscope.ToCaConfig(interval=3, ratio=0.3))
+    image = pipe(prompt, num_inference_steps=20).images[0]
+    print(handle.stats())
+    handle.remove()
+
+Module-level: ToCa (token-wise), FORA, PAB, TaylorSeer, DuCa. Block-level: Delta-DiT, FBCache, TeaCache.
+"""
+
+from __future__ import annotations
+
+from ..errors import DitscopeError
+from .delta_dit import DeltaDiTConfig, DeltaDiTMethod
+from .duca import DuCaConfig, DuCaMethod
+from .engine import CacheHandle
+from .fbcache import FBCacheConfig, FBCacheMethod
+from .fora import FORAConfig, FORAMethod
+from .pab import PABConfig, PABMethod
+from .taylorseer import TaylorSeerConfig, TaylorSeerMethod
+from .teacache import TeaCacheConfig, TeaCacheMethod
+from .toca import ToCaConfig, ToCaMethod
+
+# config class -> method; the CLI's names for them
+METHODS = {
+    ToCaConfig: ToCaMethod, DuCaConfig: DuCaMethod, FORAConfig: FORAMethod, PABConfig: PABMethod,
+    TaylorSeerConfig: TaylorSeerMethod, DeltaDiTConfig: DeltaDiTMethod, FBCacheConfig: FBCacheMethod,
+    TeaCacheConfig: TeaCacheMethod,
+}
+CONFIGS = {"toca": ToCaConfig, "duca": DuCaConfig, "fora": FORAConfig, "pab": PABConfig, "taylorseer": TaylorSeerConfig,
+           "delta-dit": DeltaDiTConfig, "fbcache": FBCacheConfig, "teacache": TeaCacheConfig}
+
+
+def apply(pipe_or_transformer, config, num_inference_steps: int | None = None, count_flops: bool = False) -> CacheHandle:
+    """Apply a cache method to a diffusers pipeline (or its transformer). Returns a `CacheHandle`:
+    `handle.stats()`, `handle.remove()`, or use it as a context manager.
+
+    `num_inference_steps` is needed only for a bare transformer (a pipeline tells it through its
+    scheduler). `count_flops=True` counts executed FLOPs with torch.utils.flop_counter (slower).
+    """
+    method = METHODS.get(type(config))
+    if method is None:
+        raise DitscopeError(f"{type(config).__name__} is not a cache config; use one of {', '.join(c.__name__ for c in METHODS)}")
+    return CacheHandle(pipe_or_transformer, method(config), num_inference_steps, count_flops)
+
+
+def config_from_options(name: str, options: list[str] | None = None):
+    """A config from a method name and `key=value` strings (the CLI's --cache / --cache-opt)."""
+    import dataclasses
+    import json
+
+    cls = CONFIGS.get(name.lower())
+    if cls is None:
+        raise DitscopeError(f"unknown cache method {name!r}; choose from {', '.join(CONFIGS)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    preset = None
+    for item in options or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise DitscopeError(f"cache option {item!r} is not key=value")
+        if key == "preset":
+            preset = raw.strip()
+            continue
+        if key not in fields:
+            raise DitscopeError(f"{cls.__name__} has no option {key!r}; options: {', '.join(fields)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        default = _default(fields[key])
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if isinstance(default, float) else (
+            isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)))
+        if default is not None and not ok:
+            raise DitscopeError(f"{name} option {key} expects a {type(default).__name__}, not {raw!r}")
+        values[key] = float(value) if isinstance(default, float) else value
+    if preset is not None:
+        factory = getattr(cls, preset, None)
+        if not callable(factory) or preset.startswith("_"):
+            raise DitscopeError(f"{cls.__name__} has no preset {preset!r}")
+        return factory(**values)
+    return cls(**values)
+
+
+def _default(f):
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+__all__ = ["CONFIGS", "CacheHandle", "DeltaDiTConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig",
+           "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options"]

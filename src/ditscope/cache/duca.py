@@ -1,0 +1,31 @@
+"""DuCa: dual feature caching (Zou et al., 2024). Cycles of full, conservative (token-wise, ToCa's
+partial step) and aggressive (reuse everything) steps; tokens ranked by value norm, which needs no
+attention map and so works with any attention kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .toca import ToCaConfig, ToCaMethod
+
+
+@dataclass
+class DuCaConfig(ToCaConfig):
+    """ToCa's knobs, with DuCa's step pattern: in each cycle of `interval` steps the first is full and the
+    rest alternate conservative (token-wise, odd offsets) and aggressive (reuse all, even offsets).
+    Defaults: kv-norm scores, a fixed schedule, interval 4."""
+
+    interval: int = 4
+    schedule: str = "fixed"
+    score: str = "kv_norm"
+
+
+class DuCaMethod(ToCaMethod):
+    def plan(self, total: int) -> list[str]:
+        kinds = super().plan(total)
+        offset = 0
+        for step, kind in enumerate(kinds):
+            offset = 0 if kind == "full" else offset + 1
+            if kind != "full" and offset % 2 == 0:
+                kinds[step] = "reuse"
+        return kinds

@@ -1,0 +1,56 @@
+"""First-block cache (ParaAttention, diffusers' FirstBlockCache): always run the first block; when its
+residual barely changed since the last computed step, skip the other blocks and add their cached
+residuals instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DitscopeError
+from .engine import BlockSite, CacheMethod, Context, block_inputs, block_outputs, per_sample_mean, rows_mask
+from .residual import run_block
+
+
+@dataclass
+class FBCacheConfig:
+    """Skip all blocks but the first while the first block's residual is stable.
+
+    Attributes:
+        threshold: skip when `mean|R_t - R_prev| / mean|R_prev|` of the first block's residual is below it
+            (R_prev: the residual at the last step that computed the rest). Decided per batch row.
+        warmup: the first steps, always computed.
+    """
+
+    threshold: float = 0.05
+    warmup: int = 1
+
+
+class FBCacheMethod(CacheMethod):
+    uses_blocks = True
+
+    def validate(self, ctx: Context):
+        if self.config.threshold < 0:
+            raise DitscopeError(f"FBCache threshold must be >= 0, not {self.config.threshold}")
+
+    def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
+        st = ctx.state
+        if bsite.index != 0:
+            return run_block(ctx, bsite, run, args, kwargs, st.get("skip"))
+        inputs = block_inputs(ctx.layout, args, kwargs)
+        out = run(*args, **kwargs)
+        residual = block_outputs(ctx.layout, out)["hidden"] - inputs["hidden"]
+        prev = st.get("first_residual")
+        skip = None
+        if prev is not None and ctx.step >= self.config.warmup:
+            change = per_sample_mean(ctx, (residual - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)
+            skip = (change < self.config.threshold).cpu()  # the one host sync of the step
+        if skip is None:
+            st["first_residual"] = residual
+        else:  # rows that compute the rest refresh their reference
+            keep = rows_mask(ctx, skip, residual.shape[0]).to(residual.device).view(-1, *[1] * (residual.dim() - 1))
+            st["first_residual"] = torch.where(keep, prev, residual)
+        st["skip"] = skip
+        ctx.record["blocks_computed"] += 1
+        return out

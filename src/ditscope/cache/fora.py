@@ -1,0 +1,58 @@
+"""FORA: fast-forward caching (Selvaraju et al., 2024). Every `interval`-th step computes every block's
+attention and MLP; the steps between reuse their cached outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import DitscopeError
+from ..families import CROSS, MLP, SELF, TEMPORAL
+from .engine import COMPUTE, REUSE, CacheMethod, Context, Site, hidden_arg
+
+
+@dataclass
+class FORAConfig:
+    """Reuse attention and MLP outputs between full steps.
+
+    Attributes:
+        interval: N, a full step every N steps (step 0 is always full).
+        warmup: the first steps, always full; the N-step cycle starts after them.
+        kinds: which module kinds are cached (self, cross, mlp, temporal).
+    """
+
+    interval: int = 3
+    warmup: int = 1
+    kinds: tuple[str, ...] = (SELF, CROSS, MLP, TEMPORAL)
+
+
+def full_step(step: int, interval: int, warmup: int) -> bool:
+    """Step 0 and the first `warmup` steps are full, then every `interval`-th step."""
+    warmup = max(1, warmup)
+    return step < warmup or (step - warmup + 1) % interval == 0 if interval > 1 else True
+
+
+class FORAMethod(CacheMethod):
+    uses_modules = True
+
+    def validate(self, ctx: Context):
+        if self.config.interval < 1:
+            raise DitscopeError(f"FORA interval must be >= 1, not {self.config.interval}")
+
+    def module(self, ctx: Context, site: Site, run, args, kwargs):
+        return cached_module(ctx, site, run, args, kwargs,
+                             full=full_step(ctx.step, self.config.interval, self.config.warmup)
+                             or site.kind not in self.config.kinds)
+
+
+def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):
+    """Compute and keep the module's output, or hand back the kept one (shared by FORA and PAB)."""
+    cache = ctx.state.setdefault("out", {})
+    x = hidden_arg(args, kwargs)
+    tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
+    if full or site.index not in cache:
+        out = run(*args, **kwargs)
+        cache[site.index] = out
+        ctx.count(COMPUTE, tokens, tokens)
+        return out
+    ctx.count(REUSE, 0, tokens)
+    return cache[site.index]

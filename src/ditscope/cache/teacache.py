@@ -1,0 +1,82 @@
+"""TeaCache (Liu et al., 2024): watch how much the timestep-modulated input of the first block changes;
+accumulate that change, rescaled by a per-model polynomial, and skip every block (adding their cached
+residuals) while the sum stays under a threshold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DitscopeError
+from .engine import BlockSite, CacheMethod, Context, hidden_arg, per_sample_mean
+from .residual import run_block
+
+
+@dataclass
+class TeaCacheConfig:
+    """Skip the whole transformer while the accumulated, rescaled input change stays small.
+
+    Attributes:
+        threshold: the accumulated distance at which a step is computed again (TeaCache's rel_l1_thresh).
+        coefficients: polynomial (highest degree first, as numpy.polyval) mapping the relative L1 change
+            of the modulated input to the expected change of the output. The default (1, 0) is the
+            identity; TeaCache fits a 4th-order one per model offline.
+    """
+
+    threshold: float = 0.3
+    coefficients: tuple[float, ...] = (1.0, 0.0)
+
+
+class _Probe(Exception):
+    """Stops the first block as soon as its first module receives the modulated input."""
+
+
+class TeaCacheMethod(CacheMethod):
+    uses_blocks = True
+
+    def validate(self, ctx: Context):
+        if self.config.threshold < 0 or not self.config.coefficients:
+            raise DitscopeError("TeaCache needs threshold >= 0 and at least one coefficient")
+        if not ctx.blocks[0].sites:
+            raise DitscopeError("TeaCache: the first block has no attention module to read its modulated input from")
+
+    def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
+        if bsite.index == 0:
+            self._decide(ctx, self._modulated_input(bsite, run, args, kwargs))
+        return run_block(ctx, bsite, run, args, kwargs, ctx.state.get("skip"))
+
+    @staticmethod
+    def _modulated_input(bsite: BlockSite, run, args, kwargs) -> torch.Tensor:
+        seen = {}
+
+        def hook(module, a, kw):
+            seen["x"] = hidden_arg(a, kw)
+            raise _Probe
+
+        handle = bsite.sites[0].module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            run(*args, **kwargs)
+        except _Probe:
+            pass
+        finally:
+            handle.remove()
+        return seen["x"]
+
+    def _decide(self, ctx: Context, x: torch.Tensor):
+        st = ctx.state
+        prev = st.get("modulated")
+        last = ctx.num_steps is not None and ctx.step == ctx.num_steps - 1
+        skip = None
+        if prev is not None and not last:
+            change = (per_sample_mean(ctx, (x - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)).cpu()
+            rescaled = torch.zeros_like(change)
+            for c in self.config.coefficients:  # Horner
+                rescaled = rescaled * change + c
+            acc = st["accumulated"] + rescaled
+            skip = acc < self.config.threshold
+            st["accumulated"] = torch.where(skip, acc, torch.zeros_like(acc))
+        else:
+            st["accumulated"] = torch.zeros(ctx.rows)
+        st["modulated"] = x.detach().clone()
+        st["skip"] = skip

@@ -1,0 +1,209 @@
+"""ToCa: token-wise feature caching (Zou et al., "Accelerating Diffusion Transformers with Token-wise
+Feature Caching", ICLR 2025).
+
+Full steps compute every module and refresh its cache. On the other steps each module (self-attention,
+cross-attention, MLP of every block) recomputes only its top-scored tokens: gather them from the
+module's input (the block has already applied its norm and modulation), run the module on them,
+scatter the result into the cached output. The block then adds `gate * output` for all tokens with the
+current step's gate, exactly as without caching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import DitscopeError
+from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
+from . import scores
+from .engine import COMPUTE, PARTIAL, REUSE, CacheMethod, Context, Site, hidden_arg, joint_slice, with_hidden
+
+SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
+SCHEDULES = ("pixart", "dit", "fixed")
+
+
+@dataclass
+class ToCaConfig:
+    """Token-wise caching. The defaults are the paper's PixArt-alpha setting; `ToCaConfig.dit()` its DiT one.
+
+    Attributes:
+        ratio: R0, the base fraction of a module's tokens recomputed on a partial step. The fraction used
+            is `ratio * f_step * f_layer * f_module`, clamped to [0, 1].
+        interval: N, the full-step interval (the `schedule` bends it over the steps).
+        schedule: when full steps happen. "pixart": the interval is round(N / (0.8 + 0.4 step/T)) (4 early,
+            2 late for N=3); "dit": round(N / (1.4 - 0.8 step/T)), forced to 2 for steps in [0.2T, 0.4T);
+            "fixed": every N steps. A step is full when that many steps have passed since the last full one.
+        warmup: the first steps, always full.
+        step_weight: w_t, `f_step = 1 + w_t - 2 w_t step/T` (PixArt: 1.9 early down to 0.1 late).
+        layer_weight: w_l, `f_layer = 1 + w_l - 2 w_l depth/(L-1)` (PixArt: 1.6 first block, 0.4 last).
+        module_factors: f_module per module kind. Self-attention 0: reused on partial steps, as in every
+            released setting (joint attention of SD3 / Flux / CogVideoX can only be reused or recomputed).
+        score: how tokens are ranked. "attention": cross-attention entropy (s2) in blocks that have
+            cross-attention, self-attention influence (s1) elsewhere; "self_attention" (s1);
+            "cross_entropy" (s2); "kv_norm" (value norm; no attention map); "random".
+        freq_weight: s3, weight of (steps since the token was last recomputed) / N added to the score.
+        uniform_bonus, uniform_grid: s4, in each g x g block of the token grid the top token's score is
+            multiplied by (1 + b). b = 0 disables it.
+        seed: seed of the "random" score.
+    """
+
+    ratio: float = 0.30
+    interval: int = 3
+    schedule: str = "pixart"
+    warmup: int = 1
+    step_weight: float = 0.9
+    layer_weight: float = 0.6
+    module_factors: dict = field(default_factory=lambda: {SELF: 0.0, CROSS: 0.6, MLP: 1.6, TEMPORAL: 0.0})
+    score: str = "attention"
+    freq_weight: float = 0.25
+    uniform_bonus: float = 0.4
+    uniform_grid: int = 4
+    seed: int = 0
+
+    @classmethod
+    def pixart(cls, **overrides) -> ToCaConfig:
+        """The paper's PixArt-alpha setting (DPM-Solver++ 20 steps): R0 0.3, N 3, cross x0.6, MLP x1.6."""
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def dit(cls, **overrides) -> ToCaConfig:
+        """The released DiT setting: R0 0.07, N 4, w_t 0.4, w_l 0.8, MLP x2.5, s1 + s3 + s4 (b 0.6, g 2)."""
+        base = cls(ratio=0.07, interval=4, schedule="dit", step_weight=0.4, layer_weight=0.8,
+                   module_factors={SELF: 0.0, CROSS: 0.0, MLP: 2.5, TEMPORAL: 0.0}, score="self_attention",
+                   uniform_bonus=0.6, uniform_grid=2)
+        return replace(base, **overrides)
+
+
+class ToCaMethod(CacheMethod):
+    uses_modules = True
+
+    def validate(self, ctx: Context):
+        c = self.config
+        if c.score not in SCORES:
+            raise DitscopeError(f"unknown ToCa score {c.score!r}; choose from {', '.join(SCORES)}")
+        if c.schedule not in SCHEDULES:
+            raise DitscopeError(f"unknown ToCa schedule {c.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if c.interval < 1 or c.warmup < 0 or not 0 <= c.ratio:
+            raise DitscopeError("ToCa needs interval >= 1, warmup >= 0 and ratio >= 0")
+        # per block: the site whose attention map scores the block's tokens
+        self.score_site: dict[int, int] = {}
+        for b in ctx.blocks:
+            cross = [s for s in b.sites if s.kind == CROSS]
+            selfs = [s for s in b.sites if s.kind in (SELF, TEMPORAL)]
+            if c.score == "cross_entropy" or (c.score == "attention" and cross):
+                chosen = cross
+            else:
+                chosen = selfs
+            if chosen:
+                self.score_site[b.index] = chosen[0].index
+
+    # ---------------------------------------------------------------------------------- schedule
+    def interval_at(self, step: int, total: int) -> int:
+        c, x = self.config, step / total
+        if c.schedule == "pixart":
+            return max(1, round(c.interval / (0.8 + 0.4 * x)))
+        if c.schedule == "dit":
+            return 2 if 0.2 <= x < 0.4 else max(1, round(c.interval / (1.4 - 0.8 * x)))
+        return c.interval
+
+    def plan(self, total: int) -> list[str]:
+        """The kind of each step: full or partial (DuCa adds "reuse")."""
+        kinds, last = [], None
+        for step in range(total):
+            full = step < max(1, self.config.warmup) or step - last >= self.interval_at(step, total)
+            kinds.append("full" if full else "partial")
+            last = step if full else last
+        return kinds
+
+    def step_kind(self, ctx: Context) -> str:
+        st = ctx.state
+        if st.get("plan_for") != ctx.num_steps:
+            st["plan"], st["plan_for"] = self.plan(ctx.num_steps), ctx.num_steps
+        return st["plan"][ctx.step]
+
+    def ratio(self, ctx: Context, site: Site) -> float:
+        c = self.config
+        f_step = 1 + c.step_weight - 2 * c.step_weight * ctx.step / ctx.num_steps
+        f_layer = 1 + c.layer_weight - 2 * c.layer_weight * site.depth / max(1, ctx.depths - 1)
+        return min(1.0, max(0.0, c.ratio * f_step * f_layer * c.module_factors.get(site.kind, 0.0)))
+
+    # ------------------------------------------------------------------------------------ scores
+    def wants_attention(self, ctx: Context) -> bool:
+        if self.config.score == "random" or self.step_kind(ctx) != "full":
+            return False
+        return "partial" in ctx.state["plan"]
+
+    def on_attention(self, ctx: Context, site: Site, q, k, v, mask, scale):
+        if self.score_site.get(site.block) != site.index:
+            return
+        kind = self.config.score
+        if kind == "kv_norm":
+            s = scores.value_norm(v)
+        elif site.kind == CROSS:
+            s = scores.cross_attention_entropy(q, k, mask, scale)
+        else:
+            s = scores.self_attention_influence(q, k, mask, scale)
+        ctx.state.setdefault("score", {})[site.block] = s
+
+    def token_scores(self, ctx: Context, site: Site, rows: int, n: int, device) -> torch.Tensor:
+        c, st = self.config, ctx.state
+        if c.score == "random":
+            base = scores.random_score(rows, n, hash((c.seed, ctx.step, site.index)) % 2**63, device)
+        else:
+            found = st.get("score", {}).get(site.block)
+            base = joint_slice(ctx, site, found, n) if found is not None else None
+            if base is None or base.shape[0] != rows:
+                base = torch.zeros(rows, n, device=device)
+        score = base + c.freq_weight * st["age"][site.index] / c.interval
+        if site.stream == IMAGE and site.kind != TEMPORAL:
+            score = scores.spatial_uniformity(score, c.uniform_grid, c.uniform_bonus)
+        return score
+
+    # ----------------------------------------------------------------------------------- modules
+    def module(self, ctx: Context, site: Site, run, args, kwargs):
+        st = ctx.state
+        kind = self.step_kind(ctx)
+        cache = st.setdefault("cache", {}).get(site.index)
+        x = hidden_arg(args, kwargs)
+        n = x.shape[1] if x.dim() >= 3 else 0
+        if kind == "full" or cache is None:
+            return self._compute(ctx, site, run, args, kwargs, n)
+        if kind == "reuse":
+            return self._reuse(ctx, site, cache, n)
+        # joint attention (SD3, Flux, CogVideoX) cannot run a subset of queries: reuse or recompute it whole
+        splittable = torch.is_tensor(cache) and (site.kind not in (SELF, TEMPORAL) or site.stream != JOINT)
+        k = round(self.ratio(ctx, site) * n) if splittable else 0
+        if k <= 0:
+            return self._reuse(ctx, site, cache, n)
+        if k >= n:
+            return self._compute(ctx, site, run, args, kwargs, n)
+        rows = x.shape[0]
+        idx = self.token_scores(ctx, site, rows, n, x.device).topk(k, dim=1, sorted=False).indices
+        x_sub = torch.gather(x, 1, idx.unsqueeze(-1).expand(rows, k, x.shape[-1]))
+        if site.kind in (SELF, TEMPORAL):  # the chosen queries still attend to every token
+            kwargs = {**kwargs, "encoder_hidden_states": x}
+        sub_args, sub_kwargs = with_hidden(args, kwargs, x_sub)
+        out = run(*sub_args, **sub_kwargs)
+        cache.scatter_(1, idx.unsqueeze(-1).expand(rows, k, cache.shape[-1]), out.to(cache.dtype))
+        age = st["age"][site.index]
+        age += 1
+        age.scatter_(1, idx, 0)
+        ctx.count(PARTIAL, k * rows, n * rows)
+        return cache
+
+    def _compute(self, ctx, site, run, args, kwargs, n):
+        out = run(*args, **kwargs)
+        st = ctx.state
+        # a private copy: partial steps scatter into it in place
+        st["cache"][site.index] = out.clone() if torch.is_tensor(out) else out
+        x = hidden_arg(args, kwargs)
+        st.setdefault("age", {})[site.index] = torch.zeros(x.shape[:2], device=x.device)
+        ctx.count(COMPUTE, n * x.shape[0], n * x.shape[0])
+        return out
+
+    def _reuse(self, ctx, site, cache, n):
+        age = ctx.state["age"][site.index]
+        age += 1
+        ctx.count(REUSE, 0, n * age.shape[0])
+        return cache
