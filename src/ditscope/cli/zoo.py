@@ -124,10 +124,11 @@ def eval_cmd(
         raise DitscopeError("--objects must be 1 or 2")
     net = evaluator.load_evaluator()
     if random_init:
-        pipe, entry = build(model), None
         from .. import zoo
 
-        entry = zoo.ZOO.get(model)
+        manifest = Path(model) / "manifest.json"  # a trained folder names its recipe
+        recipe = json.loads(manifest.read_text())["name"] if manifest.is_file() else model
+        pipe, entry = build(recipe), zoo.ZOO.get(recipe)
     else:
         pipe, entry = _load(model, device, "float32")
     pipe.set_progress_bar_config(disable=True)

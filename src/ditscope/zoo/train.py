@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DitscopeError
 from . import data
 from .builtin import MAX_TEXT_TOKENS, word_tokenizer
 
@@ -44,6 +45,9 @@ def text_encoder(vocab_size: int, d_model: int = 64):
     return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
                                    num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=2,
                                    decoder_start_token_id=0))
+
+
+RECIPES = ("tiny-pixart", "tiny-dit")
 
 
 def build(name: str, seed: int = 0):
@@ -81,7 +85,7 @@ def build(name: str, seed: int = 0):
             activation_fn="gelu-approximate", attention_bias=True,
         )
         return ShapesPipeline(transformer, DDIMScheduler(**betas, clip_sample=True))
-    raise ValueError(f"no recipe for {name!r}")
+    raise DitscopeError(f"no training recipe for {name!r}; recipes: {', '.join(RECIPES)}")
 
 
 def training_prompts(name: str, scenes: list[data.Scene], rng: np.random.Generator, drop: float = 0.1):
