@@ -12,7 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from .engine import BlockSite, Context, add_residuals, block_inputs, block_outputs, pack_outputs, residuals, rows_mask
+from .engine import (
+    BlockSite,
+    Context,
+    add_residuals,
+    block_inputs,
+    block_outputs,
+    pack_outputs,
+    residuals,
+    rows_mask,
+)
 
 
 def run_block(ctx: Context, bsite: BlockSite, run, args, kwargs, reuse_rows: torch.Tensor | None):

@@ -287,6 +287,7 @@ def plot_cmd(
     print(f"wrote {len(files)} figure files to {out}")
 
 
+from . import bench as _bench_commands  # noqa: E402,F401  (registers bench)
 from . import zoo as _zoo_commands  # noqa: E402,F401  (registers generate, eval, zoo)
 
 

@@ -1,0 +1,149 @@
+"""What a bench runs: one `Setting` per (system, method, options), expanded from a preset or a grid file.
+
+A grid file is JSON (or YAML) mapping a method name to either a list of option dicts or a dict of option
+lists (their cartesian product):
+
+    {"toca": {"ratio": [0.2, 0.3], "interval": [3, 4]},
+     "fbcache": [{"threshold": 0.05}, {"threshold": 0.1}],
+     "steps": [10, 14]}
+
+Method names are ditscope's (`toca`, `fora`, ...), a peer's (`diffusers-fbcache`, `cachedit-dbcache`, ...)
+or `steps`, the "fewer steps" baseline whose values are step counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cache import CONFIGS
+from ..errors import DitscopeError
+
+BASELINE = "none"
+FEWER_STEPS = "steps"
+
+# Each ditscope method from near-lossless to aggressive, around its paper setting.
+PRESETS: dict[str, dict[str, list[dict]]] = {
+    "default": {
+        "toca": [{"interval": 2, "ratio": 0.3}, {}, {"interval": 4}, {"interval": 5, "ratio": 0.2}],
+        "duca": [{"interval": 3}, {}, {"interval": 6}],
+        "fora": [{"interval": 2}, {}, {"interval": 4}],
+        "pab": [{}, {"spatial_interval": 3, "cross_interval": 8}],
+        "taylorseer": [{"interval": 2}, {"interval": 3}, {}],
+        "delta-dit": [{}, {"interval": 3}],
+        "fbcache": [{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
+        "teacache": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
+    },
+    # two settings per method: a quick look, and what the tests run
+    "quick": {
+        "toca": [{}, {"interval": 5, "ratio": 0.2}],
+        "fora": [{"interval": 2}, {"interval": 4}],
+        "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}],
+    },
+}
+FEWER_STEPS_FRACTIONS = (0.5, 0.7)  # the "fewer steps" baseline, as fractions of the model's steps
+
+
+@dataclass(frozen=True)
+class Setting:
+    system: str  # "ditscope", "diffusers", "cache-dit" or "baseline"
+    method: str
+    options: dict = field(default_factory=dict)
+    steps: int | None = None  # the fewer-steps baseline's step count
+
+    @property
+    def label(self) -> str:
+        if self.method == FEWER_STEPS:
+            return f"{self.steps} steps"
+        opts = " ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.method} {opts}".strip()
+
+    @property
+    def key(self) -> str:
+        """Stable id of this setting (results are resumed by it)."""
+        text = json.dumps([self.system, self.method, self.options, self.steps], sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def system_of(method: str) -> str:
+    if method in CONFIGS:
+        return "ditscope"
+    if method.startswith("diffusers-"):
+        return "diffusers"
+    if method.startswith("cachedit-"):
+        return "cache-dit"
+    if method in (BASELINE, FEWER_STEPS):
+        return "baseline"
+    from .peers import PEERS
+
+    raise DitscopeError(f"unknown method {method!r}; choose from {', '.join([*CONFIGS, *PEERS, FEWER_STEPS])}")
+
+
+def load_grid(grid: str) -> dict[str, list]:
+    """A preset name or a JSON/YAML grid file -> {method: [options or step count, ...]}."""
+    if grid in PRESETS:
+        return {m: list(v) for m, v in PRESETS[grid].items()}
+    path = Path(grid)
+    if not path.is_file():
+        raise DitscopeError(f"--grid {grid!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # noqa: BLE001 (any parse failure is the user's file)
+        raise DitscopeError(f"--grid {grid}: cannot parse it ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise DitscopeError(f"--grid {grid}: expected a mapping of method -> settings")
+    out = {}
+    for method, spec in raw.items():
+        if isinstance(spec, dict):  # {option: [values]} -> cartesian product
+            keys = list(spec)
+            values = [v if isinstance(v, list) else [v] for v in spec.values()]
+            out[method] = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+        elif isinstance(spec, list):
+            out[method] = spec
+        else:
+            raise DitscopeError(f"--grid {grid}: settings of {method!r} must be a list or a dict of lists")
+    return out
+
+
+def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -> list[Setting]:
+    """The settings to run: the uncached baseline first, then every method's grid in the given order."""
+    chosen = methods if methods else [*grid, *([] if FEWER_STEPS in grid else [FEWER_STEPS])]
+    settings = [Setting("baseline", BASELINE)]
+    for method in chosen:
+        system = system_of(method)
+        if method == FEWER_STEPS:
+            counts = grid.get(FEWER_STEPS) or sorted({max(2, round(f * model_steps)) for f in FEWER_STEPS_FRACTIONS})
+            for n in counts:
+                if not isinstance(n, int) or n < 2:
+                    raise DitscopeError(f"the fewer-steps baseline needs step counts >= 2, not {n!r}")
+                settings.append(Setting(system, FEWER_STEPS, steps=n))
+            continue
+        options = grid.get(method)
+        if not options and system in ("diffusers", "cache-dit"):
+            from .peers import PEER_GRIDS
+
+            options = PEER_GRIDS.get(method)
+        options = options or [{}]
+        for opts in options:
+            if not isinstance(opts, dict):
+                raise DitscopeError(f"settings of {method!r} must be option dicts, not {opts!r}")
+            if system == "ditscope":  # check the options now, not an hour into the run
+                from ..cache import config_from_options
+
+                config_from_options(method, option_strings(opts))
+            settings.append(Setting(system, method, dict(opts)))
+    return settings
+
+
+def option_strings(opts: dict) -> list[str]:
+    """Options as the CLI's key=value strings (what `config_from_options` parses)."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in opts.items()]

@@ -1,0 +1,247 @@
+"""Run a bench: every setting on the same prompts and seeds, timed, FLOPs counted, quality scored.
+
+For each setting: apply it (ditscope method, peer cache, or fewer steps), generate every prompt x seed
+once (the images that are scored), time `repeats` further passes after a warm-up (median), count the
+executed FLOPs of one pass with torch.utils.flop_counter, remove it. Quality is measured against the
+uncached images of the same prompt and seed (PSNR, SSIM; LPIPS when its weights are here) and, for zoo
+models, against the prompts (the zoo evaluator's attribute accuracy and Fréchet distance).
+
+Every finished setting is appended to `results.jsonl` and its images saved, so a killed bench rerun
+with the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DitscopeError
+from .grid import BASELINE, FEWER_STEPS, Setting, option_strings
+
+ATTRIBUTES = ("shape", "color", "size", "position", "background")
+RESULTS = "results.jsonl"
+META = "bench.json"
+
+
+@dataclass
+class BenchInputs:
+    """What every setting runs on."""
+
+    model: str
+    prompts: list  # strings, or class labels for class-conditional models
+    seeds: list[int]
+    steps: int
+    guidance_scale: float | None
+    batch_size: int
+    repeats: int
+    scenes: list | None = None  # zoo scenes behind the prompts (enables attribute accuracy / Fréchet)
+
+    def meta(self) -> dict:
+        return {"model": self.model, "prompts": [str(p) for p in self.prompts], "seeds": self.seeds,
+                "steps": self.steps, "guidance_scale": self.guidance_scale, "batch_size": self.batch_size,
+                "repeats": self.repeats}
+
+
+# ------------------------------------------------------------------------------------ generation
+def generate_all(pipe, inputs: BenchInputs, steps: int) -> torch.Tensor:
+    """Every prompt x seed, in prompt batches; generator i of a batch seeded (seed, prompt index)."""
+    images = []
+    for seed in inputs.seeds:
+        for start in range(0, len(inputs.prompts), inputs.batch_size):
+            chunk = inputs.prompts[start : start + inputs.batch_size]
+            gens = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
+            kwargs = {"num_inference_steps": steps, "generator": gens, "output_type": "pt"}
+            if inputs.guidance_scale is not None:
+                kwargs["guidance_scale"] = inputs.guidance_scale
+            out = pipe(chunk, **kwargs)
+            got = out.frames if hasattr(out, "frames") else out.images
+            images.append(torch.as_tensor(got).float().cpu())
+    return torch.cat(images)
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------- quality
+def per_image_psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Mean over images of PSNR (dB, capped at 100 for identical images) and SSIM, frames flattened."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    a = images.flatten(0, images.dim() - 4).clamp(0, 1)
+    b = reference.flatten(0, reference.dim() - 4).clamp(0, 1)
+    psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    psnr = torch.nan_to_num(psnr, posinf=100.0).clamp(max=100.0)
+    ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+    return float(psnr.mean()), float(ssim.mean())
+
+
+def lpips_metric():
+    """LPIPS when torchvision and its AlexNet weights are on this machine (never downloads), else a note."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return None, "LPIPS skipped: torchvision is not installed"
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    if not any(hub.glob("alexnet-*.pth")):
+        return None, f"LPIPS skipped: AlexNet weights are not in {hub} (ditscope never downloads)"
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True), None
+
+
+def prompt_quality(images: torch.Tensor, scenes: list, seeds: int, evaluator_net) -> dict:
+    """Attribute accuracy and Fréchet distance of zoo images against the prompts' scenes."""
+    from ..zoo import data, evaluator
+
+    scenes = list(scenes) * seeds
+    if images.dim() == 5:  # video: score the first frame's objects
+        images = images[:, 0]
+    acc = evaluator.attribute_accuracy(evaluator_net, images, scenes)
+    real = torch.from_numpy(__import__("numpy").stack([data.render(s, images.shape[-1]) for s in scenes]))
+    out = {k: acc[k] for k in (*ATTRIBUTES, "all") if k in acc}
+    out["accuracy"] = sum(acc[k] for k in ATTRIBUTES) / len(ATTRIBUTES)
+    out["frechet"] = evaluator.frechet_distance(evaluator_net, images, real) if len(images) >= 2 else math.nan
+    return out
+
+
+# ---------------------------------------------------------------------------------------- apply
+def applied(pipe, setting: Setting, inputs: BenchInputs, count_flops_in_handle: bool = False):
+    """Apply `setting` to `pipe`; returns (steps to run, remove function)."""
+    if setting.method in (BASELINE, FEWER_STEPS):
+        return (setting.steps or inputs.steps), (lambda: None)
+    if setting.system == "ditscope":
+        from ..cache import apply, config_from_options
+
+        handle = apply(pipe, config_from_options(setting.method, option_strings(setting.options)))
+        return inputs.steps, handle.remove
+    from .peers import apply_peer
+
+    def run_once():
+        kwargs = {"num_inference_steps": inputs.steps, "generator": [torch.Generator().manual_seed(0)], "output_type": "pt"}
+        if inputs.guidance_scale is not None:
+            kwargs["guidance_scale"] = inputs.guidance_scale
+        return pipe([inputs.prompts[0]], **kwargs)
+
+    return inputs.steps, apply_peer(setting.method, pipe, dict(setting.options), inputs.steps, run_once)
+
+
+# ------------------------------------------------------------------------------------------ run
+def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, evaluator_net=None,
+              progress=None, log=print) -> list[dict]:
+    """Run every setting not already in `out/results.jsonl`; return all rows (old and new)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / META
+    if meta_path.exists():
+        saved = json.loads(meta_path.read_text())
+        if saved != inputs.meta():
+            changed = sorted(k for k in inputs.meta() if saved.get(k) != inputs.meta()[k])
+            raise DitscopeError(f"{out} holds a bench with other {', '.join(changed)}; use another --out or the same arguments")
+    else:
+        _atomic_write(meta_path, json.dumps(inputs.meta(), indent=2))
+    rows = {r["key"]: r for r in read_rows(out)}
+    lpips, lpips_note = lpips_metric()
+    image_dir = out / "images"
+    image_dir.mkdir(exist_ok=True)
+    reference = None
+    for setting in settings:
+        path = image_dir / f"{setting.key}.safetensors"
+        if setting.key in rows and path.exists():
+            if setting.method == BASELINE:
+                reference = load_file(str(path))["images"]
+            if progress:
+                progress(setting, rows[setting.key])
+            continue
+        try:
+            row = run_setting(pipe, setting, inputs, reference, evaluator_net, lpips, lpips_note)
+        except _Skip as skip:
+            log(f"skipped {setting.label}: {skip}")
+            row = {"note": str(skip), "skipped": True}
+            images = None
+        else:
+            images = row.pop("_images")
+        row.update(key=setting.key, system=setting.system, method=setting.method, label=setting.label,
+                   options=json.dumps(setting.options, sort_keys=True), steps=setting.steps or inputs.steps)
+        if images is not None:
+            tmp = path.with_suffix(".tmp")
+            save_file({"images": images.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+            if setting.method == BASELINE:
+                reference = images
+        with open(out / RESULTS, "a") as f:  # one line per setting: a kill loses at most the current one
+            f.write(json.dumps(row) + "\n")
+        rows[setting.key] = row
+        if progress:
+            progress(setting, row)
+    return [rows[s.key] for s in settings if s.key in rows]
+
+
+class _Skip(Exception):
+    pass
+
+
+def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluator_net, lpips, lpips_note) -> dict:
+    try:
+        steps, remove = applied(pipe, setting, inputs)
+    except Exception as e:
+        if type(e).__name__ != "PeerUnavailable":
+            raise
+        raise _Skip(str(e).splitlines()[0]) from None
+    notes = [lpips_note] if lpips_note else []
+    try:
+        images = generate_all(pipe, inputs, steps)  # the scored images (and the warm-up)
+        times = []
+        for _ in range(inputs.repeats):
+            start = time.perf_counter()
+            generate_all(pipe, inputs, steps)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        flops = count_flops(lambda: generate_all(pipe, inputs, steps))
+    finally:
+        remove()
+    row = {"seconds": statistics.median(times), "seconds_all": times, "flops": flops, "n_images": len(images),
+           "_images": images}
+    if setting.method == BASELINE:
+        reference = images
+    if reference is not None:
+        row["psnr"], row["ssim"] = per_image_psnr_ssim(images, reference)
+        if lpips is not None:
+            a, b = images.flatten(0, images.dim() - 4), reference.flatten(0, reference.dim() - 4)
+            row["lpips"] = float(lpips(a.clamp(0, 1), b.clamp(0, 1)))
+    if inputs.scenes is not None and evaluator_net is not None:
+        row.update(prompt_quality(images, inputs.scenes, len(inputs.seeds), evaluator_net))
+    row["note"] = "; ".join(notes)
+    return row
+
+
+def read_rows(out: Path) -> list[dict]:
+    path = out / RESULTS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: that setting reruns
+            continue
+    return rows
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

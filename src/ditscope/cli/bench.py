@@ -1,0 +1,86 @@
+"""`ditscope bench`: every cache method (ours and the peers') against no cache, speed and quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import DitscopeError
+from .common import app, check_writable_dir, pick_device, torch_dtype, user_errors
+
+
+@app.command()
+@user_errors
+def bench(
+    model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (ours: toca, fora, ...; peers: "
+                                                "diffusers-fbcache, cachedit-dbcache, ...; steps: fewer steps). "
+                                                "Default: every method in the grid, plus fewer steps")] = None,
+    grid: Annotated[str, typer.Option(help="a preset (default, quick) or a JSON/YAML grid file")] = "default",
+    prompts: Annotated[int, typer.Option(help="number of prompts (zoo models draw them from the data generator)")] = 16,
+    prompt_file: Annotated[Path | None, typer.Option(help="prompts for non-zoo models (.txt, .jsonl, .csv)")] = None,
+    seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 2,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
+    guidance_scale: Annotated[float | None, typer.Option()] = None,
+    repeats: Annotated[int, typer.Option(help="timed passes per setting, after one untimed (median)")] = 3,
+    batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 16,
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/bench/MODEL)")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+):
+    """Speed against quality for each cache method over a grid of its settings, beside the peers' caches."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .. import zoo
+    from ..bench import BenchInputs, expand, load_grid, run_bench, write_outputs
+    from ..profile.prompts import load_prompts
+    from ..zoo import data, evaluator
+
+    if prompts < 1 or seeds < 1 or repeats < 1 or batch_size < 1:
+        raise DitscopeError("--prompts, --seeds, --repeats and --batch-size must be at least 1")
+    if steps is not None and steps < 2:
+        raise DitscopeError("--steps must be at least 2")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    grid_spec = load_grid(grid)
+    entry = zoo.ZOO.get(model)
+    n_steps = steps or (entry.steps if entry else 20)
+    settings = expand(method_list, grid_spec, n_steps)  # validates every method and option up front
+    out = out or Path("runs") / "bench" / Path(model).name
+    check_writable_dir(out)
+
+    dev = pick_device(device)
+    pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
+    pipe.set_progress_bar_config(disable=True)
+    scenes, net = None, None
+    if prompt_file is not None:
+        prompt_list = load_prompts(prompt_file)[:prompts]
+    elif hasattr(pipe, "is_class_conditional"):  # a zoo pipeline: prompts from the data generator
+        scenes = evaluator.evaluation_scenes(prompts, seed=3000)
+        prompt_list = [data.class_label(s.objects[0]) for s in scenes] if pipe.is_class_conditional else [
+            s.caption() for s in scenes]
+        net = None if pipe.is_class_conditional else evaluator.load_evaluator()
+        scenes = scenes if net is not None else None
+    else:
+        raise DitscopeError(f"{model} is not a zoo model: give its prompts with --prompt-file")
+    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    inputs = BenchInputs(model=model, prompts=prompt_list, seeds=list(range(seeds)), steps=n_steps,
+                         guidance_scale=guidance, batch_size=batch_size, repeats=repeats, scenes=scenes)
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("bench", total=len(settings))
+
+        def progress(setting, row):
+            speed = f" {row['seconds']:.2f}s" if "seconds" in row else ""
+            bar.update(task, advance=1, description=f"{setting.label[:40]}{speed}")
+
+        with torch.inference_mode():
+            rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
+    df = write_outputs(rows, out, f"{model}: {len(prompt_list)} prompts x {seeds} seeds, {n_steps} steps", prompt_list)
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.csv'}, results.md, pareto.png, grid.png ({len(df)} settings)")
