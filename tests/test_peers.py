@@ -15,6 +15,17 @@ PROMPT = ["a large red circle on the left on a grey background"]
 DIFFUSERS = [n for n in PEERS if n.startswith("diffusers-")]
 CACHEDIT = [n for n in PEERS if n.startswith("cachedit-")]
 
+# settings that surely skip work in STEPS steps (the default grids are tuned for 20)
+AGGRESSIVE = {
+    "diffusers-pab": PEER_GRIDS["diffusers-pab"][-1],
+    "diffusers-fbcache": {"threshold": 0.5},
+    "diffusers-fastercache": PEER_GRIDS["diffusers-fastercache"][-1],
+    "diffusers-taylorseer": {"cache_interval": 3, "disable_cache_before_step": 2},
+    "diffusers-magcache": {"threshold": 0.5, "max_skip_steps": 3, "retention_ratio": 0.1},
+    "cachedit-dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1},
+    "cachedit-dbcache-taylorseer": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1},
+}
+
 needs_tiny_pixart = pytest.mark.skipif(not zoo.available("tiny-pixart"), reason="tiny-pixart weights are not shipped")
 
 
@@ -66,7 +77,7 @@ def _residue(pipe) -> dict:
 
 def _check_peer(counted, baseline, name: str):
     base_images, base_rows = baseline
-    options = PEER_GRIDS[name][-1]  # the aggressive end of the default grid
+    options = AGGRESSIVE[name]
     before = _residue(counted.pipe)
     remove = apply_peer(name, counted.pipe, options, STEPS, counted.calibrate)
     try:
@@ -104,11 +115,26 @@ def test_peer_can_be_reapplied(counted, baseline):
     for name in ("diffusers-fbcache", "cachedit-dbcache"):
         outputs = []
         for _ in range(2):
-            remove = apply_peer(name, counted.pipe, PEER_GRIDS[name][-1], STEPS, counted.calibrate)
+            remove = apply_peer(name, counted.pipe, AGGRESSIVE[name], STEPS, counted.calibrate)
             outputs.append(counted.run())
             remove()
         assert torch.equal(outputs[0], outputs[1])
     assert torch.equal(counted.run(), baseline[0])
+
+
+@needs_tiny_pixart
+@pytest.mark.parametrize("name", ["diffusers-fbcache", "cachedit-dbcache"])
+def test_peer_that_fails_to_run_is_peer_unavailable_and_removed(counted, name):
+    if name.startswith("cachedit-"):
+        pytest.importorskip("cache_dit")
+    before = _residue(counted.pipe)
+
+    def broken():  # apply_peer tries the peer once; a failure there means the peer cannot run on the model
+        raise RuntimeError("boom")
+
+    with pytest.raises(PeerUnavailable, match="boom"):
+        apply_peer(name, counted.pipe, {}, STEPS, broken)
+    assert _residue(counted.pipe) == before
 
 
 @pytest.mark.parametrize("name", list(PEERS))
@@ -119,6 +145,16 @@ def test_unknown_option_is_a_ditscope_error(name):
     message = str(e.value)
     assert "no_such_option" in message and "\n" not in message
     assert all(key in message for key in peer_options(name))
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("diffusers-fbcache", {"threshold": "high"}),
+    ("diffusers-pab", {"spatial_attention_timestep_skip_range": [100]}),
+    ("cachedit-dbcache", {"Fn_compute_blocks": 1.5}),
+])
+def test_badly_typed_option_is_a_ditscope_error(name, options):
+    with pytest.raises(DitscopeError, match=next(iter(options))):
+        apply_peer(name, types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), options, STEPS, lambda: None)
 
 
 def test_unknown_peer_is_a_ditscope_error():

@@ -43,8 +43,8 @@ registry), the wrappers above are undone, and hook registries the peer created a
 leaves the transformer with an instance-level `forward`, its block list moved to the end of `_modules`
 (state_dict order; cache-dit swaps the blocks in with `mock.patch.object` on every call), and, for models
 with a patch functor (DiT), the patched `forward` for good. So the adapter also snapshots the instance
-attributes and submodule tables of the pipeline, transformer and blocks (and the pipeline class's
-`__call__`) before applying and puts them back after `disable_cache`: the caller can keep using the same
+attributes and submodule tables of the transformer and its blocks (and the pipeline class's `__call__`)
+before applying and puts them back after `disable_cache`: the caller can keep using the same
 pipeline, no fresh copy needed. The tests check outputs after `remove()` equal the uncached ones bit
 for bit.
 
@@ -67,7 +67,7 @@ import logging
 import math
 import sys
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -192,7 +192,11 @@ def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
                run_once: Callable[[], object]) -> Callable[[], None]:
     """Apply peer `name` with `options` (override its defaults) to `pipe`. `run_once()` runs the pipeline once on
     a calibration prompt (MagCache uses it). Returns `remove()` that restores the pipeline exactly. Raises
-    PeerUnavailable with a one-line reason when the peer's package is missing or it cannot run on this model."""
+    PeerUnavailable with a one-line reason when the peer's package is missing or it cannot run on this model.
+
+    To find the latter before a benchmark does, `run_once()` is also called once with the peer applied (and
+    MagCache's calibration calls it once more, the first time per transformer and step count); unknown or
+    malformed options raise DitscopeError before anything is applied."""
     if name not in PEERS:
         raise DitscopeError(f"unknown peer {name!r}; available: {', '.join(PEERS)}")
     opts = _resolve_options(name, options)
@@ -201,7 +205,16 @@ def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise PeerUnavailable(f"{name} needs a pipeline with a transformer; {type(pipe).__name__} has none")
-    return _APPLY[name](pipe, opts, num_inference_steps, run_once)
+    remove = _APPLY[name](pipe, opts, num_inference_steps, run_once)
+    try:  # fail here, not an hour into a benchmark: some peers apply to a model they cannot run on
+        run_once()
+    except torch.cuda.OutOfMemoryError:
+        remove()
+        raise
+    except Exception as e:
+        remove()
+        raise PeerUnavailable(f"{name} does not run on {type(transformer).__name__}: {type(e).__name__}: {_one_line(e)}") from None
+    return remove
 
 
 def peer_options(name: str) -> dict:
@@ -220,10 +233,50 @@ def _resolve_options(name: str, options: dict | None) -> dict:
         raise DitscopeError(f"unknown option{'s' if len(unknown) > 1 else ''} for {name}: {', '.join(map(str, unknown))}; "
                             f"valid: {', '.join(_DEFAULTS[name])}")
     opts = {**copy.deepcopy(_DEFAULTS[name]), **options}
-    for key, value in opts.items():  # JSON gives lists where the libraries want (lo, hi) tuples
-        if key.endswith("_range") and isinstance(value, list):
-            opts[key] = tuple(value)
+    for key, value in options.items():
+        default = _DEFAULTS[name][key]
+        if isinstance(default, tuple) and isinstance(value, list):  # JSON gives lists for (lo, hi) pairs
+            opts[key] = value = tuple(value)
+        if not _fits(default, value, nullable=(name, key) in _NULLABLE):
+            raise DitscopeError(f"{name} option {key} must be {_kind(default)}, not {value!r}")
     return opts
+
+
+# options whose None means "off" although their default is not None
+_NULLABLE = {("diffusers-pab", "spatial_attention_block_skip_range"),
+             ("diffusers-fastercache", "spatial_attention_block_skip_range")}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fits(default, value, nullable: bool) -> bool:
+    if default is None or (value is None and nullable):
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return _is_number(value)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and len(value) == len(default) and all(map(_is_number, value))
+    if isinstance(default, str):
+        return isinstance(value, (str, torch.dtype))
+    return True
+
+
+def _kind(default) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, tuple):
+        return f"a pair of numbers like {list(default)}"
+    return "a string"
 
 
 def _one_line(e: BaseException) -> str:
@@ -418,6 +471,7 @@ def _apply_fbcache(pipe, opts, steps, run_once):
 
 def _apply_fastercache(pipe, opts, steps, run_once):
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
+    from diffusers.hooks.faster_cache import _UNCOND_COND_INPUT_KWARGS_IDENTIFIERS
 
     opts = dict(opts)
     weight = opts.pop("attention_weight")
@@ -426,10 +480,15 @@ def _apply_fastercache(pipe, opts, steps, run_once):
     if opts["tensor_format"] not in ("BCFHW", "BFCHW", "BCHW"):
         raise DitscopeError(f"diffusers-fastercache tensor_format must be BCFHW, BFCHW or BCHW, not {opts['tensor_format']!r}")
 
+    # the batched [uncond, cond] inputs FasterCache splits to skip the uncond half: diffusers' list, plus the
+    # conditioning DiT (class_labels) and SD3 (pooled_projections) also batch, as their users would add
+    split = (*_UNCOND_COND_INPUT_KWARGS_IDENTIFIERS, "class_labels", "pooled_projections")
+
     def make(context):
         try:
             return FasterCacheConfig(**opts, attention_weight_callback=lambda _module: weight,
-                                     current_timestep_callback=context.current_timestep)
+                                     current_timestep_callback=context.current_timestep,
+                                     _unconditional_conditional_input_kwargs_identifiers=split)
         except (TypeError, ValueError) as e:
             raise _config_error("diffusers-fastercache", e) from None
 
@@ -552,12 +611,10 @@ class _CacheDitLogs:
         self._saved = []
 
 
-_MODULE_DICTS = ("_modules", "_parameters", "_buffers")
-
-
 def _snapshot(objs) -> list[tuple[object, dict, dict]]:
-    """Instance attributes of `objs`, and for modules their submodule/parameter/buffer tables in order."""
-    return [(o, dict(vars(o)), {k: list(getattr(o, k).items()) for k in _MODULE_DICTS if isinstance(o, torch.nn.Module)})
+    """Instance attributes of `objs` and, for modules, their submodule table in order. (Not parameters or
+    buffers: cache-dit adds none, and `pipe.to(device)` while a peer is on legitimately replaces buffers.)"""
+    return [(o, dict(vars(o)), {"_modules": list(o._modules.items())} if isinstance(o, torch.nn.Module) else {})
             for o in objs]
 
 
@@ -570,7 +627,7 @@ def _restore_snapshot(snapshot) -> None:
             if current.get(key, _MISSING) is not value:
                 current[key] = value
         # cache-dit swaps the block list in and out with mock.patch.object on every call, which moves it to
-        # the end of `_modules` (state_dict order); a patch functor may register extra submodules
+        # the end of `_modules` (state_dict order); a patch functor may register extra submodules (DiT)
         for key, items in tables.items():
             table = getattr(obj, key)
             if [(k, id(v)) for k, v in table.items()] != [(k, id(v)) for k, v in items]:
@@ -610,9 +667,11 @@ def _apply_cachedit(pipe, opts, steps, run_once, taylorseer: bool):
 
         functor = getattr(patch_functors, functor_name)()
 
-    # what cache-dit touches: instance attributes of pipe, transformer and blocks, and the pipeline class
+    # what cache-dit touches and may leave: the transformer's and blocks' instance attributes and submodules,
+    # and the pipeline class (the pipeline instance's own attributes cache_dit.disable_cache does remove, and
+    # restoring them could undo what the caller changed meanwhile, e.g. set_progress_bar_config)
     pipe_cls = type(pipe)
-    snapshot = _snapshot([pipe, transformer, blocks, *blocks])
+    snapshot = _snapshot([transformer, blocks, *blocks])
     cls_saved = {k: vars(pipe_cls)[k] for k in ("__call__", "_is_cached", "_original_call") if k in vars(pipe_cls)}
     logs = _CacheDitLogs()
     logs.quiet()

@@ -65,6 +65,24 @@ def resolve_scheduler_class(name: str):
     return cls
 
 
+def parse_scheduler(text: str):
+    """`NAME` or `NAME:key=value;key=value` (config overrides, e.g. flow-euler:shift=3) -> (class, overrides)."""
+    import json
+
+    name, _, rest = text.partition(":")
+    cls = resolve_scheduler_class(name)
+    overrides = {}
+    for item in filter(None, (x.strip() for x in rest.split(";"))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise DitscopeError(f"scheduler option {item!r} is not key=value (e.g. flow-euler:shift=3)")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return cls, overrides
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None

@@ -18,9 +18,9 @@ from ..errors import DitscopeError
 from .common import (  # noqa: E402
     app,
     check_writable_dir,
+    parse_scheduler,
     parse_shard,
     pick_device,
-    resolve_scheduler_class,
     torch_dtype,
     user_errors,
 )
@@ -58,7 +58,7 @@ def profile(
         raise DitscopeError(f"--steps must be at least 2 to measure step-to-step distances (got {steps})")
     if batch_size < 1:
         raise DitscopeError(f"--batch-size must be at least 1 (got {batch_size})")
-    sched_cls = resolve_scheduler_class(scheduler) if scheduler else None
+    sched_cls, sched_overrides = parse_scheduler(scheduler) if scheduler else (None, {})
     shard_arg = parse_shard(shard)
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     from ..capture.recorder import TARGETS
@@ -79,7 +79,7 @@ def profile(
         dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     pipe = zoo.load_pipeline(model, dtype=dt, device=dev)
     if sched_cls is not None:
-        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config, **sched_overrides)
 
     final = out / "profile.ditscope"
     part = shard_arg or ((rank, world) if world > 1 else None)
@@ -288,6 +288,7 @@ def plot_cmd(
 
 
 from . import bench as _bench_commands  # noqa: E402,F401  (registers bench)
+from . import study as _study_commands  # noqa: E402,F401  (registers study)
 from . import zoo as _zoo_commands  # noqa: E402,F401  (registers generate, eval, zoo)
 
 

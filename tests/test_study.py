@@ -1,0 +1,109 @@
+"""The studies: their numbers on constructed inputs, and each command end to end on tiny-pixart."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ditscope import Profile
+from ditscope.cli.main import app
+from ditscope.study import analysis
+
+runner = CliRunner()
+
+
+def test_change_point_finds_a_step():
+    curve = np.r_[np.zeros(30), np.ones(34)]
+    assert analysis.change_point(curve) == pytest.approx(30 / 63, abs=0.02)
+    assert analysis.change_point(np.r_[np.ones(10), np.zeros(54)]) == pytest.approx(10 / 63, abs=0.02)
+
+
+def test_pearson_ignores_missing_layers():
+    a = np.array([[1.0, 2.0, 3.0], [np.nan, np.nan, np.nan]])
+    assert analysis.pearson(a, 2 * a + 1) == pytest.approx(1.0)
+    assert analysis.pearson(a, -a) == pytest.approx(-1.0)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    prompts = root / "p.txt"
+    prompts.write_text("a large red circle on the left on a grey background\n"
+                       "a small blue square at the top on a black background\n"
+                       "a large green triangle on the right on a white background\n")
+    out = root / "out"
+    for args in (["steps", "tiny-pixart", "--steps", "4,8"], ["scheduler", "tiny-pixart", "--schedulers", "dpm,ddim",
+                 "--steps", "6"], ["prompts", "tiny-pixart", "--steps", "5", "--bootstrap", "200"],
+                 ["models", "tiny-pixart", "random-pixart"]):
+        result = runner.invoke(app, ["study", *args, "--prompts", str(prompts), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    return out
+
+
+def test_steps_study_result_and_reuse(study_dir):
+    result = json.loads((study_dir / "steps" / "tiny-pixart" / "result.json").read_text())
+    assert result["variants"] == ["4", "8"] and -1 <= result["r"] <= 1
+    assert {p["target"] for p in result["pairs"]} == {"k", "v", "a"}
+    assert all(0 <= x <= 1 for cps in result["change_points"].values() for x in cps.values())
+    # a rerun reuses the saved profiles: they are not rewritten
+    files = sorted((study_dir / "profiles" / "tiny-pixart").glob("steps-*/profile.ditscope"))
+    before = [f.stat().st_mtime_ns for f in files]
+    again = runner.invoke(app, ["study", "steps", "tiny-pixart", "--steps", "4,8", "--prompts",
+                                str(study_dir.parent / "p.txt"), "--out", str(study_dir)])
+    assert again.exit_code == 0, again.output
+    assert [f.stat().st_mtime_ns for f in files] == before
+
+
+def test_identical_profiles_correlate_perfectly(study_dir):
+    prof = Profile.load(next((study_dir / "profiles" / "tiny-pixart").glob("steps-8-*/profile.ditscope")))
+    cmp = analysis.compare({"a": prof, "b": prof})
+    assert cmp["r"] == pytest.approx(1.0)
+
+
+def test_prompts_study_cov_matches_hand_computation(study_dir):
+    result = json.loads((study_dir / "prompts" / "result.json").read_text())
+    prof = Profile.load(next((study_dir / "profiles" / "tiny-pixart").glob("default-*/profile.ditscope")))
+    # hand: image-stream A of the cond branch, l1, per (layer, step) std/mean over prompts, then the mean
+    rows = [i for i, (layer, t, s, b) in enumerate(prof.keys) if t == "a" and s == "image" and b == "cond"]
+    x = prof.values[:, rows, :, prof.metrics.index("l1")].astype(np.float64)
+    expected = np.nanmean(x.std(0) / np.abs(x.mean(0)))
+    got = result["cov"]["a"]
+    assert got["cov"] == pytest.approx(expected, rel=1e-6)
+    assert got["lo"] <= got["cov"] <= got["hi"] or got["lo"] <= got["hi"]
+
+
+def test_models_study_sets_within_model_r_beside_cross_model(study_dir):
+    result = json.loads((study_dir / "models" / "result.json").read_text())
+    assert np.asarray(result["matrix"]).shape == (2, 2)
+    tiny = next(r for r in result["within"] if r["model"] == "tiny-pixart")
+    assert np.isfinite(tiny["within r (steps)"]) and np.isfinite(tiny["within r (scheduler)"])
+    assert "Across models" in result["verdict"] and "within models" in result["verdict"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("report", ["steps/tiny-pixart", "scheduler/tiny-pixart", "prompts", "models"])
+def test_report_renders_in_headless_chromium(study_dir, report, tmp_path):
+    from PIL import Image
+
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1400", f"--screenshot={shot}",
+                    (study_dir / report / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 10  # not a blank page
+    # the embedded figures rendered: many distinct colours, not just text on white
+    assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 50
+
+
+def test_bad_study_input(tmp_path):
+    bad = runner.invoke(app, ["study", "steps", "tiny-pixart", "--steps", "10", "--out", str(tmp_path / "o")])
+    assert bad.exit_code == 2 and "at least two" in bad.output
+    bad = runner.invoke(app, ["study", "scheduler", "tiny-pixart", "--schedulers", "dpm,nosuch", "--out", str(tmp_path / "o")])
+    assert bad.exit_code == 2 and "unknown scheduler" in bad.output
+    bad = runner.invoke(app, ["study", "models", "tiny-pixart", "--out", str(tmp_path / "o")])
+    assert bad.exit_code == 2 and "at least 2" in bad.output
+    assert not (tmp_path / "o").exists()
