@@ -120,20 +120,22 @@ def test_cli_bench_and_its_errors(tmp_path):
     assert bad.exit_code == 2 and not (tmp_path / "y").exists()
 
 
-def test_peer_rows_are_measured_and_the_pipeline_restored(pipe, tmp_path):
+@pytest.mark.parametrize("peer,options", [("diffusers-fbcache", {"threshold": 0.5}),
+                                          ("cachedit-dbcache", {"residual_diff_threshold": 0.5, "max_warmup_steps": 1})])
+def test_peer_rows_are_measured_and_the_pipeline_restored(pipe, tmp_path, peer, options):
     """A peer that cannot run is a row with a note, not a crash; one that can is measured like ours,
     and the pipeline gives the same images afterwards."""
     def image():
         return pipe([inputs().prompts[0]], num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(0)],
                     output_type="pt").images
 
+    if peer.startswith("cachedit"):
+        pytest.importorskip("cache_dit")
     before = image()
-    settings = expand(["diffusers-fbcache"], {"diffusers-fbcache": [{"threshold": 0.5}]}, STEPS)
+    settings = expand([peer], {peer: [options]}, STEPS)
     rows = run_bench(pipe, settings, inputs(), tmp_path)
-    peer = rows[1]
-    assert peer["system"] == "diffusers"
-    if peer.get("skipped"):
-        assert peer["note"]
-    else:
-        assert peer["psnr"] < 100 and peer["flops"] < rows[0]["flops"]
+    row = rows[1]
+    assert row["system"] == ("diffusers" if peer.startswith("diffusers") else "cache-dit")
+    assert not row.get("skipped"), row.get("note")
+    assert row["psnr"] < 100 and row["flops"] < rows[0]["flops"]
     assert torch.equal(image(), before)

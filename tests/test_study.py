@@ -107,3 +107,13 @@ def test_bad_study_input(tmp_path):
     bad = runner.invoke(app, ["study", "models", "tiny-pixart", "--out", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "at least 2" in bad.output
     assert not (tmp_path / "o").exists()
+
+
+def test_zoo_prompts_writes_generator_captions(tmp_path):
+    out = tmp_path / "p.txt"
+    assert runner.invoke(app, ["zoo", "prompts", "--n", "5", "--out", str(out)]).exit_code == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 5 and all(line.startswith("a ") and "background" in line for line in lines)
+    again = tmp_path / "q.txt"
+    runner.invoke(app, ["zoo", "prompts", "--n", "5", "--out", str(again)])
+    assert again.read_text() == out.read_text()

@@ -44,6 +44,12 @@ PRESETS: dict[str, dict[str, list[dict]]] = {
         "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}],
     },
 }
+# "compact": two settings per method, ours and the peers' (their grids' mildest and most aggressive)
+COMPACT = {
+    "toca": [{"interval": 2, "ratio": 0.3}, {}], "duca": [{"interval": 3}], "fora": [{"interval": 2}, {}],
+    "pab": [{}], "taylorseer": [{"interval": 2}, {}], "delta-dit": [{}], "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}],
+    "teacache": [{"threshold": 0.1}, {"threshold": 0.4}],
+}
 FEWER_STEPS_FRACTIONS = (0.5, 0.7)  # the "fewer steps" baseline, as fractions of the model's steps
 
 
@@ -86,9 +92,13 @@ def load_grid(grid: str) -> dict[str, list]:
     """A preset name or a JSON/YAML grid file -> {method: [options or step count, ...]}."""
     if grid in PRESETS:
         return {m: list(v) for m, v in PRESETS[grid].items()}
+    if grid == "compact":
+        from .peers import PEER_GRIDS
+
+        return {**COMPACT, **{m: [g[0], g[-1]] for m, g in PEER_GRIDS.items()}}
     path = Path(grid)
     if not path.is_file():
-        raise DitscopeError(f"--grid {grid!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        raise DitscopeError(f"--grid {grid!r} is neither a preset ({', '.join([*PRESETS, 'compact'])}) nor a file")
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() in (".yaml", ".yml"):

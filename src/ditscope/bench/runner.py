@@ -1,8 +1,8 @@
 """Run a bench: every setting on the same prompts and seeds, timed, FLOPs counted, quality scored.
 
 For each setting: apply it (ditscope method, peer cache, or fewer steps), generate every prompt x seed
-once (the images that are scored), time `repeats` further passes after a warm-up (median), count the
-executed FLOPs of one pass with torch.utils.flop_counter, remove it. Quality is measured against the
+once (the images that are scored, their executed FLOPs counted with torch.utils.flop_counter; this pass
+is also the warm-up), time `repeats` further passes (median), remove it. Quality is measured against the
 uncached images of the same prompt and seed (PSNR, SSIM; LPIPS when its weights are here) and, for zoo
 models, against the prompts (the zoo evaluator's attribute accuracy and Fréchet distance).
 
@@ -66,14 +66,6 @@ def generate_all(pipe, inputs: BenchInputs, steps: int) -> torch.Tensor:
     return torch.cat(images)
 
 
-def count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 # --------------------------------------------------------------------------------------- quality
 def per_image_psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """Mean over images of PSNR (dB, capped at 100 for identical images) and SSIM, frames flattened."""
@@ -117,7 +109,7 @@ def prompt_quality(images: torch.Tensor, scenes: list, seeds: int, evaluator_net
 
 
 # ---------------------------------------------------------------------------------------- apply
-def applied(pipe, setting: Setting, inputs: BenchInputs, count_flops_in_handle: bool = False):
+def applied(pipe, setting: Setting, inputs: BenchInputs):
     """Apply `setting` to `pipe`; returns (steps to run, remove function)."""
     if setting.method in (BASELINE, FEWER_STEPS):
         return (setting.steps or inputs.steps), (lambda: None)
@@ -202,7 +194,11 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         raise _Skip(str(e).splitlines()[0]) from None
     notes = [lpips_note] if lpips_note else []
     try:
-        images = generate_all(pipe, inputs, steps)  # the scored images (and the warm-up)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:  # the scored images, their FLOPs, and the warm-up
+            images = generate_all(pipe, inputs, steps)
+        flops = float(counter.get_total_flops())
         times = []
         for _ in range(inputs.repeats):
             start = time.perf_counter()
@@ -210,7 +206,6 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        flops = count_flops(lambda: generate_all(pipe, inputs, steps))
     finally:
         remove()
     row = {"seconds": statistics.median(times), "seconds_all": times, "flops": flops, "n_images": len(images),

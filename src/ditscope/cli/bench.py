@@ -18,7 +18,7 @@ def bench(
     methods: Annotated[str | None, typer.Option(help="comma-separated methods (ours: toca, fora, ...; peers: "
                                                 "diffusers-fbcache, cachedit-dbcache, ...; steps: fewer steps). "
                                                 "Default: every method in the grid, plus fewer steps")] = None,
-    grid: Annotated[str, typer.Option(help="a preset (default, quick) or a JSON/YAML grid file")] = "default",
+    grid: Annotated[str, typer.Option(help="a preset (default, compact: ours and the peers, quick) or a JSON/YAML grid file")] = "default",
     prompts: Annotated[int, typer.Option(help="number of prompts (zoo models draw them from the data generator)")] = 16,
     prompt_file: Annotated[Path | None, typer.Option(help="prompts for non-zoo models (.txt, .jsonl, .csv)")] = None,
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 2,

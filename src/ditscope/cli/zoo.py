@@ -188,6 +188,26 @@ def zoo_train(
     train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995)
 
 
+@zoo_app.command("prompts")
+@user_errors
+def zoo_prompts(
+    out: Annotated[Path, typer.Option(help=".txt file to write, a caption a line")],
+    n: Annotated[int, typer.Option(help="number of captions")] = 32,
+    objects: Annotated[int, typer.Option(help="objects per caption: 1, or up to 2")] = 1,
+    seed: Annotated[int, typer.Option()] = 4000,
+):
+    """Write captions drawn from the data generator (prompts for profiles and studies of the zoo models)."""
+    from ..zoo import evaluator
+
+    if n < 1 or objects not in (1, 2):
+        raise DitscopeError("--n must be at least 1 and --objects 1 or 2")
+    check_writable_dir(out.parent)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text("".join(s.caption() + "\n" for s in evaluator.evaluation_scenes(n, seed, objects)), encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {n} captions to {out}")
+
+
 @zoo_app.command("grid")
 @user_errors
 def zoo_grid(
