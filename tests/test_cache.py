@@ -245,3 +245,31 @@ def test_config_from_cli_options():
             config_from_options("toca", bad)
     with pytest.raises(DitscopeError, match="unknown cache method"):
         config_from_options("nocache")
+
+
+@pytest.mark.parametrize("name", ["fbcache", "teacache"])
+def test_batch_level_decision_skips_all_rows_together(name, monkeypatch):
+    """per_sample=False decides once per step for the whole batch (diffusers' behaviour): every row
+    reuses or every row computes, never a mix. (On the trained model, per-sample decisions at this
+    threshold do mix rows on about half the steps.)"""
+    from ditscope import zoo
+    from ditscope.cache import residual
+
+    pipe = zoo.load("tiny-pixart")
+    pipe.set_progress_bar_config(disable=True)
+    masks = []
+    original = residual.run_block
+
+    def spy(ctx, bsite, run, args, kwargs, reuse_rows):
+        if reuse_rows is not None:
+            masks.append(reuse_rows.clone())
+        return original(ctx, bsite, run, args, kwargs, reuse_rows)
+
+    module = __import__(f"ditscope.cache.{name}", fromlist=["run_block"])
+    monkeypatch.setattr(module, "run_block", spy)
+    config = CONFIGS[name](threshold=0.3, per_sample=False)
+    with ditscope.apply(pipe, config):
+        generate(pipe, PROMPTS[:2])
+    assert masks, "no step was decided"
+    assert all(bool((m == m[0]).all()) for m in masks)
+    assert config_from_options(name, ["per_sample=false"]).per_sample is False

@@ -21,10 +21,14 @@ class FBCacheConfig:
         threshold: skip when `mean|R_t - R_prev| / mean|R_prev|` of the first block's residual is below it
             (R_prev: the residual at the last step that computed the rest). Decided per batch row.
         warmup: the first steps, always computed.
+        per_sample: decide per batch row (True: an image never depends on its batch neighbours, but in a
+            batch the blocks are skipped only where every row agrees) or once for the whole batch from
+            its mean change (False, as diffusers' FirstBlockCache: faster in batches).
     """
 
     threshold: float = 0.05
     warmup: int = 1
+    per_sample: bool = True
 
 
 class FBCacheMethod(CacheMethod):
@@ -45,6 +49,8 @@ class FBCacheMethod(CacheMethod):
         skip = None
         if prev is not None and ctx.step >= self.config.warmup:
             change = per_sample_mean(ctx, (residual - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)
+            if not self.config.per_sample:
+                change = change.mean().expand_as(change)
             skip = (change < self.config.threshold).cpu()  # the one host sync of the step
         if skip is None:
             st["first_residual"] = residual

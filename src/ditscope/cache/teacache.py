@@ -22,10 +22,14 @@ class TeaCacheConfig:
         coefficients: polynomial (highest degree first, as numpy.polyval) mapping the relative L1 change
             of the modulated input to the expected change of the output. The default (1, 0) is the
             identity; TeaCache fits a 4th-order one per model offline.
+        per_sample: decide per batch row (True: an image never depends on its batch neighbours, but in a
+            batch a step is skipped only where every row agrees) or once for the whole batch from its
+            mean change (False, as TeaCache and diffusers do: faster in batches).
     """
 
     threshold: float = 0.3
     coefficients: tuple[float, ...] = (1.0, 0.0)
+    per_sample: bool = True
 
 
 class _Probe(Exception):
@@ -70,6 +74,8 @@ class TeaCacheMethod(CacheMethod):
         skip = None
         if prev is not None and not last:
             change = (per_sample_mean(ctx, (x - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)).cpu()
+            if not self.config.per_sample:
+                change = change.mean().expand_as(change)
             rescaled = torch.zeros_like(change)
             for c in self.config.coefficients:  # Horner
                 rescaled = rescaled * change + c
