@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import DitscopeError
@@ -50,6 +51,25 @@ class BenchInputs:
 
 
 # ------------------------------------------------------------------------------------ generation
+def call_kwargs(inputs: BenchInputs, steps: int, generators: list) -> dict:
+    kwargs = {"num_inference_steps": steps, "generator": generators, "output_type": "pt"}
+    if inputs.guidance_scale is not None:
+        kwargs["guidance_scale"] = inputs.guidance_scale
+    return kwargs
+
+
+def timed_passes(pipe, inputs: BenchInputs, steps: int) -> list[float]:
+    """Seconds of `inputs.repeats` passes over every prompt x seed."""
+    times = []
+    for _ in range(inputs.repeats):
+        start = time.perf_counter()
+        generate_all(pipe, inputs, steps)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def generate_all(pipe, inputs: BenchInputs, steps: int) -> torch.Tensor:
     """Every prompt x seed, in prompt batches; generator i of a batch seeded (seed, prompt index)."""
     images = []
@@ -57,22 +77,23 @@ def generate_all(pipe, inputs: BenchInputs, steps: int) -> torch.Tensor:
         for start in range(0, len(inputs.prompts), inputs.batch_size):
             chunk = inputs.prompts[start : start + inputs.batch_size]
             gens = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
-            kwargs = {"num_inference_steps": steps, "generator": gens, "output_type": "pt"}
-            if inputs.guidance_scale is not None:
-                kwargs["guidance_scale"] = inputs.guidance_scale
-            out = pipe(chunk, **kwargs)
+            out = pipe(chunk, **call_kwargs(inputs, steps, gens))
             got = out.frames if hasattr(out, "frames") else out.images
             images.append(torch.as_tensor(got).float().cpu())
     return torch.cat(images)
 
 
 # --------------------------------------------------------------------------------------- quality
+def as_frames(x: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) or videos (N, F, C, H, W) as a batch of frames in [0, 1]."""
+    return x.flatten(0, x.dim() - 4).clamp(0, 1)
+
+
 def per_image_psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """Mean over images of PSNR (dB, capped at 100 for identical images) and SSIM, frames flattened."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    a = images.flatten(0, images.dim() - 4).clamp(0, 1)
-    b = reference.flatten(0, reference.dim() - 4).clamp(0, 1)
+    a, b = as_frames(images), as_frames(reference)
     psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
     psnr = torch.nan_to_num(psnr, posinf=100.0).clamp(max=100.0)
     ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
@@ -101,7 +122,7 @@ def prompt_quality(images: torch.Tensor, scenes: list, seeds: int, evaluator_net
     if images.dim() == 5:  # video: score the first frame's objects
         images = images[:, 0]
     acc = evaluator.attribute_accuracy(evaluator_net, images, scenes)
-    real = torch.from_numpy(__import__("numpy").stack([data.render(s, images.shape[-1]) for s in scenes]))
+    real = torch.from_numpy(np.stack([data.render(s, images.shape[-1]) for s in scenes]))
     out = {k: acc[k] for k in (*ATTRIBUTES, "all") if k in acc}
     out["accuracy"] = sum(acc[k] for k in ATTRIBUTES) / len(ATTRIBUTES)
     out["frechet"] = evaluator.frechet_distance(evaluator_net, images, real) if len(images) >= 2 else math.nan
@@ -121,10 +142,7 @@ def applied(pipe, setting: Setting, inputs: BenchInputs):
     from .peers import apply_peer
 
     def run_once():
-        kwargs = {"num_inference_steps": inputs.steps, "generator": [torch.Generator().manual_seed(0)], "output_type": "pt"}
-        if inputs.guidance_scale is not None:
-            kwargs["guidance_scale"] = inputs.guidance_scale
-        return pipe([inputs.prompts[0]], **kwargs)
+        return pipe([inputs.prompts[0]], **call_kwargs(inputs, inputs.steps, [torch.Generator().manual_seed(0)]))
 
     return inputs.steps, apply_peer(setting.method, pipe, dict(setting.options), inputs.steps, run_once)
 
@@ -173,8 +191,7 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
             os.replace(tmp, path)
             if setting.method == BASELINE:
                 reference = images
-        with open(out / RESULTS, "a") as f:  # one line per setting: a kill loses at most the current one
-            f.write(json.dumps(row) + "\n")
+        append_row(out, row)
         rows[setting.key] = row
         if progress:
             progress(setting, row)
@@ -189,14 +206,10 @@ def _retime_baseline(pipe, settings, inputs: BenchInputs, out: Path, rows: dict)
     row = rows.get(base.key) if base else None
     if row is None or row.get("retimed") or len(settings) < 3:
         return
-    for _ in range(inputs.repeats):
-        start = time.perf_counter()
-        generate_all(pipe, inputs, inputs.steps)
-        row["seconds_all"].append(time.perf_counter() - start)
+    row["seconds_all"] += timed_passes(pipe, inputs, inputs.steps)
     row["seconds"] = statistics.median(row["seconds_all"])
     row["retimed"] = True
-    with open(out / RESULTS, "a") as f:  # the later line wins when read back
-        f.write(json.dumps(row) + "\n")
+    append_row(out, row)
 
 
 class _Skip(Exception):
@@ -204,11 +217,11 @@ class _Skip(Exception):
 
 
 def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluator_net, lpips, lpips_note) -> dict:
+    from .peers import PeerUnavailable
+
     try:
         steps, remove = applied(pipe, setting, inputs)
-    except Exception as e:
-        if type(e).__name__ != "PeerUnavailable":
-            raise
+    except PeerUnavailable as e:
         raise _Skip(str(e).splitlines()[0]) from None
     notes = [lpips_note] if lpips_note else []
     try:
@@ -217,13 +230,7 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         with FlopCounterMode(display=False) as counter:  # the scored images, their FLOPs, and the warm-up
             images = generate_all(pipe, inputs, steps)
         flops = float(counter.get_total_flops())
-        times = []
-        for _ in range(inputs.repeats):
-            start = time.perf_counter()
-            generate_all(pipe, inputs, steps)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        times = timed_passes(pipe, inputs, steps)
     finally:
         remove()
     row = {"seconds": statistics.median(times), "seconds_all": times, "flops": flops, "n_images": len(images),
@@ -233,12 +240,17 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
     if reference is not None:
         row["psnr"], row["ssim"] = per_image_psnr_ssim(images, reference)
         if lpips is not None:
-            a, b = images.flatten(0, images.dim() - 4), reference.flatten(0, reference.dim() - 4)
-            row["lpips"] = float(lpips(a.clamp(0, 1), b.clamp(0, 1)))
+            row["lpips"] = float(lpips(as_frames(images), as_frames(reference)))
     if inputs.scenes is not None and evaluator_net is not None:
         row.update(prompt_quality(images, inputs.scenes, len(inputs.seeds), evaluator_net))
     row["note"] = "; ".join(notes)
     return row
+
+
+def append_row(out: Path, row: dict):
+    """One line per setting: a kill loses at most the current one; a later line of a key wins when read."""
+    with open(out / RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def read_rows(out: Path) -> list[dict]:

@@ -287,6 +287,13 @@ def per_sample_mean(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     return per_row.reshape(ctx.rows, -1).mean(1)
 
 
+def relative_change(ctx: Context, x: torch.Tensor, prev: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
+    """`mean|x - prev| / mean|prev|` per model row, or the batch's mean of it on every row (per_sample=False:
+    one decision for the whole batch, as diffusers' caches make it)."""
+    change = per_sample_mean(ctx, (x - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)
+    return change if per_sample else change.mean().expand_as(change)
+
+
 # ----------------------------------------------------------------------------------- attention tap
 class AttentionTap:
     """While installed, `F.scaled_dot_product_attention` also hands q, k, v of the running site to a method."""

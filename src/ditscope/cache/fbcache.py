@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DitscopeError
-from .engine import BlockSite, CacheMethod, Context, block_inputs, block_outputs, per_sample_mean, rows_mask
+from .engine import BlockSite, CacheMethod, Context, block_inputs, block_outputs, relative_change, rows_mask
 from .residual import run_block
 
 
@@ -48,9 +48,7 @@ class FBCacheMethod(CacheMethod):
         prev = st.get("first_residual")
         skip = None
         if prev is not None and ctx.step >= self.config.warmup:
-            change = per_sample_mean(ctx, (residual - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)
-            if not self.config.per_sample:
-                change = change.mean().expand_as(change)
+            change = relative_change(ctx, residual, prev, self.config.per_sample)
             skip = (change < self.config.threshold).cpu()  # the one host sync of the step
         if skip is None:
             st["first_residual"] = residual

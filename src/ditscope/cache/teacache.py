@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DitscopeError
-from .engine import BlockSite, CacheMethod, Context, hidden_arg, per_sample_mean
+from .engine import BlockSite, CacheMethod, Context, hidden_arg, relative_change
 from .residual import run_block
 
 
@@ -73,9 +73,7 @@ class TeaCacheMethod(CacheMethod):
         last = ctx.num_steps is not None and ctx.step == ctx.num_steps - 1
         skip = None
         if prev is not None and not last:
-            change = (per_sample_mean(ctx, (x - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)).cpu()
-            if not self.config.per_sample:
-                change = change.mean().expand_as(change)
+            change = relative_change(ctx, x, prev, self.config.per_sample).cpu()
             rescaled = torch.zeros_like(change)
             for c in self.config.coefficients:  # Horner
                 rescaled = rescaled * change + c

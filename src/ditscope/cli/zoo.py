@@ -183,8 +183,8 @@ def zoo_train(
         save_file(net.state_dict(), str(out / "attribute_net.safetensors"))
         print(f"wrote {out / 'attribute_net.safetensors'}")
         return
-    if name not in ("tiny-pixart", "tiny-dit"):
-        raise DitscopeError(f"no training recipe for {name!r}; choose tiny-pixart, tiny-dit or evaluator")
+    if name not in train.RECIPES:
+        raise DitscopeError(f"no training recipe for {name!r}; choose {', '.join(train.RECIPES)} or evaluator")
     train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995)
 
 

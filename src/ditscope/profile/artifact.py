@@ -225,21 +225,26 @@ class Profile:
             "branch": "cond" if "cond" in branches else branches[0],
         }
 
-    def grid(self, target: str, stream: str, branch: str, metric: str = "l1", stat: str = "mean") -> np.ndarray:
-        """(layers, steps-1) array of a statistic; NaN where a layer has no such key.
+    def key_rows(self, target: str, stream: str, branch: str) -> dict[int, int]:
+        """layer -> index into `keys` of that layer's (target, stream, branch) key.
 
         `stream="auto"` takes each layer's image stream, or its text stream where it has no image
         stream for this target (K and V of cross-attention layers).
         """
+        rows = {}
+        for i, (layer, t, s, b) in sorted(enumerate(self.keys), key=lambda item: item[1][2] != "image"):
+            wanted = (s == "image" or layer not in rows) if stream == "auto" else s == stream
+            if t == target and b == branch and wanted:
+                rows[layer] = i
+        return rows
+
+    def grid(self, target: str, stream: str, branch: str, metric: str = "l1", stat: str = "mean") -> np.ndarray:
+        """(layers, steps-1) array of a statistic; NaN where a layer has no such key (see `key_rows`)."""
         m = self.metrics.index(metric)
         arr = self.stats.cov if stat == "cov" else self.stats.std if stat == "std" else self.stats.mean
         out = np.full((self.n_layers, self.n_steps - 1), np.nan)
-        taken = set()
-        for i, (layer, t, s, b) in sorted(enumerate(self.keys), key=lambda item: item[1][2] != "image"):
-            wanted = (s == "image" or layer not in taken) if stream == "auto" else s == stream
-            if t == target and b == branch and wanted:
-                out[layer] = arr[i, :, m]
-                taken.add(layer)
+        for layer, i in self.key_rows(target, stream, branch).items():
+            out[layer] = arr[i, :, m]
         return out
 
     def cov_table(self, metric: str = "l1"):

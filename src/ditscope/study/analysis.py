@@ -70,7 +70,7 @@ def compare(profiles: dict[str, Profile], targets=("k", "v", "a"), metric: str =
     """Within one model: pairwise correlation of profiles per layer and overall, and change points.
 
     Returns {"pairs": [{a, b, target, overall_r, layer_r: [...]}], "change_points": {name: {target: x}},
-    "r": mean overall r over pairs and targets}.
+    "r": mean overall r over pairs and targets, "maps": {name: {target: (layers, points) log map}}}.
     """
     names = list(profiles)
     maps = {n: {t: log_map(p, t, metric) for t in targets if t in p.options("target")} for n, p in profiles.items()}
@@ -85,7 +85,7 @@ def compare(profiles: dict[str, Profile], targets=("k", "v", "a"), metric: str =
                               "layer_r": layer_r, "mean_layer_r": float(np.nanmean(layer_r))})
     cps = {n: {t: change_point(np.nanmean(m, axis=0)) for t, m in ms.items()} for n, ms in maps.items()}
     rs = [p["overall_r"] for p in pairs if np.isfinite(p["overall_r"])]
-    return {"pairs": pairs, "change_points": cps, "r": float(np.mean(rs)) if rs else float("nan")}
+    return {"pairs": pairs, "change_points": cps, "r": float(np.mean(rs)) if rs else float("nan"), "maps": maps}
 
 
 def cross_model(profiles: dict[str, Profile], targets=("k", "v", "a"), metric: str = "l1") -> dict:
@@ -115,34 +115,20 @@ def cov_over_prompts(profile: Profile, metric: str = "l1", n_boot: int = 1000, s
         raise ValueError("the CoV over prompts needs at least 2 prompts")
     out = {}
     for target in profile.options("target"):
-        rows = _keys_for(profile, target, v["stream"], v["branch"])
+        by_layer = profile.key_rows(target, v["stream"], v["branch"])
+        rows = [by_layer[layer] for layer in sorted(by_layer)]
         if not rows:
             continue
         x = profile.values[:, rows, :, m].astype(np.float64)  # (P, layers, steps)
-        point = _mean_cov(x)
-        boots = np.array([_mean_cov(x[rng.integers(0, p, p)]) for _ in range(n_boot)])
+        per_cell = _cov_cells(x)
+        boots = np.array([np.nanmean(_cov_cells(x[rng.integers(0, p, p)])) for _ in range(n_boot)])
         lo, hi = np.nanpercentile(boots, [50 * (1 - level), 50 * (1 + level)])
-        per_cell = x.std(0) / np.abs(x.mean(0))
-        out[target] = {"cov": point, "lo": float(lo), "hi": float(hi), "per_cell": per_cell}
+        out[target] = {"cov": float(np.nanmean(per_cell)), "lo": float(lo), "hi": float(hi), "per_cell": per_cell}
     return out
 
 
-def _mean_cov(x: np.ndarray) -> float:
-    mean = x.mean(0)
+def _cov_cells(x: np.ndarray) -> np.ndarray:
+    """(prompts, ...) -> the coefficient of variation over prompts of each cell."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        cov = x.std(0) / np.abs(mean)
-    return float(np.nanmean(cov))
+        return x.std(0) / np.abs(x.mean(0))
 
-
-def _keys_for(profile: Profile, target: str, stream: str, branch: str) -> list[int]:
-    """Key rows matching a view, one per layer (auto stream: image, else text)."""
-    chosen = {}
-    for i, (layer, t, s, b) in enumerate(profile.keys):
-        if t != target or b != branch:
-            continue
-        if stream == "auto":
-            if s == "image" or layer not in chosen:
-                chosen[layer] = i
-        elif s == stream:
-            chosen[layer] = i
-    return [chosen[k] for k in sorted(chosen)]
