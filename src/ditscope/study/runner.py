@@ -118,7 +118,8 @@ def study_variants(kind: str, model: str, variants: dict[str, dict], prompts: Pa
     verdict = (f"Within-model stability across {label} ({', '.join(variants)}) for {model}: r = {_fmt_r(cmp['r'])} "
                f"(mean over pairs and targets of the correlation of log distance maps on the normalised step axis).")
     maps = {n: ms["a"] for n, ms in cmp["maps"].items() if "a" in ms}
-    curves = {n: {t: m.mean(0) for t, m in ms.items()} for n, ms in cmp["maps"].items()}
+    # layers whose tensor never changes are NaN rows of the maps: average over the others
+    curves = {n: {t: np.nanmean(m, axis=0) for t, m in ms.items()} for n, ms in cmp["maps"].items()}
     study_dir = out / kind / Path(model).name
     study_dir.mkdir(parents=True, exist_ok=True)
     write_report(study_dir / "report.html", f"Stability across {label}: {model}", verdict, [
