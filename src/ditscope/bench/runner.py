@@ -20,13 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import DitscopeError
 from .grid import BASELINE, FEWER_STEPS, Setting, option_strings
 
-ATTRIBUTES = ("shape", "color", "size", "position", "background")
+ATTRIBUTES = ("shape", "color", "size", "position", "background", "motion")
 RESULTS = "results.jsonl"
 META = "bench.json"
 
@@ -43,6 +42,7 @@ class BenchInputs:
     batch_size: int
     repeats: int
     scenes: list | None = None  # zoo scenes behind the prompts (enables attribute accuracy / Fréchet)
+    class_conditional: bool = False  # prompts are class labels: accuracy is per class (shape x colour)
 
     def meta(self) -> dict:
         return {"model": self.model, "prompts": [str(p) for p in self.prompts], "seeds": self.seeds,
@@ -114,18 +114,16 @@ def lpips_metric():
     return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True), None
 
 
-def prompt_quality(images: torch.Tensor, scenes: list, seeds: int, evaluator_net) -> dict:
-    """Attribute accuracy and Fréchet distance of zoo images against the prompts' scenes."""
-    from ..zoo import data, evaluator
+def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> dict:
+    """Attribute accuracy and Fréchet distance of zoo images (or videos) against the prompts' scenes."""
+    from ..zoo import evaluator
 
-    scenes = list(scenes) * seeds
-    if images.dim() == 5:  # video: score the first frame's objects
-        images = images[:, 0]
-    acc = evaluator.attribute_accuracy(evaluator_net, images, scenes)
-    real = torch.from_numpy(np.stack([data.render(s, images.shape[-1]) for s in scenes]))
+    scenes = list(inputs.scenes) * len(inputs.seeds)
+    acc = evaluator.score(evaluator_net, images, scenes, inputs.class_conditional)
     out = {k: acc[k] for k in (*ATTRIBUTES, "all") if k in acc}
-    out["accuracy"] = sum(acc[k] for k in ATTRIBUTES) / len(ATTRIBUTES)
-    out["frechet"] = evaluator.frechet_distance(evaluator_net, images, real) if len(images) >= 2 else math.nan
+    scored = [k for k in ATTRIBUTES if k in acc]
+    out["accuracy"] = sum(acc[k] for k in scored) / len(scored)
+    out["frechet"] = evaluator.frechet_to_real(evaluator_net, images, scenes) if len(images) >= 2 else math.nan
     return out
 
 
@@ -242,7 +240,7 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         if lpips is not None:
             row["lpips"] = float(lpips(as_frames(images), as_frames(reference)))
     if inputs.scenes is not None and evaluator_net is not None:
-        row.update(prompt_quality(images, inputs.scenes, len(inputs.seeds), evaluator_net))
+        row.update(prompt_quality(images, inputs, evaluator_net))
     row["note"] = "; ".join(notes)
     return row
 

@@ -38,7 +38,7 @@ def bench(
     from .. import zoo
     from ..bench import BenchInputs, expand, load_grid, run_bench, write_outputs
     from ..profile.prompts import load_prompts
-    from ..zoo import data, evaluator
+    from ..zoo import evaluator
 
     if prompts < 1 or seeds < 1 or repeats < 1 or batch_size < 1:
         raise DitscopeError("--prompts, --seeds, --repeats and --batch-size must be at least 1")
@@ -59,16 +59,14 @@ def bench(
     if prompt_file is not None:
         prompt_list = load_prompts(prompt_file)[:prompts]
     elif hasattr(pipe, "is_class_conditional"):  # a zoo pipeline: prompts from the data generator
-        scenes = evaluator.evaluation_scenes(prompts, seed=3000)
-        prompt_list = [data.class_label(s.objects[0]) for s in scenes] if pipe.is_class_conditional else [
-            s.caption() for s in scenes]
-        net = None if pipe.is_class_conditional else evaluator.load_evaluator()
-        scenes = scenes if net is not None else None
+        scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts, seed=3000)
+        net = evaluator.load_evaluator()
     else:
         raise DitscopeError(f"{model} is not a zoo model: give its prompts with --prompt-file")
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
     inputs = BenchInputs(model=model, prompts=prompt_list, seeds=list(range(seeds)), steps=n_steps,
-                         guidance_scale=guidance, batch_size=batch_size, repeats=repeats, scenes=scenes)
+                         guidance_scale=guidance, batch_size=batch_size, repeats=repeats, scenes=scenes,
+                         class_conditional=getattr(pipe, "is_class_conditional", False))
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

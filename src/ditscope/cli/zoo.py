@@ -195,6 +195,7 @@ def zoo_prompts(
     n: Annotated[int, typer.Option(help="number of captions")] = 32,
     objects: Annotated[int, typer.Option(help="objects per caption: 1, or up to 2")] = 1,
     seed: Annotated[int, typer.Option()] = 4000,
+    video: Annotated[bool, typer.Option(help="captions of moving objects (for tiny-latte)")] = False,
 ):
     """Write captions drawn from the data generator (prompts for profiles and studies of the zoo models)."""
     from ..zoo import evaluator
@@ -203,7 +204,8 @@ def zoo_prompts(
         raise DitscopeError("--n must be at least 1 and --objects 1 or 2")
     check_writable_dir(out.parent)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text("".join(s.caption() + "\n" for s in evaluator.evaluation_scenes(n, seed, objects)), encoding="utf-8")
+    scenes = evaluator.evaluation_scenes(n, seed, objects, video=video)
+    tmp.write_text("".join(s.caption() + "\n" for s in scenes), encoding="utf-8")
     tmp.replace(out)
     print(f"wrote {n} captions to {out}")
 
@@ -233,26 +235,30 @@ def zoo_grid(
     pipe = build(model) if random_init else _load(model, "cpu", "float32")[0]
     entry = zoo.ZOO.get(model)
     pipe.set_progress_bar_config(disable=True)
-    scenes = evaluator.evaluation_scenes(n, seed, objects)
-    class_cond = getattr(pipe, "is_class_conditional", False)
-    prompts = [data.class_label(s.objects[0]) for s in scenes] if class_cond else [s.caption() for s in scenes]
+    scenes, prompts = evaluator.evaluation_prompts(pipe, n, seed, objects)
+    class_cond, video = pipe.is_class_conditional, evaluator.is_video(pipe)
     images = pipe(prompts, num_inference_steps=entry.steps if entry else 20,
                   guidance_scale=entry.guidance_scale if entry else 4.5,
                   generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], output_type="np").images
     cols = 4
     rows = -(-n // cols)
-    fig = Figure(figsize=(cols * 3.2, rows * 2.2), layout="constrained")
+    fig = Figure(figsize=(cols * (6.4 if video else 3.2), rows * 2.2), layout="constrained")
     axes = fig.subplots(rows, cols * 2, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         k, real = divmod(i, 2)
         if k >= n:
             continue
-        img = data.render(scenes[k]).transpose(1, 2, 0) if real else images[k]
+        if video:  # first, middle and last frame side by side
+            frames = data.render_video(scenes[k]).transpose(0, 2, 3, 1) if real else images[k]
+            img = np.concatenate([frames[0], frames[len(frames) // 2], frames[-1]], axis=1)
+        else:
+            img = data.render(scenes[k]).transpose(1, 2, 0) if real else images[k]
         ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
         text = data.class_name(prompts[k]) if class_cond else "\n".join(textwrap.wrap(prompts[k], 34))
         ax.set_title(("real" if real else "generated") + ("" if real else f"\n{text}"), fontsize=5)
-    fig.suptitle(f"{model}{' (random init)' if random_init else ''}: generated | real render", fontsize=9)
+    what = "generated | real render" + (" (frames: first, middle, last)" if video else "")
+    fig.suptitle(f"{model}{' (random init)' if random_init else ''}: {what}", fontsize=9)
     fig.savefig(out, dpi=130)
     print(f"wrote {out}")
 

@@ -52,6 +52,18 @@ ZOO: dict[str, ZooEntry] = {
         steps=50,
         guidance_scale=4.0,
     ),
+    "tiny-mmdit": ZooEntry(
+        build=_trained("tiny-mmdit"),
+        description="SD3Transformer2DModel (joint attention) trained here with rectified flow (8 blocks, 256 tokens)",
+        steps=28,
+        guidance_scale=4.5,
+    ),
+    "tiny-latte": ZooEntry(
+        build=_trained("tiny-latte"),
+        description="LatteTransformer3DModel trained here on moving shapes (8 spatial + 8 temporal blocks, 8 frames)",
+        steps=20,
+        guidance_scale=4.5,
+    ),
     "random-pixart": ZooEntry(
         build=lambda dtype: builtin.random_pixart(dtype=dtype),
         description="PixArt-alpha-shaped, random weights (8 blocks, 256 tokens, T5 text encoder)",

@@ -36,6 +36,7 @@ CELLS = ("at the top left", "at the top", "at the top right", "on the left", "in
 CORNERS = (0, 2, 6, 8)
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 SUPERSAMPLE = 4
+VIDEO_FRAMES = 8
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def render(scene: Scene, size: int = 32, offsets: list[tuple[float, float]] | No
     return img.astype(np.float32)
 
 
-def render_video(scene: Scene, frames: int = 8, size: int = 32, travel: float = 0.5) -> np.ndarray:
+def render_video(scene: Scene, frames: int = VIDEO_FRAMES, size: int = 32, travel: float = 0.5) -> np.ndarray:
     """(frames, 3, size, size): the object crosses `travel` of the image in its direction."""
     dy, dx = DIRECTIONS[scene.direction]
     shifts = np.linspace(-travel / 2, travel / 2, frames)
@@ -127,7 +128,7 @@ def dataset(n: int, seed: int, size: int = 32, max_objects: int = 2) -> tuple[np
     return np.stack([render(s, size) for s in scenes]), scenes
 
 
-def video_dataset(n: int, seed: int, frames: int = 8, size: int = 32) -> tuple[np.ndarray, list[Scene]]:
+def video_dataset(n: int, seed: int, frames: int = VIDEO_FRAMES, size: int = 32) -> tuple[np.ndarray, list[Scene]]:
     rng = np.random.default_rng(seed)
     scenes = [sample_video_scene(rng) for _ in range(n)]
     return np.stack([render_video(s, frames, size) for s in scenes]), scenes

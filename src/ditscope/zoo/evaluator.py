@@ -109,32 +109,64 @@ def predict(net: AttributeNet, images: torch.Tensor, batch: int = 256) -> dict[s
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def attribute_accuracy(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]) -> dict[str, float]:
-    """Accuracy of images (B, 3, H, W) in [0, 1] against the scenes their prompts describe."""
+def attribute_hits(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]) -> dict[str, np.ndarray]:
+    """Per image, is each attribute right (objects' attributes averaged within an image) and is all of it."""
     pred = predict(net, images)
-    hits = {"shape": [], "color": [], "size": [], "position": []}
-    strict, bg = [], []
+    hits = {k: [] for k in ("shape", "color", "size", "position", "background", "all")}
     for i, scene in enumerate(scenes):
-        ok = True
+        per_object = []
         for o in scene.objects:
             there = pred["shape"][i, o.cell] != 0
-            checks = {
+            per_object.append({
                 "position": there,
                 "shape": pred["shape"][i, o.cell] == 1 + data.SHAPES.index(o.shape),
                 "color": there and pred["color"][i, o.cell] == list(data.COLORS).index(o.color),
                 "size": there and pred["size"][i, o.cell] == list(data.SIZES).index(o.size),
-            }
-            for k, v in checks.items():
-                hits[k].append(bool(v))
-            ok &= all(checks.values())
+            })
+        for k in ("shape", "color", "size", "position"):
+            hits[k].append(np.mean([bool(c[k]) for c in per_object]))
         extra = int((pred["shape"][i] != 0).sum()) - len(scene.objects)
-        bg_ok = pred["background"][i] == list(data.BACKGROUNDS).index(scene.background)
-        bg.append(bool(bg_ok))
-        strict.append(bool(ok and extra == 0 and bg_ok))
-    result = {k: float(np.mean(v)) for k, v in hits.items()}
-    result["background"] = float(np.mean(bg))
-    result["all"] = float(np.mean(strict))
-    return result
+        bg_ok = bool(pred["background"][i] == list(data.BACKGROUNDS).index(scene.background))
+        hits["background"].append(bg_ok)
+        hits["all"].append(all(all(map(bool, c.values())) for c in per_object) and extra == 0 and bg_ok)
+    return {k: np.asarray(v, dtype=float) for k, v in hits.items()}
+
+
+def attribute_accuracy(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]) -> dict[str, float]:
+    """Accuracy of images (B, 3, H, W) in [0, 1] against the scenes their prompts describe."""
+    return {k: float(v.mean()) for k, v in attribute_hits(net, images, scenes).items()}
+
+
+def middle_frame(videos: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3, H, W) -> (B, 3, H, W): the frame where the object is nearest its scene cell (the centre)."""
+    return videos[:, videos.shape[1] // 2]
+
+
+def video_accuracy(net: AttributeNet, videos: torch.Tensor, scenes: list[data.Scene]) -> dict[str, float]:
+    """Videos (B, F, 3, H, W) in [0, 1]: attributes read on the middle frame, plus the direction of motion."""
+    hits = attribute_hits(net, middle_frame(videos), scenes)
+    hits["motion"] = np.array([motion_direction(v.float().numpy()) == s.direction for v, s in zip(videos, scenes)], float)
+    hits["all"] = hits["all"] * hits["motion"]
+    return {k: float(v.mean()) for k, v in hits.items()}
+
+
+def score(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene], class_conditional: bool = False) -> dict:
+    """The accuracy that fits the model: per class (tiny-dit), per video (tiny-latte), per attribute (text)."""
+    if class_conditional:
+        return class_accuracy(net, images, scenes)
+    if images.dim() == 5:
+        return video_accuracy(net, images, scenes)
+    return attribute_accuracy(net, images, scenes)
+
+
+def frechet_to_real(net: AttributeNet, generated: torch.Tensor, scenes: list[data.Scene]) -> float:
+    """Fréchet distance between generated images (middle frames of videos) and real renders of the scenes."""
+    if generated.dim() == 5:
+        generated = middle_frame(generated)
+        real = np.stack([data.render_video(s)[data.VIDEO_FRAMES // 2] for s in scenes])
+    else:
+        real = np.stack([data.render(s, generated.shape[-1]) for s in scenes])
+    return frechet_distance(net, generated, torch.from_numpy(real))
 
 
 def motion_direction(frames: np.ndarray) -> str:
@@ -186,32 +218,43 @@ def load_evaluator(path: Path = WEIGHTS) -> AttributeNet:
     return net.eval()
 
 
-def evaluation_scenes(n: int, seed: int, max_objects: int = 1) -> list[data.Scene]:
+def evaluation_scenes(n: int, seed: int, max_objects: int = 1, video: bool = False) -> list[data.Scene]:
     """Prompts for evaluation, drawn with a seed the training never uses (training: 0, 1, ...)."""
     rng = np.random.default_rng([seed, 10_007])
+    if video:
+        return [data.sample_video_scene(rng) for _ in range(n)]
     return [data.sample_scene(rng, max_objects) for _ in range(n)]
+
+
+def is_video(pipe) -> bool:
+    return len(pipe.sample_shape(1)) == 5
+
+
+def evaluation_prompts(pipe, n: int, seed: int, max_objects: int = 1) -> tuple[list[data.Scene], list]:
+    """Scenes and what the pipeline is prompted with: captions, or class labels for tiny-dit."""
+    scenes = evaluation_scenes(n, seed, max_objects, video=is_video(pipe))
+    if pipe.is_class_conditional:
+        return scenes, [data.class_label(s.objects[0]) for s in scenes]
+    return scenes, [s.caption() for s in scenes]
 
 
 def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: float = 4.5, seed: int = 1000,
              max_objects: int = 1, batch: int = 32, net: AttributeNet | None = None, progress=None) -> dict:
-    """Generate n images from generator prompts and score them against the prompts and real renders."""
+    """Generate n images (or videos) from generator prompts; score them against the prompts and real renders."""
     net = net or load_evaluator()
-    scenes = evaluation_scenes(n, seed, max_objects)
-    class_cond = getattr(pipe, "is_class_conditional", False)
+    scenes, prompts = evaluation_prompts(pipe, n, seed, max_objects)
     images = []
     for start in range(0, n, batch):
-        chunk = scenes[start : start + batch]
-        prompts = [data.class_label(s.objects[0]) for s in chunk] if class_cond else [s.caption() for s in chunk]
+        chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        out = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    generator=gens, output_type="pt").images
         images.append(out.float().cpu())
         if progress is not None:
             progress(len(chunk))
     generated = torch.cat(images)
-    real = torch.from_numpy(np.stack([data.render(s, generated.shape[-1]) for s in scenes]))
-    result = class_accuracy(net, generated, scenes) if class_cond else attribute_accuracy(net, generated, scenes)
-    result["frechet"] = frechet_distance(net, generated, real)
+    result = score(net, generated, scenes, pipe.is_class_conditional)
+    result["frechet"] = frechet_to_real(net, generated, scenes)
     result["n"] = n
     return result
 
@@ -232,4 +275,4 @@ def class_accuracy(net: AttributeNet, images: torch.Tensor, scenes: list[data.Sc
 
 
 CHANCE = {"shape": 1 / N_SHAPES, "color": 1 / N_COLORS, "size": 1 / N_SIZES, "position": None,
-          "background": 1 / N_BG}
+          "background": 1 / N_BG, "motion": 1 / len(data.DIRECTIONS)}

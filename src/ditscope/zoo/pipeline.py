@@ -82,11 +82,11 @@ class ShapesPipeline(DiffusionPipeline):
         if name == "SD3Transformer2DModel":
             pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             return {"encoder_hidden_states": states, "pooled_projections": pooled}
+        if name == "LatteTransformer3DModel":  # Latte hands its mask to every frame unrepeated: no mask, as LattePipeline
+            return {"encoder_hidden_states": states, "enable_temporal_attentions": True}
         kwargs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
-        if name in ("PixArtTransformer2DModel",):
+        if name == "PixArtTransformer2DModel":
             kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-        if name == "LatteTransformer3DModel":
-            kwargs["enable_temporal_attentions"] = True
         return kwargs
 
     # --------------------------------------------------------------------------------- sampling

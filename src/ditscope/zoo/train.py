@@ -47,7 +47,7 @@ def text_encoder(vocab_size: int, d_model: int = 64):
                                    decoder_start_token_id=0))
 
 
-RECIPES = ("tiny-pixart", "tiny-dit")
+RECIPES = ("tiny-pixart", "tiny-dit", "tiny-mmdit", "tiny-latte")
 
 
 def build(name: str, seed: int = 0):
@@ -56,7 +56,10 @@ def build(name: str, seed: int = 0):
         DDIMScheduler,
         DiTTransformer2DModel,
         DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        LatteTransformer3DModel,
         PixArtTransformer2DModel,
+        SD3Transformer2DModel,
     )
 
     from .pipeline import ShapesPipeline
@@ -85,7 +88,40 @@ def build(name: str, seed: int = 0):
             activation_fn="gelu-approximate", attention_bias=True,
         )
         return ShapesPipeline(transformer, DDIMScheduler(**betas, clip_sample=True))
+    if name == "tiny-mmdit":
+        tok = text_tokenizer()
+        # SD3's joint attention (text and image tokens in one sequence), qk RMS-norm as in SD3.5, trained
+        # with rectified flow and sampled with the flow-matching Euler scheduler as SD3 and FLUX are.
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=3, out_channels=3, num_layers=8, attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+            pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(),
+        )
+        return ShapesPipeline(transformer, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+                              tok, text_encoder(len(tok.get_vocab())))
+    if name == "tiny-latte":
+        tok = text_tokenizer()
+        # Latte: PixArt's blocks, alternating spatial (per frame) and temporal (per token position) ones.
+        transformer = LatteTransformer3DModel(
+            sample_size=32, num_layers=8, patch_size=2, in_channels=3, out_channels=3, attention_head_dim=32,
+            num_attention_heads=4, cross_attention_dim=128, caption_channels=64, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6, video_length=data.VIDEO_FRAMES,
+        )
+        scheduler = DPMSolverMultistepScheduler(**betas, thresholding=True, sample_max_value=1.0)
+        return ShapesPipeline(transformer, scheduler, tok, text_encoder(len(tok.get_vocab())))
     raise DitscopeError(f"no training recipe for {name!r}; recipes: {', '.join(RECIPES)}")
+
+
+def training_batch(name: str, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[data.Scene]]:
+    """Clean samples in [-1, 1]: (B, 3, 32, 32) images, or (B, 3, F, 32, 32) videos for tiny-latte."""
+    if name == "tiny-latte":
+        scenes = [data.sample_video_scene(rng) for _ in range(batch)]
+        x0 = np.stack([data.render_video(s, data.VIDEO_FRAMES) for s in scenes]).transpose(0, 2, 1, 3, 4)
+    else:
+        scenes = [data.sample_scene(rng, max_objects=1 if name == "tiny-dit" else 2) for _ in range(batch)]
+        x0 = np.stack([data.render(s) for s in scenes])
+    return torch.from_numpy(np.ascontiguousarray(x0)) * 2 - 1, scenes
 
 
 def training_prompts(name: str, scenes: list[data.Scene], rng: np.random.Generator, drop: float = 0.1):
@@ -102,7 +138,7 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
     """Train `name`, checkpointing to `out/train_state.pt` every few minutes; resumes from it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores this process may use (taskset-aware)
     pipe = build(name, seed)
     trainable = [m for m in (pipe.transformer, pipe.text_encoder) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
@@ -123,28 +159,31 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
 
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     class_cond = pipe.is_class_conditional
-    v_pred = pipe.scheduler.config.prediction_type == "v_prediction"
+    flow = "FlowMatch" in type(pipe.scheduler).__name__
+    v_pred = pipe.scheduler.config.get("prediction_type") == "v_prediction"
     for m in trainable:
         m.train()
     start, last_ckpt = time.time() - elapsed, time.time()
     max_seconds = minutes * 60 if minutes else float("inf")
     while step < steps and time.time() - start < max_seconds:
         rng = np.random.default_rng([seed, step])
-        scenes = [data.sample_scene(rng, max_objects=1 if class_cond else 2) for _ in range(batch)]
-        x0 = torch.from_numpy(np.stack([data.render(s) for s in scenes])) * 2 - 1
+        x0, scenes = training_batch(name, batch, rng)
         prompts = training_prompts(name, scenes, rng)
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        xt = noise_sched.add_noise(x0, noise, t)
+        if flow:  # rectified flow: x_t = (1 - s) x0 + s noise, the model predicts the velocity noise - x0
+            sigma = torch.rand(batch, generator=g)
+            s = sigma.view(-1, *[1] * (x0.dim() - 1))
+            xt, t, target = (1 - s) * x0 + s * noise, sigma * 1000, noise - x0
+        else:
+            t = torch.randint(0, 1000, (batch,), generator=g)
+            xt = noise_sched.add_noise(x0, noise, t)
+            target = noise_sched.get_velocity(x0, noise, t) if v_pred else noise
         if class_cond:
             cond = {"class_labels": torch.tensor(prompts)}
         else:
-            states, mask = pipe.encode_prompt(prompts, "cpu")
-            cond = {"encoder_hidden_states": states, "encoder_attention_mask": mask,
-                    "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+            cond = pipe._conditioning(prompts, "", False, "cpu")
         pred = pipe.predict(xt, t, cond)
-        target = noise_sched.get_velocity(x0, noise, t) if v_pred else noise
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
