@@ -139,3 +139,24 @@ def test_peer_rows_are_measured_and_the_pipeline_restored(pipe, tmp_path, peer, 
     assert not row.get("skipped"), row.get("note")
     assert row["psnr"] < 100 and row["flops"] < rows[0]["flops"]
     assert torch.equal(image(), before)
+
+
+@pytest.mark.parametrize("recipe,columns,absent", [
+    ("tiny-dit", ("shape", "color", "accuracy", "frechet"), ("size", "motion")),
+    ("tiny-latte", ("shape", "color", "motion", "accuracy", "frechet"), ()),
+])
+def test_bench_scores_class_conditional_and_video_models_against_their_prompts(recipe, columns, absent, tmp_path):
+    from ditscope.zoo.train import build
+
+    model = build(recipe)
+    model.set_progress_bar_config(disable=True)
+    scenes, prompts = evaluator.evaluation_prompts(model, 2, seed=3000)
+    assert all(isinstance(p, int) for p in prompts) == (recipe == "tiny-dit")
+    settings = expand(["fora"], {"fora": [{"interval": 2}]}, 2)
+    rows = run_bench(model, settings, inputs(model=recipe, prompts=prompts, scenes=scenes, steps=2,
+                                             class_conditional=model.is_class_conditional),
+                     tmp_path, evaluator_net=evaluator.load_evaluator())
+    df = write_outputs(rows, tmp_path, "t", prompts)
+    for col in columns:
+        assert df[col].notna().all(), col
+    assert not any(col in df for col in absent)
