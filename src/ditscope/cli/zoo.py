@@ -162,7 +162,7 @@ def zoo_list():
 @zoo_app.command("train")
 @user_errors
 def zoo_train(
-    name: Annotated[str, typer.Argument(help="tiny-pixart, tiny-dit or evaluator")],
+    name: Annotated[str, typer.Argument(help="tiny-pixart, tiny-dit, tiny-mmdit, tiny-latte or evaluator")],
     out: Annotated[Path | None, typer.Option(help="folder to write (default: a runs/ folder)")] = None,
     minutes: Annotated[float | None, typer.Option(help="stop after this much training time")] = None,
     steps: Annotated[int, typer.Option(help="stop after this many optimizer steps")] = 100_000,
