@@ -51,7 +51,15 @@ RECIPES = ("tiny-pixart", "tiny-dit", "tiny-mmdit", "tiny-latte")
 
 
 def build(name: str, seed: int = 0):
-    """A zoo pipeline with freshly initialised weights."""
+    """A zoo pipeline with freshly initialised weights, in eval mode (as `from_pretrained` leaves it)."""
+    pipe = _build(name, seed)
+    for module in (pipe.transformer, pipe.text_encoder):
+        if module is not None:
+            module.eval()  # DiT's label embedding drops labels at random in train mode
+    return pipe
+
+
+def _build(name: str, seed: int):
     from diffusers import (
         DDIMScheduler,
         DiTTransformer2DModel,
@@ -170,6 +178,7 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
         x0, scenes = training_batch(name, batch, rng)
         prompts = training_prompts(name, scenes, rng)
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        torch.manual_seed(int(rng.integers(2**31)))  # in-model randomness (DiT's label dropout) is per step too
         noise = torch.randn(x0.shape, generator=g)
         if flow:  # rectified flow: x_t = (1 - s) x0 + s noise, the model predicts the velocity noise - x0
             sigma = torch.rand(batch, generator=g)
