@@ -123,13 +123,13 @@ def test_peer_can_be_reapplied(counted, baseline):
 
 
 @needs_tiny_pixart
-@pytest.mark.parametrize("name", ["diffusers-fbcache", "cachedit-dbcache"])
+@pytest.mark.parametrize("name", ["diffusers-fbcache", "cachedit-dbcache", "diffusers-magcache"])
 def test_peer_that_fails_to_run_is_peer_unavailable_and_removed(counted, name):
     if name.startswith("cachedit-"):
         pytest.importorskip("cache_dit")
     before = _residue(counted.pipe)
 
-    def broken():  # apply_peer tries the peer once; a failure there means the peer cannot run on the model
+    def broken():  # apply_peer tries the peer once (MagCache also calibrates with it); a failure means it cannot run
         raise RuntimeError("boom")
 
     with pytest.raises(PeerUnavailable, match="boom"):

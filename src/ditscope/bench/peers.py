@@ -205,7 +205,12 @@ def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise PeerUnavailable(f"{name} needs a pipeline with a transformer; {type(pipe).__name__} has none")
-    remove = _APPLY[name](pipe, opts, num_inference_steps, run_once)
+    try:  # applying may itself run the model (MagCache calibrates), and fail on it
+        remove = _APPLY[name](pipe, opts, num_inference_steps, run_once)
+    except (DitscopeError, PeerUnavailable, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise PeerUnavailable(f"{name} does not run on {type(transformer).__name__}: {type(e).__name__}: {_one_line(e)}") from None
     try:  # fail here, not an hour into a benchmark: some peers apply to a model they cannot run on
         run_once()
     except torch.cuda.OutOfMemoryError:
