@@ -14,7 +14,6 @@ from ditscope.zoo.pipeline import ShapesPipeline
 from ditscope.zoo.train import build
 
 needs_evaluator = pytest.mark.skipif(not evaluator.WEIGHTS.is_file(), reason="evaluator weights not shipped yet")
-needs_pixart = pytest.mark.skipif(not zoo.available("tiny-pixart"), reason="tiny-pixart weights not shipped yet")
 
 
 def test_data_is_deterministic_and_captions_describe_the_image():
@@ -124,22 +123,27 @@ def test_psnr_and_ssim():
     assert 15 < psnr_noisy < 25 and ssim_noisy < 0.99
 
 
-@needs_pixart
+TRAINED = ["tiny-pixart", "tiny-dit", "tiny-mmdit", "tiny-latte"]
+
+
 @needs_evaluator
-def test_trained_pixart_loads_offline_and_beats_random_init():
-    pipe = zoo.load("tiny-pixart")
+@pytest.mark.parametrize("name", TRAINED)
+def test_trained_model_loads_offline_is_deterministic_and_beats_random_init(name):
+    if not zoo.available(name):
+        pytest.skip(f"{name} weights not shipped yet")
+    pipe = zoo.load(name)
     pipe.set_progress_bar_config(disable=True)
     net = evaluator.load_evaluator()
-    trained = evaluator.evaluate(pipe, n=24, num_inference_steps=10, net=net)
-    untrained = build("tiny-pixart")
+    n, steps, guidance = (12, 8, zoo.ZOO[name].guidance_scale) if name == "tiny-latte" else (24, 10, zoo.ZOO[name].guidance_scale)
+    trained = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, net=net)
+    untrained = build(name)
     untrained.set_progress_bar_config(disable=True)
-    random = evaluator.evaluate(untrained, n=24, num_inference_steps=10, net=net)
-    assert trained["color"] > random["color"] + 0.3
-    assert trained["frechet"] < 0.5 * random["frechet"]
-    a = pipe("a large blue square in the center on a white background", num_inference_steps=5,
-             generator=torch.Generator().manual_seed(1), output_type="pt").images
-    b = zoo.load("tiny-pixart")("a large blue square in the center on a white background", num_inference_steps=5,
-                                generator=torch.Generator().manual_seed(1), output_type="pt").images
+    random = evaluator.evaluate(untrained, n=n, num_inference_steps=steps, guidance_scale=guidance, net=net)
+    assert trained["color"] > random["color"] + 0.3, (trained, random)
+    assert trained["frechet"] < 0.5 * random["frechet"], (trained, random)
+    _, prompts = evaluator.evaluation_prompts(pipe, 1, seed=7)
+    a = pipe(prompts, num_inference_steps=4, generator=gens(1, 1), output_type="pt").images
+    b = zoo.load(name)(prompts, num_inference_steps=4, generator=gens(1, 1), output_type="pt").images
     assert torch.equal(a, b)
 
 
