@@ -110,25 +110,27 @@ def predict(net: AttributeNet, images: torch.Tensor, batch: int = 256) -> dict[s
 
 
 def attribute_hits(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]) -> dict[str, np.ndarray]:
-    """Per image, is each attribute right (objects' attributes averaged within an image) and is all of it."""
+    """Hits of each attribute per object asked for (shape, colour, size, position), and per image
+    (background; `all`: every object right, nothing extra, background right)."""
     pred = predict(net, images)
     hits = {k: [] for k in ("shape", "color", "size", "position", "background", "all")}
     for i, scene in enumerate(scenes):
-        per_object = []
+        ok = True
         for o in scene.objects:
             there = pred["shape"][i, o.cell] != 0
-            per_object.append({
+            checks = {
                 "position": there,
                 "shape": pred["shape"][i, o.cell] == 1 + data.SHAPES.index(o.shape),
                 "color": there and pred["color"][i, o.cell] == list(data.COLORS).index(o.color),
                 "size": there and pred["size"][i, o.cell] == list(data.SIZES).index(o.size),
-            })
-        for k in ("shape", "color", "size", "position"):
-            hits[k].append(np.mean([bool(c[k]) for c in per_object]))
+            }
+            for k, v in checks.items():
+                hits[k].append(bool(v))
+            ok &= all(checks.values())
         extra = int((pred["shape"][i] != 0).sum()) - len(scene.objects)
         bg_ok = bool(pred["background"][i] == list(data.BACKGROUNDS).index(scene.background))
         hits["background"].append(bg_ok)
-        hits["all"].append(all(all(map(bool, c.values())) for c in per_object) and extra == 0 and bg_ok)
+        hits["all"].append(bool(ok and extra == 0 and bg_ok))
     return {k: np.asarray(v, dtype=float) for k, v in hits.items()}
 
 
