@@ -182,6 +182,24 @@ def test_every_recipe_trains_and_its_folder_loads(name, tmp_path):
     assert a.shape == ((1, 8, 3, 32, 32) if name == "tiny-latte" else (1, 3, 32, 32))
 
 
+def test_tiny_latte_starts_as_tiny_pixart_drawing_each_frame():
+    """Warm start: spatial weights from tiny-pixart, temporal blocks the identity, so a one-frame video
+    is exactly tiny-pixart's image (both unmasked: Latte takes no text mask, see ShapesPipeline)."""
+    from ditscope.zoo import train
+
+    latte = train.build("tiny-latte")
+    train.warm_start(latte, "tiny-pixart")
+    pixart = zoo.load("tiny-pixart")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 300])
+    with torch.no_grad():
+        text, _ = pixart.encode_prompt(["a small red circle moving up on a grey background", ""], "cpu")
+        want = pixart.transformer(x, encoder_hidden_states=text, timestep=t,
+                                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        got = latte.transformer(x[:, :, None], encoder_hidden_states=text, timestep=t).sample[:, :, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["tiny-dit", "tiny-mmdit"])  # DDPM + in-model label dropout; rectified flow
 def test_training_resumed_from_its_checkpoint_equals_an_uninterrupted_run(name, tmp_path):
     from safetensors.torch import load_file
