@@ -60,7 +60,7 @@ ZOO: dict[str, ZooEntry] = {
     ),
     "tiny-latte": ZooEntry(
         build=_trained("tiny-latte"),
-        description="LatteTransformer3DModel trained here on moving shapes (8 spatial + 8 temporal blocks, 8 frames)",
+        description="LatteTransformer3DModel trained here on moving shapes from tiny-pixart's weights (8 spatial + 8 temporal blocks, 8 frames)",
         steps=20,
         guidance_scale=4.5,
     ),
