@@ -132,9 +132,9 @@ def warm_start(pipe, source: str) -> None:
     """Load the shipped image model `source` into `pipe`: text encoder and every spatial weight; the
     temporal blocks start as the identity (zero output projections), so step 0 draws each frame as
     `source` would draw an image."""
-    from .pipeline import ShapesPipeline
+    from . import load
 
-    src = ShapesPipeline.from_pretrained(ASSETS / source)
+    src = load(source)  # the zoo's loader: quiet, and a clear error when `source` has no weights
     pipe.text_encoder.load_state_dict(src.text_encoder.state_dict())
     missing, unexpected = pipe.transformer.load_state_dict(src.transformer.state_dict(), strict=False)
     if unexpected or any(not k.startswith("temporal_transformer_blocks.") for k in missing):
@@ -174,13 +174,13 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores this process may use (taskset-aware)
     pipe = build(name, seed)
-    if name in WARM_START:  # a resumed run overwrites these weights with its checkpoint's
+    ckpt = out / "train_state.pt"
+    if name in WARM_START and not ckpt.exists():  # a resumed run takes its weights from the checkpoint
         warm_start(pipe, WARM_START[name])
     trainable = [m for m in (pipe.transformer, pipe.text_encoder) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
     ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    ckpt = out / "train_state.pt"
     step, elapsed = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
