@@ -214,6 +214,20 @@ def test_training_resumed_from_its_checkpoint_equals_an_uninterrupted_run(name, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_learning_rate_warms_up_then_decays_linearly_to_zero(tmp_path):
+    """`lr_decay` lowers the lr linearly over the last fraction of `steps`; a bad fraction is refused before
+    anything is written."""
+    from ditscope.zoo import train
+
+    train.train("tiny-dit", tmp_path / "run", steps=3, batch=2, lr=1e-3, lr_decay=0.5, log=lambda *_: None)
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    # last step (index 2): warm-up 3/500, decay (3 - 2) / (0.5 * 3)
+    assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 3 / 500 * (1 / 1.5))
+    with pytest.raises(DitscopeError, match="lr_decay must be in"):
+        train.train("tiny-dit", tmp_path / "bad", steps=3, lr_decay=1.0)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unknown_recipe_is_a_clear_error(tmp_path):
     from ditscope.zoo import train
 

@@ -169,6 +169,7 @@ def zoo_train(
     batch: Annotated[int, typer.Option()] = 32,
     lr: Annotated[float, typer.Option()] = 1e-3,
     seed: Annotated[int, typer.Option()] = 0,
+    lr_decay: Annotated[float, typer.Option(help="fraction of --steps at the end over which lr falls linearly to 0")] = 0.0,
 ):
     """Train a zoo model (resumes from OUT/train_state.pt if present)."""
     from ..zoo import evaluator, train
@@ -185,7 +186,7 @@ def zoo_train(
         return
     if name not in train.RECIPES:
         raise DitscopeError(f"no training recipe for {name!r}; choose {', '.join(train.RECIPES)} or evaluator")
-    train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995)
+    train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995, lr_decay=lr_decay)
 
 
 @zoo_app.command("prompts")

@@ -168,8 +168,13 @@ def training_prompts(name: str, scenes: list[data.Scene], rng: np.random.Generat
 
 # ------------------------------------------------------------------------------------- training
 def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = None, batch: int = 64,
-          lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999, log=print) -> dict:
-    """Train `name`, checkpointing to `out/train_state.pt` every few minutes; resumes from it."""
+          lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999, lr_decay: float = 0.0, log=print) -> dict:
+    """Train `name`, checkpointing to `out/train_state.pt` every few minutes; resumes from it.
+
+    The learning rate warms up over 500 steps; with `lr_decay` > 0 it then falls linearly to zero over
+    the last `lr_decay` fraction of `steps` (a fixed-step schedule, so `--steps N` still reproduces a run)."""
+    if not 0.0 <= lr_decay < 1.0:
+        raise DitscopeError(f"lr_decay must be in [0, 1), got {lr_decay}: the fraction of steps over which lr falls to 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores this process may use (taskset-aware)
@@ -225,15 +230,17 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        warm = min(1.0, (step + 1) / 500)
+        factor = min(1.0, (step + 1) / 500)
+        if lr_decay:
+            factor *= min(1.0, (steps - step) / (lr_decay * steps))
         for group in opt.param_groups:
-            group["lr"] = lr * warm
+            group["lr"] = lr * factor
         opt.step()
         with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))
+            ema_now = min(ema_decay, (1 + step) / (10 + step))
             for m, e in zip(trainable, ema):
                 for p, q in zip(m.parameters(), e.parameters()):
-                    q.lerp_(p, 1 - decay)
+                    q.lerp_(p, 1 - ema_now)
         step += 1
         if step % 50 == 0:
             log(f"{name} step {step} loss {loss.item():.4f} {(time.time() - start) / 60:.1f} min")
@@ -245,7 +252,7 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
         m.load_state_dict(e.state_dict())
         m.eval()
     manifest = {"name": name, "seed": seed, "data_seed": seed, "steps": step, "batch": batch, "lr": lr,
-                "ema_decay": ema_decay, "minutes": round((time.time() - start) / 60, 1),
+                "ema_decay": ema_decay, "lr_decay": lr_decay, "minutes": round((time.time() - start) / 60, 1),
                 "threads": torch.get_num_threads(), "device": "cpu",
                 "init": f"{WARM_START[name]} (shipped weights)" if name in WARM_START else "random"}
     pipe.save_pretrained(out)
