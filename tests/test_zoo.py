@@ -200,6 +200,14 @@ def test_tiny_latte_starts_as_tiny_pixart_drawing_each_frame():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-mmdit"])
+def test_warm_start_from_another_architecture_is_a_clear_error(name):
+    from ditscope.zoo import train
+
+    with pytest.raises(DitscopeError, match="cannot warm-start .* from tiny-pixart"):
+        train.warm_start(train.build(name), "tiny-pixart")
+
+
 @pytest.mark.parametrize("name", ["tiny-dit", "tiny-mmdit"])  # DDPM + in-model label dropout; rectified flow
 def test_training_resumed_from_its_checkpoint_equals_an_uninterrupted_run(name, tmp_path):
     from safetensors.torch import load_file

@@ -170,6 +170,8 @@ def zoo_train(
     lr: Annotated[float, typer.Option()] = 1e-3,
     seed: Annotated[int, typer.Option()] = 0,
     lr_decay: Annotated[float, typer.Option(help="fraction of --steps at the end over which lr falls linearly to 0")] = 0.0,
+    init: Annotated[str | None, typer.Option(help="start from these weights: a zoo name or pipeline folder "
+                                             "(tiny-latte: tiny-pixart by default)")] = None,
 ):
     """Train a zoo model (resumes from OUT/train_state.pt if present)."""
     from ..zoo import evaluator, train
@@ -186,7 +188,8 @@ def zoo_train(
         return
     if name not in train.RECIPES:
         raise DitscopeError(f"no training recipe for {name!r}; choose {', '.join(train.RECIPES)} or evaluator")
-    train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995, lr_decay=lr_decay)
+    train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995, lr_decay=lr_decay,
+                init=init)
 
 
 @zoo_app.command("prompts")

@@ -129,19 +129,25 @@ WARM_START = {"tiny-latte": "tiny-pixart"}
 
 
 def warm_start(pipe, source: str) -> None:
-    """Load the shipped image model `source` into `pipe`: text encoder and every spatial weight; the
-    temporal blocks start as the identity (zero output projections), so step 0 draws each frame as
-    `source` would draw an image."""
-    from . import load
+    """Load the image model `source` (a zoo name or a pipeline folder) into `pipe`: text encoder and every
+    spatial weight; temporal blocks, if `pipe` has them, start as the identity (zero output projections),
+    so step 0 draws each frame as `source` would draw an image."""
+    from . import load_pipeline
 
-    src = load(source)  # the zoo's loader: quiet, and a clear error when `source` has no weights
-    pipe.text_encoder.load_state_dict(src.text_encoder.state_dict())
-    missing, unexpected = pipe.transformer.load_state_dict(src.transformer.state_dict(), strict=False)
+    src = load_pipeline(source)  # the zoo's loader: quiet, and a clear error when `source` has no weights
+    cannot = f"cannot warm-start {type(pipe.transformer).__name__} from {source}"
+    try:
+        if (src.text_encoder is None) != (pipe.text_encoder is None):
+            raise DitscopeError(f"{cannot}: one has a text encoder and the other has not")
+        if pipe.text_encoder is not None:
+            pipe.text_encoder.load_state_dict(src.text_encoder.state_dict())
+        missing, unexpected = pipe.transformer.load_state_dict(src.transformer.state_dict(), strict=False)
+    except RuntimeError as e:  # torch's size-mismatch report: a different architecture
+        raise DitscopeError(f"{cannot}: the weights do not fit ({str(e).splitlines()[1].strip()[:160]})") from None
     if unexpected or any(not k.startswith("temporal_transformer_blocks.") for k in missing):
-        raise DitscopeError(f"cannot warm-start {type(pipe.transformer).__name__} from {source}: "
-                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise DitscopeError(f"{cannot}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
-        for block in pipe.transformer.temporal_transformer_blocks:
+        for block in getattr(pipe.transformer, "temporal_transformer_blocks", []):
             for layer in (block.attn1.to_out[0], block.ff.net[-1]):
                 layer.weight.zero_()
                 layer.bias.zero_()
@@ -168,11 +174,13 @@ def training_prompts(name: str, scenes: list[data.Scene], rng: np.random.Generat
 
 # ------------------------------------------------------------------------------------- training
 def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = None, batch: int = 64,
-          lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999, lr_decay: float = 0.0, log=print) -> dict:
+          lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999, lr_decay: float = 0.0, init: str | None = None,
+          log=print) -> dict:
     """Train `name`, checkpointing to `out/train_state.pt` every few minutes; resumes from it.
 
     The learning rate warms up over 500 steps; with `lr_decay` > 0 it then falls linearly to zero over
-    the last `lr_decay` fraction of `steps` (a fixed-step schedule, so `--steps N` still reproduces a run)."""
+    the last `lr_decay` fraction of `steps` (a fixed-step schedule, so `--steps N` still reproduces a run).
+    `init` (a zoo name or pipeline folder) starts from those weights; tiny-latte defaults to tiny-pixart."""
     if not 0.0 <= lr_decay < 1.0:
         raise DitscopeError(f"lr_decay must be in [0, 1), got {lr_decay}: the fraction of steps over which lr falls to 0")
     out = Path(out)
@@ -180,8 +188,9 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores this process may use (taskset-aware)
     pipe = build(name, seed)
     ckpt = out / "train_state.pt"
-    if name in WARM_START and not ckpt.exists():  # a resumed run takes its weights from the checkpoint
-        warm_start(pipe, WARM_START[name])
+    init = init or WARM_START.get(name)
+    if init and not ckpt.exists():  # a resumed run takes its weights from the checkpoint
+        warm_start(pipe, init)
     trainable = [m for m in (pipe.transformer, pipe.text_encoder) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
     ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
@@ -254,7 +263,7 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
     manifest = {"name": name, "seed": seed, "data_seed": seed, "steps": step, "batch": batch, "lr": lr,
                 "ema_decay": ema_decay, "lr_decay": lr_decay, "minutes": round((time.time() - start) / 60, 1),
                 "threads": torch.get_num_threads(), "device": "cpu",
-                "init": f"{WARM_START[name]} (shipped weights)" if name in WARM_START else "random"}
+                "init": init or "random"}
     pipe.save_pretrained(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log(f"saved {name} to {out} after {step} steps")
