@@ -208,6 +208,16 @@ def test_warm_start_from_another_architecture_is_a_clear_error(name):
         train.warm_start(train.build(name), "tiny-pixart")
 
 
+def test_training_from_a_bad_init_is_a_clear_error_and_writes_nothing(tmp_path):
+    from ditscope.zoo import train
+
+    with pytest.raises(DitscopeError, match="cannot warm-start .* from tiny-pixart"):
+        train.train("tiny-mmdit", tmp_path / "run", steps=1, batch=2, init="tiny-pixart")
+    with pytest.raises(DitscopeError, match="unknown model"):
+        train.train("tiny-pixart", tmp_path / "run", steps=1, batch=2, init="no/such-model-here/x")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["tiny-dit", "tiny-mmdit"])  # DDPM + in-model label dropout; rectified flow
 def test_training_resumed_from_its_checkpoint_equals_an_uninterrupted_run(name, tmp_path):
     from safetensors.torch import load_file

@@ -136,14 +136,14 @@ def warm_start(pipe, source: str) -> None:
 
     src = load_pipeline(source)  # the zoo's loader: quiet, and a clear error when `source` has no weights
     cannot = f"cannot warm-start {type(pipe.transformer).__name__} from {source}"
+    if (src.text_encoder is None) != (pipe.text_encoder is None):
+        raise DitscopeError(f"{cannot}: one has a text encoder and the other has not")
     try:
-        if (src.text_encoder is None) != (pipe.text_encoder is None):
-            raise DitscopeError(f"{cannot}: one has a text encoder and the other has not")
         if pipe.text_encoder is not None:
             pipe.text_encoder.load_state_dict(src.text_encoder.state_dict())
         missing, unexpected = pipe.transformer.load_state_dict(src.transformer.state_dict(), strict=False)
     except RuntimeError as e:  # torch's size-mismatch report: a different architecture
-        raise DitscopeError(f"{cannot}: the weights do not fit ({str(e).splitlines()[1].strip()[:160]})") from None
+        raise DitscopeError(f"{cannot}: the weights do not fit ({str(e).splitlines()[-1].strip()[:160]})") from None
     if unexpected or any(not k.startswith("temporal_transformer_blocks.") for k in missing):
         raise DitscopeError(f"{cannot}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
@@ -184,13 +184,13 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
     if not 0.0 <= lr_decay < 1.0:
         raise DitscopeError(f"lr_decay must be in [0, 1), got {lr_decay}: the fraction of steps over which lr falls to 0")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores this process may use (taskset-aware)
     pipe = build(name, seed)
     ckpt = out / "train_state.pt"
     init = init or WARM_START.get(name)
     if init and not ckpt.exists():  # a resumed run takes its weights from the checkpoint
-        warm_start(pipe, init)
+        warm_start(pipe, init)  # before anything is written: a bad --init leaves no folder behind
+    out.mkdir(parents=True, exist_ok=True)
     trainable = [m for m in (pipe.transformer, pipe.text_encoder) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
     ema = [copy.deepcopy(m).requires_grad_(False) for m in trainable]
