@@ -1,5 +1,6 @@
 """The zoo: deterministic data, diffusers-style pipelines, the evaluator, and trained-model quality."""
 
+import json
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 from ditscope import DitscopeError, zoo
 from ditscope.cli.main import app
 from ditscope.zoo import data, evaluator
-from ditscope.zoo.pipeline import ShapesPipeline
+from ditscope.zoo.pipeline import ShapesPipeline, samples
 from ditscope.zoo.train import build
 
 needs_evaluator = pytest.mark.skipif(not evaluator.WEIGHTS.is_file(), reason="evaluator weights not shipped yet")
@@ -144,8 +145,8 @@ def test_trained_model_loads_offline_is_deterministic_and_beats_random_init(name
     assert trained["color"] > random["color"] + 0.3, (trained, random)
     assert trained["frechet"] < 0.5 * random["frechet"], (trained, random)
     _, prompts = evaluator.evaluation_prompts(pipe, 1, seed=7)
-    a = pipe(prompts, num_inference_steps=4, generator=gens(1, 1), output_type="pt").images
-    b = zoo.load(name)(prompts, num_inference_steps=4, generator=gens(1, 1), output_type="pt").images
+    a = samples(pipe(prompts, num_inference_steps=4, generator=gens(1, 1), output_type="pt"))
+    b = samples(zoo.load(name)(prompts, num_inference_steps=4, generator=gens(1, 1), output_type="pt"))
     assert torch.equal(a, b)
 
 
@@ -176,10 +177,15 @@ def test_every_recipe_trains_and_its_folder_loads(name, tmp_path):
     pipe = zoo.load_pipeline(str(tmp_path / name))
     pipe.set_progress_bar_config(disable=True)
     prompt = 3 if pipe.is_class_conditional else "a small red circle moving up on a grey background"
-    a = pipe([prompt], num_inference_steps=2, generator=gens(1), output_type="pt").images
-    b = pipe([prompt], num_inference_steps=2, generator=gens(1), output_type="pt").images
+    a = samples(pipe([prompt], num_inference_steps=2, generator=gens(1), output_type="pt"))
+    b = samples(pipe([prompt], num_inference_steps=2, generator=gens(1), output_type="pt"))
     assert torch.equal(a, b) and torch.isfinite(a).all()
     assert a.shape == ((1, 8, 3, 32, 32) if name == "tiny-latte" else (1, 3, 32, 32))
+    # diffusers' convention: a video pipeline returns `.frames`, an image pipeline `.images`
+    out = pipe([prompt], num_inference_steps=2, generator=gens(1), output_type="pil")
+    assert hasattr(out, "frames") == (name == "tiny-latte") and hasattr(out, "images") == (name != "tiny-latte")
+    if name == "tiny-latte":
+        assert len(out.frames) == 1 and len(out.frames[0]) == 8 and out.frames[0][0].size == (32, 32)
 
 
 def test_tiny_latte_starts_as_tiny_pixart_drawing_each_frame():
@@ -266,3 +272,44 @@ def test_evaluator_reads_videos_and_classes_of_real_renders():
     images, scenes = data.dataset(64, seed=6, max_objects=1)
     acc = evaluator.class_accuracy(net, torch.from_numpy(images), scenes)
     assert acc["shape"] >= 0.95 and acc["color"] >= 0.95
+
+
+@needs_evaluator
+def test_an_interrupted_evaluation_resumes_to_the_unbroken_result(untrained_pixart, tmp_path):
+    """`ditscope eval` keeps its samples after every batch: killed and rerun, it gives what one run gives."""
+    net = evaluator.load_evaluator()
+    settings = dict(n=4, num_inference_steps=2, guidance_scale=4.5, batch=2, net=net)
+    unbroken = evaluator.evaluate(untrained_pixart, **settings)
+    state, done = tmp_path / "eval.pt", []
+
+    def stop_in_second_batch(k):
+        done.append(k)
+        if sum(done) > 2:  # the first batch (2 samples) is complete and saved
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.evaluate(untrained_pixart, **settings, progress=stop_in_second_batch, state_path=state,
+                           state_key={"model": "x"})
+    assert len(torch.load(state, weights_only=True)["images"]) == 1
+    seen = []
+    resumed = evaluator.evaluate(untrained_pixart, **settings, progress=seen.append, state_path=state,
+                                 state_key={"model": "x"})
+    assert resumed == unbroken and not state.exists()
+    assert seen[0] == 2 and sum(seen) == pytest.approx(4)  # the kept samples count at once, then per step
+    # a state made with other settings is never mixed in
+    done.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.evaluate(untrained_pixart, **settings, progress=stop_in_second_batch, state_path=state,
+                           state_key={"model": "x"})
+    with pytest.raises(DitscopeError, match="other settings .*model: saved 'x', now 'y'"):
+        evaluator.evaluate(untrained_pixart, **settings, state_path=state, state_key={"model": "y"})
+
+
+def test_cli_eval_shows_progress_and_leaves_no_state_behind(tmp_path):
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["eval", "tiny-pixart", "--random-init", "--n", "2", "--steps", "2",
+                                      "--json", str(out), "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code == 0, result.output
+    assert "evaluating tiny-pixart" in result.stderr and "frechet" in result.stdout
+    assert set(json.loads(out.read_text())) >= {"shape", "color", "frechet", "n"}
+    assert not (tmp_path / "state").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

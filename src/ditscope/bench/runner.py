@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitscopeError
+from ..zoo.pipeline import samples
 from .grid import BASELINE, FEWER_STEPS, Setting, option_strings
 
 ATTRIBUTES = ("shape", "color", "size", "position", "background", "motion")
@@ -78,7 +79,7 @@ def generate_all(pipe, inputs: BenchInputs, steps: int) -> torch.Tensor:
             chunk = inputs.prompts[start : start + inputs.batch_size]
             gens = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
             out = pipe(chunk, **call_kwargs(inputs, steps, gens))
-            got = out.frames if hasattr(out, "frames") else out.images
+            got = samples(out)
             images.append(torch.as_tensor(got).float().cpu())
     return torch.cat(images)
 

@@ -47,6 +47,8 @@ def generate(
 
     import torch
 
+    from ..zoo.pipeline import samples
+
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif", ".webp"):
         raise DitscopeError(f"--out {out}: use an image file name (.png, .jpg, .gif, .webp)")
     if upscale < 1:
@@ -76,8 +78,8 @@ def generate(
     kwargs = dict(entry.call_kwargs) if entry else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                     generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs).images[0]
+        image = samples(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                             generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs))[0]
     for w in caught:
         if "vocabulary" in str(w.message):
             print(f"warning: {w.message}", file=sys.stderr)
@@ -110,9 +112,15 @@ def eval_cmd(
     random_init: Annotated[bool, typer.Option(help="evaluate the same architecture untrained")] = False,
     device: Annotated[str, typer.Option()] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the results as JSON")] = None,
+    state_dir: Annotated[Path, typer.Option(help="where unfinished evaluations keep their samples; rerunning "
+                                            "the same command continues one")] = Path("runs/eval"),
 ):
     """Score a model's images against their prompts (attribute accuracy) and real renders (Fréchet)."""
+    import contextlib
+    import hashlib
+
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
     from ..zoo import evaluator
@@ -122,6 +130,9 @@ def eval_cmd(
         raise DitscopeError("--n must be at least 2 (the Fréchet distance needs a covariance)")
     if objects not in (1, 2):
         raise DitscopeError("--objects must be 1 or 2")
+    check_writable_dir(state_dir)
+    if json_out is not None:
+        check_writable_dir(json_out.parent)
     net = evaluator.load_evaluator()
     if random_init:
         from .. import zoo
@@ -134,8 +145,21 @@ def eval_cmd(
     pipe.set_progress_bar_config(disable=True)
     steps = steps or (entry.steps if entry else 20)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
-    result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                max_objects=objects, net=net)
+    # one state file per (model, settings): the same command resumes, another one starts its own
+    key = {"model": str(model), "random_init": random_init}
+    digest = hashlib.sha1(repr((key, n, steps, guidance, seed, objects)).encode()).hexdigest()[:10]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = state_dir / f"{Path(model).name}{'-random-init' if random_init else ''}-{digest}.pt"
+    if state.is_file():
+        print(f"resuming the evaluation kept in {state}", file=sys.stderr)
+    with Progress(TextColumn(f"evaluating {model}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task("eval", total=n)
+        result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                                    max_objects=objects, net=net, progress=lambda k: bar.advance(task, k),
+                                    state_path=state, state_key=key)
+    with contextlib.suppress(OSError):
+        state_dir.rmdir()  # only if no other unfinished evaluation is kept there
     table = Table(title=f"{model}{' (random init)' if random_init else ''}: {n} images, {steps} steps, guidance {guidance}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -146,7 +170,9 @@ def eval_cmd(
         table.add_row(key, shown, f"{chance:.1%}" if chance else "")
     Console().print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2))
+        tmp = json_out.with_name(json_out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(json_out)
 
 
 @zoo_app.command("list")
@@ -233,6 +259,7 @@ def zoo_grid(
 
     from .. import zoo
     from ..zoo import data, evaluator
+    from ..zoo.pipeline import samples
     from ..zoo.train import build
 
     check_writable_dir(out.parent)
@@ -241,9 +268,9 @@ def zoo_grid(
     pipe.set_progress_bar_config(disable=True)
     scenes, prompts = evaluator.evaluation_prompts(pipe, n, seed, objects)
     class_cond, video = pipe.is_class_conditional, evaluator.is_video(pipe)
-    images = pipe(prompts, num_inference_steps=entry.steps if entry else 20,
-                  guidance_scale=entry.guidance_scale if entry else 4.5,
-                  generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], output_type="np").images
+    images = samples(pipe(prompts, num_inference_steps=entry.steps if entry else 20,
+                          guidance_scale=entry.guidance_scale if entry else 4.5,
+                          generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], output_type="np"))
     cols = 4
     rows = -(-n // cols)
     fig = Figure(figsize=(cols * (6.4 if video else 3.2), rows * 2.2), layout="constrained")

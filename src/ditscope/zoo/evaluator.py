@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data
+from .pipeline import samples
 
 N_SHAPES, N_COLORS, N_SIZES, N_BG = len(data.SHAPES), len(data.COLORS), len(data.SIZES), len(data.BACKGROUNDS)
 IGNORE = -100
@@ -241,24 +242,62 @@ def evaluation_prompts(pipe, n: int, seed: int, max_objects: int = 1) -> tuple[l
 
 
 def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: float = 4.5, seed: int = 1000,
-             max_objects: int = 1, batch: int = 32, net: AttributeNet | None = None, progress=None) -> dict:
-    """Generate n images (or videos) from generator prompts; score them against the prompts and real renders."""
+             max_objects: int = 1, batch: int = 32, net: AttributeNet | None = None, progress=None,
+             state_path: Path | None = None, state_key: dict | None = None) -> dict:
+    """Generate n images (or videos) from generator prompts; score them against the prompts and real renders.
+
+    `progress(x)` is called after every denoising step with the share of a sample it finished (a batch
+    of k samples over s steps: k / s per step), so it adds up to n. With `state_path`, the samples made so far
+    are saved there after every batch and a rerun continues from them (the result equals an unbroken
+    run: every sample has its own seeded generator); `state_key` (e.g. the model's name) must match
+    too. The state file is removed once the evaluation is complete."""
     net = net or load_evaluator()
     scenes, prompts = evaluation_prompts(pipe, n, seed, max_objects)
-    images = []
-    for start in range(0, n, batch):
+    key = {"n": n, "steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
+           "max_objects": max_objects, **(state_key or {})}
+    images = _resume(state_path, key)
+    done = sum(len(x) for x in images)
+    if progress is not None and done:
+        progress(done)
+    for start in range(done, n, batch):
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                   generator=gens, output_type="pt").images
+        def step_done(_pipe, _i, _t, tensors, k=len(chunk)):
+            if progress is not None:
+                progress(k / num_inference_steps)
+            return tensors
+
+        out = samples(pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           generator=gens, output_type="pt", callback_on_step_end=step_done))
         images.append(out.float().cpu())
-        if progress is not None:
-            progress(len(chunk))
+        if state_path is not None:
+            tmp = state_path.with_name(state_path.name + ".tmp")
+            torch.save({"key": key, "images": images}, tmp)
+            tmp.replace(state_path)
     generated = torch.cat(images)
     result = score(net, generated, scenes, pipe.is_class_conditional)
     result["frechet"] = frechet_to_real(net, generated, scenes)
     result["n"] = n
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return result
+
+
+def _resume(state_path: Path | None, key: dict) -> list[torch.Tensor]:
+    from ..errors import DitscopeError
+
+    if state_path is None or not state_path.is_file():
+        return []
+    try:
+        state = torch.load(state_path, weights_only=True)
+    except Exception:  # a truncated file cannot happen (atomic replace), but a foreign one can
+        raise DitscopeError(f"{state_path} is not an evaluation state; delete it to start over") from None
+    if state.get("key") != key:
+        diff = ", ".join(f"{k}: saved {state.get('key', {}).get(k)!r}, now {v!r}" for k, v in key.items()
+                         if state.get("key", {}).get(k) != v)
+        raise DitscopeError(f"{state_path} holds an evaluation with other settings ({diff}); "
+                            "rerun with those settings or delete it to start over")
+    return list(state["images"])
 
 
 def class_accuracy(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]) -> dict[str, float]:

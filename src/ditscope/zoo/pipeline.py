@@ -6,6 +6,9 @@ scheduler whose `step` marks each denoising step), called like diffusers' own:
     pipe("a small red circle at the top left on a grey background", num_inference_steps=20,
          guidance_scale=4.5, generator=torch.Generator().manual_seed(0), output_type="pil").images
 
+and, for the video model, `.frames` ((B, F, C, H, W) tensors, or a list of frame lists), as diffusers'
+video pipelines (Latte, CogVideoX, ...) return them.
+
 Images live in pixel space in [-1, 1] (no autoencoder). Guidance batches [uncond, cond] in one call,
 as PixArt and SD3 do. How each transformer takes its condition is `_conditioning` below: the text
 models take the encoder's token states (SD3 also a mean-pooled vector), DiT takes class labels.
@@ -14,13 +17,27 @@ models take the encoder's token states (SD3 also a mean-pooled vector), DiT take
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import DitscopeError
+
+
+@dataclass
+class VideoPipelineOutput(BaseOutput):
+    """A video pipeline's output, as diffusers' own: `frames` per video."""
+
+    frames: torch.Tensor | np.ndarray | list
+
+
+def samples(output):
+    """What a pipeline call produced: `.frames` of a video pipeline, else `.images`."""
+    return output.frames if hasattr(output, "frames") else output.images
 
 
 class ShapesPipeline(DiffusionPipeline):
@@ -141,7 +158,7 @@ class ShapesPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return ImagePipelineOutput(images=images)
+        return VideoPipelineOutput(frames=images) if x.dim() == 5 else ImagePipelineOutput(images=images)
 
 
 def _to_pil(images: np.ndarray):
