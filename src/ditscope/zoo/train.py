@@ -123,8 +123,8 @@ def _build(name: str, seed: int):
 
 
 # Latte initialises from a pretrained image DiT and learns only what video adds; tiny-latte does the same
-# from the shipped tiny-pixart. From scratch, 90 CPU minutes see ~5k captioned videos (tiny-pixart saw
-# ~150k captioned images) and learned backgrounds but no objects.
+# from the shipped tiny-pixart. From scratch, 90 CPU minutes see ~11k captioned videos (tiny-pixart saw
+# ~120k captioned images); an attempt from scratch learned backgrounds but no objects.
 WARM_START = {"tiny-latte": "tiny-pixart"}
 
 
