@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -146,10 +147,12 @@ def image_grid(df: pd.DataFrame, image_dir: Path, path: Path, prompts: list, n_p
                 ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
             if i == 0:
                 speed = "" if row["method"] == BASELINE else f"\n{row['speedup']:.2f}x"
-                ax.set_title(f"{row['label'] if row['method'] != BASELINE else 'uncached'}{speed}", fontsize=6)
+                label = row["label"] if row["method"] != BASELINE else "uncached"
+                # wrapped, so long peer labels do not run into their neighbours' titles
+                ax.set_title(textwrap.fill(label, 22) + speed, fontsize=6)
     for i in range(n):
-        axes[i][0].text(-0.1, 0.5, str(prompts[i])[:40], transform=axes[i][0].transAxes, fontsize=5,
-                        ha="right", va="center", wrap=True)
+        axes[i][0].text(-0.1, 0.5, textwrap.fill(str(prompts[i]), 28), transform=axes[i][0].transAxes,
+                        fontsize=5, ha="right", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
