@@ -95,6 +95,22 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def progress_bar(unit: str):
+    """A rich progress bar on stderr: the task's description, done/total `unit`, time elapsed and left."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+
+
 def check_writable_dir(out: Path) -> None:
     """Fail early if `out` cannot become a writable folder (creates nothing)."""
     if out.exists() and not out.is_dir():

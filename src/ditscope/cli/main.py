@@ -21,6 +21,7 @@ from .common import (  # noqa: E402
     parse_scheduler,
     parse_shard,
     pick_device,
+    progress_bar,
     torch_dtype,
     user_errors,
 )
@@ -165,20 +166,7 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
-        )
+        self.bar = progress_bar("steps")
         self.bar.__enter__()
         return self.bar
 

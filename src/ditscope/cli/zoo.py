@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from .common import app, check_writable_dir, pick_device, torch_dtype, user_errors
+from .common import app, check_writable_dir, pick_device, progress_bar, torch_dtype, user_errors
 
 zoo_app = typer.Typer(help="The zoo: small models that run with no download.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -120,14 +120,6 @@ def eval_cmd(
     import hashlib
 
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
     from ..zoo import evaluator
@@ -159,9 +151,8 @@ def eval_cmd(
     state = state_dir / f"{Path(model).name}{'-random-init' if random_init else ''}-{digest}.pt"
     if state.is_file():
         print(f"resuming the evaluation kept in {state}", file=sys.stderr)
-    with Progress(TextColumn(f"evaluating {model}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
-        task = bar.add_task("eval", total=n)
+    with progress_bar("samples") as bar:
+        task = bar.add_task(f"evaluating {model}", total=n)
         result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                                     max_objects=objects, net=net, progress=lambda k: bar.advance(task, k),
                                     state_path=state, state_key=key)
