@@ -53,6 +53,44 @@ def test_bench_rows_metrics_and_outputs(pipe, tmp_path):
     for name in ("results.csv", "results.md", "pareto.png", "pareto.svg", "grid.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "Best wall-clock speedup" in (tmp_path / "results.md").read_text()
+    # every quality mean comes with the samples behind it and their 95% interval
+    cached = by.loc["fora interval=4"]
+    assert len(cached["per_sample"]["psnr"]) == cached["n_images"] == 2
+    assert cached["psnr_lo"] <= cached["psnr"] <= cached["psnr_hi"] and cached["psnr_p5"] <= cached["psnr"]
+    assert by.loc["fora interval=1", "all_drop"] == 0 and by.loc["fora interval=1", "accuracy_drop_hi"] == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "undecided: 2 < 64 samples" in md or "| - | - |" in md  # 2 images decide no bar
+    assert "per_sample" not in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
+def _row(label, per_sample, seconds, method="fora"):
+    acc = sum(per_sample["accuracy"]) / len(per_sample["accuracy"])
+    return {"key": label, "system": "baseline" if method == "none" else "ditscope", "method": method, "label": label,
+            "seconds": seconds, "flops": seconds, "n_images": len(per_sample["psnr"]), "psnr": sum(per_sample["psnr"]) / len(per_sample["psnr"]),
+            "accuracy": acc, "all": sum(per_sample["all"]) / len(per_sample["all"]), "per_sample": per_sample}
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_paired_drops_intervals_and_bars_decided_only_on_enough_samples(n):
+    """A setting that breaks one sample in 16 loses 6.25 points of 'all right', paired per sample; the
+    near-lossless bar is decided only on >= 64 samples."""
+    from ditscope.bench.report import best_at_bars, table
+
+    ok = [1.0] * n
+    broken = [0.0 if i % 16 == 3 else 1.0 for i in range(n)]
+    rows = [_row("none", {"psnr": [100.0] * n, "ssim": [1.0] * n, "accuracy": ok, "all": ok}, 10.0, method="none"),
+            _row("fora interval=2", {"psnr": [40.0 + (i % 4) for i in range(n)], "ssim": [0.9] * n, "accuracy": ok,
+                                     "all": ok}, 5.0),
+            _row("fora interval=4", {"psnr": [35.0] * n, "ssim": [0.8] * n, "accuracy": broken, "all": broken}, 2.5)]
+    df = table(rows).set_index("label")
+    assert df.loc["fora interval=4", "all_drop"] == pytest.approx(100 / 16)
+    assert df.loc["fora interval=4", "all_drop_lo"] <= 100 / 16 <= df.loc["fora interval=4", "all_drop_hi"]
+    assert df.loc["fora interval=2", "all_drop"] == 0 and df.loc["fora interval=2", "psnr_p5"] == 40.0
+    assert df.loc["fora interval=2", "psnr_lo"] < 41.5 < df.loc["fora interval=2", "psnr_hi"]
+    best = best_at_bars(table(rows)).iloc[0]
+    # interval 4 drops 6.25 points: it misses near-lossless, interval 2 (2x) is the best there
+    assert best["near-lossless"].startswith("2.00x (fora interval=2")
+    assert ("undecided" in best["near-lossless"]) == (n < 64)
 
 
 def test_killed_bench_resumes_without_redoing_finished_settings(pipe, tmp_path):
@@ -118,6 +156,39 @@ def test_cli_bench_and_its_errors(tmp_path):
     assert not (tmp_path / "x").exists()
     bad = runner.invoke(app, [*args[:-2], "--repeats", "0", "--out", str(tmp_path / "y")])
     assert bad.exit_code == 2 and not (tmp_path / "y").exists()
+
+
+def test_prompt_seed_draws_other_prompts_and_is_recorded(tmp_path):
+    """Calibrate on one prompt seed, score on another: the seed picks the prompts and the results say which."""
+    runner = CliRunner()
+    args = ["bench", "tiny-pixart", "--methods", "steps", "--grid", "quick", "--prompts", "2", "--seeds", "1",
+            "--steps", str(STEPS), "--repeats", "1"]
+    for seed in (3000, 3001):
+        result = runner.invoke(app, [*args, "--prompt-seed", str(seed), "--out", str(tmp_path / str(seed))])
+        assert result.exit_code == 0, result.output
+        meta = json.loads((tmp_path / str(seed) / "bench.json").read_text())
+        assert meta["prompt_seed"] == seed
+        assert f"prompt seed {seed}" in (tmp_path / str(seed) / "results.md").read_text()
+    a, b = (json.loads((tmp_path / s / "bench.json").read_text())["prompts"] for s in ("3000", "3001"))
+    assert a != b
+    # the default seed is 3000: the prompts every earlier bench used
+    pipe = zoo.load("tiny-pixart")
+    assert a == evaluator.evaluation_prompts(pipe, 2, seed=3000)[1]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompt-seed", "abc"], "--prompt-seed"),
+    (["--prompt-seed", "-1"], "--prompt-seed must be 0 or more"),
+    (["--prompt-file", "{file}", "--prompts", "5"], "holds 2 prompts"),
+])
+def test_bad_prompt_seed_or_too_few_prompts_in_a_file_stop_before_anything_is_written(tmp_path, extra, message):
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("a red circle\na blue square\n")
+    extra = [str(prompt_file) if e == "{file}" else e for e in extra]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["bench", "tiny-pixart", "--methods", "steps", "--out", str(out), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("peer,options", [("diffusers-fbcache", {"threshold": 0.5}),

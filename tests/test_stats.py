@@ -54,3 +54,19 @@ def test_reduce_and_metrics_match_a_hand_computation():
 def test_identical_and_zero_tensors_have_zero_distance():
     sums = np.zeros((4, 1))
     np.testing.assert_array_equal(metrics_from_sums(sums, np.zeros(1), np.zeros(1), np.ones(1)), [[0.0, 0.0, 0.0]])
+
+
+def test_bootstrap_interval_holds_the_mean_narrows_with_samples_and_is_exact_when_nothing_varies():
+    from ditscope.stats import mean_interval
+
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(30, 3, 25), rng.normal(30, 3, 400)
+    mean, lo, hi = mean_interval(small)
+    assert lo < mean < hi and mean == small.mean()
+    assert 27 < lo and hi < 33  # the true mean 30 lies about 1.2 dB either side
+    _, lo_l, hi_l = mean_interval(large)
+    assert (hi_l - lo_l) < 0.5 * (hi - lo)  # 16x the samples: about a quarter of the width
+    assert mean_interval([0.0] * 64) == (0.0, 0.0, 0.0)  # no cached image changed: no uncertainty
+    assert mean_interval([1.0, np.nan, 3.0])[0] == 2.0
+    assert all(np.isnan(mean_interval([])))
+    assert mean_interval(small) == mean_interval(small)  # seeded: a rerun writes the same table

@@ -275,6 +275,30 @@ def test_evaluator_reads_videos_and_classes_of_real_renders():
 
 
 @needs_evaluator
+@pytest.mark.parametrize("kind", ["text", "class", "video"])
+def test_per_sample_hits_average_to_the_scores_and_see_each_broken_sample(kind):
+    """The bench pairs a cached sample with the uncached one: its per-sample hits must be the scores'
+    parts (one object per prompt), and a sample drawn wrong must read wrong, alone."""
+    net = evaluator.load_evaluator()
+    if kind == "video":
+        scenes = evaluator.evaluation_scenes(12, seed=5, video=True)
+        x = torch.from_numpy(np.stack([data.render_video(s) for s in scenes]))
+    else:
+        images, scenes = data.dataset(12, seed=7, max_objects=1)
+        x = torch.from_numpy(images)
+    hits = evaluator.sample_hits(net, x, scenes, class_conditional=kind == "class")
+    scores = evaluator.score(net, x, scenes, class_conditional=kind == "class")
+    assert set(hits) == set(scores)
+    for key, per_sample in hits.items():
+        assert per_sample.shape == (12,) and per_sample.mean() == pytest.approx(scores[key]), key
+    broken = x.clone()
+    broken[3] = 0.5  # a grey blank: no object
+    after = evaluator.sample_hits(net, broken, scenes, class_conditional=kind == "class")
+    assert after["all"][3] == 0 and hits["all"][3] == 1
+    assert np.array_equal(np.delete(after["all"], 3), np.delete(hits["all"], 3))
+
+
+@needs_evaluator
 def test_an_interrupted_evaluation_resumes_to_the_unbroken_result(untrained_pixart, tmp_path):
     """`ditscope eval` keeps its samples after every batch: killed and rerun, it gives what one run gives."""
     net = evaluator.load_evaluator()

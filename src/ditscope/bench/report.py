@@ -6,17 +6,25 @@ import math
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from ..stats import mean_interval
 from .grid import BASELINE
 
 # (name, PSNR floor in dB, allowed attribute-accuracy drop in points)
 QUALITY_BARS = (("near-lossless", 30.0, 1.0), ("good", 25.0, 3.0))
+# A bar is decided only on this many samples: below it one changed attribute moves the accuracy by
+# more than the near-lossless bar allows, and the intervals are too wide to tell methods apart.
+MIN_SAMPLES = {"image": 64, "video": 24}
 MARKERS = {"baseline": "s", "ditscope": "o", "diffusers": "^", "cache-dit": "D"}
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
-    """One row per setting with speedups against the uncached run (wall clock and executed FLOPs)."""
+    """One row per setting with speedups against the uncached run (wall clock and executed FLOPs), and the
+    95% bootstrap intervals of its quality over samples (paired with the uncached sample of the same
+    prompt and seed): `psnr_lo/hi`, `psnr_p5` (the worst images), `ssim_lo/hi`, and in points
+    `accuracy_drop_lo/hi`, `all_drop` (share of samples that lost "all attributes right") and its interval."""
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -28,7 +36,38 @@ def table(rows: list[dict]) -> pd.DataFrame:
     df["flops_speedup"] = base["flops"] / df["flops"]
     if "accuracy" in df:
         df["accuracy_drop"] = 100 * (base["accuracy"] - df["accuracy"])
+    if "per_sample" in df:
+        intervals = [_intervals(r, base.get("per_sample")) for r in df["per_sample"]]
+        df = pd.concat([df, pd.DataFrame(intervals, index=df.index)], axis=1)
     return df
+
+
+def _intervals(per_sample, base) -> dict:
+    """Interval columns of one setting from its per-sample values and the uncached run's."""
+    if not isinstance(per_sample, dict):  # a skipped setting, or a row from before per-sample values
+        return {}
+    out = {}
+    for key in ("psnr", "ssim"):
+        if per_sample.get(key):
+            _, out[f"{key}_lo"], out[f"{key}_hi"] = mean_interval(per_sample[key])
+    if per_sample.get("psnr"):
+        out["psnr_p5"] = float(np.percentile(per_sample["psnr"], 5))
+    if not isinstance(base, dict):
+        return out
+    for key, name in (("accuracy", "accuracy_drop"), ("all", "all_drop")):
+        mine, theirs = per_sample.get(key), base.get(key)
+        if mine and theirs and len(mine) == len(theirs):
+            drop = 100 * (np.asarray(theirs) - np.asarray(mine))
+            mean, lo, hi = mean_interval(drop)
+            out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
+            if name == "all_drop":
+                out[name] = mean
+    return out
+
+
+def min_samples(df: pd.DataFrame) -> int:
+    video = "video" in df and bool(df["video"].fillna(False).astype(bool).any())
+    return MIN_SAMPLES["video" if video else "image"]
 
 
 def meets(df: pd.DataFrame, psnr_floor: float, max_drop: float) -> pd.Series:
@@ -39,8 +78,10 @@ def meets(df: pd.DataFrame, psnr_floor: float, max_drop: float) -> pd.Series:
 
 
 def best_at_bars(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method: the best wall-clock speedup among its settings that meet each quality bar."""
+    """Per method: the best wall-clock speedup among its settings that meet each quality bar, with the
+    PSNR and accuracy-drop intervals of that setting; marked undecided on fewer samples than MIN_SAMPLES."""
     ran = df[df["method"] != BASELINE].dropna(subset=["speedup"])
+    need = min_samples(df)
     out = []
     for (system, method), group in ran.groupby(["system", "method"], sort=False):
         row = {"system": system, "method": method}
@@ -48,27 +89,51 @@ def best_at_bars(df: pd.DataFrame) -> pd.DataFrame:
             ok = group[meets(group, floor, drop)]
             if ok.empty:
                 row[name] = "-"
-            else:
-                best = ok.loc[ok["speedup"].idxmax()]
-                row[name] = f"{best['speedup']:.2f}x ({best['label']})"
+                continue
+            best = ok.loc[ok["speedup"].idxmax()]
+            text = f"{best['speedup']:.2f}x ({best['label']}; PSNR {_with_interval(best, 'psnr', '{:.1f}')}"
+            if "accuracy_drop" in best and not _missing(best["accuracy_drop"]):
+                text += f", drop {_with_interval(best, 'accuracy_drop', '{:+.1f}')}"
+            text += ")"
+            n = best.get("n_images")
+            if not _missing(n) and n < need:
+                text += f" undecided: {int(n)} < {need} samples"
+            row[name] = text
         out.append(row)
     return pd.DataFrame(out)
 
 
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _with_interval(row, col: str, fmt: str) -> str:
+    """`value [lo, hi]` where the row has the interval, else the value alone."""
+    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
+    if _missing(lo) or _missing(hi):
+        return fmt.format(row[col])
+    return f"{fmt.format(row[col])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
 def markdown(df: pd.DataFrame, title: str) -> str:
-    """The full results table and the best-at-bars table, as markdown."""
-    cols = [c for c in ("system", "label", "seconds", "speedup", "flops_speedup", "psnr", "ssim", "lpips", "accuracy",
-                        "accuracy_drop", "all", "frechet", "note") if c in df]
-    shown = df[cols].copy()
-    for c, fmt in (("seconds", "{:.2f}"), ("speedup", "{:.2f}x"), ("flops_speedup", "{:.2f}x"), ("psnr", "{:.1f}"),
-                   ("ssim", "{:.3f}"), ("lpips", "{:.3f}"), ("accuracy", "{:.1%}"), ("accuracy_drop", "{:+.1f}"),
-                   ("all", "{:.1%}"), ("frechet", "{:.3f}")):
-        if c in shown:
-            shown[c] = shown[c].map(lambda v, f=fmt: "" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v))
+    """The full results table and the best-at-bars table, as markdown; intervals are 95% bootstrap over samples."""
+    shown = pd.DataFrame(index=df.index)
+    formats = (("system", "{}"), ("label", "{}"), ("seconds", "{:.2f}"), ("speedup", "{:.2f}x"),
+               ("flops_speedup", "{:.2f}x"), ("psnr", "{:.1f}"), ("psnr_p5", "{:.1f}"), ("ssim", "{:.3f}"),
+               ("lpips", "{:.3f}"), ("accuracy", "{:.1%}"), ("accuracy_drop", "{:+.1f}"), ("all", "{:.1%}"),
+               ("all_drop", "{:+.1f}"), ("frechet", "{:.3f}"), ("note", "{}"))
+    for col, fmt in formats:
+        if col in df:
+            shown[col] = ["" if _missing(r[col]) else _with_interval(r, col, fmt) for _, r in df.iterrows()]
     shown = shown.fillna("")
-    lines = [f"## {title}", "", _md(shown), "", "Best wall-clock speedup per method at each quality bar "
+    n = int(df["n_images"].max()) if "n_images" in df and df["n_images"].notna().any() else 0
+    lines = [f"## {title}", "", f"Quality over {n} samples; [low, high] = 95% bootstrap interval of the mean over "
+             "samples, paired with the uncached sample of the same prompt and seed; psnr_p5 = the 5th-percentile "
+             "sample's PSNR; drops in points (positive = worse than uncached).", "", _md(shown), "",
+             "Best wall-clock speedup per method at each quality bar "
              "(near-lossless: PSNR >= 30 dB against uncached and attribute accuracy within 1 point; "
-             "good: PSNR >= 25 dB, within 3 points):", "", _md(best_at_bars(df)), ""]
+             f"good: PSNR >= 25 dB, within 3 points; decided on at least {min_samples(df)} samples):", "",
+             _md(best_at_bars(df)), ""]
     return "\n".join(lines)
 
 
@@ -96,6 +161,11 @@ def pareto_plot(df: pd.DataFrame, path: Path, title: str):
         g = ran[ran["method"] == method]
         ax.scatter(g["psnr"], g["speedup"], marker=MARKERS.get(g["system"].iloc[0], "o"), s=45,
                    color=colors[i % len(colors)], label=f"{method} ({g['system'].iloc[0]})", zorder=3)
+        if "psnr_lo" in g:  # the 95% interval of the mean PSNR over samples
+            err = np.stack([(g["psnr"] - g["psnr_lo"]).fillna(0).clip(lower=0),
+                            (g["psnr_hi"] - g["psnr"]).fillna(0).clip(lower=0)])
+            ax.errorbar(g["psnr"], g["speedup"], xerr=err, fmt="none", ecolor=colors[i % len(colors)],
+                        elinewidth=0.8, alpha=0.6, zorder=2)
     # the frontier: settings that no other setting beats on both speed and quality
     pts = ran.sort_values("psnr", ascending=False)
     front, best = [], -math.inf
@@ -109,7 +179,7 @@ def pareto_plot(df: pd.DataFrame, path: Path, title: str):
     for floor, style in ((30, ":"), (25, "--")):
         ax.axvline(floor, color="grey", ls=style, lw=0.8)
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("PSNR against the uncached image (dB, higher = closer)")
+    ax.set_xlabel("PSNR against the uncached image (dB, higher = closer; bars: 95% interval)")
     ax.set_ylabel("wall-clock speedup")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best", ncols=2)
@@ -161,7 +231,7 @@ def image_grid(df: pd.DataFrame, image_dir: Path, path: Path, prompts: list, n_p
 def write_outputs(rows: list[dict], out: Path, title: str, prompts: list) -> pd.DataFrame:
     """results.csv, results.md, pareto.png/svg and grid.png under `out`."""
     df = table(rows)
-    export = df.drop(columns=[c for c in ("seconds_all",) if c in df])
+    export = df.drop(columns=[c for c in ("seconds_all", "per_sample") if c in df])  # results.jsonl keeps them
     tmp = out / "results.csv.tmp"
     export.to_csv(tmp, index=False)
     tmp.replace(out / "results.csv")

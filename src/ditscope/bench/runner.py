@@ -44,11 +44,12 @@ class BenchInputs:
     repeats: int
     scenes: list | None = None  # zoo scenes behind the prompts (enables attribute accuracy / Fréchet)
     class_conditional: bool = False  # prompts are class labels: accuracy is per class (shape x colour)
+    prompt_seed: int | None = None  # zoo models: the seed the prompts were drawn with (None: a prompt file)
 
     def meta(self) -> dict:
-        return {"model": self.model, "prompts": [str(p) for p in self.prompts], "seeds": self.seeds,
-                "steps": self.steps, "guidance_scale": self.guidance_scale, "batch_size": self.batch_size,
-                "repeats": self.repeats}
+        return {"model": self.model, "prompts": [str(p) for p in self.prompts], "prompt_seed": self.prompt_seed,
+                "seeds": self.seeds, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                "batch_size": self.batch_size, "repeats": self.repeats}
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -90,15 +91,17 @@ def as_frames(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(0, x.dim() - 4).clamp(0, 1)
 
 
-def per_image_psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """Mean over images of PSNR (dB, capped at 100 for identical images) and SSIM, frames flattened."""
+def per_sample_psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[list[float], list[float]]:
+    """PSNR (dB, capped at 100 for identical images) and SSIM of each sample against its reference; a
+    video's are the means over its frames."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     a, b = as_frames(images), as_frames(reference)
     psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
     psnr = torch.nan_to_num(psnr, posinf=100.0).clamp(max=100.0)
     ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
-    return float(psnr.mean()), float(ssim.mean())
+    n = len(images)
+    return psnr.view(n, -1).mean(1).tolist(), ssim.view(n, -1).mean(1).tolist()
 
 
 def lpips_metric():
@@ -115,8 +118,11 @@ def lpips_metric():
     return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True), None
 
 
-def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> dict:
-    """Attribute accuracy and Fréchet distance of zoo images (or videos) against the prompts' scenes."""
+def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> tuple[dict, dict]:
+    """Attribute accuracy and Fréchet distance of zoo images (or videos) against the prompts' scenes, and
+    per sample the mean of its attribute hits and whether all were right (for paired intervals)."""
+    import numpy as np
+
     from ..zoo import evaluator
 
     scenes = list(inputs.scenes) * len(inputs.seeds)
@@ -125,7 +131,9 @@ def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> 
     scored = [k for k in ATTRIBUTES if k in acc]
     out["accuracy"] = sum(acc[k] for k in scored) / len(scored)
     out["frechet"] = evaluator.frechet_to_real(evaluator_net, images, scenes) if len(images) >= 2 else math.nan
-    return out
+    hits = evaluator.sample_hits(evaluator_net, images, scenes, inputs.class_conditional)
+    per_sample = {"accuracy": np.mean([hits[k] for k in scored], axis=0).tolist(), "all": hits["all"].tolist()}
+    return out, per_sample
 
 
 # ---------------------------------------------------------------------------------------- apply
@@ -233,15 +241,20 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
     finally:
         remove()
     row = {"seconds": statistics.median(times), "seconds_all": times, "flops": flops, "n_images": len(images),
-           "_images": images}
+           "video": images.dim() == 5, "_images": images}
     if setting.method == BASELINE:
         reference = images
+    per_sample = {}  # the values behind every quality mean, for the report's paired intervals
     if reference is not None:
-        row["psnr"], row["ssim"] = per_image_psnr_ssim(images, reference)
+        per_sample["psnr"], per_sample["ssim"] = per_sample_psnr_ssim(images, reference)
+        row["psnr"], row["ssim"] = statistics.fmean(per_sample["psnr"]), statistics.fmean(per_sample["ssim"])
         if lpips is not None:
             row["lpips"] = float(lpips(as_frames(images), as_frames(reference)))
     if inputs.scenes is not None and evaluator_net is not None:
-        row.update(prompt_quality(images, inputs, evaluator_net))
+        scores, hits = prompt_quality(images, inputs, evaluator_net)
+        row.update(scores)
+        per_sample.update(hits)
+    row["per_sample"] = per_sample
     row["note"] = "; ".join(notes)
     return row
 

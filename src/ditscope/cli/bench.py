@@ -19,8 +19,11 @@ def bench(
                                                 "diffusers-fbcache, cachedit-dbcache, ...; steps: fewer steps). "
                                                 "Default: every method in the grid, plus fewer steps")] = None,
     grid: Annotated[str, typer.Option(help="a preset (default, compact: ours and the peers, quick) or a JSON/YAML grid file")] = "default",
-    prompts: Annotated[int, typer.Option(help="number of prompts (zoo models draw them from the data generator)")] = 16,
+    prompts: Annotated[int | None, typer.Option(help="number of prompts: zoo models draw them from the data generator "
+                                                "(default 16); with --prompt-file the first N (default all)")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="prompts for non-zoo models (.txt, .jsonl, .csv)")] = None,
+    prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn prompts; fit a plan or threshold on "
+                                             "one seed and score it on another")] = 3000,
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 2,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
@@ -40,8 +43,10 @@ def bench(
     from ..profile.prompts import load_prompts
     from ..zoo import evaluator
 
-    if prompts < 1 or seeds < 1 or repeats < 1 or batch_size < 1:
+    if (prompts is not None and prompts < 1) or seeds < 1 or repeats < 1 or batch_size < 1:
         raise DitscopeError("--prompts, --seeds, --repeats and --batch-size must be at least 1")
+    if prompt_seed < 0:
+        raise DitscopeError(f"--prompt-seed must be 0 or more, got {prompt_seed}")
     if steps is not None and steps < 2:
         raise DitscopeError("--steps must be at least 2")
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
@@ -51,22 +56,28 @@ def bench(
     settings = expand(method_list, grid_spec, n_steps)  # validates every method and option up front
     out = out or Path("runs") / "bench" / Path(model).name
     check_writable_dir(out)
+    prompt_list = None
+    if prompt_file is not None:  # checked before the model loads: a bad file costs nothing
+        prompt_list = load_prompts(prompt_file)
+        if prompts is not None and prompts > len(prompt_list):
+            raise DitscopeError(f"--prompts {prompts} but {prompt_file} holds {len(prompt_list)} prompts; "
+                                f"ask for at most {len(prompt_list)} or add prompts to the file")
+        prompt_list = prompt_list[:prompts]
 
     dev = pick_device(device)
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
     pipe.set_progress_bar_config(disable=True)
-    scenes, net = None, None
-    if prompt_file is not None:
-        prompt_list = load_prompts(prompt_file)[:prompts]
-    elif hasattr(pipe, "is_class_conditional"):  # a zoo pipeline: prompts from the data generator
-        scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts, seed=3000)
-        net = evaluator.load_evaluator()
-    else:
-        raise DitscopeError(f"{model} is not a zoo model: give its prompts with --prompt-file")
+    scenes, net, drawn_with = None, None, None
+    if prompt_list is None:
+        if not hasattr(pipe, "is_class_conditional"):
+            raise DitscopeError(f"{model} is not a zoo model: give its prompts with --prompt-file")
+        # a zoo pipeline: prompts drawn from the data generator with --prompt-seed
+        scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts or 16, seed=prompt_seed)
+        net, drawn_with = evaluator.load_evaluator(), prompt_seed
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
     inputs = BenchInputs(model=model, prompts=prompt_list, seeds=list(range(seeds)), steps=n_steps,
                          guidance_scale=guidance, batch_size=batch_size, repeats=repeats, scenes=scenes,
-                         class_conditional=getattr(pipe, "is_class_conditional", False))
+                         class_conditional=getattr(pipe, "is_class_conditional", False), prompt_seed=drawn_with)
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -79,6 +90,8 @@ def bench(
 
         with torch.inference_mode():
             rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
-    df = write_outputs(rows, out, f"{model}: {len(prompt_list)} prompts x {seeds} seeds, {n_steps} steps", prompt_list)
+    drawn = f" (prompt seed {drawn_with})" if drawn_with is not None else f" from {prompt_file}"
+    df = write_outputs(rows, out, f"{model}: {len(prompt_list)} prompts{drawn} x {seeds} seeds, {n_steps} steps",
+                       prompt_list)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.csv'}, results.md, pareto.png, grid.png ({len(df)} settings)")

@@ -147,10 +147,14 @@ def middle_frame(videos: torch.Tensor) -> torch.Tensor:
 
 def video_accuracy(net: AttributeNet, videos: torch.Tensor, scenes: list[data.Scene]) -> dict[str, float]:
     """Videos (B, F, 3, H, W) in [0, 1]: attributes read on the middle frame, plus the direction of motion."""
+    return {k: float(v.mean()) for k, v in _video_hits(net, videos, scenes).items()}
+
+
+def _video_hits(net: AttributeNet, videos: torch.Tensor, scenes: list[data.Scene]) -> dict[str, np.ndarray]:
     hits = attribute_hits(net, middle_frame(videos), scenes)
     hits["motion"] = np.array([motion_direction(v.float().numpy()) == s.direction for v, s in zip(videos, scenes)], float)
     hits["all"] = hits["all"] * hits["motion"]
-    return {k: float(v.mean()) for k, v in hits.items()}
+    return hits
 
 
 def score(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene], class_conditional: bool = False) -> dict:
@@ -160,6 +164,19 @@ def score(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene], cla
     if images.dim() == 5:
         return video_accuracy(net, images, scenes)
     return attribute_accuracy(net, images, scenes)
+
+
+def sample_hits(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene],
+                class_conditional: bool = False) -> dict[str, np.ndarray]:
+    """Per sample (image or video), each attribute's share of its objects read right, and `all` (0 or 1):
+    the unit of a paired comparison (a cached image against the uncached one of the same prompt and
+    seed). With one object per prompt their means are `score`'s numbers."""
+    if class_conditional:
+        return _class_hits(net, images, scenes)
+    hits = _video_hits(net, images, scenes) if images.dim() == 5 else attribute_hits(net, images, scenes)
+    bounds = np.cumsum([len(s.objects) for s in scenes])[:-1]
+    per_object = ("shape", "color", "size", "position")
+    return {k: (np.array([h.mean() for h in np.split(v, bounds)]) if k in per_object else v) for k, v in hits.items()}
 
 
 def frechet_to_real(net: AttributeNet, generated: torch.Tensor, scenes: list[data.Scene]) -> float:
@@ -302,6 +319,10 @@ def _resume(state_path: Path | None, key: dict) -> list[torch.Tensor]:
 
 def class_accuracy(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]) -> dict[str, float]:
     """For class-conditional models (class = shape x colour, anywhere): the most confident object cell."""
+    return {k: float(v.mean()) for k, v in _class_hits(net, images, scenes).items()}
+
+
+def _class_hits(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]) -> dict[str, np.ndarray]:
     with torch.no_grad():
         h = net.heads(images.float().clamp(0, 1))
     present = 1 - h["shape"].softmax(-1)[..., 0]  # (B, 9) probability that a cell holds an object
@@ -311,8 +332,8 @@ def class_accuracy(net: AttributeNet, images: torch.Tensor, scenes: list[data.Sc
     color = h["color"][idx, cell].argmax(-1).numpy()
     want_shape = np.array([data.SHAPES.index(s.objects[0].shape) for s in scenes])
     want_color = np.array([list(data.COLORS).index(s.objects[0].color) for s in scenes])
-    return {"shape": float((shape == want_shape).mean()), "color": float((color == want_color).mean()),
-            "all": float(((shape == want_shape) & (color == want_color)).mean())}
+    shape_ok, color_ok = shape == want_shape, color == want_color
+    return {"shape": shape_ok.astype(float), "color": color_ok.astype(float), "all": (shape_ok & color_ok).astype(float)}
 
 
 CHANCE = {"shape": 1 / N_SHAPES, "color": 1 / N_COLORS, "size": 1 / N_SIZES, "position": None,
