@@ -44,11 +44,13 @@ PRESETS: dict[str, dict[str, list[dict]]] = {
         "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}],
     },
 }
-# "compact": two settings per method, ours and the peers' (their grids' mildest and most aggressive)
+# "compact": two settings per method, ours and the peers' (their grids' mildest and most aggressive),
+# plus ToCa's DiT preset and FBCache / TeaCache deciding for the whole batch as the peers do
 COMPACT = {
-    "toca": [{"interval": 2, "ratio": 0.3}, {}], "duca": [{"interval": 3}], "fora": [{"interval": 2}, {}],
-    "pab": [{}], "taylorseer": [{"interval": 2}, {}], "delta-dit": [{}], "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}],
-    "teacache": [{"threshold": 0.1}, {"threshold": 0.4}],
+    "toca": [{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}], "duca": [{"interval": 3}],
+    "fora": [{"interval": 2}, {}], "pab": [{}], "taylorseer": [{"interval": 2}, {}], "delta-dit": [{}],
+    "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}, {"threshold": 0.2, "per_sample": False}],
+    "teacache": [{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}],
 }
 FEWER_STEPS_FRACTIONS = (0.5, 0.7)  # the "fewer steps" baseline, as fractions of the model's steps
 
