@@ -87,3 +87,16 @@ def test_newer_format_is_a_clear_error(tmp_path):
     with pytest.raises(DitscopeError, match="not a ditscope profile"):
         Profile.load(path)
     assert json.loads(header["meta"])["model"] == "m"
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one_never_a_part(tmp_path):
+    from ditscope.files import atomic_path, write_text_atomic
+
+    target = tmp_path / "result.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1

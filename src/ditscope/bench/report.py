@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..files import atomic_path, write_text_atomic
 from ..stats import mean_interval
 from .grid import BASELINE
 
@@ -232,10 +233,9 @@ def write_outputs(rows: list[dict], out: Path, title: str, prompts: list) -> pd.
     """results.csv, results.md, pareto.png/svg and grid.png under `out`."""
     df = table(rows)
     export = df.drop(columns=[c for c in ("seconds_all", "per_sample") if c in df])  # results.jsonl keeps them
-    tmp = out / "results.csv.tmp"
-    export.to_csv(tmp, index=False)
-    tmp.replace(out / "results.csv")
-    (out / "results.md").write_text(markdown(df, title))
+    with atomic_path(out / "results.csv") as tmp:
+        export.to_csv(tmp, index=False)
+    write_text_atomic(out / "results.md", markdown(df, title))
     if "speedup" in df and "psnr" in df:
         pareto_plot(df, out / "pareto", title)
         image_grid(df, out / "images", out / "grid.png", prompts)

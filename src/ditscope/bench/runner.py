@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitscopeError
+from ..files import atomic_path, write_text_atomic
 from ..zoo.pipeline import samples
 from .grid import BASELINE, FEWER_STEPS, Setting, option_strings
 
@@ -168,7 +168,7 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
             changed = sorted(k for k in inputs.meta() if saved.get(k) != inputs.meta()[k])
             raise DitscopeError(f"{out} holds a bench with other {', '.join(changed)}; use another --out or the same arguments")
     else:
-        _atomic_write(meta_path, json.dumps(inputs.meta(), indent=2))
+        write_text_atomic(meta_path, json.dumps(inputs.meta(), indent=2))
     rows = {r["key"]: r for r in read_rows(out)}
     lpips, lpips_note = lpips_metric()
     image_dir = out / "images"
@@ -193,9 +193,8 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
         row.update(key=setting.key, system=setting.system, method=setting.method, label=setting.label,
                    options=json.dumps(setting.options, sort_keys=True), steps=setting.steps or inputs.steps)
         if images is not None:
-            tmp = path.with_suffix(".tmp")
-            save_file({"images": images.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({"images": images.contiguous()}, str(tmp))
             if setting.method == BASELINE:
                 reference = images
         append_row(out, row)
@@ -277,8 +276,3 @@ def read_rows(out: Path) -> list[dict]:
             continue
     return rows
 
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
+from ..files import write_text_atomic
 from .common import app, check_writable_dir, pick_device, progress_bar, torch_dtype, user_errors
 
 zoo_app = typer.Typer(help="The zoo: small models that run with no download.", no_args_is_help=True)
@@ -168,9 +169,7 @@ def eval_cmd(
         table.add_row(key, shown, f"{chance:.1%}" if chance else "")
     Console().print(table)
     if json_out is not None:
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(json_out)
+        write_text_atomic(json_out, json.dumps(result, indent=2))
 
 
 @zoo_app.command("list")
@@ -231,10 +230,8 @@ def zoo_prompts(
     if n < 1 or objects not in (1, 2):
         raise DitscopeError("--n must be at least 1 and --objects 1 or 2")
     check_writable_dir(out.parent)
-    tmp = out.with_suffix(out.suffix + ".tmp")
     scenes = evaluator.evaluation_scenes(n, seed, objects, video=video)
-    tmp.write_text("".join(s.caption() + "\n" for s in scenes), encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, "".join(s.caption() + "\n" for s in scenes))
     print(f"wrote {n} captions to {out}")
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DitscopeError
+from ..files import atomic_path
 from ..stats.distances import METRICS
 from ..stats.running import FIELDS, RunningStats
 
@@ -130,16 +129,8 @@ class Profile:
             "meta": json.dumps(self.meta, sort_keys=True, default=str),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, fsync=True) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
         return path
 
     @classmethod

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DitscopeError
+from ..files import write_text_atomic
 from ..profile.artifact import Profile
 from . import analysis
 from .report import (
@@ -56,9 +57,7 @@ def ensure_profile(out: Path, model: str, variant: str, prompts: Path | None, st
 
 
 def _save(study_dir: Path, result: dict):
-    tmp = study_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=_jsonable))
-    os.replace(tmp, study_dir / "result.json")
+    write_text_atomic(study_dir / "result.json", json.dumps(result, indent=2, default=_jsonable))
 
 
 def _jsonable(x):

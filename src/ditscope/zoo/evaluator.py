@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..files import atomic_path
 from . import data
 from .pipeline import samples
 
@@ -288,9 +289,8 @@ def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: 
                            generator=gens, output_type="pt", callback_on_step_end=step_done))
         images.append(out.float().cpu())
         if state_path is not None:
-            tmp = state_path.with_name(state_path.name + ".tmp")
-            torch.save({"key": key, "images": images}, tmp)
-            tmp.replace(state_path)
+            with atomic_path(state_path) as tmp:
+                torch.save({"key": key, "images": images}, tmp)
     generated = torch.cat(images)
     result = score(net, generated, scenes, pipe.is_class_conditional)
     result["frechet"] = frechet_to_real(net, generated, scenes)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DitscopeError
+from ..files import atomic_path
 from . import data
 from .builtin import MAX_TEXT_TOKENS, word_tokenizer
 
@@ -271,7 +272,6 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
 
 
 def _save_state(path: Path, models, ema, opt, step, elapsed):
-    tmp = path.with_suffix(".tmp")
-    torch.save({"models": [m.state_dict() for m in models], "ema": [e.state_dict() for e in ema],
-                "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"models": [m.state_dict() for m in models], "ema": [e.state_dict() for e in ema],
+                    "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, tmp)

@@ -1,0 +1,38 @@
+"""Writing files so that a reader never sees half of one: write beside it, then rename over it.
+
+A kill mid-write leaves the old file (or none) and at most a hidden temporary, never a truncated file
+under the real name; resumable runs rely on that.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path in `path`'s folder to write to; renamed onto `path` when the block succeeds,
+    removed when it raises. `fsync` flushes it to disk first (for files a crash must not lose)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`path.write_text(text)` (UTF-8) that a kill cannot leave half-written."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
