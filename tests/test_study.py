@@ -55,6 +55,9 @@ def test_steps_study_result_and_reuse(study_dir):
                                 str(study_dir.parent / "p.txt"), "--out", str(study_dir)])
     assert again.exit_code == 0, again.output
     assert [f.stat().st_mtime_ns for f in files] == before
+    # the report says which model and scheduler it measured
+    html = (study_dir / "steps" / "tiny-pixart" / "report.html").read_text()
+    assert "model tiny-pixart, scheduler DPMSolverMultistepScheduler" in html and "model None" not in html
 
 
 def test_identical_profiles_correlate_perfectly(study_dir):

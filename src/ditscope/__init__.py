@@ -15,6 +15,7 @@
 
 __version__ = "0.1.0"
 
+from . import zoo  # noqa: E402  (ditscope.zoo.load(...) with a plain `import ditscope`)
 from .cache import (  # noqa: E402
     DeltaDiTConfig,
     DuCaConfig,
@@ -43,5 +44,5 @@ def record(model, attention=None, **kwargs) -> Recorder:
 
 __all__ = [
     "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Profile", "Recorder",
-    "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "__version__", "apply", "profile", "record",
+    "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "__version__", "apply", "profile", "record", "zoo",
 ]

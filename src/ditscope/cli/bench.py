@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from .common import app, check_writable_dir, pick_device, torch_dtype, user_errors
+from ..runtime import check_writable_dir, pick_device, torch_dtype
+from .common import app, user_errors
 
 
 @app.command()

@@ -6,25 +6,14 @@ invocation created. A killed `profile` leaves its saved state; the same command 
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import DitscopeError
-from .common import (  # noqa: E402
-    app,
-    check_writable_dir,
-    parse_scheduler,
-    parse_shard,
-    pick_device,
-    progress_bar,
-    torch_dtype,
-    user_errors,
-)
+from ..runtime import check_writable_dir, progress_bar
+from .common import app, user_errors
 
 
 # ------------------------------------------------------------------------------------ profile
@@ -49,139 +38,19 @@ def profile(
     plot: Annotated[bool, typer.Option(help="write figures")] = True,
 ):
     """Profile step-to-step redundancy of a DiT over prompts; writes OUT/profile.ditscope and figures."""
-    from .. import zoo
+    from ..profile.job import profile_model
 
-    model = model or zoo.DEFAULT_MODEL
-    entry = zoo.ZOO.get(model)
-    steps = steps if steps is not None else (entry.steps if entry else 20)
-    guidance_scale = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
-    if steps < 2:
-        raise DitscopeError(f"--steps must be at least 2 to measure step-to-step distances (got {steps})")
-    if batch_size < 1:
-        raise DitscopeError(f"--batch-size must be at least 1 (got {batch_size})")
-    sched_cls, sched_overrides = parse_scheduler(scheduler) if scheduler else (None, {})
-    shard_arg = parse_shard(shard)
-    target_list = [t.strip() for t in targets.split(",") if t.strip()]
-    from ..capture.recorder import TARGETS
-
-    if not target_list or any(t not in TARGETS for t in target_list):
-        raise DitscopeError(f"--targets {targets!r}: choose a comma list from {','.join(TARGETS)}")
-    prompt_list = _read_prompts(prompts, column)
-    out = out or Path("runs") / Path(model).name.replace("/", "_")
-    check_writable_dir(out)
-    dev = pick_device(device)
-    dt = torch_dtype(dtype, dev)
-    store_dt = torch_dtype(storage_dtype, dev) if storage_dtype else None
-
-    rank, world = _init_distributed(dev)
-    if world > 1 and shard_arg is not None:
-        raise DitscopeError("--shard and torchrun both split the prompts; use one of them")
-    if world > 1 and dev.startswith("cuda"):
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    pipe = zoo.load_pipeline(model, dtype=dt, device=dev)
-    if sched_cls is not None:
-        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config, **sched_overrides)
-
-    final = out / "profile.ditscope"
-    part = shard_arg or ((rank, world) if world > 1 else None)
-    state = out / (f"profile.shard{part[0]}of{part[1]}.partial" if part else "profile.ditscope.partial")
-    created_dir = not out.exists()
-    created_state = not state.exists()
-    from ..profile.artifact import Profile
-    from ..profile.runner import RUN_FIELDS, run_metadata
-    from ..profile.runner import profile as run_profile
-
-    if final.exists() and part is None:
-        done = Profile.load(final)
-        meta = run_metadata(pipe, prompt_list, model_id=model, num_inference_steps=steps, seed=seed,
-                            guidance_scale=guidance_scale, batch_size=batch_size, targets=target_list,
-                            storage_dtype=store_dt)
-        differs = [k for k in RUN_FIELDS if done.meta.get(k) != meta.get(k)]
-        if differs:
-            raise DitscopeError(f"{final} holds a finished profile of different arguments (differs in: "
-                                f"{', '.join(differs)}); use another --out")
-        if rank == 0:
-            print(f"{final} is already complete; nothing to compute", file=sys.stderr)
-            _finish(done, final, out, plot)
+    result, path = profile_model(
+        model=model, prompts=prompts, column=column, steps=steps, scheduler=scheduler, seed=seed, out=out,
+        batch_size=batch_size, dtype=dtype, device=device, guidance_scale=guidance_scale, targets=targets,
+        storage_dtype=storage_dtype, offload=offload, shard=shard, progress=lambda: progress_bar("steps"),
+    )
+    if result is None:  # a torchrun rank other than 0
         return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with _progress(enabled=rank == 0) as bar:
-            result = run_profile(
-                pipe, prompt_list, num_inference_steps=steps, seed=seed, guidance_scale=guidance_scale,
-                batch_size=batch_size, targets=target_list, storage_dtype=store_dt, offload=offload,
-                state_path=state, shard=shard_arg, progress=bar, model_id=model,
-                call_kwargs=entry.call_kwargs if entry else None,
-            )
-    except DitscopeError:
-        if created_dir:
-            shutil.rmtree(out, ignore_errors=True)
-        elif created_state:
-            state.unlink(missing_ok=True)
-        raise
-    if world > 1:
-        import torch.distributed as dist
-
-        if rank == 0:
-            result.save(final)
-        dist.barrier()
-        state.unlink(missing_ok=True)
-        if rank == 0:
-            _finish(result, final, out, plot, save=False)
-        dist.destroy_process_group()
-        return
-    target_file = final if part is None else out / f"profile.shard{part[0]}of{part[1]}.ditscope"
-    result.save(target_file)
-    state.unlink(missing_ok=True)
-    _finish(result, target_file, out, plot and part is None, save=False)
-
-
-def _read_prompts(path: Path | None, column: str | None) -> list[str]:
-    from .. import zoo
-    from ..profile.prompts import load_prompts
-
-    if path is not None:
-        return load_prompts(path, column)
-    return zoo.builtin_prompts()
-
-
-def _init_distributed(device: str) -> tuple[int, int]:
-    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-class _progress:
-    """A rich progress bar over prompts x steps on stderr (silent on non-zero ranks)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        self.bar = progress_bar("steps")
-        self.bar.__enter__()
-        return self.bar
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-
-def _finish(result, path: Path, out: Path, plot: bool, save: bool = False):
-    if save:
-        result.save(path)
     print(f"wrote {path}")
-    if plot:
-        figures = result.plot(out / "figures")
-        print(f"wrote {len(figures)} figure files to {out / 'figures'}")
+    if plot and shard is None:
+        figures = result.plot(path.parent / "figures")
+        print(f"wrote {len(figures)} figure files to {path.parent / 'figures'}")
     _print_summary(result)
 
 

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from .common import app, check_writable_dir, parse_scheduler, user_errors
+from ..runtime import check_writable_dir, parse_scheduler
+from .common import app, user_errors
 
 study_app = typer.Typer(help="The redundancy paper's experiments, each finding as a number, in HTML reports.",
                         no_args_is_help=True)

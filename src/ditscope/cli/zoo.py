@@ -11,7 +11,8 @@ import typer
 
 from ..errors import DitscopeError
 from ..files import write_text_atomic
-from .common import app, check_writable_dir, pick_device, progress_bar, torch_dtype, user_errors
+from ..runtime import check_writable_dir, pick_device, progress_bar, torch_dtype
+from .common import app, user_errors
 
 zoo_app = typer.Typer(help="The zoo: small models that run with no download.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")

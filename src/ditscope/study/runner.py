@@ -17,6 +17,8 @@ import numpy as np
 from ..errors import DitscopeError
 from ..files import write_text_atomic
 from ..profile.artifact import Profile
+from ..profile.job import profile_model
+from ..runtime import progress_bar
 from . import analysis
 from .report import (
     curves_figure,
@@ -40,8 +42,6 @@ def ensure_profile(out: Path, model: str, variant: str, prompts: Path | None, st
                    scheduler: str | None = None, seed: int = 0, device: str = "auto", dtype: str = "auto",
                    batch_size: int = 1, log=print) -> Profile | None:
     """The profile of `model` under `variant`, computed only if not already saved (None on ranks > 0)."""
-    from ..cli.main import profile as profile_command
-
     # the folder names the arguments, so a study never reuses a profile made with other ones
     text = prompts.read_bytes() if prompts is not None and prompts.is_file() else b"builtin"
     args = json.dumps([steps, scheduler, seed, dtype, batch_size, hashlib.sha1(text).hexdigest()])
@@ -49,8 +49,8 @@ def ensure_profile(out: Path, model: str, variant: str, prompts: Path | None, st
     final = folder / "profile.ditscope"
     if not final.exists():
         log(f"profiling {model} ({variant})")
-        profile_command(model=model, prompts=prompts, steps=steps, scheduler=scheduler, seed=seed, out=folder,
-                        batch_size=batch_size, dtype=dtype, device=device, plot=False)
+        profile_model(model=model, prompts=prompts, steps=steps, scheduler=scheduler, seed=seed, out=folder,
+                      batch_size=batch_size, dtype=dtype, device=device, progress=lambda: progress_bar("steps"))
     if rank() != 0:
         return None
     return Profile.load(final)
@@ -173,5 +173,5 @@ def study_models(models: list[str], prompts: Path | None, out: Path, **kw) -> di
 
 def _meta(p: Profile) -> str:
     m = p.meta
-    return (f"model {m.get('model_id')}, scheduler {m.get('scheduler', {}).get('class') if isinstance(m.get('scheduler'), dict) else m.get('scheduler')}, "
+    return (f"model {m.get('model')}, scheduler {m.get('scheduler')}, "
             f"{p.n_steps} steps, {p.n_prompts} prompts, seed {m.get('seed')}, ditscope {m.get('ditscope_version')}")

@@ -1,0 +1,115 @@
+"""What every run shares, whoever starts it (the CLI, a study, Python): device, dtype, scheduler and shard
+options, the output-folder check, the progress bar. Each check raises a DitscopeError that names the
+problem and what to do; the CLI prints it as one line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import DitscopeError
+
+SCHEDULER_ALIASES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "dpm-solver": "DPMSolverMultistepScheduler",
+    "dpm-sde": "DPMSolverSDEScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+# --------------------------------------------------------------------------------- validation
+def resolve_scheduler_class(name: str):
+    import diffusers
+
+    cls_name = SCHEDULER_ALIASES.get(name.lower(), name)
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not cls_name.endswith("Scheduler"):
+        raise DitscopeError(
+            f"unknown scheduler {name!r}; use a diffusers scheduler class name or one of: {', '.join(SCHEDULER_ALIASES)}"
+        )
+    return cls
+
+
+def parse_scheduler(text: str):
+    """`NAME` or `NAME:key=value;key=value` (config overrides, e.g. flow-euler:shift=3) -> (class, overrides)."""
+    import json
+
+    name, _, rest = text.partition(":")
+    cls = resolve_scheduler_class(name)
+    overrides = {}
+    for item in filter(None, (x.strip() for x in rest.split(";"))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise DitscopeError(f"scheduler option {item!r} is not key=value (e.g. flow-euler:shift=3)")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return cls, overrides
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise DitscopeError(f"--shard must look like i/n (e.g. 0/4), not {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise DitscopeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def progress_bar(unit: str):
+    """A rich progress bar on stderr: the task's description, done/total `unit`, time elapsed and left."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+
+
+def check_writable_dir(out: Path) -> None:
+    """Fail early if `out` cannot become a writable folder (creates nothing)."""
+    if out.exists() and not out.is_dir():
+        raise DitscopeError(f"output folder {out} exists and is not a folder; choose another --out")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise DitscopeError(f"output folder {out} is not writable (at {probe}); choose another --out")
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name not in DTYPES:
+        raise DitscopeError(f"unknown --dtype {name!r}; choose from {', '.join(DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DitscopeError("--device cuda asked for, but torch sees no CUDA device")
+    return name
