@@ -191,3 +191,23 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=1e-6)
     np.testing.assert_allclose(a.stats.std, b.stats.std, rtol=1e-6, atol=1e-12)
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["profile.ditscope"]
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["bench", "tiny-pixart", "--prompt-seed", "abc"], "--prompt-seed"),
+    (["profile", "--steps", "abc"], "--steps"),
+    (["bench", "--no-such-option"], "--no-such-option"),
+    (["show"], "path"),
+    (["no-such-command"], "no-such-command"),
+])
+def test_usage_errors_of_the_cli_framework_are_one_line_too(argv, names, capsys, tmp_path, monkeypatch):
+    """Not only ditscope's own checks: a mistyped option value is one line and exit 2, not a framed box."""
+    from ditscope.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and names in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -149,8 +149,23 @@ from . import study as _study_commands  # noqa: E402,F401  (registers study)
 from . import zoo as _zoo_commands  # noqa: E402,F401  (registers generate, eval, zoo)
 
 
-def main():
-    app()
+def main(argv: list[str] | None = None):
+    """The console script. The CLI framework's own usage errors (an option value of the wrong type, an
+    unknown option, a missing argument) become one line on stderr and exit code 2, like every other
+    user error, instead of a framed help box."""
+    import sys
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # the framework's usage errors (typer vendors click's)
+        message = " ".join(e.format_message().split()) if hasattr(e, "format_message") else str(e)
+        ctx = getattr(e, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"error: {message}{where}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
