@@ -49,3 +49,10 @@ def test_a_plain_import_gives_the_zoo():
 
     code = "import ditscope; assert callable(ditscope.zoo.load) and 'tiny-pixart' in ditscope.zoo.ZOO"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_profile_function_and_the_profiling_package_do_not_collide():
+    import ditscope
+    import ditscope.profiling.artifact as artifact
+
+    assert callable(ditscope.profile) and artifact.Profile is ditscope.Profile

@@ -29,8 +29,8 @@ from .cache import (  # noqa: E402
 )
 from .capture.recorder import Recorder  # noqa: E402
 from .errors import DitscopeError  # noqa: E402
-from .profile.artifact import Profile  # noqa: E402
-from .profile.runner import profile  # noqa: E402
+from .profiling.artifact import Profile  # noqa: E402
+from .profiling.runner import profile  # noqa: E402
 
 
 def record(model, attention=None, **kwargs) -> Recorder:

@@ -224,7 +224,7 @@ class Recorder:
 
     def profile(self, **meta):
         """All finished samples as a `Profile` (the current sample is closed first if it has steps)."""
-        from ..profile.artifact import Profile
+        from ..profiling.artifact import Profile
 
         if self._steps or self._pending:
             self.next_sample()

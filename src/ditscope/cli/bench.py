@@ -41,7 +41,7 @@ def bench(
 
     from .. import zoo
     from ..bench import BenchInputs, expand, load_grid, run_bench, write_outputs
-    from ..profile.prompts import load_prompts
+    from ..profiling.prompts import load_prompts
     from ..zoo import evaluator
 
     if (prompts is not None and prompts < 1) or seeds < 1 or repeats < 1 or batch_size < 1:

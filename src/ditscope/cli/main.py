@@ -38,7 +38,7 @@ def profile(
     plot: Annotated[bool, typer.Option(help="write figures")] = True,
 ):
     """Profile step-to-step redundancy of a DiT over prompts; writes OUT/profile.ditscope and figures."""
-    from ..profile.job import profile_model
+    from ..profiling.job import profile_model
 
     result, path = profile_model(
         model=model, prompts=prompts, column=column, steps=steps, scheduler=scheduler, seed=seed, out=out,
@@ -98,7 +98,7 @@ def _print_summary(prof) -> None:
 @user_errors
 def show(path: Annotated[Path, typer.Argument(help="a .ditscope profile")]):
     """Print a profile's summary table."""
-    from ..profile.artifact import Profile
+    from ..profiling.artifact import Profile
 
     _print_summary(Profile.load(path))
 
@@ -110,7 +110,7 @@ def merge(
     output: Annotated[Path, typer.Option("-o", "--output", help="merged profile file")],
 ):
     """Merge shard profiles into one."""
-    from ..profile.artifact import Profile
+    from ..profiling.artifact import Profile
 
     if len(paths) < 2:
         raise DitscopeError("merge needs at least two profiles")
@@ -132,8 +132,8 @@ def plot_cmd(
     metric: Annotated[str, typer.Option(help="l1, rel_l1 or cos")] = "l1",
 ):
     """Write a profile's figures (PNG and SVG)."""
-    from ..profile.artifact import Profile
-    from ..profile.plots import plot_profile
+    from ..profiling.artifact import Profile
+    from ..profiling.plots import plot_profile
 
     prof = Profile.load(path)
     if metric not in prof.metrics:

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import DitscopeError
 from ..files import write_text_atomic
-from ..profile.artifact import Profile
-from ..profile.job import profile_model
+from ..profiling.artifact import Profile
+from ..profiling.job import profile_model
 from ..runtime import progress_bar
 from . import analysis
 from .report import (
