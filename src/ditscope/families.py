@@ -129,25 +129,3 @@ GENERIC = Family("generic")
 def family_of(model) -> Family:
     """The family entry for a transformer (or GENERIC for models outside the table)."""
     return FAMILIES.get(type(model).__name__, GENERIC)
-
-
-def pipeline_prompt_kwargs(pipe, prompts: list[str]) -> dict:
-    """How a pipeline takes a batch of prompts. DiT is class-conditional: its "prompts" are labels."""
-    if type(pipe).__name__ == "DiTPipeline":
-        return {"class_labels": [_dit_label(pipe, p) for p in prompts]}
-    return {"prompt": list(prompts)}
-
-
-def _dit_label(pipe, prompt: str) -> int:
-    text = prompt.strip()
-    if text.isdigit():
-        return int(text)
-    labels = getattr(pipe, "labels", None) or {}
-    if text in labels:
-        return int(labels[text])
-    from .errors import DitscopeError
-
-    raise DitscopeError(
-        f"DiT prompt {text!r} is neither a class index nor a known label name; "
-        "use integers 0..999 or names from pipe.labels"
-    )

@@ -66,3 +66,24 @@ def _csv(text: str, path: Path, column: str | None) -> list[str]:
     if not reader.fieldnames:
         raise DitscopeError(f"prompts file {path} has no header row")
     return [_pick(row, column, str(path)) for row in reader]
+
+
+# ------------------------------------------------------------------- prompts as a pipeline takes them
+def pipeline_prompt_kwargs(pipe, prompts: list[str]) -> dict:
+    """How a pipeline takes a batch of prompts. DiT is class-conditional: its "prompts" are labels."""
+    if type(pipe).__name__ == "DiTPipeline":
+        return {"class_labels": [_dit_label(pipe, p) for p in prompts]}
+    return {"prompt": list(prompts)}
+
+
+def _dit_label(pipe, prompt: str) -> int:
+    text = prompt.strip()
+    if text.isdigit():
+        return int(text)
+    labels = getattr(pipe, "labels", None) or {}
+    if text in labels:
+        return int(labels[text])
+    raise DitscopeError(
+        f"DiT prompt {text!r} is neither a class index nor a known label name; "
+        "use integers 0..999 or names from pipe.labels"
+    )

@@ -17,8 +17,9 @@ import torch
 from .. import __version__
 from ..capture.recorder import DEFAULT_TARGETS, Recorder
 from ..errors import DitscopeError
-from ..families import family_of, pipeline_prompt_kwargs
+from ..families import family_of
 from .artifact import RUN_FIELDS, Profile, sha256_of
+from .prompts import pipeline_prompt_kwargs
 
 
 def config_dict(config) -> dict:
