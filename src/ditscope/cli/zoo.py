@@ -135,14 +135,15 @@ def eval_cmd(
     if json_out is not None:
         check_writable_dir(json_out.parent)
     net = evaluator.load_evaluator()
-    if random_init:
-        from .. import zoo
+    from .. import zoo
 
-        manifest = Path(model) / "manifest.json"  # a trained folder names its recipe
-        recipe = json.loads(manifest.read_text())["name"] if manifest.is_file() else model
+    manifest = Path(model) / "manifest.json"  # a trained folder names its recipe, whose steps and guidance it takes
+    recipe = json.loads(manifest.read_text())["name"] if manifest.is_file() else model
+    if random_init:
         pipe, entry = build(recipe), zoo.ZOO.get(recipe)
     else:
         pipe, entry = _load(model, device, "float32")
+        entry = entry or zoo.ZOO.get(recipe)
     pipe.set_progress_bar_config(disable=True)
     steps = steps or (entry.steps if entry else 20)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
