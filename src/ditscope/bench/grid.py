@@ -19,38 +19,20 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache import CONFIGS
+from ..cache import CONFIGS, REGISTRY
 from ..errors import DitscopeError
 
 BASELINE = "none"
 FEWER_STEPS = "steps"
 
-# Each ditscope method from near-lossless to aggressive, around its paper setting.
+# "quick": two settings of three methods, a quick look (and what the tests run). "default" and "compact"
+# are read from each method's registration (`cache.register`): its grid, and its compact settings.
 PRESETS: dict[str, dict[str, list[dict]]] = {
-    "default": {
-        "toca": [{"interval": 2, "ratio": 0.3}, {}, {"interval": 4}, {"interval": 5, "ratio": 0.2}],
-        "duca": [{"interval": 3}, {}, {"interval": 6}],
-        "fora": [{"interval": 2}, {}, {"interval": 4}],
-        "pab": [{}, {"spatial_interval": 3, "cross_interval": 8}],
-        "taylorseer": [{"interval": 2}, {"interval": 3}, {}],
-        "delta-dit": [{}, {"interval": 3}],
-        "fbcache": [{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
-        "teacache": [{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
-    },
-    # two settings per method: a quick look, and what the tests run
     "quick": {
         "toca": [{}, {"interval": 5, "ratio": 0.2}],
         "fora": [{"interval": 2}, {"interval": 4}],
         "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}],
     },
-}
-# "compact": two settings per method, ours and the peers' (their grids' mildest and most aggressive),
-# plus ToCa's DiT preset and FBCache / TeaCache deciding for the whole batch as the peers do
-COMPACT = {
-    "toca": [{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}], "duca": [{"interval": 3}],
-    "fora": [{"interval": 2}, {}], "pab": [{}], "taylorseer": [{"interval": 2}, {}], "delta-dit": [{}],
-    "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}, {"threshold": 0.2, "per_sample": False}],
-    "teacache": [{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}],
 }
 FEWER_STEPS_FRACTIONS = (0.5, 0.7)  # the "fewer steps" baseline, as fractions of the model's steps
 
@@ -94,13 +76,17 @@ def load_grid(grid: str) -> dict[str, list]:
     """A preset name or a JSON/YAML grid file -> {method: [options or step count, ...]}."""
     if grid in PRESETS:
         return {m: list(v) for m, v in PRESETS[grid].items()}
-    if grid == "compact":
+    if grid == "default":
+        return {name: [dict(o) for o in entry.grid] for name, entry in REGISTRY.items()}
+    if grid == "compact":  # ours, and the peers' mildest and most aggressive
         from .peers import PEER_GRIDS
 
-        return {**COMPACT, **{m: [g[0], g[-1]] for m, g in PEER_GRIDS.items()}}
+        ours = {name: [dict(o) for o in entry.compact] for name, entry in REGISTRY.items()}
+        return {**ours, **{m: [g[0], g[-1]] for m, g in PEER_GRIDS.items()}}
     path = Path(grid)
     if not path.is_file():
-        raise DitscopeError(f"--grid {grid!r} is neither a preset ({', '.join([*PRESETS, 'compact'])}) nor a file")
+        raise DitscopeError(f"--grid {grid!r} is neither a preset ({', '.join(['default', 'compact', *PRESETS])}) "
+                            "nor a file")
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() in (".yaml", ".yml"):

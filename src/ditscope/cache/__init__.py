@@ -11,24 +11,22 @@ Module-level: ToCa (token-wise), FORA, PAB, TaylorSeer, DuCa. Block-level: Delta
 from __future__ import annotations
 
 from ..errors import DitscopeError
-from .delta_dit import DeltaDiTConfig, DeltaDiTMethod
-from .duca import DuCaConfig, DuCaMethod
-from .engine import CacheHandle
-from .fbcache import FBCacheConfig, FBCacheMethod
-from .fora import FORAConfig, FORAMethod
-from .pab import PABConfig, PABMethod
-from .taylorseer import TaylorSeerConfig, TaylorSeerMethod
-from .teacache import TeaCacheConfig, TeaCacheMethod
-from .toca import ToCaConfig, ToCaMethod
 
-# config class -> method; the CLI's names for them
-METHODS = {
-    ToCaConfig: ToCaMethod, DuCaConfig: DuCaMethod, FORAConfig: FORAMethod, PABConfig: PABMethod,
-    TaylorSeerConfig: TaylorSeerMethod, DeltaDiTConfig: DeltaDiTMethod, FBCacheConfig: FBCacheMethod,
-    TeaCacheConfig: TeaCacheMethod,
-}
-CONFIGS = {"toca": ToCaConfig, "duca": DuCaConfig, "fora": FORAConfig, "pab": PABConfig, "taylorseer": TaylorSeerConfig,
-           "delta-dit": DeltaDiTConfig, "fbcache": FBCacheConfig, "teacache": TeaCacheConfig}
+# Import order is registration order: the order in which the CLI and the bench list the methods.
+# isort: off
+from .toca import ToCaConfig
+from .duca import DuCaConfig
+from .fora import FORAConfig
+from .pab import PABConfig
+from .taylorseer import TaylorSeerConfig
+from .delta_dit import DeltaDiTConfig
+from .fbcache import FBCacheConfig
+from .teacache import TeaCacheConfig
+# isort: on
+from .engine import CacheHandle
+from .registry import REGISTRY, ConfigsByName, Registered, for_config, register
+
+CONFIGS = ConfigsByName()  # name -> config class, live: a method registered later appears here too
 
 
 def apply(pipe_or_transformer, config, num_inference_steps: int | None = None, count_flops: bool = False) -> CacheHandle:
@@ -38,10 +36,11 @@ def apply(pipe_or_transformer, config, num_inference_steps: int | None = None, c
     `num_inference_steps` is needed only for a bare transformer (a pipeline tells it through its
     scheduler). `count_flops=True` counts executed FLOPs with torch.utils.flop_counter (slower).
     """
-    method = METHODS.get(type(config))
-    if method is None:
-        raise DitscopeError(f"{type(config).__name__} is not a cache config; use one of {', '.join(c.__name__ for c in METHODS)}")
-    return CacheHandle(pipe_or_transformer, method(config), num_inference_steps, count_flops)
+    entry = for_config(config)
+    if entry is None or isinstance(config, type):
+        known = ", ".join(e.config.__name__ for e in REGISTRY.values())
+        raise DitscopeError(f"{getattr(config, '__name__', type(config).__name__)} is not a cache config; use one of {known}")
+    return CacheHandle(pipe_or_transformer, entry.method(config), num_inference_steps, count_flops)
 
 
 def config_from_options(name: str, options: list[str] | None = None):
@@ -95,5 +94,6 @@ def _default(f):
     return None
 
 
-__all__ = ["CONFIGS", "CacheHandle", "DeltaDiTConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig",
-           "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options"]
+__all__ = ["CONFIGS", "REGISTRY", "CacheHandle", "DeltaDiTConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig",
+           "PABConfig", "Registered", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options",
+           "register"]

@@ -11,6 +11,7 @@ import torch
 from ..errors import DitscopeError
 from .engine import BlockSite, CacheMethod, Context
 from .fora import full_step
+from .registry import register
 from .residual import run_block
 
 
@@ -46,3 +47,8 @@ class DeltaDiTMethod(CacheMethod):
         in_range = bsite.depth >= ctx.depths - n if early else bsite.depth < n
         reuse = in_range and not full_step(ctx.step, c.interval, c.warmup)
         return run_block(ctx, bsite, run, args, kwargs, torch.ones(ctx.rows, dtype=torch.bool) if reuse else None)
+
+
+register("delta-dit", DeltaDiTConfig, DeltaDiTMethod, "block residuals of the back (early steps) or front (late steps) blocks",
+         grid=[{}, {"interval": 3}],
+         compact=[{}])

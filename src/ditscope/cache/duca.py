@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .registry import register
 from .toca import ToCaConfig, ToCaMethod
 
 
@@ -29,3 +30,8 @@ class DuCaMethod(ToCaMethod):
             if kind != "full" and offset % 2 == 0:
                 kinds[step] = "reuse"
         return kinds
+
+
+register("duca", DuCaConfig, DuCaMethod, "ToCa's partial steps alternating with plain reuse steps, kv-norm score",
+         grid=[{"interval": 3}, {}, {"interval": 6}],
+         compact=[{"interval": 3}])

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import DitscopeError
 from .engine import BlockSite, CacheMethod, Context, block_inputs, block_outputs, relative_change, rows_mask
+from .registry import register
 from .residual import run_block
 
 
@@ -58,3 +59,8 @@ class FBCacheMethod(CacheMethod):
         st["skip"] = skip
         ctx.record["blocks_computed"] += 1
         return out
+
+
+register("fbcache", FBCacheConfig, FBCacheMethod, "all blocks after the first, skipped when the first block's residual changed little",
+         grid=[{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
+         compact=[{"threshold": 0.05}, {"threshold": 0.2}, {"threshold": 0.2, "per_sample": False}])

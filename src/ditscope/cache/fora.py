@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..errors import DitscopeError
 from ..families import CROSS, MLP, SELF, TEMPORAL
 from .engine import COMPUTE, REUSE, CacheMethod, Context, Site, hidden_arg
+from .registry import register
 
 
 @dataclass
@@ -56,3 +57,8 @@ def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):
         return out
     ctx.count(REUSE, 0, tokens)
     return cache[site.index]
+
+
+register("fora", FORAConfig, FORAMethod, "every attention and MLP output, recomputed every N steps",
+         grid=[{"interval": 2}, {}, {"interval": 4}],
+         compact=[{"interval": 2}, {}])

@@ -10,6 +10,7 @@ from ..errors import DitscopeError
 from ..families import CROSS, SELF, TEMPORAL
 from .engine import CacheMethod, Context, Site
 from .fora import cached_module
+from .registry import register
 
 
 @dataclass
@@ -54,3 +55,8 @@ class PABMethod(CacheMethod):
                 full = since >= interval
                 st[site.index] = 1 if full else since + 1
         return cached_module(ctx, site, run, args, kwargs, full=full)
+
+
+register("pab", PABConfig, PABMethod, "attention outputs broadcast over a timestep range, per kind",
+         grid=[{}, {"spatial_interval": 3, "cross_interval": 8}],
+         compact=[{}])

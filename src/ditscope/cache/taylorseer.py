@@ -12,6 +12,7 @@ import torch
 from ..errors import DitscopeError
 from .engine import COMPUTE, PREDICT, CacheMethod, Context, Site, hidden_arg
 from .fora import full_step
+from .registry import register
 
 
 @dataclass
@@ -82,3 +83,8 @@ class TaylorSeerMethod(CacheMethod):
         ctx.count(PREDICT, 0, tokens)
         with torch.no_grad():
             return _map(forecast, *kept["diffs"])
+
+
+register("taylorseer", TaylorSeerConfig, TaylorSeerMethod, "module outputs forecast by a Taylor series in the step",
+         grid=[{"interval": 2}, {"interval": 3}, {}],
+         compact=[{"interval": 2}, {}])

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import DitscopeError
 from .engine import BlockSite, CacheMethod, Context, hidden_arg, relative_change
+from .registry import register
 from .residual import run_block
 
 
@@ -84,3 +85,8 @@ class TeaCacheMethod(CacheMethod):
             st["accumulated"] = torch.zeros(ctx.rows)
         st["modulated"] = x.detach().clone()
         st["skip"] = skip
+
+
+register("teacache", TeaCacheConfig, TeaCacheMethod, "the whole block stack, skipped while the accumulated rescaled input change is small",
+         grid=[{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
+         compact=[{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}])

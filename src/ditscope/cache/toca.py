@@ -18,6 +18,7 @@ from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
 from . import scores
 from .engine import COMPUTE, PARTIAL, REUSE, CacheMethod, Context, Site, hidden_arg, joint_slice, with_hidden
+from .registry import register
 
 SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
 SCHEDULES = ("pixart", "dit", "fixed")
@@ -207,3 +208,8 @@ class ToCaMethod(CacheMethod):
         age += 1
         ctx.count(REUSE, 0, n * age.shape[0])
         return cache
+
+
+register("toca", ToCaConfig, ToCaMethod, "per module (self-attn, cross-attn, MLP): recompute the top-scored tokens, reuse the rest",
+         grid=[{"interval": 2, "ratio": 0.3}, {}, {"interval": 4}, {"interval": 5, "ratio": 0.2}],
+         compact=[{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}])

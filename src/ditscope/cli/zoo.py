@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..cache import CONFIGS
 from ..errors import DitscopeError
 from ..files import write_text_atomic
 from ..runtime import check_writable_dir, pick_device, progress_bar, torch_dtype
@@ -38,8 +39,7 @@ def generate(
     upscale: Annotated[int, typer.Option(help="nearest-neighbour enlargement of the saved image")] = 1,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
-    cache: Annotated[str | None, typer.Option(help="cache method: toca, duca, fora, pab, taylorseer, delta-dit, "
-                                              "fbcache, teacache")] = None,
+    cache: Annotated[str | None, typer.Option(help=f"cache method: {', '.join(CONFIGS)}")] = None,
     cache_opt: Annotated[list[str] | None, typer.Option(help="cache option key=value (repeatable; preset=dit "
                                                         "picks a preset)")] = None,
     cache_stats: Annotated[bool, typer.Option(help="print what the cache did per step, with FLOPs")] = False,

@@ -1,0 +1,59 @@
+"""Every cache method registers itself once: its name, config, method, a one-line summary and the
+settings the bench sweeps. `apply`, `config_from_options` (the CLI's --cache), the CLI's help, the
+bench's presets and the tests all read this table, so a new method is one file that calls `register`
+(a method defined outside the package, or in a test, registers the same way)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from ..errors import DitscopeError
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str  # what the CLI and the bench call it
+    config: type  # the config dataclass a user builds
+    method: type  # the CacheMethod that executes it
+    summary: str  # one line: what it caches
+    grid: tuple[dict, ...] = ({},)  # the bench's default grid: near-lossless to aggressive, around the paper setting
+    compact: tuple[dict, ...] = ({},)  # the compact grid: the mildest and the most aggressive of those, and variants
+
+
+REGISTRY: dict[str, Registered] = {}
+
+
+def register(name: str, config: type, method: type, summary: str, grid=({},), compact=None) -> Registered:
+    """Add a cache method; `compact` defaults to the first and last settings of `grid`."""
+    known = REGISTRY.get(name)
+    if known is not None and (known.config is not config or known.method is not method):
+        raise DitscopeError(f"cache method name {name!r} is already taken by {known.config.__name__}")
+    grid = tuple(grid)
+    compact = tuple(compact) if compact is not None else tuple(dict(g) for g in {0: grid[0], len(grid) - 1: grid[-1]}.values())
+    entry = Registered(name, config, method, summary, grid, compact)
+    REGISTRY[name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+def for_config(config) -> Registered | None:
+    """The registered method of a config instance (or class)."""
+    cls = config if isinstance(config, type) else type(config)
+    return next((e for e in REGISTRY.values() if e.config is cls), None)
+
+
+class ConfigsByName(Mapping):
+    """A live read-only view name -> config class (methods registered later appear in it)."""
+
+    def __getitem__(self, name: str) -> type:
+        return REGISTRY[name].config
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(REGISTRY))
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
