@@ -253,12 +253,12 @@ def test_batch_level_decision_skips_all_rows_together(name, monkeypatch):
     reuses or every row computes, never a mix. (On the trained model, per-sample decisions at this
     threshold do mix rows on about half the steps.)"""
     from ditscope import zoo
-    from ditscope.cache import residual
+    from ditscope.cache import actions
 
     pipe = zoo.load("tiny-pixart")
     pipe.set_progress_bar_config(disable=True)
     masks = []
-    original = residual.run_block
+    original = actions.run_block
 
     def spy(ctx, bsite, run, args, kwargs, reuse_rows):
         if reuse_rows is not None:

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DitscopeError
+from .actions import full_step, run_block
 from .engine import BlockSite, CacheMethod, Context
-from .fora import full_step
 from .registry import register
-from .residual import run_block
 
 
 @dataclass

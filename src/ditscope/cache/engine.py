@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DitscopeError
-from ..families import FAMILIES, JOINT, TEMPORAL, Blocks, Family, family_of
+from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
 
 COMPUTE, REUSE, PARTIAL, PREDICT = "compute", "reuse", "partial", "predict"
 
@@ -448,22 +448,3 @@ class CacheHandle:
 
 
 _MISSING = object()
-
-
-def as_int_steps(value, name: str) -> int:
-    if int(value) != value or value < 1:
-        raise DitscopeError(f"{name} must be a positive integer, not {value!r}")
-    return int(value)
-
-
-def joint_slice(ctx: Context, site: Site, score: torch.Tensor, n_tokens: int) -> torch.Tensor | None:
-    """The part of a per-token score over an attention sequence that a module's tokens correspond to."""
-    if score.shape[-1] == n_tokens:
-        return score
-    if site.stream == JOINT or score.shape[-1] < n_tokens:
-        return None
-    image_first = ctx.family.joint_order[0] == "image"
-    other = score.shape[-1] - n_tokens
-    if (site.stream == "image") == image_first:
-        return score[..., :n_tokens]
-    return score[..., other:]

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DitscopeError
+from .actions import run_block
 from .engine import BlockSite, CacheMethod, Context, block_inputs, block_outputs, relative_change, rows_mask
 from .registry import register
-from .residual import run_block
 
 
 @dataclass

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..errors import DitscopeError
 from ..families import CROSS, MLP, SELF, TEMPORAL
-from .engine import COMPUTE, REUSE, CacheMethod, Context, Site, hidden_arg
+from .actions import cached_module, full_step
+from .engine import CacheMethod, Context, Site
 from .registry import register
 
 
@@ -26,12 +27,6 @@ class FORAConfig:
     kinds: tuple[str, ...] = (SELF, CROSS, MLP, TEMPORAL)
 
 
-def full_step(step: int, interval: int, warmup: int) -> bool:
-    """Step 0 and the first `warmup` steps are full, then every `interval`-th step."""
-    warmup = max(1, warmup)
-    return step < warmup or (step - warmup + 1) % interval == 0 if interval > 1 else True
-
-
 class FORAMethod(CacheMethod):
     uses_modules = True
 
@@ -43,20 +38,6 @@ class FORAMethod(CacheMethod):
         return cached_module(ctx, site, run, args, kwargs,
                              full=full_step(ctx.step, self.config.interval, self.config.warmup)
                              or site.kind not in self.config.kinds)
-
-
-def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):
-    """Compute and keep the module's output, or hand back the kept one (shared by FORA and PAB)."""
-    cache = ctx.state.setdefault("out", {})
-    x = hidden_arg(args, kwargs)
-    tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
-    if full or site.index not in cache:
-        out = run(*args, **kwargs)
-        cache[site.index] = out
-        ctx.count(COMPUTE, tokens, tokens)
-        return out
-    ctx.count(REUSE, 0, tokens)
-    return cache[site.index]
 
 
 register("fora", FORAConfig, FORAMethod, "every attention and MLP output, recomputed every N steps",

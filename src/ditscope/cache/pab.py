@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from ..errors import DitscopeError
 from ..families import CROSS, SELF, TEMPORAL
+from .actions import cached_module
 from .engine import CacheMethod, Context, Site
-from .fora import cached_module
 from .registry import register
 
 

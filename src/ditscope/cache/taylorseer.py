@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import DitscopeError
+from .actions import full_step
 from .engine import COMPUTE, PREDICT, CacheMethod, Context, Site, hidden_arg
-from .fora import full_step
 from .registry import register
 
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DitscopeError
+from .actions import run_block
 from .engine import BlockSite, CacheMethod, Context, hidden_arg, relative_change
 from .registry import register
-from .residual import run_block
 
 
 @dataclass

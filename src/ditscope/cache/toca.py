@@ -17,7 +17,7 @@ import torch
 from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
 from . import scores
-from .engine import COMPUTE, PARTIAL, REUSE, CacheMethod, Context, Site, hidden_arg, joint_slice, with_hidden
+from .engine import COMPUTE, PARTIAL, REUSE, CacheMethod, Context, Site, hidden_arg, with_hidden
 from .registry import register
 
 SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
@@ -208,6 +208,19 @@ class ToCaMethod(CacheMethod):
         age += 1
         ctx.count(REUSE, 0, n * age.shape[0])
         return cache
+
+
+def joint_slice(ctx: Context, site: Site, score: torch.Tensor, n_tokens: int) -> torch.Tensor | None:
+    """The part of a per-token score over an attention sequence that a module's tokens correspond to."""
+    if score.shape[-1] == n_tokens:
+        return score
+    if site.stream == JOINT or score.shape[-1] < n_tokens:
+        return None
+    image_first = ctx.family.joint_order[0] == "image"
+    other = score.shape[-1] - n_tokens
+    if (site.stream == "image") == image_first:
+        return score[..., :n_tokens]
+    return score[..., other:]
 
 
 register("toca", ToCaConfig, ToCaMethod, "per module (self-attn, cross-attn, MLP): recompute the top-scored tokens, reuse the rest",

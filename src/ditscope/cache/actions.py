@@ -1,0 +1,82 @@
+"""The actions a cache method can take at a site, apart from the policies that choose them.
+
+A method (toca.py, fora.py, ...) is a policy: per (step, site) it decides; these functions execute.
+- module sites: compute and keep the output, or serve the kept one (`cached_module`);
+- block sites: compute and keep the block's residual per stream, or add the kept residual (`run_block`).
+  The sum of the per-block residuals of a run of blocks is the run's residual, so reusing every block
+  of a range is the same as adding the range's cached residual, and it stays right on models whose
+  blocks reshape the sequence in between (Latte's spatial and temporal blocks). Decisions can differ
+  per batch row: rows that reuse take input + residual, rows that compute take the block's output, and
+  the block only runs when some row computes.
+- the fixed-interval schedule most policies start from (`full_step`).
+Forecasting (TaylorSeer) and partial recompute (ToCa) keep their own state in their files.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import (
+    COMPUTE,
+    REUSE,
+    BlockSite,
+    Context,
+    Site,
+    add_residuals,
+    block_inputs,
+    block_outputs,
+    hidden_arg,
+    pack_outputs,
+    residuals,
+    rows_mask,
+)
+
+
+def run_block(ctx: Context, bsite: BlockSite, run, args, kwargs, reuse_rows: torch.Tensor | None):
+    """Run or reuse one block. `reuse_rows`: per model row, True = reuse (None = compute all rows)."""
+    kept = ctx.state.setdefault("residual", {})
+    inputs = block_inputs(ctx.layout, args, kwargs)
+    res = kept.get(bsite.index)
+    if res is None or reuse_rows is None or not bool(reuse_rows.any()):
+        outputs = block_outputs(ctx.layout, run(*args, **kwargs))
+        kept[bsite.index] = residuals(inputs, outputs)
+        ctx.record["blocks_computed"] += 1
+        return pack_outputs(ctx.layout, outputs)
+    reused = add_residuals(inputs, res)
+    if bool(reuse_rows.all()):
+        ctx.record["blocks_reused"] += 1
+        return pack_outputs(ctx.layout, reused)
+    outputs = block_outputs(ctx.layout, run(*args, **kwargs))
+    new_res = residuals(inputs, outputs)
+    merged_out, merged_res = {}, {}
+    for name, out in outputs.items():
+        r = new_res[name]
+        if r is None or res.get(name) is None:
+            merged_out[name], merged_res[name] = out, r
+            continue
+        mask = rows_mask(ctx, reuse_rows, r.shape[0]).to(r.device).view(-1, *[1] * (r.dim() - 1))
+        merged_out[name] = torch.where(mask, reused[name], out)
+        merged_res[name] = torch.where(mask, res[name], r)
+    kept[bsite.index] = merged_res
+    ctx.record["blocks_computed"] += 1
+    return pack_outputs(ctx.layout, merged_out)
+
+
+def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):
+    """Compute and keep the module's output, or hand back the kept one (shared by FORA and PAB)."""
+    cache = ctx.state.setdefault("out", {})
+    x = hidden_arg(args, kwargs)
+    tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
+    if full or site.index not in cache:
+        out = run(*args, **kwargs)
+        cache[site.index] = out
+        ctx.count(COMPUTE, tokens, tokens)
+        return out
+    ctx.count(REUSE, 0, tokens)
+    return cache[site.index]
+
+
+def full_step(step: int, interval: int, warmup: int) -> bool:
+    """Step 0 and the first `warmup` steps are full, then every `interval`-th step."""
+    warmup = max(1, warmup)
+    return step < warmup or (step - warmup + 1) % interval == 0 if interval > 1 else True
