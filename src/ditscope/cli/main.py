@@ -145,8 +145,9 @@ def plot_cmd(
 
 
 from . import bench as _bench_commands  # noqa: E402,F401  (registers bench)
+from . import generate as _generate_commands  # noqa: E402,F401  (registers generate)
 from . import study as _study_commands  # noqa: E402,F401  (registers study)
-from . import zoo as _zoo_commands  # noqa: E402,F401  (registers generate, eval, zoo)
+from . import zoo as _zoo_commands  # noqa: E402,F401  (registers eval, zoo)
 
 
 def main(argv: list[str] | None = None):

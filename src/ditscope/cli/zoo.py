@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from ..cache import CONFIGS
 from ..errors import DitscopeError
 from ..files import write_text_atomic
 from ..runtime import check_writable_dir, pick_device, progress_bar, torch_dtype
@@ -19,87 +18,12 @@ zoo_app = typer.Typer(help="The zoo: small models that run with no download.", n
 app.add_typer(zoo_app, name="zoo")
 
 
-def _load(model: str, device: str, dtype: str):
+def load_model(model: str, device: str, dtype: str):
+    """(pipeline, zoo entry or None) for a zoo name, local folder or hub id."""
     from .. import zoo
 
     dev = pick_device(device)
     return zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev), zoo.ZOO.get(model)
-
-
-@app.command(context_settings={"allow_extra_args": True})
-@user_errors
-def generate(
-    ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
-    prompt: Annotated[str, typer.Option(help="text prompt (tiny-dit: a class index or '<colour> <shape>')")],
-    out: Annotated[Path, typer.Option(help="image file to write (.png, .jpg)")],
-    seed: Annotated[int, typer.Option()] = 0,
-    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
-    guidance_scale: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
-    upscale: Annotated[int, typer.Option(help="nearest-neighbour enlargement of the saved image")] = 1,
-    device: Annotated[str, typer.Option()] = "auto",
-    dtype: Annotated[str, typer.Option()] = "auto",
-    cache: Annotated[str | None, typer.Option(help=f"cache method: {', '.join(CONFIGS)}")] = None,
-    cache_opt: Annotated[list[str] | None, typer.Option(help="cache option key=value (repeatable; preset=dit "
-                                                        "picks a preset)")] = None,
-    cache_stats: Annotated[bool, typer.Option(help="print what the cache did per step, with FLOPs")] = False,
-):
-    """Generate one image from a prompt, optionally with a cache method."""
-    import warnings
-
-    import torch
-
-    from ..zoo.pipeline import samples
-
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif", ".webp"):
-        raise DitscopeError(f"--out {out}: use an image file name (.png, .jpg, .gif, .webp)")
-    if upscale < 1:
-        raise DitscopeError("--upscale must be at least 1")
-    check_writable_dir(out.parent)
-    # `--cache-opt interval=3 ratio=0.3`: the values after the first arrive as extra arguments
-    extra = list(ctx.args)
-    if any("=" not in a for a in extra):
-        raise DitscopeError(f"unexpected argument(s): {' '.join(a for a in extra if '=' not in a)}")
-    cache_opt = list(cache_opt or []) + extra
-    config = None
-    if cache is not None:
-        from ..cache import config_from_options
-
-        config = config_from_options(cache, _split_opts(cache_opt))
-    elif cache_opt:
-        raise DitscopeError("--cache-opt needs --cache METHOD")
-    pipe, entry = _load(model, device, dtype)
-    handle = None
-    if config is not None:
-        from ..cache import apply
-
-        handle = apply(pipe, config, count_flops=cache_stats)
-    steps = steps or (entry.steps if entry else 20)
-    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(entry.call_kwargs) if entry else {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image = samples(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                             generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs))[0]
-    for w in caught:
-        if "vocabulary" in str(w.message):
-            print(f"warning: {w.message}", file=sys.stderr)
-    if handle is not None:
-        stats = handle.stats()
-        handle.remove()
-        if cache_stats:
-            print(stats)
-        else:
-            s = stats.summary()
-            print(f"{cache}: {s['computed']} modules computed, {s['reused'] + s['predicted']} reused or predicted, "
-                  f"{s['partial']} partial, {s['blocks_reused']} blocks reused")
-    if isinstance(image, list):  # video frames -> animated image
-        frames = [f.resize((f.width * upscale, f.height * upscale), 0) for f in image]
-        frames[0].save(out, save_all=True, append_images=frames[1:], duration=150, loop=0)
-    else:
-        image.resize((image.width * upscale, image.height * upscale), 0).save(out)
-    print(f"wrote {out}")
 
 
 @app.command("eval")
@@ -142,7 +66,7 @@ def eval_cmd(
     if random_init:
         pipe, entry = build(recipe), zoo.ZOO.get(recipe)
     else:
-        pipe, entry = _load(model, device, "float32")
+        pipe, entry = load_model(model, device, "float32")
         entry = entry or zoo.ZOO.get(recipe)
     pipe.set_progress_bar_config(disable=True)
     steps = steps or (entry.steps if entry else 20)
@@ -260,7 +184,7 @@ def zoo_grid(
     from ..zoo.train import build
 
     check_writable_dir(out.parent)
-    pipe = build(model) if random_init else _load(model, "cpu", "float32")[0]
+    pipe = build(model) if random_init else load_model(model, "cpu", "float32")[0]
     entry = zoo.ZOO.get(model)
     pipe.set_progress_bar_config(disable=True)
     scenes, prompts = evaluator.evaluation_prompts(pipe, n, seed, objects)
@@ -289,8 +213,3 @@ def zoo_grid(
     fig.suptitle(f"{model}{' (random init)' if random_init else ''}: {what}", fontsize=9)
     fig.savefig(out, dpi=130)
     print(f"wrote {out}")
-
-
-def _split_opts(options: list[str] | None) -> list[str]:
-    """`--cache-opt "interval=3 ratio=0.3"` and repeated `--cache-opt k=v` both work."""
-    return [part for opt in options or [] for part in opt.split()]
