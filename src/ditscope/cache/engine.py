@@ -21,7 +21,6 @@ pipeline's scheduler sets its timesteps; all state is dropped then, so nothing l
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import DitscopeError
 from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
+from ..patching import Patches, read_timestep, timestep_argument
 
 COMPUTE, REUSE, PARTIAL, PREDICT = "compute", "reuse", "partial", "predict"
 
@@ -302,12 +302,12 @@ class AttentionTap:
         self.ctx, self.method, self.orig = ctx, method, None
 
     def __enter__(self):
-        self.orig = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = self._sdpa
+        self.patches = Patches()
+        self.orig = self.patches.set(F, "scaled_dot_product_attention", self._sdpa)
         return self
 
     def __exit__(self, *exc):
-        F.scaled_dot_product_attention = self.orig
+        self.patches.restore()
 
     def _sdpa(self, query, key, value, attn_mask=None, *args, **kwargs):
         out = self.orig(query, key, value, attn_mask, *args, **kwargs)
@@ -335,14 +335,10 @@ class CacheHandle:
         self.ctx.flop_counting = count_flops
         self.ctx.num_steps = num_inference_steps
         method.validate(self.ctx)
-        self._patched: list[tuple[object, str, object]] = []  # (object, attribute, previous instance value)
+        self._patches = Patches()
         self._install()
 
     # ---------------------------------------------------------------------------------- install
-    def _patch(self, obj, attr: str, new):
-        self._patched.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
-        setattr(obj, attr, new)
-
     def _install(self):
         ctx, method, model = self.ctx, self.method, self.transformer
         if self.pipe is not None and hasattr(getattr(self.pipe, "scheduler", None), "set_timesteps"):
@@ -354,14 +350,13 @@ class CacheHandle:
                 ctx.new_generation(len(scheduler.timesteps), [float(t) for t in scheduler.timesteps])
                 return out
 
-            self._patch(scheduler, "set_timesteps", set_timesteps)
+            self._patches.set(scheduler, "set_timesteps", set_timesteps)
         orig_model = model.forward
-        params = list(inspect.signature(orig_model).parameters)
-        t_pos = params.index("timestep") if "timestep" in params else None
+        t_pos = timestep_argument(orig_model)
 
         def model_forward(*args, **kwargs):
             hidden = hidden_arg(args, kwargs)
-            timestep = kwargs.get("timestep", args[t_pos] if t_pos is not None and t_pos < len(args) else None)
+            timestep = read_timestep(args, kwargs, t_pos)
             ctx.begin_call(timestep, hidden.shape[0])
             tap = AttentionTap(ctx, method) if method.wants_attention(ctx) else contextlib.nullcontext()
             counter = None
@@ -380,13 +375,13 @@ class CacheHandle:
                 ctx.record["flops"] = counter.get_total_flops()
             return out
 
-        self._patch(model, "forward", model_forward)
+        self._patches.set(model, "forward", model_forward)
         for bsite in ctx.blocks:
             if method.uses_blocks:
-                self._patch(bsite.module, "forward", self._block_forward(bsite, bsite.module.forward))
+                self._patches.set(bsite.module, "forward", self._block_forward(bsite, bsite.module.forward))
             if method.uses_modules:
                 for site in bsite.sites:
-                    self._patch(site.module, "forward", self._module_forward(site, site.module.forward))
+                    self._patches.set(site.module, "forward", self._module_forward(site, site.module.forward))
         model._ditscope_cache = self
 
     def _block_forward(self, bsite: BlockSite, orig):
@@ -419,12 +414,7 @@ class CacheHandle:
     # ------------------------------------------------------------------------------------ public
     def remove(self):
         """Take every wrapper away; the model and the scheduler are exactly as before `apply`."""
-        for obj, attr, previous in reversed(self._patched):
-            if previous is _MISSING:
-                obj.__dict__.pop(attr, None)
-            else:
-                setattr(obj, attr, previous)
-        self._patched.clear()
+        self._patches.restore()
         if getattr(self.transformer, "_ditscope_cache", None) is self:
             del self.transformer._ditscope_cache
         self.ctx._slots.clear()
@@ -446,5 +436,3 @@ class CacheHandle:
     def __exit__(self, *exc):
         self.remove()
 
-
-_MISSING = object()

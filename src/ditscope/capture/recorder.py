@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import DitscopeError
 from ..families import IMAGE, TEXT, Family, family_of
+from ..patching import Patches, read_timestep, timestep_argument
 from ..stats.distances import N_SUMS, metrics_from_sums, reduce_sums
 
 TARGETS = ("q", "k", "v", "a", "out")  # "a": attention output before out-proj; "out": the module's output
@@ -137,6 +138,9 @@ class Recorder:
         self.separate_branches = tuple(separate_branches)
         self.on_step = on_step
         self.prompts_per_sample: int | None = None  # set by the runner; inferred from the batch otherwise
+        # where a positional timestep sits: diffusers' `timestep` parameter, else the (x, t, ...) convention
+        found = timestep_argument(model.forward)
+        self._timestep_position = found if found is not None else 1
         modules = find_attention_modules(model, attention, self.family)
         self._layers = [_Layer(-1, n, m, self.family.is_single_stream(n)) for n, m in modules]
         self.layer_names: list[str] = []  # in first-execution order; index = layer index
@@ -154,9 +158,8 @@ class Recorder:
             self._handles.append(layer.module.register_forward_hook(self._layer_post(layer)))
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._model_post))
-        self._orig_sdpa = F.scaled_dot_product_attention
-        self._wrapper = self._sdpa  # one bound-method object, so close() can check it is still ours
-        F.scaled_dot_product_attention = self._wrapper
+        self._patches = Patches()  # restores in order, and refuses if someone wrapped SDPA after us
+        self._orig_sdpa = self._patches.set(F, "scaled_dot_product_attention", self._sdpa)
         return self
 
     def __exit__(self, *exc):
@@ -167,9 +170,7 @@ class Recorder:
             h.remove()
         self._handles.clear()
         if self._orig_sdpa is not None:
-            if F.scaled_dot_product_attention is not self._wrapper:
-                raise RuntimeError("scaled_dot_product_attention was re-wrapped by someone else; exit recorders in LIFO order")
-            F.scaled_dot_product_attention = self._orig_sdpa
+            self._patches.restore()
             self._orig_sdpa = None
         self._active = None
         self._scratch.clear()
@@ -245,7 +246,7 @@ class Recorder:
         enc = kwargs.get("encoder_hidden_states")
         self._text_len = enc.shape[1] if isinstance(enc, torch.Tensor) and enc.dim() >= 2 else None
         if self._step_timestep is None:
-            self._step_timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            self._step_timestep = read_timestep(args, kwargs, self._timestep_position)
             if isinstance(self._step_timestep, torch.Tensor):
                 self._step_timestep = self._step_timestep.detach().flatten()[:1].clone()  # read at sample end
         self._branch_of_call = self._branches_for(hidden.shape[0] if isinstance(hidden, torch.Tensor) else None)

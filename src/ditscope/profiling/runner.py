@@ -18,6 +18,7 @@ from .. import __version__
 from ..capture.recorder import DEFAULT_TARGETS, Recorder
 from ..errors import DitscopeError
 from ..families import family_of
+from ..patching import Patches
 from .artifact import RUN_FIELDS, Profile, sha256_of
 from .prompts import pipeline_prompt_kwargs
 
@@ -85,21 +86,16 @@ def load_state(state_path, meta: dict, shard: str) -> Profile | None:
 @contextlib.contextmanager
 def _steps_end_at_scheduler(scheduler, rec: Recorder):
     """Mark the end of each denoising step where every diffusers pipeline marks it: scheduler.step."""
-    original = scheduler.step
-    had_own = "step" in vars(scheduler)
+    def ending_the_step(original):
+        def step(model_output, timestep, *args, **kwargs):
+            rec.end_step(timestep)
+            return original(model_output, timestep, *args, **kwargs)
 
-    def step(model_output, timestep, *args, **kwargs):
-        rec.end_step(timestep)
-        return original(model_output, timestep, *args, **kwargs)
+        return step
 
-    scheduler.step = step
-    try:
+    with Patches() as patches:
+        patches.wrap(scheduler, "step", ending_the_step)
         yield
-    finally:
-        if had_own:
-            scheduler.step = original
-        else:
-            del scheduler.step
 
 
 def profile(
