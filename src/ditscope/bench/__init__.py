@@ -2,7 +2,7 @@
 
     ditscope bench tiny-pixart --grid default --prompts 16 --seeds 2 --out runs/bench/tiny-pixart
 
-`grid.py` says what runs, `runner.py` runs it (resumable), `peers.py` adapts diffusers' and cache-dit's
+`grid.py` says what runs, `runner.py` runs it (resumable), `peers/` adapts diffusers' and cache-dit's
 caches, `report.py` writes the table, the Pareto plot and the image grid.
 """
 
