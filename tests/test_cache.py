@@ -19,13 +19,31 @@ AGGRESSIVE = {
     "toca": {}, "duca": {}, "fora": {}, "taylorseer": {}, "delta-dit": {},
     "pab": {"spatial_range": (0, 1000), "temporal_range": (0, 1000), "cross_range": (0, 1000)},
     "fbcache": {"threshold": 1e9}, "teacache": {"threshold": 1e9},
+    "plan": ("CCRFCRFC", "CCCCRCCR"),  # module sites reuse / forecast, the whole stack skipped at two steps
 }
 # settings under which each method computes everything
 EVERYTHING = {
     "toca": {"interval": 1, "schedule": "fixed"}, "duca": {"interval": 1}, "fora": {"interval": 1},
     "taylorseer": {"interval": 1}, "delta-dit": {"interval": 1}, "fbcache": {"threshold": 0.0},
     "teacache": {"threshold": 0.0}, "pab": {"spatial_interval": 1, "temporal_interval": 1, "cross_interval": 1},
+    "plan": ("C" * STEPS, "C" * STEPS),
 }
+
+
+def plan_rows(model, site_row: str, stack_row: str) -> dict:
+    """A plan for this model: every module site on `site_row`, the stack on `stack_row`."""
+    from ditscope.cache.engine import layout_of
+
+    _, _, sites, _ = layout_of(model)
+    return {"stack": stack_row, **{s.name: site_row for s in sites}}
+
+
+def config_for(method: str, model, settings: dict):
+    """The config of a registered method under a settings table (a plan is built for the model)."""
+    if method == "plan":
+        rows = plan_rows(model, *settings["plan"])
+        return ditscope.PlanConfig(ditscope.Schedule(rows))
+    return CONFIGS[method](**settings[method])
 
 
 def run_steps(model, inputs, batch=2, steps=STEPS):
@@ -43,7 +61,7 @@ def family(request):
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_every_method_runs_and_caches_on_every_family(family, method):
     model, inputs, reference = family
-    with ditscope.apply(model, CONFIGS[method](**AGGRESSIVE[method]), num_inference_steps=STEPS) as handle:
+    with ditscope.apply(model, config_for(method, model, AGGRESSIVE), num_inference_steps=STEPS) as handle:
         outs = run_steps(model, inputs)
         summary = handle.stats().summary()
     assert all(o.shape == r.shape and torch.isfinite(o).all() for o, r in zip(outs, reference))
@@ -56,7 +74,7 @@ def test_every_method_runs_and_caches_on_every_family(family, method):
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_compute_everything_is_bit_identical(family, method):
     model, inputs, reference = family
-    with ditscope.apply(model, CONFIGS[method](**EVERYTHING[method]), num_inference_steps=STEPS):
+    with ditscope.apply(model, config_for(method, model, EVERYTHING), num_inference_steps=STEPS):
         outs = run_steps(model, inputs)
     for step, (o, r) in enumerate(zip(outs, reference)):
         assert torch.equal(o, r), f"{method} step {step} differs by {(o - r).abs().max():.3g}"

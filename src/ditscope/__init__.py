@@ -22,6 +22,8 @@ from .cache import (  # noqa: E402
     FBCacheConfig,
     FORAConfig,
     PABConfig,
+    PlanConfig,
+    Schedule,
     TaylorSeerConfig,
     TeaCacheConfig,
     ToCaConfig,
@@ -31,6 +33,16 @@ from .capture.recorder import Recorder  # noqa: E402
 from .errors import DitscopeError  # noqa: E402
 from .profiling.artifact import Profile  # noqa: E402
 from .profiling.runner import profile  # noqa: E402
+
+Plan = Schedule  # what `ditscope.plan` returns: Plan.load("x.plan.json"), plan.save(...)
+
+
+def plan(pipe, prompts, target: str = "psnr=35", num_inference_steps: int = 20, **kwargs) -> Schedule:
+    """Plan the cache of `pipe` from its measured redundancy on calibration `prompts` so that `target`
+    (psnr=, ssim=, speedup=, flops=) holds; see `ditscope.planning.planner.plan`."""
+    from .planning.planner import plan as _plan
+
+    return _plan(pipe, prompts, target, num_inference_steps, **kwargs)
 
 
 def record(model, attention=None, **kwargs) -> Recorder:
@@ -43,6 +55,6 @@ def record(model, attention=None, **kwargs) -> Recorder:
 
 
 __all__ = [
-    "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Profile", "Recorder",
+    "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Plan", "PlanConfig", "Profile", "Recorder", "Schedule",
     "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "__version__", "apply", "profile", "record", "zoo",
 ]

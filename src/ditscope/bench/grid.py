@@ -134,7 +134,11 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
         for opts in options:
             if not isinstance(opts, dict):
                 raise DitscopeError(f"settings of {method!r} must be option dicts, not {opts!r}")
-            if system == "ditscope":  # check the options now, not an hour into the run
+            if system == "ditscope" and method == "plan" and "target" in opts:  # planned on calibration prompts
+                from ..planning.planner import Target
+
+                Target.parse(opts["target"])
+            elif system == "ditscope":  # check the options now, not an hour into the run
                 from ..cache import config_from_options
 
                 config_from_options(method, option_strings(opts))

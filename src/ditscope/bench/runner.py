@@ -23,6 +23,7 @@ import torch
 
 from ..errors import DitscopeError
 from ..files import atomic_path, write_text_atomic
+from ..stats.quality import as_frames, per_sample_psnr_ssim
 from ..zoo.pipeline import samples
 from .grid import BASELINE, FEWER_STEPS, Setting, option_strings
 
@@ -45,11 +46,16 @@ class BenchInputs:
     scenes: list | None = None  # zoo scenes behind the prompts (enables attribute accuracy / Fréchet)
     class_conditional: bool = False  # prompts are class labels: accuracy is per class (shape x colour)
     prompt_seed: int | None = None  # zoo models: the seed the prompts were drawn with (None: a prompt file)
+    calibration: list | None = None  # prompts a plan is fitted on (never the bench's own)
+    calibration_seed: int | None = None  # zoo models: the seed they were drawn with
 
     def meta(self) -> dict:
-        return {"model": self.model, "prompts": [str(p) for p in self.prompts], "prompt_seed": self.prompt_seed,
+        meta = {"model": self.model, "prompts": [str(p) for p in self.prompts], "prompt_seed": self.prompt_seed,
                 "seeds": self.seeds, "steps": self.steps, "guidance_scale": self.guidance_scale,
                 "batch_size": self.batch_size, "repeats": self.repeats}
+        if self.calibration:
+            meta.update(calibration=[str(p) for p in self.calibration], calibration_seed=self.calibration_seed)
+        return meta
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -86,24 +92,6 @@ def generate_all(pipe, inputs: BenchInputs, steps: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------- quality
-def as_frames(x: torch.Tensor) -> torch.Tensor:
-    """Images (N, C, H, W) or videos (N, F, C, H, W) as a batch of frames in [0, 1]."""
-    return x.flatten(0, x.dim() - 4).clamp(0, 1)
-
-
-def per_sample_psnr_ssim(images: torch.Tensor, reference: torch.Tensor) -> tuple[list[float], list[float]]:
-    """PSNR (dB, capped at 100 for identical images) and SSIM of each sample against its reference; a
-    video's are the means over its frames."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-    a, b = as_frames(images), as_frames(reference)
-    psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    psnr = torch.nan_to_num(psnr, posinf=100.0).clamp(max=100.0)
-    ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
-    n = len(images)
-    return psnr.view(n, -1).mean(1).tolist(), ssim.view(n, -1).mean(1).tolist()
-
-
 def lpips_metric():
     """LPIPS when torchvision and its AlexNet weights are on this machine (never downloads), else a note."""
     try:
@@ -137,10 +125,36 @@ def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> 
 
 
 # ---------------------------------------------------------------------------------------- apply
-def applied(pipe, setting: Setting, inputs: BenchInputs):
+def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
+    """The plan of a `plan target=...` setting, fitted on the calibration prompts (kept in OUT/plans/)."""
+    from ..cache.schedule import Schedule
+    from ..planning.planner import plan
+
+    if not inputs.calibration:
+        raise DitscopeError("the plan method needs calibration prompts apart from the bench's")
+    path = out / "plans" / f"{setting.key}.plan.json" if out is not None else None
+    if path is not None and path.exists():
+        return Schedule.load(path)
+    opts = {k: v for k, v in setting.options.items() if k != "target"}
+    schedule = plan(pipe, inputs.calibration, setting.options["target"], inputs.steps, batch_size=inputs.batch_size,
+                    guidance_scale=inputs.guidance_scale, work_dir=path.with_suffix(".work") if path else None, **opts)
+    if path is not None:
+        schedule.save(path)
+        import shutil
+
+        shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
+    return schedule
+
+
+def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None):
     """Apply `setting` to `pipe`; returns (steps to run, remove function)."""
     if setting.method in (BASELINE, FEWER_STEPS):
         return (setting.steps or inputs.steps), (lambda: None)
+    if setting.system == "ditscope" and setting.method == "plan" and "target" in setting.options:
+        from ..cache import PlanConfig, apply
+
+        handle = apply(pipe, PlanConfig(planned(pipe, setting, inputs, out)))
+        return inputs.steps, handle.remove
     if setting.system == "ditscope":
         from ..cache import apply, config_from_options
 
@@ -183,7 +197,7 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
                 progress(setting, rows[setting.key])
             continue
         try:
-            row = run_setting(pipe, setting, inputs, reference, evaluator_net, lpips, lpips_note)
+            row = run_setting(pipe, setting, inputs, reference, evaluator_net, lpips, lpips_note, out)
         except _Skip as skip:
             log(f"skipped {setting.label}: {skip}")
             row = {"note": str(skip), "skipped": True}
@@ -222,11 +236,12 @@ class _Skip(Exception):
     pass
 
 
-def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluator_net, lpips, lpips_note) -> dict:
+def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluator_net, lpips, lpips_note,
+                out: Path | None = None) -> dict:
     from .peers import PeerUnavailable
 
     try:
-        steps, remove = applied(pipe, setting, inputs)
+        steps, remove = applied(pipe, setting, inputs, out)
     except PeerUnavailable as e:
         raise _Skip(str(e).splitlines()[0]) from None
     notes = [lpips_note] if lpips_note else []

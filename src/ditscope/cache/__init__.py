@@ -22,6 +22,7 @@ from .taylorseer import TaylorSeerConfig
 from .delta_dit import DeltaDiTConfig
 from .fbcache import FBCacheConfig
 from .teacache import TeaCacheConfig
+from .schedule import PlanConfig, Schedule
 # isort: on
 from .engine import CacheHandle
 from .registry import REGISTRY, ConfigsByName, Registered, for_config, register
@@ -95,5 +96,5 @@ def _default(f):
 
 
 __all__ = ["CONFIGS", "REGISTRY", "CacheHandle", "DeltaDiTConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig",
-           "PABConfig", "Registered", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options",
+           "PABConfig", "PlanConfig", "Registered", "Schedule", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options",
            "register"]

@@ -74,6 +74,7 @@ class Context:
         self.records: list[dict] = []  # one per model call of the current generation
         self.record: dict = {}
         self.flop_counting = False
+        self.model: torch.nn.Module | None = None  # the transformer (set by the handle)
 
     @property
     def state(self) -> dict:
@@ -334,6 +335,7 @@ class CacheHandle:
         self.ctx = Context(family, family.blocks, blocks, sites, depths)
         self.ctx.flop_counting = count_flops
         self.ctx.num_steps = num_inference_steps
+        self.ctx.model = self.transformer
         method.validate(self.ctx)
         self._patches = Patches()
         self._install()

@@ -25,6 +25,9 @@ def bench(
     prompt_file: Annotated[Path | None, typer.Option(help="prompts for non-zoo models (.txt, .jsonl, .csv)")] = None,
     prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn prompts; fit a plan or threshold on "
                                              "one seed and score it on another")] = 3000,
+    calibration_seed: Annotated[int, typer.Option(help="zoo models: seed of the calibration prompts a plan is fitted on")] = 7000,
+    calibration_prompts: Annotated[int, typer.Option(help="calibration prompts for the plan method (zoo: drawn; "
+                                                     "a prompt file: the ones after --prompts)")] = 8,
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 2,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
@@ -48,6 +51,12 @@ def bench(
         raise DitscopeError("--prompts, --seeds, --repeats and --batch-size must be at least 1")
     if prompt_seed < 0:
         raise DitscopeError(f"--prompt-seed must be 0 or more, got {prompt_seed}")
+    if calibration_seed < 0:
+        raise DitscopeError(f"--calibration-seed must be 0 or more, got {calibration_seed}")
+    if calibration_seed == prompt_seed:
+        raise DitscopeError("--calibration-seed must differ from --prompt-seed: a plan is scored on prompts it was not fitted on")
+    if calibration_prompts < 1:
+        raise DitscopeError("--calibration-prompts must be at least 1")
     if steps is not None and steps < 2:
         raise DitscopeError("--steps must be at least 2")
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
@@ -57,12 +66,13 @@ def bench(
     settings = expand(method_list, grid_spec, n_steps)  # validates every method and option up front
     out = out or Path("runs") / "bench" / Path(model).name
     check_writable_dir(out)
-    prompt_list = None
+    prompt_list, calibration = None, None
     if prompt_file is not None:  # checked before the model loads: a bad file costs nothing
         prompt_list = load_prompts(prompt_file)
         if prompts is not None and prompts > len(prompt_list):
             raise DitscopeError(f"--prompts {prompts} but {prompt_file} holds {len(prompt_list)} prompts; "
                                 f"ask for at most {len(prompt_list)} or add prompts to the file")
+        calibration = prompt_list[prompts:][:calibration_prompts] if prompts is not None else []
         prompt_list = prompt_list[:prompts]
 
     dev = pick_device(device)
@@ -75,10 +85,18 @@ def bench(
         # a zoo pipeline: prompts drawn from the data generator with --prompt-seed
         scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts or 16, seed=prompt_seed)
         net, drawn_with = evaluator.load_evaluator(), prompt_seed
+    uses_plan = any(s.method == "plan" for s in settings)
+    if uses_plan and prompt_file is None:
+        calibration = evaluator.evaluation_prompts(pipe, calibration_prompts, seed=calibration_seed)[1]
+    elif uses_plan and not calibration:
+        raise DitscopeError(f"the plan method fits on prompts apart from the bench's: put more than --prompts "
+                            f"prompts in {prompt_file} (the ones after them calibrate)")
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
     inputs = BenchInputs(model=model, prompts=prompt_list, seeds=list(range(seeds)), steps=n_steps,
                          guidance_scale=guidance, batch_size=batch_size, repeats=repeats, scenes=scenes,
-                         class_conditional=getattr(pipe, "is_class_conditional", False), prompt_seed=drawn_with)
+                         class_conditional=getattr(pipe, "is_class_conditional", False), prompt_seed=drawn_with,
+                         calibration=calibration if uses_plan else None,
+                         calibration_seed=calibration_seed if uses_plan and prompt_file is None else None)
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -96,10 +96,20 @@ def _print_summary(prof) -> None:
 
 @app.command()
 @user_errors
-def show(path: Annotated[Path, typer.Argument(help="a .ditscope profile")]):
-    """Print a profile's summary table."""
+def show(path: Annotated[Path, typer.Argument(help="a .ditscope profile or a .plan.json plan")]):
+    """Print a profile's summary table, or a plan's summary (and write its heatmap beside it)."""
     from ..profiling.artifact import Profile
 
+    if path.suffix == ".json":
+        from ..cache.schedule import Schedule
+        from ..planning.show import heatmap, summary_rows
+
+        plan = Schedule.load(path)
+        for key, value in summary_rows(plan):
+            print(f"{key:24s} {value}")
+        figure = heatmap(plan, path.with_name(path.name.removesuffix(".json") + ".png"))
+        print(f"wrote {figure}")
+        return
     _print_summary(Profile.load(path))
 
 
@@ -146,6 +156,7 @@ def plot_cmd(
 
 from . import bench as _bench_commands  # noqa: E402,F401  (registers bench)
 from . import generate as _generate_commands  # noqa: E402,F401  (registers generate)
+from . import plan as _plan_commands  # noqa: E402,F401  (registers plan)
 from . import study as _study_commands  # noqa: E402,F401  (registers study)
 from . import zoo as _zoo_commands  # noqa: E402,F401  (registers eval, zoo)
 

@@ -33,8 +33,13 @@ RUN_FIELDS = (
 
 
 def _key_order(key):
+    """Layer, then target (the capture targets in their order, then calibration targets such as
+    `reuse@2` by name and lag), stream, branch."""
     layer, target, stream, branch = key
-    return (layer, TARGET_ORDER.index(target), stream, branch)
+    if target in TARGET_ORDER:
+        return (layer, TARGET_ORDER.index(target), "", 0, stream, branch)
+    name, _, lag = target.partition("@")
+    return (layer, len(TARGET_ORDER), name, int(lag) if lag.isdigit() else 0, stream, branch)
 
 
 @dataclass

@@ -1,0 +1,249 @@
+"""A `Schedule`: the action of every cached unit at every step, executed by the engine as a table look-up.
+
+It is the per-site generalisation of cache-dit's step mask, and what `ditscope plan` compiles a measured
+plan into. Units are named as the engine names them (`ditscope.cache.engine.layout_of`):
+
+- a module site, e.g. `transformer_blocks.3.attn1`: `C` compute (and keep), `R` reuse the kept output,
+  `F` forecast it from its last two computed outputs (first-order Taylor in the step);
+- a block, e.g. `transformer_blocks.3`: `C` run it, `R` add its kept residual instead;
+- `stack`: `R` serves every block from its kept residual at that step (the whole stack skipped).
+
+One row per unit is a string of one character per step, so a plan file can be read (and edited) by a
+person. Units the schedule does not name are always computed. Steps are the engine's: 0 .. T-1 in
+sampling order; step 0 always computes.
+
+Applied at another step count than it was made for, a schedule is resampled on the normalised step
+axis (step s of T' takes the action of step round(s (T-1) / (T'-1)) of T): the redundancy of a model
+is stable across step counts (the paper's finding), which is what makes this valid. `strict=True`
+refuses instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DitscopeError
+from ..files import write_text_atomic
+from .actions import run_block
+from .engine import COMPUTE, PREDICT, REUSE, BlockSite, CacheMethod, Context, Site, hidden_arg
+from .registry import register
+
+FORMAT = "ditscope-plan"
+FORMAT_VERSION = 1
+STACK = "stack"
+ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
+
+
+def model_signature(model: torch.nn.Module) -> dict:
+    """What a plan must match: the transformer's class and a hash of its config (its weights may differ)."""
+    config = getattr(model, "config", None)
+    text = json.dumps(dict(config) if config is not None else {}, sort_keys=True, default=str)
+    return {"class": type(model).__name__, "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+@dataclass
+class Schedule:
+    """Actions per (unit, step). `rows[unit]` is a string over steps of C / R / F; `meta` says what the
+    schedule was made for (model signature, scheduler, step count, calibration and measured quality)."""
+
+    rows: dict[str, str]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        lengths = {len(r) for r in self.rows.values()}
+        if len(lengths) > 1:
+            raise DitscopeError(f"a schedule's rows must all have one action per step (lengths {sorted(lengths)})")
+        for unit, row in self.rows.items():
+            bad = set(row) - set(ACTIONS)
+            if bad:
+                raise DitscopeError(f"schedule row {unit!r} has unknown actions {''.join(sorted(bad))!r} (use C, R, F)")
+            if row and row[0] != "C":
+                raise DitscopeError(f"schedule row {unit!r} must compute at step 0")
+
+    @property
+    def steps(self) -> int:
+        return len(next(iter(self.rows.values()), ""))
+
+    def at(self, steps: int) -> Schedule:
+        """This schedule resampled to `steps` steps on the normalised step axis."""
+        if steps == self.steps or not self.rows:
+            return self
+        if steps < 1:
+            raise DitscopeError(f"cannot resample a schedule to {steps} steps")
+        src = [round(s * (self.steps - 1) / max(1, steps - 1)) for s in range(steps)]
+        rows = {u: "C" + "".join(r[i] for i in src[1:]) for u, r in self.rows.items()}
+        return Schedule(rows, {**self.meta, "resampled_from": self.steps})
+
+    def fraction(self, action: str = "C") -> float:
+        """Share of (unit, step) cells with this action, over module sites (not `stack` or blocks)."""
+        cells = [c for u, r in self.rows.items() if u != STACK for c in r]
+        return sum(c == action for c in cells) / max(1, len(cells))
+
+    # ------------------------------------------------------------------------------ persistence
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
+                "rows": self.rows}
+
+    def save(self, path) -> Path:
+        """Write the plan file atomically (versioned JSON, one row per unit)."""
+        path = Path(path)
+        if path.is_dir():
+            raise DitscopeError(f"plan path {path} is a folder; give a file name such as {path / 'model.plan.json'}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n")
+
+    @classmethod
+    def load(cls, path) -> Schedule:
+        path = Path(path)
+        if not path.is_file():
+            raise DitscopeError(f"plan file {path} does not exist")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DitscopeError(f"plan file {path} is corrupt or truncated (not JSON); make it again with ditscope plan") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise DitscopeError(f"{path} is not a ditscope plan file")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DitscopeError(f"plan file {path} has format version {version!r}; this ditscope reads version {FORMAT_VERSION}")
+        rows, meta = raw.get("rows"), raw.get("meta", {})
+        if not isinstance(rows, dict) or not all(isinstance(r, str) for r in rows.values()) or not isinstance(meta, dict):
+            raise DitscopeError(f"plan file {path} is corrupt: 'rows' must map unit names to action strings")
+        return cls(rows, meta)
+
+    def __repr__(self) -> str:
+        return (f"Schedule({len(self.rows)} units x {self.steps} steps, {self.fraction('C'):.0%} of module cells "
+                f"computed, stack skipped at {self.rows.get(STACK, '').count('R')} steps)")
+
+
+@dataclass
+class PlanConfig:
+    """Run a plan (a `Schedule`, or the path of a plan file from `ditscope plan`).
+
+    Attributes:
+        plan: the Schedule (or a path to its JSON file).
+        path: the path of a plan file (the CLI's `--cache plan --cache-opt path=PLAN.json`).
+        strict: refuse to run at another step count than the plan's (default: resample it, with a warning).
+    """
+
+    plan: object = None
+    path: str = ""
+    strict: bool = False
+
+    def schedule(self) -> Schedule:
+        if isinstance(self.plan, Schedule):
+            return self.plan
+        source = self.plan if isinstance(self.plan, (str, Path)) and str(self.plan) else self.path
+        if source:
+            return Schedule.load(source)
+        raise DitscopeError("the plan method needs a plan: PlanConfig(plan) or --cache-opt path=PLAN.json "
+                            "(make one with ditscope plan)")
+
+
+class PlanMethod(CacheMethod):
+    """Executes a Schedule: per (step, unit) one table look-up."""
+
+    uses_modules = True
+    uses_blocks = True
+
+    def validate(self, ctx: Context):
+        self.base = self.config.schedule()
+        expected = self.base.meta.get("model")
+        if expected and ctx.model is not None and expected != model_signature(ctx.model):
+            raise DitscopeError(f"the plan was made for another model ({expected.get('class')}, config "
+                                f"{expected.get('config_hash')}); make a plan for this one with ditscope plan")
+        names = {s.name for s in ctx.sites} | {b.name for b in ctx.blocks} | {STACK}
+        unknown = [u for u in self.base.rows if u not in names]
+        if unknown:
+            raise DitscopeError(f"the plan names units this model does not have ({unknown[0]}, ...): it was made "
+                                "for another model")
+        self._tables: dict[int, tuple] = {}
+
+    def table(self, ctx: Context):
+        """(site rows, block rows, keep flags) for this generation's step count, built once per count."""
+        steps = ctx.num_steps
+        if steps not in self._tables:
+            schedule = self.base
+            if steps != schedule.steps:
+                if self.config.strict:
+                    raise DitscopeError(f"the plan was made for {schedule.steps} steps, not {steps} (strict=True)")
+                warnings.warn(f"ditscope: plan made for {schedule.steps} steps resampled to {steps}", stacklevel=2)
+                schedule = schedule.at(steps)
+            stack = schedule.rows.get(STACK, "C" * steps)
+            sites = {s.index: schedule.rows.get(s.name, "C" * steps) for s in ctx.sites}
+            blocks = {}
+            for b in ctx.blocks:
+                own = schedule.rows.get(b.name, "C" * steps)
+                blocks[b.index] = "".join("R" if "R" in (a, s) else "C" for a, s in zip(own, stack))
+            keep_block = {i: _keeps(r) for i, r in blocks.items()}
+            # a site does not run where its block is served whole: skip those steps when deciding what to keep
+            block_of = {s.index: s.block for s in ctx.sites}
+            keep_site = {i: _keeps("".join("-" if blocks[block_of[i]][t] == "R" else a for t, a in enumerate(r)))
+                         for i, r in sites.items()}
+            self._tables[steps] = (sites, blocks, keep_site, keep_block)
+        return self._tables[steps]
+
+    def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
+        _, blocks, _, keep_block = self.table(ctx)
+        action, keep = blocks[bsite.index][ctx.step], keep_block[bsite.index][ctx.step]
+        if action == "R":
+            return run_block(ctx, bsite, run, args, kwargs, reuse_rows=torch.ones(1, dtype=torch.bool).expand(ctx.rows))
+        if keep:
+            return run_block(ctx, bsite, run, args, kwargs, reuse_rows=None)
+        ctx.record["blocks_computed"] += 1
+        return run(*args, **kwargs)
+
+    def module(self, ctx: Context, site: Site, run, args, kwargs):
+        sites, _, keep_site, _ = self.table(ctx)
+        action = sites[site.index][ctx.step]
+        kept = ctx.state.setdefault("plan", {})
+        history = kept.get(site.index)
+        x = hidden_arg(args, kwargs)
+        tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
+        if action == "C" or history is None:
+            out = run(*args, **kwargs)
+            if keep_site[site.index][ctx.step]:
+                previous = history[-1:] if history else []
+                kept[site.index] = [*previous, (ctx.step, out)]
+            ctx.count(COMPUTE, tokens, tokens)
+            return out
+        if action == "R" or len(history) < 2:
+            ctx.count(REUSE, 0, tokens)
+            return history[-1][1]
+        (s0, y0), (s1, y1) = history
+        ctx.count(PREDICT, 0, tokens)
+        with torch.no_grad():
+            return _forecast(y1, y0, (ctx.step - s1) / (s1 - s0))
+
+
+def _forecast(last, before, ratio: float):
+    """last + ratio * (last - before), over a tensor or a tuple of them."""
+    if isinstance(last, tuple):
+        return tuple(_forecast(a, b, ratio) for a, b in zip(last, before))
+    if last is None:
+        return None
+    return torch.lerp(last, before, -ratio)
+
+
+def _keeps(row: str) -> list[bool]:
+    """Per step: does a computed output have to be kept (a later step before the next compute serves it)?
+    `-` marks steps where the unit does not run."""
+    out = []
+    for s, a in enumerate(row):
+        nxt = next((b for b in row[s + 1:] if b != "-"), "C")
+        out.append(a == "C" and nxt != "C")
+    # forecasting needs the compute before the last one as well: keep every compute when a row forecasts
+    if "F" in row:
+        out = [a == "C" for a in row]
+    return out
+
+
+register("plan", PlanConfig, PlanMethod, "a measured plan (ditscope plan): per step and module compute, reuse or forecast",
+         grid=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}, {"target": "speedup=3"}],
+         compact=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}])

@@ -1,0 +1,82 @@
+"""`ditscope plan`: compile a caching plan from the model's measured redundancy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import DitscopeError
+from ..runtime import check_writable_dir, pick_device, torch_dtype
+from .common import app, user_errors
+
+CALIBRATION_SEED = 7000  # zoo models: calibration prompts are drawn apart from the bench's (seed 3000)
+
+
+@app.command()
+@user_errors
+def plan(
+    model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
+    target: Annotated[str, typer.Option(help="psnr=DB, ssim=S (on the calibration prompts), speedup=X or flops=X")] = "psnr=35",
+    speedup: Annotated[float | None, typer.Option(help="shorthand for --target speedup=X")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
+    n_prompts: Annotated[int, typer.Option(help="calibration prompts drawn for zoo models (or the first N of --prompts)")] = 8,
+    prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn calibration prompts")] = CALIBRATION_SEED,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
+    guidance_scale: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 8,
+    granularity: Annotated[str, typer.Option(help="step (one row for every module), kind (per module kind) or site (per module of every block)")] = "step",
+    cost: Annotated[str, typer.Option(help="cost model: time (measured), flops or uniform")] = "time",
+    out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+):
+    """Plan the cache from measured redundancy so that a quality (or speed) target holds; writes a plan file."""
+    import torch
+
+    from .. import zoo
+    from ..planning.planner import GRANULARITIES, Target
+    from ..planning.planner import plan as make_plan
+    from ..profiling.prompts import load_prompts
+    from ..zoo import evaluator
+
+    goal = Target.parse(f"speedup={speedup}" if speedup is not None else target)
+    if granularity not in GRANULARITIES:
+        raise DitscopeError(f"--granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    if n_prompts < 1 or batch_size < 1:
+        raise DitscopeError("--n-prompts and --batch-size must be at least 1")
+    if steps is not None and steps < 2:
+        raise DitscopeError("--steps must be at least 2")
+    out = out or Path("plans") / f"{Path(model).name}.plan.json"
+    if out.is_dir():
+        raise DitscopeError(f"--out {out} is a folder; give a file name such as {out / 'model.plan.json'}")
+    check_writable_dir(out.parent)
+    prompt_list = load_prompts(prompts)[:n_prompts] if prompts is not None else None
+    entry = zoo.ZOO.get(model)
+    n_steps = steps or (entry.steps if entry else 20)
+    dev = pick_device(device)
+    pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
+    pipe.set_progress_bar_config(disable=True)
+    if prompt_list is None:
+        if not hasattr(pipe, "is_class_conditional"):
+            raise DitscopeError(f"{model} is not a zoo model: give calibration prompts with --prompts")
+        _, prompt_list = evaluator.evaluation_prompts(pipe, n_prompts, seed=prompt_seed)
+    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    work = out.parent / f".{out.name}.work"  # calibration and evaluations: a rerun resumes from them
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("planning") as status, torch.inference_mode():
+        result = make_plan(pipe, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
+                           granularity=granularity, cost=cost, work_dir=work,
+                           progress=lambda text: status.update(f"planning: {text}"), log=console.print)
+    result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None
+    result.save(out)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out}")
+    from ..planning.show import summary_rows
+
+    for key, value in summary_rows(result):
+        print(f"  {key:24s} {value}")

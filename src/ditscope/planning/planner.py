@@ -1,0 +1,275 @@
+"""`ditscope.plan`: calibrate, search, check end to end, and return the plan (a `Schedule`).
+
+1. Calibrate on the calibration prompts with the uncached model (`calibrate.py`): every unit's error of
+   being served from 1..K steps back or forecast, and its measured cost.
+2. For a price of error, compile the cheapest schedule (`search.py`).
+3. Run that schedule on the calibration prompts and compare its images with the uncached ones; move the
+   price by bisection (on its logarithm) until the target holds with the least computation. The search
+   runs for each mode (stack and sites, stack only, sites only) and keeps the fastest plan that holds.
+
+Targets: `psnr=DB`, `ssim=S` (mean over the calibration prompts), `speedup=X` (predicted from the
+measured unit costs, then measured), `flops=X` (predicted from counted FLOPs). A planning run with a
+`work_dir` keeps its calibration and every evaluation there, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cache.engine import find_transformer
+from ..cache.schedule import PlanConfig, Schedule, model_signature
+from ..errors import DitscopeError
+from ..files import atomic_path
+from ..profiling.artifact import Profile, sha256_of
+from ..stats.quality import per_sample_psnr_ssim
+from .calibrate import calibrate, generate
+from .search import MODES, compile_schedule, costs_from, price_scale
+
+TARGETS = ("psnr", "ssim", "speedup", "flops")
+GRANULARITIES = ("step", "kind", "site")
+LOG_PRICE_RANGE = (-3.0, 5.0)  # log10 of the price, in units of `price_scale`
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        kind, sep, raw = str(text).partition("=")
+        kind = kind.strip().lower()
+        if not sep or kind not in TARGETS:
+            raise DitscopeError(f"unknown target {text!r}; use one of psnr=DB, ssim=S, speedup=X, flops=X")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise DitscopeError(f"target {text!r}: {raw!r} is not a number") from None
+        limits = {"psnr": (0, 100), "ssim": (0, 1), "speedup": (1, math.inf), "flops": (1, math.inf)}[kind]
+        if not limits[0] < value <= limits[1] or not math.isfinite(value):
+            raise DitscopeError(f"target {text!r} is unreachable: {kind} must be in ({limits[0]}, {limits[1]}]")
+        return cls(kind, value)
+
+    @property
+    def quality(self) -> bool:
+        return self.kind in ("psnr", "ssim")
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+class _Evaluations:
+    """Quality of schedules on the calibration prompts, run once each (and kept on disk to resume)."""
+
+    def __init__(self, pipe, prompts, steps, seed, batch_size, guidance_scale, reference, path: Path | None):
+        self.pipe, self.prompts, self.steps, self.seed = pipe, prompts, steps, seed
+        self.batch_size, self.guidance_scale, self.reference, self.path = batch_size, guidance_scale, reference, path
+        self.done: dict[str, dict] = {}
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.done[row["key"]] = row
+                except (json.JSONDecodeError, KeyError):
+                    continue
+        self.runs = 0
+
+    @staticmethod
+    def key(schedule: Schedule) -> str:
+        return hashlib.sha1(json.dumps(schedule.rows, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __call__(self, schedule: Schedule) -> dict:
+        key = self.key(schedule)
+        if key not in self.done:
+            from ..cache import apply
+
+            with apply(self.pipe, PlanConfig(schedule)):
+                images = generate(self.pipe, self.prompts, self.steps, self.seed, self.batch_size, self.guidance_scale)
+            psnr, ssim = per_sample_psnr_ssim(images, self.reference)
+            row = {"key": key, "psnr": statistics.fmean(psnr), "psnr_min": min(psnr), "ssim": statistics.fmean(ssim)}
+            self.done[key] = row
+            self.runs += 1
+            if self.path is not None:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        return self.done[key]
+
+
+def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int = 20, seed: int = 0,
+         batch_size: int = 8, guidance_scale=None, modes: tuple[str, ...] = MODES, granularity: str = "step",
+         cost: str = "time", iterations: int = 8, work_dir=None, progress=None, log=None) -> Schedule:
+    """Plan the cache of `pipe` from its measured redundancy on `prompts` so that `target` holds.
+
+    Returns a `Schedule` (save it with `.save(path)`, run it with `ditscope.apply(pipe, PlanConfig(plan))`).
+    `cost`: "time" (measured seconds per unit, the default), "flops", or "uniform" (every module the same:
+    the ablation of the cost model). `granularity`: "site" (per layer x step x module) or "kind" (module
+    kind x step, SmoothCache's). `progress(text)` is called as the planning advances.
+    """
+    goal = Target.parse(target)
+    if cost not in ("time", "flops", "uniform"):
+        raise DitscopeError(f"unknown cost model {cost!r}; use time, flops or uniform")
+    if granularity not in GRANULARITIES:
+        raise DitscopeError(f"unknown granularity {granularity!r}; use {', '.join(GRANULARITIES)}")
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise DitscopeError(f"unknown planning mode {bad[0] if bad else '(none)'}; choose from {', '.join(MODES)}")
+    if len(prompts) < 1:
+        raise DitscopeError("planning needs at least one calibration prompt")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
+        raise DitscopeError(f"planning needs num_inference_steps >= 2, not {num_inference_steps!r}")
+    say = progress or (lambda text: None)
+    started = time.perf_counter()
+    transformer, _ = find_transformer(pipe)
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+
+    # 1. calibration (resumed from the work folder when it matches)
+    cal, reference = _calibration(pipe, transformer, prompts, num_inference_steps, seed, batch_size, guidance_scale,
+                                  work, say)
+    # the plain model's step time on this machine, for the cost model and the measured speedup
+    first = prompts[:batch_size]
+    plain_seconds = _timed(lambda: generate(pipe, first, num_inference_steps, seed, batch_size, guidance_scale))
+    costs = costs_from(cal, plain_seconds / num_inference_steps, uniform=cost == "uniform", flops=cost == "flops"
+                       or goal.kind == "flops")
+    unit = price_scale(cal, costs)
+    evaluate = _Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
+                            work / "evaluations.jsonl" if work else None)
+    full_cost = costs.step * num_inference_steps
+
+    def schedule_at(log_price: float, mode: str) -> Schedule:
+        return compile_schedule(cal, costs, unit * 10**log_price, mode, granularity=granularity)
+
+    def predicted(schedule: Schedule) -> float:
+        return full_cost / max(costs.of(schedule, num_inference_steps), 1e-12)
+
+    def holds(schedule: Schedule) -> bool:
+        if goal.quality:
+            return evaluate(schedule)[goal.kind] >= goal.value
+        return predicted(schedule) >= goal.value
+
+    # 2-3. per mode, bisection on the log price: low price = more caching
+    candidates = []
+    for mode in modes:
+        lo, hi = LOG_PRICE_RANGE
+        if goal.quality:
+            # quality is not monotone in the price (a plan that reuses everything on a step can beat one
+            # that reuses half of it), so scan a grid of prices, then bisect next to the cheapest that holds
+            grid = [lo + (hi - lo) * i / (iterations - 1) for i in range(iterations)]
+            held = []
+            for p in grid:
+                s = schedule_at(p, mode)
+                ok = holds(s)
+                say(f"{mode}: price 10^{p:+.2f}, predicted {predicted(s):.2f}x, {'holds' if ok else 'fails'}")
+                if ok:
+                    held.append((predicted(s), p, s))
+            if not held:
+                continue
+            _, p_ok, best = max(held, key=lambda h: h[0])
+            step = (hi - lo) / (iterations - 1)
+            a, b = p_ok - step, p_ok
+            for _ in range(max(2, iterations // 2)):
+                mid = (a + b) / 2
+                s = schedule_at(mid, mode)
+                if holds(s):
+                    b = mid
+                    if predicted(s) > predicted(best):
+                        best = s
+                else:
+                    a = mid
+        else:  # speed targets: the highest price that still reaches the speed (cheap: no model runs)
+            if not holds(schedule_at(lo, mode)):
+                continue
+            for _ in range(2 * iterations):
+                mid = (lo + hi) / 2
+                if holds(schedule_at(mid, mode)):
+                    lo = mid
+                else:
+                    hi = mid
+            best = schedule_at(lo, mode)
+        quality = evaluate(best)
+        candidates.append((mode, best, quality))
+        say(f"{mode}: {predicted(best):.2f}x predicted, PSNR {quality['psnr']:.1f} dB")
+    if not candidates:
+        reach = max(predicted(schedule_at(LOG_PRICE_RANGE[0], m)) for m in modes)
+        raise DitscopeError(f"no plan reaches {goal} on these prompts (the fastest plan predicts {reach:.2f}x); "
+                            "ask for less")
+    if goal.quality:
+        mode, chosen, quality = max(candidates, key=lambda c: predicted(c[1]))
+    else:
+        mode, chosen, quality = max(candidates, key=lambda c: c[2]["psnr"])
+    planned_seconds = _timed(lambda: _run_plan(pipe, chosen, first, num_inference_steps, seed, batch_size, guidance_scale))
+    chosen.meta = {
+        "model": model_signature(transformer),
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(getattr(pipe, "scheduler", None)).__name__,
+        "num_inference_steps": num_inference_steps,
+        "target": str(goal),
+        "mode": mode,
+        "granularity": granularity,
+        "cost_model": cost,
+        "calibration": {"n_prompts": len(prompts), "prompts_hash": sha256_of([str(p) for p in prompts]),
+                        "seed": seed, "guidance_scale": guidance_scale, "batch_size": batch_size},
+        "quality": {k: round(v, 4) for k, v in quality.items() if k != "key"},
+        "predicted_speedup": round(predicted(chosen), 3),
+        "measured_speedup": round(plain_seconds / planned_seconds, 3),
+        "computed_fraction": round(chosen.fraction("C"), 4),
+        "evaluations": len(evaluate.done),
+        "planning_seconds": round(time.perf_counter() - started, 1),
+    }
+    if log:
+        log(f"plan: {mode}, {chosen.meta['predicted_speedup']:.2f}x predicted, {chosen.meta['measured_speedup']:.2f}x "
+            f"measured, PSNR {quality['psnr']:.1f} dB on the calibration prompts")
+    return chosen
+
+
+def _run_plan(pipe, schedule, prompts, steps, seed, batch_size, guidance_scale):
+    from ..cache import apply
+
+    with apply(pipe, PlanConfig(schedule)):
+        return generate(pipe, prompts, steps, seed, batch_size, guidance_scale)
+
+
+def _timed(fn, repeats: int = 3) -> float:
+    """Median seconds of `repeats` calls (the first also warms up caches and allocators)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say):
+    from safetensors.torch import load_file, save_file
+
+    expected = {"model_signature": model_signature(transformer), "num_inference_steps": steps, "seed": seed,
+                "prompts_hash": sha256_of([str(p) for p in prompts]), "guidance_scale": guidance_scale,
+                "batch_size": batch_size}
+    if work is not None and (work / "calibration.ditscope").exists() and (work / "reference.safetensors").exists():
+        cal = Profile.load(work / "calibration.ditscope")
+        if all(cal.meta.get(k) == v for k, v in expected.items()):
+            say("calibration: resumed from the work folder")
+            return cal, load_file(str(work / "reference.safetensors"))["images"]
+    say(f"calibration: {len(prompts)} prompts x {steps} steps")
+    cal, reference = calibrate(pipe, prompts, steps, seed, batch_size, guidance_scale,
+                               progress=lambda done, total: say(f"calibration: {done}/{total} prompts"))
+    cal.meta = json.loads(json.dumps(cal.meta, default=str))
+    if work is not None:
+        with atomic_path(work / "reference.safetensors") as tmp:
+            save_file({"images": reference.contiguous()}, str(tmp))
+        cal.save(work / "calibration.ditscope")
+    return cal, reference

@@ -1,0 +1,174 @@
+"""The search: from a calibration profile to a `Schedule`, for a given price of error.
+
+Each unit's choice over the steps is a shortest path. For a unit with cost c (seconds, measured) and
+calibrated errors E_reuse(t, k), E_forecast(t, k) (serving step t from the compute at step t-k), the
+plan minimises
+
+    sum over steps it computes of c  +  lambda * sum over steps it serves of w * E(t, k)
+
+by dynamic programming over (step, last computed step): O(T * K) per unit. The error of a run of
+cached steps is measured, not modelled: E(t, k) is the distance to the compute k steps back, so errors
+growing over consecutive cached steps are in the table. One price lambda for all units makes their
+marginal seconds-per-error equal (the Lagrangian relaxation of "fastest plan within an error budget");
+the planner then moves lambda by bisection until the end-to-end quality target holds.
+
+Two levels: first the whole stack per step (a skipped step serves every block's residual; weight
+`stack_weight`), then every module site on the steps the stack computes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cache.schedule import STACK, Schedule
+from ..profiling.artifact import Profile
+
+MODES = ("both", "stack", "sites")  # what the search may cache: stack and sites, the stack only, sites only
+
+
+@dataclass
+class Costs:
+    """The cost model: per-unit seconds (or FLOPs) of one model call, from the calibration."""
+
+    site: dict[str, float]  # module site -> cost of computing it
+    block_extra: dict[str, float]  # block -> its cost beyond its sites (norms, modulation)
+    fixed: float  # per step, outside the blocks (embeddings, final layer, scheduler)
+    site_block: dict[str, str]  # module site -> its block
+
+    @property
+    def step(self) -> float:
+        return self.fixed + sum(self.block_extra.values()) + sum(self.site.values())
+
+    def of(self, schedule: Schedule, steps: int) -> float:
+        """Predicted cost of a generation under `schedule` (reuse and forecast taken as free)."""
+        stack = schedule.rows.get(STACK, "C" * steps)
+        total = 0.0
+        for s in range(steps):
+            total += self.fixed
+            if stack[s] == "R":
+                continue
+            total += sum(self.block_extra.values())
+            total += sum(c for u, c in self.site.items() if schedule.rows.get(u, "C" * steps)[s] == "C")
+        return total
+
+
+def costs_from(cal: Profile, step_seconds: float | None = None, uniform: bool = False, flops: bool = False) -> Costs:
+    """The cost model of a calibration: measured seconds per unit (or FLOPs, or 1 per site: `uniform`)."""
+    units = cal.meta["units"]
+    sites = {u: v for u, v in units.items() if v["kind"] not in ("block", "stack")}
+    blocks = [u for u, v in units.items() if v["kind"] == "block"]
+    measured = cal.meta["flops"] if flops else cal.meta["seconds"]
+    site = {u: (1.0 if uniform else float(measured.get(u, 0.0))) for u in sites}
+    site_block = {u: sites[u]["block"] for u in sites}
+    if uniform or flops:
+        block_extra = {b: 0.0 for b in blocks}
+        fixed = 0.0
+    else:
+        block_extra = {b: max(0.0, float(measured.get(b, 0.0)) - sum(c for u, c in site.items() if site_block[u] == b))
+                       for b in blocks}
+        inside = sum(site.values()) + sum(block_extra.values())
+        fixed = max(0.0, (step_seconds or inside) - inside)
+    return Costs(site, block_extra, fixed, site_block)
+
+
+def error_tables(cal: Profile, metric: str = "inject") -> dict[str, dict[str, np.ndarray]]:
+    """unit -> {"reuse": (T, K+1), "forecast": (T, K+1)} mean error of serving step t from step t-k (inf where
+    not measured)."""
+    T = cal.n_steps
+    m = cal.metrics.index(metric)
+    lags = {t: int(t.partition("@")[2]) for t in cal.options("target")}
+    K = max(lags.values())
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for ki, (layer, target, _, _) in enumerate(cal.keys):
+        kind, k = target.partition("@")[0], lags[target]
+        table = out.setdefault(cal.layer_names[layer], {}).setdefault(kind, np.full((T, K + 1), np.inf))
+        col = cal.stats.mean[ki, :, m]
+        table[1:, k] = np.where(np.isfinite(col), col, np.inf)
+    return out
+
+
+def plan_row(reuse: np.ndarray, forecast: np.ndarray | None, cost: float, price: float, active: list[bool]) -> str:
+    """One unit's actions over the steps: the DP described in the module docstring.
+
+    `active[t]` is False where the unit does not run at step t (the stack skipped it): no cost, no error,
+    and the step counts towards the lag since its last compute."""
+    T, K1 = reuse.shape
+    INF = math.inf
+    # best[c] = cost so far with the last compute at step c; back[t][c] = (action, previous last compute)
+    best = {0: cost}
+    back: list[dict[int, tuple[str, int]]] = [{0: ("C", -1)}]
+    for t in range(1, T):
+        choices: dict[int, tuple[float, str, int]] = {}
+        if not active[t]:
+            back.append({c: ("-", c) for c in best})
+            continue
+        cheapest = min(best.items(), key=lambda kv: kv[1])
+        choices[t] = (cheapest[1] + cost, "C", cheapest[0])
+        for c, value in best.items():
+            k = t - c
+            if k >= K1:
+                continue
+            err, action = reuse[t, k], "R"
+            if forecast is not None and c >= 1 and k < forecast.shape[1] and forecast[t, k] < err:
+                err, action = forecast[t, k], "F"
+            if not math.isfinite(err):
+                continue
+            total = value + price * err
+            if total < choices.get(c, (INF,))[0]:
+                choices[c] = (total, action, c)
+        best = {c: v[0] for c, v in choices.items()}
+        back.append({c: (v[1], v[2]) for c, v in choices.items()})
+    # walk back from the cheapest end state
+    c = min(best, key=best.get)
+    actions = []
+    for t in range(T - 1, -1, -1):
+        action, prev = back[t][c]
+        actions.append("C" if t == 0 else ("R" if action == "-" else action))
+        c = prev if action == "C" else c
+    row = "".join(reversed(actions))
+    return "".join(a if active[t] else "C" for t, a in enumerate(row))
+
+
+def compile_schedule(cal: Profile, costs: Costs, price: float, mode: str = "both", stack_weight: float = 1.0,
+                     granularity: str = "site", forecast: bool = True) -> Schedule:
+    """The schedule at one price of error. `granularity`: "site" plans a row per module of every block;
+    "kind" one row per module kind (every block's self-attention alike, SmoothCache's granularity), from
+    the kind's mean error; "step" one row for every module (FORA's granularity, with measured steps)."""
+    T = cal.n_steps
+    tables = error_tables(cal)
+    rows: dict[str, str] = {}
+    active = [True] * T
+    if mode in ("both", "stack") and STACK in tables:
+        blocks_cost = costs.step - costs.fixed
+        row = plan_row(tables[STACK]["reuse"] * stack_weight, None, blocks_cost, price, active)
+        rows[STACK] = row
+        active = [a == "C" for a in row]
+    if mode in ("both", "sites"):
+        if granularity in ("kind", "step"):
+            units = cal.meta["units"]
+            kinds: dict[str, list[str]] = {}
+            for u in costs.site:
+                kinds.setdefault(units[u]["kind"] if granularity == "kind" else "all", []).append(u)
+            for members in kinds.values():
+                reuse = np.mean([tables[u]["reuse"] for u in members], axis=0)
+                fc = np.mean([tables[u]["forecast"] for u in members], axis=0) if forecast else None
+                row = plan_row(reuse, fc, sum(costs.site[u] for u in members), price * len(members), active)
+                rows.update({u: row for u in members})
+        else:
+            for u, cost in costs.site.items():
+                fc = tables[u].get("forecast") if forecast else None
+                rows[u] = plan_row(tables[u]["reuse"], fc, cost, price, active)
+    rows = {u: r for u, r in rows.items() if set(r) != {"C"}}
+    return Schedule(rows or {STACK: "C" * T})
+
+
+def price_scale(cal: Profile, costs: Costs) -> float:
+    """A price that makes one unit of typical error worth one typical unit cost (the bisection's centre)."""
+    tables = error_tables(cal)
+    errs = [t["reuse"][1:, 1] for t in tables.values()]
+    typical_err = float(np.median(np.concatenate(errs)[np.isfinite(np.concatenate(errs))])) or 1e-6
+    typical_cost = float(np.median(list(costs.site.values()))) or 1e-6
+    return typical_cost / typical_err

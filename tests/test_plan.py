@@ -1,0 +1,149 @@
+"""The planner: calibration in the profile format, plan files, their errors, execution, and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tiny import FAMILIES as TINY
+
+import ditscope
+from ditscope import DitscopeError, Schedule, zoo
+from ditscope.planning.calibrate import calibrate
+from ditscope.planning.planner import Target
+from ditscope.planning.search import compile_schedule, costs_from, plan_row
+
+STEPS = 8
+PROMPTS = ["a red circle", "a blue square on the left"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = zoo.load("tiny-pixart")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def calibration(pipe):
+    with torch.inference_mode():
+        return calibrate(pipe, PROMPTS, STEPS, batch_size=2, max_lag=3, forecast_lag=2)
+
+
+def test_calibration_is_a_profile_of_every_unit(calibration, tmp_path):
+    cal, reference = calibration
+    assert reference.shape[0] == len(PROMPTS)
+    units = cal.meta["units"]
+    assert "stack" in units and "transformer_blocks.0" in units and "transformer_blocks.0.attn1" in units
+    assert set(cal.options("target")) >= {"reuse@1", "reuse@3", "forecast@1"}
+    reuse1 = cal.grid("reuse@1", "all", "all", "inject")
+    assert np.isfinite(reuse1).all() and (reuse1 >= 0).all()
+    reuse3 = cal.grid("reuse@3", "all", "all", "inject")
+    assert np.isnan(reuse3[:, :2]).all() and np.isfinite(reuse3[:, 2:]).all()  # lag 3 exists from step 3
+    assert all(cal.meta["seconds"][u] > 0 for u in units)
+    cal.save(tmp_path / "c.ditscope")  # the profile artifact, reloadable
+    assert ditscope.Profile.load(tmp_path / "c.ditscope").keys == cal.keys
+
+
+def test_the_search_trades_error_for_cost(calibration):
+    cal, _ = calibration
+    costs = costs_from(cal, None)
+    cheap = compile_schedule(cal, costs, price=1e-9, mode="both", granularity="site")
+    careful = compile_schedule(cal, costs, price=1e9, mode="both", granularity="site")
+    assert costs.of(cheap, STEPS) < costs.of(careful, STEPS)
+    assert set("".join(careful.rows.values())) == {"C"}  # error priced out: compute everything
+    assert all(r[0] == "C" for r in cheap.rows.values())
+
+
+def test_dp_row_is_the_cheapest_path():
+    """Three steps, lag-1 error 1 and lag-2 error 10: with price 1 and cost 5, reuse once then compute."""
+    reuse = np.full((4, 3), np.inf)
+    reuse[1:, 1], reuse[2:, 2] = 1.0, 10.0
+    assert plan_row(reuse, None, 5.0, 1.0, [True] * 4) == "CRCR"
+    assert plan_row(reuse, None, 5.0, 100.0, [True] * 4) == "CCCC"
+    # step 1 does not run (the stack skips it): step 2 is two steps from the compute, too costly to serve
+    assert plan_row(reuse, None, 5.0, 1.0, [True, False, True, True]) == "CCCR"
+
+
+def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
+    with torch.inference_mode():
+        plan = ditscope.plan(pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, iterations=4, work_dir=tmp_path / "w")
+    assert plan.meta["quality"]["psnr"] >= 28
+    assert plan.meta["model"]["class"] == "PixArtTransformer2DModel"
+    path = plan.save(tmp_path / "p.plan.json")
+    again = ditscope.Plan.load(path)
+    assert again.rows == plan.rows and again.meta == json.loads(json.dumps(plan.meta))
+
+
+def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
+    from ditscope.cache.engine import layout_of
+
+    _, blocks, sites, _ = layout_of(pipe.transformer)
+    kwargs = {"num_inference_steps": STEPS, "output_type": "pt", "generator": torch.Generator().manual_seed(0)}
+    reference = pipe(PROMPTS, **kwargs).images
+    everything = Schedule({"stack": "C" * STEPS, **{s.name: "C" * STEPS for s in sites}})
+    with ditscope.apply(pipe, ditscope.PlanConfig(everything)):
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+        assert torch.equal(pipe(PROMPTS, **kwargs).images, reference)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(pipe(PROMPTS, **kwargs).images, reference)
+
+
+def test_plans_resample_to_other_step_counts_or_refuse_when_strict():
+    plan = Schedule({"stack": "CCRCRRCR"})
+    assert plan.at(4).rows["stack"][0] == "C" and len(plan.at(4).rows["stack"]) == 4
+    assert plan.at(16).steps == 16
+    build, inputs = TINY["PixArtTransformer2DModel"]
+    model = build()
+    with ditscope.apply(model, ditscope.PlanConfig(plan, strict=True), num_inference_steps=4):
+        with pytest.raises(DitscopeError, match="made for 8 steps"), torch.no_grad():
+            model(**inputs(1, 0), return_dict=False)
+    with ditscope.apply(model, ditscope.PlanConfig(plan), num_inference_steps=4):
+        with pytest.warns(UserWarning, match="resampled to 4"), torch.no_grad():
+            model(**inputs(1, 0), return_dict=False)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "corrupt or truncated"),
+    ('{"format": "ditscope-plan", "format_version": 99, "rows": {}}', "format version 99"),
+    ('{"format": "other"}', "not a ditscope plan"),
+    ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CX"}}', "unknown actions"),
+])
+def test_bad_plan_files_are_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.plan.json"
+    path.write_text(text)
+    with pytest.raises(DitscopeError, match=message):
+        Schedule.load(path)
+
+
+def test_a_plan_for_another_model_is_refused():
+    build, _ = TINY["PixArtTransformer2DModel"]
+    other, _ = TINY["DiTTransformer2DModel"]
+    from ditscope.cache.schedule import model_signature
+
+    plan = Schedule({"stack": "CCR"}, meta={"model": model_signature(other())})
+    with pytest.raises(DitscopeError, match="another model"):
+        ditscope.apply(build(), ditscope.PlanConfig(plan), num_inference_steps=3)
+    with pytest.raises(DitscopeError, match="does not have"):
+        ditscope.apply(build(), ditscope.PlanConfig(Schedule({"blocks.99.attn": "CR"})), num_inference_steps=2)
+
+
+@pytest.mark.parametrize("text", ["psnr", "psnr=abc", "lpips=3", "psnr=120", "speedup=0.5", "ssim=2"])
+def test_bad_targets(text):
+    with pytest.raises(DitscopeError):
+        Target.parse(text)
+
+
+def test_cli_plan_errors_are_one_line_and_leave_nothing(tmp_path):
+    for args in (["--target", "psnr=500"], ["--target", "nonsense"], ["--granularity", "block"]):
+        out = tmp_path / "x.plan.json"
+        r = subprocess.run([sys.executable, "-m", "ditscope", "plan", "tiny-pixart", *args, "--out", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+        assert not out.exists()
+    bad = tmp_path / "t.plan.json"
+    bad.write_text('{"format": "ditscope-plan"')
+    r = subprocess.run([sys.executable, "-m", "ditscope", "show", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "corrupt" in r.stderr
