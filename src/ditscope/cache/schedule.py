@@ -5,8 +5,10 @@ plan into. Units are named as the engine names them (`ditscope.cache.engine.layo
 
 - a module site, e.g. `transformer_blocks.3.attn1`: `C` compute (and keep), `R` reuse the kept output,
   `F` forecast it from its last two computed outputs (first-order Taylor in the step);
-- a block, e.g. `transformer_blocks.3`: `C` run it, `R` add its kept residual instead;
-- `stack`: `R` serves every block from its kept residual at that step (the whole stack skipped).
+- a block, e.g. `transformer_blocks.3`: `C` run it, `R` add its kept residual instead, `F` add its
+  forecast residual;
+- `stack`: `R` serves every block from its kept residual at that step (the whole stack skipped), `F`
+  forecasts every block's residual from its last two computed ones.
 
 One row per unit is a string of one character per step, so a plan file can be read (and edited) by a
 person. Units the schedule does not name are always computed. Steps are the engine's: 0 .. T-1 in
@@ -30,8 +32,21 @@ import torch
 
 from ..errors import DitscopeError
 from ..files import write_text_atomic
-from .actions import run_block
-from .engine import COMPUTE, PREDICT, REUSE, BlockSite, CacheMethod, Context, Site, hidden_arg
+from .engine import (
+    COMPUTE,
+    PREDICT,
+    REUSE,
+    BlockSite,
+    CacheMethod,
+    Context,
+    Site,
+    add_residuals,
+    block_inputs,
+    block_outputs,
+    hidden_arg,
+    pack_outputs,
+    residuals,
+)
 from .registry import register
 
 FORMAT = "ditscope-plan"
@@ -81,8 +96,11 @@ class Schedule:
         return Schedule(rows, {**self.meta, "resampled_from": self.steps})
 
     def fraction(self, action: str = "C") -> float:
-        """Share of (unit, step) cells with this action, over module sites (not `stack` or blocks)."""
-        cells = [c for u, r in self.rows.items() if u != STACK for c in r]
+        """Share of (module site, step) cells with this action, on the steps the stack runs (a stack-skipped
+        step runs no module; blocks reused on their own are not taken out)."""
+        stack = self.rows.get(STACK, "C" * self.steps)
+        cells = [c for u, r in self.rows.items() if u != STACK and "." in u and not u.rsplit(".", 1)[1].isdigit()
+                 for c, s in zip(r, stack) if s != "R"]
         return sum(c == action for c in cells) / max(1, len(cells))
 
     # ------------------------------------------------------------------------------ persistence
@@ -180,7 +198,7 @@ class PlanMethod(CacheMethod):
             blocks = {}
             for b in ctx.blocks:
                 own = schedule.rows.get(b.name, "C" * steps)
-                blocks[b.index] = "".join("R" if "R" in (a, s) else "C" for a, s in zip(own, stack))
+                blocks[b.index] = "".join(s if s != "C" else a for a, s in zip(own, stack))
             keep_block = {i: _keeps(r) for i, r in blocks.items()}
             # a site does not run where its block is served whole: skip those steps when deciding what to keep
             block_of = {s.index: s.block for s in ctx.sites}
@@ -192,12 +210,22 @@ class PlanMethod(CacheMethod):
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
         _, blocks, _, keep_block = self.table(ctx)
         action, keep = blocks[bsite.index][ctx.step], keep_block[bsite.index][ctx.step]
-        if action == "R":
-            return run_block(ctx, bsite, run, args, kwargs, reuse_rows=torch.ones(1, dtype=torch.bool).expand(ctx.rows))
-        if keep:
-            return run_block(ctx, bsite, run, args, kwargs, reuse_rows=None)
+        history = ctx.state.setdefault("plan_residual", {}).get(bsite.index)
+        inputs = block_inputs(ctx.layout, args, kwargs)
+        if action != "C" and history:
+            (s0, r0), (s1, r1) = history[0], history[-1]
+            if action == "F" and s1 > s0:  # first-order Taylor forecast of the block's residual
+                res = {n: _forecast(r1[n], r0[n], (ctx.step - s1) / (s1 - s0)) for n in r1}
+            else:
+                res = r1
+            ctx.record["blocks_reused"] += 1
+            return pack_outputs(ctx.layout, add_residuals(inputs, res))
         ctx.record["blocks_computed"] += 1
-        return run(*args, **kwargs)
+        out = run(*args, **kwargs)
+        if keep:
+            res = residuals(inputs, block_outputs(ctx.layout, out))
+            ctx.state["plan_residual"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
+        return out
 
     def module(self, ctx: Context, site: Site, run, args, kwargs):
         sites, _, keep_site, _ = self.table(ctx)

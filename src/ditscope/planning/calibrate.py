@@ -139,8 +139,7 @@ class _Observer(CacheMethod):
         raw = self._measure(ctx, bsite.name, res, in_abs)
         stack = ctx.state.setdefault("stack", {"err": {}, "abs": None})
         for target, err in raw.items():
-            if target.startswith("reuse@"):
-                stack["err"][target] = stack["err"].get(target, 0) + err
+            stack["err"][target] = stack["err"].get(target, 0) + err
         stack["abs"] = in_abs
         return out
 
@@ -199,7 +198,7 @@ def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8
 
 
 def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
-              max_lag: int = 6, forecast_lag: int = 3, progress=None) -> tuple[Profile, torch.Tensor]:
+              max_lag: int = 10, forecast_lag: int = 3, progress=None) -> tuple[Profile, torch.Tensor]:
     """Measure every unit's reuse / forecast error and its cost on `prompts` with the uncached model.
 
     Returns the calibration profile and the uncached images (the reference a plan is checked against).

@@ -35,7 +35,7 @@ from .search import MODES, compile_schedule, costs_from, price_scale
 
 TARGETS = ("psnr", "ssim", "speedup", "flops")
 GRANULARITIES = ("step", "kind", "site")
-LOG_PRICE_RANGE = (-3.0, 5.0)  # log10 of the price, in units of `price_scale`
+LOG_PRICE_RANGE = (-2.0, 3.0)  # log10 of the price, in units of `price_scale`
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,12 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
                             work / "evaluations.jsonl" if work else None)
     full_cost = costs.step * num_inference_steps
 
-    def schedule_at(log_price: float, mode: str) -> Schedule:
-        return compile_schedule(cal, costs, unit * 10**log_price, mode, granularity=granularity)
+    def schedule_at(stack: float | None, sites: float | None) -> Schedule:
+        """The schedule at log prices for the stack and the sites (None: that level is not cached)."""
+        mode = "both" if stack is not None and sites is not None else "stack" if stack is not None else "sites"
+        return compile_schedule(cal, costs, unit * 10 ** (stack if stack is not None else 0.0), mode,
+                                granularity=granularity,
+                                site_price=unit * 10**sites if sites is not None else None)
 
     def predicted(schedule: Schedule) -> float:
         return full_cost / max(costs.of(schedule, num_inference_steps), 1e-12)
@@ -156,50 +160,58 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
             return evaluate(schedule)[goal.kind] >= goal.value
         return predicted(schedule) >= goal.value
 
-    # 2-3. per mode, bisection on the log price: low price = more caching
-    candidates = []
-    for mode in modes:
-        lo, hi = LOG_PRICE_RANGE
-        if goal.quality:
-            # quality is not monotone in the price (a plan that reuses everything on a step can beat one
-            # that reuses half of it), so scan a grid of prices, then bisect next to the cheapest that holds
-            grid = [lo + (hi - lo) * i / (iterations - 1) for i in range(iterations)]
-            held = []
-            for p in grid:
-                s = schedule_at(p, mode)
-                ok = holds(s)
-                say(f"{mode}: price 10^{p:+.2f}, predicted {predicted(s):.2f}x, {'holds' if ok else 'fails'}")
-                if ok:
-                    held.append((predicted(s), p, s))
-            if not held:
-                continue
-            _, p_ok, best = max(held, key=lambda h: h[0])
-            step = (hi - lo) / (iterations - 1)
-            a, b = p_ok - step, p_ok
+    lo, hi = LOG_PRICE_RANGE
+    grid = [lo + (hi - lo) * i / (iterations - 1) for i in range(iterations)]
+    width = (hi - lo) / (iterations - 1)
+
+    def scan(make, label: str) -> list[tuple[float, float, Schedule]]:
+        """(predicted speedup, log price, schedule) of every price on the grid whose plan holds, refined by
+        bisection next to the cheapest one. Quality is not monotone in the price (a plan that reuses a whole
+        step can beat one that reuses half of it), hence the grid before the bisection."""
+        held = []
+        for p in grid:
+            s = make(p)
+            ok = holds(s)
+            say(f"{label}: price 10^{p:+.2f}, predicted {predicted(s):.2f}x, {'holds' if ok else 'fails'}")
+            if ok:
+                held.append((predicted(s), p, s))
+        if held and goal.quality:
+            _, p_ok, _ = max(held, key=lambda h: h[0])
+            a, b = p_ok - width, p_ok
             for _ in range(max(2, iterations // 2)):
                 mid = (a + b) / 2
-                s = schedule_at(mid, mode)
+                s = make(mid)
                 if holds(s):
                     b = mid
-                    if predicted(s) > predicted(best):
-                        best = s
+                    held.append((predicted(s), mid, s))
                 else:
                     a = mid
-        else:  # speed targets: the highest price that still reaches the speed (cheap: no model runs)
-            if not holds(schedule_at(lo, mode)):
-                continue
-            for _ in range(2 * iterations):
-                mid = (lo + hi) / 2
-                if holds(schedule_at(mid, mode)):
-                    lo = mid
-                else:
-                    hi = mid
-            best = schedule_at(lo, mode)
-        quality = evaluate(best)
-        candidates.append((mode, best, quality))
-        say(f"{mode}: {predicted(best):.2f}x predicted, PSNR {quality['psnr']:.1f} dB")
+        return held
+
+    # 2-3. the stack alone, the sites alone, then the sites on top of the stack plans that held with a margin
+    lines: dict[str, list] = {}
+    if "stack" in modes or "both" in modes:
+        lines["stack"] = scan(lambda p: schedule_at(p, None), "stack")
+    if "sites" in modes:
+        lines["sites"] = scan(lambda p: schedule_at(None, p), "sites")
+    if "both" in modes:
+        lines["both"] = []
+        stack_prices = sorted(p for _, p, _ in lines["stack"])[1:4] if goal.quality else grid[1:4]
+        for ps in stack_prices:
+            lines["both"] += scan(lambda p, ps=ps: schedule_at(ps, p), f"stack 10^{ps:+.2f} + sites")
+    candidates = []
+    for mode in modes:
+        held = lines.get(mode, [])
+        if not held:
+            continue
+        if goal.quality:
+            best = max(held, key=lambda h: h[0])[2]
+        else:  # speed targets: among the plans fast enough, the one with the best measured quality
+            best = max((h[2] for h in held), key=lambda s: evaluate(s)["psnr"])
+        candidates.append((mode, best, evaluate(best)))
+        say(f"{mode}: {predicted(best):.2f}x predicted, PSNR {evaluate(best)['psnr']:.1f} dB")
     if not candidates:
-        reach = max(predicted(schedule_at(LOG_PRICE_RANGE[0], m)) for m in modes)
+        reach = max(predicted(schedule_at(lo, lo)), predicted(schedule_at(lo, None)))
         raise DitscopeError(f"no plan reaches {goal} on these prompts (the fastest plan predicts {reach:.2f}x); "
                             "ask for less")
     if goal.quality:

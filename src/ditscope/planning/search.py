@@ -132,18 +132,25 @@ def plan_row(reuse: np.ndarray, forecast: np.ndarray | None, cost: float, price:
     return "".join(a if active[t] else "C" for t, a in enumerate(row))
 
 
-def compile_schedule(cal: Profile, costs: Costs, price: float, mode: str = "both", stack_weight: float = 1.0,
-                     granularity: str = "site", forecast: bool = True) -> Schedule:
+def compile_schedule(cal: Profile, costs: Costs, price: float | None, mode: str = "both", stack_weight: float = 1.0,
+                     granularity: str = "site", forecast: bool = True, site_price: float | None = None,
+                     stack_forecast: bool = False) -> Schedule:
     """The schedule at one price of error. `granularity`: "site" plans a row per module of every block;
     "kind" one row per module kind (every block's self-attention alike, SmoothCache's granularity), from
-    the kind's mean error; "step" one row for every module (FORA's granularity, with measured steps)."""
+    the kind's mean error; "step" one row for every module (FORA's granularity, with measured steps).
+    `site_price` prices the module sites apart from the stack (default: `price`). `stack_forecast` lets a
+    skipped step forecast the blocks' residuals instead of reusing them (off: measured worse end to end on
+    the zoo models, where the calibrated forecast error under-predicts the damage)."""
     T = cal.n_steps
+    site_price = price if site_price is None else site_price
     tables = error_tables(cal)
     rows: dict[str, str] = {}
     active = [True] * T
     if mode in ("both", "stack") and STACK in tables:
         blocks_cost = costs.step - costs.fixed
-        row = plan_row(tables[STACK]["reuse"] * stack_weight, None, blocks_cost, price, active)
+        fc = tables[STACK].get("forecast") if stack_forecast else None
+        row = plan_row(tables[STACK]["reuse"] * stack_weight, None if fc is None else fc * stack_weight, blocks_cost,
+                       price, active)
         rows[STACK] = row
         active = [a == "C" for a in row]
     if mode in ("both", "sites"):
@@ -155,12 +162,12 @@ def compile_schedule(cal: Profile, costs: Costs, price: float, mode: str = "both
             for members in kinds.values():
                 reuse = np.mean([tables[u]["reuse"] for u in members], axis=0)
                 fc = np.mean([tables[u]["forecast"] for u in members], axis=0) if forecast else None
-                row = plan_row(reuse, fc, sum(costs.site[u] for u in members), price * len(members), active)
+                row = plan_row(reuse, fc, sum(costs.site[u] for u in members), site_price * len(members), active)
                 rows.update({u: row for u in members})
         else:
             for u, cost in costs.site.items():
                 fc = tables[u].get("forecast") if forecast else None
-                rows[u] = plan_row(tables[u]["reuse"], fc, cost, price, active)
+                rows[u] = plan_row(tables[u]["reuse"], fc, cost, site_price, active)
     rows = {u: r for u, r in rows.items() if set(r) != {"C"}}
     return Schedule(rows or {STACK: "C" * T})
 
