@@ -41,3 +41,30 @@ def test_profile_layers_are_the_engines_attention_sites_and_steps_line_up(pipe):
     assert sorted(engine_t) == list(range(STEPS))
     for step, t in df.groupby("step")["timestep"].first().items():
         assert t == pytest.approx(engine_t[step]), step
+
+
+def test_output_only_sites_cover_every_site_the_cache_acts_on(pipe):
+    """With outputs="mlp,blocks" a profile names every module site and block the engine caches, and a
+    block's recorded change is the change of its residual (output minus input)."""
+    from ditscope.cache.engine import layout_of
+
+    profile = ditscope.profile(pipe, [PROMPT], num_inference_steps=STEPS, seed=0, guidance_scale=4.5,
+                               outputs="mlp,blocks")
+    _, blocks, sites, _ = layout_of(pipe.transformer)
+    assert {s.name for s in sites} | {b.name for b in blocks} == set(profile.layer_names)
+    out = profile.grid("out", "image", profile.default_view()["branch"], "rel_l1")
+    rows = [profile.layer_names.index(n) for n in ("transformer_blocks.0", "transformer_blocks.0.ff")]
+    assert (out[rows] > 0).all() and (out[rows] < 10).all()
+
+    # the block's residual, by hand, on the cond half of the batch
+    block = pipe.transformer.transformer_blocks[0]
+    seen = []
+    hook = block.register_forward_hook(lambda m, args, kwargs, output: seen.append(output - kwargs.get(
+        "hidden_states", args[0] if args else None)), with_kwargs=True)
+    try:
+        pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=4.5, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    cond = [r[1:] for r in seen]  # PixArt batches (uncond, cond)
+    by_hand = [float((b - a).abs().sum() / a.abs().sum()) for a, b in zip(cond, cond[1:])]
+    assert out[rows[0]] == pytest.approx(by_hand, rel=1e-4)

@@ -59,6 +59,8 @@ class _Layer:
     hidden_len: int = 0
     text_len: int | None = None
     calls: list = field(default_factory=list)  # per SDPA call: {target: (sums, numel, streams)}
+    output_only: bool = False  # recorded by its output (an MLP) or residual (a block), not through SDPA
+    inputs: tuple = ()  # output-only layers: this call's hidden_states and encoder_hidden_states
 
 
 def find_attention_modules(model: torch.nn.Module, attention=None, family: Family | None = None):
@@ -108,6 +110,10 @@ class Recorder:
         batched_branches: branch names of the equal batch chunks of one forward, in order.
         separate_branches: branch names of successive forwards within one step (external mode).
         on_step: called with the number of finished steps of the current sample after each step.
+        outputs: modules recorded by what they write (target "out"), with no SDPA needed: an MLP by its
+            output, a block (a module returning a tensor shaped like its `hidden_states`) by its residual,
+            output minus input. Same forms as `attention`; `output_sites(model, "mlp,blocks")` names them
+            from the family table.
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class Recorder:
         batched_branches: tuple[str, ...] = ("cond",),
         separate_branches: tuple[str, ...] = ("cond", "uncond"),
         on_step: Callable[[int], None] | None = None,
+        outputs=None,
     ):
         targets = tuple(targets)
         unknown = [t for t in targets if t not in TARGETS]
@@ -143,6 +150,13 @@ class Recorder:
         self._timestep_position = found if found is not None else 1
         modules = find_attention_modules(model, attention, self.family)
         self._layers = [_Layer(-1, n, m, self.family.is_single_stream(n)) for n, m in modules]
+        if outputs:
+            taken = {n for n, _ in modules}
+            try:
+                extra = find_attention_modules(model, outputs, self.family)
+            except DitscopeError:
+                raise DitscopeError(f"no module matches outputs={outputs!r} in {type(model).__name__}") from None
+            self._layers += [_Layer(-1, n, m, False, output_only=True) for n, m in extra if n not in taken]
         self.layer_names: list[str] = []  # in first-execution order; index = layer index
         self._handles: list = []
         self._active: _Layer | None = None
@@ -290,12 +304,20 @@ class Recorder:
             layer.hidden_len = _tokens(hidden)
             layer.text_len = _tokens(enc) if isinstance(enc, torch.Tensor) else None
             layer.calls = []
+            if layer.output_only:  # attention layers inside it keep their own capture
+                layer.inputs = tuple(t for t in (hidden, enc) if isinstance(t, torch.Tensor))
+                return
             self._active = layer
 
         return hook
 
     def _layer_post(self, layer: _Layer):
         def hook(module, args, output):
+            if layer.output_only:
+                layer.calls = [{"out": self._reduce_written(layer, output)}]
+                layer.inputs = ()
+                self._collect(layer)
+                return
             self._active = None
             if not layer.calls:
                 raise DitscopeError(
@@ -377,6 +399,24 @@ class Recorder:
             streams = self._streams(layer, n, n, "a") if layer.single_stream else [(IMAGE, 0, n)]
         return self._reduce(layer, 0, "out", x, streams)
 
+    def _reduce_written(self, layer: _Layer, output):
+        """What an output-only module writes into the stream: a block's residual (output minus the input
+        of the same shape), an MLP's output; image and text parts as streams."""
+        parts = [p for p in (output if isinstance(output, tuple) else (output,)) if isinstance(p, torch.Tensor)]
+        written = []
+        for part in parts:
+            same = next((x for x in layer.inputs if x.shape == part.shape), None)
+            written.append(part - same if same is not None else part)
+        image = [w for w in written if w.dim() >= 3 and w.shape[1] == layer.hidden_len] or written[:1]
+        text = [w for w in written if w is not image[0] and w.dim() == image[0].dim()
+                and w.shape[-1] == image[0].shape[-1] and w.shape[0] == image[0].shape[0]][:1]
+        x = image[0] if image[0].dim() >= 3 else image[0].unsqueeze(1)
+        streams = [(IMAGE, 0, x.shape[1])]
+        if text:
+            streams.append((TEXT, x.shape[1], x.shape[1] + text[0].shape[1]))
+            x = torch.cat([x, text[0]], dim=1)
+        return self._reduce(layer, 0, "out", x.flatten(2).unsqueeze(1), streams)
+
     def _collect(self, layer: _Layer):
         """Fold this layer's calls into per-(target, stream, branch) rows of the current step."""
         branches, n_prompts = self._branch_of_call
@@ -444,6 +484,26 @@ class Recorder:
         self._step_timestep = None
         if self.on_step is not None:
             self.on_step(len(self._steps))
+
+
+def output_sites(model: torch.nn.Module, which: str) -> list[str]:
+    """Regexes of a covered family's output-only sites: "mlp" (every block's MLPs), "blocks" (every block,
+    recorded by its residual), or both ("mlp,blocks"), from the family table's block layout."""
+    layout = family_of(model).blocks
+    if layout is None:
+        raise DitscopeError(f"{type(model).__name__} has no block layout in the family table: name its modules "
+                            "with outputs='pattern'")
+    wanted = {w.strip() for w in which.split(",") if w.strip()}
+    unknown = wanted - {"mlp", "blocks"}
+    if unknown or not wanted:
+        raise DitscopeError(f"unknown output sites {sorted(unknown) or which!r}; use mlp, blocks or mlp,blocks")
+    patterns = []
+    for name in layout.lists:
+        if "blocks" in wanted:
+            patterns.append(rf"{re.escape(name)}\.\d+")
+        if "mlp" in wanted:
+            patterns += [rf"{re.escape(name)}\.\d+\.{re.escape(child)}" for child, kind, _ in layout.modules if kind == "mlp"]
+    return patterns
 
 
 def _tokens(x) -> int:

@@ -110,6 +110,8 @@ def bench(
         with torch.inference_mode():
             rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
     drawn = f" (prompt seed {drawn_with})" if drawn_with is not None else f" from {prompt_file}"
+    if inputs.calibration_seed is not None:
+        drawn += f", plans fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"
     df = write_outputs(rows, out, f"{model}: {len(prompt_list)} prompts{drawn} x {seeds} seeds, {n_steps} steps",
                        prompt_list)
     print((out / "results.md").read_text())

@@ -36,6 +36,8 @@ def profile(
     offload: Annotated[bool, typer.Option(help="keep previous-step tensors on the CPU")] = False,
     shard: Annotated[str | None, typer.Option(help="i/n: profile every n-th prompt from i (merge shards later)")] = None,
     plot: Annotated[bool, typer.Option(help="write figures")] = True,
+    outputs: Annotated[str | None, typer.Option(help="also record output-only sites (target out): mlp, blocks "
+                                                "(their residuals), mlp,blocks, or a module-name pattern")] = None,
 ):
     """Profile step-to-step redundancy of a DiT over prompts; writes OUT/profile.ditscope and figures."""
     from ..profiling.job import profile_model
@@ -44,6 +46,7 @@ def profile(
         model=model, prompts=prompts, column=column, steps=steps, scheduler=scheduler, seed=seed, out=out,
         batch_size=batch_size, dtype=dtype, device=device, guidance_scale=guidance_scale, targets=targets,
         storage_dtype=storage_dtype, offload=offload, shard=shard, progress=lambda: progress_bar("steps"),
+        outputs=outputs,
     )
     if result is None:  # a torchrun rank other than 0
         return

@@ -69,9 +69,13 @@ def plan(
 
     console = Console(stderr=True)
     with console.status("planning") as status, torch.inference_mode():
-        result = make_plan(pipe, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
-                           granularity=granularity, cost=cost, work_dir=work,
-                           progress=lambda text: status.update(f"planning: {text}"), log=console.print)
+        try:
+            result = make_plan(pipe, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
+                               granularity=granularity, cost=cost, work_dir=work,
+                               progress=lambda text: status.update(f"planning: {text}"), log=console.print)
+        except DitscopeError:  # a target no plan reaches: nothing is left (an interrupt keeps the work to resume)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None
     result.save(out)
     shutil.rmtree(work, ignore_errors=True)

@@ -29,6 +29,7 @@ TARGET_ORDER = ("q", "k", "v", "a", "out")
 RUN_FIELDS = (
     "model", "model_config_hash", "scheduler", "scheduler_config_hash", "num_inference_steps", "dtype",
     "seed", "prompts_hash", "n_prompts_total", "guidance_scale", "batch_size", "targets", "storage_dtype",
+    "outputs",
 )
 
 

@@ -26,7 +26,7 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
                   steps: int | None = None, scheduler: str | None = None, seed: int = 0, out: Path | None = None,
                   batch_size: int = 1, dtype: str = "auto", device: str = "auto", guidance_scale: float | None = None,
                   targets: str = "k,v,a", storage_dtype: str | None = None, offload: bool = False,
-                  shard: str | None = None, progress=None) -> tuple[Profile | None, Path | None]:
+                  shard: str | None = None, progress=None, outputs: str | None = None) -> tuple[Profile | None, Path | None]:
     """Profile `model` (a zoo name, local diffusers folder or hub id; default the zoo's default) over
     `prompts` (a prompt file; default the built-in prompts) and save it under `out`.
 
@@ -88,7 +88,7 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
                 pipe, prompt_list, num_inference_steps=steps, seed=seed, guidance_scale=guidance_scale,
                 batch_size=batch_size, targets=target_list, storage_dtype=store_dt, offload=offload,
                 state_path=state, shard=shard_arg, progress=bar, model_id=model,
-                call_kwargs=entry.call_kwargs if entry else None,
+                call_kwargs=entry.call_kwargs if entry else None, outputs=outputs,
             )
     except DitscopeError:
         if created_dir:

@@ -114,6 +114,7 @@ def profile(
     progress=None,
     model_id: str | None = None,
     call_kwargs: dict | None = None,
+    outputs=None,
 ) -> Profile:
     """Profile step-to-step redundancy of `pipe.transformer` over `prompts`.
 
@@ -130,6 +131,8 @@ def profile(
         progress: a rich Progress to advance per step, or None.
         model_id: recorded in the metadata (default: the pipeline's name_or_path).
         call_kwargs: extra keyword arguments for every pipeline call.
+        outputs: output-only sites too (target "out"): "mlp", "blocks", "mlp,blocks" (from the family
+            table) or module patterns as for `attention`; see `Recorder`.
     """
     if num_inference_steps < 2:
         raise DitscopeError(f"--steps must be at least 2 to measure step-to-step distances (got {num_inference_steps})")
@@ -147,6 +150,12 @@ def profile(
         guidance_scale=guidance_scale, batch_size=batch_size, targets=targets, storage_dtype=storage_dtype,
     )
     meta["shard"] = shard_name
+    if isinstance(outputs, str) and set(outputs.replace(" ", "").split(",")) <= {"mlp", "blocks"}:
+        from ..capture.recorder import output_sites
+
+        outputs = output_sites(pipe.transformer, outputs)
+    if outputs:
+        meta["outputs"] = [outputs] if isinstance(outputs, str) else list(outputs)
     done = load_state(state_path, meta, shard_name)
     todo = shard_indices(len(prompts), shard)
     if done is not None:
@@ -158,7 +167,7 @@ def profile(
     rec = Recorder(
         pipe.transformer, attention=attention, targets=targets, storage_dtype=storage_dtype, offload=offload,
         step_on="external", batched_branches=getattr(pipe, "cfg_batched_branches", family.cfg_batched),
-        separate_branches=family.cfg_separate,
+        separate_branches=family.cfg_separate, outputs=outputs,
         on_step=(lambda _: progress.advance(task)) if progress is not None else None,
     )
     if done is not None:
