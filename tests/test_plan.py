@@ -147,3 +147,11 @@ def test_cli_plan_errors_are_one_line_and_leave_nothing(tmp_path):
     bad.write_text('{"format": "ditscope-plan"')
     r = subprocess.run([sys.executable, "-m", "ditscope", "show", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "corrupt" in r.stderr
+
+
+def test_speed_targets_and_unreachable_ones(pipe, tmp_path):
+    with torch.inference_mode():
+        fast = ditscope.plan(pipe, PROMPTS, "speedup=1.5", STEPS, batch_size=2, iterations=4)
+        assert fast.meta["predicted_speedup"] >= 1.5
+        with pytest.raises(DitscopeError, match="no plan reaches speedup=50"):
+            ditscope.plan(pipe, PROMPTS, "speedup=50", STEPS, batch_size=2, iterations=4)
