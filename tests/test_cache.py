@@ -291,3 +291,9 @@ def test_batch_level_decision_skips_all_rows_together(name, monkeypatch):
     assert masks, "no step was decided"
     assert all(bool((m == m[0]).all()) for m in masks)
     assert config_from_options(name, ["per_sample=false"]).per_sample is False
+
+
+def test_out_of_range_options_are_refused_not_clamped():
+    build, _ = TINY["PixArtTransformer2DModel"]
+    with pytest.raises(DitscopeError, match="ratio <= 1"):
+        ditscope.apply(build(), ditscope.ToCaConfig(ratio=2.0), num_inference_steps=4)

@@ -94,6 +94,14 @@ BAD_INPUTS = [
     (["profile", "--shard", "3/2"], "--shard"),
     (["profile", "{no_transformer}"], "has no transformer"),
     (["show", "{garbage}"], "corrupt"),
+    (["profile", "--prompts", "{number_line}"], "not a prompt"),
+    (["profile", "--prompts", "{null_prompt}"], "not a prompt"),
+    (["profile", "--device", "tpu9"], "unknown --device 'tpu9'"),
+    (["profile", "--scheduler", "ddim:nonexistent_key=3"], "has no option 'nonexistent_key'"),
+    (["merge", "{garbage}", "{garbage}", "-o", "{folder}"], "is a folder"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--steps", "0", "--out", "{folder}/x.png"], "at least 1"),
+    (["eval", "tiny-pixart", "--steps", "0"], "at least 1"),
+    (["plan", "tiny-pixart", "--target", "psnr=500"], "unreachable"),
 ]
 
 
@@ -104,11 +112,14 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("x")
     (tmp_path / "garbage.ditscope").write_bytes(b"not a profile at all")
+    (tmp_path / "number.jsonl").write_text('"a red circle"\n42\n')
+    (tmp_path / "null.jsonl").write_text('{"prompt": null}\n')
     pipe_dir = tmp_path / "pipe"
     pipe_dir.mkdir()
     (pipe_dir / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
     names = {"empty": "empty.txt", "latin1": "latin1.txt", "missing": "missing.txt", "folder": "folder",
-             "file": "file", "garbage": "garbage.ditscope", "no_transformer": "pipe"}
+             "file": "file", "garbage": "garbage.ditscope", "no_transformer": "pipe", "number_line": "number.jsonl",
+             "null_prompt": "null.jsonl"}
     args = [a.format(**{k: tmp_path / v for k, v in names.items()}) for a in args]
     if args[0] == "profile" and "--out" not in args:
         args += ["--out", tmp_path / "out"]

@@ -53,6 +53,12 @@ def parse_scheduler(text: str):
             overrides[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             overrides[key.strip()] = raw
+    import inspect
+
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        raise DitscopeError(f"{cls.__name__} has no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
     return cls, overrides
 
 
@@ -84,6 +90,12 @@ def progress_bar(unit: str):
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
 
 
+def check_steps(steps: int | None, least: int = 1) -> None:
+    """A --steps value: None (the model's default) or at least `least`."""
+    if steps is not None and steps < least:
+        raise DitscopeError(f"--steps must be at least {least}, not {steps}")
+
+
 def check_writable_dir(out: Path) -> None:
     """Fail early if `out` cannot become a writable folder (creates nothing)."""
     if out.exists() and not out.is_dir():
@@ -112,4 +124,10 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DitscopeError("--device cuda asked for, but torch sees no CUDA device")
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DitscopeError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if name.startswith("cuda:") and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise DitscopeError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return name

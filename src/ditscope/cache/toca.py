@@ -85,8 +85,9 @@ class ToCaMethod(CacheMethod):
             raise DitscopeError(f"unknown ToCa score {c.score!r}; choose from {', '.join(SCORES)}")
         if c.schedule not in SCHEDULES:
             raise DitscopeError(f"unknown ToCa schedule {c.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if c.interval < 1 or c.warmup < 0 or not 0 <= c.ratio:
-            raise DitscopeError("ToCa needs interval >= 1, warmup >= 0 and ratio >= 0")
+        if c.interval < 1 or c.warmup < 0 or not 0 <= c.ratio <= 1:
+            raise DitscopeError(f"ToCa needs interval >= 1, warmup >= 0 and 0 <= ratio <= 1 (got interval "
+                                f"{c.interval}, warmup {c.warmup}, ratio {c.ratio})")
         # per block: the site whose attention map scores the block's tokens
         self.score_site: dict[int, int] = {}
         for b in ctx.blocks:

@@ -10,7 +10,7 @@ import typer
 
 from ..cache import CONFIGS
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir
+from ..runtime import check_steps, check_writable_dir
 from .common import app, user_errors
 from .zoo import load_model
 
@@ -44,6 +44,7 @@ def generate(
         raise DitscopeError(f"--out {out}: use an image file name (.png, .jpg, .gif, .webp)")
     if upscale < 1:
         raise DitscopeError("--upscale must be at least 1")
+    check_steps(steps)
     check_writable_dir(out.parent)
     # `--cache-opt interval=3 ratio=0.3`: the values after the first arrive as extra arguments
     extra = list(ctx.args)
@@ -85,8 +86,10 @@ def generate(
                   f"{s['partial']} partial, {s['blocks_reused']} blocks reused")
     if isinstance(image, list):  # video frames -> animated image
         frames = [f.resize((f.width * upscale, f.height * upscale), 0) for f in image]
+        out.parent.mkdir(parents=True, exist_ok=True)
         frames[0].save(out, save_all=True, append_images=frames[1:], duration=150, loop=0)
     else:
+        out.parent.mkdir(parents=True, exist_ok=True)
         image.resize((image.width * upscale, image.height * upscale), 0).save(out)
     print(f"wrote {out}")
 

@@ -127,6 +127,8 @@ def merge(
 
     if len(paths) < 2:
         raise DitscopeError("merge needs at least two profiles")
+    if output.is_dir():
+        raise DitscopeError(f"-o {output} is a folder; give the merged profile's file name")
     profiles = [Profile.load(p) for p in paths]
     check_writable_dir(output.parent)
     merged = profiles[0]

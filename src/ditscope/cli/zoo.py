@@ -11,7 +11,7 @@ import typer
 
 from ..errors import DitscopeError
 from ..files import write_text_atomic
-from ..runtime import check_writable_dir, pick_device, progress_bar, torch_dtype
+from ..runtime import check_steps, check_writable_dir, pick_device, progress_bar, torch_dtype
 from .common import app, user_errors
 
 zoo_app = typer.Typer(help="The zoo: small models that run with no download.", no_args_is_help=True)
@@ -55,6 +55,7 @@ def eval_cmd(
         raise DitscopeError("--n must be at least 2 (the Fréchet distance needs a covariance)")
     if objects not in (1, 2):
         raise DitscopeError("--objects must be 1 or 2")
+    check_steps(steps)
     check_writable_dir(state_dir)
     if json_out is not None:
         check_writable_dir(json_out.parent)
@@ -156,7 +157,10 @@ def zoo_prompts(
     if n < 1 or objects not in (1, 2):
         raise DitscopeError("--n must be at least 1 and --objects 1 or 2")
     check_writable_dir(out.parent)
+    if out.is_dir():
+        raise DitscopeError(f"--out {out} is a folder; give a .txt file name")
     scenes = evaluator.evaluation_scenes(n, seed, objects, video=video)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(s.caption() + "\n" for s in scenes))
     print(f"wrote {n} captions to {out}")
 

@@ -11,9 +11,11 @@ CODES = {"C": 0, "F": 1, "R": 2}
 
 def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
     m = plan.meta
+    modules = any(u != STACK and not u.rsplit(".", 1)[-1].isdigit() for u in plan.rows)
     rows = [("units x steps", f"{len(plan.rows)} x {plan.steps}"),
             ("module cells computed", f"{plan.fraction('C'):.0%} (forecast {plan.fraction('F'):.0%}, "
-                                      f"reused {plan.fraction('R'):.0%})"),
+                                      f"reused {plan.fraction('R'):.0%}) of the steps the stack runs"
+             if modules else "all (no module rows) on the steps the stack runs"),
             ("stack skipped at", f"{plan.rows.get(STACK, '').count('R')} of {plan.steps} steps")]
     for key in ("target", "mode", "granularity", "cost_model", "predicted_speedup", "measured_speedup",
                 "num_inference_steps", "scheduler", "planning_seconds"):

@@ -44,7 +44,10 @@ def _pick(record: dict, column: str | None, where: str) -> str:
     names = (column,) if column else DEFAULT_COLUMNS
     for name in names:
         if name in record:
-            return str(record[name]).strip()
+            value = record[name]
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise DitscopeError(f"{where}: {name!r} is {json.dumps(value)}, not a prompt (a string)")
+            return str(value).strip()
     raise DitscopeError(f"{where} has no column {' or '.join(repr(n) for n in names)}; choose one with --column")
 
 
@@ -57,6 +60,9 @@ def _jsonl(text: str, path: Path, column: str | None) -> list[str]:
             item = json.loads(line)
         except json.JSONDecodeError:
             raise DitscopeError(f"{path} line {n} is not valid JSON") from None
+        if not isinstance(item, (str, dict)):
+            raise DitscopeError(f"{path} line {n} is {type(item).__name__} {line.strip()[:40]}, not a prompt: "
+                                "write a string or an object with a prompt field")
         prompts.append(item.strip() if isinstance(item, str) else _pick(item, column, f"{path} line {n}"))
     return prompts
 
