@@ -7,7 +7,7 @@ model (every module costs the same), module-kind granularity (SmoothCache's), pe
 (every module of every block its own row), the stack alone, and the modules alone. Each plan is fitted
 on the calibration prompts (seed 7000) and scored on test prompts (seed 3000) against the uncached
 images: mean and 5th-percentile PSNR, and the wall-clock speedup (median of `--repeats` passes, all
-variants timed in this one run). Results go to benchmarks/results/MODEL/plan_ablation.md.
+variants timed in this one run). Results go to benchmarks/results/n64/MODEL/plan_ablation_TARGET.md.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main():
             rows.append((name, p.meta["quality"]["psnr"], statistics.fmean(psnr), float(np.percentile(psnr, 5)),
                          p.meta["predicted_speedup"], plain / seconds, planning))
             print(rows[-1], flush=True)
-    out = Path(__file__).parent / "results" / args.model / "plan_ablation.md"
+    name = args.target.replace("=", "")
+    out = Path(__file__).parent / "results" / "n64" / args.model / f"plan_ablation_{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# Planner ablation on {args.model}, target {args.target}", "",
              f"Fitted on {len(calib)} calibration prompts (seed 7000), scored on {len(test)} test prompts (seed 3000), "
