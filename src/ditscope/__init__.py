@@ -31,6 +31,7 @@ from .cache import (  # noqa: E402
 )
 from .capture.recorder import Recorder  # noqa: E402
 from .errors import DitscopeError  # noqa: E402
+from .families import Blocks, Child  # noqa: E402  (a declared block layout: ditscope.apply(model, c, layout=...))
 from .profiling.artifact import Profile  # noqa: E402
 from .profiling.runner import profile  # noqa: E402
 
@@ -55,6 +56,6 @@ def record(model, attention=None, **kwargs) -> Recorder:
 
 
 __all__ = [
-    "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Plan", "PlanConfig", "Profile", "Recorder", "Schedule",
+    "Blocks", "Child", "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Plan", "PlanConfig", "Profile", "Recorder", "Schedule",
     "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "__version__", "apply", "profile", "record", "zoo",
 ]

@@ -17,34 +17,100 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 IMAGE, TEXT, JOINT = "image", "text", "joint"
 
 # Module kinds a cache method treats differently (ToCa's ratio factors, PAB's broadcast ranges).
 SELF, CROSS, MLP, TEMPORAL = "self", "cross", "mlp", "temporal"
+KINDS = (SELF, CROSS, MLP, TEMPORAL)
+
+
+class Child(NamedTuple):
+    """A cached child module of a block.
+
+    Attributes:
+        name: attribute name on the block (``attn1``).
+        kind: self, cross, mlp or temporal.
+        stream: which tokens its input holds: image, text, or joint (the joined sequence, in the family's order).
+        tokenwise: a subset of its tokens can run alone and give those tokens' outputs exactly (ToCa's
+            partial steps). False for attention that applies rotary embeddings inside to the whole sequence
+            (Wan's self-attention): a subset would mis-slice them. Joint self-attention never is.
+        kv: for self- and temporal attention, the keyword through which a subset of queries still attends to
+            every token (diffusers' ``Attention``: ``encoder_hidden_states``).
+    """
+
+    name: str
+    kind: str
+    stream: str
+    tokenwise: bool = True
+    kv: str = "encoder_hidden_states"
 
 
 @dataclass(frozen=True)
 class Blocks:
-    """How a family's transformer blocks are laid out, for the cache engine.
+    """How a model's transformer blocks are laid out, for the cache engine: a row of the family table, or
+    a layout a user declares for a model of their own (`ditscope.apply(model, config, layout=Blocks(...))`).
 
     Attributes:
-        lists: attribute names of the model's block `ModuleList`s.
+        lists: attribute paths of the model's block `ModuleList`s (dotted for nested ones: ``backbone.blocks``).
         parallel: the lists interleave (Latte: spatial block i, then temporal block i), so block i of
             each list is depth i; otherwise depth counts through the lists in order (Flux: double, single).
-        args: names of `block.forward`'s leading positional arguments ("hidden", "encoder").
+        args: roles of `block.forward`'s leading positional arguments ("hidden", "encoder").
         returns: what a block returns, in order ("hidden", "encoder"); a single name = a bare tensor.
-        modules: child module name -> (kind, stream). kind: self, cross, mlp or temporal; stream: which
-            tokens its input holds: image, text, or joint (the joined sequence, in the family's order).
+        list_returns: (list, returns) pairs for lists whose blocks return otherwise than `returns`.
+        modules: the cached child modules of a block: `Child` rows, or (name, kind, stream) tuples.
         temporal_lists: lists whose self-attention runs over frames (kind "temporal").
+        hidden: the name of the hidden-state argument of the blocks, their child modules and the model
+            (positional: the first argument).
+        encoder: the name of the blocks' text-state argument (role "encoder").
+        timestep: the name of the model's timestep argument, which tells steps and guidance calls apart;
+            None: every model call is the next step (a sampling loop that calls the model once per step).
     """
 
     lists: tuple[str, ...]
     args: tuple[str, ...] = ("hidden",)
     returns: tuple[str, ...] = ("hidden",)
-    modules: tuple[tuple[str, str, str], ...] = ()
+    modules: tuple[Child, ...] = ()
     parallel: bool = False
     temporal_lists: tuple[str, ...] = ()
+    list_returns: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    hidden: str = "hidden_states"
+    encoder: str = "encoder_hidden_states"
+    timestep: str | None = "timestep"
+
+    def __post_init__(self):
+        from .errors import DitscopeError
+
+        def names(value, what):
+            value = (value,) if isinstance(value, str) else tuple(value)
+            if not value or not all(isinstance(v, str) and v for v in value):
+                raise DitscopeError(f"block layout: {what} must be non-empty names, not {value!r}")
+            return value
+
+        object.__setattr__(self, "lists", names(self.lists, "lists"))
+        object.__setattr__(self, "args", names(self.args, "args"))
+        object.__setattr__(self, "returns", names(self.returns, "returns"))
+        object.__setattr__(self, "temporal_lists", tuple(self.temporal_lists))
+        children = []
+        for m in self.modules:
+            try:
+                child = Child(*m)
+            except TypeError:
+                raise DitscopeError(f"block layout: module {m!r} is not (name, kind, stream)") from None
+            if child.kind not in KINDS or child.stream not in (IMAGE, TEXT, JOINT):
+                raise DitscopeError(f"block layout: module {child.name!r} has kind {child.kind!r} and stream "
+                                    f"{child.stream!r}; kinds are {', '.join(KINDS)}, streams image, text, joint")
+            children.append(child)
+        object.__setattr__(self, "modules", tuple(children))
+        roles = set(self.args) | set(self.returns) | {r for _, rs in self.list_returns for r in rs}
+        if not roles <= {"hidden", "encoder"} or "hidden" not in self.returns:
+            raise DitscopeError(f"block layout: args and returns are roles 'hidden' and 'encoder' (returns must "
+                                f"include 'hidden'), not {sorted(roles)}")
+
+    def returns_of(self, list_name: str) -> tuple[str, ...]:
+        """What the blocks of one list return."""
+        return dict(self.list_returns).get(list_name, self.returns)
 
 
 _BASIC = (("attn1", SELF, IMAGE), ("attn2", CROSS, IMAGE), ("ff", MLP, IMAGE))
@@ -114,12 +180,32 @@ FAMILIES: dict[str, Family] = {
         blocks=Blocks(("transformer_blocks", "temporal_transformer_blocks"), parallel=True, modules=_BASIC,
                       temporal_lists=("temporal_transformer_blocks",)),
     ),
-    "MochiTransformer3DModel": Family("mochi", joint_order=(IMAGE, TEXT)),
-    "HunyuanVideoTransformer3DModel": Family(
-        "hunyuanvideo", joint_order=(IMAGE, TEXT), exclude=(r"context_embedder",)
+    "MochiTransformer3DModel": Family(
+        "mochi", joint_order=(IMAGE, TEXT),
+        blocks=Blocks(("transformer_blocks",), args=("hidden", "encoder"), returns=("hidden", "encoder"),
+                      modules=(("attn1", SELF, JOINT), ("ff", MLP, IMAGE), ("ff_context", MLP, TEXT))),
     ),
-    "WanTransformer3DModel": Family("wan"),
-    "QwenImageTransformer2DModel": Family("qwenimage", joint_order=(TEXT, IMAGE)),
+    # double-stream blocks, then single-stream ones (which split the joined sequence again before returning);
+    # the token refiner (context_embedder) is not a trunk block
+    "HunyuanVideoTransformer3DModel": Family(
+        "hunyuanvideo", joint_order=(IMAGE, TEXT), exclude=(r"context_embedder",),
+        blocks=Blocks(("transformer_blocks", "single_transformer_blocks"), args=("hidden", "encoder"),
+                      returns=("hidden", "encoder"),
+                      modules=(("attn", SELF, JOINT), ("ff", MLP, IMAGE), ("ff_context", MLP, TEXT),
+                               ("proj_mlp", MLP, JOINT))),
+    ),
+    # attn1 applies rotary embeddings to the whole sequence inside: no token subset of it (Child.tokenwise)
+    "WanTransformer3DModel": Family(
+        "wan",
+        blocks=Blocks(("blocks",), args=("hidden", "encoder"),
+                      modules=(Child("attn1", SELF, IMAGE, tokenwise=False), ("attn2", CROSS, IMAGE),
+                               ("ffn", MLP, IMAGE))),
+    ),
+    "QwenImageTransformer2DModel": Family(
+        "qwenimage", joint_order=(TEXT, IMAGE),
+        blocks=Blocks(("transformer_blocks",), args=("hidden", "encoder"), returns=("encoder", "hidden"),
+                      modules=(("attn", SELF, JOINT), ("img_mlp", MLP, IMAGE), ("txt_mlp", MLP, TEXT))),
+    ),
 }
 
 # Any other model: image-first joint attention, no exclusions; the user names attention modules.
@@ -127,5 +213,16 @@ GENERIC = Family("generic")
 
 
 def family_of(model) -> Family:
-    """The family entry for a transformer (or GENERIC for models outside the table)."""
-    return FAMILIES.get(type(model).__name__, GENERIC)
+    """The family entry for a transformer: by its class name, a base class's name, or as a variant of a
+    family (``WanVACETransformer3DModel``, ``HunyuanVideoFramepackTransformer3DModel``: the family's stem
+    followed by a capitalised word; ``Flux2...`` or ``HunyuanVideo15...`` are other architectures). GENERIC
+    for models outside the table."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    name = type(model).__name__
+    for key, family in FAMILIES.items():
+        stem = re.sub(r"Transformer[23]DModel$", "", key)
+        if re.fullmatch(rf"{re.escape(stem)}[A-Z][A-Za-z]*Transformer[23]DModel", name):
+            return family
+    return GENERIC

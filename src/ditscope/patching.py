@@ -65,14 +65,15 @@ def _name(obj) -> str:
     return getattr(obj, "__name__", None) or type(obj).__name__
 
 
-def timestep_argument(forward) -> int | None:
-    """Position of the `timestep` parameter in a model's forward signature (None if it has none)."""
+def timestep_argument(forward, name: str = "timestep") -> int | None:
+    """Position of the `timestep` parameter (or the one called `name`) in a model's forward signature (None
+    if it has none)."""
     params = list(inspect.signature(forward).parameters)
-    return params.index("timestep") if "timestep" in params else None
+    return params.index(name) if name in params else None
 
 
-def read_timestep(args: tuple, kwargs: dict, position: int | None):
-    """The `timestep` a model call got, by keyword or at `position` (see `timestep_argument`); None if absent."""
-    if "timestep" in kwargs:
-        return kwargs["timestep"]
+def read_timestep(args: tuple, kwargs: dict, position: int | None, name: str = "timestep"):
+    """The timestep a model call got, by keyword or at `position` (see `timestep_argument`); None if absent."""
+    if name in kwargs:
+        return kwargs[name]
     return args[position] if position is not None and position < len(args) else None

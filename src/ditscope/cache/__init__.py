@@ -30,18 +30,21 @@ from .registry import REGISTRY, ConfigsByName, Registered, for_config, register
 CONFIGS = ConfigsByName()  # name -> config class, live: a method registered later appears here too
 
 
-def apply(pipe_or_transformer, config, num_inference_steps: int | None = None, count_flops: bool = False) -> CacheHandle:
+def apply(pipe_or_transformer, config, num_inference_steps: int | None = None, count_flops: bool = False,
+          layout=None) -> CacheHandle:
     """Apply a cache method to a diffusers pipeline (or its transformer). Returns a `CacheHandle`:
     `handle.stats()`, `handle.remove()`, or use it as a context manager.
 
     `num_inference_steps` is needed only for a bare transformer (a pipeline tells it through its
-    scheduler). `count_flops=True` counts executed FLOPs with torch.utils.flop_counter (slower).
+    scheduler; a plan knows its own). `count_flops=True` counts executed FLOPs with
+    torch.utils.flop_counter (slower). `layout`: a `ditscope.Blocks` declaring the blocks of a model the
+    family table does not know (any PyTorch DiT; see the README's "Any PyTorch DiT").
     """
     entry = for_config(config)
     if entry is None or isinstance(config, type):
         known = ", ".join(e.config.__name__ for e in REGISTRY.values())
         raise DitscopeError(f"{getattr(config, '__name__', type(config).__name__)} is not a cache config; use one of {known}")
-    return CacheHandle(pipe_or_transformer, entry.method(config), num_inference_steps, count_flops)
+    return CacheHandle(pipe_or_transformer, entry.method(config), num_inference_steps, count_flops, layout)
 
 
 def config_from_options(name: str, options: list[str] | None = None):

@@ -35,18 +35,18 @@ from .engine import (
 def run_block(ctx: Context, bsite: BlockSite, run, args, kwargs, reuse_rows: torch.Tensor | None):
     """Run or reuse one block. `reuse_rows`: per model row, True = reuse (None = compute all rows)."""
     kept = ctx.state.setdefault("residual", {})
-    inputs = block_inputs(ctx.layout, args, kwargs)
+    inputs = block_inputs(bsite, args, kwargs)
     res = kept.get(bsite.index)
     if res is None or reuse_rows is None or not bool(reuse_rows.any()):
-        outputs = block_outputs(ctx.layout, run(*args, **kwargs))
+        outputs = block_outputs(bsite, run(*args, **kwargs))
         kept[bsite.index] = residuals(inputs, outputs)
         ctx.record["blocks_computed"] += 1
-        return pack_outputs(ctx.layout, outputs)
+        return pack_outputs(bsite, outputs)
     reused = add_residuals(inputs, res)
     if bool(reuse_rows.all()):
         ctx.record["blocks_reused"] += 1
-        return pack_outputs(ctx.layout, reused)
-    outputs = block_outputs(ctx.layout, run(*args, **kwargs))
+        return pack_outputs(bsite, reused)
+    outputs = block_outputs(bsite, run(*args, **kwargs))
     new_res = residuals(inputs, outputs)
     merged_out, merged_res = {}, {}
     for name, out in outputs.items():
@@ -59,13 +59,13 @@ def run_block(ctx: Context, bsite: BlockSite, run, args, kwargs, reuse_rows: tor
         merged_res[name] = torch.where(mask, res[name], r)
     kept[bsite.index] = merged_res
     ctx.record["blocks_computed"] += 1
-    return pack_outputs(ctx.layout, merged_out)
+    return pack_outputs(bsite, merged_out)
 
 
 def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):
     """Compute and keep the module's output, or hand back the kept one (shared by FORA and PAB)."""
     cache = ctx.state.setdefault("out", {})
-    x = hidden_arg(args, kwargs)
+    x = hidden_arg(args, kwargs, site.hidden)
     tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
     if full or site.index not in cache:
         out = run(*args, **kwargs)

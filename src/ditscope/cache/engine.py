@@ -21,6 +21,8 @@ pipeline's scheduler sets its timesteps; all state is dropped then, so nothing l
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,7 @@ from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
 from ..patching import Patches, read_timestep, timestep_argument
 
 COMPUTE, REUSE, PARTIAL, PREDICT = "compute", "reuse", "partial", "predict"
+WHOLE = "whole"  # a partial recompute asked for, the module computed whole instead (no token subset of it)
 
 
 @dataclass
@@ -44,6 +47,9 @@ class Site:
     block: int  # index of its block
     depth: int  # depth of its block, 0 .. depths - 1
     module: torch.nn.Module
+    hidden: str = "hidden_states"  # its hidden-state argument's name (positional: the first)
+    tokenwise: bool = True  # a token subset can run alone (families.Child)
+    kv: str = "encoder_hidden_states"  # self-attention: the keyword that hands a query subset every token
 
 
 @dataclass
@@ -53,52 +59,33 @@ class BlockSite:
     depth: int
     module: torch.nn.Module
     sites: list[Site] = field(default_factory=list)
+    args: tuple[str, ...] = ("hidden",)  # roles of the leading positional arguments
+    names: dict = field(default_factory=lambda: {"hidden": "hidden_states", "encoder": "encoder_hidden_states"})
+    returns: tuple[str, ...] = ("hidden",)  # what the block returns, in order
 
 
-class Context:
-    """Where the model is: generation, step, call slot; plus per-slot method state and statistics."""
+class Clock:
+    """Generation, step and call of a pipeline run, shared by every transformer of a pipeline (Wan 2.2 calls
+    `transformer` on the early steps and `transformer_2` on the late ones: one step axis for both)."""
 
-    def __init__(self, family: Family, layout: Blocks, blocks: list[BlockSite], sites: list[Site], depths: int):
-        self.family, self.layout, self.blocks, self.sites, self.depths = family, layout, blocks, sites, depths
+    def __init__(self):
         self.num_steps: int | None = None
         self.schedule: list[float] | None = None
         self.generation = -1
         self.step = 0
         self.call = 0
         self.timestep: float | None = None
-        self.rows = 0  # batch size of the current model call
-        self.active: Site | None = None  # the module running now (read by the attention tap)
-        self.in_forward = False
-        self._fresh = True
-        self._slots: dict[int, dict] = {}
-        self.records: list[dict] = []  # one per model call of the current generation
-        self.record: dict = {}
-        self.flop_counting = False
-        self.model: torch.nn.Module | None = None  # the transformer (set by the handle)
-
-    @property
-    def state(self) -> dict:
-        """The current call slot's method state."""
-        return self._slots.setdefault(self.call, {})
+        self.fresh = True
 
     def new_generation(self, num_steps: int | None = None, schedule: list[float] | None = None):
         if num_steps is not None:
             self.num_steps = int(num_steps)
         self.schedule = schedule
-        self._fresh = True
+        self.fresh = True
 
-    @property
-    def scheduler_timestep(self) -> float | None:
-        """The step's timestep in the scheduler's units (0..1000), also for models fed sigma in [0, 1]."""
-        if self.schedule and len(self.schedule) == self.num_steps:
-            return self.schedule[self.step]
-        if self.timestep is not None and self.timestep <= 1.0:
-            return self.timestep * 1000
-        return self.timestep
-
-    def begin_call(self, timestep, rows: int):
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else (float(timestep) if timestep is not None else None)
-        if self._fresh or self.timestep is None:
+    def tick(self, t: float | None):
+        """Advance to the model call with timestep `t`."""
+        if self.fresh or self.timestep is None:
             restart = True
         elif t is not None and t == self.timestep:
             restart = False
@@ -117,20 +104,78 @@ class Context:
                     "the cache does not know the number of inference steps: apply it to the pipeline, or "
                     "pass num_inference_steps=N to ditscope.apply when applying it to a bare transformer"
                 )
-            self._fresh = False
+            self.fresh = False
             self.generation += 1
             self.step, self.call = 0, 0
+        self.timestep = t
+
+
+class Context:
+    """Where the model is: generation, step, call slot; plus per-slot method state and statistics."""
+
+    def __init__(self, family: Family, layout: Blocks, blocks: list[BlockSite], sites: list[Site], depths: int,
+                 clock: Clock | None = None):
+        self.family, self.layout, self.blocks, self.sites, self.depths = family, layout, blocks, sites, depths
+        self.clock = clock or Clock()
+        self.generation = -1
+        self.rows = 0  # batch size of the current model call
+        self.active: Site | None = None  # the module running now (read by the attention tap)
+        self.in_forward = False
+        self._slots: dict[int, dict] = {}
+        self.records: list[dict] = []  # one per model call of the current generation
+        self.record: dict = {}
+        self.notes: dict[str, str] = {}  # unit -> what a method could not do there, and what it did instead
+        self.flop_counting = False
+        self.model: torch.nn.Module | None = None  # the transformer (set by the handle)
+        self.prefix = ""  # unit-name prefix of a pipeline's second transformer ("transformer_2.")
+        self.unit_names: set[str] = set()  # units of every transformer the handle caches (plans name them)
+
+    # the step axis lives on the clock, shared between a pipeline's transformers
+    step = property(lambda self: self.clock.step)
+    call = property(lambda self: self.clock.call)
+    timestep = property(lambda self: self.clock.timestep)
+    num_steps = property(lambda self: self.clock.num_steps, lambda self, v: setattr(self.clock, "num_steps", v))
+    schedule = property(lambda self: self.clock.schedule)
+
+    @property
+    def state(self) -> dict:
+        """The current call slot's method state."""
+        return self._slots.setdefault(self.call, {})
+
+    def new_generation(self, num_steps: int | None = None, schedule: list[float] | None = None):
+        self.clock.new_generation(num_steps, schedule)
+
+    @property
+    def scheduler_timestep(self) -> float | None:
+        """The step's timestep in the scheduler's units (0..1000), also for models fed sigma in [0, 1]."""
+        if self.schedule and len(self.schedule) == self.num_steps:
+            return self.schedule[self.step]
+        if self.timestep is not None and self.timestep <= 1.0:
+            return self.timestep * 1000
+        return self.timestep
+
+    def begin_call(self, timestep, rows: int, tick: bool = True):
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else (float(timestep) if timestep is not None else None)
+        if tick:
+            self.clock.tick(t)
+        if self.generation != self.clock.generation:
+            self.generation = self.clock.generation
             self._slots.clear()
             self.records = []
-        self.timestep = t
         self.rows = rows
-        self.record = {"step": self.step, "call": self.call, "timestep": t, "computed": 0, "reused": 0,
-                       "partial": 0, "predicted": 0, "tokens": 0, "tokens_total": 0, "blocks_computed": 0,
-                       "blocks_reused": 0, "flops": None, "score_flops": 0}
+        self.record = {"step": self.step, "call": self.call, "timestep": self.timestep, "computed": 0, "reused": 0,
+                       "partial": 0, "predicted": 0, "whole": 0, "tokens": 0, "tokens_total": 0,
+                       "blocks_computed": 0, "blocks_reused": 0, "flops": None, "score_flops": 0}
+        if self.prefix:
+            self.record["model"] = self.prefix.rstrip(".")
         self.records.append(self.record)
 
+    def note(self, unit: str, text: str):
+        """Say (in `stats()`) that a method could not do what it was asked at a unit, and what it did instead."""
+        self.notes.setdefault(unit, text)
+
     def count(self, action: str, tokens: int, tokens_total: int):
-        key = {COMPUTE: "computed", REUSE: "reused", PARTIAL: "partial", PREDICT: "predicted"}[action]
+        key = {COMPUTE: "computed", REUSE: "reused", PARTIAL: "partial", PREDICT: "predicted", WHOLE: "whole"}[action]
         self.record[key] += 1
         self.record["tokens"] += tokens
         self.record["tokens_total"] += tokens_total
@@ -181,85 +226,132 @@ class CacheMethod:
     def block(self, ctx: Context, bsite: BlockSite, run, args: tuple, kwargs: dict):
         return run(*args, **kwargs)
 
+    def default_steps(self) -> int | None:
+        """The step count to assume when neither a pipeline's scheduler nor the caller tells it."""
+        return None
+
 
 # ------------------------------------------------------------------------------- model discovery
-def find_transformer(pipe_or_model) -> tuple[torch.nn.Module, object | None]:
-    """(transformer, pipeline or None) for a pipeline or a bare transformer."""
-    transformer = getattr(pipe_or_model, "transformer", None)
-    if isinstance(transformer, torch.nn.Module):
-        return transformer, pipe_or_model
+def find_transformers(pipe_or_model) -> tuple[list[tuple[str, torch.nn.Module]], object | None]:
+    """([(attribute, transformer), ...], pipeline or None): a pipeline's `transformer` and, where it has one,
+    `transformer_2` (Wan 2.2's low-noise expert), or a bare transformer."""
+    found = [(name, getattr(pipe_or_model, name, None)) for name in ("transformer", "transformer_2")]
+    found = [(n, m) for n, m in found if isinstance(m, torch.nn.Module)]
+    if found and found[0][0] == "transformer":
+        return found, pipe_or_model
     if isinstance(pipe_or_model, torch.nn.Module):
-        return pipe_or_model, None
+        return [("transformer", pipe_or_model)], None
     raise DitscopeError(
         f"cannot cache {type(pipe_or_model).__name__}: pass a diffusers pipeline with a .transformer or the "
         "transformer module itself"
     )
 
 
-def layout_of(model: torch.nn.Module) -> tuple[Family, list[BlockSite], list[Site], int]:
-    """The blocks and cached modules of a supported transformer, from the family table."""
+def find_transformer(pipe_or_model) -> tuple[torch.nn.Module, object | None]:
+    """(transformer, pipeline or None) for a pipeline or a bare transformer (the first, if it has two)."""
+    found, pipe = find_transformers(pipe_or_model)
+    return found[0][1], pipe
+
+
+def _argument_name(forward, preferred: str) -> str:
+    """`preferred` if `forward` takes an argument of that name, else the name of its first argument."""
+    try:
+        params = list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return preferred
+    return preferred if preferred in params or not params else params[0]
+
+
+def _resolve(model: torch.nn.Module, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def layout_of(model: torch.nn.Module, layout: Blocks | None = None, prefix: str = "") -> tuple[Family, list[BlockSite], list[Site], int]:
+    """The blocks and cached modules of a transformer, from the family table or a declared `layout`.
+    `prefix` goes in front of every unit name (a pipeline's second transformer)."""
     name = type(model).__name__
     family = family_of(model)
-    if name not in FAMILIES or family.blocks is None:
+    declared = layout is not None
+    if layout is None:
+        layout = family.blocks
+    elif not isinstance(layout, Blocks):
+        raise DitscopeError(f"layout must be a ditscope.Blocks, not {type(layout).__name__}")
+    if layout is None:
         supported = ", ".join(k for k, f in FAMILIES.items() if f.blocks is not None)
-        raise DitscopeError(f"caching is not supported yet: {name} (supported: {supported})")
-    layout = family.blocks
+        raise DitscopeError(f"caching is not supported yet: {name} (supported: {supported}); for another "
+                            "PyTorch DiT declare its blocks: ditscope.apply(model, config, layout=ditscope.Blocks(...))")
     blocks: list[BlockSite] = []
     sites: list[Site] = []
     offset = 0
     for list_name in layout.lists:
-        mlist = getattr(model, list_name, None)
+        mlist = _resolve(model, list_name)
         if mlist is None:
+            if declared:
+                raise DitscopeError(f"{name} has no block list {list_name!r} (layout lists: {', '.join(layout.lists)})")
             continue
+        if not isinstance(mlist, (torch.nn.ModuleList, torch.nn.Sequential)):
+            raise DitscopeError(f"{name}.{list_name} is a {type(mlist).__name__}, not a ModuleList of blocks")
         for i, block in enumerate(mlist):
             depth = i if layout.parallel else offset + i
-            bsite = BlockSite(len(blocks), f"{list_name}.{i}", depth, block)
-            for child, kind, stream in layout.modules:
-                module = getattr(block, child, None)
+            names = {"hidden": _argument_name(block.forward, layout.hidden), "encoder": layout.encoder}
+            bsite = BlockSite(len(blocks), f"{prefix}{list_name}.{i}", depth, block, args=layout.args, names=names,
+                              returns=layout.returns_of(list_name))
+            for child in layout.modules:
+                module = getattr(block, child.name, None)
                 if module is None:
                     continue
-                if list_name in layout.temporal_lists and kind == "self":
-                    kind = TEMPORAL
-                site = Site(len(sites), f"{list_name}.{i}.{child}", kind, stream, bsite.index, depth, module)
+                kind = TEMPORAL if list_name in layout.temporal_lists and child.kind == "self" else child.kind
+                site = Site(len(sites), f"{prefix}{list_name}.{i}.{child.name}", kind, child.stream, bsite.index,
+                            depth, module, hidden=_argument_name(module.forward, layout.hidden),
+                            tokenwise=child.tokenwise, kv=child.kv)
                 bsite.sites.append(site)
                 sites.append(site)
             blocks.append(bsite)
         offset += len(mlist)
     if not blocks:
         raise DitscopeError(f"no transformer blocks found in {name} (looked for {', '.join(layout.lists)})")
+    if declared:  # a typo in a declared child name would otherwise cache nothing, silently
+        missing = [c.name for c in layout.modules if not any(s.name.endswith("." + c.name) for s in sites)]
+        if missing:
+            raise DitscopeError(f"no block of {name} has a child module {missing[0]!r} (declared in layout.modules)")
     depths = max(b.depth for b in blocks) + 1
     return family, blocks, sites, depths
 
 
 # --------------------------------------------------------------------------------------- tensors
-def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+def hidden_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
+    return kwargs[name] if name in kwargs else args[0]
 
 
-def with_hidden(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": x}
+def with_hidden(args: tuple, kwargs: dict, x: torch.Tensor, name: str = "hidden_states") -> tuple[tuple, dict]:
+    if name in kwargs:
+        return args, {**kwargs, name: x}
     return (x, *args[1:]), kwargs
 
 
-def block_inputs(layout: Blocks, args: tuple, kwargs: dict) -> dict[str, torch.Tensor | None]:
-    names = {"hidden": "hidden_states", "encoder": "encoder_hidden_states"}
+def block_inputs(bsite: BlockSite, args: tuple, kwargs: dict) -> dict[str, torch.Tensor | None]:
     found = {}
-    for i, name in enumerate(layout.args):
-        found[name] = kwargs[names[name]] if names[name] in kwargs else (args[i] if i < len(args) else None)
+    for i, role in enumerate(bsite.args):
+        key = bsite.names[role]
+        found[role] = kwargs[key] if key in kwargs else (args[i] if i < len(args) else None)
     return found
 
 
-def block_outputs(layout: Blocks, out) -> dict[str, torch.Tensor | None]:
-    if len(layout.returns) == 1:
-        return {layout.returns[0]: out}
-    return dict(zip(layout.returns, out))
+def block_outputs(bsite: BlockSite, out) -> dict[str, torch.Tensor | None]:
+    if len(bsite.returns) == 1:
+        return {bsite.returns[0]: out}
+    return dict(zip(bsite.returns, out))
 
 
-def pack_outputs(layout: Blocks, outs: dict):
-    if len(layout.returns) == 1:
-        return outs[layout.returns[0]]
-    return tuple(outs[name] for name in layout.returns)
+def pack_outputs(bsite: BlockSite, outs: dict):
+    if len(bsite.returns) == 1:
+        return outs[bsite.returns[0]]
+    return tuple(outs[name] for name in bsite.returns)
 
 
 def residuals(inputs: dict, outputs: dict) -> dict:
@@ -324,41 +416,61 @@ class AttentionTap:
 
 # ------------------------------------------------------------------------------------- the handle
 class CacheHandle:
-    """What `ditscope.apply` returns: `stats()`, `remove()`, and a context manager that removes on exit."""
+    """What `ditscope.apply` returns: `stats()`, `remove()`, and a context manager that removes on exit.
 
-    def __init__(self, target, method: CacheMethod, num_inference_steps: int | None = None, count_flops: bool = False):
-        self.transformer, self.pipe = find_transformer(target)
-        if getattr(self.transformer, "_ditscope_cache", None) is not None:
-            raise DitscopeError("a ditscope cache is already applied to this model; call handle.remove() first")
-        family, blocks, sites, depths = layout_of(self.transformer)
-        self.method = method
-        self.ctx = Context(family, family.blocks, blocks, sites, depths)
-        self.ctx.flop_counting = count_flops
-        self.ctx.num_steps = num_inference_steps
-        self.ctx.model = self.transformer
-        method.validate(self.ctx)
+    A pipeline with two transformers (Wan 2.2: `transformer`, `transformer_2`) gets both cached, each with
+    its own method instance and caches, on one step axis; the second one's units are named `transformer_2.*`.
+    """
+
+    def __init__(self, target, method: CacheMethod, num_inference_steps: int | None = None, count_flops: bool = False,
+                 layout: Blocks | None = None):
+        found, self.pipe = find_transformers(target)
+        for _, model in found:
+            if getattr(model, "_ditscope_cache", None) is not None:
+                raise DitscopeError("a ditscope cache is already applied to this model; call handle.remove() first")
+        clock = Clock()
+        clock.num_steps = num_inference_steps if num_inference_steps is not None else method.default_steps()
+        self.transformers, self.methods, self.contexts = [], [], []
+        for i, (attr, model) in enumerate(found):
+            prefix = "" if i == 0 else f"{attr}."
+            family, blocks, sites, depths = layout_of(model, layout, prefix)
+            ctx = Context(family, layout or family.blocks, blocks, sites, depths, clock)
+            ctx.flop_counting, ctx.model, ctx.prefix = count_flops, model, prefix
+            self.transformers.append(model)
+            self.methods.append(method if i == 0 else copy.copy(method))  # a method keeps per-model tables
+            self.contexts.append(ctx)
+        names = {u for c in self.contexts for u in [*(s.name for s in c.sites), *(b.name for b in c.blocks)]}
+        for ctx, m in zip(self.contexts, self.methods):
+            ctx.unit_names = names
+            m.validate(ctx)
+        self.transformer, self.method, self.ctx = self.transformers[0], self.methods[0], self.contexts[0]
         self._patches = Patches()
-        self._install()
+        self._install_scheduler(clock)
+        for model, m, ctx in zip(self.transformers, self.methods, self.contexts):
+            self._install(model, m, ctx)
 
     # ---------------------------------------------------------------------------------- install
-    def _install(self):
-        ctx, method, model = self.ctx, self.method, self.transformer
+    def _install_scheduler(self, clock: Clock):
         if self.pipe is not None and hasattr(getattr(self.pipe, "scheduler", None), "set_timesteps"):
             scheduler = self.pipe.scheduler
             orig_set = scheduler.set_timesteps
 
             def set_timesteps(*args, **kwargs):
                 out = orig_set(*args, **kwargs)
-                ctx.new_generation(len(scheduler.timesteps), [float(t) for t in scheduler.timesteps])
+                clock.new_generation(len(scheduler.timesteps), [float(t) for t in scheduler.timesteps])
                 return out
 
             self._patches.set(scheduler, "set_timesteps", set_timesteps)
+
+    def _install(self, model: torch.nn.Module, method: CacheMethod, ctx: Context):
         orig_model = model.forward
-        t_pos = timestep_argument(orig_model)
+        hidden_name = _argument_name(orig_model, ctx.layout.hidden)
+        t_name = ctx.layout.timestep
+        t_pos = timestep_argument(orig_model, t_name) if t_name else None
 
         def model_forward(*args, **kwargs):
-            hidden = hidden_arg(args, kwargs)
-            timestep = read_timestep(args, kwargs, t_pos)
+            hidden = hidden_arg(args, kwargs, hidden_name)
+            timestep = read_timestep(args, kwargs, t_pos, t_name) if t_name else None
             ctx.begin_call(timestep, hidden.shape[0])
             tap = AttentionTap(ctx, method) if method.wants_attention(ctx) else contextlib.nullcontext()
             counter = None
@@ -380,15 +492,14 @@ class CacheHandle:
         self._patches.set(model, "forward", model_forward)
         for bsite in ctx.blocks:
             if method.uses_blocks:
-                self._patches.set(bsite.module, "forward", self._block_forward(bsite, bsite.module.forward))
+                self._patches.set(bsite.module, "forward", self._block_forward(ctx, method, bsite, bsite.module.forward))
             if method.uses_modules:
                 for site in bsite.sites:
-                    self._patches.set(site.module, "forward", self._module_forward(site, site.module.forward))
+                    self._patches.set(site.module, "forward", self._module_forward(ctx, method, site, site.module.forward))
         model._ditscope_cache = self
 
-    def _block_forward(self, bsite: BlockSite, orig):
-        ctx, method = self.ctx, self.method
-
+    @staticmethod
+    def _block_forward(ctx: Context, method: CacheMethod, bsite: BlockSite, orig):
         def forward(*args, **kwargs):
             if not ctx.in_forward:
                 return orig(*args, **kwargs)
@@ -396,9 +507,8 @@ class CacheHandle:
 
         return forward
 
-    def _module_forward(self, site: Site, orig):
-        ctx, method = self.ctx, self.method
-
+    @staticmethod
+    def _module_forward(ctx: Context, method: CacheMethod, site: Site, orig):
         def run(*args, **kwargs):
             previous, ctx.active = ctx.active, site
             try:
@@ -415,26 +525,30 @@ class CacheHandle:
 
     # ------------------------------------------------------------------------------------ public
     def remove(self):
-        """Take every wrapper away; the model and the scheduler are exactly as before `apply`."""
+        """Take every wrapper away; the models and the scheduler are exactly as before `apply`."""
         self._patches.restore()
-        if getattr(self.transformer, "_ditscope_cache", None) is self:
-            del self.transformer._ditscope_cache
-        self.ctx._slots.clear()
+        for model, ctx in zip(self.transformers, self.contexts):
+            if getattr(model, "_ditscope_cache", None) is self:
+                del model._ditscope_cache
+            ctx._slots.clear()
 
     def reset(self, num_inference_steps: int | None = None):
         """Start a new generation at the next model call (needed only for a bare transformer driven by hand)."""
         self.ctx.new_generation(num_inference_steps)
 
     def stats(self):
-        """Per model call of the last generation: modules computed / reused / partial / predicted, tokens
-        recomputed, blocks computed / reused, and executed FLOPs (when `count_flops=True`)."""
+        """Per model call of the last generation: modules computed / reused / partial / predicted / computed
+        whole where a partial recompute cannot apply, tokens recomputed, blocks computed / reused, executed
+        FLOPs (when `count_flops=True`), and notes on what a method could not do where."""
         from .stats import CacheStats
 
-        return CacheStats(type(self.method).__name__.removesuffix("Method"), list(self.ctx.records), self.ctx.sites)
+        records = sorted((r for c in self.contexts for r in c.records), key=lambda r: (r["step"], r["call"]))
+        notes = {u: t for c in self.contexts for u, t in c.notes.items()}
+        return CacheStats(type(self.method).__name__.removesuffix("Method"), records,
+                          [s for c in self.contexts for s in c.sites], notes)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.remove()
-

@@ -43,9 +43,9 @@ class FBCacheMethod(CacheMethod):
         st = ctx.state
         if bsite.index != 0:
             return run_block(ctx, bsite, run, args, kwargs, st.get("skip"))
-        inputs = block_inputs(ctx.layout, args, kwargs)
+        inputs = block_inputs(bsite, args, kwargs)
         out = run(*args, **kwargs)
-        residual = block_outputs(ctx.layout, out)["hidden"] - inputs["hidden"]
+        residual = block_outputs(bsite, out)["hidden"] - inputs["hidden"]
         prev = st.get("first_residual")
         skip = None
         if prev is not None and ctx.step >= self.config.warmup:

@@ -173,15 +173,20 @@ class PlanMethod(CacheMethod):
     def validate(self, ctx: Context):
         self.base = self.config.schedule()
         expected = self.base.meta.get("model")
-        if expected and ctx.model is not None and expected != model_signature(ctx.model):
+        if expected and ctx.model is not None and not ctx.prefix and expected != model_signature(ctx.model):
             raise DitscopeError(f"the plan was made for another model ({expected.get('class')}, config "
                                 f"{expected.get('config_hash')}); make a plan for this one with ditscope plan")
-        names = {s.name for s in ctx.sites} | {b.name for b in ctx.blocks} | {STACK}
+        # units of a pipeline's other transformer (transformer_2.*) are that one's to run
+        names = ctx.unit_names | {s.name for s in ctx.sites} | {b.name for b in ctx.blocks}
+        names |= {STACK} | {n.split(".", 1)[0] + "." + STACK for n in names if n.startswith("transformer_2.")}
         unknown = [u for u in self.base.rows if u not in names]
         if unknown:
             raise DitscopeError(f"the plan names units this model does not have ({unknown[0]}, ...): it was made "
                                 "for another model")
         self._tables: dict[int, tuple] = {}
+
+    def default_steps(self) -> int | None:
+        return self.config.schedule().steps or None
 
     def table(self, ctx: Context):
         """(site rows, block rows, keep flags) for this generation's step count, built once per count."""
@@ -193,7 +198,7 @@ class PlanMethod(CacheMethod):
                     raise DitscopeError(f"the plan was made for {schedule.steps} steps, not {steps} (strict=True)")
                 warnings.warn(f"ditscope: plan made for {schedule.steps} steps resampled to {steps}", stacklevel=2)
                 schedule = schedule.at(steps)
-            stack = schedule.rows.get(STACK, "C" * steps)
+            stack = schedule.rows.get(ctx.prefix + STACK, "C" * steps)
             sites = {s.index: schedule.rows.get(s.name, "C" * steps) for s in ctx.sites}
             blocks = {}
             for b in ctx.blocks:
@@ -211,7 +216,7 @@ class PlanMethod(CacheMethod):
         _, blocks, _, keep_block = self.table(ctx)
         action, keep = blocks[bsite.index][ctx.step], keep_block[bsite.index][ctx.step]
         history = ctx.state.setdefault("plan_residual", {}).get(bsite.index)
-        inputs = block_inputs(ctx.layout, args, kwargs)
+        inputs = block_inputs(bsite, args, kwargs)
         if action != "C" and history:
             (s0, r0), (s1, r1) = history[0], history[-1]
             if action == "F" and s1 > s0:  # first-order Taylor forecast of the block's residual
@@ -219,11 +224,11 @@ class PlanMethod(CacheMethod):
             else:
                 res = r1
             ctx.record["blocks_reused"] += 1
-            return pack_outputs(ctx.layout, add_residuals(inputs, res))
+            return pack_outputs(bsite, add_residuals(inputs, res))
         ctx.record["blocks_computed"] += 1
         out = run(*args, **kwargs)
         if keep:
-            res = residuals(inputs, block_outputs(ctx.layout, out))
+            res = residuals(inputs, block_outputs(bsite, out))
             ctx.state["plan_residual"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
         return out
 
@@ -232,7 +237,7 @@ class PlanMethod(CacheMethod):
         action = sites[site.index][ctx.step]
         kept = ctx.state.setdefault("plan", {})
         history = kept.get(site.index)
-        x = hidden_arg(args, kwargs)
+        x = hidden_arg(args, kwargs, site.hidden)
         tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
         if action == "C" or history is None:
             out = run(*args, **kwargs)

@@ -3,7 +3,7 @@ blocks computed / reused, and the FLOPs executed against a full step's."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -11,6 +11,7 @@ class CacheStats:
     method: str
     records: list[dict]
     sites: list
+    notes: dict[str, str] = field(default_factory=dict)  # unit -> what the method could not do there and did instead
 
     def to_pandas(self):
         import pandas as pd
@@ -42,7 +43,7 @@ class CacheStats:
         return None if not full or done is None else done / (full * self.steps)
 
     def summary(self) -> dict:
-        keys = ("computed", "reused", "partial", "predicted", "blocks_computed", "blocks_reused", "tokens", "tokens_total")
+        keys = ("computed", "reused", "partial", "predicted", "whole", "blocks_computed", "blocks_reused", "tokens", "tokens_total")
         total = {k: sum(r[k] for r in self.records) for k in keys}
         total["steps"] = self.steps
         total["flops"] = self.flops
@@ -61,6 +62,10 @@ class CacheStats:
             lines.append(f"{r['step']:5d} {r['call']:4d}  {r['computed']:8d} {r['reused']:6d} {r['partial']:7d} "
                          f"{r['predicted']:9d}  {tok:>17}  {r['blocks_computed']:4d}/{r['blocks_reused']:<4d}  {fl}")
         s = self.summary()
+        if s["whole"]:
+            lines.append(f"{s['whole']} partial recomputes ran whole: a token subset of these modules is not exact")
+        for unit, text in self.notes.items():
+            lines.append(f"  {unit}: {text}")
         if s["flops_ratio"]:
             lines.append(f"executed FLOPs {s['flops'] / 1e9:.3f} G = {s['flops_ratio']:.3f} of full "
                          f"({s['speedup_flops']:.2f}x fewer)")

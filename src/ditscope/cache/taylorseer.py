@@ -58,7 +58,7 @@ class TaylorSeerMethod(CacheMethod):
 
     def module(self, ctx: Context, site: Site, run, args, kwargs):
         c, st = self.config, ctx.state.setdefault("taylor", {})
-        x = hidden_arg(args, kwargs)
+        x = hidden_arg(args, kwargs, site.hidden)
         tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
         kept = st.get(site.index)
         if full_step(ctx.step, c.interval, c.warmup) or kept is None:

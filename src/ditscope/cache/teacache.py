@@ -56,7 +56,7 @@ class TeaCacheMethod(CacheMethod):
         seen = {}
 
         def hook(module, a, kw):
-            seen["x"] = hidden_arg(a, kw)
+            seen["x"] = hidden_arg(a, kw, bsite.sites[0].hidden)
             raise _Probe
 
         handle = bsite.sites[0].module.register_forward_pre_hook(hook, with_kwargs=True)

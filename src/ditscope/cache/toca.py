@@ -17,7 +17,7 @@ import torch
 from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
 from . import scores
-from .engine import COMPUTE, PARTIAL, REUSE, CacheMethod, Context, Site, hidden_arg, with_hidden
+from .engine import COMPUTE, PARTIAL, REUSE, WHOLE, CacheMethod, Context, Site, hidden_arg, with_hidden
 from .registry import register
 
 SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
@@ -39,7 +39,10 @@ class ToCaConfig:
         step_weight: w_t, `f_step = 1 + w_t - 2 w_t step/T` (PixArt: 1.9 early down to 0.1 late).
         layer_weight: w_l, `f_layer = 1 + w_l - 2 w_l depth/(L-1)` (PixArt: 1.6 first block, 0.4 last).
         module_factors: f_module per module kind. Self-attention 0: reused on partial steps, as in every
-            released setting (joint attention of SD3 / Flux / CogVideoX can only be reused or recomputed).
+            released setting. A module that cannot run on a token subset (the joint attention of SD3, Flux,
+            CogVideoX, Mochi, HunyuanVideo, QwenImage; Wan's self-attention, which applies rotary
+            embeddings inside) is computed whole where a factor asks for a subset: `stats()` counts it
+            as "whole" and names it in its notes.
         score: how tokens are ranked. "attention": cross-attention entropy (s2) in blocks that have
             cross-attention, self-attention influence (s1) elsewhere; "self_attention" (s1);
             "cross_entropy" (s2); "kv_norm" (value norm; no attention map); "random".
@@ -167,25 +170,27 @@ class ToCaMethod(CacheMethod):
         st = ctx.state
         kind = self.step_kind(ctx)
         cache = st.setdefault("cache", {}).get(site.index)
-        x = hidden_arg(args, kwargs)
+        x = hidden_arg(args, kwargs, site.hidden)
         n = x.shape[1] if x.dim() >= 3 else 0
         if kind == "full" or cache is None:
             return self._compute(ctx, site, run, args, kwargs, n)
         if kind == "reuse":
             return self._reuse(ctx, site, cache, n)
-        # joint attention (SD3, Flux, CogVideoX) cannot run a subset of queries: reuse or recompute it whole
-        splittable = torch.is_tensor(cache) and (site.kind not in (SELF, TEMPORAL) or site.stream != JOINT)
-        k = round(self.ratio(ctx, site) * n) if splittable else 0
+        k = round(self.ratio(ctx, site) * n)
         if k <= 0:
             return self._reuse(ctx, site, cache, n)
         if k >= n:
             return self._compute(ctx, site, run, args, kwargs, n)
+        why = whole_only(site) or (None if torch.is_tensor(cache) else "its output is not one tensor")
+        if why:  # asked for a token subset it cannot give: compute it whole (quality kept, saving lost) and say so
+            ctx.note(site.name, f"token subset asked for, computed whole: {why}")
+            return self._compute(ctx, site, run, args, kwargs, n, action=WHOLE)
         rows = x.shape[0]
         idx = self.token_scores(ctx, site, rows, n, x.device).topk(k, dim=1, sorted=False).indices
         x_sub = torch.gather(x, 1, idx.unsqueeze(-1).expand(rows, k, x.shape[-1]))
         if site.kind in (SELF, TEMPORAL):  # the chosen queries still attend to every token
-            kwargs = {**kwargs, "encoder_hidden_states": x}
-        sub_args, sub_kwargs = with_hidden(args, kwargs, x_sub)
+            kwargs = {**kwargs, site.kv: x}
+        sub_args, sub_kwargs = with_hidden(args, kwargs, x_sub, site.hidden)
         out = run(*sub_args, **sub_kwargs)
         cache.scatter_(1, idx.unsqueeze(-1).expand(rows, k, cache.shape[-1]), out.to(cache.dtype))
         age = st["age"][site.index]
@@ -194,14 +199,14 @@ class ToCaMethod(CacheMethod):
         ctx.count(PARTIAL, k * rows, n * rows)
         return cache
 
-    def _compute(self, ctx, site, run, args, kwargs, n):
+    def _compute(self, ctx, site, run, args, kwargs, n, action=COMPUTE):
         out = run(*args, **kwargs)
         st = ctx.state
         # a private copy: partial steps scatter into it in place
         st["cache"][site.index] = out.clone() if torch.is_tensor(out) else out
-        x = hidden_arg(args, kwargs)
+        x = hidden_arg(args, kwargs, site.hidden)
         st.setdefault("age", {})[site.index] = torch.zeros(x.shape[:2], device=x.device)
-        ctx.count(COMPUTE, n * x.shape[0], n * x.shape[0])
+        ctx.count(action, n * x.shape[0], n * x.shape[0])
         return out
 
     def _reuse(self, ctx, site, cache, n):
@@ -209,6 +214,15 @@ class ToCaMethod(CacheMethod):
         age += 1
         ctx.count(REUSE, 0, n * age.shape[0])
         return cache
+
+
+def whole_only(site: Site) -> str | None:
+    """Why a token subset of this module cannot run alone (None: it can)."""
+    if site.kind in (SELF, TEMPORAL) and site.stream == JOINT:
+        return "joint attention: its queries are the image and text tokens together"
+    if not site.tokenwise:
+        return "it applies per-token rotary embeddings to the whole sequence inside"
+    return None
 
 
 def joint_slice(ctx: Context, site: Site, score: torch.Tensor, n_tokens: int) -> torch.Tensor | None:

@@ -125,7 +125,7 @@ class _Observer(CacheMethod):
         return out
 
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
-        inputs = block_inputs(ctx.layout, args, kwargs)
+        inputs = block_inputs(bsite, args, kwargs)
         streams = {name: _row_sums([t], ctx.rows) for name, t in inputs.items() if t is not None}
         in_abs = sum(streams.values())
         ctx.state.setdefault("stream_abs", {})[bsite.index] = streams
@@ -133,7 +133,7 @@ class _Observer(CacheMethod):
         out = self._timed(bsite.name, run, args, kwargs)
         if self.seconds.get(bsite.name):  # the block's time without the measuring done inside it
             self.seconds[bsite.name][-1] -= ctx.state["observing"]
-        outputs = block_outputs(ctx.layout, out)
+        outputs = block_outputs(bsite, out)
         res = [o - inputs[n] for n, o in outputs.items()
                if o is not None and inputs.get(n) is not None and o.shape == inputs[n].shape]
         raw = self._measure(ctx, bsite.name, res, in_abs)
