@@ -1,5 +1,6 @@
 """The cache engine: every method on every covered family, and the invariants a user relies on."""
 
+import opensora_like
 import pytest
 import torch
 from tiny import FAMILIES as TINY
@@ -10,8 +11,10 @@ from ditscope import DitscopeError
 from ditscope.cache import CONFIGS, config_from_options
 from ditscope.families import CROSS, MLP, SELF, TEMPORAL
 
-COVERED = ["DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
-           "CogVideoXTransformer3DModel", "LatteTransformer3DModel"]
+DECLARED = "STDiT-declared-layout"  # tests/opensora_like.py: a plain PyTorch DiT and the layout a user declares
+CASES = {**{name: (*TINY[name], None) for name in TINY},
+         DECLARED: (opensora_like.build, opensora_like.inputs, opensora_like.LAYOUT)}  # name -> (build, inputs, layout)
+COVERED = list(CASES)
 STEPS = 8
 
 # settings under which each method caches something even on random weights
@@ -34,7 +37,7 @@ def plan_rows(model, site_row: str, stack_row: str) -> dict:
     """A plan for this model: every module site on `site_row`, the stack on `stack_row`."""
     from ditscope.cache.engine import layout_of
 
-    _, _, sites, _ = layout_of(model)
+    _, _, sites, _ = layout_of(model, layout_for(model))
     return {"stack": stack_row, **{s.name: site_row for s in sites}}
 
 
@@ -46,14 +49,28 @@ def config_for(method: str, model, settings: dict):
     return CONFIGS[method](**settings[method])
 
 
+def layout_for(model):
+    """The declared layout of the plain PyTorch model (None: the family table's)."""
+    return opensora_like.LAYOUT if isinstance(model, opensora_like.STDiT) else None
+
+
+def tensor_of(out):
+    """A model's output tensor (diffusers: a tuple or an output object; the plain model: a tensor)."""
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+
 def run_steps(model, inputs, batch=2, steps=STEPS):
     with torch.no_grad():
-        return [model(**inputs(batch, s), return_dict=False)[0] for s in range(steps)]
+        return [tensor_of(model(**inputs(batch, s))) for s in range(steps)]
+
+
+def cache(model, config, **kwargs):
+    return ditscope.apply(model, config, num_inference_steps=STEPS, layout=layout_for(model), **kwargs)
 
 
 @pytest.fixture(scope="module", params=COVERED)
 def family(request):
-    build, inputs = TINY[request.param]
+    build, inputs, _ = CASES[request.param]
     model = build()
     return model, inputs, run_steps(model, inputs)
 
@@ -61,7 +78,7 @@ def family(request):
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_every_method_runs_and_caches_on_every_family(family, method):
     model, inputs, reference = family
-    with ditscope.apply(model, config_for(method, model, AGGRESSIVE), num_inference_steps=STEPS) as handle:
+    with cache(model, config_for(method, model, AGGRESSIVE)) as handle:
         outs = run_steps(model, inputs)
         summary = handle.stats().summary()
     assert all(o.shape == r.shape and torch.isfinite(o).all() for o, r in zip(outs, reference))
@@ -74,21 +91,22 @@ def test_every_method_runs_and_caches_on_every_family(family, method):
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_compute_everything_is_bit_identical(family, method):
     model, inputs, reference = family
-    with ditscope.apply(model, config_for(method, model, EVERYTHING), num_inference_steps=STEPS):
+    with cache(model, config_for(method, model, EVERYTHING)):
         outs = run_steps(model, inputs)
     for step, (o, r) in enumerate(zip(outs, reference)):
         assert torch.equal(o, r), f"{method} step {step} differs by {(o - r).abs().max():.3g}"
 
 
-@pytest.mark.parametrize("name", ["DiTTransformer2DModel", "PixArtTransformer2DModel", "LatteTransformer3DModel"])
+@pytest.mark.parametrize("name", ["DiTTransformer2DModel", "PixArtTransformer2DModel", "LatteTransformer3DModel",
+                                  "WanTransformer3DModel", DECLARED])
 def test_toca_recomputing_every_token_is_bit_identical(name):
     """Partial steps that select all tokens take the full path, scores and all."""
-    build, inputs = TINY[name]
+    build, inputs, _ = CASES[name]
     model = build()
     reference = run_steps(model, inputs)
     every = {SELF: 1.0, CROSS: 1.0, MLP: 1.0, TEMPORAL: 1.0}
     config = ditscope.ToCaConfig(ratio=1.0, step_weight=0, layer_weight=0, module_factors=every)
-    with ditscope.apply(model, config, num_inference_steps=STEPS) as handle:
+    with cache(model, config) as handle:
         outs = run_steps(model, inputs)
         assert handle.stats().summary()["reused"] == 0
     assert all(torch.equal(o, r) for o, r in zip(outs, reference))
@@ -97,7 +115,7 @@ def test_toca_recomputing_every_token_is_bit_identical(name):
 def test_remove_restores_the_model_exactly(family):
     model, inputs, reference = family
     before = {name: dict(vars(m)) for name, m in model.named_modules()}
-    handle = ditscope.apply(model, ditscope.ToCaConfig(), num_inference_steps=STEPS)
+    handle = cache(model, ditscope.ToCaConfig())
     run_steps(model, inputs)
     handle.remove()
     after = {name: dict(vars(m)) for name, m in model.named_modules()}
@@ -117,24 +135,77 @@ def test_partial_self_attention_is_exact_subsetting():
         assert torch.allclose(attn(x[:, idx], encoder_hidden_states=x), attn(x)[:, idx], atol=1e-6)
 
 
-def test_separate_guidance_calls_keep_separate_caches():
+def hidden_key(kwargs: dict) -> str:
+    return "hidden_states" if "hidden_states" in kwargs else "x"
+
+
+@pytest.mark.parametrize("name", COVERED)
+def test_separate_guidance_calls_keep_separate_caches(name):
     """A pipeline calling the model once per branch: the cond outputs must not depend on the uncond calls."""
-    build, inputs = TINY["PixArtTransformer2DModel"]
+    build, inputs, _ = CASES[name]
     model = build()
 
     def drive(with_uncond):
         outs = []
-        with ditscope.apply(model, ditscope.ToCaConfig(), num_inference_steps=STEPS), torch.no_grad():
+        with cache(model, ditscope.ToCaConfig(ratio=0.5, module_factors={SELF: 1.0, CROSS: 1.0, MLP: 1.0, TEMPORAL: 1.0})), torch.no_grad():
             for s in range(STEPS):
                 cond = inputs(1, s)
-                outs.append(model(**cond, return_dict=False)[0])
-                if with_uncond:
-                    uncond = dict(cond, encoder_hidden_states=torch.zeros_like(cond["encoder_hidden_states"]))
-                    model(**uncond, return_dict=False)
+                outs.append(tensor_of(model(**cond)))
+                if with_uncond:  # another input at the same timestep: the second call of the step
+                    key = hidden_key(cond)
+                    tensor_of(model(**dict(cond, **{key: cond[key] + 0.5})))
         return outs
 
     alone, paired = drive(False), drive(True)
     assert all(torch.equal(a, b) for a, b in zip(alone, paired))
+
+
+@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("config", [ditscope.ToCaConfig(score="random"), ditscope.FBCacheConfig(threshold=0.3)],
+                         ids=["toca-random", "fbcache"])
+def test_batch_equals_each_alone_on_every_family(name, config):
+    """Entry 0 of a batch of two equals entry 0 run alone (within float noise: matmul blocking differs)."""
+    build, inputs, _ = CASES[name]
+    model = build()
+    def first(kwargs):  # entry 0 of a batch of two (torch.randn draws small tensors differently per shape)
+        return {k: v[:1] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == 2 else v for k, v in kwargs.items()}
+
+    with cache(model, config):
+        both = run_steps(model, inputs, batch=2)
+        alone = run_steps(model, lambda B, s: first(inputs(2, s)))
+    for b, a in zip(both, alone):
+        assert torch.allclose(b[:1], a, atol=1e-5), (b[:1] - a).abs().max()
+
+
+@pytest.mark.parametrize("name", ["WanTransformer3DModel", "MochiTransformer3DModel"])
+def test_toca_says_where_a_token_subset_cannot_run(name):
+    """Wan's self-attention (rotary embeddings inside) and Mochi's joint attention are computed whole when a
+    partial step asks for a subset of them; stats() counts and names them, never silently."""
+    build, inputs, _ = CASES[name]
+    model = build()
+    reference = run_steps(model, inputs)
+    config = ditscope.ToCaConfig(ratio=0.5, step_weight=0, layer_weight=0,
+                                 module_factors={SELF: 1.0, CROSS: 0.0, MLP: 0.0, TEMPORAL: 0.0})
+    with cache(model, config) as handle:
+        outs = run_steps(model, inputs)
+        stats = handle.stats()
+    summary = stats.summary()
+    assert summary["whole"] > 0 and summary["partial"] == 0
+    child = "attn1"
+    why = "rotary" if name.startswith("Wan") else "joint attention"
+    assert any(unit.endswith(child) and why in text for unit, text in stats.notes.items()), stats.notes
+    assert "ran whole" in str(stats) and why in str(stats)
+    # the whole self-attention is exact; only the other modules' reuse changes the output
+    assert torch.equal(outs[0], reference[0])
+
+
+def test_partial_self_attention_is_exact_subsetting_on_the_declared_model():
+    """ToCa's token subset on the declared model: attn(X[S], context=X) == attn(X)[S] (the `kv` keyword)."""
+    attn = opensora_like.build().spatial_blocks[0].attn
+    x = torch.randn(2, 16, attn.q.in_features)
+    idx = torch.tensor([1, 5, 6, 11])
+    with torch.no_grad():
+        assert torch.allclose(attn(x[:, idx], context=x), attn(x)[:, idx], atol=1e-6)
 
 
 def test_new_generation_starts_from_scratch():
@@ -144,6 +215,18 @@ def test_new_generation_starts_from_scratch():
     with ditscope.apply(model, ditscope.FORAConfig(), num_inference_steps=STEPS):
         first, second = run_steps(model, inputs), run_steps(model, inputs)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("name", COVERED)
+def test_flops_are_counted_on_every_family(name):
+    build, inputs, _ = CASES[name]
+    model = build()
+    with cache(model, ditscope.FORAConfig(interval=2), count_flops=True) as handle:
+        with torch.no_grad(), FlopCounterMode(display=False) as outer:
+            run_steps(model, inputs)
+        stats = handle.stats()
+    assert stats.flops == outer.get_total_flops() > 0  # what really ran
+    assert 0 < stats.flops_ratio < 1
 
 
 def test_flops_are_the_executed_ones():
@@ -232,9 +315,90 @@ def test_pipeline_remove_restores_scheduler_and_output(pipe):
 
 # ------------------------------------------------------------------------------------ bad input
 def test_unsupported_model_is_a_clear_error():
-    build, _ = TINY["MochiTransformer3DModel"]
-    with pytest.raises(DitscopeError, match="not supported yet: MochiTransformer3DModel"):
-        ditscope.apply(build(), ditscope.ToCaConfig())
+    with pytest.raises(DitscopeError, match="not supported yet: STDiT.*layout="):
+        ditscope.apply(opensora_like.build(), ditscope.ToCaConfig())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lists": ("nope_blocks",)}, "no block list 'nope_blocks'"),
+    ({"lists": ("final",)}, "not a ModuleList"),
+    ({"modules": (("atn", SELF, "image"),)}, "no block of STDiT has a child module 'atn'"),
+    ({"modules": (("attn", "spatial", "image"),)}, "kind 'spatial'"),
+    ({"modules": (("attn",),)}, "is not \\(name, kind, stream\\)"),
+    ({"returns": ("out",)}, "roles 'hidden' and 'encoder'"),
+])
+def test_bad_declared_layouts_are_one_line_errors(change, message):
+    import dataclasses
+
+    def make():
+        return dataclasses.replace(opensora_like.LAYOUT, **change)
+
+    with pytest.raises(DitscopeError, match=message) as err:
+        ditscope.apply(opensora_like.build(), ditscope.FORAConfig(), num_inference_steps=4, layout=make())
+    assert "\n" not in str(err.value)
+    with pytest.raises(DitscopeError, match="must be a ditscope.Blocks"):
+        ditscope.apply(opensora_like.build(), ditscope.FORAConfig(), layout={"lists": ["spatial_blocks"]})
+
+
+def test_family_variants_by_class_hierarchy_or_prefix():
+    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+
+    from ditscope.families import GENERIC, family_of
+
+    class MyWan(WanTransformer3DModel):
+        pass
+
+    assert family_of(TINY["WanTransformer3DModel"][0]()).name == "wan"
+    assert family_of(MyWan.__new__(MyWan)).name == "wan"  # a subclass
+    for name, family in [("WanVACETransformer3DModel", "wan"), ("HunyuanVideoFramepackTransformer3DModel", "hunyuanvideo"),
+                         ("Flux2Transformer2DModel", None), ("HunyuanVideo15Transformer3DModel", None)]:
+        variant = type(name, (torch.nn.Module,), {})()
+        assert (family_of(variant).name if family else family_of(variant)) == (family or GENERIC), name
+    assert family_of(FluxTransformer2DModel.__new__(FluxTransformer2DModel)).name == "flux"
+
+
+def test_wan22_two_transformers_are_both_cached_on_one_step_axis():
+    """Wan 2.2 pipelines carry `transformer` (high noise, early steps) and `transformer_2` (late steps)."""
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    build, inputs = TINY["WanTransformer3DModel"]
+    high, low = build(), build()
+    with torch.no_grad():
+        for p in low.parameters():
+            p.mul_(0.9)  # another expert
+    pipe = SimpleNamespace(transformer=high, transformer_2=low, scheduler=FlowMatchEulerDiscreteScheduler())
+
+    def sample():
+        pipe.scheduler.set_timesteps(STEPS)
+        outs = []
+        with torch.no_grad():
+            for s, t in enumerate(pipe.scheduler.timesteps):
+                model = high if s < STEPS // 2 else low
+                outs.append(tensor_of(model(**dict(inputs(2, s), timestep=t.expand(2)))))
+        return outs
+
+    reference = sample()
+    with ditscope.apply(pipe, ditscope.FORAConfig(interval=1)):
+        assert all(torch.equal(a, b) for a, b in zip(sample(), reference))
+    handle = ditscope.apply(pipe, ditscope.FORAConfig(interval=2))
+    outs = sample()
+    stats = handle.stats()
+    steps = {}
+    for r in stats.records:
+        steps.setdefault(r.get("model", "transformer"), []).append(r["step"])
+    assert steps == {"transformer": [0, 1, 2, 3], "transformer_2": [4, 5, 6, 7]}
+    assert any(s.name.startswith("transformer_2.blocks.0") for s in stats.sites)
+    assert stats.summary()["reused"] > 0 and not torch.equal(outs[-1], reference[-1])
+    handle.remove()
+    assert "forward" not in vars(high) and "forward" not in vars(low) and "set_timesteps" not in vars(pipe.scheduler)
+    assert all(torch.equal(a, b) for a, b in zip(sample(), reference))
+    # a plan names the second transformer's units with its prefix
+    rows = {"transformer_2.stack": "CRCRCRCR", "blocks.0.ffn": "CCRCCRCC"}
+    with ditscope.apply(pipe, ditscope.PlanConfig(ditscope.Schedule(rows))) as handle:
+        sample()
+        assert handle.stats().summary()["blocks_reused"] > 0
 
 
 def test_applying_twice_and_bad_configs():

@@ -198,11 +198,12 @@ def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8
 
 
 def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
-              max_lag: int = 10, forecast_lag: int = 3, progress=None) -> tuple[Profile, torch.Tensor]:
+              max_lag: int = 10, forecast_lag: int = 3, progress=None, layout=None) -> tuple[Profile, torch.Tensor]:
     """Measure every unit's reuse / forecast error and its cost on `prompts` with the uncached model.
 
     Returns the calibration profile and the uncached images (the reference a plan is checked against).
-    `progress(done, total)` is called after each batch.
+    `progress(done, total)` is called after each batch. `layout`: a declared block layout (`ditscope.Blocks`)
+    for a model outside the family table.
     """
     from ..cache.engine import find_transformer
 
@@ -210,7 +211,7 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
         raise DitscopeError("calibration needs at least one prompt")
     transformer, _ = find_transformer(pipe)
     observer = _Observer(max_lag, forecast_lag)
-    handle = CacheHandle(pipe, observer, num_inference_steps=steps)
+    handle = CacheHandle(pipe, observer, num_inference_steps=steps, layout=layout)
     ctx = handle.ctx
     started = {}
 

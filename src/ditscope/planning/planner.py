@@ -70,8 +70,8 @@ class Target:
 class _Evaluations:
     """Quality of schedules on the calibration prompts, run once each (and kept on disk to resume)."""
 
-    def __init__(self, pipe, prompts, steps, seed, batch_size, guidance_scale, reference, path: Path | None):
-        self.pipe, self.prompts, self.steps, self.seed = pipe, prompts, steps, seed
+    def __init__(self, pipe, prompts, steps, seed, batch_size, guidance_scale, reference, path: Path | None, layout=None):
+        self.pipe, self.prompts, self.steps, self.seed, self.layout = pipe, prompts, steps, seed, layout
         self.batch_size, self.guidance_scale, self.reference, self.path = batch_size, guidance_scale, reference, path
         self.done: dict[str, dict] = {}
         if path is not None and path.exists():
@@ -93,7 +93,7 @@ class _Evaluations:
         if key not in self.done:
             from ..cache import apply
 
-            with apply(self.pipe, PlanConfig(schedule)):
+            with apply(self.pipe, PlanConfig(schedule), layout=self.layout):
                 images = generate(self.pipe, self.prompts, self.steps, self.seed, self.batch_size, self.guidance_scale)
             psnr, ssim = per_sample_psnr_ssim(images, self.reference)
             row = {"key": key, "psnr": statistics.fmean(psnr), "psnr_lo": mean_interval(psnr)[1], "psnr_min": min(psnr),
@@ -109,7 +109,7 @@ class _Evaluations:
 def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int = 20, seed: int = 0,
          batch_size: int = 8, guidance_scale=None, modes: tuple[str, ...] = MODES, granularity: str = "step",
          cost: str = "time", iterations: int = 8, assurance: str = "lower", work_dir=None, progress=None,
-         log=None) -> Schedule:
+         log=None, layout=None) -> Schedule:
     """Plan the cache of `pipe` from its measured redundancy on `prompts` so that `target` holds.
 
     Returns a `Schedule` (save it with `.save(path)`, run it with `ditscope.apply(pipe, PlanConfig(plan))`).
@@ -118,7 +118,9 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     kind x step, SmoothCache's). `assurance`: a quality target holds when the lower end of the 95% bootstrap
     interval of the mean over the calibration prompts reaches it ("lower", the default: a margin for
     prompts the plan has not seen, wider when the calibration prompts disagree), or when the mean does
-    ("mean"). `progress(text)` is called as the planning advances.
+    ("mean"). `progress(text)` is called as the planning advances. `layout`: the declared block layout
+    of a model outside the family table (`pipe` is then any callable with the pipeline call convention
+    and a `.transformer`; see the README's "Any PyTorch DiT"); run the plan with the same layout.
     """
     goal = Target.parse(target)
     if cost not in ("time", "flops", "uniform"):
@@ -143,7 +145,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
 
     # 1. calibration (resumed from the work folder when it matches)
     cal, reference = _calibration(pipe, transformer, prompts, num_inference_steps, seed, batch_size, guidance_scale,
-                                  work, say)
+                                  work, say, layout)
     # the plain model's step time on this machine, for the cost model and the measured speedup
     first = prompts[:batch_size]
     plain_seconds = _timed(lambda: generate(pipe, first, num_inference_steps, seed, batch_size, guidance_scale))
@@ -151,7 +153,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
                        or goal.kind == "flops")
     unit = price_scale(cal, costs)
     evaluate = _Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
-                            work / "evaluations.jsonl" if work else None)
+                            work / "evaluations.jsonl" if work else None, layout)
     full_cost = costs.step * num_inference_steps
 
     def schedule_at(stack: float | None, sites: float | None) -> Schedule:
@@ -237,7 +239,8 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         mode, chosen, quality = max(candidates, key=lambda c: predicted(c[1]))
     else:
         mode, chosen, quality = max(candidates, key=lambda c: c[2]["psnr"])
-    planned_seconds = _timed(lambda: _run_plan(pipe, chosen, first, num_inference_steps, seed, batch_size, guidance_scale))
+    planned_seconds = _timed(lambda: _run_plan(pipe, chosen, first, num_inference_steps, seed, batch_size, guidance_scale,
+                                                    layout))
     chosen.meta = {
         "model": model_signature(transformer),
         "pipeline": type(pipe).__name__,
@@ -272,10 +275,10 @@ def _interval_schedule(cal: Profile, mode: str, n: int, steps: int) -> Schedule:
     return Schedule({u: row for u in sites})
 
 
-def _run_plan(pipe, schedule, prompts, steps, seed, batch_size, guidance_scale):
+def _run_plan(pipe, schedule, prompts, steps, seed, batch_size, guidance_scale, layout=None):
     from ..cache import apply
 
-    with apply(pipe, PlanConfig(schedule)):
+    with apply(pipe, PlanConfig(schedule), layout=layout):
         return generate(pipe, prompts, steps, seed, batch_size, guidance_scale)
 
 
@@ -294,7 +297,8 @@ def _timed(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say):
+def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say,
+                 layout=None):
     from safetensors.torch import load_file, save_file
 
     expected = {"model_signature": model_signature(transformer), "num_inference_steps": steps, "seed": seed,
@@ -306,7 +310,7 @@ def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_s
             say("calibration: resumed from the work folder")
             return cal, load_file(str(work / "reference.safetensors"))["images"]
     say(f"calibration: {len(prompts)} prompts x {steps} steps")
-    cal, reference = calibrate(pipe, prompts, steps, seed, batch_size, guidance_scale,
+    cal, reference = calibrate(pipe, prompts, steps, seed, batch_size, guidance_scale, layout=layout,
                                progress=lambda done, total: say(f"calibration: {done}/{total} prompts"))
     cal.meta = json.loads(json.dumps(cal.meta, default=str))
     if work is not None:
