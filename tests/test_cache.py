@@ -461,3 +461,29 @@ def test_out_of_range_options_are_refused_not_clamped():
     build, _ = TINY["PixArtTransformer2DModel"]
     with pytest.raises(DitscopeError, match="ratio <= 1"):
         ditscope.apply(build(), ditscope.ToCaConfig(ratio=2.0), num_inference_steps=4)
+
+
+def test_readme_family_table_agrees_with_families_py():
+    """The README's table of cached families is families.py's: class, family, block lists, modules."""
+    from pathlib import Path
+
+    from ditscope.families import FAMILIES, JOINT, TEMPORAL
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    header = "| family | transformer class | block lists | cached modules (name kind stream) | run whole by ToCa |"
+    assert header in readme
+    lines = readme[readme.index(header):].splitlines()[2:]
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        family, cls, lists, modules, whole = [c.strip() for c in line.strip("|").split("|")]
+        rows[cls.strip("`")] = (family, [x.strip(" `") for x in lists.split(",")],
+                                [tuple(m.strip().replace("`", "").split()) for m in modules.split(",")],
+                                [] if whole == "-" else [w.strip(" `") for w in whole.split(",")])
+    expected = {}
+    for cls, f in FAMILIES.items():
+        assert f.blocks is not None, f"{cls} has no block layout"
+        whole = [m.name for m in f.blocks.modules if (m.kind in (SELF, TEMPORAL) and m.stream == JOINT) or not m.tokenwise]
+        expected[cls] = (f.name, list(f.blocks.lists), [(m.name, m.kind, m.stream) for m in f.blocks.modules], whole)
+    assert rows == expected

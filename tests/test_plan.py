@@ -155,3 +155,26 @@ def test_speed_targets_and_unreachable_ones(pipe, tmp_path):
         assert fast.meta["predicted_speedup"] >= 1.5
         with pytest.raises(DitscopeError, match="no plan reaches speedup=50"):
             ditscope.plan(pipe, PROMPTS, "speedup=50", STEPS, batch_size=2, iterations=4)
+
+
+def test_plan_on_a_declared_layout_model_from_python():
+    """`ditscope.plan` on a plain PyTorch DiT driven by the user's own sampling loop (tests/opensora_like.py)."""
+    import opensora_like
+
+    from ditscope.cache.engine import layout_of
+    from ditscope.planning.calibrate import generate
+    from ditscope.stats.quality import per_sample_psnr_ssim
+
+    sampler = opensora_like.Sampler(opensora_like.build())
+    plan = ditscope.plan(sampler, PROMPTS, target="psnr=25", num_inference_steps=6, batch_size=2, iterations=3,
+                         layout=opensora_like.LAYOUT)
+    assert plan.meta["quality"]["psnr_lo"] >= 25 and plan.meta["predicted_speedup"] > 1
+    _, blocks, sites, _ = layout_of(sampler.transformer, opensora_like.LAYOUT)
+    assert set(plan.rows) <= {"stack"} | {b.name for b in blocks} | {s.name for s in sites}
+    reference = generate(sampler, PROMPTS, 6, batch_size=2)
+    with ditscope.apply(sampler, ditscope.PlanConfig(plan), layout=opensora_like.LAYOUT) as handle:
+        planned = generate(sampler, PROMPTS, 6, batch_size=2)
+        assert handle.stats().steps == 6
+    assert min(per_sample_psnr_ssim(planned, reference)[0]) >= 25
+    with pytest.raises(DitscopeError, match="layout="):
+        ditscope.apply(sampler, ditscope.PlanConfig(plan))
