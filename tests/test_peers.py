@@ -1,5 +1,6 @@
 """Peer caches (diffusers hooks, cache-dit) on the zoo pipeline: they really cache, and come off exactly."""
 
+import importlib.util
 import sys
 import types
 
@@ -185,3 +186,65 @@ def test_missing_cache_dit_is_peer_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "cache_dit", None)  # import cache_dit -> ImportError
     with pytest.raises(PeerUnavailable, match="pip install ditscope\\[peers\\]"):
         apply_peer("cachedit-dbcache", types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), {}, STEPS, lambda: None)
+
+
+# ------------------------------------------------------------------------------ the other families
+class ModelPipe:
+    """A tiny transformer of tests/tiny.py behind a pipeline's shape (`.transformer`, `.scheduler`, a call
+    that runs a denoising loop): what the peers adapt to. Random weights: rows measure that a peer runs,
+    caches and comes off, not quality."""
+
+    def __init__(self, name: str):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from tiny import FAMILIES as TINY
+
+        build, self.inputs = TINY[name]
+        self.transformer, self.scheduler = build(), FlowMatchEulerDiscreteScheduler()
+
+    def __call__(self, *args, **kwargs):
+        self.scheduler.set_timesteps(STEPS)
+        outs = []
+        with torch.no_grad():
+            for s, t in enumerate(self.scheduler.timesteps):
+                kw = self.inputs(2, s)
+                dtype = kw["timestep"].dtype
+                kw["timestep"] = (t / 1000 if dtype.is_floating_point else t).expand(2).to(dtype)
+                outs.append(self.transformer(**kw, return_dict=False)[0])
+        return torch.stack(outs)
+
+
+# peers that cannot run there, and why (the rows a bench reports with their error); every other peer runs
+CANNOT = {
+    # FasterCache halves only the batch kwargs it knows (hidden_states, encoder_hidden_states, timestep,
+    # masks): HunyuanVideo's pooled_projections / guidance and QwenImage's encoder_hidden_states_mask stay whole
+    ("HunyuanVideoTransformer3DModel", "diffusers-fastercache"): "must match the size",
+    ("QwenImageTransformer2DModel", "diffusers-fastercache"): "encoder_hidden_states_mask",
+    # diffusers' FirstBlockCache subtracts the head block's text stream from the tail block's, which SD3's
+    # last block (context_pre_only) does not return (first_block_cache.py, FBTailBlockHook.new_forward)
+    ("SD3Transformer2DModel", "diffusers-fbcache"): "NoneType",
+}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", ["MochiTransformer3DModel", "HunyuanVideoTransformer3DModel", "WanTransformer3DModel",
+                                  "QwenImageTransformer2DModel", "SD3Transformer2DModel"])
+def test_peers_on_the_other_families(name):
+    pipe = ModelPipe(name)
+    reference = pipe()
+    for peer in PEERS:
+        if peer.startswith("cachedit-") and importlib.util.find_spec("cache_dit") is None:
+            continue
+        before = {n: sorted(vars(m)) for n, m in pipe.transformer.named_modules()}
+        if (name, peer) in CANNOT:
+            with pytest.raises(PeerUnavailable, match=CANNOT[name, peer]) as e:
+                apply_peer(peer, pipe, AGGRESSIVE[peer], STEPS, pipe)
+            assert "\n" not in str(e.value)
+        else:
+            remove = apply_peer(peer, pipe, AGGRESSIVE[peer], STEPS, pipe)
+            try:
+                cached = pipe()
+            finally:
+                remove()
+            assert torch.isfinite(cached).all() and not torch.equal(cached, reference), f"{peer} cached nothing on {name}"
+        assert torch.equal(pipe(), reference), f"{peer} on {name}: not restored"
+        assert {n: sorted(vars(m)) for n, m in pipe.transformer.named_modules()} == before, peer

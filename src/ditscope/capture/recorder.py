@@ -502,7 +502,7 @@ def output_sites(model: torch.nn.Module, which: str) -> list[str]:
         if "blocks" in wanted:
             patterns.append(rf"{re.escape(name)}\.\d+")
         if "mlp" in wanted:
-            patterns += [rf"{re.escape(name)}\.\d+\.{re.escape(child)}" for child, kind, _ in layout.modules if kind == "mlp"]
+            patterns += [rf"{re.escape(name)}\.\d+\.{re.escape(m.name)}" for m in layout.modules if m.kind == "mlp"]
     return patterns
 
 

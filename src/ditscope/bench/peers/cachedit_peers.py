@@ -22,21 +22,26 @@ _ABSENT = object()
 _FORWARD_PATTERNS = {
     (("hidden", "encoder"), ("hidden", "encoder")): "Pattern_0",
     (("hidden", "encoder"), ("encoder", "hidden")): "Pattern_1",
+    (("hidden", "encoder"), ("hidden",)): "Pattern_2",
     (("hidden",), ("hidden",)): "Pattern_3",
 }
 # models whose cache-dit adapter also patches the transformer's forward (by family name)
 _PATCH_FUNCTORS = {"dit": "DiTPatchFunctor"}
 
 
-def _recipe(transformer) -> tuple[str, str, str | None] | None:
-    """(block list name, cache-dit forward pattern, patch functor) for a transformer, from families.py;
-    None where cache-dit cannot be adapted: no block layout, several block lists, or a pattern it lacks."""
+def _recipe(transformer) -> tuple[list[str], list[str], str | None] | None:
+    """(block list names, cache-dit forward pattern per list, patch functor) for a transformer, from
+    families.py; None where cache-dit cannot be adapted: no block layout, interleaved lists (Latte: cache-dit
+    runs lists one after the other), or a pattern it lacks."""
     family = family_of(transformer)
     layout = family.blocks
-    if layout is None or len(layout.lists) != 1:
+    if layout is None or layout.parallel:
         return None
-    pattern = _FORWARD_PATTERNS.get((layout.args, layout.returns))
-    return (layout.lists[0], pattern, _PATCH_FUNCTORS.get(family.name)) if pattern else None
+    lists = [name for name in layout.lists if getattr(transformer, name, None) is not None]
+    patterns = [_FORWARD_PATTERNS.get((layout.args, layout.returns_of(name))) for name in lists]
+    if not lists or None in patterns:
+        return None
+    return lists, patterns, _PATCH_FUNCTORS.get(family.name)
 
 
 class _CacheDitLogs:
@@ -94,17 +99,22 @@ def _apply_cachedit(pipe, opts, steps, run_once, taylorseer: bool):
     if recipe is None:
         raise PeerUnavailable(f"cache-dit DBCache is not adapted to {model} here: its block layout in families.py is "
                               "missing, has several block lists, or has no cache-dit forward pattern")
-    blocks_name, pattern, functor_name = recipe
-    blocks = getattr(transformer, blocks_name)
+    names, patterns, functor_name = recipe
+    block_lists = [getattr(transformer, n) for n in names]
+    blocks = [b for bl in block_lists for b in bl]
     if getattr(transformer, "_is_cached", False) or getattr(type(pipe), "_is_cached", False):
         raise PeerUnavailable(f"cache-dit is already applied to this {type(pipe).__name__}")
     opts = dict(opts)
     order = opts.pop("taylorseer_order", None)
-    if opts["Fn_compute_blocks"] + opts["Bn_compute_blocks"] > len(blocks):
-        raise DitscopeError(f"{name}: Fn_compute_blocks + Bn_compute_blocks must be at most the model's {len(blocks)} blocks")
+    encoder_calibrator = opts.pop("enable_encoder_calibrator", False)
+    shortest = min(len(bl) for bl in block_lists)  # cache-dit takes Fn / Bn in each list
+    if opts["Fn_compute_blocks"] + opts["Bn_compute_blocks"] > shortest:
+        raise DitscopeError(f"{name}: Fn_compute_blocks + Bn_compute_blocks must be at most the model's {shortest} blocks"
+                            + (" per list" if len(block_lists) > 1 else ""))
     try:
         cache_config = DBCacheConfig(**opts, num_inference_steps=steps, enable_separate_cfg=False)
-        calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order) if taylorseer else None
+        calibrator = (TaylorSeerCalibratorConfig(taylorseer_order=order, enable_encoder_calibrator=encoder_calibrator)
+                      if taylorseer else None)
     except (TypeError, ValueError) as e:
         raise config_error(name, e) from None
     functor = None
@@ -117,7 +127,7 @@ def _apply_cachedit(pipe, opts, steps, run_once, taylorseer: bool):
     # and the pipeline class (the pipeline instance's own attributes cache_dit.disable_cache does remove, and
     # restoring them could undo what the caller changed meanwhile, e.g. set_progress_bar_config)
     pipe_cls = type(pipe)
-    snapshot = _snapshot([transformer, blocks, *blocks])
+    snapshot = _snapshot([transformer, *block_lists, *blocks])
     cls_saved = {k: vars(pipe_cls)[k] for k in ("__call__", "_is_cached", "_original_call") if k in vars(pipe_cls)}
     logs = _CacheDitLogs()
     logs.quiet()
@@ -131,9 +141,12 @@ def _apply_cachedit(pipe, opts, steps, run_once, taylorseer: bool):
         _restore_snapshot(snapshot)
 
     try:
-        adapter = BlockAdapter(pipe=pipe, transformer=transformer, blocks=blocks, blocks_name=blocks_name,
-                               forward_pattern=getattr(ForwardPattern, pattern), patch_functor=functor,
-                               check_forward_pattern=True, has_separate_cfg=False)
+        one = len(names) == 1  # several lists (Flux, HunyuanVideo): cache-dit takes lists of each
+        adapter = BlockAdapter(pipe=pipe, transformer=transformer, blocks=block_lists[0] if one else block_lists,
+                               blocks_name=names[0] if one else names,
+                               forward_pattern=(getattr(ForwardPattern, patterns[0]) if one
+                                                else [getattr(ForwardPattern, p) for p in patterns]),
+                               patch_functor=functor, check_forward_pattern=True, has_separate_cfg=False)
         adapter = cache_dit.enable_cache(adapter, cache_config=cache_config, calibrator_config=calibrator)
     except Exception as e:
         with contextlib.suppress(Exception):
@@ -191,7 +204,10 @@ register_peer(Peer(
 register_peer(Peer(
     "cachedit-dbcache-taylorseer", "cache-dit",
     "cache-dit DBCache with its TaylorSeer calibrator forecasting the cached residual",
-    defaults={**_DBCACHE_DEFAULTS, "taylorseer_order": 1},
+    # the text stream's forecast off, as cache-dit's own config loader has it (load_configs.py); on, cache-dit
+    # 1.5.3 fails on blocks that return no text stream (SD3's last): set_Bn_encoder_buffer drops the None,
+    # then get_Bn_encoder_buffer asks the calibrator for a state it never got (taylorseer.py: "not found")
+    defaults={**_DBCACHE_DEFAULTS, "taylorseer_order": 1, "enable_encoder_calibrator": False},
     grid=[  # 44 / 0.78, 40 / 0.74, 34 / 0.65
         {"residual_diff_threshold": 0.1},
         {"residual_diff_threshold": 0.15},
