@@ -220,7 +220,7 @@ CANNOT = {
     ("HunyuanVideoTransformer3DModel", "diffusers-fastercache"): "must match the size",
     ("QwenImageTransformer2DModel", "diffusers-fastercache"): "encoder_hidden_states_mask",
     # diffusers' FirstBlockCache subtracts the head block's text stream from the tail block's, which SD3's
-    # last block (context_pre_only) does not return (first_block_cache.py, FBTailBlockHook.new_forward)
+    # last block (context_pre_only) does not return (first_block_cache.py line 176, FBCBlockHook.new_forward)
     ("SD3Transformer2DModel", "diffusers-fbcache"): "NoneType",
 }
 
