@@ -487,3 +487,29 @@ def test_readme_family_table_agrees_with_families_py():
         whole = [m.name for m in f.blocks.modules if (m.kind in (SELF, TEMPORAL) and m.stream == JOINT) or not m.tokenwise]
         expected[cls] = (f.name, list(f.blocks.lists), [(m.name, m.kind, m.stream) for m in f.blocks.modules], whole)
     assert rows == expected
+
+
+def test_toca_scores_mochi_tokens_from_its_per_sample_attention():
+    """Mochi runs joint attention once per sample (each with its own text length): ToCa stacks the samples'
+    image-token scores instead of dropping them."""
+    from ditscope.cache import toca
+
+    build, inputs, _ = CASES["MochiTransformer3DModel"]
+    model = build()
+    seen = []
+    original = toca.ToCaMethod.token_scores
+
+    def spy(self, ctx, site, rows, n, device):
+        out = original(self, ctx, site, rows, n, device)
+        if site.name.endswith(".ff"):
+            age = self.config.freq_weight * ctx.state["age"][site.index] / self.config.interval
+            seen.append(bool((out - age).abs().sum() > 0))  # more than the age term: attention scores arrived
+        return out
+
+    toca.ToCaMethod.token_scores = spy
+    try:
+        with cache(model, ditscope.ToCaConfig(uniform_bonus=0)):
+            run_steps(model, inputs)
+    finally:
+        toca.ToCaMethod.token_scores = original
+    assert seen and all(seen)

@@ -149,7 +149,13 @@ class ToCaMethod(CacheMethod):
             s = scores.cross_attention_entropy(q, k, mask, scale)
         else:
             s = scores.self_attention_influence(q, k, mask, scale)
-        ctx.state.setdefault("score", {})[site.block] = s
+        found = ctx.state.setdefault("score", {})
+        if q.shape[0] < ctx.rows:  # one attention call per sample (Mochi: each with its own text length)
+            parts = found.get(site.block)
+            parts = parts if isinstance(parts, list) and parts[0] == ctx.step else [ctx.step]
+            found[site.block] = [*parts, *s]
+        else:
+            found[site.block] = s
 
     def token_scores(self, ctx: Context, site: Site, rows: int, n: int, device) -> torch.Tensor:
         c, st = self.config, ctx.state
@@ -157,7 +163,14 @@ class ToCaMethod(CacheMethod):
             base = scores.random_score(rows, n, hash((c.seed, ctx.step, site.index)) % 2**63, device)
         else:
             found = st.get("score", {}).get(site.block)
-            base = joint_slice(ctx, site, found, n) if found is not None else None
+            if isinstance(found, list):  # per-sample scores of differing lengths: slice each, then stack
+                # only the stream at the front of the joint order has a known place in every sample's sequence
+                first = site.stream == ctx.family.joint_order[0]
+                found = [joint_slice(ctx, site, row[None], n) if first else None for row in found[1:]]
+                found = torch.cat(found) if found and all(f is not None and f.shape[-1] == n for f in found) else None
+                base = found
+            else:
+                base = joint_slice(ctx, site, found, n) if found is not None else None
             if base is None or base.shape[0] != rows:
                 base = torch.zeros(rows, n, device=device)
         score = base + c.freq_weight * st["age"][site.index] / c.interval
