@@ -10,6 +10,7 @@ that machine noise spreads evenly over them; FLOPs come from a separate counted 
     python benchmarks/cache_speed.py --methods toca --repeats 7
     python benchmarks/cache_speed.py --size full --device cuda       # PixArt-alpha XL size on a GPU
     python benchmarks/cache_speed.py --model flux --size full --device cuda
+    python benchmarks/cache_speed.py --model wan --methods toca,fora --threads 1   # also mochi
 """
 
 from __future__ import annotations
@@ -73,6 +74,42 @@ def build(model: str, size: str, device: str, dtype: torch.dtype):
     return net, x.to(device=device, dtype=dtype), step
 
 
+# mid-size random video models: 3 latent frames of 32 x 32 (768 image tokens after 2 x 2 patches), 64 text tokens
+VIDEO_SIZES = {
+    "wan": dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
+                text_dim=256, freq_dim=256, ffn_dim=1024, num_layers=6, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=1024),
+    "mochi": dict(patch_size=2, num_attention_heads=4, attention_head_dim=64, num_layers=6, pooled_projection_dim=128,
+                  in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=256, time_embed_dim=64,
+                  activation_fn="swiglu", max_sequence_length=64),
+}
+
+
+def build_video(model: str, device: str, dtype: torch.dtype):
+    """A mid-size random Wan or Mochi transformer (FLOPs and speed only: random weights) and its step."""
+    torch.manual_seed(0)
+    cfg = VIDEO_SIZES[model]
+    if model == "wan":
+        from diffusers import WanTransformer3DModel
+
+        net, channels = WanTransformer3DModel(**cfg), cfg["in_channels"]
+        extra = {}
+    else:
+        from diffusers import MochiTransformer3DModel
+
+        net, channels = MochiTransformer3DModel(**cfg), cfg["in_channels"]
+        extra = {"encoder_attention_mask": torch.ones(2, 64, dtype=torch.bool, device=device)}
+    x = torch.randn(2, channels, 3, 32, 32)
+    text = torch.randn(2, 64, cfg.get("text_dim", cfg.get("text_embed_dim")))
+
+    def step(net, h, t):
+        out = net(h, encoder_hidden_states=text.to(h), timestep=t, **extra).sample
+        return h - 0.05 * out
+
+    net = net.to(device=device, dtype=dtype).eval()
+    return net, x.to(device=device, dtype=dtype), step
+
+
 def run_loop(net, x, step, steps: int, device: str) -> torch.Tensor:
     h = x
     for i in range(steps):
@@ -88,7 +125,9 @@ def main():
     from ditscope.cache import CONFIGS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("pixart", "flux"), default="pixart")
+    ap.add_argument("--model", choices=("pixart", "flux", "wan", "mochi"), default="pixart",
+                    help="wan, mochi: mid-size random video models (--size is ignored)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--size", choices=("mid", "full"), default="mid")
     ap.add_argument("--methods", default=",".join(CONFIGS), help="comma-separated; default: every method")
     ap.add_argument("--steps", type=int, default=20)
@@ -102,7 +141,12 @@ def main():
     if unknown:
         sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
 
-    net, x, step = build(args.model, args.size, args.device, dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model in VIDEO_SIZES:
+        net, x, step = build_video(args.model, args.device, dtype)
+    else:
+        net, x, step = build(args.model, args.size, args.device, dtype)
     with torch.inference_mode():
         ref = run_loop(net, x, step, 2, args.device)  # warm-up
         flops = {}
