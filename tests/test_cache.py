@@ -326,6 +326,7 @@ def test_unsupported_model_is_a_clear_error():
     ({"modules": (("attn", "spatial", "image"),)}, "kind 'spatial'"),
     ({"modules": (("attn",),)}, "is not \\(name, kind, stream\\)"),
     ({"returns": ("out",)}, "roles 'hidden' and 'encoder'"),
+    ({"timestep": "timestep"}, "STDiT.forward has no argument 'timestep'"),
 ])
 def test_bad_declared_layouts_are_one_line_errors(change, message):
     import dataclasses

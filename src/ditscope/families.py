@@ -8,7 +8,9 @@ entry only answers questions the tensors cannot answer by themselves:
 - which attention modules are not part of the denoising trunk (a text refiner, say),
 - in which order a pipeline lays out the classifier-free-guidance branches,
 - for caching: where the transformer blocks are, what they take and return, and which of their child
-  modules are self-attention, cross-attention and MLP (`Blocks`).
+  modules are self-attention, cross-attention and MLP (`Blocks`). A model outside the table is cached
+  from a `Blocks` its user declares (`ditscope.apply(model, config, layout=Blocks(...))`): the same row,
+  not another mechanism.
 
 "image" means the visual tokens, frames included, for video models.
 """

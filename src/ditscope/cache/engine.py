@@ -237,7 +237,7 @@ def find_transformers(pipe_or_model) -> tuple[list[tuple[str, torch.nn.Module]],
     `transformer_2` (Wan 2.2's low-noise expert), or a bare transformer."""
     found = [(name, getattr(pipe_or_model, name, None)) for name in ("transformer", "transformer_2")]
     found = [(n, m) for n, m in found if isinstance(m, torch.nn.Module)]
-    if found and found[0][0] == "transformer":
+    if found:
         return found, pipe_or_model
     if isinstance(pipe_or_model, torch.nn.Module):
         return [("transformer", pipe_or_model)], None
@@ -260,6 +260,13 @@ def _argument_name(forward, preferred: str) -> str:
     except (TypeError, ValueError):
         return preferred
     return preferred if preferred in params or not params else params[0]
+
+
+def _takes_any_keyword(forward) -> bool:
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return True
 
 
 def _resolve(model: torch.nn.Module, path: str):
@@ -432,7 +439,7 @@ class CacheHandle:
         clock.num_steps = num_inference_steps if num_inference_steps is not None else method.default_steps()
         self.transformers, self.methods, self.contexts = [], [], []
         for i, (attr, model) in enumerate(found):
-            prefix = "" if i == 0 else f"{attr}."
+            prefix = "" if attr == "transformer" else f"{attr}."
             family, blocks, sites, depths = layout_of(model, layout, prefix)
             ctx = Context(family, layout or family.blocks, blocks, sites, depths, clock)
             ctx.flop_counting, ctx.model, ctx.prefix = count_flops, model, prefix
@@ -445,9 +452,13 @@ class CacheHandle:
             m.validate(ctx)
         self.transformer, self.method, self.ctx = self.transformers[0], self.methods[0], self.contexts[0]
         self._patches = Patches()
-        self._install_scheduler(clock)
-        for model, m, ctx in zip(self.transformers, self.methods, self.contexts):
-            self._install(model, m, ctx)
+        try:
+            self._install_scheduler(clock)
+            for model, m, ctx in zip(self.transformers, self.methods, self.contexts):
+                self._install(model, m, ctx)
+        except BaseException:
+            self.remove()  # nothing half-installed stays behind
+            raise
 
     # ---------------------------------------------------------------------------------- install
     def _install_scheduler(self, clock: Clock):
@@ -467,6 +478,9 @@ class CacheHandle:
         hidden_name = _argument_name(orig_model, ctx.layout.hidden)
         t_name = ctx.layout.timestep
         t_pos = timestep_argument(orig_model, t_name) if t_name else None
+        if t_name and t_pos is None and not _takes_any_keyword(orig_model):
+            raise DitscopeError(f"{type(model).__name__}.forward has no argument {t_name!r} (layout timestep=); "
+                                "name its timestep argument, or timestep=None if every call is the next step")
 
         def model_forward(*args, **kwargs):
             hidden = hidden_arg(args, kwargs, hidden_name)
