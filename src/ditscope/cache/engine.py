@@ -154,10 +154,9 @@ class Context:
             return self.timestep * 1000
         return self.timestep
 
-    def begin_call(self, timestep, rows: int, tick: bool = True):
+    def begin_call(self, timestep, rows: int):
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else (float(timestep) if timestep is not None else None)
-        if tick:
-            self.clock.tick(t)
+        self.clock.tick(t)
         if self.generation != self.clock.generation:
             self.generation = self.clock.generation
             self._slots.clear()
