@@ -151,7 +151,10 @@ def main():
         ref = run_loop(net, x, step, 2, args.device)  # warm-up
         flops = {}
         for name in methods:  # executed FLOPs, one counted run each
-            with ditscope.apply(net, CONFIGS[name](), num_inference_steps=args.steps, count_flops=True) as handle:
+            # under no_grad, not inference_mode: torch's FlopCounterMode module tracker fails on a module input
+            # that requires grad under inference mode (Mochi's rope gets a Parameter)
+            with torch.inference_mode(False), torch.no_grad(), \
+                    ditscope.apply(net, CONFIGS[name](), num_inference_steps=args.steps, count_flops=True) as handle:
                 run_loop(net, x, step, args.steps, args.device)
                 flops[name] = handle.stats().flops_ratio
             print(f"{name:10s} executed FLOPs = {flops[name]:.3f} of full", file=sys.stderr)
