@@ -514,3 +514,17 @@ def test_toca_scores_mochi_tokens_from_its_per_sample_attention():
     finally:
         toca.ToCaMethod.token_scores = original
     assert seen and all(seen)
+
+
+def test_flops_are_counted_under_inference_mode_on_mochi():
+    """torch's FlopCounterMode module tracker fails under inference_mode when a module input requires grad
+    (Mochi's rope gets a Parameter); ditscope's counter counts the total without it."""
+    build, inputs, _ = CASES["MochiTransformer3DModel"]
+    model = build()
+    counted = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), cache(model, ditscope.FORAConfig(interval=2), count_flops=True) as handle:
+            for s in range(STEPS):
+                model(**inputs(2, s))
+            counted.append(handle.stats().flops)
+    assert counted[0] == counted[1] > 0

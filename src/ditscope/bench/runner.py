@@ -246,9 +246,9 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         raise _Skip(str(e).splitlines()[0]) from None
     notes = [lpips_note] if lpips_note else []
     try:
-        from torch.utils.flop_counter import FlopCounterMode
+        from ..cache.engine import flop_counter
 
-        with FlopCounterMode(display=False) as counter:  # the scored images, their FLOPs, and the warm-up
+        with flop_counter() as counter:  # the scored images, their FLOPs, and the warm-up
             images = generate_all(pipe, inputs, steps)
         flops = float(counter.get_total_flops())
         times = timed_passes(pipe, inputs, steps)

@@ -186,11 +186,32 @@ class Context:
         return _ScoreCounter(self.record)
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: ditscope reads only the total, and the tracker's
+    hooks fail under torch.inference_mode() when a module input requires grad (Mochi's rope gets a Parameter)."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def flop_counter():
+    """A `torch.utils.flop_counter.FlopCounterMode` that counts the total only (works under inference_mode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    if hasattr(counter, "mod_tracker"):
+        counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
 class _ScoreCounter:
     def __init__(self, record):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        self.record, self.mode = record, FlopCounterMode(display=False)
+        self.record, self.mode = record, flop_counter()
 
     def __enter__(self):
         self.mode.__enter__()
@@ -488,9 +509,7 @@ class CacheHandle:
             tap = AttentionTap(ctx, method) if method.wants_attention(ctx) else contextlib.nullcontext()
             counter = None
             if ctx.flop_counting:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                counter = FlopCounterMode(display=False)
+                counter = flop_counter()
             ctx.in_forward = True
             try:
                 with tap, (counter or contextlib.nullcontext()):

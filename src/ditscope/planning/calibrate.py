@@ -26,7 +26,16 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..cache.engine import BlockSite, CacheHandle, CacheMethod, Context, Site, block_inputs, block_outputs
+from ..cache.engine import (
+    BlockSite,
+    CacheHandle,
+    CacheMethod,
+    Context,
+    Site,
+    block_inputs,
+    block_outputs,
+    flop_counter,
+)
 from ..cache.schedule import STACK, model_signature
 from ..errors import DitscopeError
 from ..profiling.artifact import Profile, sha256_of
@@ -111,9 +120,7 @@ class _Observer(CacheMethod):
 
     def _timed(self, unit: str, run, args, kwargs):
         if self.count_flops and unit not in self.flops and "." in unit and not unit.rsplit(".", 1)[1].isdigit():
-            from torch.utils.flop_counter import FlopCounterMode
-
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 out = run(*args, **kwargs)
             self.flops[unit] = float(counter.get_total_flops())
             return out
