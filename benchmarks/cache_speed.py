@@ -151,8 +151,8 @@ def main():
         ref = run_loop(net, x, step, 2, args.device)  # warm-up
         flops = {}
         for name in methods:  # executed FLOPs, one counted run each
-            # under no_grad, not inference_mode: torch's FlopCounterMode module tracker fails on a module input
-            # that requires grad under inference mode (Mochi's rope gets a Parameter)
+            # under no_grad, as the Wan / Mochi rows in benchmarks/README.md were counted (torch's own FlopCounterMode
+            # failed under inference_mode on Mochi; ditscope's counter now copes, tests/test_cache.py)
             with torch.inference_mode(False), torch.no_grad(), \
                     ditscope.apply(net, CONFIGS[name](), num_inference_steps=args.steps, count_flops=True) as handle:
                 run_loop(net, x, step, args.steps, args.device)
