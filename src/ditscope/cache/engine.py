@@ -361,21 +361,24 @@ def with_hidden(args: tuple, kwargs: dict, x: torch.Tensor, name: str = "hidden_
     return (x, *args[1:]), kwargs
 
 
-def block_inputs(bsite: BlockSite, args: tuple, kwargs: dict) -> dict[str, torch.Tensor | None]:
+# The block helpers take the block (its list's returns, its argument names); a `Blocks` layout works too
+# (the layout's defaults), for code written before returns were per list.
+def block_inputs(bsite: BlockSite | Blocks, args: tuple, kwargs: dict) -> dict[str, torch.Tensor | None]:
+    names = getattr(bsite, "names", None) or {"hidden": bsite.hidden, "encoder": bsite.encoder}
     found = {}
     for i, role in enumerate(bsite.args):
-        key = bsite.names[role]
+        key = names[role]
         found[role] = kwargs[key] if key in kwargs else (args[i] if i < len(args) else None)
     return found
 
 
-def block_outputs(bsite: BlockSite, out) -> dict[str, torch.Tensor | None]:
+def block_outputs(bsite: BlockSite | Blocks, out) -> dict[str, torch.Tensor | None]:
     if len(bsite.returns) == 1:
         return {bsite.returns[0]: out}
     return dict(zip(bsite.returns, out))
 
 
-def pack_outputs(bsite: BlockSite, outs: dict):
+def pack_outputs(bsite: BlockSite | Blocks, outs: dict):
     if len(bsite.returns) == 1:
         return outs[bsite.returns[0]]
     return tuple(outs[name] for name in bsite.returns)
