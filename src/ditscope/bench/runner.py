@@ -146,6 +146,28 @@ def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
     return schedule
 
 
+def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
+    """The fitted options of a `METHOD tune=TARGET` setting, fitted on the calibration prompts (kept in
+    OUT/tuned/)."""
+    import shutil
+
+    from .tune import Tuned, tune
+
+    if not inputs.calibration:
+        raise DitscopeError("a tune= setting needs calibration prompts apart from the bench's")
+    path = out / "tuned" / f"{setting.key}.json" if out is not None else None
+    if path is not None and path.exists():
+        return Tuned.load(path)
+    fixed = {k: v for k, v in setting.options.items() if k != "tune"}
+    result = tune(pipe, setting.method, inputs.calibration, setting.options["tune"], inputs.steps,
+                  batch_size=inputs.batch_size, guidance_scale=inputs.guidance_scale, options=fixed,
+                  work_dir=path.with_suffix(".work") if path else None)
+    if path is not None:
+        result.save(path)
+        shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
+    return result
+
+
 def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None):
     """Apply `setting` to `pipe`; returns (steps to run, remove function)."""
     if setting.method in (BASELINE, FEWER_STEPS):
@@ -155,17 +177,20 @@ def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None
 
         handle = apply(pipe, PlanConfig(planned(pipe, setting, inputs, out)))
         return inputs.steps, handle.remove
+    options = dict(setting.options)
+    if "tune" in options:  # fitted on the calibration prompts first
+        options = tuned(pipe, setting, inputs, out).options
     if setting.system == "ditscope":
         from ..cache import apply, config_from_options
 
-        handle = apply(pipe, config_from_options(setting.method, option_strings(setting.options)))
+        handle = apply(pipe, config_from_options(setting.method, option_strings(options)))
         return inputs.steps, handle.remove
     from .peers import apply_peer
 
     def run_once():
         return pipe([inputs.prompts[0]], **call_kwargs(inputs, inputs.steps, [torch.Generator().manual_seed(0)]))
 
-    return inputs.steps, apply_peer(setting.method, pipe, dict(setting.options), inputs.steps, run_once)
+    return inputs.steps, apply_peer(setting.method, pipe, options, inputs.steps, run_once)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -245,6 +270,9 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
     except PeerUnavailable as e:
         raise _Skip(str(e).splitlines()[0]) from None
     notes = [lpips_note] if lpips_note else []
+    if "tune" in setting.options and out is not None:
+        fitted = tuned(pipe, setting, inputs, out)  # read back from OUT/tuned/
+        notes.append(f"fitted {fitted.meta['knob']}={fitted.meta['value']:.4g}")
     try:
         from torch.utils.flop_counter import FlopCounterMode
 

@@ -85,11 +85,11 @@ def bench(
         # a zoo pipeline: prompts drawn from the data generator with --prompt-seed
         scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts or 16, seed=prompt_seed)
         net, drawn_with = evaluator.load_evaluator(), prompt_seed
-    uses_plan = any(s.method == "plan" for s in settings)
+    uses_plan = any(s.method == "plan" or "tune" in s.options for s in settings)  # fitted on calibration prompts
     if uses_plan and prompt_file is None:
         calibration = evaluator.evaluation_prompts(pipe, calibration_prompts, seed=calibration_seed)[1]
     elif uses_plan and not calibration:
-        raise DitscopeError(f"the plan method fits on prompts apart from the bench's: put more than --prompts "
+        raise DitscopeError(f"plans and tune= settings fit on prompts apart from the bench's: put more than --prompts "
                             f"prompts in {prompt_file} (the ones after them calibrate)")
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
     inputs = BenchInputs(model=model, prompts=prompt_list, seeds=list(range(seeds)), steps=n_steps,
@@ -111,7 +111,7 @@ def bench(
             rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
     drawn = f" (prompt seed {drawn_with})" if drawn_with is not None else f" from {prompt_file}"
     if inputs.calibration_seed is not None:
-        drawn += f", plans fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"
+        drawn += f", plans and tuned knobs fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"
     df = write_outputs(rows, out, f"{model}: {len(prompt_list)} prompts{drawn} x {seeds} seeds, {n_steps} steps",
                        prompt_list)
     print((out / "results.md").read_text())

@@ -28,7 +28,8 @@ def generate(
     upscale: Annotated[int, typer.Option(help="nearest-neighbour enlargement of the saved image")] = 1,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
-    cache: Annotated[str | None, typer.Option(help=f"cache method: {', '.join(CONFIGS)}")] = None,
+    cache: Annotated[str | None, typer.Option(help=f"cache method ({', '.join(CONFIGS)}) or a config written by "
+                                               "ditscope tune (FILE.json)")] = None,
     cache_opt: Annotated[list[str] | None, typer.Option(help="cache option key=value (repeatable; preset=dit "
                                                         "picks a preset)")] = None,
     cache_stats: Annotated[bool, typer.Option(help="print what the cache did per step, with FLOPs")] = False,
@@ -55,6 +56,14 @@ def generate(
     if cache is not None:
         from ..cache import config_from_options
 
+        if cache.lower().endswith(".json"):  # a fitted config from `ditscope tune`; --cache-opt overrides it
+            from ..bench.grid import option_strings
+            from ..bench.tune import Tuned
+
+            tuned = Tuned.load(cache)
+            tuned.config()  # a peer's config is refused here, with what to do instead
+            cache = tuned.method
+            cache_opt = option_strings(tuned.options) + _split_opts(cache_opt)
         config = config_from_options(cache, _split_opts(cache_opt))
     elif cache_opt:
         raise DitscopeError("--cache-opt needs --cache METHOD")

@@ -67,7 +67,7 @@ class Target:
         return f"{self.kind}={self.value:g}"
 
 
-class _Evaluations:
+class Evaluations:
     """Quality of schedules on the calibration prompts, run once each (and kept on disk to resume)."""
 
     def __init__(self, pipe, prompts, steps, seed, batch_size, guidance_scale, reference, path: Path | None):
@@ -89,21 +89,41 @@ class _Evaluations:
         return hashlib.sha1(json.dumps(schedule.rows, sort_keys=True).encode()).hexdigest()[:16]
 
     def __call__(self, schedule: Schedule) -> dict:
-        key = self.key(schedule)
-        if key not in self.done:
-            from ..cache import apply
+        from ..cache import apply
 
-            with apply(self.pipe, PlanConfig(schedule)):
+        return self.measure(self.key(schedule), lambda: apply(self.pipe, PlanConfig(schedule)).remove)
+
+    def measure(self, key: str, applied, timed: bool = False) -> dict:
+        """Quality of the images made while `applied()` is in force (it applies a cache and returns its
+        remove function); with `timed`, also the measured speedup on the first batch."""
+        if key not in self.done or (timed and "speedup" not in self.done[key]):
+            remove = applied()
+            try:
                 images = generate(self.pipe, self.prompts, self.steps, self.seed, self.batch_size, self.guidance_scale)
+                seconds = self.seconds_per_run() if timed else None
+            finally:
+                remove()
             psnr, ssim = per_sample_psnr_ssim(images, self.reference)
             row = {"key": key, "psnr": statistics.fmean(psnr), "psnr_lo": mean_interval(psnr)[1], "psnr_min": min(psnr),
                    "ssim": statistics.fmean(ssim), "ssim_lo": mean_interval(ssim)[1]}
+            if timed:
+                row["speedup"] = self.plain_seconds() / seconds
             self.done[key] = row
             self.runs += 1
             if self.path is not None:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(row) + "\n")
         return self.done[key]
+
+    def seconds_per_run(self) -> float:
+        """Median seconds of the first batch of prompts, as the pipeline stands now."""
+        first = self.prompts[: self.batch_size]
+        return _timed(lambda: generate(self.pipe, first, self.steps, self.seed, self.batch_size, self.guidance_scale))
+
+    def plain_seconds(self) -> float:
+        if getattr(self, "_plain", None) is None:
+            self._plain = self.seconds_per_run()
+        return self._plain
 
 
 def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int = 20, seed: int = 0,
@@ -150,7 +170,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     costs = costs_from(cal, plain_seconds / num_inference_steps, uniform=cost == "uniform", flops=cost == "flops"
                        or goal.kind == "flops")
     unit = price_scale(cal, costs)
-    evaluate = _Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
+    evaluate = Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
                             work / "evaluations.jsonl" if work else None)
     full_cost = costs.step * num_inference_steps
 

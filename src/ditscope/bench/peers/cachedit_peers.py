@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...families import family_of
 from . import Peer, PeerUnavailable, config_error, one_line, register_peer
@@ -186,6 +187,7 @@ register_peer(Peer(
         {"residual_diff_threshold": 0.2, "max_warmup_steps": 2},
     ],
     apply=_apply_dbcache,
+    knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
 ))
 
 register_peer(Peer(
@@ -198,4 +200,5 @@ register_peer(Peer(
         {"residual_diff_threshold": 0.25, "max_warmup_steps": 2},
     ],
     apply=_apply_dbcache_taylorseer,
+    knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
 ))
