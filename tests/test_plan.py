@@ -91,6 +91,42 @@ def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
     assert torch.equal(pipe(PROMPTS, **kwargs).images, reference)
 
 
+def test_calibration_records_the_adaptive_signal(calibration):
+    cal, _ = calibration
+    signal = cal.meta["signal"]
+    assert len(signal) == len(PROMPTS) and all(len(row) == STEPS for row in signal)
+    assert all(row[0] is None and all(v > 0 for v in row[1:]) for row in signal)
+
+
+def test_adaptive_plan_between_static_and_uncached(pipe):
+    """Tolerance infinite: exactly the static plan. Tolerance ~0: every served step computes, exactly the
+    uncached images. In between, a row's images do not depend on its batch neighbour."""
+    from ditscope.planning.calibrate import generate
+
+    plan = Schedule({"stack": "CCRCRCRR", "transformer_blocks.2.attn1": "CRRCRRCR"},
+                    meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]})
+    run = lambda config, prompts=PROMPTS: generate(pipe, prompts, STEPS, batch_size=2) if config is None else _with(config, prompts)  # noqa: E731
+
+    def _with(config, prompts):
+        with ditscope.apply(pipe, config) as handle:
+            images = generate(pipe, prompts, STEPS, batch_size=2)
+        _with.summary = handle.stats().summary()
+        return images
+
+    with torch.inference_mode():
+        uncached, static = run(None), run(ditscope.PlanConfig(plan))
+        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, tolerance=1e9)), static)
+        assert _with.summary["rows_forced"] == 0
+        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, tolerance=1e-9)), uncached)
+        assert _with.summary["rows_forced"] > 0 and _with.summary["reused"] == 0
+        both = run(ditscope.PlanConfig(plan, adaptive=True))
+        alone = run(ditscope.PlanConfig(plan, adaptive=True), PROMPTS[:1])
+    assert (both[0] - alone[0]).abs().max() < 1e-4  # batch float noise only
+    assert not torch.equal(both, static) and not torch.equal(both, uncached)
+    with pytest.raises(DitscopeError, match="no calibrated signal"):
+        ditscope.apply(pipe, ditscope.PlanConfig(Schedule({"stack": "CCR"}), adaptive=True))
+
+
 def test_plans_resample_to_other_step_counts_or_refuse_when_strict():
     plan = Schedule({"stack": "CCRCRRCR"})
     assert plan.at(4).rows["stack"][0] == "C" and len(plan.at(4).rows["stack"]) == 4

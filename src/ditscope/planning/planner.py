@@ -276,6 +276,8 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         "computed_fraction": round(chosen.fraction("C"), 4),
         "evaluations": len(evaluate.done),
         "planning_seconds": round(time.perf_counter() - started, 1),
+        # what PlanConfig(adaptive=True) compares the live signal with: per calibration prompt and step
+        "signal": [[None if v is None else float(f"{v:.6g}") for v in row] for row in cal.meta.get("signal", [])],
     }
     if log:
         log(f"plan: {mode}, {chosen.meta['predicted_speedup']:.2f}x predicted, {chosen.meta['measured_speedup']:.2f}x "
