@@ -125,18 +125,24 @@ def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> 
 
 
 # ---------------------------------------------------------------------------------------- apply
+RUN_OPTIONS = ("adaptive", "tolerance", "per_sample", "strict")  # how a plan runs, not how it is made
+
+
 def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
-    """The plan of a `plan target=...` setting, fitted on the calibration prompts (kept in OUT/plans/)."""
+    """The plan of a `plan target=...` setting, fitted on the calibration prompts (kept in OUT/plans/; settings
+    that differ only in how the plan runs, e.g. adaptive, share it)."""
     from ..cache.schedule import Schedule
     from ..planning.planner import plan
 
     if not inputs.calibration:
         raise DitscopeError("the plan method needs calibration prompts apart from the bench's")
-    path = out / "plans" / f"{setting.key}.plan.json" if out is not None else None
+    making = {k: v for k, v in setting.options.items() if k not in RUN_OPTIONS}
+    key = Setting(setting.system, setting.method, making).key
+    path = out / "plans" / f"{key}.plan.json" if out is not None else None
     if path is not None and path.exists():
         return Schedule.load(path)
-    opts = {k: v for k, v in setting.options.items() if k != "target"}
-    schedule = plan(pipe, inputs.calibration, setting.options["target"], inputs.steps, batch_size=inputs.batch_size,
+    opts = {k: v for k, v in making.items() if k != "target"}
+    schedule = plan(pipe, inputs.calibration, making["target"], inputs.steps, batch_size=inputs.batch_size,
                     guidance_scale=inputs.guidance_scale, work_dir=path.with_suffix(".work") if path else None, **opts)
     if path is not None:
         schedule.save(path)
@@ -175,7 +181,8 @@ def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None
     if setting.system == "ditscope" and setting.method == "plan" and "target" in setting.options:
         from ..cache import PlanConfig, apply
 
-        handle = apply(pipe, PlanConfig(planned(pipe, setting, inputs, out)))
+        run = {k: v for k, v in setting.options.items() if k in RUN_OPTIONS}
+        handle = apply(pipe, PlanConfig(planned(pipe, setting, inputs, out), **run))
         return inputs.steps, handle.remove
     options = dict(setting.options)
     if "tune" in options:  # fitted on the calibration prompts first
