@@ -151,3 +151,13 @@ def test_cli_tune_writes_a_config_generate_takes(tmp_path, monkeypatch):
                                                     "method": "diffusers-fbcache", "options": {"threshold": 0.1}}))
     r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--out", "y.png", "--cache", "peer.json")
     assert r.exit_code == 2 and "is a peer" in r.stderr and not (tmp_path / "y.png").exists()
+
+
+def test_cli_tune_a_peer_that_is_not_installed(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cache_dit" else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    r = _cli("tune", "tiny-pixart", "--method", "cachedit-dbcache")
+    assert r.exit_code == 2 and "needs the cache_dit package" in r.stderr and not list(tmp_path.iterdir())
