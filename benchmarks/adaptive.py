@@ -1,15 +1,15 @@
 """Adaptive plans against static ones on prompts like and unlike the calibration prompts.
 
-    python benchmarks/adaptive.py tiny-pixart --target psnr=30 --test-prompts 32
+    python benchmarks/adaptive.py tiny-pixart --targets psnr=30,psnr=35 --tolerances 1,2,4 --test-prompts 32
 
-A plan is fitted on calibration prompts (seed 7000, one object per image) and run three ways on two
-test sets: static (`PlanConfig(plan)`), adaptive per sample (`PlanConfig(plan, adaptive=True)`) and
-adaptive for the whole batch (`per_sample=False`). The test sets: prompts like the calibration ones
+Plans are fitted on calibration prompts (seed 7000, one object per image), one per target, and each runs
+static (`PlanConfig(plan)`) and adaptive per sample at each tolerance (`PlanConfig(plan, adaptive=True,
+tolerance=x)`; `--batch-level` adds `per_sample=False`) on two test sets. The test sets: prompts like the calibration ones
 (seed 3000, one object) and a shifted set the plan never saw the like of (seed 3000, two objects per
 image). Per row: mean / 5th-percentile / worst PSNR against the uncached images, executed FLOPs speedup
 (torch's FLOP counter), the rows the adaptive check sent to compute, and the wall-clock speedup (median of
 `--repeats` passes, every row timed in this one run). The plan is kept in --work and reused on a rerun.
-Results go to benchmarks/results/n64/MODEL/adaptive_TARGET.md.
+Results go to benchmarks/results/n64/MODEL/adaptive.md.
 """
 
 from __future__ import annotations
@@ -29,18 +29,17 @@ from ditscope.planning.planner import plan
 from ditscope.stats.quality import per_sample_psnr_ssim
 from ditscope.zoo import evaluator
 
-RUNS = {"static plan": {}, "adaptive, per sample": {"adaptive": True},
-        "adaptive, whole batch": {"adaptive": True, "per_sample": False}}
-
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default="tiny-pixart")
-    ap.add_argument("--target", default="psnr=30")
+    ap.add_argument("--targets", default="psnr=30", help="comma list: a plan per target (kept in --work)")
+    ap.add_argument("--tolerances", default="1", help="comma list of the adaptive runs' tolerances")
+    ap.add_argument("--batch-level", action="store_true", help="also run adaptive per_sample=False at tolerance 1")
     ap.add_argument("--calibration-prompts", type=int, default=8)
     ap.add_argument("--test-prompts", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes per run (0: FLOPs only)")
     ap.add_argument("--work", type=Path, default=Path("runs/adaptive"))
     args = ap.parse_args()
     pipe = ditscope.zoo.load(args.model)
@@ -48,22 +47,30 @@ def main():
     entry = ditscope.zoo.ZOO[args.model]
     steps, guidance, bs = entry.steps, entry.guidance_scale, args.batch_size
     args.work.mkdir(parents=True, exist_ok=True)
-    plan_path = args.work / f"{args.model}.{args.target.replace('=', '')}.plan.json"
+    targets = [t for t in args.targets.split(",") if t]
+    runs = []  # (label, schedule, PlanConfig options)
     with torch.inference_mode():
-        if plan_path.exists():
-            schedule = Schedule.load(plan_path)
-        else:
-            _, calib = evaluator.evaluation_prompts(pipe, args.calibration_prompts, seed=7000)
-            schedule = plan(pipe, calib, args.target, steps, batch_size=8, guidance_scale=guidance,
-                            work_dir=args.work / "plan.work", progress=lambda t: print("plan:", t, flush=True))
-            schedule.save(plan_path)
+        for target in targets:
+            plan_path = args.work / f"{args.model}.{target.replace('=', '')}.plan.json"
+            if plan_path.exists():
+                schedule = Schedule.load(plan_path)
+            else:
+                _, calib = evaluator.evaluation_prompts(pipe, args.calibration_prompts, seed=7000)
+                schedule = plan(pipe, calib, target, steps, batch_size=8, guidance_scale=guidance,
+                                work_dir=args.work / f"plan-{target}.work", progress=lambda t: print("plan:", t, flush=True))
+                schedule.save(plan_path)
+            runs.append((f"{target} static", schedule, {}))
+            for tol in [float(t) for t in args.tolerances.split(",") if t]:
+                runs.append((f"{target} adaptive x{tol:g}", schedule, {"adaptive": True, "tolerance": tol}))
+            if args.batch_level:
+                runs.append((f"{target} adaptive x1, whole batch", schedule, {"adaptive": True, "per_sample": False}))
         sets = {"like calibration (1 object)": evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000)[1]}
         if not pipe.is_class_conditional:
             sets["shifted (2 objects)"] = evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000, max_objects=2)[1]
-        lines = [f"# Adaptive plans: {args.model}, plan {args.target} fitted on {args.calibration_prompts} calibration "
+        lines = [f"# Adaptive plans: {args.model}, plans {args.targets} fitted on {args.calibration_prompts} calibration "
                  f"prompts (seed 7000), {args.test_prompts} test prompts per set, {steps} steps, batch {bs}", "",
-                 f"`python benchmarks/adaptive.py {args.model} --target {args.target} --test-prompts {args.test_prompts}"
-                 f" --repeats {args.repeats}`", "",
+                 f"`python benchmarks/adaptive.py {args.model} --targets {args.targets} --tolerances {args.tolerances}"
+                 f" --test-prompts {args.test_prompts} --repeats {args.repeats}`", "",
                  "| test set | run | PSNR mean | PSNR p5 | PSNR worst | FLOPs speedup | rows forced | wall speedup |",
                  "|---|---|---|---|---|---|---|---|"]
         for name, prompts in sets.items():
@@ -71,20 +78,20 @@ def main():
                 return generate(pipe, prompts, steps, 0, bs, guidance)
 
             reference = run()
-            plain = statistics.median(_times(run, args.repeats))
-            full_flops = None
-            for label, opts in RUNS.items():
+            plain = statistics.median(_times(run, args.repeats)) if args.repeats else None
+            for label, schedule, opts in runs:
                 with ditscope.apply(pipe, PlanConfig(schedule, **opts), count_flops=True) as handle:
                     images = run()
                     summary = handle.stats().summary()
-                with ditscope.apply(pipe, PlanConfig(schedule, **opts)):
-                    seconds = statistics.median(_times(run, args.repeats))
+                wall = "-"
+                if plain is not None:
+                    with ditscope.apply(pipe, PlanConfig(schedule, **opts)):
+                        wall = f"{plain / statistics.median(_times(run, args.repeats)):.2f}x"
                 psnr = np.array(per_sample_psnr_ssim(images, reference)[0])
-                full_flops = summary["speedup_flops"]
                 lines.append(f"| {name} | {label} | {psnr.mean():.2f} | {np.percentile(psnr, 5):.2f} | {psnr.min():.2f} "
-                             f"| {full_flops:.2f}x | {summary['rows_forced']} | {plain / seconds:.2f}x |")
+                             f"| {summary['speedup_flops']:.2f}x | {summary['rows_forced']} | {wall} |")
                 print(lines[-1], flush=True)
-    out = Path(__file__).parent / "results" / "n64" / args.model / f"adaptive_{args.target.replace('=', '')}.md"
+    out = Path(__file__).parent / "results" / "n64" / args.model / "adaptive.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
