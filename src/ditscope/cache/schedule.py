@@ -122,6 +122,10 @@ class Schedule:
     @classmethod
     def load(cls, path) -> Schedule:
         path = Path(path)
+        if path.is_dir():
+            inside = sorted(path.glob("*.plan.json"))
+            hint = f"pass {inside[0]}" if inside else "pass a .plan.json file (ditscope plan writes one)"
+            raise DitscopeError(f"{path} is a folder, not a plan file; {hint}")
         if not path.is_file():
             raise DitscopeError(f"plan file {path} does not exist")
         try:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, pick_device, torch_dtype
+from ..runtime import check_writable_dir, configure_scheduler, pick_device, quiet_on_error, torch_dtype
 from .common import app, user_errors
 
 
@@ -77,6 +77,7 @@ def bench(
 
     dev = pick_device(device)
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
+    configure_scheduler(pipe, None, n_steps)
     pipe.set_progress_bar_config(disable=True)
     scenes, net, drawn_with = None, None, None
     if prompt_list is None:
@@ -99,8 +100,8 @@ def bench(
                          calibration_seed=calibration_seed if uses_plan and prompt_file is None else None)
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+    with quiet_on_error(Progress)(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("bench", total=len(settings))
 
         def progress(setting, row):

@@ -11,7 +11,14 @@ import typer
 
 from ..errors import DitscopeError
 from ..files import write_text_atomic
-from ..runtime import check_steps, check_writable_dir, pick_device, progress_bar, torch_dtype
+from ..runtime import (
+    check_steps,
+    check_writable_dir,
+    configure_scheduler,
+    pick_device,
+    progress_bar,
+    torch_dtype,
+)
 from .common import app, user_errors
 
 zoo_app = typer.Typer(help="The zoo: small models that run with no download.", no_args_is_help=True)
@@ -71,6 +78,7 @@ def eval_cmd(
         entry = entry or zoo.ZOO.get(recipe)
     pipe.set_progress_bar_config(disable=True)
     steps = steps or (entry.steps if entry else 20)
+    configure_scheduler(pipe, None, steps)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
     # one state file per (model, settings): the same command resumes, another one starts its own
     key = {"model": str(model), "random_init": random_init}

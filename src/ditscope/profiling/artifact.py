@@ -148,6 +148,10 @@ class Profile:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            inside = sorted(path.glob("*.ditscope"))
+            hint = f"pass {inside[0]}" if inside else "pass a .ditscope file (ditscope profile writes OUT/profile.ditscope)"
+            raise DitscopeError(f"{path} is a folder, not a profile; {hint}")
         if not path.is_file():
             raise DitscopeError(f"profile {path} does not exist")
         try:

@@ -71,7 +71,11 @@ def load_state(state_path, meta: dict, shard: str) -> Profile | None:
     """A saved partial run, after checking it was made with the same arguments."""
     if state_path is None or not Path(state_path).exists():
         return None
-    state = Profile.load(state_path)
+    try:
+        state = Profile.load(state_path)
+    except DitscopeError as e:
+        raise DitscopeError(f"the saved state of an interrupted run is unusable ({e}); delete {state_path} to start "
+                            "over") from None
     differs = [k for k in RUN_FIELDS if state.meta.get(k) != meta.get(k)]
     if state.meta.get("shard") != shard:
         differs.append("shard")
