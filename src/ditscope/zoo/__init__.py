@@ -113,7 +113,7 @@ def builtin_prompts() -> list[str]:
 def _reason(e: Exception) -> str:
     """An exception's first line, short (library errors can run to pages)."""
     text = str(e).strip()
-    return (text.splitlines()[0][:200].rstrip(". ") if text else "") or type(e).__name__
+    return (text.splitlines()[0][:300].rstrip(". ") if text else "") or type(e).__name__
 
 
 def load(name: str, dtype: torch.dtype = torch.float32):
