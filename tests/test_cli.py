@@ -304,35 +304,71 @@ def test_unreadable_prompts_file(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+SIGNAL_PROMPTS = [f"a {size} {colour} circle on a grey background" for size in ("small", "large")
+                  for colour in ("red", "green", "blue")]
+
+
 def _command(out, prompts):
-    return [sys.executable, "-m", "ditscope", "profile", "--prompts", str(prompts), "--out", str(out), "--no-plot",
-            "--steps", "10"]
+    return ["profile", "--prompts", str(prompts), "--out", str(out), "--no-plot", "--steps", "8"]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    prompts = write(tmp_path / "p.txt", "\n".join(f"a small red circle number {i}" for i in range(8)) + "\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def _main(argv, capsys):
+    """`ditscope ARGV` in this process, as the console script runs it: (exit code, stderr)."""
+    from ditscope.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The profile of SIGNAL_PROMPTS by one run, single-threaded."""
+    import torch
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    prompts = write(root / "p.txt", "\n".join(SIGNAL_PROMPTS) + "\n")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli(*_command(root / "out", prompts)).exit_code == 0
+    finally:
+        torch.set_num_threads(before)
+    return Profile.load(root / "out" / "profile.ditscope")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, sig, capsys, one_thread,
+                                                                        uninterrupted):
+    """Stopped after its first saved prompt (a separate process, one thread), rerun here with one thread:
+    the profile is bit-identical to an uninterrupted one. Ctrl-C says what was kept and how to resume."""
+    prompts = write(tmp_path / "p.txt", "\n".join(SIGNAL_PROMPTS) + "\n")
+    n = len(SIGNAL_PROMPTS)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_command(out, prompts), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "ditscope", *_command(out, prompts)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = out / "profile.ditscope.partial"
     deadline = time.time() + 240
     while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    err = proc.communicate()[1]
     assert state.exists() and not (out / "profile.ditscope").exists(), "the run should die part-way"
     done_before = Profile.load(state).n_prompts
-    assert 1 <= done_before < 8
+    assert 1 <= done_before < n
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert err.strip().splitlines()[-1] == (f"interrupted: {done_before} of {n} prompts are saved in {state}; "
+                                                "run the same command again to resume"), err
 
     # resuming with other arguments is refused and keeps the state
-    other = subprocess.run(_command(out, prompts) + ["--seed", "7"], env=env, capture_output=True, text=True)
-    assert other.returncode == 2 and "different arguments" in other.stderr and state.exists()
+    code, err = _main(_command(out, prompts) + ["--seed", "7"], capsys)
+    assert code == 2 and "different arguments" in err and state.exists()
 
-    resumed = subprocess.run(_command(out, prompts), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    straight = subprocess.run(_command(tmp_path / "straight", prompts), env=env, capture_output=True, text=True)
-    assert straight.returncode == 0, straight.stderr
-    a, b = Profile.load(out / "profile.ditscope"), Profile.load(tmp_path / "straight" / "profile.ditscope")
+    code, err = _main(_command(out, prompts), capsys)
+    assert code == 0 and f"resuming {state}: {done_before} of {n} prompts already profiled" in err, err
+    a, b = Profile.load(out / "profile.ditscope"), uninterrupted
     np.testing.assert_array_equal(a.values, b.values)
     np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=1e-6)
     np.testing.assert_allclose(a.stats.std, b.stats.std, rtol=1e-6, atol=1e-12)
