@@ -49,7 +49,7 @@ def test_profile_with_no_arguments_writes_profile_and_figures(tmp_path):
     assert again.exit_code == 0 and "already complete" in again.stderr
 
 
-def test_prompt_formats_show_plot_merge(tmp_path):
+def test_prompt_formats_show_plot_merge(tmp_path, one_thread):
     txt = write(tmp_path / "p.txt", "a red circle\n\na blue square\na green triangle\n")
     jsonl = write(tmp_path / "p.jsonl", '{"caption": "a red circle"}\n"a blue square"\n{"caption": "a green triangle"}\n')
     csv = write(tmp_path / "p.csv", "id,caption\n1,a red circle\n2,a blue square\n3,a green triangle\n")
