@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -109,7 +110,17 @@ def bench(
             bar.update(task, advance=1, description=f"{setting.label[:40]}{speed}")
 
         with torch.inference_mode():
-            rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
+            try:
+                rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
+            except KeyboardInterrupt:
+                from ..bench.runner import read_rows
+
+                done = len({r["key"] for r in read_rows(out)} & {s.key for s in settings})
+                bar.live.transient = True
+                bar.stop()
+                print(f"interrupted: {done} of {len(settings)} settings are saved in {out}; run the same command "
+                      "again to resume", file=sys.stderr)
+                raise
     drawn = f" (prompt seed {drawn_with})" if drawn_with is not None else f" from {prompt_file}"
     if inputs.calibration_seed is not None:
         drawn += f", plans fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"

@@ -87,11 +87,18 @@ def eval_cmd(
     state = state_dir / f"{Path(model).name}{'-random-init' if random_init else ''}-{digest}.pt"
     if state.is_file():
         print(f"resuming the evaluation kept in {state}", file=sys.stderr)
-    with progress_bar("samples") as bar:
-        task = bar.add_task(f"evaluating {model}", total=n)
-        result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                    max_objects=objects, net=net, progress=lambda k: bar.advance(task, k),
-                                    state_path=state, state_key=key)
+    try:
+        with progress_bar("samples") as bar:
+            task = bar.add_task(f"evaluating {model}", total=n)
+            result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                                        max_objects=objects, net=net, progress=lambda k: bar.advance(task, k),
+                                        state_path=state, state_key=key)
+    except KeyboardInterrupt:
+        kept = f"the samples made so far are kept in {state}" if state.is_file() else "no samples were kept yet"
+        with contextlib.suppress(OSError):
+            state_dir.rmdir()  # only if empty
+        print(f"interrupted: {kept}; run the same command again to resume", file=sys.stderr)
+        raise
     with contextlib.suppress(OSError):
         state_dir.rmdir()  # only if no other unfinished evaluation is kept there
     table = Table(title=f"{model}{' (random init)' if random_init else ''}: {n} images, {steps} steps, guidance {guidance}")
