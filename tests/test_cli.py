@@ -121,6 +121,9 @@ MORE_BAD_INPUTS = [
     (["profile", "--shard", "3/4", "--prompts", "{two}"], "shard 3 has no prompts"),
     (["profile", "--targets", ""], "--targets"),
     (["profile", "--prompts", "{csv}", "--column", "nope"], "nope"),
+    (["profile", "--steps", "3", "--out", "{stale}"], "delete"),
+    (["profile", "--steps", "3", "--out", "{other_state}"], "was made with different arguments"),
+    (["profile", "--steps", "3", "--out", "{other_final}"], "holds a finished profile of different arguments"),
     # damaged model folders (the zoo's own pipeline class)
     (["profile", "{bad_index}"], "model_index.json"),
     (["profile", "{truncated}"], "damaged or incomplete"),
@@ -236,6 +239,12 @@ def _bad_input_files(tmp_path):
         header = dict(f.metadata(), keys='"k"')
     tensors = load_file(str(good))
     save_file(tensors, str(tmp_path / "badtypes.ditscope"), metadata=dict(header, checksum=checksum(tensors, header)))
+    # output folders holding a damaged saved state, the state of another run, a finished profile of another run
+    for name, file, content in (("stale", "profile.ditscope.partial", b"cut sho"),
+                                ("other_state", "profile.ditscope.partial", good.read_bytes()),
+                                ("other_final", "profile.ditscope", good.read_bytes())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_bytes(content)
     # plans: good, damaged (an action changed), not JSON, a meta of the wrong type, a folder of plans
     plan = Schedule({"stack": "CCRCR"}, {"target": "psnr=30"}).save(tmp_path / "good.plan.json")
     (tmp_path / "damaged.plan.json").write_text(plan.read_text().replace('"CCRCR"', '"CRRRR"'))
@@ -263,7 +272,8 @@ def _bad_input_files(tmp_path):
              "null_prompt": "null.jsonl", "one": "one.txt", "two": "two.txt", "csv": "p.csv", "profile": "p.ditscope",
              "flipped": "flipped.ditscope", "badtypes": "badtypes.ditscope", "plan": "good.plan.json",
              "damaged_plan": "damaged.plan.json", "garbage_plan": "garbage.plan.json", "meta_plan": "meta.plan.json",
-             "plans": "plans", "bad_index": "bad_index", "truncated": "truncated"}
+             "plans": "plans", "bad_index": "bad_index", "truncated": "truncated", "stale": "stale",
+             "other_state": "other_state", "other_final": "other_final"}
     return {k: tmp_path / v for k, v in names.items()}
 
 
@@ -285,6 +295,21 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message
     assert result.stderr.strip().count("\n") == 0, result.stderr  # one line
     assert "Traceback" not in result.output
     assert _tree(tmp_path) == before  # nothing created
+
+
+def test_an_error_after_the_progress_bar_started_is_one_line(tmp_path, monkeypatch):
+    """The bar is removed before the error is printed (a frozen bar and the error would be two lines)."""
+    from ditscope.errors import DitscopeError
+    from ditscope.profiling import runner as profiling_runner
+
+    def fail(*args, **kwargs):
+        raise DitscopeError("NaN or inf in K of layer x at step 1")
+
+    monkeypatch.setattr(profiling_runner.Profile, "from_sample", fail)
+    prompts = write(tmp_path / "p.txt", "a red circle\n")
+    result = cli("profile", "--prompts", prompts, "--out", tmp_path / "out", "--steps", "3")
+    assert result.exit_code == 2 and result.stderr == "error: NaN or inf in K of layer x at step 1\n", result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
 
 
 def test_unreadable_prompts_file(tmp_path, monkeypatch):

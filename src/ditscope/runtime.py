@@ -130,9 +130,11 @@ def quiet_on_error(progress_class):
 
     class Bar(progress_class):
         def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                self.live.transient = True
-            return super().__exit__(exc_type, exc, tb)
+            if exc_type is None:
+                return super().__exit__(exc_type, exc, tb)
+            self.live.transient = True
+            self.live.stop()  # not Progress.stop, which ends with a blank line when stderr is not a terminal
+            return False
 
     return Bar
 

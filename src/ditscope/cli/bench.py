@@ -117,7 +117,7 @@ def bench(
 
                 done = len({r["key"] for r in read_rows(out)} & {s.key for s in settings})
                 bar.live.transient = True
-                bar.stop()
+                bar.live.stop()
                 print(f"interrupted: {done} of {len(settings)} settings are saved in {out}; run the same command "
                       "again to resume", file=sys.stderr)
                 raise

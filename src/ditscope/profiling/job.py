@@ -93,9 +93,11 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
             print(f"{final} is already complete; nothing to compute", file=sys.stderr)
         return (done, final) if rank == 0 else (None, None)
     mine = shard_indices(len(prompt_list), part) if part else range(len(prompt_list))
-    if not created_state and rank == 0:
-        kept = _saved_prompts(state)
-        print(f"resuming {state}: {kept} of {len(mine)} prompts already profiled", file=sys.stderr)
+
+    def resuming(done: int, total: int):
+        if rank == 0:
+            print(f"resuming {state}: {done} of {total} prompts already profiled", file=sys.stderr)
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         with progress() if progress is not None and rank == 0 else nullcontext() as bar:
@@ -103,7 +105,7 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
                 pipe, prompt_list, num_inference_steps=steps, seed=seed, guidance_scale=guidance_scale,
                 batch_size=batch_size, targets=target_list, storage_dtype=store_dt, offload=offload,
                 state_path=state, shard=shard_arg, progress=bar, model_id=model,
-                call_kwargs=entry.call_kwargs if entry else None, outputs=outputs,
+                call_kwargs=entry.call_kwargs if entry else None, outputs=outputs, on_resume=resuming,
             )
     except DitscopeError:
         if created_dir:
