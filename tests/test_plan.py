@@ -184,3 +184,21 @@ def test_speed_targets_and_unreachable_ones(pipe, tmp_path):
         assert fast.meta["predicted_speedup"] >= 1.5
         with pytest.raises(DitscopeError, match="no plan reaches speedup=50"):
             ditscope.plan(pipe, PROMPTS, "speedup=50", STEPS, batch_size=2, iterations=4)
+
+
+def test_damaged_calibration_files_in_the_work_folder_are_computed_again(pipe, tmp_path, one_thread):
+    from ditscope.planning.planner import _calibration
+
+    said = []
+    with torch.inference_mode():
+        first, reference = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        data = bytearray((tmp_path / "calibration.ditscope").read_bytes())
+        data[-4] ^= 0x01
+        (tmp_path / "calibration.ditscope").write_bytes(bytes(data))
+        again, reference_again = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        resumed, _ = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+    assert "calibration: the work folder's files are damaged; computing them again" in said
+    assert said[-1] == "calibration: resumed from the work folder"
+    np.testing.assert_array_equal(again.values, first.values)
+    np.testing.assert_array_equal(resumed.values, first.values)
+    assert torch.equal(reference_again, reference)
