@@ -154,6 +154,35 @@ def test_bad_plan_files_are_one_clear_error(tmp_path, text, message):
         Schedule.load(path)
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": {"model": "x"}}',
+     "must be objects"),
+    ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": []}', "must be objects"),
+    ('{"format": "ditscope-plan", "format_version": 1, "steps": 5, "rows": {"stack": "CR"}}', "'steps'"),
+    ('{"format": "ditscope-plan", "format_version": 1, "rows": ["CR"]}', "'rows'"),
+])
+def test_plan_files_with_fields_of_the_wrong_type(tmp_path, text, message):
+    path = tmp_path / "bad.plan.json"
+    path.write_text(text)
+    with pytest.raises(DitscopeError, match=message):
+        Schedule.load(path)
+
+
+def test_a_damaged_plan_is_refused_by_its_checksum_and_one_without_loads(tmp_path):
+    import json
+
+    path = Schedule({"stack": "CCRCR", "transformer_blocks.0.attn1": "CRRCC"}, {"target": "psnr=30"}).save(
+        tmp_path / "p.plan.json")
+    assert Schedule.load(path).rows["stack"] == "CCRCR"
+    path.write_text(path.read_text().replace('"CCRCR"', '"CRRRR"'))  # a flipped action: still a valid plan
+    with pytest.raises(DitscopeError, match="does not match its checksum"):
+        Schedule.load(path)
+    raw = json.loads(path.read_text())
+    del raw["checksum"]  # what a person who edits a plan by hand does: it loads, unverified
+    path.write_text(json.dumps(raw))
+    assert Schedule.load(path).rows["stack"] == "CRRRR"
+
+
 def test_a_plan_for_another_model_is_refused():
     build, _ = TINY["PixArtTransformer2DModel"]
     other, _ = TINY["DiTTransformer2DModel"]
@@ -191,3 +220,21 @@ def test_speed_targets_and_unreachable_ones(pipe, tmp_path):
         assert fast.meta["predicted_speedup"] >= 1.5
         with pytest.raises(DitscopeError, match="no plan reaches speedup=50"):
             ditscope.plan(pipe, PROMPTS, "speedup=50", STEPS, batch_size=2, iterations=4)
+
+
+def test_damaged_calibration_files_in_the_work_folder_are_computed_again(pipe, tmp_path, one_thread):
+    from ditscope.planning.planner import _calibration
+
+    said = []
+    with torch.inference_mode():
+        first, reference = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        data = bytearray((tmp_path / "calibration.ditscope").read_bytes())
+        data[-4] ^= 0x01
+        (tmp_path / "calibration.ditscope").write_bytes(bytes(data))
+        again, reference_again = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        resumed, _ = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+    assert "calibration: the work folder's files are damaged; computing them again" in said
+    assert said[-1] == "calibration: resumed from the work folder"
+    np.testing.assert_array_equal(again.values, first.values)
+    np.testing.assert_array_equal(resumed.values, first.values)
+    assert torch.equal(reference_again, reference)

@@ -216,6 +216,9 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
     else:
         write_text_atomic(meta_path, json.dumps(inputs.meta(), indent=2))
     rows = {r["key"]: r for r in read_rows(out)}
+    kept = sum(s.key in rows for s in settings)
+    if kept:
+        log(f"resuming {out}: {kept} of {len(settings)} settings already measured")
     lpips, lpips_note = lpips_metric()
     image_dir = out / "images"
     image_dir.mkdir(exist_ok=True)

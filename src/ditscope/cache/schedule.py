@@ -11,7 +11,9 @@ plan into. Units are named as the engine names them (`ditscope.cache.engine.layo
   forecasts every block's residual from its last two computed ones.
 
 One row per unit is a string of one character per step, so a plan file can be read (and edited) by a
-person. Units the schedule does not name are always computed. Steps are the engine's: 0 .. T-1 in
+person. `ditscope plan` writes a `checksum` (SHA-256 of the rest) that loading verifies, so a damaged
+plan is refused rather than run; a plan without one (hand-written, or older than checksums) loads
+unverified, and deleting the line is how a deliberately hand-edited plan is run. Units the schedule does not name are always computed. Steps are the engine's: 0 .. T-1 in
 sampling order; step 0 always computes.
 
 Applied at another step count than it was made for, a schedule is resampled on the normalised step
@@ -107,8 +109,9 @@ class Schedule:
 
     # ------------------------------------------------------------------------------ persistence
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
                 "rows": self.rows}
+        return {**body, "checksum": _checksum(json.loads(json.dumps(body)))}
 
     def save(self, path) -> Path:
         """Write the plan file atomically (versioned JSON, one row per unit)."""
@@ -121,6 +124,10 @@ class Schedule:
     @classmethod
     def load(cls, path) -> Schedule:
         path = Path(path)
+        if path.is_dir():
+            inside = sorted(path.glob("*.plan.json"))
+            hint = f"pass {inside[0]}" if inside else "pass a .plan.json file (ditscope plan writes one)"
+            raise DitscopeError(f"{path} is a folder, not a plan file; {hint}")
         if not path.is_file():
             raise DitscopeError(f"plan file {path} does not exist")
         try:
@@ -132,9 +139,17 @@ class Schedule:
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise DitscopeError(f"plan file {path} has format version {version!r}; this ditscope reads version {FORMAT_VERSION}")
+        if "checksum" in raw and raw["checksum"] != _checksum({k: v for k, v in raw.items() if k != "checksum"}):
+            raise DitscopeError(f"plan file {path} does not match its checksum: it is damaged or was edited; make it "
+                                "again with ditscope plan (or delete its checksum line to run a hand-edited plan)")
         rows, meta = raw.get("rows"), raw.get("meta", {})
-        if not isinstance(rows, dict) or not all(isinstance(r, str) for r in rows.values()) or not isinstance(meta, dict):
+        if not isinstance(rows, dict) or not all(isinstance(r, str) for r in rows.values()):
             raise DitscopeError(f"plan file {path} is corrupt: 'rows' must map unit names to action strings")
+        if not isinstance(meta, dict) or any(not isinstance(meta.get(k, {}), dict) for k in ("model", "quality", "calibration")):
+            raise DitscopeError(f"plan file {path} is corrupt: 'meta' and its model, quality and calibration entries "
+                                "must be objects")
+        if "steps" in raw and rows and raw["steps"] != len(next(iter(rows.values()))):
+            raise DitscopeError(f"plan file {path} is corrupt: its rows do not have 'steps' ({raw['steps']!r}) actions")
         return cls(rows, meta)
 
     def __repr__(self) -> str:
@@ -358,6 +373,12 @@ def _resampled_signal(signal: list, steps: int) -> list[list[float]]:
         new[0] = 0.0
         out.append(new.tolist())
     return out
+
+
+def _checksum(body: dict) -> str:
+    """SHA-256 of a plan file's fields (all but the checksum), in a canonical JSON form."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _forecast(last, before, ratio: float):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, pick_device, torch_dtype
+from ..runtime import check_writable_dir, configure_scheduler, pick_device, quiet_on_error, torch_dtype
 from .common import app, user_errors
 
 
@@ -77,6 +78,7 @@ def bench(
 
     dev = pick_device(device)
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
+    configure_scheduler(pipe, None, n_steps)
     pipe.set_progress_bar_config(disable=True)
     scenes, net, drawn_with = None, None, None
     if prompt_list is None:
@@ -99,8 +101,8 @@ def bench(
                          calibration_seed=calibration_seed if uses_plan and prompt_file is None else None)
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+    with quiet_on_error(Progress)(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("bench", total=len(settings))
 
         def progress(setting, row):
@@ -108,7 +110,17 @@ def bench(
             bar.update(task, advance=1, description=f"{setting.label[:40]}{speed}")
 
         with torch.inference_mode():
-            rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
+            try:
+                rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
+            except KeyboardInterrupt:
+                from ..bench.runner import read_rows
+
+                done = len({r["key"] for r in read_rows(out)} & {s.key for s in settings})
+                bar.live.transient = True
+                bar.live.stop()
+                print(f"interrupted: {done} of {len(settings)} settings are saved in {out}; run the same command "
+                      "again to resume", file=sys.stderr)
+                raise
     drawn = f" (prompt seed {drawn_with})" if drawn_with is not None else f" from {prompt_file}"
     if inputs.calibration_seed is not None:
         drawn += f", plans and tuned knobs fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"

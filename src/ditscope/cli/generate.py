@@ -10,7 +10,7 @@ import typer
 
 from ..cache import CONFIGS
 from ..errors import DitscopeError
-from ..runtime import check_steps, check_writable_dir
+from ..runtime import check_steps, check_writable_dir, configure_scheduler
 from .common import app, user_errors
 from .zoo import load_model
 
@@ -68,12 +68,13 @@ def generate(
     elif cache_opt:
         raise DitscopeError("--cache-opt needs --cache METHOD")
     pipe, entry = load_model(model, device, dtype)
+    steps = steps or (entry.steps if entry else 20)
+    configure_scheduler(pipe, None, steps)
     handle = None
     if config is not None:
         from ..cache import apply
 
         handle = apply(pipe, config, count_flops=cache_stats)
-    steps = steps or (entry.steps if entry else 20)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(entry.call_kwargs) if entry else {}

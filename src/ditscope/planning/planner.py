@@ -329,10 +329,15 @@ def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_s
                 "prompts_hash": sha256_of([str(p) for p in prompts]), "guidance_scale": guidance_scale,
                 "batch_size": batch_size}
     if work is not None and (work / "calibration.ditscope").exists() and (work / "reference.safetensors").exists():
-        cal = Profile.load(work / "calibration.ditscope")
-        if all(cal.meta.get(k) == v for k, v in expected.items()):
+        try:
+            cal = Profile.load(work / "calibration.ditscope")
+            reference = load_file(str(work / "reference.safetensors"))["images"]
+        except Exception:  # damaged (checksum, a cut file): the work folder is a cache, so compute it again
+            say("calibration: the work folder's files are damaged; computing them again")
+            cal = None
+        if cal is not None and all(cal.meta.get(k) == v for k, v in expected.items()):
             say("calibration: resumed from the work folder")
-            return cal, load_file(str(work / "reference.safetensors"))["images"]
+            return cal, reference
     say(f"calibration: {len(prompts)} prompts x {steps} steps")
     cal, reference = calibrate(pipe, prompts, steps, seed, batch_size, guidance_scale,
                                progress=lambda done, total: say(f"calibration: {done}/{total} prompts"))
