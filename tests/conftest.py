@@ -31,3 +31,13 @@ def prompts():
 
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for the test: what makes two runs bit-identical (with several threads, CPU
+    kernels may split sums differently from run to run and differ in the last bits, ~1e-7 relative)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -100,3 +100,83 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one_never_a_part(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
     write_text_atomic(target, "new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def _rewrite(path, tensors=None, **fields):
+    """Rewrite a profile file with header fields replaced (None removes one), its checksum recomputed."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from ditscope.profiling.artifact import checksum
+
+    with safe_open(str(path), "np") as f:
+        header = dict(f.metadata())
+    tensors = tensors or load_file(str(path))
+    header.update(fields)
+    header = {k: v for k, v in header.items() if v is not None}
+    if header.get("format_version") != "1":
+        header["checksum"] = checksum(tensors, header)
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def test_flipped_data_bytes_are_refused_by_the_checksum(tmp_path):
+    path = make([0, 1]).save(tmp_path / "p.ditscope")
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0x40  # inside the tensors: safetensors itself cannot tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(DitscopeError, match="do not match its checksum") as e:
+        Profile.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_format_1_files_without_a_checksum_still_load(tmp_path):
+    p = make([0, 1])
+    path = _rewrite(p.save(tmp_path / "p.ditscope"), format_version="1", checksum=None)
+    np.testing.assert_array_equal(Profile.load(path).values, p.values)
+    # a format 2 file must carry its checksum
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    _rewrite(path, format_version="2")
+    with safe_open(str(path), "np") as f:
+        header = {k: v for k, v in f.metadata().items() if k != "checksum"}
+    save_file(load_file(str(path)), str(path), metadata=header)
+    with pytest.raises(DitscopeError, match="checksum"):
+        Profile.load(path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("keys", '"k"'), ("keys", "[[0, 1, 2, 3]]"), ("keys", '[["0", "k", "image", "cond"]]'),
+    ("keys", '[[7, "k", "image", "cond"]]'), ("layer_names", "{}"), ("layer_names", "[1, 2]"),
+    ("metrics", "[]"), ("metrics", "3"), ("meta", "[1]"), ("meta", "not json"), ("keys", None),
+    ("format_version", "two"),
+])
+def test_header_fields_of_the_wrong_type_are_one_line_errors(tmp_path, field, value):
+    path = _rewrite(make([0]).save(tmp_path / "p.ditscope"), **{field: value})
+    with pytest.raises(DitscopeError, match="corrupt") as e:
+        Profile.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_tensors_of_the_wrong_type_are_one_line_errors(tmp_path):
+    from safetensors.numpy import load_file
+
+    path = make([0]).save(tmp_path / "p.ditscope")
+    tensors = load_file(str(path))
+    tensors["prompt_index"] = tensors["prompt_index"].astype(np.float32)
+    _rewrite(path, tensors=tensors)
+    with pytest.raises(DitscopeError, match="prompt_index"):
+        Profile.load(path)
+
+
+def test_saved_files_take_the_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert make([0]).save(tmp_path / "p.ditscope").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        assert make([0]).save(tmp_path / "q.ditscope").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -107,7 +107,9 @@ def test_killed_bench_resumes_without_redoing_finished_settings(pipe, tmp_path):
     first = {json.loads(line)["label"]: json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()}
     assert list(first) == ["none", "fora interval=1"]
 
-    rows = run_bench(pipe, settings, inputs(), tmp_path)
+    said = []
+    rows = run_bench(pipe, settings, inputs(), tmp_path, log=said.append)
+    assert f"resuming {tmp_path}: 2 of {len(settings)} settings already measured" in said
     assert [r["label"] for r in rows] == [s.label for s in settings]
     # finished settings were kept, not rerun: their timings are the first run's
     assert rows[1]["seconds_all"] == first["fora interval=1"]["seconds_all"]

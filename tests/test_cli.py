@@ -49,7 +49,7 @@ def test_profile_with_no_arguments_writes_profile_and_figures(tmp_path):
     assert again.exit_code == 0 and "already complete" in again.stderr
 
 
-def test_prompt_formats_show_plot_merge(tmp_path):
+def test_prompt_formats_show_plot_merge(tmp_path, one_thread):
     txt = write(tmp_path / "p.txt", "a red circle\n\na blue square\na green triangle\n")
     jsonl = write(tmp_path / "p.jsonl", '{"caption": "a red circle"}\n"a blue square"\n{"caption": "a green triangle"}\n')
     csv = write(tmp_path / "p.csv", "id,caption\n1,a red circle\n2,a blue square\n3,a green triangle\n")
@@ -105,8 +105,110 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
+# Beyond the cases above: every command, over files, numbers, folders, model folders, profile and plan files.
+MORE_BAD_INPUTS = [
+    # profile: numbers and scheduler settings the scheduler cannot sample
+    (["profile", "--scheduler", "ddim", "--steps", "2000"], "at or beyond the 1000 timesteps"),
+    (["profile", "--steps", "100000"], "at or beyond the 1000 timesteps"),
+    (["profile", "--steps", "1000"], "use fewer than 1000 steps"),
+    (["profile", "--steps", "-1"], "at least 2"),
+    (["profile", "--scheduler", "ddim:timestep_spacing=trailingg", "--steps", "3"], "trailingg is not supported"),
+    (["profile", "--scheduler", "ddim:beta_schedule=foo", "--steps", "3"], "foo is not implemented"),
+    (["profile", "--scheduler", "ddim:novalue"], "not key=value"),
+    (["profile", "--batch-size", "0"], "--batch-size"),
+    (["profile", "--dtype", "float8"], "unknown --dtype 'float8'"),
+    (["profile", "--shard", "x"], "--shard must look like i/n"),
+    (["profile", "--shard", "3/4", "--prompts", "{two}"], "shard 3 has no prompts"),
+    (["profile", "--targets", ""], "--targets"),
+    (["profile", "--prompts", "{csv}", "--column", "nope"], "nope"),
+    (["profile", "--steps", "3", "--out", "{stale}"], "delete"),
+    (["profile", "--steps", "3", "--out", "{other_state}"], "was made with different arguments"),
+    (["profile", "--steps", "3", "--out", "{other_final}"], "holds a finished profile of different arguments"),
+    # damaged model folders (the zoo's own pipeline class)
+    (["profile", "{bad_index}"], "model_index.json"),
+    (["profile", "{truncated}"], "damaged or incomplete"),
+    (["profile", "{folder}"], "no model_index.json"),
+    # show, merge, plot: profile and plan files that are damaged, of the wrong type, or folders
+    (["show", "{folder}"], "is a folder"),
+    (["show", "{plans}"], "is a folder; pass"),
+    (["show", "{flipped}"], "do not match its checksum"),
+    (["show", "{badtypes}"], "malformed field 'keys'"),
+    (["show", "{missing}.ditscope"], "does not exist"),
+    (["show", "{damaged_plan}"], "does not match its checksum"),
+    (["show", "{garbage_plan}"], "not JSON"),
+    (["show", "{meta_plan}"], "must be objects"),
+    (["show", "{missing}.plan.json"], "does not exist"),
+    (["merge", "{profile}", "-o", "{folder}/m.ditscope"], "at least two"),
+    (["merge", "{profile}", "{flipped}", "-o", "{folder}/m.ditscope"], "checksum"),
+    (["merge", "{profile}", "{profile}", "-o", "{folder}/m.ditscope"], "is in both"),
+    (["merge", "{profile}", "{folder}", "-o", "{folder}/m.ditscope"], "is a folder"),
+    (["plot", "{flipped}"], "checksum"),
+    (["plot", "{badtypes}"], "corrupt"),
+    (["plot", "{profile}", "--metric", "foo"], "unknown metric 'foo'"),
+    (["plot", "{profile}", "--out", "{file}"], "not a folder"),
+    # generate
+    (["generate", "tiny-pixart", "--prompt", "x", "--out", "{folder}/x.txt"], "use an image file name"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--steps", "-1", "--out", "{folder}/x.png"], "at least 1"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--steps", "5000", "--out", "{folder}/x.png"], "at or beyond"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--out", "{file}/x.png"], "not a folder"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--upscale", "0", "--out", "{folder}/x.png"], "--upscale"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--cache", "nope", "--out", "{folder}/x.png"], "nope"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--cache", "plan", "--cache-opt", "path={damaged_plan}", "--out",
+      "{folder}/x.png"], "does not match its checksum"),
+    (["generate", "{truncated}", "--prompt", "x", "--out", "{folder}/x.png"], "damaged or incomplete"),
+    # eval
+    (["eval", "tiny-pixart", "--n", "1"], "--n must be at least 2"),
+    (["eval", "tiny-pixart", "--objects", "3"], "--objects"),
+    (["eval", "tiny-pixart", "--steps", "-1"], "at least 1"),
+    (["eval", "tiny-pixart", "--steps", "5000"], "at or beyond"),
+    (["eval", "{bad_index}"], "model_index.json"),
+    (["eval", "tiny-pixart", "--json", "{file}/r.json"], "not a folder"),
+    # bench
+    (["bench", "tiny-pixart", "--prompts", "0"], "at least 1"),
+    (["bench", "tiny-pixart", "--steps", "1"], "at least 2"),
+    (["bench", "tiny-pixart", "--steps", "5000", "--methods", "fora"], "at or beyond"),
+    (["bench", "tiny-pixart", "--methods", "nope"], "nope"),
+    (["bench", "tiny-pixart", "--grid", "{missing}.json"], "nor a file"),
+    (["bench", "tiny-pixart", "--prompt-file", "{empty}"], "has no prompts"),
+    (["bench", "tiny-pixart", "--prompt-file", "{two}", "--prompts", "5"], "holds 2 prompts"),
+    (["bench", "tiny-pixart", "--calibration-seed", "3000"], "must differ"),
+    (["bench", "{truncated}"], "damaged or incomplete"),
+    (["bench", "tiny-pixart", "--out", "{file}"], "not a folder"),
+    # plan
+    (["plan", "tiny-pixart", "--granularity", "nope"], "--granularity"),
+    (["plan", "tiny-pixart", "--target", "lpips=3"], "lpips"),
+    (["plan", "tiny-pixart", "--out", "{folder}"], "is a folder"),
+    (["plan", "tiny-pixart", "--steps", "5000", "--out", "{folder}/p.plan.json"], "at or beyond"),
+    (["plan", "tiny-pixart", "--n-prompts", "0"], "at least 1"),
+    (["plan", "tiny-pixart", "--prompts", "{empty}", "--out", "{folder}/p.plan.json"], "has no prompts"),
+    (["plan", "{bad_index}", "--out", "{folder}/p.plan.json"], "model_index.json"),
+    # study: input checked before any profile is computed
+    (["study", "prompts", "--prompts", "{one}"], "needs at least 2"),
+    (["study", "prompts", "--bootstrap", "5"], "--bootstrap"),
+    (["study", "prompts", "{truncated}", "--prompts", "{two}"], "damaged or incomplete"),
+    (["study", "models", "tiny-pixart", "no-such-model"], "unknown model 'no-such-model'"),
+    (["study", "models", "tiny-pixart", "nope/nope"], "cannot load model 'nope/nope'"),
+    (["study", "models", "tiny-pixart"], "at least 2 models"),
+    (["study", "steps", "--steps", "10"], "at least two step counts"),
+    (["study", "steps", "--steps", "a,b"], "comma-separated integers"),
+    (["study", "scheduler", "--schedulers", "ddim"], "at least two schedulers"),
+    (["study", "scheduler", "--schedulers", "ddim,warp"], "unknown scheduler 'warp'"),
+    (["study", "scheduler", "--steps", "1"], "at least 2"),
+    # zoo
+    (["zoo", "prompts", "--out", "{folder}"], "is a folder"),
+    (["zoo", "prompts", "--out", "{folder}/p.txt", "--n", "0"], "--n must be at least 1"),
+    (["zoo", "train", "nope"], "no training recipe"),
+    (["zoo", "grid", "tiny-pixart", "--out", "{file}/g.png"], "not a folder"),
+]
+
+
+def _bad_input_files(tmp_path):
+    """The files the bad-input cases name as {placeholders}."""
+    import json
+
+    from ditscope.cache.schedule import Schedule
+    from ditscope.capture.recorder import Sample
+
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "latin1.txt").write_bytes("a caf\xe9 on a table\n".encode("latin-1"))
     (tmp_path / "folder").mkdir()
@@ -114,21 +216,100 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message
     (tmp_path / "garbage.ditscope").write_bytes(b"not a profile at all")
     (tmp_path / "number.jsonl").write_text('"a red circle"\n42\n')
     (tmp_path / "null.jsonl").write_text('{"prompt": null}\n')
+    (tmp_path / "one.txt").write_text("a red circle\n")
+    (tmp_path / "two.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "p.csv").write_text("id,caption\n1,a red circle\n")
     pipe_dir = tmp_path / "pipe"
     pipe_dir.mkdir()
     (pipe_dir / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    # a profile, one with a flipped data byte, one whose header field has the wrong type (checksum made to fit)
+    keys = [(0, "k", "image", "cond"), (1, "a", "image", "cond")]
+    rng = np.random.default_rng(0)
+    sample = Sample({k: rng.random((1, 2, 3)).astype(np.float32) for k in keys}, [999.0, 500.0, 1.0], 1)
+    good = Profile.from_sample(sample, ["b.0.attn1", "b.1.attn1"], [0], {"model": "m"}).save(tmp_path / "p.ditscope")
+    data = bytearray(good.read_bytes())
+    data[-8] ^= 0x10
+    (tmp_path / "flipped.ditscope").write_bytes(bytes(data))
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from ditscope.profiling.artifact import checksum
+
+    with safe_open(str(good), "np") as f:
+        header = dict(f.metadata(), keys='"k"')
+    tensors = load_file(str(good))
+    save_file(tensors, str(tmp_path / "badtypes.ditscope"), metadata=dict(header, checksum=checksum(tensors, header)))
+    # output folders holding a damaged saved state, the state of another run, a finished profile of another run
+    for name, file, content in (("stale", "profile.ditscope.partial", b"cut sho"),
+                                ("other_state", "profile.ditscope.partial", good.read_bytes()),
+                                ("other_final", "profile.ditscope", good.read_bytes())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_bytes(content)
+    # plans: good, damaged (an action changed), not JSON, a meta of the wrong type, a folder of plans
+    plan = Schedule({"stack": "CCRCR"}, {"target": "psnr=30"}).save(tmp_path / "good.plan.json")
+    (tmp_path / "damaged.plan.json").write_text(plan.read_text().replace('"CCRCR"', '"CRRRR"'))
+    (tmp_path / "garbage.plan.json").write_text('{"format": "ditscope-plan", "rows"')
+    (tmp_path / "meta.plan.json").write_text(json.dumps({"format": "ditscope-plan", "format_version": 1,
+                                                          "rows": {"stack": "CR"}, "meta": {"model": "x"}}))
+    (tmp_path / "plans").mkdir()
+    Schedule({"stack": "CCRCR"}).save(tmp_path / "plans" / "a.plan.json")
+    # the zoo's pipeline folder, damaged: model_index.json cut short; weights cut short
+    assets = zoo.ASSETS / "tiny-pixart"
+    for name in ("bad_index", "truncated"):
+        folder = tmp_path / name
+        (folder / "transformer").mkdir(parents=True)
+        for part in ("scheduler", "text_encoder", "tokenizer"):
+            (folder / part).symlink_to(assets / part)
+        (folder / "transformer" / "config.json").write_bytes((assets / "transformer" / "config.json").read_bytes())
+        index = (assets / "model_index.json").read_text()
+        (folder / "model_index.json").write_text(index[: len(index) // 2] if name == "bad_index" else index)
+    weights = assets / "transformer" / "diffusion_pytorch_model.safetensors"
+    (tmp_path / "bad_index" / "transformer" / weights.name).symlink_to(weights)
+    with open(weights, "rb") as f:
+        (tmp_path / "truncated" / "transformer" / weights.name).write_bytes(f.read(65536))
     names = {"empty": "empty.txt", "latin1": "latin1.txt", "missing": "missing.txt", "folder": "folder",
              "file": "file", "garbage": "garbage.ditscope", "no_transformer": "pipe", "number_line": "number.jsonl",
-             "null_prompt": "null.jsonl"}
-    args = [a.format(**{k: tmp_path / v for k, v in names.items()}) for a in args]
+             "null_prompt": "null.jsonl", "one": "one.txt", "two": "two.txt", "csv": "p.csv", "profile": "p.ditscope",
+             "flipped": "flipped.ditscope", "badtypes": "badtypes.ditscope", "plan": "good.plan.json",
+             "damaged_plan": "damaged.plan.json", "garbage_plan": "garbage.plan.json", "meta_plan": "meta.plan.json",
+             "plans": "plans", "bad_index": "bad_index", "truncated": "truncated", "stale": "stale",
+             "other_state": "other_state", "other_final": "other_final"}
+    return {k: tmp_path / v for k, v in names.items()}
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS + MORE_BAD_INPUTS,
+                         ids=[" ".join(a) for a, _ in BAD_INPUTS + MORE_BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
+    files = _bad_input_files(tmp_path)
+    args = [a.format(**files) for a in args]
     if args[0] == "profile" and "--out" not in args:
         args += ["--out", tmp_path / "out"]
-    before = sorted(p.name for p in tmp_path.iterdir())
-    result = cli(*args)
+    before = _tree(tmp_path)
+    result = cli(*args, cwd=tmp_path)  # in the test's folder: default outputs (runs/, plans/) land there
     assert result.exit_code == 2, result.output
-    assert message in result.stderr
+    assert message in result.stderr, result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr  # one line
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
+    assert "Traceback" not in result.output
+    assert _tree(tmp_path) == before  # nothing created
+
+
+def test_an_error_after_the_progress_bar_started_is_one_line(tmp_path, monkeypatch):
+    """The bar is removed before the error is printed (a frozen bar and the error would be two lines)."""
+    from ditscope.errors import DitscopeError
+    from ditscope.profiling import runner as profiling_runner
+
+    def fail(*args, **kwargs):
+        raise DitscopeError("NaN or inf in K of layer x at step 1")
+
+    monkeypatch.setattr(profiling_runner.Profile, "from_sample", fail)
+    prompts = write(tmp_path / "p.txt", "a red circle\n")
+    result = cli("profile", "--prompts", prompts, "--out", tmp_path / "out", "--steps", "3")
+    assert result.exit_code == 2 and result.stderr == "error: NaN or inf in K of layer x at step 1\n", result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
 
 
 def test_unreadable_prompts_file(tmp_path, monkeypatch):
@@ -148,35 +329,71 @@ def test_unreadable_prompts_file(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+SIGNAL_PROMPTS = [f"a {size} {colour} circle on a grey background" for size in ("small", "large")
+                  for colour in ("red", "blue")]
+
+
 def _command(out, prompts):
-    return [sys.executable, "-m", "ditscope", "profile", "--prompts", str(prompts), "--out", str(out), "--no-plot",
-            "--steps", "10"]
+    return ["profile", "--prompts", str(prompts), "--out", str(out), "--no-plot", "--steps", "8"]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    prompts = write(tmp_path / "p.txt", "\n".join(f"a small red circle number {i}" for i in range(8)) + "\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def _main(argv, capsys):
+    """`ditscope ARGV` in this process, as the console script runs it: (exit code, stderr)."""
+    from ditscope.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The profile of SIGNAL_PROMPTS by one run, single-threaded."""
+    import torch
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    prompts = write(root / "p.txt", "\n".join(SIGNAL_PROMPTS) + "\n")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli(*_command(root / "out", prompts)).exit_code == 0
+    finally:
+        torch.set_num_threads(before)
+    return Profile.load(root / "out" / "profile.ditscope")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, sig, capsys, one_thread,
+                                                                        uninterrupted):
+    """Stopped after its first saved prompt (a separate process, one thread), rerun here with one thread:
+    the profile is bit-identical to an uninterrupted one. Ctrl-C says what was kept and how to resume."""
+    prompts = write(tmp_path / "p.txt", "\n".join(SIGNAL_PROMPTS) + "\n")
+    n = len(SIGNAL_PROMPTS)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_command(out, prompts), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "ditscope", *_command(out, prompts)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = out / "profile.ditscope.partial"
     deadline = time.time() + 240
     while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    err = proc.communicate()[1]
     assert state.exists() and not (out / "profile.ditscope").exists(), "the run should die part-way"
     done_before = Profile.load(state).n_prompts
-    assert 1 <= done_before < 8
+    assert 1 <= done_before < n
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert err.strip().splitlines()[-1] == (f"interrupted: {done_before} of {n} prompts are saved in {state}; "
+                                                "run the same command again to resume"), err
 
     # resuming with other arguments is refused and keeps the state
-    other = subprocess.run(_command(out, prompts) + ["--seed", "7"], env=env, capture_output=True, text=True)
-    assert other.returncode == 2 and "different arguments" in other.stderr and state.exists()
+    code, err = _main(_command(out, prompts) + ["--seed", "7"], capsys)
+    assert code == 2 and "different arguments" in err and state.exists()
 
-    resumed = subprocess.run(_command(out, prompts), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    straight = subprocess.run(_command(tmp_path / "straight", prompts), env=env, capture_output=True, text=True)
-    assert straight.returncode == 0, straight.stderr
-    a, b = Profile.load(out / "profile.ditscope"), Profile.load(tmp_path / "straight" / "profile.ditscope")
+    code, err = _main(_command(out, prompts), capsys)
+    assert code == 0 and f"resuming {state}: {done_before} of {n} prompts already profiled" in err, err
+    a, b = Profile.load(out / "profile.ditscope"), uninterrupted
     np.testing.assert_array_equal(a.values, b.values)
     np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=1e-6)
     np.testing.assert_allclose(a.stats.std, b.stats.std, rtol=1e-6, atol=1e-12)

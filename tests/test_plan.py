@@ -91,6 +91,42 @@ def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
     assert torch.equal(pipe(PROMPTS, **kwargs).images, reference)
 
 
+def test_calibration_records_the_adaptive_signal(calibration):
+    cal, _ = calibration
+    signal = cal.meta["signal"]
+    assert len(signal) == len(PROMPTS) and all(len(row) == STEPS for row in signal)
+    assert all(row[0] is None and all(v > 0 for v in row[1:]) for row in signal)
+
+
+def test_adaptive_plan_between_static_and_uncached(pipe):
+    """Tolerance infinite: exactly the static plan. Tolerance ~0: every served step computes, exactly the
+    uncached images. In between, a row's images do not depend on its batch neighbour."""
+    from ditscope.planning.calibrate import generate
+
+    plan = Schedule({"stack": "CCRCRCRR", "transformer_blocks.2.attn1": "CRRCRRCR"},
+                    meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]})
+    run = lambda config, prompts=PROMPTS: generate(pipe, prompts, STEPS, batch_size=2) if config is None else _with(config, prompts)  # noqa: E731
+
+    def _with(config, prompts):
+        with ditscope.apply(pipe, config) as handle:
+            images = generate(pipe, prompts, STEPS, batch_size=2)
+        _with.summary = handle.stats().summary()
+        return images
+
+    with torch.inference_mode():
+        uncached, static = run(None), run(ditscope.PlanConfig(plan))
+        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, tolerance=1e9)), static)
+        assert _with.summary["rows_forced"] == 0
+        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, tolerance=1e-9)), uncached)
+        assert _with.summary["rows_forced"] > 0 and _with.summary["reused"] == 0
+        both = run(ditscope.PlanConfig(plan, adaptive=True))
+        alone = run(ditscope.PlanConfig(plan, adaptive=True), PROMPTS[:1])
+    assert (both[0] - alone[0]).abs().max() < 1e-4  # batch float noise only
+    assert not torch.equal(both, static) and not torch.equal(both, uncached)
+    with pytest.raises(DitscopeError, match="no calibrated signal"):
+        ditscope.apply(pipe, ditscope.PlanConfig(Schedule({"stack": "CCR"}), adaptive=True))
+
+
 def test_plans_resample_to_other_step_counts_or_refuse_when_strict():
     plan = Schedule({"stack": "CCRCRRCR"})
     assert plan.at(4).rows["stack"][0] == "C" and len(plan.at(4).rows["stack"]) == 4
@@ -116,6 +152,35 @@ def test_bad_plan_files_are_one_clear_error(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(DitscopeError, match=message):
         Schedule.load(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": {"model": "x"}}',
+     "must be objects"),
+    ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": []}', "must be objects"),
+    ('{"format": "ditscope-plan", "format_version": 1, "steps": 5, "rows": {"stack": "CR"}}', "'steps'"),
+    ('{"format": "ditscope-plan", "format_version": 1, "rows": ["CR"]}', "'rows'"),
+])
+def test_plan_files_with_fields_of_the_wrong_type(tmp_path, text, message):
+    path = tmp_path / "bad.plan.json"
+    path.write_text(text)
+    with pytest.raises(DitscopeError, match=message):
+        Schedule.load(path)
+
+
+def test_a_damaged_plan_is_refused_by_its_checksum_and_one_without_loads(tmp_path):
+    import json
+
+    path = Schedule({"stack": "CCRCR", "transformer_blocks.0.attn1": "CRRCC"}, {"target": "psnr=30"}).save(
+        tmp_path / "p.plan.json")
+    assert Schedule.load(path).rows["stack"] == "CCRCR"
+    path.write_text(path.read_text().replace('"CCRCR"', '"CRRRR"'))  # a flipped action: still a valid plan
+    with pytest.raises(DitscopeError, match="does not match its checksum"):
+        Schedule.load(path)
+    raw = json.loads(path.read_text())
+    del raw["checksum"]  # what a person who edits a plan by hand does: it loads, unverified
+    path.write_text(json.dumps(raw))
+    assert Schedule.load(path).rows["stack"] == "CRRRR"
 
 
 def test_a_plan_for_another_model_is_refused():
@@ -155,6 +220,24 @@ def test_speed_targets_and_unreachable_ones(pipe, tmp_path):
         assert fast.meta["predicted_speedup"] >= 1.5
         with pytest.raises(DitscopeError, match="no plan reaches speedup=50"):
             ditscope.plan(pipe, PROMPTS, "speedup=50", STEPS, batch_size=2, iterations=4)
+
+
+def test_damaged_calibration_files_in_the_work_folder_are_computed_again(pipe, tmp_path, one_thread):
+    from ditscope.planning.planner import _calibration
+
+    said = []
+    with torch.inference_mode():
+        first, reference = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        data = bytearray((tmp_path / "calibration.ditscope").read_bytes())
+        data[-4] ^= 0x01
+        (tmp_path / "calibration.ditscope").write_bytes(bytes(data))
+        again, reference_again = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        resumed, _ = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+    assert "calibration: the work folder's files are damaged; computing them again" in said
+    assert said[-1] == "calibration: resumed from the work folder"
+    np.testing.assert_array_equal(again.values, first.values)
+    np.testing.assert_array_equal(resumed.values, first.values)
+    assert torch.equal(reference_again, reference)
 
 
 def test_plan_on_a_declared_layout_model_from_python():

@@ -28,7 +28,7 @@ def transformer_outputs(pipe, fn):
     return outs
 
 
-def test_outputs_bit_identical_and_model_restored(default_pipe, prompts, call_kwargs):
+def test_outputs_bit_identical_and_model_restored(default_pipe, prompts, call_kwargs, one_thread):
     pipe = default_pipe
     sdpa = F.scaled_dot_product_attention
 
@@ -73,7 +73,7 @@ def test_cfg_branches_are_separated(default_pipe, prompts, call_kwargs):
     assert no_cfg.options("branch") == ["cond"]
 
 
-def test_shards_merge_to_the_single_run(default_pipe, call_kwargs):
+def test_shards_merge_to_the_single_run(default_pipe, call_kwargs, one_thread):
     prompts = zoo.builtin_prompts()[:5]
     whole = run(default_pipe, prompts, call_kwargs)
     a = run(default_pipe, prompts, call_kwargs, shard=(0, 2))
@@ -106,7 +106,7 @@ class CrashAfter:
             raise Crash
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(default_pipe, prompts, call_kwargs, tmp_path):
+def test_interrupted_run_resumes_to_the_uninterrupted_result(default_pipe, prompts, call_kwargs, tmp_path, one_thread):
     state = tmp_path / "state.partial"
     whole = run(default_pipe, prompts, call_kwargs)
     with pytest.raises(Crash):
@@ -138,7 +138,7 @@ def test_bad_arguments_are_clear_errors(default_pipe, prompts, call_kwargs):
         run(default_pipe, [], call_kwargs)
 
 
-def test_storage_dtype_and_offload_keep_numbers_close(default_pipe, prompts, call_kwargs):
+def test_storage_dtype_and_offload_keep_numbers_close(default_pipe, prompts, call_kwargs, one_thread):
     ref = run(default_pipe, prompts[:1], call_kwargs)
     off = run(default_pipe, prompts[:1], call_kwargs, offload=True)
     np.testing.assert_array_equal(off.values, ref.values)

@@ -35,11 +35,16 @@ def study_dir(tmp_path_factory):
                        "a small blue square at the top on a black background\n"
                        "a large green triangle on the right on a white background\n")
     out = root / "out"
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identical profiles: what test_an_interrupted_study_... compares with
     for args in (["steps", "tiny-pixart", "--steps", "4,8"], ["scheduler", "tiny-pixart", "--schedulers", "dpm,ddim",
                  "--steps", "6"], ["prompts", "tiny-pixart", "--steps", "5", "--bootstrap", "200"],
                  ["models", "tiny-pixart", "random-pixart"]):
         result = runner.invoke(app, ["study", *args, "--prompts", str(prompts), "--out", str(out)])
         assert result.exit_code == 0, result.output
+    torch.set_num_threads(threads)
     return out
 
 
@@ -120,3 +125,35 @@ def test_zoo_prompts_writes_generator_captions(tmp_path):
     again = tmp_path / "q.txt"
     runner.invoke(app, ["zoo", "prompts", "--n", "5", "--out", str(again)])
     assert again.read_text() == out.read_text()
+
+
+def test_an_interrupted_study_resumes_to_the_uninterrupted_result(study_dir, tmp_path, monkeypatch, capsys,
+                                                                   one_thread):
+    """Ctrl-C right after the study's first saved prompt: exit 130, the state is kept, and the rerun's
+    result (every number of result.json) is the uninterrupted study's (study_dir's, single-threaded)."""
+    from ditscope.cli.main import main
+    from ditscope.profiling import artifact
+
+    def study(out):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["study", "steps", "tiny-pixart", "--steps", "4,8", "--prompts", str(study_dir.parent / "p.txt"),
+                  "--out", str(out)])
+        return exit_info.value.code, capsys.readouterr().err
+
+    real_save, saved = artifact.Profile.save, []
+
+    def save_then_ctrl_c(self, path):
+        real_save(self, path)
+        saved.append(path)
+        if len(saved) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact.Profile, "save", save_then_ctrl_c)
+    code, err = study(tmp_path / "out")
+    assert code == 130 and "interrupted: 1 of 3 prompts are saved in" in err and "run the same command again" in err
+    assert str(saved[0]).endswith(".partial") and saved[0].exists()
+    code, err = study(tmp_path / "out")
+    assert code == 0 and "resuming" in err and "1 of 3 prompts already profiled" in err
+    assert not saved[0].exists()
+    resumed = json.loads((tmp_path / "out" / "steps" / "tiny-pixart" / "result.json").read_text())
+    assert resumed == json.loads((study_dir / "steps" / "tiny-pixart" / "result.json").read_text())

@@ -299,7 +299,7 @@ def test_per_sample_hits_average_to_the_scores_and_see_each_broken_sample(kind):
 
 
 @needs_evaluator
-def test_an_interrupted_evaluation_resumes_to_the_unbroken_result(untrained_pixart, tmp_path):
+def test_an_interrupted_evaluation_resumes_to_the_unbroken_result(untrained_pixart, tmp_path, one_thread):
     """`ditscope eval` keeps its samples after every batch: killed and rerun, it gives what one run gives."""
     net = evaluator.load_evaluator()
     settings = dict(n=4, num_inference_steps=2, guidance_scale=4.5, batch=2, net=net)

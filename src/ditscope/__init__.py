@@ -46,6 +46,23 @@ def plan(pipe, prompts, target: str = "psnr=35", num_inference_steps: int = 20, 
     return _plan(pipe, prompts, target, num_inference_steps, **kwargs)
 
 
+def tune(pipe, method: str, prompts, target: str = "psnr=35", num_inference_steps: int = 20, **kwargs):
+    """Fit `method`'s knob (a threshold, ratio or interval) on calibration `prompts` so that `target`
+    (psnr=, ssim=, speedup=) holds; returns a `Tuned` (`.config()` for `apply`, `.save(path)`). See
+    `ditscope.bench.tune.tune`."""
+    from .bench.tune import tune as _tune
+
+    return _tune(pipe, method, prompts, target, num_inference_steps, **kwargs)
+
+
+def __getattr__(name):
+    if name == "Tuned":  # a fitted config: Tuned.load("x.json").config()
+        from .bench.tune import Tuned
+
+        return Tuned
+    raise AttributeError(f"module 'ditscope' has no attribute {name!r}")
+
+
 def record(model, attention=None, **kwargs) -> Recorder:
     """Record attention redundancy of `model` while it runs; each forward is one step.
 
@@ -57,5 +74,5 @@ def record(model, attention=None, **kwargs) -> Recorder:
 
 __all__ = [
     "Blocks", "Child", "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Plan", "PlanConfig", "Profile", "Recorder", "Schedule",
-    "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "__version__", "apply", "profile", "record", "zoo",
+    "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "Tuned", "__version__", "apply", "profile", "record", "tune", "zoo",
 ]

@@ -1,7 +1,8 @@
 """Writing files so that a reader never sees half of one: write beside it, then rename over it.
 
 A kill mid-write leaves the old file (or none) and at most a hidden temporary, never a truncated file
-under the real name; resumable runs rely on that.
+under the real name; resumable runs rely on that. The file gets the mode a plain `open` would give it
+(0666 less the umask), not the temporary's private 0600.
 """
 
 from __future__ import annotations
@@ -25,10 +26,18 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

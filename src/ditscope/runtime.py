@@ -62,6 +62,39 @@ def parse_scheduler(text: str):
     return cls, overrides
 
 
+def configure_scheduler(pipe, spec: str | None, steps: int) -> None:
+    """Give `pipe` the scheduler `spec` (`NAME[:key=value;...]`, None: keep its own) and check, before
+    anything runs, that it can sample `steps` steps: a bad option value, or a step count at or beyond the
+    scheduler's training timesteps (where DDIM refuses and DPM-Solver repeats timesteps and turns
+    non-finite), is a DitscopeError that says so."""
+    import copy
+
+    scheduler = pipe.scheduler
+    if spec is not None:
+        cls, overrides = parse_scheduler(spec)
+        try:
+            scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+        except Exception as e:
+            raise DitscopeError(f"--scheduler {spec}: {_first_line(e)}") from None
+    name = spec or type(scheduler).__name__
+    trained = getattr(scheduler.config, "num_train_timesteps", None)
+    if isinstance(trained, int) and steps >= trained:
+        raise DitscopeError(f"--steps {steps} is at or beyond the {trained} timesteps {type(scheduler).__name__} was "
+                            f"trained with; use fewer than {trained} steps")
+    # a dry run on a copy; schedulers that shift by resolution need a shift (mu) to set timesteps at all
+    dynamic = {"mu": 0.0} if getattr(scheduler.config, "use_dynamic_shifting", False) else {}
+    try:
+        copy.deepcopy(scheduler).set_timesteps(steps, **dynamic)
+    except Exception as e:
+        raise DitscopeError(f"scheduler {name} cannot sample {steps} steps: {_first_line(e)}") from None
+    pipe.scheduler = scheduler
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200].rstrip(". ") if text else "") or type(e).__name__
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -86,8 +119,24 @@ def progress_bar(unit: str):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+    return quiet_on_error(Progress)(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
+        TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+
+
+def quiet_on_error(progress_class):
+    """`progress_class` (rich's Progress) whose bar disappears when the block raises, so an error (or an
+    interruption) is the last and only line on stderr rather than following a frozen bar."""
+
+    class Bar(progress_class):
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is None:
+                return super().__exit__(exc_type, exc, tb)
+            self.live.transient = True
+            self.live.stop()  # not Progress.stop, which ends with a blank line when stderr is not a terminal
+            return False
+
+    return Bar
 
 
 def check_steps(steps: int | None, least: int = 1) -> None:

@@ -134,7 +134,14 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
         for opts in options:
             if not isinstance(opts, dict):
                 raise DitscopeError(f"settings of {method!r} must be option dicts, not {opts!r}")
-            if system == "ditscope" and method == "plan" and "target" in opts:  # planned on calibration prompts
+            if "tune" in opts:  # the knob is fitted on calibration prompts: check the target and the knob now
+                from ..planning.planner import Target
+                from .tune import knob_of
+
+                if Target.parse(opts["tune"]).kind == "flops":
+                    raise DitscopeError(f"{method} tune={opts['tune']}: tune psnr=, ssim= or speedup=")
+                knob_of(method)
+            elif system == "ditscope" and method == "plan" and "target" in opts:  # planned on calibration prompts
                 from ..planning.planner import Target
 
                 Target.parse(opts["target"])

@@ -125,18 +125,24 @@ def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> 
 
 
 # ---------------------------------------------------------------------------------------- apply
+RUN_OPTIONS = ("adaptive", "tolerance", "per_sample", "strict")  # how a plan runs, not how it is made
+
+
 def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
-    """The plan of a `plan target=...` setting, fitted on the calibration prompts (kept in OUT/plans/)."""
+    """The plan of a `plan target=...` setting, fitted on the calibration prompts (kept in OUT/plans/; settings
+    that differ only in how the plan runs, e.g. adaptive, share it)."""
     from ..cache.schedule import Schedule
     from ..planning.planner import plan
 
     if not inputs.calibration:
         raise DitscopeError("the plan method needs calibration prompts apart from the bench's")
-    path = out / "plans" / f"{setting.key}.plan.json" if out is not None else None
+    making = {k: v for k, v in setting.options.items() if k not in RUN_OPTIONS}
+    key = Setting(setting.system, setting.method, making).key
+    path = out / "plans" / f"{key}.plan.json" if out is not None else None
     if path is not None and path.exists():
         return Schedule.load(path)
-    opts = {k: v for k, v in setting.options.items() if k != "target"}
-    schedule = plan(pipe, inputs.calibration, setting.options["target"], inputs.steps, batch_size=inputs.batch_size,
+    opts = {k: v for k, v in making.items() if k != "target"}
+    schedule = plan(pipe, inputs.calibration, making["target"], inputs.steps, batch_size=inputs.batch_size,
                     guidance_scale=inputs.guidance_scale, work_dir=path.with_suffix(".work") if path else None, **opts)
     if path is not None:
         schedule.save(path)
@@ -146,6 +152,28 @@ def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
     return schedule
 
 
+def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
+    """The fitted options of a `METHOD tune=TARGET` setting, fitted on the calibration prompts (kept in
+    OUT/tuned/)."""
+    import shutil
+
+    from .tune import Tuned, tune
+
+    if not inputs.calibration:
+        raise DitscopeError("a tune= setting needs calibration prompts apart from the bench's")
+    path = out / "tuned" / f"{setting.key}.json" if out is not None else None
+    if path is not None and path.exists():
+        return Tuned.load(path)
+    fixed = {k: v for k, v in setting.options.items() if k != "tune"}
+    result = tune(pipe, setting.method, inputs.calibration, setting.options["tune"], inputs.steps,
+                  batch_size=inputs.batch_size, guidance_scale=inputs.guidance_scale, options=fixed,
+                  work_dir=path.with_suffix(".work") if path else None)
+    if path is not None:
+        result.save(path)
+        shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
+    return result
+
+
 def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None):
     """Apply `setting` to `pipe`; returns (steps to run, remove function)."""
     if setting.method in (BASELINE, FEWER_STEPS):
@@ -153,19 +181,23 @@ def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None
     if setting.system == "ditscope" and setting.method == "plan" and "target" in setting.options:
         from ..cache import PlanConfig, apply
 
-        handle = apply(pipe, PlanConfig(planned(pipe, setting, inputs, out)))
+        run = {k: v for k, v in setting.options.items() if k in RUN_OPTIONS}
+        handle = apply(pipe, PlanConfig(planned(pipe, setting, inputs, out), **run))
         return inputs.steps, handle.remove
+    options = dict(setting.options)
+    if "tune" in options:  # fitted on the calibration prompts first
+        options = tuned(pipe, setting, inputs, out).options
     if setting.system == "ditscope":
         from ..cache import apply, config_from_options
 
-        handle = apply(pipe, config_from_options(setting.method, option_strings(setting.options)))
+        handle = apply(pipe, config_from_options(setting.method, option_strings(options)))
         return inputs.steps, handle.remove
     from .peers import apply_peer
 
     def run_once():
         return pipe([inputs.prompts[0]], **call_kwargs(inputs, inputs.steps, [torch.Generator().manual_seed(0)]))
 
-    return inputs.steps, apply_peer(setting.method, pipe, dict(setting.options), inputs.steps, run_once)
+    return inputs.steps, apply_peer(setting.method, pipe, options, inputs.steps, run_once)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -184,6 +216,9 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
     else:
         write_text_atomic(meta_path, json.dumps(inputs.meta(), indent=2))
     rows = {r["key"]: r for r in read_rows(out)}
+    kept = sum(s.key in rows for s in settings)
+    if kept:
+        log(f"resuming {out}: {kept} of {len(settings)} settings already measured")
     lpips, lpips_note = lpips_metric()
     image_dir = out / "images"
     image_dir.mkdir(exist_ok=True)
@@ -245,6 +280,9 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
     except PeerUnavailable as e:
         raise _Skip(str(e).splitlines()[0]) from None
     notes = [lpips_note] if lpips_note else []
+    if "tune" in setting.options and out is not None:
+        fitted = tuned(pipe, setting, inputs, out)  # read back from OUT/tuned/
+        notes.append(f"fitted {fitted.meta['knob']}={fitted.meta['value']:.4g}")
     try:
         from ..cache.engine import flop_counter
 

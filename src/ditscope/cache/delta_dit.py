@@ -11,7 +11,7 @@ import torch
 from ..errors import DitscopeError
 from .actions import full_step, run_block
 from .engine import BlockSite, CacheMethod, Context
-from .registry import register
+from .registry import Knob, register
 
 
 @dataclass
@@ -50,4 +50,5 @@ class DeltaDiTMethod(CacheMethod):
 
 register("delta-dit", DeltaDiTConfig, DeltaDiTMethod, "block residuals of the back (early steps) or front (late steps) blocks",
          grid=[{}, {"interval": 3}],
-         compact=[{}])
+         compact=[{}],
+         knob=Knob("interval", 2, 10, integer=True))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import register
+from .registry import Knob, register
 from .toca import ToCaConfig, ToCaMethod
 
 
@@ -34,4 +34,5 @@ class DuCaMethod(ToCaMethod):
 
 register("duca", DuCaConfig, DuCaMethod, "ToCa's partial steps alternating with plain reuse steps, kv-norm score",
          grid=[{"interval": 3}, {}, {"interval": 6}],
-         compact=[{"interval": 3}])
+         compact=[{"interval": 3}],
+         knob=Knob("ratio", 1.0, 0.0))

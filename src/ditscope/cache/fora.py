@@ -9,7 +9,7 @@ from ..errors import DitscopeError
 from ..families import CROSS, MLP, SELF, TEMPORAL
 from .actions import cached_module, full_step
 from .engine import CacheMethod, Context, Site
-from .registry import register
+from .registry import Knob, register
 
 
 @dataclass
@@ -42,4 +42,5 @@ class FORAMethod(CacheMethod):
 
 register("fora", FORAConfig, FORAMethod, "every attention and MLP output, recomputed every N steps",
          grid=[{"interval": 2}, {}, {"interval": 4}],
-         compact=[{"interval": 2}, {}])
+         compact=[{"interval": 2}, {}],
+         knob=Knob("interval", 2, 10, integer=True))

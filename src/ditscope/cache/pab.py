@@ -10,7 +10,7 @@ from ..errors import DitscopeError
 from ..families import CROSS, SELF, TEMPORAL
 from .actions import cached_module
 from .engine import CacheMethod, Context, Site
-from .registry import register
+from .registry import Knob, register
 
 
 @dataclass
@@ -59,4 +59,5 @@ class PABMethod(CacheMethod):
 
 register("pab", PABConfig, PABMethod, "attention outputs broadcast over a timestep range, per kind",
          grid=[{}, {"spatial_interval": 3, "cross_interval": 8}],
-         compact=[{}])
+         compact=[{}],
+         knob=Knob("spatial_interval", 2, 10, integer=True))

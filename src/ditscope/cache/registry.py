@@ -12,6 +12,35 @@ from ..errors import DitscopeError
 
 
 @dataclass(frozen=True)
+class Knob:
+    """The one option that trades quality for speed, as `ditscope tune` fits it.
+
+    Attributes:
+        name: the config field.
+        mild, aggressive: the range searched, from the setting closest to no cache to the fastest.
+        integer: the option takes whole numbers (an interval); otherwise a real number.
+        log: search on a logarithmic scale (thresholds spanning orders of magnitude).
+    """
+
+    name: str
+    mild: float
+    aggressive: float
+    integer: bool = False
+    log: bool = False
+
+    def at(self, a: float):
+        """The value at fraction `a` of the way from mild (0) to aggressive (1)."""
+        lo, hi = self.mild, self.aggressive
+        v = lo * (hi / lo) ** a if self.log else lo + (hi - lo) * a
+        return int(round(v)) if self.integer else float(v)
+
+    def values(self) -> list:
+        """Integer knobs: every value, mild to aggressive."""
+        step = 1 if self.aggressive >= self.mild else -1
+        return list(range(int(self.mild), int(self.aggressive) + step, step))
+
+
+@dataclass(frozen=True)
 class Registered:
     name: str  # what the CLI and the bench call it
     config: type  # the config dataclass a user builds
@@ -19,19 +48,21 @@ class Registered:
     summary: str  # one line: what it caches
     grid: tuple[dict, ...] = ({},)  # the bench's default grid: near-lossless to aggressive, around the paper setting
     compact: tuple[dict, ...] = ({},)  # the compact grid: the mildest and the most aggressive of those, and variants
+    knob: Knob | None = None  # what `ditscope tune` fits (None: nothing to fit, e.g. a plan)
 
 
 REGISTRY: dict[str, Registered] = {}
 
 
-def register(name: str, config: type, method: type, summary: str, grid=({},), compact=None) -> Registered:
+def register(name: str, config: type, method: type, summary: str, grid=({},), compact=None,
+             knob: Knob | None = None) -> Registered:
     """Add a cache method; `compact` defaults to the first and last settings of `grid`."""
     known = REGISTRY.get(name)
     if known is not None and (known.config is not config or known.method is not method):
         raise DitscopeError(f"cache method name {name!r} is already taken by {known.config.__name__}")
     grid = tuple(grid)
     compact = tuple(compact) if compact is not None else tuple(dict(g) for g in {0: grid[0], len(grid) - 1: grid[-1]}.values())
-    entry = Registered(name, config, method, summary, grid, compact)
+    entry = Registered(name, config, method, summary, grid, compact, knob)
     REGISTRY[name] = entry
     return entry
 

@@ -11,7 +11,9 @@ plan into. Units are named as the engine names them (`ditscope.cache.engine.layo
   forecasts every block's residual from its last two computed ones.
 
 One row per unit is a string of one character per step, so a plan file can be read (and edited) by a
-person. Units the schedule does not name are always computed. Steps are the engine's: 0 .. T-1 in
+person. `ditscope plan` writes a `checksum` (SHA-256 of the rest) that loading verifies, so a damaged
+plan is refused rather than run; a plan without one (hand-written, or older than checksums) loads
+unverified, and deleting the line is how a deliberately hand-edited plan is run. Units the schedule does not name are always computed. Steps are the engine's: 0 .. T-1 in
 sampling order; step 0 always computes.
 
 Applied at another step count than it was made for, a schedule is resampled on the normalised step
@@ -45,7 +47,9 @@ from .engine import (
     block_outputs,
     hidden_arg,
     pack_outputs,
+    relative_change,
     residuals,
+    rows_mask,
 )
 from .registry import register
 
@@ -105,8 +109,9 @@ class Schedule:
 
     # ------------------------------------------------------------------------------ persistence
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
                 "rows": self.rows}
+        return {**body, "checksum": _checksum(json.loads(json.dumps(body)))}
 
     def save(self, path) -> Path:
         """Write the plan file atomically (versioned JSON, one row per unit)."""
@@ -119,6 +124,10 @@ class Schedule:
     @classmethod
     def load(cls, path) -> Schedule:
         path = Path(path)
+        if path.is_dir():
+            inside = sorted(path.glob("*.plan.json"))
+            hint = f"pass {inside[0]}" if inside else "pass a .plan.json file (ditscope plan writes one)"
+            raise DitscopeError(f"{path} is a folder, not a plan file; {hint}")
         if not path.is_file():
             raise DitscopeError(f"plan file {path} does not exist")
         try:
@@ -130,9 +139,17 @@ class Schedule:
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise DitscopeError(f"plan file {path} has format version {version!r}; this ditscope reads version {FORMAT_VERSION}")
+        if "checksum" in raw and raw["checksum"] != _checksum({k: v for k, v in raw.items() if k != "checksum"}):
+            raise DitscopeError(f"plan file {path} does not match its checksum: it is damaged or was edited; make it "
+                                "again with ditscope plan (or delete its checksum line to run a hand-edited plan)")
         rows, meta = raw.get("rows"), raw.get("meta", {})
-        if not isinstance(rows, dict) or not all(isinstance(r, str) for r in rows.values()) or not isinstance(meta, dict):
+        if not isinstance(rows, dict) or not all(isinstance(r, str) for r in rows.values()):
             raise DitscopeError(f"plan file {path} is corrupt: 'rows' must map unit names to action strings")
+        if not isinstance(meta, dict) or any(not isinstance(meta.get(k, {}), dict) for k in ("model", "quality", "calibration")):
+            raise DitscopeError(f"plan file {path} is corrupt: 'meta' and its model, quality and calibration entries "
+                                "must be objects")
+        if "steps" in raw and rows and raw["steps"] != len(next(iter(rows.values()))):
+            raise DitscopeError(f"plan file {path} is corrupt: its rows do not have 'steps' ({raw['steps']!r}) actions")
         return cls(rows, meta)
 
     def __repr__(self) -> str:
@@ -148,11 +165,24 @@ class PlanConfig:
         plan: the Schedule (or a path to its JSON file).
         path: the path of a plan file (the CLI's `--cache plan --cache-opt path=PLAN.json`).
         strict: refuse to run at another step count than the plan's (default: resample it, with a warning).
+        adaptive: watch a live signal and compute where the plan would serve stale features. The signal is
+            the relative L1 change of the first block's input (read at every step, free: that input exists
+            whether or not the stack runs), summed since the row's last full step. The plan file carries what
+            the calibration prompts gave (per prompt and step); where a row's sum exceeds the largest
+            calibration prompt's sum over the same steps (times `tolerance`), that row computes everything at
+            this step, and its sum starts again. A prompt the calibration saw nothing like is not served
+            stale features; prompts like the calibration ones run the plan unchanged.
+        tolerance: the multiple of the calibration maximum a live sum may reach before computing.
+        per_sample: adaptive decisions per batch row (True: an image never depends on its batch neighbours)
+            or for the whole batch (False: one row over the limit computes every row).
     """
 
     plan: object = None
     path: str = ""
     strict: bool = False
+    adaptive: bool = False
+    tolerance: float = 1.0
+    per_sample: bool = True
 
     def schedule(self) -> Schedule:
         if isinstance(self.plan, Schedule):
@@ -183,7 +213,53 @@ class PlanMethod(CacheMethod):
         if unknown:
             raise DitscopeError(f"the plan names units this model does not have ({unknown[0]}, ...): it was made "
                                 "for another model")
+        if self.config.adaptive:
+            if not self.base.meta.get("signal"):
+                raise DitscopeError("this plan carries no calibrated signal (made by hand or by an older ditscope); "
+                                    "make it again with ditscope plan to run it adaptively")
+            if not self.config.tolerance > 0:
+                raise DitscopeError(f"PlanConfig tolerance must be > 0, not {self.config.tolerance}")
         self._tables: dict[int, tuple] = {}
+        self._limits: dict[int, list] = {}
+
+    def limits(self, ctx: Context) -> list:
+        """Per step: None where the plan computes everything, else the most any calibration prompt's signal
+        summed since the last full step reached (times the tolerance)."""
+        steps = ctx.num_steps
+        if steps not in self._limits:
+            sites, blocks, _, _ = self.table(ctx)
+            full = [all(r[t] == "C" for r in (*sites.values(), *blocks.values())) for t in range(steps)]
+            signal = _resampled_signal(self.base.meta["signal"], steps)
+            out, last = [], 0
+            for t in range(steps):
+                if full[t] or t == 0:
+                    out.append(None)
+                    last = t
+                    continue
+                sums = [sum(row[last + 1 : t + 1]) for row in signal]
+                out.append(self.config.tolerance * max(sums))
+            self._limits[steps] = out
+        return self._limits[steps]
+
+    def watch(self, ctx: Context, x: torch.Tensor):
+        """Decide which rows compute this step although the plan serves them (`ctx.state["force"]`)."""
+        st = ctx.state
+        limit = self.limits(ctx)[ctx.step]
+        prev = st.get("watch_input")
+        st["watch_input"] = x.detach().clone()
+        if prev is None or prev.shape != x.shape:
+            st["watch_sum"], st["force"] = torch.zeros(ctx.rows, dtype=torch.float64), None
+            return
+        total = st["watch_sum"] + relative_change(ctx, x, prev).double().cpu()
+        if limit is None:  # a full step: every row computes anyway
+            st["watch_sum"], st["force"] = torch.zeros_like(total), None
+            return
+        force = total > limit
+        if not self.config.per_sample and bool(force.any()):
+            force = torch.ones_like(force)
+        st["watch_sum"] = torch.where(force, torch.zeros_like(total), total)
+        st["force"] = force if bool(force.any()) else None
+        ctx.record["rows_forced"] = int(force.sum())
 
     def default_steps(self) -> int | None:
         return self.config.schedule().steps or None
@@ -217,14 +293,25 @@ class PlanMethod(CacheMethod):
         action, keep = blocks[bsite.index][ctx.step], keep_block[bsite.index][ctx.step]
         history = ctx.state.setdefault("plan_residual", {}).get(bsite.index)
         inputs = block_inputs(bsite, args, kwargs)
+        if self.config.adaptive and bsite.index == 0:
+            self.watch(ctx, inputs["hidden"])
+        force = ctx.state.get("force")
         if action != "C" and history:
             (s0, r0), (s1, r1) = history[0], history[-1]
             if action == "F" and s1 > s0:  # first-order Taylor forecast of the block's residual
                 res = {n: _forecast(r1[n], r0[n], (ctx.step - s1) / (s1 - s0)) for n in r1}
             else:
                 res = r1
-            ctx.record["blocks_reused"] += 1
-            return pack_outputs(bsite, add_residuals(inputs, res))
+            served = add_residuals(inputs, res)
+            if force is None:
+                ctx.record["blocks_reused"] += 1
+                return pack_outputs(bsite, served)
+            # adaptive: the rows over their limit compute; the others keep exactly what the plan serves them
+            computed = block_outputs(bsite, run(*args, **kwargs))
+            ctx.record["blocks_computed"] += 1
+            fresh = residuals(inputs, computed)
+            history[-1] = (s1, {n: _rows_where(ctx, force, fresh[n], r1[n]) for n in r1})
+            return pack_outputs(bsite, {n: _rows_where(ctx, force, computed[n], served[n]) for n in computed})
         ctx.record["blocks_computed"] += 1
         out = run(*args, **kwargs)
         if keep:
@@ -246,13 +333,57 @@ class PlanMethod(CacheMethod):
                 kept[site.index] = [*previous, (ctx.step, out)]
             ctx.count(COMPUTE, tokens, tokens)
             return out
+        force = ctx.state.get("force")
         if action == "R" or len(history) < 2:
-            ctx.count(REUSE, 0, tokens)
-            return history[-1][1]
-        (s0, y0), (s1, y1) = history
-        ctx.count(PREDICT, 0, tokens)
-        with torch.no_grad():
-            return _forecast(y1, y0, (ctx.step - s1) / (s1 - s0))
+            served = history[-1][1]
+        else:
+            (s0, y0), (s1, y1) = history
+            with torch.no_grad():
+                served = _forecast(y1, y0, (ctx.step - s1) / (s1 - s0))
+        if force is None:
+            ctx.count(REUSE if action == "R" or len(history) < 2 else PREDICT, 0, tokens)
+            return served
+        ctx.count(COMPUTE, tokens, tokens)
+        out = run(*args, **kwargs)  # adaptive: rows over their limit compute, and refresh what is kept for them
+        s_last, y_last = history[-1]
+        history[-1] = (s_last, _rows_where(ctx, force, out, y_last))
+        return _rows_where(ctx, force, out, served)
+
+
+def _rows_where(ctx: Context, rows: torch.Tensor, a, b):
+    """`a` on the model rows marked in `rows`, `b` elsewhere, over a tensor or a tuple of them."""
+    if isinstance(a, tuple):
+        return tuple(_rows_where(ctx, rows, x, y) for x, y in zip(a, b))
+    if not torch.is_tensor(a) or not torch.is_tensor(b) or a.shape != b.shape:
+        return a
+    mask = rows_mask(ctx, rows, a.shape[0]).to(a.device).view(-1, *[1] * (a.dim() - 1))
+    return torch.where(mask, a, b)
+
+
+def _resampled_signal(signal: list, steps: int) -> list[list[float]]:
+    """The calibration signal (per prompt, per step of the plan's step count) at `steps` steps: interpolated
+    on the normalised step axis; a step-to-step change scales with the step size, hence the factor."""
+    import numpy as np
+
+    out = []
+    for row in signal:
+        values = np.array([np.nan if v is None else float(v) for v in row])
+        n = len(values)
+        if n == steps:
+            out.append([0.0 if np.isnan(v) else float(v) for v in values])
+            continue
+        known = ~np.isnan(values)
+        src = np.arange(n)[known] / max(1, n - 1)
+        new = np.interp(np.arange(steps) / max(1, steps - 1), src, values[known]) * (n - 1) / max(1, steps - 1)
+        new[0] = 0.0
+        out.append(new.tolist())
+    return out
+
+
+def _checksum(body: dict) -> str:
+    """SHA-256 of a plan file's fields (all but the checksum), in a canonical JSON form."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _forecast(last, before, ratio: float):

@@ -45,6 +45,7 @@ class CacheStats:
     def summary(self) -> dict:
         keys = ("computed", "reused", "partial", "predicted", "whole", "blocks_computed", "blocks_reused", "tokens", "tokens_total")
         total = {k: sum(r[k] for r in self.records) for k in keys}
+        total["rows_forced"] = sum(r.get("rows_forced", 0) for r in self.records)  # adaptive plans
         total["steps"] = self.steps
         total["flops"] = self.flops
         total["flops_ratio"] = self.flops_ratio

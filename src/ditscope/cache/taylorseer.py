@@ -12,7 +12,7 @@ import torch
 from ..errors import DitscopeError
 from .actions import full_step
 from .engine import COMPUTE, PREDICT, CacheMethod, Context, Site, hidden_arg
-from .registry import register
+from .registry import Knob, register
 
 
 @dataclass
@@ -87,4 +87,5 @@ class TaylorSeerMethod(CacheMethod):
 
 register("taylorseer", TaylorSeerConfig, TaylorSeerMethod, "module outputs forecast by a Taylor series in the step",
          grid=[{"interval": 2}, {"interval": 3}, {}],
-         compact=[{"interval": 2}, {}])
+         compact=[{"interval": 2}, {}],
+         knob=Knob("interval", 2, 10, integer=True))

@@ -11,7 +11,7 @@ import torch
 from ..errors import DitscopeError
 from .actions import run_block
 from .engine import BlockSite, CacheMethod, Context, hidden_arg, relative_change
-from .registry import register
+from .registry import Knob, register
 
 
 @dataclass
@@ -89,4 +89,5 @@ class TeaCacheMethod(CacheMethod):
 
 register("teacache", TeaCacheConfig, TeaCacheMethod, "the whole block stack, skipped while the accumulated rescaled input change is small",
          grid=[{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
-         compact=[{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}])
+         compact=[{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}],
+         knob=Knob("threshold", 0.01, 3.0, log=True))

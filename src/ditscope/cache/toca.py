@@ -18,7 +18,7 @@ from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
 from . import scores
 from .engine import COMPUTE, PARTIAL, REUSE, WHOLE, CacheMethod, Context, Site, hidden_arg, with_hidden
-from .registry import register
+from .registry import Knob, register
 
 SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
 SCHEDULES = ("pixart", "dit", "fixed")
@@ -253,4 +253,5 @@ def joint_slice(ctx: Context, site: Site, score: torch.Tensor, n_tokens: int) ->
 
 register("toca", ToCaConfig, ToCaMethod, "per module (self-attn, cross-attn, MLP): recompute the top-scored tokens, reuse the rest",
          grid=[{"interval": 2, "ratio": 0.3}, {}, {"interval": 4}, {"interval": 5, "ratio": 0.2}],
-         compact=[{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}])
+         compact=[{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}],
+         knob=Knob("ratio", 1.0, 0.0))

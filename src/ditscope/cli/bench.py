@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, pick_device, torch_dtype
+from ..runtime import check_writable_dir, configure_scheduler, pick_device, quiet_on_error, torch_dtype
 from .common import app, user_errors
 
 
@@ -77,6 +78,7 @@ def bench(
 
     dev = pick_device(device)
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
+    configure_scheduler(pipe, None, n_steps)
     pipe.set_progress_bar_config(disable=True)
     scenes, net, drawn_with = None, None, None
     if prompt_list is None:
@@ -85,11 +87,11 @@ def bench(
         # a zoo pipeline: prompts drawn from the data generator with --prompt-seed
         scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts or 16, seed=prompt_seed)
         net, drawn_with = evaluator.load_evaluator(), prompt_seed
-    uses_plan = any(s.method == "plan" for s in settings)
+    uses_plan = any(s.method == "plan" or "tune" in s.options for s in settings)  # fitted on calibration prompts
     if uses_plan and prompt_file is None:
         calibration = evaluator.evaluation_prompts(pipe, calibration_prompts, seed=calibration_seed)[1]
     elif uses_plan and not calibration:
-        raise DitscopeError(f"the plan method fits on prompts apart from the bench's: put more than --prompts "
+        raise DitscopeError(f"plans and tune= settings fit on prompts apart from the bench's: put more than --prompts "
                             f"prompts in {prompt_file} (the ones after them calibrate)")
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
     inputs = BenchInputs(model=model, prompts=prompt_list, seeds=list(range(seeds)), steps=n_steps,
@@ -99,8 +101,8 @@ def bench(
                          calibration_seed=calibration_seed if uses_plan and prompt_file is None else None)
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+    with quiet_on_error(Progress)(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("bench", total=len(settings))
 
         def progress(setting, row):
@@ -108,10 +110,20 @@ def bench(
             bar.update(task, advance=1, description=f"{setting.label[:40]}{speed}")
 
         with torch.inference_mode():
-            rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
+            try:
+                rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
+            except KeyboardInterrupt:
+                from ..bench.runner import read_rows
+
+                done = len({r["key"] for r in read_rows(out)} & {s.key for s in settings})
+                bar.live.transient = True
+                bar.live.stop()
+                print(f"interrupted: {done} of {len(settings)} settings are saved in {out}; run the same command "
+                      "again to resume", file=sys.stderr)
+                raise
     drawn = f" (prompt seed {drawn_with})" if drawn_with is not None else f" from {prompt_file}"
     if inputs.calibration_seed is not None:
-        drawn += f", plans fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"
+        drawn += f", plans and tuned knobs fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"
     df = write_outputs(rows, out, f"{model}: {len(prompt_list)} prompts{drawn} x {seeds} seeds, {n_steps} steps",
                        prompt_list)
     print((out / "results.md").read_text())

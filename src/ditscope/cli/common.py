@@ -23,7 +23,8 @@ def _fail(message: str) -> typer.Exit:
 
 
 def user_errors(fn):
-    """Turn a DitscopeError into one line on stderr and exit code 2."""
+    """Turn a DitscopeError into one line on stderr and exit code 2, and Ctrl-C into exit code 130 (what
+was kept is said where it is kept, e.g. by `profile`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,6 +32,8 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except DitscopeError as e:
             raise _fail(str(e)) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(code=130) from None
 
     return wrapper
 

@@ -10,7 +10,7 @@ import typer
 
 from ..cache import CONFIGS
 from ..errors import DitscopeError
-from ..runtime import check_steps, check_writable_dir
+from ..runtime import check_steps, check_writable_dir, configure_scheduler
 from .common import app, user_errors
 from .zoo import load_model
 
@@ -28,7 +28,8 @@ def generate(
     upscale: Annotated[int, typer.Option(help="nearest-neighbour enlargement of the saved image")] = 1,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
-    cache: Annotated[str | None, typer.Option(help=f"cache method: {', '.join(CONFIGS)}")] = None,
+    cache: Annotated[str | None, typer.Option(help=f"cache method ({', '.join(CONFIGS)}) or a config written by "
+                                               "ditscope tune (FILE.json)")] = None,
     cache_opt: Annotated[list[str] | None, typer.Option(help="cache option key=value (repeatable; preset=dit "
                                                         "picks a preset)")] = None,
     cache_stats: Annotated[bool, typer.Option(help="print what the cache did per step, with FLOPs")] = False,
@@ -55,16 +56,25 @@ def generate(
     if cache is not None:
         from ..cache import config_from_options
 
+        if cache.lower().endswith(".json"):  # a fitted config from `ditscope tune`; --cache-opt overrides it
+            from ..bench.grid import option_strings
+            from ..bench.tune import Tuned
+
+            tuned = Tuned.load(cache)
+            tuned.config()  # a peer's config is refused here, with what to do instead
+            cache = tuned.method
+            cache_opt = option_strings(tuned.options) + _split_opts(cache_opt)
         config = config_from_options(cache, _split_opts(cache_opt))
     elif cache_opt:
         raise DitscopeError("--cache-opt needs --cache METHOD")
     pipe, entry = load_model(model, device, dtype)
+    steps = steps or (entry.steps if entry else 20)
+    configure_scheduler(pipe, None, steps)
     handle = None
     if config is not None:
         from ..cache import apply
 
         handle = apply(pipe, config, count_flops=cache_stats)
-    steps = steps or (entry.steps if entry else 20)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(entry.call_kwargs) if entry else {}

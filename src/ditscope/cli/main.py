@@ -103,6 +103,10 @@ def show(path: Annotated[Path, typer.Argument(help="a .ditscope profile or a .pl
     """Print a profile's summary table, or a plan's summary (and write its heatmap beside it)."""
     from ..profiling.artifact import Profile
 
+    if path.is_dir():
+        inside = sorted(path.glob("*.ditscope")) + sorted(path.glob("*.plan.json"))
+        hint = f"pass {inside[0]}" if inside else "pass a .ditscope profile or a .plan.json plan file"
+        raise DitscopeError(f"{path} is a folder; {hint}")
     if path.suffix == ".json":
         from ..cache.schedule import Schedule
         from ..planning.show import heatmap, summary_rows
@@ -163,6 +167,7 @@ from . import bench as _bench_commands  # noqa: E402,F401  (registers bench)
 from . import generate as _generate_commands  # noqa: E402,F401  (registers generate)
 from . import plan as _plan_commands  # noqa: E402,F401  (registers plan)
 from . import study as _study_commands  # noqa: E402,F401  (registers study)
+from . import tune as _tune_commands  # noqa: E402,F401  (registers tune)
 from . import zoo as _zoo_commands  # noqa: E402,F401  (registers eval, zoo)
 
 

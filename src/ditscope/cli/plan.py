@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, pick_device, torch_dtype
+from ..runtime import check_writable_dir, configure_scheduler, pick_device, torch_dtype
 from .common import app, user_errors
 
 CALIBRATION_SEED = 7000  # zoo models: calibration prompts are drawn apart from the bench's (seed 3000)
@@ -58,6 +58,7 @@ def plan(
     n_steps = steps or (entry.steps if entry else 20)
     dev = pick_device(device)
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
+    configure_scheduler(pipe, None, n_steps)
     pipe.set_progress_bar_config(disable=True)
     if prompt_list is None:
         if not hasattr(pipe, "is_class_conditional"):

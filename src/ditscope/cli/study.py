@@ -21,6 +21,37 @@ Seed = Annotated[int, typer.Option()]
 Device = Annotated[str, typer.Option()]
 
 
+def _checked(models: list[str], prompts: Path | None, steps: list[int | None], out: Path, least_prompts: int = 1):
+    """Every input of a study, checked before any profile is computed: the models (without loading them),
+    the prompts file, the step counts and the output folder."""
+    from .. import zoo
+    from ..profiling.prompts import load_prompts
+
+    for model in models:
+        zoo.check_model(model)
+    if prompts is not None:
+        n = len(load_prompts(prompts))
+        if n < least_prompts:
+            raise DitscopeError(f"{prompts} holds {n} prompt{'s' * (n != 1)}; this study needs at least {least_prompts}")
+    for count in steps:
+        if count is not None and count < 2:
+            raise DitscopeError(f"--steps must be at least 2 to measure step-to-step distances (got {count})")
+    check_writable_dir(out)
+
+
+def _run(out: Path, compute):
+    """Run a study; a user error removes the output folder if this call created it (nothing is left)."""
+    import shutil
+
+    created = not out.exists()
+    try:
+        return compute()
+    except DitscopeError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def _done(result, study: str, out: Path, sub: str = ""):
     if result is None:  # a torchrun rank other than 0
         return
@@ -38,8 +69,9 @@ def prompts_cmd(model: Annotated[str, typer.Argument()] = "tiny-pixart", prompts
 
     if bootstrap < 10:
         raise DitscopeError("--bootstrap must be at least 10")
-    check_writable_dir(out)
-    _done(study_prompts(model, prompts, out, n_boot=bootstrap, steps=steps, seed=seed, device=device), "prompts", out)
+    _checked([model], prompts, [steps], out, least_prompts=2)
+    _done(_run(out, lambda: study_prompts(model, prompts, out, n_boot=bootstrap, steps=steps, seed=seed, device=device)),
+          "prompts", out)
 
 
 @study_app.command("steps")
@@ -53,9 +85,10 @@ def steps_cmd(model: Annotated[str, typer.Argument()] = "tiny-pixart",
     counts = _ints(steps, "--steps")
     if any(n < 3 for n in counts) or len(counts) < 2:
         raise DitscopeError("--steps needs at least two step counts, each at least 3")
-    check_writable_dir(out)
+    _checked([model], prompts, counts, out)
     variants = {str(n): {"steps": n} for n in counts}
-    _done(study_variants("steps", model, variants, prompts, out, seed=seed, device=device), "steps", out, Path(model).name)
+    _done(_run(out, lambda: study_variants("steps", model, variants, prompts, out, seed=seed, device=device)), "steps",
+          out, Path(model).name)
 
 
 @study_app.command("scheduler")
@@ -73,10 +106,10 @@ def scheduler_cmd(model: Annotated[str, typer.Argument()] = "tiny-pixart",
         raise DitscopeError("--schedulers needs at least two schedulers")
     for name in names:
         parse_scheduler(name)
-    check_writable_dir(out)
+    _checked([model], prompts, [steps], out)
     variants = {n.replace(":", "-").replace("=", ""): {"scheduler": n, "steps": steps} for n in names}
-    _done(study_variants("scheduler", model, variants, prompts, out, seed=seed, device=device), "scheduler", out,
-          Path(model).name)
+    _done(_run(out, lambda: study_variants("scheduler", model, variants, prompts, out, seed=seed, device=device)),
+          "scheduler", out, Path(model).name)
 
 
 @study_app.command("models")
@@ -87,8 +120,11 @@ def models_cmd(models: Annotated[list[str], typer.Argument(help="two or more mod
     """Several models on the normalised axis: the cross-model correlation matrix beside within-model r."""
     from ..study import study_models
 
-    check_writable_dir(out)
-    _done(study_models(list(models), prompts, out, steps=steps, seed=seed, device=device), "models", out)
+    if len(models) < 2:
+        raise DitscopeError("the models study compares at least 2 models")
+    _checked(list(models), prompts, [steps], out)
+    _done(_run(out, lambda: study_models(list(models), prompts, out, steps=steps, seed=seed, device=device)), "models",
+          out)
 
 
 def _ints(text: str, name: str) -> list[int]:

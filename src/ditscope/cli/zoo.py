@@ -11,7 +11,14 @@ import typer
 
 from ..errors import DitscopeError
 from ..files import write_text_atomic
-from ..runtime import check_steps, check_writable_dir, pick_device, progress_bar, torch_dtype
+from ..runtime import (
+    check_steps,
+    check_writable_dir,
+    configure_scheduler,
+    pick_device,
+    progress_bar,
+    torch_dtype,
+)
 from .common import app, user_errors
 
 zoo_app = typer.Typer(help="The zoo: small models that run with no download.", no_args_is_help=True)
@@ -71,6 +78,7 @@ def eval_cmd(
         entry = entry or zoo.ZOO.get(recipe)
     pipe.set_progress_bar_config(disable=True)
     steps = steps or (entry.steps if entry else 20)
+    configure_scheduler(pipe, None, steps)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
     # one state file per (model, settings): the same command resumes, another one starts its own
     key = {"model": str(model), "random_init": random_init}
@@ -79,11 +87,18 @@ def eval_cmd(
     state = state_dir / f"{Path(model).name}{'-random-init' if random_init else ''}-{digest}.pt"
     if state.is_file():
         print(f"resuming the evaluation kept in {state}", file=sys.stderr)
-    with progress_bar("samples") as bar:
-        task = bar.add_task(f"evaluating {model}", total=n)
-        result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                    max_objects=objects, net=net, progress=lambda k: bar.advance(task, k),
-                                    state_path=state, state_key=key)
+    try:
+        with progress_bar("samples") as bar:
+            task = bar.add_task(f"evaluating {model}", total=n)
+            result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                                        max_objects=objects, net=net, progress=lambda k: bar.advance(task, k),
+                                        state_path=state, state_key=key)
+    except KeyboardInterrupt:
+        kept = f"the samples made so far are kept in {state}" if state.is_file() else "no samples were kept yet"
+        with contextlib.suppress(OSError):
+            state_dir.rmdir()  # only if empty
+        print(f"interrupted: {kept}; run the same command again to resume", file=sys.stderr)
+        raise
     with contextlib.suppress(OSError):
         state_dir.rmdir()  # only if no other unfinished evaluation is kept there
     table = Table(title=f"{model}{' (random init)' if random_init else ''}: {n} images, {steps} steps, guidance {guidance}")

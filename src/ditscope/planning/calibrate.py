@@ -35,6 +35,7 @@ from ..cache.engine import (
     block_inputs,
     block_outputs,
     flop_counter,
+    relative_change,
 )
 from ..cache.schedule import STACK, model_signature
 from ..errors import DitscopeError
@@ -80,6 +81,7 @@ class _Observer(CacheMethod):
         self.flops: dict[str, float] = {}
         self.count_flops = False
         self.history: dict = {}  # (call, unit) -> {step: [tensors]}
+        self.signal: dict = defaultdict(float)  # (prompt, step) -> the adaptive plan's live signal (see `watch`)
 
     def _prompt_of_rows(self, ctx: Context) -> np.ndarray:
         if ctx.rows % self.n_prompts:
@@ -131,8 +133,22 @@ class _Observer(CacheMethod):
         self.seconds[unit].append(time.perf_counter() - start)
         return out
 
+    def watch(self, ctx: Context, x: torch.Tensor):
+        """The live signal an adaptive plan watches: the relative L1 change of the first block's input since
+        the step before, per prompt (the mean over its guidance branches)."""
+        key = (ctx.call, "signal")
+        prev = self.history.get(key)
+        if prev is not None:
+            change = relative_change(ctx, x, prev).double().cpu()
+            branches = ctx.rows // self.n_prompts
+            for p, v in zip(self._prompt_of_rows(ctx), change.tolist()):
+                self.signal[(int(p), ctx.step)] += v / branches
+        self.history[key] = x.detach().clone()
+
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
         inputs = block_inputs(bsite, args, kwargs)
+        if bsite.index == 0:
+            self.watch(ctx, inputs["hidden"])
         streams = {name: _row_sums([t], ctx.rows) for name, t in inputs.items() if t is not None}
         in_abs = sum(streams.values())
         ctx.state.setdefault("stream_abs", {})[bsite.index] = streams
@@ -249,8 +265,13 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
                         seed=seed, prompts_hash=sha256_of([str(p) for p in prompts]), n_prompts_total=len(prompts),
                         guidance_scale=guidance_scale, batch_size=batch_size, kind="calibration",
                         units=_units(ctx), seconds={u: statistics.median(v) for u, v in observer.seconds.items()},
-                        flops=observer.flops)
+                        flops=observer.flops, signal=_signal(observer, len(prompts), steps))
     return profile, images
+
+
+def _signal(observer: _Observer, n_prompts: int, steps: int) -> list[list]:
+    """signal[prompt][step]: the first block's input change from the step before (None at step 0)."""
+    return [[observer.signal.get((p, s)) if s else None for s in range(steps)] for p in range(n_prompts)]
 
 
 def _units(ctx: Context) -> dict:

@@ -2,6 +2,9 @@
 
 On disk it is one safetensors file (`*.ditscope`): arrays as tensors, everything else as JSON in the
 header. Writes are atomic (temporary file + rename), so a crash never leaves a half-written profile.
+Format 2 adds a SHA-256 checksum over every tensor (name, dtype, shape, bytes) and every header field;
+`Profile.load` verifies it, so a damaged file is refused instead of shown as numbers. Format 1 files
+(no checksum, written before it existed) still load, unverified.
 
 Axes: values[prompt, key, step, metric], where a key is (layer, target, stream, branch), step s in
 1..T-1 is the distance between sampling steps s-1 and s (sampling order), and metric is one of
@@ -23,7 +26,7 @@ from ..stats.distances import METRICS
 from ..stats.running import FIELDS, RunningStats
 
 FORMAT = "ditscope-profile"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with a checksum (format 1 files have none and load unverified)
 TARGET_ORDER = ("q", "k", "v", "a", "out")
 # Metadata that must agree for two profiles to be merged (everything that changes the numbers).
 RUN_FIELDS = (
@@ -134,6 +137,7 @@ class Profile:
             "metrics": json.dumps(list(self.metrics)),
             "meta": json.dumps(self.meta, sort_keys=True, default=str),
         }
+        header["checksum"] = checksum(tensors, header)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, fsync=True) as tmp:
             save_file(tensors, str(tmp), metadata=header)
@@ -144,6 +148,10 @@ class Profile:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            inside = sorted(path.glob("*.ditscope"))
+            hint = f"pass {inside[0]}" if inside else "pass a .ditscope file (ditscope profile writes OUT/profile.ditscope)"
+            raise DitscopeError(f"{path} is a folder, not a profile; {hint}")
         if not path.is_file():
             raise DitscopeError(f"profile {path} does not exist")
         try:
@@ -154,28 +162,25 @@ class Profile:
             raise DitscopeError(f"{path} is corrupt or not a ditscope profile ({type(e).__name__})") from None
         if header.get("format") != FORMAT:
             raise DitscopeError(f"{path} is not a ditscope profile")
-        version = int(header.get("format_version", "0"))
+        try:
+            version = int(header.get("format_version", "0"))
+        except ValueError:
+            raise DitscopeError(f"{path} is corrupt: its format version is not a number") from None
         if version > FORMAT_VERSION:
             raise DitscopeError(
                 f"{path} was written by a newer ditscope (profile format {version}, this one reads "
                 f"<= {FORMAT_VERSION}); upgrade ditscope"
             )
+        if version >= 2 and header.get("checksum") != checksum(tensors, header):
+            raise DitscopeError(f"{path} is corrupt: its contents do not match its checksum (damaged on disk or in "
+                                "transfer); profile again or restore a copy")
         try:
-            keys = [tuple(k) for k in json.loads(header["keys"])]
-            prof = cls(
-                keys=keys,
-                layer_names=json.loads(header["layer_names"]),
-                timesteps=[float(t) for t in tensors["timesteps"]],
-                prompt_index=tensors["prompt_index"],
-                values=tensors["values"],
-                stats=RunningStats(**{n: tensors[f"stats.{n}"] for n in FIELDS}),
-                meta=json.loads(header["meta"]),
-                metrics=tuple(json.loads(header["metrics"])),
-            )
+            fields = _parse_header(header, tensors)
         except (KeyError, ValueError, TypeError) as e:
             raise DitscopeError(f"{path} is corrupt: missing or malformed field {e}") from None
-        expected = (prof.n_prompts, len(keys), prof.n_steps - 1, len(prof.metrics))
-        if prof.values.shape != expected or prof.stats.shape != expected[1:]:
+        prof = cls(**fields)
+        expected = (prof.n_prompts, len(prof.keys), prof.n_steps - 1, len(prof.metrics))
+        if prof.values.shape != expected or any(a.shape != expected[1:] for a in prof.stats.as_dict().values()):
             raise DitscopeError(f"{path} is corrupt: array shapes do not match its header")
         return prof
 
@@ -275,3 +280,54 @@ def sha256_of(obj) -> str:
     """Stable hash of JSON-able data (configs, prompt lists)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def checksum(tensors: dict, header: dict) -> str:
+    """SHA-256 over the tensors (name, dtype, shape and bytes, by name) and the header's other fields."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode())
+        h.update(memoryview(arr).cast("B") if arr.size else b"")
+    h.update(json.dumps({k: v for k, v in header.items() if k != "checksum"}, sort_keys=True).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _parse_header(header: dict, tensors: dict) -> dict:
+    """The Profile fields from a file's header and tensors, each checked for its type (a ValueError,
+    TypeError or KeyError names the field that is not what a profile holds)."""
+
+    def parsed(name, check, what):
+        value = json.loads(header[name])
+        if not check(value):
+            raise ValueError(f"{name!r} (not {what})")
+        return value
+
+    def strings(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def is_key(k):
+        return (isinstance(k, list) and len(k) == 4 and isinstance(k[0], int) and not isinstance(k[0], bool)
+                and all(isinstance(x, str) for x in k[1:]))
+
+    layer_names = parsed("layer_names", strings, "a list of names")
+    keys = parsed("keys", lambda v: isinstance(v, list) and all(is_key(k) and 0 <= k[0] < len(layer_names) for k in v),
+                  "a list of [layer, target, stream, branch]")
+    metrics = parsed("metrics", lambda v: strings(v) and len(v) > 0, "a list of metric names")
+    meta = parsed("meta", lambda v: isinstance(v, dict), "an object")
+    kinds = {"values": "f", "prompt_index": "iu", "timesteps": "fiu", **{f"stats.{n}": "fiu" for n in FIELDS}}
+    for name, kind in kinds.items():
+        if tensors[name].dtype.kind not in kind:
+            raise TypeError(f"{name!r} (a {tensors[name].dtype} tensor)")
+    if tensors["prompt_index"].ndim != 1 or tensors["timesteps"].ndim != 1:
+        raise ValueError("'prompt_index' or 'timesteps' (not a vector)")
+    return dict(
+        keys=[tuple(k) for k in keys],
+        layer_names=layer_names,
+        timesteps=[float(t) for t in tensors["timesteps"]],
+        prompt_index=tensors["prompt_index"].astype(np.int64, copy=False),
+        values=tensors["values"],
+        stats=RunningStats(**{n: tensors[f"stats.{n}"] for n in FIELDS}),
+        meta=meta,
+        metrics=tuple(metrics),
+    )

@@ -15,11 +15,18 @@ from pathlib import Path
 
 from ..capture.recorder import TARGETS
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, parse_scheduler, parse_shard, pick_device, torch_dtype
+from ..runtime import (
+    check_writable_dir,
+    configure_scheduler,
+    parse_scheduler,
+    parse_shard,
+    pick_device,
+    torch_dtype,
+)
 from .artifact import RUN_FIELDS, Profile
 from .prompts import load_prompts
 from .runner import profile as run_profile
-from .runner import run_metadata
+from .runner import run_metadata, shard_indices
 
 
 def profile_model(model: str | None = None, prompts: Path | None = None, column: str | None = None,
@@ -36,6 +43,7 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
     from .. import zoo
 
     model = model or zoo.DEFAULT_MODEL
+    zoo.check_model(model)
     entry = zoo.ZOO.get(model)
     steps = steps if steps is not None else (entry.steps if entry else 20)
     guidance_scale = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
@@ -43,12 +51,16 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
         raise DitscopeError(f"--steps must be at least 2 to measure step-to-step distances (got {steps})")
     if batch_size < 1:
         raise DitscopeError(f"--batch-size must be at least 1 (got {batch_size})")
-    sched_cls, sched_overrides = parse_scheduler(scheduler) if scheduler else (None, {})
+    if scheduler:
+        parse_scheduler(scheduler)  # the name and option keys, before anything loads
     shard_arg = parse_shard(shard)
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     if not target_list or any(t not in TARGETS for t in target_list):
         raise DitscopeError(f"--targets {targets!r}: choose a comma list from {','.join(TARGETS)}")
     prompt_list = load_prompts(prompts, column) if prompts is not None else zoo.builtin_prompts()
+    if shard_arg is not None and shard_arg[0] >= len(prompt_list):
+        raise DitscopeError(f"--shard {shard}: shard {shard_arg[0]} has no prompts (only {len(prompt_list)} prompts); "
+                            f"use at most {len(prompt_list)} shards")
     out = out or Path("runs") / Path(model).name.replace("/", "_")
     check_writable_dir(out)
     dev = pick_device(device)
@@ -61,8 +73,7 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
     if world > 1 and dev.startswith("cuda"):
         dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     pipe = zoo.load_pipeline(model, dtype=dt, device=dev)
-    if sched_cls is not None:
-        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config, **sched_overrides)
+    configure_scheduler(pipe, scheduler, steps)
 
     final = out / "profile.ditscope"
     part = shard_arg or ((rank, world) if world > 1 else None)
@@ -81,6 +92,12 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
         if rank == 0:
             print(f"{final} is already complete; nothing to compute", file=sys.stderr)
         return (done, final) if rank == 0 else (None, None)
+    mine = shard_indices(len(prompt_list), part) if part else range(len(prompt_list))
+
+    def resuming(done: int, total: int):
+        if rank == 0:
+            print(f"resuming {state}: {done} of {total} prompts already profiled", file=sys.stderr)
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         with progress() if progress is not None and rank == 0 else nullcontext() as bar:
@@ -88,13 +105,22 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
                 pipe, prompt_list, num_inference_steps=steps, seed=seed, guidance_scale=guidance_scale,
                 batch_size=batch_size, targets=target_list, storage_dtype=store_dt, offload=offload,
                 state_path=state, shard=shard_arg, progress=bar, model_id=model,
-                call_kwargs=entry.call_kwargs if entry else None, outputs=outputs,
+                call_kwargs=entry.call_kwargs if entry else None, outputs=outputs, on_resume=resuming,
             )
     except DitscopeError:
         if created_dir:
             shutil.rmtree(out, ignore_errors=True)
         elif created_state:
             state.unlink(missing_ok=True)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C: say what was kept and how to go on
+        if state.exists():
+            print(f"interrupted: {_saved_prompts(state)} of {len(mine)} prompts are saved in {state}; run the same "
+                  "command again to resume", file=sys.stderr)
+        else:
+            if created_dir:
+                shutil.rmtree(out, ignore_errors=True)
+            print("interrupted before the first prompts were saved; nothing was kept", file=sys.stderr)
         raise
     if world > 1:
         import torch.distributed as dist
@@ -109,6 +135,14 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
     result.save(target_file)
     state.unlink(missing_ok=True)
     return result, target_file
+
+
+def _saved_prompts(state: Path) -> int:
+    """How many prompts a saved partial profile holds (an unreadable one is reported by the run itself)."""
+    try:
+        return Profile.load(state).n_prompts
+    except DitscopeError:
+        return 0
 
 
 def init_distributed(device: str) -> tuple[int, int]:

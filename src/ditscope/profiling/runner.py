@@ -71,7 +71,11 @@ def load_state(state_path, meta: dict, shard: str) -> Profile | None:
     """A saved partial run, after checking it was made with the same arguments."""
     if state_path is None or not Path(state_path).exists():
         return None
-    state = Profile.load(state_path)
+    try:
+        state = Profile.load(state_path)
+    except DitscopeError as e:
+        raise DitscopeError(f"the saved state of an interrupted run is unusable ({e}); delete {state_path} to start "
+                            "over") from None
     differs = [k for k in RUN_FIELDS if state.meta.get(k) != meta.get(k)]
     if state.meta.get("shard") != shard:
         differs.append("shard")
@@ -115,6 +119,7 @@ def profile(
     model_id: str | None = None,
     call_kwargs: dict | None = None,
     outputs=None,
+    on_resume=None,
 ) -> Profile:
     """Profile step-to-step redundancy of `pipe.transformer` over `prompts`.
 
@@ -133,6 +138,7 @@ def profile(
         call_kwargs: extra keyword arguments for every pipeline call.
         outputs: output-only sites too (target "out"): "mlp", "blocks", "mlp,blocks" (from the family
             table) or module patterns as for `attention`; see `Recorder`.
+        on_resume: called as on_resume(done, total) when a saved state is resumed (prompts of this shard).
     """
     if num_inference_steps < 2:
         raise DitscopeError(f"--steps must be at least 2 to measure step-to-step distances (got {num_inference_steps})")
@@ -160,6 +166,8 @@ def profile(
     todo = shard_indices(len(prompts), shard)
     if done is not None:
         finished = set(done.prompt_index.tolist())
+        if on_resume is not None:
+            on_resume(sum(i in finished for i in todo), len(todo))
         todo = [i for i in todo if i not in finished]
     task = progress.add_task("profiling", total=len(todo) * num_inference_steps) if progress is not None else None
 

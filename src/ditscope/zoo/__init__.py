@@ -110,6 +110,12 @@ def builtin_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _reason(e: Exception) -> str:
+    """An exception's first line, short (library errors can run to pages)."""
+    text = str(e).strip()
+    return (text.splitlines()[0][:300].rstrip(". ") if text else "") or type(e).__name__
+
+
 def load(name: str, dtype: torch.dtype = torch.float32):
     """A zoo pipeline by name."""
     if name not in ZOO:
@@ -117,29 +123,55 @@ def load(name: str, dtype: torch.dtype = torch.float32):
     return ZOO[name].build(dtype)
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Resolve a MODEL argument: a zoo name, a local diffusers folder, or a Hugging Face hub id."""
+def check_model(model: str) -> str:
+    """What a MODEL argument names, checked without loading it: "zoo", "folder" or "hub" (a hub id that,
+    offline, must be in the local cache). Raises a DitscopeError for anything else."""
     if model in ZOO:
-        return load(model, dtype).to(device)
+        return "zoo"
     path = Path(model)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise DitscopeError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
         if not (path / "transformer").is_dir():
             raise DitscopeError(f"{model} has no transformer/ folder; ditscope profiles diffusion transformers")
-        source = str(path)
+        return "folder"
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        import os
+
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                cached = try_to_load_from_cache(model, "model_index.json")
+            except Exception:  # an id huggingface_hub refuses
+                cached = None
+            if not isinstance(cached, str):
+                raise DitscopeError(f"cannot load model {model!r} (HF_HUB_OFFLINE is set and it is not in the local "
+                                    "cache); check the id, or download it first")
+        return "hub"
+    raise DitscopeError(
+        f"unknown model {model!r}: not a zoo name ({', '.join(ZOO)}), a local folder, or a hub id (org/name)"
+    )
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Resolve a MODEL argument: a zoo name, a local diffusers folder, or a Hugging Face hub id."""
+    kind = check_model(model)
+    if kind == "zoo":
+        return load(model, dtype).to(device)
+    path = Path(model)
+    source = str(path) if kind == "folder" else model
+    if kind == "folder":
         if '"ShapesPipeline"' in (path / "model_index.json").read_text(encoding="utf-8", errors="replace"):
             from .pipeline import ShapesPipeline
 
-            with quiet_loading():
-                pipe = ShapesPipeline.from_pretrained(source)
+            try:
+                with quiet_loading():
+                    pipe = ShapesPipeline.from_pretrained(source)
+            except Exception as e:  # a damaged model_index.json, config or weights file
+                raise DitscopeError(f"cannot load model {model!r}: {_reason(e)}; its files are damaged or incomplete "
+                                    "(save or copy the folder again)") from None
             return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)).to(device)
-    elif model.count("/") == 1 and not model.startswith((".", "/")):
-        source = model
-    else:
-        raise DitscopeError(
-            f"unknown model {model!r}: not a zoo name ({', '.join(ZOO)}), a local folder, or a hub id (org/name)"
-        )
     import inspect
 
     from diffusers import DiffusionPipeline
@@ -150,8 +182,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(source, **{"dtype" if takes_dtype else "torch_dtype": dtype})
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DitscopeError(f"cannot load model {model!r} ({reason[:200]}); check the id, or download it first") from None
+        raise DitscopeError(f"cannot load model {model!r} ({_reason(e)}); check the id, or download it first") from None
     if getattr(pipe, "transformer", None) is None:
         raise DitscopeError(f"{model} ({type(pipe).__name__}) has no transformer; ditscope profiles diffusion transformers")
     return pipe.to(device)

@@ -66,6 +66,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...cache.registry import Knob
 from ...errors import DitscopeError
 
 
@@ -88,6 +89,7 @@ class Peer:
         grid: the bench's settings, near-lossless to aggressive.
         apply: (pipe, options, num_inference_steps, run_once) -> remove().
         nullable: options whose None means "off" although their default is not None.
+        knob: the option `ditscope tune` fits (None: nothing to fit).
     """
 
     name: str
@@ -97,6 +99,7 @@ class Peer:
     grid: list
     apply: Callable
     nullable: frozenset = frozenset()
+    knob: Knob | None = None
 
 
 PEERS: dict[str, Peer] = {}

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...families import family_of
 from . import Peer, PeerUnavailable, config_error, one_line, register_peer
@@ -199,6 +200,7 @@ register_peer(Peer(
         {"residual_diff_threshold": 0.2, "max_warmup_steps": 2},
     ],
     apply=_apply_dbcache,
+    knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
 ))
 
 register_peer(Peer(
@@ -214,4 +216,5 @@ register_peer(Peer(
         {"residual_diff_threshold": 0.25, "max_warmup_steps": 2},
     ],
     apply=_apply_dbcache_taylorseer,
+    knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
 ))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...patching import Patches, read_timestep, timestep_argument
 from . import CONTEXT_NAME, Peer, PeerUnavailable, config_error, one_line, quiet_logger, register_peer
@@ -308,6 +309,7 @@ register_peer(Peer(
     ],
     apply=_apply_pab,
     nullable=frozenset({"spatial_attention_block_skip_range"}),
+    knob=Knob("spatial_attention_block_skip_range", 2, 10, integer=True),
 ))
 
 
@@ -317,6 +319,7 @@ register_peer(Peer(
     defaults={"threshold": 0.05},
     grid=[{"threshold": 0.08}, {"threshold": 0.15}, {"threshold": 0.3}],
     apply=_apply_fbcache,
+    knob=Knob("threshold", 0.005, 1.0, log=True),
 ))
 
 
@@ -345,6 +348,7 @@ register_peer(Peer(
     ],
     apply=_apply_fastercache,
     nullable=frozenset({"spatial_attention_block_skip_range"}),
+    knob=Knob("spatial_attention_block_skip_range", 2, 10, integer=True),
 ))
 
 
@@ -369,6 +373,7 @@ register_peer(Peer(
         {"cache_interval": 4, "disable_cache_before_step": 4},
     ],
     apply=_apply_taylorseer,
+    knob=Knob("cache_interval", 2, 10, integer=True),
 ))
 
 
@@ -387,4 +392,5 @@ register_peer(Peer(
         {"threshold": 0.12, "max_skip_steps": 4},
     ],
     apply=_apply_magcache,
+    knob=Knob("threshold", 0.01, 3.0, log=True),
 ))

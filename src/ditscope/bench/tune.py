@@ -1,0 +1,348 @@
+"""`ditscope tune`: fit one cache method's knob on calibration prompts so that a target holds end to end.
+
+Every cache method (ditscope's and the peers') has one option that trades quality for speed: FBCache's
+and MagCache's thresholds, DBCache's residual threshold, ToCa's ratio, FORA's interval... (its `Knob`,
+declared where the method registers). Thresholds are usually hand-set per model, and a threshold that
+suits one model never fires, or always fires, on another. `tune` measures instead:
+
+1. the uncached images of the calibration prompts are the reference;
+2. the knob moves from its mildest value towards its most aggressive one, and at each value the cached
+   images are compared with the reference (PSNR, SSIM) or timed (speedup);
+3. quality targets keep the most aggressive value whose quality holds (the lower end of the 95% bootstrap
+   interval of the mean over the prompts, as the planner does, or the mean with `assurance="mean"`);
+   speed targets keep the mildest value that is fast enough. Real-valued knobs are scanned on a grid,
+   then bisected next to the boundary; integer knobs are scanned value by value.
+
+TeaCache's rescaling polynomial is fitted too (`fit_teacache`): on the uncached calibration run, the
+relative change of the first block's modulated input against the relative change of the block stack's
+output, a 4th-order least-squares fit with its R^2, instead of coefficients copied from another model.
+
+The result is a `Tuned` (method, options, what was measured), saved as JSON that `ditscope generate
+--cache FILE` and `ditscope.apply(pipe, Tuned.load(FILE).config())` take. A `work_dir` keeps the reference
+images and every evaluation, so an interrupted tuning resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cache.engine import (
+    BlockSite,
+    CacheHandle,
+    CacheMethod,
+    Context,
+    block_outputs,
+    hidden_arg,
+    relative_change,
+)
+from ..cache.registry import REGISTRY, Knob
+from ..errors import DitscopeError
+from ..files import atomic_path, write_text_atomic
+from ..planning.calibrate import generate
+from ..planning.planner import Evaluations, Target
+
+FORMAT, VERSION = "ditscope-tuned", 1
+GRID_POINTS = 6  # real-valued knobs: values on the grid before the bisection
+
+
+@dataclass
+class Tuned:
+    """A fitted cache setting: the method, every option it runs with, and what tuning measured."""
+
+    method: str
+    options: dict
+    meta: dict = field(default_factory=dict)
+
+    def config(self):
+        """The ditscope config to `ditscope.apply` (peers run through the bench, not `apply`)."""
+        from ..cache import config_from_options
+        from .grid import option_strings
+
+        if self.method not in REGISTRY:
+            raise DitscopeError(f"{self.method} is a peer: run its fitted options with ditscope bench, not apply")
+        return config_from_options(self.method, option_strings(self.options))
+
+    def save(self, path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            raise DitscopeError(f"{path} is a folder; give a file name such as {path / 'method.tuned.json'}")
+        body = {"format": FORMAT, "version": VERSION, "method": self.method, "options": self.options, "meta": self.meta}
+        write_text_atomic(path, json.dumps(body, indent=1, default=str))
+
+    @classmethod
+    def load(cls, path) -> Tuned:
+        path = Path(path)
+        if not path.is_file():
+            raise DitscopeError(f"tuned config {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DitscopeError(f"{path} is not a tuned config (not JSON: {e.__class__.__name__}); "
+                                "write one with ditscope tune") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise DitscopeError(f"{path} is not a tuned config; write one with ditscope tune")
+        if body.get("version") != VERSION:
+            raise DitscopeError(f"{path} is a tuned config of version {body.get('version')!r}; this ditscope reads "
+                                f"version {VERSION}: tune again")
+        if not isinstance(body.get("method"), str) or not isinstance(body.get("options"), dict):
+            raise DitscopeError(f"{path} is damaged: its method or options are missing; tune again")
+        return cls(body["method"], body["options"], body.get("meta") or {})
+
+
+def knob_of(method: str, name: str | None = None) -> tuple[Knob, dict]:
+    """The knob `tune` fits for `method` (or the option `name`, on the default knob's range when it is the same
+    option, else on a range around its default) and the method's default options."""
+    from .peers import PEERS
+
+    if method in REGISTRY:
+        import dataclasses
+
+        entry = REGISTRY[method]
+        knob = entry.knob
+        defaults = {f.name: getattr(entry.config(), f.name) for f in dataclasses.fields(entry.config)}
+    elif method in PEERS:
+        knob, defaults = PEERS[method].knob, dict(PEERS[method].defaults)
+    else:
+        raise DitscopeError(f"unknown method {method!r}; choose from {', '.join([*REGISTRY, *PEERS])}")
+    if name is None or (knob is not None and name == knob.name):
+        if knob is None:
+            hint = "fit it with ditscope plan" if method == "plan" else "give its options by hand"
+            raise DitscopeError(f"{method} has no knob to tune; {hint}")
+        return knob, defaults
+    value = defaults.get(name)
+    if name not in defaults:
+        raise DitscopeError(f"{method} has no option {name!r}; options: {', '.join(defaults)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DitscopeError(f"{method} option {name} is not a number (it is {value!r}); tune a numeric option")
+    if isinstance(value, int):
+        return Knob(name, 1, max(10, 3 * value), integer=True), defaults
+    return Knob(name, value / 10 if value > 0 else 0.001, value * 10 if value > 0 else 1.0, log=True), defaults
+
+
+def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inference_steps: int = 20, seed: int = 0,
+         batch_size: int = 8, guidance_scale=None, options: dict | None = None, knob: str | None = None,
+         assurance: str = "lower", iterations: int = 10, fit_coefficients: bool = True, work_dir=None,
+         progress=None) -> Tuned:
+    """Fit `method`'s knob on `prompts` so that `target` (psnr=DB, ssim=S or speedup=X) holds.
+
+    `options` are held fixed (the knob is the only thing that moves); `knob` names another numeric option
+    to fit. TeaCache's coefficients are fitted first unless `options` gives them or `fit_coefficients` is
+    False. Raises DitscopeError when even the mildest setting misses a quality target (saying what it
+    reaches) or the most aggressive one misses a speed target. `progress(text)` reports each evaluation.
+    """
+    goal = Target.parse(target)
+    if goal.kind == "flops":
+        raise DitscopeError("tune fits psnr=, ssim= or speedup= targets; flops= is for ditscope plan")
+    if assurance not in ("lower", "mean"):
+        raise DitscopeError(f"unknown assurance {assurance!r}; use lower or mean")
+    if not prompts:
+        raise DitscopeError("tuning needs at least one calibration prompt")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
+        raise DitscopeError(f"tuning needs num_inference_steps >= 2, not {num_inference_steps!r}")
+    the_knob, defaults = knob_of(method, knob)
+    fixed = dict(options or {})
+    if the_knob.name in fixed:
+        raise DitscopeError(f"option {the_knob.name} is the knob being tuned; leave it out of the fixed options")
+    unknown = sorted(set(fixed) - set(defaults))
+    if unknown:
+        raise DitscopeError(f"{method} has no option {unknown[0]!r}; options: {', '.join(defaults)}")
+    say = progress or (lambda text: None)
+    started = time.perf_counter()
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    reference = _reference(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, work, say)
+    meta: dict = {}
+    if method == "teacache" and fit_coefficients and "coefficients" not in fixed:
+        fit = fit_teacache(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale)
+        fixed["coefficients"] = fit["coefficients"]
+        meta["teacache_fit"] = fit
+        say(f"teacache: polynomial fitted, R^2 {fit['r2']:.3f} over {fit['points']} step pairs")
+    evaluations = Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
+                              work / "evaluations.jsonl" if work else None)
+    applier = _applier(pipe, method, num_inference_steps, prompts[0], guidance_scale)
+    trace: list[dict] = []
+
+    def measure(value) -> dict:
+        opts = {**fixed, the_knob.name: value}
+        key = json.dumps([method, opts], sort_keys=True, default=str)
+        row = evaluations.measure(key, lambda: applier(opts), timed=not goal.quality)
+        trace.append({the_knob.name: value, **{k: round(v, 4) for k, v in row.items() if k != "key"}})
+        return row
+
+    def holds(value) -> bool:
+        row = measure(value)
+        if goal.quality:
+            ok = row[goal.kind + ("_lo" if assurance == "lower" else "")] >= goal.value
+            say(f"{method} {the_knob.name}={_fmt(value)}: PSNR {row['psnr']:.2f} dB (lower {row['psnr_lo']:.2f}), "
+                f"SSIM {row['ssim']:.3f}: {'holds' if ok else 'misses'}")
+        else:
+            ok = row["speedup"] >= goal.value
+            say(f"{method} {the_knob.name}={_fmt(value)}: {row['speedup']:.2f}x: {'holds' if ok else 'misses'}")
+        return ok
+
+    # Quality falls as the knob grows more aggressive: find the boundary on the mild-to-aggressive axis.
+    # Quality targets keep the last value that holds; speed targets the first.
+    points = the_knob.values() if the_knob.integer else [the_knob.at(i / (GRID_POINTS - 1)) for i in range(GRID_POINTS)]
+    want_last = goal.quality
+    best, boundary = None, None  # the chosen value; the neighbour on the other side of the boundary
+    for i, value in enumerate(points):
+        ok = holds(value)
+        if want_last:
+            if not ok:
+                boundary = value
+                break
+            best = value
+        elif ok:
+            best, boundary = value, points[i - 1] if i else None
+            break
+    if best is None:
+        row = measure(points[0] if want_last else points[-1])
+        reach = (f"its mildest setting ({the_knob.name}={_fmt(points[0])}) reaches PSNR {row['psnr']:.2f} dB "
+                 f"(lower {row['psnr_lo']:.2f}), SSIM {row['ssim']:.3f}" if want_last else
+                 f"its most aggressive setting ({the_knob.name}={_fmt(points[-1])}) reaches {row['speedup']:.2f}x")
+        raise DitscopeError(f"{method} cannot reach {goal} on these prompts: {reach}; ask for less")
+    if not the_knob.integer and boundary is not None:  # bisect between the value kept and its neighbour
+        a, b = (best, boundary)
+        for _ in range(max(0, iterations - len(trace))):
+            mid = math.sqrt(a * b) if the_knob.log and a > 0 and b > 0 else (a + b) / 2
+            if holds(mid):
+                a = mid
+                best = mid
+            else:
+                b = mid
+    chosen = {**fixed, the_knob.name: best}
+    final = measure(best)
+    speed = final.get("speedup") or evaluations.measure(json.dumps([method, chosen], sort_keys=True, default=str),
+                                                        lambda: applier(chosen), timed=True)["speedup"]
+    meta.update({
+        "target": str(goal), "knob": the_knob.name, "value": best, "assurance": assurance,
+        "pipeline": type(pipe).__name__, "num_inference_steps": num_inference_steps,
+        "calibration": {"n_prompts": len(prompts), "seed": seed, "guidance_scale": guidance_scale,
+                        "batch_size": batch_size},
+        "quality": {k: round(v, 4) for k, v in final.items() if k not in ("key", "speedup")},
+        "measured_speedup": round(speed, 3),
+        "evaluations": len(trace),
+        "trace": trace,
+        "tuning_seconds": round(time.perf_counter() - started, 1),
+    })
+    return Tuned(method, _plain(chosen), meta)
+
+
+def _fmt(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def _plain(options: dict) -> dict:
+    """Options as JSON keeps them (tuples as lists), so a saved and a returned Tuned agree."""
+    return json.loads(json.dumps(options, default=str))
+
+
+def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale):
+    """opts -> remove(): applies `method` with `opts` to `pipe` (ditscope's through apply, a peer's through
+    its adapter, which may run the pipeline once to check it runs or to calibrate)."""
+    if method in REGISTRY:
+        from ..cache import apply, config_from_options
+        from .grid import option_strings
+
+        return lambda opts: apply(pipe, config_from_options(method, option_strings(opts))).remove
+    from .peers import PeerUnavailable, apply_peer
+
+    def run_once():
+        kwargs = {"num_inference_steps": steps, "generator": [torch.Generator().manual_seed(0)]}
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
+        return pipe([first_prompt], **kwargs)
+
+    def applied(opts):
+        try:
+            return apply_peer(method, pipe, opts, steps, run_once)
+        except PeerUnavailable as e:
+            raise DitscopeError(str(e)) from None
+
+    return applied
+
+
+def _reference(pipe, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say) -> torch.Tensor:
+    """The uncached images of the calibration prompts (kept in the work folder, with what made them)."""
+    from safetensors.torch import load_file, save_file
+
+    stamp = json.dumps({"prompts": [str(p) for p in prompts], "steps": steps, "seed": seed, "batch_size": batch_size,
+                        "guidance_scale": guidance_scale})
+    if work is not None and (work / "reference.safetensors").exists() and (work / "reference.json").exists():
+        if (work / "reference.json").read_text() == stamp:
+            say("reference: resumed from the work folder")
+            return load_file(str(work / "reference.safetensors"))["images"]
+    say(f"reference: {len(prompts)} prompts x {steps} steps, uncached")
+    images = generate(pipe, prompts, steps, seed, batch_size, guidance_scale)
+    if work is not None:
+        with atomic_path(work / "reference.safetensors") as tmp:
+            save_file({"images": images.contiguous()}, str(tmp))
+        write_text_atomic(work / "reference.json", stamp)
+    return images
+
+
+# ------------------------------------------------------------------------------- TeaCache's polynomial
+class _TeaProbe(CacheMethod):
+    """Computes everything; per step, pairs the relative change of the first block's modulated input (what
+    TeaCache watches) with that of the last block's output (what skipping the stack would get wrong)."""
+
+    uses_blocks = True
+
+    def __init__(self):
+        super().__init__(None)
+        self.pairs: list[tuple[float, float]] = []
+
+    def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
+        seen = {}
+
+        def read(module, a, kw):  # the first call of the module in this block: its modulated input
+            if "x" not in seen:
+                seen["x"] = hidden_arg(a, kw).detach().clone()
+
+        hook = bsite.sites[0].module.register_forward_pre_hook(read, with_kwargs=True) if (
+            bsite.index == 0 and bsite.sites) else None
+        try:
+            out = run(*args, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        st = ctx.state
+        if "x" in seen:
+            prev = st.get("x")
+            st["x_change"] = relative_change(ctx, seen["x"], prev).cpu() if prev is not None else None
+            st["x"] = seen["x"]
+        if bsite.index == len(ctx.blocks) - 1:
+            y = block_outputs(bsite, out)["hidden"].detach().clone()
+            if st.get("y") is not None and st.get("x_change") is not None:
+                self.pairs.extend(zip(st["x_change"].tolist(), relative_change(ctx, y, st["y"]).cpu().tolist()))
+            st["y"] = y
+        return out
+
+
+def fit_teacache(pipe, prompts: list, num_inference_steps: int = 20, seed: int = 0, batch_size: int = 8,
+                 guidance_scale=None, degree: int = 4) -> dict:
+    """Fit TeaCache's rescaling polynomial on the uncached model: x = relative L1 change of the first block's
+    modulated input between consecutive steps, y = that of the block stack's output, per model row.
+
+    Returns {"coefficients": [...] (highest degree first, numpy.polyval's order), "r2", "points",
+    "x_range"}: what `TeaCacheConfig(coefficients=...)` takes, and how well it fits."""
+    import numpy as np
+
+    probe = _TeaProbe()
+    with CacheHandle(pipe, probe, num_inference_steps=num_inference_steps):
+        generate(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale)
+    if len(probe.pairs) < degree + 2:
+        raise DitscopeError(f"TeaCache fit: only {len(probe.pairs)} step pairs; use more prompts or steps")
+    x, y = np.array([p[0] for p in probe.pairs]), np.array([p[1] for p in probe.pairs])
+    coefficients = np.polyfit(x, y, degree)
+    residual = y - np.polyval(coefficients, x)
+    r2 = 1.0 - float((residual**2).sum()) / max(float(((y - y.mean()) ** 2).sum()), 1e-30)
+    return {"coefficients": [float(c) for c in coefficients], "r2": round(r2, 4), "points": len(probe.pairs),
+            "x_range": [round(float(x.min()), 5), round(float(x.max()), 5)]}

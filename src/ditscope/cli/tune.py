@@ -1,0 +1,116 @@
+"""`ditscope tune`: fit a cache method's knob (threshold, ratio, interval) so that a target holds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import DitscopeError
+from ..runtime import check_steps, check_writable_dir, pick_device, torch_dtype
+from .common import app, user_errors
+from .plan import CALIBRATION_SEED
+
+
+@app.command()
+@user_errors
+def tune(
+    model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
+    method: Annotated[str, typer.Option(help="a ditscope method (fbcache, teacache, toca, fora...) or a peer "
+                                       "(diffusers-magcache, cachedit-dbcache...)")] = "fbcache",
+    target: Annotated[str, typer.Option(help="psnr=DB or ssim=S (on the calibration prompts), or speedup=X")] = "psnr=35",
+    knob: Annotated[str | None, typer.Option(help="the option to fit (default: the method's knob)")] = None,
+    cache_opt: Annotated[list[str] | None, typer.Option(help="options held fixed, key=value (repeatable)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
+    n_prompts: Annotated[int, typer.Option(help="calibration prompts drawn for zoo models (or the first N of --prompts)")] = 8,
+    prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn calibration prompts")] = CALIBRATION_SEED,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
+    guidance_scale: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 8,
+    assurance: Annotated[str, typer.Option(help="lower: the 95% interval's lower end must reach a quality target; "
+                                           "mean: the mean")] = "lower",
+    out: Annotated[Path | None, typer.Option(help="fitted config (default tuned/MODEL.METHOD.json)")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+):
+    """Fit METHOD's knob on calibration prompts so the target holds; writes a config generate --cache takes."""
+    import torch
+
+    from .. import zoo
+    from ..bench.tune import knob_of
+    from ..bench.tune import tune as fit
+    from ..planning.planner import Target
+    from ..profiling.prompts import load_prompts
+    from ..zoo import evaluator
+
+    goal = Target.parse(target)
+    if goal.kind == "flops":
+        raise DitscopeError("--target flops= is for ditscope plan; tune psnr=, ssim= or speedup=")
+    if n_prompts < 1 or batch_size < 1:
+        raise DitscopeError("--n-prompts and --batch-size must be at least 1")
+    check_steps(steps)
+    if steps is not None and steps < 2:
+        raise DitscopeError("--steps must be at least 2")
+    if assurance not in ("lower", "mean"):
+        raise DitscopeError(f"--assurance must be lower or mean, not {assurance!r}")
+    knob_of(method, knob)  # an unknown method or a method without a knob fails before the model loads
+    fixed = {}
+    for item in [part for opt in cache_opt or [] for part in opt.split()]:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise DitscopeError(f"--cache-opt {item!r} is not key=value")
+        try:
+            fixed[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            fixed[key.replace("-", "_")] = raw
+    _check_peer(method)
+    out = out or Path("tuned") / f"{Path(model).name}.{method}.json"
+    if out.is_dir():
+        raise DitscopeError(f"--out {out} is a folder; give a file name such as {out / 'model.method.json'}")
+    check_writable_dir(out.parent)
+    prompt_list = load_prompts(prompts)[:n_prompts] if prompts is not None else None
+    entry = zoo.ZOO.get(model)
+    n_steps = steps or (entry.steps if entry else 20)
+    dev = pick_device(device)
+    pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
+    pipe.set_progress_bar_config(disable=True)
+    if prompt_list is None:
+        if not hasattr(pipe, "is_class_conditional"):
+            raise DitscopeError(f"{model} is not a zoo model: give calibration prompts with --prompts")
+        _, prompt_list = evaluator.evaluation_prompts(pipe, n_prompts, seed=prompt_seed)
+    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    work = out.parent / f".{out.name}.work"  # reference images and evaluations: a rerun resumes from them
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with torch.inference_mode():
+        try:
+            result = fit(pipe, method, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
+                         options=fixed, knob=knob, assurance=assurance, work_dir=work,
+                         progress=lambda text: console.print(f"tune: {text}", highlight=False))
+        except DitscopeError:  # a target it cannot reach: nothing is left (an interrupt keeps the work to resume)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    result.meta["model"] = model
+    result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None
+    result.save(out)
+    shutil.rmtree(work, ignore_errors=True)
+    m = result.meta
+    print(f"wrote {out}")
+    print(f"  {m['knob']} = {m['value']:.4g}   PSNR {m['quality']['psnr']:.2f} dB (95% lower {m['quality']['psnr_lo']:.2f}), "
+          f"SSIM {m['quality']['ssim']:.3f}, measured {m['measured_speedup']:.2f}x on the calibration prompts")
+    if "teacache_fit" in m:
+        print(f"  teacache polynomial R^2 {m['teacache_fit']['r2']:.3f} over {m['teacache_fit']['points']} step pairs")
+
+
+def _check_peer(method: str) -> None:
+    """A peer whose package is missing fails now, not after the model has loaded."""
+    import importlib.util
+
+    need = {"diffusers-": "diffusers", "cachedit-": "cache_dit"}
+    for prefix, module in need.items():
+        if method.startswith(prefix) and importlib.util.find_spec(module) is None:
+            raise DitscopeError(f"{method} needs the {module} package: pip install 'ditscope[peers]'")
