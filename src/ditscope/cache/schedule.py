@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitscopeError
-from ..files import write_text_atomic
+from ..files import json_checksum, write_text_atomic
 from .engine import (
     COMPUTE,
     PREDICT,
@@ -111,7 +111,7 @@ class Schedule:
     def to_json(self) -> dict:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
                 "rows": self.rows}
-        return {**body, "checksum": _checksum(json.loads(json.dumps(body)))}
+        return {**body, "checksum": json_checksum(json.loads(json.dumps(body)))}
 
     def save(self, path) -> Path:
         """Write the plan file atomically (versioned JSON, one row per unit)."""
@@ -139,7 +139,7 @@ class Schedule:
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise DitscopeError(f"plan file {path} has format version {version!r}; this ditscope reads version {FORMAT_VERSION}")
-        if "checksum" in raw and raw["checksum"] != _checksum({k: v for k, v in raw.items() if k != "checksum"}):
+        if "checksum" in raw and raw["checksum"] != json_checksum({k: v for k, v in raw.items() if k != "checksum"}):
             raise DitscopeError(f"plan file {path} does not match its checksum: it is damaged or was edited; make it "
                                 "again with ditscope plan (or delete its checksum line to run a hand-edited plan)")
         rows, meta = raw.get("rows"), raw.get("meta", {})
@@ -373,12 +373,6 @@ def _resampled_signal(signal: list, steps: int) -> list[list[float]]:
         new[0] = 0.0
         out.append(new.tolist())
     return out
-
-
-def _checksum(body: dict) -> str:
-    """SHA-256 of a plan file's fields (all but the checksum), in a canonical JSON form."""
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _forecast(last, before, ratio: float):
