@@ -37,8 +37,10 @@ def reduce_sums(
     Returns a float32 tensor (4, N, len(segments)) on x's device. Without `prev` (the first step)
     absdiff and sqdiff are zero. This runs for every tensor of every layer at every step, so it is
     written for speed (measured in benchmarks/README.md): it is memory-bound, so it makes few passes
-    over the data. Reductions run over whole trailing dims, flattened to one when the tensor is
-    contiguous (no strided partial reductions); squares through `vector_norm` of order 2 (no
+    over the data, in memory order. Reductions run over whole trailing dims, flattened to one per entry
+    when each entry is one dense block, also for permuted views (no strided partial reductions); the work
+    buffers (and the recorder's kept tensors) take x's memory layout, so elementwise ops read and write
+    in order; squares through `vector_norm` of order 2 (no
     temporary); |.| through `abs` into one reused float32 buffer from `scratch` and a plain sum
     (`vector_norm` of order 1 is ~10x slower than that on CPU); the difference is written into the
     same buffer, with `prev`'s dtype promoted on the fly; a float32 work copy of a lower-precision `x`
@@ -48,12 +50,13 @@ def reduce_sums(
     if x.dtype != torch.float32:
         x = _buffer(scratch, x, "x").copy_(x)
     whole = len(segments) == 1 and segments[0] == (0, x.shape[2])
-    flat = whole and x.is_contiguous()
+
+    flat = _flat_strides(x) if whole else None  # the work buffer shares x's strides (empty_like)
 
     def split(t):
-        if flat:
-            return [t.view(t.shape[0], -1)]
-        return [t] if whole else [t[:, :, a:b] for a, b in segments]
+        if whole:
+            return [t.as_strided(*flat) if flat is not None and t.stride() == x.stride() else t]
+        return [t[:, :, a:b] for a, b in segments]
 
     def dims(t):
         return tuple(range(1, t.dim()))
@@ -75,12 +78,30 @@ def reduce_sums(
     return out
 
 
+def _flat_strides(t: torch.Tensor):
+    """(size, stride) of a (N, M) view of `t` whose rows are each entry's elements in memory order, when
+    every entry is one dense block (contiguous, or a permuted layout such as the (B, H, S, D) view of a
+    (B, S, H, D) tensor); else None. Sums over a row do not depend on the order of its elements."""
+    n = t.shape[0]
+    if n == 0 or t.numel() == 0:
+        return None
+    m = t.numel() // n
+    expected = 1
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(1, t.dim()) if t.shape[d] != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return (n, m), (t.stride(0) if n > 1 else m, 1)
+
+
 def _buffer(scratch: dict | None, x: torch.Tensor, role: str) -> torch.Tensor:
+    """A float32 work buffer in x's memory layout (elementwise ops between tensors of one layout run
+    through memory in order; a permuted view copied into a contiguous buffer would be read strided)."""
     if scratch is None:
-        return torch.empty(x.shape, device=x.device)
-    key = (role, tuple(x.shape), x.device)
+        return torch.empty_like(x, dtype=torch.float32)
+    key = (role, tuple(x.shape), x.stride(), x.device)
     if key not in scratch:
-        scratch[key] = torch.empty(x.shape, device=x.device)
+        scratch[key] = torch.empty_like(x, dtype=torch.float32)
     return scratch[key]
 
 
