@@ -73,7 +73,7 @@ def child(size: str, mode: str, steps: int, device: str, dtype: str) -> dict:
             base_mem = torch.cuda.memory_allocated()
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         kept = 0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if mode == "profiled":
             with ditscope.record(model, batched_branches=("uncond", "cond")) as rec:
                 loop(steps)
@@ -82,7 +82,8 @@ def child(size: str, mode: str, steps: int, device: str, dtype: str) -> dict:
         else:
             loop(steps)
         seconds = time.perf_counter() - start
-    result = {"mode": mode, "seconds": seconds, "kept_bytes": kept}
+        cpu_seconds = time.process_time() - cpu_start
+    result = {"mode": mode, "seconds": seconds, "cpu_seconds": cpu_seconds, "kept_bytes": kept}
     if device.startswith("cuda"):
         result["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base_mem
     else:
@@ -165,8 +166,10 @@ def main():
     for rep in range(args.repeats):
         for mode in ("plain", "profiled"):
             runs[mode].append(run_child(mode))
-            print(f"repeat {rep + 1}/{args.repeats} {mode:8s} {runs[mode][-1]['seconds']:.2f}s", file=sys.stderr)
+            print(f"repeat {rep + 1}/{args.repeats} {mode:8s} {runs[mode][-1]['seconds']:.2f}s "
+                  f"(CPU {runs[mode][-1]['cpu_seconds']:.2f}s)", file=sys.stderr)
     med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
+    cpu = {m: statistics.median(r["cpu_seconds"] for r in rs) for m, rs in runs.items()}
     if args.device.startswith("cuda"):
         mem = {m: statistics.median(r["peak_extra_bytes"] for r in rs) for m, rs in runs.items()}
     else:
@@ -177,6 +180,10 @@ def main():
     kept = runs["profiled"][0]["kept_bytes"]
     print(f"size={args.size} device={args.device} dtype={dtype} steps={args.steps} repeats={args.repeats}")
     print(f"median seconds: plain {med['plain']:.3f}, profiled {med['profiled']:.3f}, ratio {med['profiled'] / med['plain']:.3f}")
+    # process CPU time: on a shared machine, time spent waiting for a core is not counted (with one
+    # thread per process it is the run's own work); the wall-clock ratio above is the bar's figure
+    print(f"median CPU seconds: plain {cpu['plain']:.3f}, profiled {cpu['profiled']:.3f}, "
+          f"ratio {cpu['profiled'] / cpu['plain']:.3f} (threads per process: {_threads()})")
     print(f"peak memory growth: plain {mem['plain'] / 2**20:.1f} MiB, profiled {mem['profiled'] / 2**20:.1f} MiB, "
           f"extra {(mem['profiled'] - mem['plain']) / 2**20:.1f} MiB; one step's kept tensors {kept / 2**20:.1f} MiB")
 
