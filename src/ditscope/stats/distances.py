@@ -37,14 +37,13 @@ def reduce_sums(
     Returns a float32 tensor (4, N, len(segments)) on x's device. Without `prev` (the first step)
     absdiff and sqdiff are zero. This runs for every tensor of every layer at every step, so it is
     written for speed (measured in benchmarks/README.md): it is memory-bound, so it makes few passes
-    over the data, in memory order. Reductions run over whole trailing dims, flattened to one per entry
-    when each entry is one dense block, also for permuted views (no strided partial reductions); the work
-    buffers (and the recorder's kept tensors) take x's memory layout, so elementwise ops read and write
-    in order; squares through `vector_norm` of order 2 (no
-    temporary); |.| through `abs` into one reused float32 buffer from `scratch` and a plain sum
-    (`vector_norm` of order 1 is ~10x slower than that on CPU); the difference is written into the
-    same buffer, with `prev`'s dtype promoted on the fly; a float32 work copy of a lower-precision `x`
-    is a second reused buffer, not a fresh allocation per call.
+    over the data, in memory order. Reductions run over whole trailing dims, flattened to one row per
+    entry when each entry is one dense block, permuted views included (no strided partial reductions).
+    The work buffers (and the recorder's kept tensors) take x's memory layout, so elementwise ops read
+    and write in order. Squares go through `vector_norm` of order 2 (no temporary); |.| through `abs`
+    into a reused float32 buffer from `scratch` and a plain sum (`vector_norm` of order 1 is ~10x slower
+    on CPU); the difference is written into the same buffer, `prev`'s dtype promoted on the fly; the
+    float32 copy of a lower-precision `x` is a second reused buffer, not an allocation per call.
     """
     x = x.detach()
     if x.dtype != torch.float32:
