@@ -71,7 +71,7 @@ def main():
                  f"prompts (seed 7000), {args.test_prompts} test prompts per set, {steps} steps, batch {bs}", "",
                  f"`python benchmarks/adaptive.py {args.model} --targets {args.targets} --tolerances {args.tolerances}"
                  f" --test-prompts {args.test_prompts} --repeats {args.repeats}`", "",
-                 "| test set | run | PSNR mean | PSNR p5 | PSNR worst | FLOPs speedup | rows forced | wall speedup |",
+                 "| test set | run | PSNR mean | PSNR p5 | PSNR worst | FLOPs speedup | row-steps forced | wall speedup |",
                  "|---|---|---|---|---|---|---|---|"]
         for name, prompts in sets.items():
             def run(prompts=prompts):

@@ -6,6 +6,13 @@ runs alternate, and we report medians over repeats and their ratio.
 
     python benchmarks/profile_overhead.py                      # CPU, mid-size (12 layers, hidden 512, 1024 tokens)
     python benchmarks/profile_overhead.py --size full --device cuda   # PixArt-alpha XL size (28 layers, 1152)
+    python benchmarks/profile_overhead.py --self-time            # the recorder's own seconds per step (cProfile)
+
+`--self-time` is the regression check that neighbours on a shared machine disturb least: one profiled
+run under cProfile, reporting the seconds spent in the recorder itself (its hooks, the SDPA wrapper
+minus the attention it wraps, the reductions, the copy into the kept tensors, the end-of-step
+transfer) per step and as a fraction of the model's own time in the same run, plus the top tensor ops
+inside the recorder. Compare it between commits (git worktree add /tmp/old COMMIT; run its copy).
 """
 
 from __future__ import annotations
@@ -59,12 +66,14 @@ def child(size: str, mode: str, steps: int, device: str, dtype: str) -> dict:
 
     with torch.inference_mode():
         loop(2)  # warm-up (allocator, kernels)
+        if mode == "self-time":
+            return _self_time(model, loop, steps)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         kept = 0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if mode == "profiled":
             with ditscope.record(model, batched_branches=("uncond", "cond")) as rec:
                 loop(steps)
@@ -73,12 +82,52 @@ def child(size: str, mode: str, steps: int, device: str, dtype: str) -> dict:
         else:
             loop(steps)
         seconds = time.perf_counter() - start
-    result = {"mode": mode, "seconds": seconds, "kept_bytes": kept}
+        cpu_seconds = time.process_time() - cpu_start
+    result = {"mode": mode, "seconds": seconds, "cpu_seconds": cpu_seconds, "kept_bytes": kept}
     if device.startswith("cuda"):
         result["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base_mem
     else:
         result["peak_extra_bytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
     return result
+
+
+def _self_time(model, loop, steps: int) -> dict:
+    """One profiled loop under cProfile: the recorder's own seconds (everything ditscope does while
+    recording, not the attention it wraps) and the tensor ops that make them."""
+    import cProfile
+    import pstats
+
+    import ditscope
+
+    prof = cProfile.Profile()
+    with ditscope.record(model, batched_branches=("uncond", "cond")) as rec:
+        prof.enable()
+        loop(steps)
+        prof.disable()
+        rec.next_sample()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, callers)
+
+    def cum(pred):
+        return sum(v[3] for k, v in stats.items() if pred(k))
+
+    def in_recorder(k, names):
+        return k[0].endswith("capture/recorder.py") and k[2] in names
+
+    total = cum(lambda k: k[2] == "loop")
+    wrapped = sum(v[4].get(next((c for c in v[4] if in_recorder(c, ("_sdpa",))), None), (0, 0, 0, 0))[3]
+                  for k, v in stats.items() if k[2] == "<built-in method torch._C._nn.scaled_dot_product_attention>")
+    own = (cum(lambda k: in_recorder(k, ("_sdpa", "hook", "_model_pre", "_model_post"))) - wrapped)
+    # the tensor ops called from inside the recorder's functions, by total time
+    ops: dict[str, float] = {}
+    for k, v in stats.items():
+        if k[0] != "~" or "scaled_dot_product_attention" in k[2]:  # the wrapped attention is the model's
+            continue
+        for caller, c in v[4].items():
+            if caller[0].endswith(("capture/recorder.py", "stats/distances.py")):
+                ops[k[2]] = ops.get(k[2], 0.0) + c[3]
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+    return {"loop_seconds": total, "recorder_seconds": own, "steps": steps,
+            "top_ops": [(name, round(t, 4)) for name, t in top]}
 
 
 def main():
@@ -88,12 +137,25 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--self-time", action="store_true",
+                    help="the recorder's own time per step from one cProfile'd run (see above)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.child:
         print(json.dumps(child(args.size, args.child, args.steps, args.device, dtype)))
         return
+    if args.self_time:
+        r = child(args.size, "self-time", args.steps, args.device, dtype)
+        model_s = r["loop_seconds"] - r["recorder_seconds"]
+        print(f"size={args.size} device={args.device} dtype={dtype} steps={args.steps} threads={_threads()}")
+        print(f"recorder's own time: {r['recorder_seconds']:.3f}s = {r['recorder_seconds'] / args.steps * 1e3:.1f} ms "
+              f"per step, {r['recorder_seconds'] / model_s:.3f} of the model's {model_s:.2f}s "
+              f"(predicted time ratio {r['loop_seconds'] / model_s:.3f}; cProfile slows Python, not tensor ops)")
+        names = [(n.removeprefix("<built-in method ").removeprefix("<method ").removesuffix(">"), t) for n, t in r["top_ops"]]
+        print("tensor ops inside the recorder (s): " + ", ".join(f"{n} {t:.3f}" for n, t in names))
+        return
+
     def run_child(mode, env=None):
         cmd = [sys.executable, __file__, "--child", mode, "--size", args.size, "--steps", str(args.steps),
                "--device", args.device, "--dtype", dtype]
@@ -104,8 +166,10 @@ def main():
     for rep in range(args.repeats):
         for mode in ("plain", "profiled"):
             runs[mode].append(run_child(mode))
-            print(f"repeat {rep + 1}/{args.repeats} {mode:8s} {runs[mode][-1]['seconds']:.2f}s", file=sys.stderr)
+            print(f"repeat {rep + 1}/{args.repeats} {mode:8s} {runs[mode][-1]['seconds']:.2f}s "
+                  f"(CPU {runs[mode][-1]['cpu_seconds']:.2f}s)", file=sys.stderr)
     med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
+    cpu = {m: statistics.median(r["cpu_seconds"] for r in rs) for m, rs in runs.items()}
     if args.device.startswith("cuda"):
         mem = {m: statistics.median(r["peak_extra_bytes"] for r in rs) for m, rs in runs.items()}
     else:
@@ -116,8 +180,18 @@ def main():
     kept = runs["profiled"][0]["kept_bytes"]
     print(f"size={args.size} device={args.device} dtype={dtype} steps={args.steps} repeats={args.repeats}")
     print(f"median seconds: plain {med['plain']:.3f}, profiled {med['profiled']:.3f}, ratio {med['profiled'] / med['plain']:.3f}")
+    # process CPU time: on a shared machine, time spent waiting for a core is not counted (with one
+    # thread per process it is the run's own work); the wall-clock ratio above is the bar's figure
+    print(f"median CPU seconds: plain {cpu['plain']:.3f}, profiled {cpu['profiled']:.3f}, "
+          f"ratio {cpu['profiled'] / cpu['plain']:.3f} (threads per process: {_threads()})")
     print(f"peak memory growth: plain {mem['plain'] / 2**20:.1f} MiB, profiled {mem['profiled'] / 2**20:.1f} MiB, "
           f"extra {(mem['profiled'] - mem['plain']) / 2**20:.1f} MiB; one step's kept tensors {kept / 2**20:.1f} MiB")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

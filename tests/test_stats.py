@@ -51,6 +51,34 @@ def test_reduce_and_metrics_match_a_hand_computation():
             np.testing.assert_allclose(got[n, j], [l1, rel, cos], rtol=1e-5)
 
 
+def test_reduce_sums_on_the_layouts_attention_hands_over():
+    """Contiguous, permuted (the (B, H, S, D) view of a (B, S, H, D) projection), a slice of a fused QKV
+    projection, one entry, bfloat16, with a scratch dict reused across calls and kept tensors in either
+    layout: the four sums equal a float64 hand computation."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+
+    def layouts(dtype):
+        yield torch.randn(2, 3, 10, 4, generator=g).to(dtype)
+        yield torch.randn(2, 10, 3, 4, generator=g).to(dtype).transpose(1, 2)
+        yield torch.randn(2, 10, 3, 3, 4, generator=g).to(dtype)[:, :, 1].transpose(1, 2)
+        yield torch.randn(1, 10, 3, 4, generator=g).to(dtype).transpose(1, 2)
+
+    scratch = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for x in layouts(dtype):
+            p = (x.double() + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).to(dtype)
+            for prev in (p, p.contiguous(), torch.empty_like(x).copy_(p)):
+                for segments in ([(0, 10)], [(0, 6), (6, 10)]):
+                    got = reduce_sums(x, prev, segments, scratch).double()
+                    for j, (a, b) in enumerate(segments):
+                        xs, ps = x[:, :, a:b].double(), prev[:, :, a:b].double()
+                        want = torch.stack([(xs - ps).abs().sum((1, 2, 3)), xs.abs().sum((1, 2, 3)),
+                                            ((xs - ps) ** 2).sum((1, 2, 3)), (xs**2).sum((1, 2, 3))])
+                        torch.testing.assert_close(got[:, :, j], want, rtol=1e-5, atol=1e-5)
+
+
 def test_identical_and_zero_tensors_have_zero_distance():
     sums = np.zeros((4, 1))
     np.testing.assert_array_equal(metrics_from_sums(sums, np.zeros(1), np.zeros(1), np.ones(1)), [[0.0, 0.0, 0.0]])

@@ -47,6 +47,10 @@ def test_tuned_threshold_is_the_most_aggressive_that_holds(pipe, tmp_path):
     result.save(tmp_path / "t.json")
     again = Tuned.load(tmp_path / "t.json")
     assert again.options == result.options and again.config() == result.config()
+    damaged = (tmp_path / "t.json").read_text().replace('"threshold": 0.', '"threshold": 1.', 1)
+    (tmp_path / "d.json").write_text(damaged)
+    with pytest.raises(DitscopeError, match="does not match its checksum"):
+        Tuned.load(tmp_path / "d.json")
     # resumable: a rerun with the same work folder evaluates nothing new
     with torch.inference_mode():
         rerun = tune(pipe, "fbcache", PROMPTS, "psnr=30", STEPS, batch_size=3, assurance="mean", iterations=8,

@@ -43,7 +43,7 @@ from ..cache.engine import (
 )
 from ..cache.registry import REGISTRY, Knob
 from ..errors import DitscopeError
-from ..files import atomic_path, write_text_atomic
+from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.calibrate import generate
 from ..planning.planner import Evaluations, Target
 
@@ -72,8 +72,9 @@ class Tuned:
         path = Path(path)
         if path.is_dir():
             raise DitscopeError(f"{path} is a folder; give a file name such as {path / 'method.tuned.json'}")
-        body = {"format": FORMAT, "version": VERSION, "method": self.method, "options": self.options, "meta": self.meta}
-        write_text_atomic(path, json.dumps(body, indent=1, default=str))
+        body = json.loads(json.dumps({"format": FORMAT, "version": VERSION, "method": self.method,
+                                      "options": self.options, "meta": self.meta}, default=str))
+        write_text_atomic(path, json.dumps({**body, "checksum": json_checksum(body)}, indent=1))
 
     @classmethod
     def load(cls, path) -> Tuned:
@@ -90,6 +91,9 @@ class Tuned:
         if body.get("version") != VERSION:
             raise DitscopeError(f"{path} is a tuned config of version {body.get('version')!r}; this ditscope reads "
                                 f"version {VERSION}: tune again")
+        if "checksum" in body and body["checksum"] != json_checksum({k: v for k, v in body.items() if k != "checksum"}):
+            raise DitscopeError(f"{path} does not match its checksum: it is damaged or was edited; tune again (or "
+                                "delete its checksum line to run a hand-edited config)")
         if not isinstance(body.get("method"), str) or not isinstance(body.get("options"), dict):
             raise DitscopeError(f"{path} is damaged: its method or options are missing; tune again")
         return cls(body["method"], body["options"], body.get("meta") or {})

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitscopeError
-from ..files import write_text_atomic
+from ..files import json_checksum, write_text_atomic
 from .engine import (
     COMPUTE,
     PREDICT,
@@ -111,7 +111,7 @@ class Schedule:
     def to_json(self) -> dict:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
                 "rows": self.rows}
-        return {**body, "checksum": _checksum(json.loads(json.dumps(body)))}
+        return {**body, "checksum": json_checksum(json.loads(json.dumps(body)))}
 
     def save(self, path) -> Path:
         """Write the plan file atomically (versioned JSON, one row per unit)."""
@@ -139,7 +139,7 @@ class Schedule:
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise DitscopeError(f"plan file {path} has format version {version!r}; this ditscope reads version {FORMAT_VERSION}")
-        if "checksum" in raw and raw["checksum"] != _checksum({k: v for k, v in raw.items() if k != "checksum"}):
+        if "checksum" in raw and raw["checksum"] != json_checksum({k: v for k, v in raw.items() if k != "checksum"}):
             raise DitscopeError(f"plan file {path} does not match its checksum: it is damaged or was edited; make it "
                                 "again with ditscope plan (or delete its checksum line to run a hand-edited plan)")
         rows, meta = raw.get("rows"), raw.get("meta", {})
@@ -169,9 +169,9 @@ class PlanConfig:
             the relative L1 change of the first block's input (read at every step, free: that input exists
             whether or not the stack runs), summed since the row's last full step. The plan file carries what
             the calibration prompts gave (per prompt and step); where a row's sum exceeds the largest
-            calibration prompt's sum over the same steps (times `tolerance`), that row computes everything at
-            this step, and its sum starts again. A prompt the calibration saw nothing like is not served
-            stale features; prompts like the calibration ones run the plan unchanged.
+            calibration prompt's sum over the same steps (times `tolerance`), that row computes everything
+            from this step to the plan's next full step. A prompt the calibration saw nothing like is not
+            served stale features; prompts like the calibration ones run the plan unchanged.
         tolerance: the multiple of the calibration maximum a live sum may reach before computing.
         per_sample: adaptive decisions per batch row (True: an image never depends on its batch neighbours)
             or for the whole batch (False: one row over the limit computes every row).
@@ -242,22 +242,24 @@ class PlanMethod(CacheMethod):
         return self._limits[steps]
 
     def watch(self, ctx: Context, x: torch.Tensor):
-        """Decide which rows compute this step although the plan serves them (`ctx.state["force"]`)."""
+        """Decide which rows compute this step although the plan serves them (`ctx.state["force"]`). A row over
+        its limit computes every step up to the plan's next full step: computing one step of a skipped run
+        and serving the next from it mixes fresh and stale outputs in the sampler's multistep history, which
+        measured worse than not computing at all (benchmarks/RESULTS.md, adaptive plans)."""
         st = ctx.state
         limit = self.limits(ctx)[ctx.step]
         prev = st.get("watch_input")
         st["watch_input"] = x.detach().clone()
-        if prev is None or prev.shape != x.shape:
-            st["watch_sum"], st["force"] = torch.zeros(ctx.rows, dtype=torch.float64), None
+        if prev is None or prev.shape != x.shape or limit is None:  # a full step: every row computes anyway
+            st["watch_sum"], st["forced"], st["force"] = torch.zeros(ctx.rows, dtype=torch.float64), None, None
             return
         total = st["watch_sum"] + relative_change(ctx, x, prev).double().cpu()
-        if limit is None:  # a full step: every row computes anyway
-            st["watch_sum"], st["force"] = torch.zeros_like(total), None
-            return
         force = total > limit
+        if st.get("forced") is not None:
+            force = force | st["forced"]
         if not self.config.per_sample and bool(force.any()):
             force = torch.ones_like(force)
-        st["watch_sum"] = torch.where(force, torch.zeros_like(total), total)
+        st["watch_sum"], st["forced"] = total, force
         st["force"] = force if bool(force.any()) else None
         ctx.record["rows_forced"] = int(force.sum())
 
@@ -378,12 +380,6 @@ def _resampled_signal(signal: list, steps: int) -> list[list[float]]:
         new[0] = 0.0
         out.append(new.tolist())
     return out
-
-
-def _checksum(body: dict) -> str:
-    """SHA-256 of a plan file's fields (all but the checksum), in a canonical JSON form."""
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _forecast(last, before, ratio: float):

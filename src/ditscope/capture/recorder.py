@@ -377,9 +377,11 @@ class Recorder:
             )
         sums = reduce_sums(x, prev, [(a, b) for _, a, b in streams], self._scratch)
         if prev is None:  # allocated once; later steps overwrite it, so memory stays at one step's tensors
-            device = torch.device("cpu") if self.offload else x.device
-            prev = torch.empty(x.shape, dtype=self.storage_dtype or x.dtype, device=device,
-                               pin_memory=self.offload and x.is_cuda)
+            dtype = self.storage_dtype or x.dtype
+            if self.offload:
+                prev = torch.empty(x.shape, dtype=dtype, device="cpu", pin_memory=x.is_cuda)
+            else:  # x's memory layout (often a permuted view): the copy and the difference run in memory order
+                prev = torch.empty_like(x, dtype=dtype)
             self._prev[slot] = prev
         prev.copy_(x.detach(), non_blocking=self.offload)
         per_entry = x.shape[1] * x.shape[3]

@@ -36,36 +36,80 @@ def reduce_sums(
 
     Returns a float32 tensor (4, N, len(segments)) on x's device. Without `prev` (the first step)
     absdiff and sqdiff are zero. This runs for every tensor of every layer at every step, so it is
-    written for speed (measured in benchmarks/README.md): reductions over whole trailing dims (no
-    strided partial reductions), squares through `vector_norm` (no temporary), and the elementwise
-    work written into one reused float32 buffer from `scratch` (no fresh allocation per call).
+    written for speed (measured in benchmarks/README.md): it is memory-bound, so it makes few passes
+    over the data, in memory order. Reductions run over whole trailing dims, flattened to one row per
+    entry when each entry is one dense block, permuted views included (no strided partial reductions).
+    The work buffers (and the recorder's kept tensors) take x's memory layout, so elementwise ops read
+    and write in order. Squares go through `vector_norm` of order 2 (no temporary); |.| through `abs`
+    into a reused float32 buffer from `scratch` and a plain sum (`vector_norm` of order 1 is ~10x slower
+    on CPU); the difference is written into the same buffer, `prev`'s dtype promoted on the fly; the
+    float32 copy of a lower-precision `x` is a second reused buffer, not an allocation per call.
     """
     x = x.detach()
     if x.dtype != torch.float32:
-        x = x.float()
-    buf = _buffer(scratch, x)
+        x = _buffer(scratch, x, "x").copy_(x)
     whole = len(segments) == 1 and segments[0] == (0, x.shape[2])
-    dims = (1, 2, 3)
-    zeros = torch.zeros(x.shape[0], device=x.device)
-    torch.abs(x, out=buf)
-    rows = [[zeros, (buf if whole else buf[:, :, a:b]).sum(dims), zeros, None] for a, b in segments]
-    for row, (a, b) in zip(rows, segments):
-        row[3] = torch.linalg.vector_norm(x if whole else x[:, :, a:b], 2, dims).square()
-    if prev is not None:
-        torch.sub(x, prev.to(device=x.device, dtype=torch.float32), out=buf)
-        for row, (a, b) in zip(rows, segments):
-            seg = buf if whole else buf[:, :, a:b]
-            row[2] = torch.linalg.vector_norm(seg, 2, dims).square()
-            row[0] = seg.abs_().sum(dims)  # in place, after the squares: segments are disjoint
-    return torch.stack([torch.stack(row) for row in rows], dim=-1)
+
+    flat = _flat_strides(x) if whole else None  # the work buffer shares x's strides (empty_like)
+
+    def split(t):
+        if whole:
+            return [t.as_strided(*flat) if flat is not None and t.stride() == x.stride() else t]
+        return [t[:, :, a:b] for a, b in segments]
+
+    def dims(t):
+        return tuple(range(1, t.dim()))
+
+    norm = torch.linalg.vector_norm
+    buf = _buffer(scratch, x, "work")
+    sq = [norm(p, 2, dims(p)) for p in split(x)]
+    abscur = [p.sum(dims(p)) for p in split(torch.abs(x, out=buf))]
+    if prev is None:
+        absdiff = sqdiff = [_zeros(scratch, x)] * len(abscur)
+    else:
+        if prev.device != x.device:  # kept on the CPU (offload)
+            prev = prev.to(x.device, non_blocking=True)
+        parts = split(torch.sub(x, prev, out=buf))
+        sqdiff = [norm(p, 2, dims(p)) for p in parts]
+        absdiff = [p.abs_().sum(dims(p)) for p in parts]  # in place, after the squares: segments are disjoint
+    out = torch.stack([torch.stack(row, dim=-1) for row in (absdiff, abscur, sqdiff, sq)])  # (4, N, segments)
+    out[2:].square_()  # norms of order 2 -> sums of squares
+    return out
 
 
-def _buffer(scratch: dict | None, x: torch.Tensor) -> torch.Tensor:
+def _flat_strides(t: torch.Tensor):
+    """(size, stride) of a (N, M) view of `t` whose rows are each entry's elements in memory order, when
+    every entry is one dense block (contiguous, or a permuted layout such as the (B, H, S, D) view of a
+    (B, S, H, D) tensor); else None. Sums over a row do not depend on the order of its elements."""
+    n = t.shape[0]
+    if n == 0 or t.numel() == 0:
+        return None
+    m = t.numel() // n
+    expected = 1
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(1, t.dim()) if t.shape[d] != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return (n, m), (t.stride(0) if n > 1 else m, 1)
+
+
+def _buffer(scratch: dict | None, x: torch.Tensor, role: str) -> torch.Tensor:
+    """A float32 work buffer in x's memory layout (elementwise ops between tensors of one layout run
+    through memory in order; a permuted view copied into a contiguous buffer would be read strided)."""
     if scratch is None:
-        return torch.empty(x.shape, device=x.device)
-    key = (tuple(x.shape), x.device)
+        return torch.empty_like(x, dtype=torch.float32)
+    key = (role, tuple(x.shape), x.stride(), x.device)
     if key not in scratch:
-        scratch[key] = torch.empty(x.shape, device=x.device)
+        scratch[key] = torch.empty_like(x, dtype=torch.float32)
+    return scratch[key]
+
+
+def _zeros(scratch: dict | None, x: torch.Tensor) -> torch.Tensor:
+    if scratch is None:
+        return torch.zeros(x.shape[0], device=x.device)
+    key = ("zeros", x.shape[0], x.device)
+    if key not in scratch:
+        scratch[key] = torch.zeros(x.shape[0], device=x.device)
     return scratch[key]
 
 
