@@ -164,10 +164,19 @@ def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
     path = out / "tuned" / f"{setting.key}.json" if out is not None else None
     if path is not None and path.exists():
         return Tuned.load(path)
+    failed = path.with_suffix(".failed") if path is not None else None
+    if failed is not None and failed.exists():  # a target this method cannot reach: not searched again
+        raise DitscopeError(failed.read_text().strip())
     fixed = {k: v for k, v in setting.options.items() if k != "tune"}
-    result = tune(pipe, setting.method, inputs.calibration, setting.options["tune"], inputs.steps,
-                  batch_size=inputs.batch_size, guidance_scale=inputs.guidance_scale, options=fixed,
-                  work_dir=path.with_suffix(".work") if path else None)
+    try:
+        result = tune(pipe, setting.method, inputs.calibration, setting.options["tune"], inputs.steps,
+                      batch_size=inputs.batch_size, guidance_scale=inputs.guidance_scale, options=fixed,
+                      work_dir=path.with_suffix(".work") if path else None)
+    except DitscopeError as e:
+        if failed is not None:
+            write_text_atomic(failed, str(e))
+            shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
+        raise
     if path is not None:
         result.save(path)
         shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
@@ -279,6 +288,10 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         steps, remove = applied(pipe, setting, inputs, out)
     except PeerUnavailable as e:
         raise _Skip(str(e).splitlines()[0]) from None
+    except DitscopeError as e:
+        if "tune" not in setting.options:
+            raise
+        raise _Skip(str(e)) from None  # a target the method cannot reach is a row saying so, not the bench's end
     notes = [lpips_note] if lpips_note else []
     if "tune" in setting.options and out is not None:
         fitted = tuned(pipe, setting, inputs, out)  # read back from OUT/tuned/

@@ -35,4 +35,4 @@ class DuCaMethod(ToCaMethod):
 register("duca", DuCaConfig, DuCaMethod, "ToCa's partial steps alternating with plain reuse steps, kv-norm score",
          grid=[{"interval": 3}, {}, {"interval": 6}],
          compact=[{"interval": 3}],
-         knob=Knob("ratio", 1.0, 0.0))
+         knob=Knob("interval", 2, 10, integer=True))  # ratio: --knob ratio
