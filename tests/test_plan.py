@@ -261,3 +261,19 @@ def test_plan_on_a_declared_layout_model_from_python():
     assert min(per_sample_psnr_ssim(planned, reference)[0]) >= 25
     with pytest.raises(DitscopeError, match="layout="):
         ditscope.apply(sampler, ditscope.PlanConfig(plan))
+
+
+def test_a_plan_warns_under_another_scheduler_and_strict_refuses(pipe):
+    import warnings
+
+    from diffusers import DDIMScheduler
+
+    plan = Schedule({"stack": "CCR"}, meta={"scheduler": type(pipe.scheduler).__name__})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ditscope.apply(pipe, ditscope.PlanConfig(plan)).remove()  # its own scheduler: no word
+    other = Schedule({"stack": "CCR"}, meta={"scheduler": DDIMScheduler.__name__})
+    with pytest.warns(UserWarning, match="runs under"):
+        ditscope.apply(pipe, ditscope.PlanConfig(other)).remove()
+    with pytest.raises(DitscopeError, match="made under DDIMScheduler"):
+        ditscope.apply(pipe, ditscope.PlanConfig(other, strict=True))

@@ -127,6 +127,7 @@ class Context:
         self.notes: dict[str, str] = {}  # unit -> what a method could not do there, and what it did instead
         self.flop_counting = False
         self.model: torch.nn.Module | None = None  # the transformer (set by the handle)
+        self.scheduler: str | None = None  # the pipeline's scheduler class, when there is a pipeline
         self.prefix = ""  # unit-name prefix of a pipeline's second transformer ("transformer_2.")
         self.unit_names: set[str] = set()  # units of every transformer the handle caches (plans name them)
 
@@ -466,6 +467,7 @@ class CacheHandle:
             family, blocks, sites, depths = layout_of(model, layout, prefix)
             ctx = Context(family, layout or family.blocks, blocks, sites, depths, clock)
             ctx.flop_counting, ctx.model, ctx.prefix = count_flops, model, prefix
+            ctx.scheduler = type(self.pipe.scheduler).__name__ if hasattr(self.pipe, "scheduler") else None
             self.transformers.append(model)
             self.methods.append(method if i == 0 else copy.copy(method))  # a method keeps per-model tables
             self.contexts.append(ctx)

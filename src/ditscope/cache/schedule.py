@@ -164,7 +164,8 @@ class PlanConfig:
     Attributes:
         plan: the Schedule (or a path to its JSON file).
         path: the path of a plan file (the CLI's `--cache plan --cache-opt path=PLAN.json`).
-        strict: refuse to run at another step count than the plan's (default: resample it, with a warning).
+        strict: refuse to run at another step count or scheduler than the plan's (default: resample it to the
+            step count, with a warning; warn about another scheduler).
         adaptive: watch a live signal and compute where the plan would serve stale features. The signal is
             the relative L1 change of the first block's input (read at every step, free: that input exists
             whether or not the stack runs), summed since the row's last full step. The plan file carries what
@@ -213,6 +214,12 @@ class PlanMethod(CacheMethod):
         if unknown:
             raise DitscopeError(f"the plan names units this model does not have ({unknown[0]}, ...): it was made "
                                 "for another model")
+        made_for = self.base.meta.get("scheduler")
+        if made_for and ctx.scheduler and made_for != ctx.scheduler:  # plans do not transfer across schedulers
+            if self.config.strict:
+                raise DitscopeError(f"the plan was made under {made_for}, not {ctx.scheduler} (strict=True); plan again")
+            warnings.warn(f"ditscope: plan made under {made_for} runs under {ctx.scheduler}: plans measured much worse "
+                          "across schedulers (docs/FINDINGS.md); plan again for this one", stacklevel=2)
         if self.config.adaptive:
             if not self.base.meta.get("signal"):
                 raise DitscopeError("this plan carries no calibrated signal (made by hand or by an older ditscope); "
