@@ -233,3 +233,44 @@ def test_bench_scores_class_conditional_and_video_models_against_their_prompts(r
     for col in columns:
         assert df[col].notna().all(), col
     assert not any(col in df for col in absent)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, sig):
+    """A bench in its own process, stopped once its first setting is saved, rerun: the same rows as an
+    uninterrupted bench (timings aside), the finished ones kept rather than measured again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"fora": [{"interval": 2}, {"interval": 4}]}))
+    args = ["bench", "tiny-pixart", "--grid", str(grid), "--methods", "fora", "--prompts", "2", "--steps", "4",
+            "--repeats", "1", "--batch-size", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "ditscope", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (
+            not results.exists() or len(results.read_text().splitlines()) < 2):
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    proc.wait()
+    saved = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(saved) == 2, "the bench should die part-way"  # of three settings: baseline, fora x2
+    runner = CliRunner()
+    assert runner.invoke(app, [*args, "--out", str(out)]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "straight")]).exit_code == 0
+
+    def rows(folder):
+        return {r["label"]: r for r in map(json.loads, (folder / "results.jsonl").read_text().splitlines())}
+
+    resumed, straight = rows(out), rows(tmp_path / "straight")
+    assert list(resumed) == list(straight)
+    for label, row in straight.items():
+        assert resumed[label]["flops"] == row["flops"] and resumed[label]["psnr"] == pytest.approx(row["psnr"], abs=1e-3)
+    assert resumed[saved[1]["label"]]["seconds_all"] == saved[1]["seconds_all"]  # kept, not measured again
