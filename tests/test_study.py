@@ -157,3 +157,34 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_result(study_dir, tmp
     assert not saved[0].exists()
     resumed = json.loads((tmp_path / "out" / "steps" / "tiny-pixart" / "result.json").read_text())
     assert resumed == json.loads((study_dir / "steps" / "tiny-pixart" / "result.json").read_text())
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_study_process_stopped_by_a_signal_resumes_to_the_uninterrupted_result(study_dir, tmp_path, sig, capsys,
+                                                                                one_thread):
+    """The study in its own process, stopped once its first profile state is saved: the rerun's result.json is
+    the uninterrupted study's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ditscope.cli.main import main
+
+    args = ["study", "steps", "tiny-pixart", "--steps", "4,8", "--prompts", str(study_dir.parent / "p.txt"),
+            "--out", str(tmp_path / "out")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ditscope", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any((tmp_path / "out").rglob("*.partial")):
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    proc.wait()
+    assert proc.returncode != 0 and not (tmp_path / "out" / "steps" / "tiny-pixart" / "result.json").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    resumed = json.loads((tmp_path / "out" / "steps" / "tiny-pixart" / "result.json").read_text())
+    assert resumed == json.loads((study_dir / "steps" / "tiny-pixart" / "result.json").read_text())
