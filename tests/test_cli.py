@@ -159,6 +159,8 @@ MORE_BAD_INPUTS = [
     # eval
     (["eval", "tiny-pixart", "--n", "1"], "--n must be at least 2"),
     (["eval", "tiny-pixart", "--objects", "3"], "--objects"),
+    (["eval", "tiny-pixart", "--json", "{file}/r.json"], "choose another --json"),
+    (["eval", "tiny-pixart", "--state-dir", "{file}"], "choose another --state-dir"),
     (["eval", "tiny-pixart", "--steps", "-1"], "at least 1"),
     (["eval", "tiny-pixart", "--steps", "5000"], "at or beyond"),
     (["eval", "{bad_index}"], "model_index.json"),

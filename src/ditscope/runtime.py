@@ -145,15 +145,16 @@ def check_steps(steps: int | None, least: int = 1) -> None:
         raise DitscopeError(f"--steps must be at least {least}, not {steps}")
 
 
-def check_writable_dir(out: Path) -> None:
-    """Fail early if `out` cannot become a writable folder (creates nothing)."""
+def check_writable_dir(out: Path, option: str = "--out") -> None:
+    """Fail early if `out` cannot become a writable folder (creates nothing); the message names `option`,
+    the command-line option the folder came from."""
     if out.exists() and not out.is_dir():
-        raise DitscopeError(f"output folder {out} exists and is not a folder; choose another --out")
+        raise DitscopeError(f"output folder {out} exists and is not a folder; choose another {option}")
     probe = out
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise DitscopeError(f"output folder {out} is not writable (at {probe}); choose another --out")
+        raise DitscopeError(f"output folder {out} is not writable (at {probe}); choose another {option}")
 
 
 def torch_dtype(name: str, device: str):

@@ -134,7 +134,7 @@ def merge(
     if output.is_dir():
         raise DitscopeError(f"-o {output} is a folder; give the merged profile's file name")
     profiles = [Profile.load(p) for p in paths]
-    check_writable_dir(output.parent)
+    check_writable_dir(output.parent, "-o")
     merged = profiles[0]
     for p in profiles[1:]:
         merged = merged.merge(p)

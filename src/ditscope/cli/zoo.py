@@ -63,9 +63,9 @@ def eval_cmd(
     if objects not in (1, 2):
         raise DitscopeError("--objects must be 1 or 2")
     check_steps(steps)
-    check_writable_dir(state_dir)
+    check_writable_dir(state_dir, "--state-dir")
     if json_out is not None:
-        check_writable_dir(json_out.parent)
+        check_writable_dir(json_out.parent, "--json")
     net = evaluator.load_evaluator()
     from .. import zoo
 
