@@ -175,19 +175,35 @@ def main(argv: list[str] | None = None):
     """The console script. The CLI framework's own usage errors (an option value of the wrong type, an
     unknown option, a missing argument) become one line on stderr and exit code 2, like every other
     user error, instead of a framed help box."""
+    import signal
     import sys
+    import threading
 
+    # SIGTERM (a scheduler's or a container's stop) takes the Ctrl-C path: what was kept is said, the
+    # state stays resumable; the exit code is SIGTERM's (143), not Ctrl-C's (130)
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         code = app(args=argv, standalone_mode=False)
     except typer.Abort:
-        sys.exit(130)
+        sys.exit(143 if terminated else 130)
     except typer.TyperException as e:  # the framework's usage errors (typer vendors click's)
         message = " ".join(e.format_message().split()) if hasattr(e, "format_message") else str(e)
         ctx = getattr(e, "ctx", None)
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         print(f"error: {message}{where}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
-    sys.exit(code if isinstance(code, int) else 0)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    code = code if isinstance(code, int) else 0
+    sys.exit(143 if terminated and code == 130 else code)  # a command that caught the interrupt itself
 
 
 if __name__ == "__main__":
