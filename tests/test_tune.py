@@ -153,6 +153,11 @@ def test_cli_tune_writes_a_config_generate_takes(tmp_path, monkeypatch):
     assert r.exit_code == 0 and r.stdout.startswith("fora:"), r.output
     (tmp_path / "peer.json").write_text(json.dumps({"format": "ditscope-tuned", "version": 1,
                                                     "method": "diffusers-fbcache", "options": {"threshold": 0.1}}))
+    # a fitted list option (TeaCache's polynomial) reaches the config whole
+    (tmp_path / "tea.json").write_text(json.dumps({"format": "ditscope-tuned", "version": 1, "method": "teacache",
+                                                   "options": {"threshold": 0.2, "coefficients": [2.0, -1.0, 0.5]}}))
+    r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--steps", "6", "--out", "t.png", "--cache", "tea.json")
+    assert r.exit_code == 0 and r.stdout.startswith("teacache:"), r.output
     r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--out", "y.png", "--cache", "peer.json")
     assert r.exit_code == 2 and "is a peer" in r.stderr and not (tmp_path / "y.png").exists()
 

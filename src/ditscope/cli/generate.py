@@ -56,6 +56,7 @@ def generate(
     if cache is not None:
         from ..cache import config_from_options
 
+        options = split_cache_opts(cache_opt)
         if cache.lower().endswith(".json"):  # a fitted config from `ditscope tune`; --cache-opt overrides it
             from ..bench.grid import option_strings
             from ..bench.tune import Tuned
@@ -63,8 +64,8 @@ def generate(
             tuned = Tuned.load(cache)
             tuned.config()  # a peer's config is refused here, with what to do instead
             cache = tuned.method
-            cache_opt = option_strings(tuned.options) + _split_opts(cache_opt)
-        config = config_from_options(cache, _split_opts(cache_opt))
+            options = option_strings(tuned.options) + options  # not split again: a list's JSON holds spaces
+        config = config_from_options(cache, options)
     elif cache_opt:
         raise DitscopeError("--cache-opt needs --cache METHOD")
     pipe, entry = load_model(model, device, dtype)
@@ -104,6 +105,6 @@ def generate(
     print(f"wrote {out}")
 
 
-def _split_opts(options: list[str] | None) -> list[str]:
+def split_cache_opts(options: list[str] | None) -> list[str]:
     """`--cache-opt "interval=3 ratio=0.3"` and repeated `--cache-opt k=v` both work."""
     return [part for opt in options or [] for part in opt.split()]
