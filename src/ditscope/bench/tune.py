@@ -171,13 +171,13 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
     evaluations = Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
                               work / "evaluations.jsonl" if work else None)
     applier = _applier(pipe, method, num_inference_steps, prompts[0], guidance_scale)
-    trace: list[dict] = []
+    trace: dict[str, dict] = {}  # one entry per value evaluated (asking again reads the evaluation back)
 
     def measure(value) -> dict:
         opts = {**fixed, the_knob.name: value}
         key = json.dumps([method, opts], sort_keys=True, default=str)
         row = evaluations.measure(key, lambda: applier(opts), timed=not goal.quality)
-        trace.append({the_knob.name: value, **{k: round(v, 4) for k, v in row.items() if k != "key"}})
+        trace[key] = {the_knob.name: value, **{k: round(v, 4) for k, v in row.items() if k != "key"}}
         return row
 
     def holds(value) -> bool:
@@ -233,7 +233,7 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
         "quality": {k: round(v, 4) for k, v in final.items() if k not in ("key", "speedup")},
         "measured_speedup": round(speed, 3),
         "evaluations": len(trace),
-        "trace": trace,
+        "trace": list(trace.values()),
         "tuning_seconds": round(time.perf_counter() - started, 1),
     })
     return Tuned(method, _plain(chosen), meta)

@@ -36,12 +36,8 @@ def plan(
     """Plan the cache from measured redundancy so that a quality (or speed) target holds; writes a plan file."""
     import torch
 
-    from .. import zoo
     from ..planning.planner import GRANULARITIES, Target
     from ..planning.planner import plan as make_plan
-    from ..profiling.prompts import load_prompts
-    from ..zoo import evaluator
-
     goal = Target.parse(f"speedup={speedup}" if speedup is not None else target)
     if granularity not in GRANULARITIES:
         raise DitscopeError(f"--granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
@@ -50,21 +46,8 @@ def plan(
     if steps is not None and steps < 2:
         raise DitscopeError("--steps must be at least 2")
     out = out or Path("plans") / f"{Path(model).name}.plan.json"
-    if out.is_dir():
-        raise DitscopeError(f"--out {out} is a folder; give a file name such as {out / 'model.plan.json'}")
-    check_writable_dir(out.parent)
-    prompt_list = load_prompts(prompts)[:n_prompts] if prompts is not None else None
-    entry = zoo.ZOO.get(model)
-    n_steps = steps or (entry.steps if entry else 20)
-    dev = pick_device(device)
-    pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
-    configure_scheduler(pipe, None, n_steps)
-    pipe.set_progress_bar_config(disable=True)
-    if prompt_list is None:
-        if not hasattr(pipe, "is_class_conditional"):
-            raise DitscopeError(f"{model} is not a zoo model: give calibration prompts with --prompts")
-        _, prompt_list = evaluator.evaluation_prompts(pipe, n_prompts, seed=prompt_seed)
-    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.plan.json", prompts, n_prompts,
+                                                           prompt_seed, steps, guidance_scale, device, dtype)
     work = out.parent / f".{out.name}.work"  # calibration and evaluations: a rerun resumes from them
     from rich.console import Console
 
@@ -85,3 +68,30 @@ def plan(
 
     for key, value in summary_rows(result):
         print(f"  {key:24s} {value}")
+
+
+def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n_prompts: int, prompt_seed: int,
+                    steps: int | None, guidance_scale: float | None, device: str, dtype: str):
+    """What `plan` and `tune` both fit on: checks the output file, loads the model, and gives (pipe,
+    calibration prompts, steps, guidance). Zoo models draw their prompts with `prompt_seed`; others need
+    a prompt file. `example` is the file name suggested when `out` is a folder."""
+    from .. import zoo
+    from ..profiling.prompts import load_prompts
+    from ..zoo import evaluator
+
+    if out.is_dir():
+        raise DitscopeError(f"--out {out} is a folder; give a file name such as {out / example}")
+    check_writable_dir(out.parent)
+    prompt_list = load_prompts(prompts)[:n_prompts] if prompts is not None else None
+    entry = zoo.ZOO.get(model)
+    n_steps = steps or (entry.steps if entry else 20)
+    dev = pick_device(device)
+    pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
+    configure_scheduler(pipe, None, n_steps)
+    pipe.set_progress_bar_config(disable=True)
+    if prompt_list is None:
+        if not hasattr(pipe, "is_class_conditional"):
+            raise DitscopeError(f"{model} is not a zoo model: give calibration prompts with --prompts")
+        _, prompt_list = evaluator.evaluation_prompts(pipe, n_prompts, seed=prompt_seed)
+    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    return pipe, prompt_list, n_steps, guidance

@@ -10,9 +10,10 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_steps, check_writable_dir, pick_device, torch_dtype
+from ..runtime import check_steps
 from .common import app, user_errors
-from .plan import CALIBRATION_SEED
+from .generate import split_cache_opts
+from .plan import CALIBRATION_SEED, calibration_run
 
 
 @app.command()
@@ -39,12 +40,9 @@ def tune(
     """Fit METHOD's knob on calibration prompts so the target holds; writes a config generate --cache takes."""
     import torch
 
-    from .. import zoo
     from ..bench.tune import knob_of
     from ..bench.tune import tune as fit
     from ..planning.planner import Target
-    from ..profiling.prompts import load_prompts
-    from ..zoo import evaluator
 
     goal = Target.parse(target)
     if goal.kind == "flops":
@@ -58,7 +56,7 @@ def tune(
         raise DitscopeError(f"--assurance must be lower or mean, not {assurance!r}")
     knob_of(method, knob)  # an unknown method or a method without a knob fails before the model loads
     fixed = {}
-    for item in [part for opt in cache_opt or [] for part in opt.split()]:
+    for item in split_cache_opts(cache_opt):
         key, sep, raw = item.partition("=")
         if not sep:
             raise DitscopeError(f"--cache-opt {item!r} is not key=value")
@@ -68,20 +66,8 @@ def tune(
             fixed[key.replace("-", "_")] = raw
     _check_peer(method)
     out = out or Path("tuned") / f"{Path(model).name}.{method}.json"
-    if out.is_dir():
-        raise DitscopeError(f"--out {out} is a folder; give a file name such as {out / 'model.method.json'}")
-    check_writable_dir(out.parent)
-    prompt_list = load_prompts(prompts)[:n_prompts] if prompts is not None else None
-    entry = zoo.ZOO.get(model)
-    n_steps = steps or (entry.steps if entry else 20)
-    dev = pick_device(device)
-    pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
-    pipe.set_progress_bar_config(disable=True)
-    if prompt_list is None:
-        if not hasattr(pipe, "is_class_conditional"):
-            raise DitscopeError(f"{model} is not a zoo model: give calibration prompts with --prompts")
-        _, prompt_list = evaluator.evaluation_prompts(pipe, n_prompts, seed=prompt_seed)
-    guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.method.json", prompts, n_prompts,
+                                                           prompt_seed, steps, guidance_scale, device, dtype)
     work = out.parent / f".{out.name}.work"  # reference images and evaluations: a rerun resumes from them
     from rich.console import Console
 

@@ -84,6 +84,7 @@ class Evaluations:
                 except (json.JSONDecodeError, KeyError):
                     continue
         self.runs = 0
+        self._plain: float | None = None  # the uncached run's seconds, timed on first use
 
     @staticmethod
     def key(schedule: Schedule) -> str:
@@ -122,7 +123,7 @@ class Evaluations:
         return _timed(lambda: generate(self.pipe, first, self.steps, self.seed, self.batch_size, self.guidance_scale))
 
     def plain_seconds(self) -> float:
-        if getattr(self, "_plain", None) is None:
+        if self._plain is None:
             self._plain = self.seconds_per_run()
         return self._plain
 
