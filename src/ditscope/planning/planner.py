@@ -257,16 +257,20 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         reach = max(predicted(schedule_at(lo, lo)), predicted(schedule_at(lo, None)))
         raise DitscopeError(f"no plan reaches {goal} on these prompts (the fastest plan predicts {reach:.2f}x); "
                             "ask for less")
-    # the finalists (one per mode) are timed on this machine: the cost model ranks plans within a mode, but
-    # across modes its predictions were off by enough to pick a slower plan (benchmarks/RESULTS.md, ablation)
-    seconds = {id(c[1]): _timed(lambda c=c: _run_plan(pipe, c[1], first, num_inference_steps, seed, batch_size,
-                                                      guidance_scale, layout)) for c in candidates}
+    def run_time(schedule: Schedule) -> float:
+        return _timed(lambda: _run_plan(pipe, schedule, first, num_inference_steps, seed, batch_size, guidance_scale,
+                                        layout))
+
     if goal.quality:
+        # the finalists (one per mode) are timed on this machine: the cost model ranks plans within a mode, but
+        # across modes its predictions were off by enough to pick a slower plan (benchmarks/RESULTS.md, ablation)
+        seconds = {id(c[1]): run_time(c[1]) for c in candidates}
         mode, chosen, quality = min(candidates, key=lambda c: seconds[id(c[1])])
-    else:
+        say("finalists: " + ", ".join(f"{c[0]} {plain_seconds / seconds[id(c[1])]:.2f}x measured" for c in candidates))
+        planned_seconds = seconds[id(chosen)]
+    else:  # speed targets: every finalist is fast enough; the best quality wins, and only it is timed
         mode, chosen, quality = max(candidates, key=lambda c: c[2]["psnr"])
-    planned_seconds = seconds[id(chosen)]
-    say("finalists: " + ", ".join(f"{c[0]} {plain_seconds / seconds[id(c[1])]:.2f}x measured" for c in candidates))
+        planned_seconds = run_time(chosen)
     chosen.meta = {
         "model": model_signature(transformer),
         "pipeline": type(pipe).__name__,
