@@ -91,6 +91,37 @@ def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
     assert torch.equal(pipe(PROMPTS, **kwargs).images, reference)
 
 
+@pytest.mark.parametrize("config, rows", [
+    (ditscope.FORAConfig(interval=3), {"transformer_blocks.0.attn1": "CRRCRRCR", "transformer_blocks.7.ff": "CRRCRRCR"}),
+    (ditscope.FORAConfig(interval=2, warmup=3, kinds=("mlp",)), {"transformer_blocks.2.ff": "CCCRCRCR"}),
+    (ditscope.DeltaDiTConfig(interval=2, blocks=0.25, boundary=0.5),  # early steps: the back 2 of 8 blocks
+     {"transformer_blocks.7": "CRCRCCCC", "transformer_blocks.0": "CCCCCRCR", "transformer_blocks.3": "C" * STEPS}),
+])
+def test_static_methods_are_schedules_the_engine_looks_up(pipe, tmp_path, config, rows):
+    """FORA and Delta-DiT are policies compiled to a Schedule: their table is readable, and running it as a
+    plan is the method itself, image for image and count for count."""
+    schedule = ditscope.schedule_of(pipe, config, STEPS)
+    for unit, row in rows.items():
+        assert schedule.rows[unit] == row
+    if isinstance(config, ditscope.FORAConfig) and "self" not in config.kinds:
+        assert "transformer_blocks.2.attn1" not in schedule.rows  # kinds it does not cache always compute
+    counts = ["computed", "reused"] if isinstance(config, ditscope.FORAConfig) else ["blocks_computed", "blocks_reused"]
+    outputs = []
+    for c in (config, ditscope.PlanConfig(Schedule.load(schedule.save(tmp_path / "p.plan.json")))):
+        with ditscope.apply(pipe, c) as handle:
+            images = pipe(PROMPTS, num_inference_steps=STEPS, output_type="pt",
+                          generator=torch.Generator().manual_seed(0)).images
+        table = handle.stats().to_pandas()
+        outputs.append((images, table[counts].values.tolist()))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert outputs[0][1] == outputs[1][1]
+
+
+def test_methods_that_decide_at_run_time_have_no_schedule(pipe):
+    with pytest.raises(DitscopeError, match="decides at run time"):
+        ditscope.schedule_of(pipe, ditscope.ToCaConfig(), STEPS)
+
+
 def test_calibration_records_the_adaptive_signal(calibration):
     cal, _ = calibration
     signal = cal.meta["signal"]

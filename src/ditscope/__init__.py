@@ -28,6 +28,7 @@ from .cache import (  # noqa: E402
     TeaCacheConfig,
     ToCaConfig,
     apply,
+    schedule_of,
 )
 from .capture.recorder import Recorder  # noqa: E402
 from .errors import DitscopeError  # noqa: E402
@@ -73,6 +74,6 @@ def record(model, attention=None, **kwargs) -> Recorder:
 
 
 __all__ = [
-    "Blocks", "Child", "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Plan", "PlanConfig", "Profile", "Recorder", "Schedule",
+    "Blocks", "Child", "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Plan", "PlanConfig", "Profile", "Recorder", "Schedule", "schedule_of",
     "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "Tuned", "__version__", "apply", "profile", "record", "tune", "zoo",
 ]

@@ -22,7 +22,8 @@ from .taylorseer import TaylorSeerConfig
 from .delta_dit import DeltaDiTConfig
 from .fbcache import FBCacheConfig
 from .teacache import TeaCacheConfig
-from .schedule import PlanConfig, Schedule
+from .plan import PlanConfig
+from .schedule import Schedule, schedule_of
 # isort: on
 from .engine import CacheHandle
 from .registry import REGISTRY, ConfigsByName, Registered, for_config, register
@@ -100,4 +101,4 @@ def _default(f):
 
 __all__ = ["CONFIGS", "REGISTRY", "CacheHandle", "DeltaDiTConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig",
            "PABConfig", "PlanConfig", "Registered", "Schedule", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options",
-           "register"]
+           "register", "schedule_of"]

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import DitscopeError
-from .actions import full_step, run_block
-from .engine import BlockSite, CacheMethod, Context
+from .actions import full_step
+from .engine import Context
 from .registry import Knob, register
+from .schedule import ScheduleMethod
 
 
 @dataclass
@@ -31,21 +30,27 @@ class DeltaDiTConfig:
     warmup: int = 1
 
 
-class DeltaDiTMethod(CacheMethod):
-    uses_blocks = True
+class DeltaDiTMethod(ScheduleMethod):
+    """A static policy: the blocks of the cached range add their kept residual between full steps."""
+
+    uses_modules = False
 
     def validate(self, ctx: Context):
         c = self.config
         if c.interval < 1 or not 0 <= c.blocks <= 1 or not 0 <= c.boundary <= 1:
             raise DitscopeError("Delta-DiT needs interval >= 1 and blocks, boundary in [0, 1]")
+        super().validate(ctx)
 
-    def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
+    def rows(self, ctx: Context, steps: int) -> dict[str, str]:
         c = self.config
         n = round(c.blocks * ctx.depths)
-        early = ctx.step < c.boundary * ctx.num_steps
-        in_range = bsite.depth >= ctx.depths - n if early else bsite.depth < n
-        reuse = in_range and not full_step(ctx.step, c.interval, c.warmup)
-        return run_block(ctx, bsite, run, args, kwargs, torch.ones(ctx.rows, dtype=torch.bool) if reuse else None)
+
+        def action(depth: int, t: int) -> str:
+            early = t < c.boundary * steps
+            in_range = depth >= ctx.depths - n if early else depth < n
+            return "R" if in_range and not full_step(t, c.interval, c.warmup) else "C"
+
+        return {b.name: "".join(action(b.depth, t) for t in range(steps)) for b in ctx.blocks}
 
 
 register("delta-dit", DeltaDiTConfig, DeltaDiTMethod, "block residuals of the back (early steps) or front (late steps) blocks",

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 from ..errors import DitscopeError
 from ..families import CROSS, MLP, SELF, TEMPORAL
-from .actions import cached_module, full_step
-from .engine import CacheMethod, Context, Site
+from .actions import full_step
+from .engine import Context
 from .registry import Knob, register
+from .schedule import ScheduleMethod
 
 
 @dataclass
@@ -27,17 +28,20 @@ class FORAConfig:
     kinds: tuple[str, ...] = (SELF, CROSS, MLP, TEMPORAL)
 
 
-class FORAMethod(CacheMethod):
-    uses_modules = True
+class FORAMethod(ScheduleMethod):
+    """A static policy: the cached kinds' sites compute on full steps and reuse between them."""
+
+    uses_blocks = False
 
     def validate(self, ctx: Context):
         if self.config.interval < 1:
             raise DitscopeError(f"FORA interval must be >= 1, not {self.config.interval}")
+        super().validate(ctx)
 
-    def module(self, ctx: Context, site: Site, run, args, kwargs):
-        return cached_module(ctx, site, run, args, kwargs,
-                             full=full_step(ctx.step, self.config.interval, self.config.warmup)
-                             or site.kind not in self.config.kinds)
+    def rows(self, ctx: Context, steps: int) -> dict[str, str]:
+        c = self.config
+        row = "".join("C" if full_step(t, c.interval, c.warmup) else "R" for t in range(steps))
+        return {site.name: row for site in ctx.sites if site.kind in c.kinds}
 
 
 register("fora", FORAConfig, FORAMethod, "every attention and MLP output, recomputed every N steps",

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from ..cache.engine import find_transformer
-from ..cache.schedule import PlanConfig, Schedule, model_signature
+from ..cache.actions import full_step
+from ..cache.plan import PlanConfig
+from ..cache.schedule import Schedule, model_signature
 from ..errors import DitscopeError
 from ..files import atomic_path
 from ..profiling.artifact import Profile, sha256_of
@@ -299,8 +301,9 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
 
 
 def _interval_schedule(cal: Profile, mode: str, n: int, steps: int) -> Schedule:
-    """Every n-th step computed (after step 0 and 1), the others served: the stack's, or every module's."""
-    row = "".join("C" if s < 2 or (s - 1) % n == 0 else "R" for s in range(steps))
+    """Every n-th step computed after two full steps, the others served: the stack's (a uniform step skip),
+    or every module's (FORA's schedule with warmup 2)."""
+    row = "".join("C" if full_step(s, n, warmup=2) else "R" for s in range(steps))
     if mode == "stack":
         return Schedule({"stack": row})
     sites = [u for u, v in cal.meta["units"].items() if v["kind"] not in ("block", "stack")]
