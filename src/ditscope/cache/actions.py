@@ -1,6 +1,9 @@
 """The actions a cache method can take at a site, apart from the policies that choose them.
 
-A method (toca.py, fora.py, ...) is a policy: per (step, site) it decides; these functions execute.
+A method is a policy: per (step, site) it chooses an action. Static policies (FORA, Delta-DiT, a plan) say
+their whole table up front and `schedule.ScheduleMethod` looks it up; policies that decide from what the
+model computes (FBCache, TeaCache, PAB's live timestep, ToCa) call these functions per call; TaylorSeer
+keeps its own, since its forecasts go beyond the Schedule's first-order `F`.
 - module sites: compute and keep the output, or serve the kept one (`cached_module`);
 - block sites: compute and keep the block's residual per stream, or add the kept residual (`run_block`).
   The sum of the per-block residuals of a run of blocks is the run's residual, so reusing every block
@@ -8,7 +11,7 @@ A method (toca.py, fora.py, ...) is a policy: per (step, site) it decides; these
   blocks reshape the sequence in between (Latte's spatial and temporal blocks). Decisions can differ
   per batch row: rows that reuse take input + residual, rows that compute take the block's output, and
   the block only runs when some row computes.
-- the fixed-interval schedule most policies start from (`full_step`).
+- the fixed-interval rule most policies start from (`full_step`: FORA, Delta-DiT, TaylorSeer, the planner).
 Forecasting (TaylorSeer) and partial recompute (ToCa) keep their own state in their files.
 """
 
@@ -63,7 +66,7 @@ def run_block(ctx: Context, bsite: BlockSite, run, args, kwargs, reuse_rows: tor
 
 
 def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):
-    """Compute and keep the module's output, or hand back the kept one (shared by FORA and PAB)."""
+    """Compute and keep the module's output, or hand back the kept one."""
     cache = ctx.state.setdefault("out", {})
     x = hidden_arg(args, kwargs, site.hidden)
     tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0

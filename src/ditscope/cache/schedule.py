@@ -160,7 +160,8 @@ class ScheduleMethod(CacheMethod):
     """Executes a Schedule: per (step, unit) one table look-up. A method whose actions depend only on the
     step (FORA, Delta-DiT) is a static policy: it says its rows for a step count in `rows` and this class
     runs them; a plan (`PlanMethod`) reads its rows from the planner's file. Methods that decide from the
-    data as it runs (ToCa, FBCache, TeaCache, PAB's live timestep) call the actions in actions.py instead."""
+    data as it runs (ToCa, FBCache, TeaCache, PAB's live timestep) call the actions in actions.py instead.
+    Counting follows what runs: a FORA schedule counts modules, a Delta-DiT one blocks, a plan both."""
 
     uses_modules = True
     uses_blocks = True
