@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..cache.engine import find_transformer
 from ..cache.actions import full_step
+from ..cache.engine import find_transformer
 from ..cache.plan import PlanConfig
 from ..cache.schedule import Schedule, model_signature
 from ..errors import DitscopeError
