@@ -177,6 +177,59 @@ def test_batch_equals_each_alone_on_every_family(name, config):
         assert torch.allclose(b[:1], a, atol=1e-5), (b[:1] - a).abs().max()
 
 
+def run_half_batch(model, inputs):
+    """Row 1 of every call computes every block, row 0 reuses them from step 1 on (a test-only policy);
+    returns the outputs and the stats."""
+    from ditscope.cache.actions import run_block
+    from ditscope.cache.engine import CacheHandle, CacheMethod
+
+    class HalfBatch(CacheMethod):
+        uses_blocks = True
+
+        def block(self, ctx, bsite, run, args, kwargs):
+            return run_block(ctx, bsite, run, args, kwargs, torch.tensor([True, False]) if ctx.step else None)
+
+    handle = CacheHandle(model, HalfBatch(None), num_inference_steps=STEPS, count_flops=True, layout=layout_for(model))
+    try:
+        return run_steps(model, inputs), handle.stats()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", COVERED)
+def test_rows_that_compute_run_the_blocks_on_their_own(name):
+    """Per-sample decisions in a batch: when row 0 reuses every block and row 1 computes, the blocks run on row 1
+    alone (about half the FLOPs of the step), and row 1 is what the uncached model gives it, on every family."""
+    build, inputs, _ = CASES[name]
+    model = build()
+    reference = run_steps(model, inputs)
+    mixed, stats = run_half_batch(model, inputs)
+    for r, m in zip(reference, mixed):
+        assert torch.allclose(m[1:], r[1:], atol=1e-5), (m[1:] - r[1:]).abs().max()
+    assert not stats.notes  # no block fell back to running on the whole batch
+    flops = [r["flops"] for r in stats.records]
+    assert max(flops[1:]) < 0.75 * flops[0]
+
+
+def test_a_block_that_cannot_run_on_some_rows_runs_on_all_and_says_so():
+    model = opensora_like.build()
+    block = model.spatial_blocks[0]
+    plain = block.forward
+
+    def whole_batch_only(x, y, t):
+        if x.shape[0] != 2:
+            raise RuntimeError("this block needs the whole batch")
+        return plain(x, y, t)
+
+    block.forward = whole_batch_only
+    reference = run_steps(model, opensora_like.inputs)
+    mixed, stats = run_half_batch(model, opensora_like.inputs)
+    for r, m in zip(reference, mixed):
+        assert torch.allclose(m[1:], r[1:], atol=1e-5)
+    assert list(stats.notes) == ["spatial_blocks.0"] and "needs the whole batch" in stats.notes["spatial_blocks.0"]
+    assert block.forward is whole_batch_only  # remove() gives the user's own forward back
+
+
 @pytest.mark.parametrize("name", ["WanTransformer3DModel", "MochiTransformer3DModel"])
 def test_toca_says_where_a_token_subset_cannot_run(name):
     """Wan's self-attention (rotary embeddings inside) and Mochi's joint attention are computed whole when a

@@ -10,7 +10,7 @@ keeps its own, since its forecasts go beyond the Schedule's first-order `F`.
   of a range is the same as adding the range's cached residual, and it stays right on models whose
   blocks reshape the sequence in between (Latte's spatial and temporal blocks). Decisions can differ
   per batch row: rows that reuse take input + residual, rows that compute take the block's output, and
-  the block only runs when some row computes.
+  the block runs only when some row computes, on those rows alone (`run_rows`).
 - the fixed-interval rule most policies start from (`full_step`: FORA, Delta-DiT, TaylorSeer, the planner).
 Forecasting (TaylorSeer) and partial recompute (ToCa) keep their own state in their files.
 """
@@ -32,6 +32,7 @@ from .engine import (
     pack_outputs,
     residuals,
     rows_mask,
+    take_rows,
 )
 
 
@@ -49,20 +50,59 @@ def run_block(ctx: Context, bsite: BlockSite, run, args, kwargs, reuse_rows: tor
     if bool(reuse_rows.all()):
         ctx.record["blocks_reused"] += 1
         return pack_outputs(bsite, reused)
-    outputs = block_outputs(bsite, run(*args, **kwargs))
+    outputs = block_outputs(bsite, run_rows(ctx, run, args, kwargs, ~reuse_rows, pack_outputs(bsite, reused),
+                                            inputs["hidden"].shape[0], bsite.name))
     new_res = residuals(inputs, outputs)
-    merged_out, merged_res = {}, {}
-    for name, out in outputs.items():
-        r = new_res[name]
+    merged_res = {}
+    for name, r in new_res.items():
         if r is None or res.get(name) is None:
-            merged_out[name], merged_res[name] = out, r
+            merged_res[name] = r
             continue
         mask = rows_mask(ctx, reuse_rows, r.shape[0]).to(r.device).view(-1, *[1] * (r.dim() - 1))
-        merged_out[name] = torch.where(mask, reused[name], out)
         merged_res[name] = torch.where(mask, res[name], r)
     kept[bsite.index] = merged_res
     ctx.record["blocks_computed"] += 1
-    return pack_outputs(bsite, merged_out)
+    return pack_outputs(bsite, outputs)
+
+
+def run_rows(ctx: Context, run, args, kwargs, rows: torch.Tensor, served, batch: int, unit: str):
+    """`run`'s output with the rows marked in `rows` (per model row) computed by running it on those rows
+    alone (k of B rows cost about k/B of the batch) and the other rows taken from `served` (the same
+    structure: a tensor, or a tuple of tensors and None). `batch`: the rows of the hidden-states argument.
+    A module that cannot run on part of its batch (an argument sliced wrongly on a declared model) runs on
+    every row instead, and `stats()` says so at `unit`."""
+    try:
+        ctx.partial_batch = True
+        try:
+            part = run(*take_rows(ctx, args, rows, batch), **take_rows(ctx, kwargs, rows, batch))
+        finally:
+            ctx.partial_batch = False
+        return _put_rows(ctx, rows, part, served)
+    except (RuntimeError, ValueError, IndexError) as error:
+        ctx.note(unit, f"ran on the whole batch when only some rows compute ({error})")
+        return rows_where(ctx, rows, run(*args, **kwargs), served)
+
+
+def _put_rows(ctx: Context, rows: torch.Tensor, part, served):
+    if isinstance(part, tuple):
+        return tuple(_put_rows(ctx, rows, p, s) for p, s in zip(part, served, strict=True))
+    if part is None:
+        return None
+    if not torch.is_tensor(served) or served.shape[1:] != part.shape[1:]:
+        raise ValueError("an output without a served value for the other rows")
+    merged = served.clone()
+    merged[rows_mask(ctx, rows, merged.shape[0]).to(merged.device)] = part
+    return merged
+
+
+def rows_where(ctx: Context, rows: torch.Tensor, a, b):
+    """`a` on the model rows marked in `rows`, `b` elsewhere, over a tensor or a tuple of them."""
+    if isinstance(a, tuple):
+        return tuple(rows_where(ctx, rows, x, y) for x, y in zip(a, b))
+    if not torch.is_tensor(a) or not torch.is_tensor(b) or a.shape != b.shape:
+        return a
+    mask = rows_mask(ctx, rows, a.shape[0]).to(a.device).view(-1, *[1] * (a.dim() - 1))
+    return torch.where(mask, a, b)
 
 
 def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):

@@ -121,6 +121,7 @@ class Context:
         self.rows = 0  # batch size of the current model call
         self.active: Site | None = None  # the module running now (read by the attention tap)
         self.in_forward = False
+        self.partial_batch = False  # a block is running on some of the batch rows only (actions.run_rows)
         self._slots: dict[int, dict] = {}
         self.records: list[dict] = []  # one per model call of the current generation
         self.record: dict = {}
@@ -403,6 +404,23 @@ def rows_mask(ctx: Context, per_sample: torch.Tensor, rows: int) -> torch.Tensor
     return per_sample.repeat_interleave(rows // per_sample.shape[0])
 
 
+def take_rows(ctx: Context, tree, rows: torch.Tensor, block_rows: int):
+    """`tree` (a call's args or kwargs, nested in tuples, lists and dicts) restricted to the batch rows marked
+    in `rows` (a per-model-row mask): every tensor whose first dimension is the block's batch `block_rows` or
+    the model's is indexed; other values (rotary tables, flags, a mask shared by all rows) pass unchanged."""
+    if torch.is_tensor(tree):
+        if tree.dim() and tree.shape[0] == block_rows:
+            return tree[rows_mask(ctx, rows, block_rows).to(tree.device)]
+        if tree.dim() and tree.shape[0] == rows.shape[0]:
+            return tree[rows.to(tree.device)]
+        return tree
+    if type(tree) in (tuple, list):
+        return type(tree)(take_rows(ctx, t, rows, block_rows) for t in tree)
+    if type(tree) is dict:
+        return {k: take_rows(ctx, v, rows, block_rows) for k, v in tree.items()}
+    return tree
+
+
 def per_sample_mean(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     """Mean over everything but the batch, folded onto the model's rows: (rows,) float32."""
     per_row = x.float().flatten(1).mean(1)
@@ -554,7 +572,9 @@ class CacheHandle:
                 ctx.active = previous
 
         def forward(*args, **kwargs):
-            if not ctx.in_forward:
+            # a module inside a block that runs on part of the batch (actions.run_rows) runs plainly: a
+            # method's kept outputs are for the whole batch
+            if not ctx.in_forward or ctx.partial_batch:
                 return orig(*args, **kwargs)
             return method.module(ctx, site, run, args, kwargs)
 

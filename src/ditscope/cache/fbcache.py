@@ -22,9 +22,9 @@ class FBCacheConfig:
         threshold: skip when `mean|R_t - R_prev| / mean|R_prev|` of the first block's residual is below it
             (R_prev: the residual at the last step that computed the rest). Decided per batch row.
         warmup: the first steps, always computed.
-        per_sample: decide per batch row (True: an image never depends on its batch neighbours, but in a
-            batch the blocks are skipped only where every row agrees) or once for the whole batch from
-            its mean change (False, as diffusers' FirstBlockCache: faster in batches).
+        per_sample: decide per batch row (True: an image never depends on its batch neighbours; the rows
+            that compute run the blocks on their own, so a batch saves what its rows skip) or once for
+            the whole batch from its mean change (False, as diffusers' FirstBlockCache).
     """
 
     threshold: float = 0.05

@@ -33,6 +33,7 @@ import torch
 
 from ..errors import DitscopeError
 from ..files import json_checksum, write_text_atomic
+from .actions import rows_where, run_rows
 from .engine import (
     COMPUTE,
     PREDICT,
@@ -49,7 +50,6 @@ from .engine import (
     layout_of,
     pack_outputs,
     residuals,
-    rows_mask,
 )
 
 FORMAT = "ditscope-plan"
@@ -214,12 +214,13 @@ class ScheduleMethod(CacheMethod):
             if force is None:
                 ctx.record["blocks_reused"] += 1
                 return pack_outputs(bsite, served)
-            # adaptive: the rows over their limit compute; the others keep exactly what the plan serves them
-            computed = block_outputs(bsite, run(*args, **kwargs))
+            # adaptive: the rows over their limit compute (on their own); the others keep what the plan serves them
+            out = run_rows(ctx, run, args, kwargs, force, pack_outputs(bsite, served), inputs["hidden"].shape[0],
+                           bsite.name)
             ctx.record["blocks_computed"] += 1
-            fresh = residuals(inputs, computed)
-            history[-1] = (s1, {n: _rows_where(ctx, force, fresh[n], r1[n]) for n in r1})
-            return pack_outputs(bsite, {n: _rows_where(ctx, force, computed[n], served[n]) for n in computed})
+            fresh = residuals(inputs, block_outputs(bsite, out))
+            history[-1] = (s1, {n: rows_where(ctx, force, fresh[n], r1[n]) for n in r1})
+            return out
         ctx.record["blocks_computed"] += 1
         out = run(*args, **kwargs)
         if keep:
@@ -252,20 +253,11 @@ class ScheduleMethod(CacheMethod):
             ctx.count(REUSE if action == "R" or len(history) < 2 else PREDICT, 0, tokens)
             return served
         ctx.count(COMPUTE, tokens, tokens)
-        out = run(*args, **kwargs)  # adaptive: rows over their limit compute, and refresh what is kept for them
+        # adaptive: rows over their limit compute (on their own), and refresh what is kept for them
+        out = run_rows(ctx, run, args, kwargs, force, served, x.shape[0], site.name)
         s_last, y_last = history[-1]
-        history[-1] = (s_last, _rows_where(ctx, force, out, y_last))
-        return _rows_where(ctx, force, out, served)
-
-
-def _rows_where(ctx: Context, rows: torch.Tensor, a, b):
-    """`a` on the model rows marked in `rows`, `b` elsewhere, over a tensor or a tuple of them."""
-    if isinstance(a, tuple):
-        return tuple(_rows_where(ctx, rows, x, y) for x, y in zip(a, b))
-    if not torch.is_tensor(a) or not torch.is_tensor(b) or a.shape != b.shape:
-        return a
-    mask = rows_mask(ctx, rows, a.shape[0]).to(a.device).view(-1, *[1] * (a.dim() - 1))
-    return torch.where(mask, a, b)
+        history[-1] = (s_last, rows_where(ctx, force, out, y_last))
+        return out
 
 
 def _forecast(last, before, ratio: float):

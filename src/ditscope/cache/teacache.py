@@ -23,9 +23,9 @@ class TeaCacheConfig:
         coefficients: polynomial (highest degree first, as numpy.polyval) mapping the relative L1 change
             of the modulated input to the expected change of the output. The default (1, 0) is the
             identity; TeaCache fits a 4th-order one per model offline.
-        per_sample: decide per batch row (True: an image never depends on its batch neighbours, but in a
-            batch a step is skipped only where every row agrees) or once for the whole batch from its
-            mean change (False, as TeaCache and diffusers do: faster in batches).
+        per_sample: decide per batch row (True: an image never depends on its batch neighbours; the rows
+            that compute run the blocks on their own, so a batch saves what its rows skip) or once for
+            the whole batch from its mean change (False, as TeaCache and diffusers do).
     """
 
     threshold: float = 0.3
