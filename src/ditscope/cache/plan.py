@@ -32,8 +32,9 @@ class PlanConfig:
             from this step to the plan's next full step. A prompt the calibration saw nothing like is not
             served stale features; prompts like the calibration ones run the plan unchanged.
         tolerance: the multiple of the calibration maximum a live sum may reach before computing.
-        per_sample: adaptive decisions per batch row (True: an image never depends on its batch neighbours)
-            or for the whole batch (False: one row over the limit computes every row).
+        per_sample: adaptive decisions per batch row (True: an image never depends on its batch neighbours,
+            and only the rows over their limit compute, on their own) or for the whole batch (False: one row
+            over the limit computes every row).
     """
 
     plan: object = None
