@@ -11,8 +11,9 @@ keeps its own, since its forecasts go beyond the Schedule's first-order `F`.
   blocks reshape the sequence in between (Latte's spatial and temporal blocks). Decisions can differ
   per batch row: rows that reuse take input + residual, rows that compute take the block's output, and
   the block runs only when some row computes, on those rows alone (`run_rows`).
+- a first-order forecast from the last two computed outputs (`forecast`, a Schedule's `F`);
 - the fixed-interval rule most policies start from (`full_step`: FORA, Delta-DiT, TaylorSeer, the planner).
-Forecasting (TaylorSeer) and partial recompute (ToCa) keep their own state in their files.
+TaylorSeer's higher-order forecasts and ToCa's partial recompute keep their state in their own files.
 """
 
 from __future__ import annotations
@@ -117,6 +118,16 @@ def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):
         return out
     ctx.count(REUSE, 0, tokens)
     return cache[site.index]
+
+
+def forecast(last, before, ratio: float):
+    """First-order Taylor forecast in the step: last + ratio * (last - before), over a tensor or a tuple of
+    them (`ratio`: steps ahead of the last compute, over the steps between the last two computes)."""
+    if isinstance(last, tuple):
+        return tuple(forecast(a, b, ratio) for a, b in zip(last, before))
+    if last is None:
+        return None
+    return torch.lerp(last, before, -ratio)
 
 
 def full_step(step: int, interval: int, warmup: int) -> bool:

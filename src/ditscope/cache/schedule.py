@@ -33,7 +33,7 @@ import torch
 
 from ..errors import DitscopeError
 from ..files import json_checksum, write_text_atomic
-from .actions import rows_where, run_rows
+from .actions import forecast, rows_where, run_rows
 from .engine import (
     COMPUTE,
     PREDICT,
@@ -207,7 +207,7 @@ class ScheduleMethod(CacheMethod):
         if action != "C" and history:
             (s0, r0), (s1, r1) = history[0], history[-1]
             if action == "F" and s1 > s0:  # first-order Taylor forecast of the block's residual
-                res = {n: _forecast(r1[n], r0[n], (ctx.step - s1) / (s1 - s0)) for n in r1}
+                res = {n: forecast(r1[n], r0[n], (ctx.step - s1) / (s1 - s0)) for n in r1}
             else:
                 res = r1
             served = add_residuals(inputs, res)
@@ -248,7 +248,7 @@ class ScheduleMethod(CacheMethod):
         else:
             (s0, y0), (s1, y1) = history
             with torch.no_grad():
-                served = _forecast(y1, y0, (ctx.step - s1) / (s1 - s0))
+                served = forecast(y1, y0, (ctx.step - s1) / (s1 - s0))
         if force is None:
             ctx.count(REUSE if action == "R" or len(history) < 2 else PREDICT, 0, tokens)
             return served
@@ -258,15 +258,6 @@ class ScheduleMethod(CacheMethod):
         s_last, y_last = history[-1]
         history[-1] = (s_last, rows_where(ctx, force, out, y_last))
         return out
-
-
-def _forecast(last, before, ratio: float):
-    """last + ratio * (last - before), over a tensor or a tuple of them."""
-    if isinstance(last, tuple):
-        return tuple(_forecast(a, b, ratio) for a, b in zip(last, before))
-    if last is None:
-        return None
-    return torch.lerp(last, before, -ratio)
 
 
 def _keeps(row: str) -> list[bool]:
