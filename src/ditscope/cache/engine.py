@@ -464,6 +464,24 @@ class AttentionTap:
 
 
 # ------------------------------------------------------------------------------------- the handle
+def contexts_of(found: list[tuple[str, torch.nn.Module]], layout: Blocks | None = None,
+                clock: Clock | None = None) -> list[Context]:
+    """One Context per transformer of `find_transformers` (a second one's units named `transformer_2.*`), on
+    one clock, each knowing the unit names of them all (a plan names every transformer's units)."""
+    clock = clock or Clock()
+    contexts = []
+    for attr, model in found:
+        prefix = "" if attr == "transformer" else f"{attr}."
+        family, blocks, sites, depths = layout_of(model, layout, prefix)
+        ctx = Context(family, layout or family.blocks, blocks, sites, depths, clock)
+        ctx.model, ctx.prefix = model, prefix
+        contexts.append(ctx)
+    names = {u for c in contexts for u in [*(s.name for s in c.sites), *(b.name for b in c.blocks)]}
+    for ctx in contexts:
+        ctx.unit_names = names
+    return contexts
+
+
 class CacheHandle:
     """What `ditscope.apply` returns: `stats()`, `remove()`, and a context manager that removes on exit.
 
@@ -479,19 +497,12 @@ class CacheHandle:
                 raise DitscopeError("a ditscope cache is already applied to this model; call handle.remove() first")
         clock = Clock()
         clock.num_steps = num_inference_steps if num_inference_steps is not None else method.default_steps()
-        self.transformers, self.methods, self.contexts = [], [], []
-        for i, (attr, model) in enumerate(found):
-            prefix = "" if attr == "transformer" else f"{attr}."
-            family, blocks, sites, depths = layout_of(model, layout, prefix)
-            ctx = Context(family, layout or family.blocks, blocks, sites, depths, clock)
-            ctx.flop_counting, ctx.model, ctx.prefix = count_flops, model, prefix
-            ctx.scheduler = type(self.pipe.scheduler).__name__ if hasattr(self.pipe, "scheduler") else None
-            self.transformers.append(model)
-            self.methods.append(method if i == 0 else copy.copy(method))  # a method keeps per-model tables
-            self.contexts.append(ctx)
-        names = {u for c in self.contexts for u in [*(s.name for s in c.sites), *(b.name for b in c.blocks)]}
+        self.transformers = [model for _, model in found]
+        self.contexts = contexts_of(found, layout, clock)
+        self.methods = [method if i == 0 else copy.copy(method) for i in range(len(found))]  # per-model tables
         for ctx, m in zip(self.contexts, self.methods):
-            ctx.unit_names = names
+            ctx.flop_counting = count_flops
+            ctx.scheduler = type(self.pipe.scheduler).__name__ if hasattr(self.pipe, "scheduler") else None
             m.validate(ctx)
         self.transformer, self.method, self.ctx = self.transformers[0], self.methods[0], self.contexts[0]
         self._patches = Patches()

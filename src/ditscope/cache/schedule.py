@@ -45,9 +45,9 @@ from .engine import (
     add_residuals,
     block_inputs,
     block_outputs,
+    contexts_of,
     find_transformers,
     hidden_arg,
-    layout_of,
     pack_outputs,
     residuals,
 )
@@ -287,11 +287,8 @@ def schedule_of(target, config, steps: int, layout=None) -> Schedule:
                             "schedule to show (FORA, Delta-DiT and plans have one)")
     found, _ = find_transformers(target)
     rows = {}
-    for attr, model in found:
-        prefix = "" if attr == "transformer" else f"{attr}."
-        family, blocks, sites, depths = layout_of(model, layout, prefix)
-        ctx = Context(family, layout or family.blocks, blocks, sites, depths)
-        ctx.num_steps, ctx.model, ctx.prefix = steps, model, prefix
+    for ctx in contexts_of(found, layout):
+        ctx.num_steps = steps
         method = entry.method(config)
         method.validate(ctx)
         rows.update(method.schedule(ctx, steps).rows)
