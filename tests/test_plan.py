@@ -158,6 +158,51 @@ def test_adaptive_plan_between_static_and_uncached(pipe):
         ditscope.apply(pipe, ditscope.PlanConfig(Schedule({"stack": "CCR"}), adaptive=True))
 
 
+def test_calibration_records_the_stack_change_an_output_signal_is_checked_against(calibration):
+    from ditscope.planning.planner import stack_change
+
+    cal, _ = calibration
+    table = stack_change(cal)  # [step][lag - 1]: the largest over the calibration prompts
+    assert len(table) == STEPS and all(len(row) == 3 for row in table)
+    assert table[0] == [None] * 3 and table[1][1:] == [None, None] and table[2][2] is None
+    ki = cal.keys.index((cal.layer_names.index("stack"), "reuse@2", "all", "all"))
+    per_prompt = cal.values[:, ki, 5 - 1, cal.metrics.index("inject")]  # step 5 (the axis starts at step 1)
+    assert table[5][1] == pytest.approx(float(per_prompt.max()), rel=1e-5)
+
+
+def test_adaptive_plan_on_the_output_signal(pipe):
+    """The stack's change between full steps decides for the served run that follows: tolerance infinite
+    is the static plan; tolerance ~0 computes every run that follows a measured full step, which is the
+    plan with those steps computed; a row does not depend on its batch neighbour."""
+    from ditscope.planning.calibrate import generate
+
+    meta = {"stack_change": [[None, None]] + [[0.02, 0.04]] * 7}
+    plan = Schedule({"stack": "CCRCRCRR"}, meta=meta)
+    forced_plan = Schedule({"stack": "CCRCCCCC"})  # step 1 has no earlier compute to compare with; 3 and 5 do
+
+    def run(config, prompts=PROMPTS):
+        with ditscope.apply(pipe, config) as handle:
+            images = generate(pipe, prompts, STEPS, batch_size=2)
+        run.summary = handle.stats().summary()
+        return images
+
+    with torch.inference_mode():
+        static = run(ditscope.PlanConfig(plan))
+        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, signal="output", tolerance=1e9)), static)
+        assert run.summary["rows_forced"] == 0
+        eager = run(ditscope.PlanConfig(plan, adaptive=True, signal="output", tolerance=1e-9))
+        assert run.summary["rows_forced"] > 0
+        torch.testing.assert_close(eager, run(ditscope.PlanConfig(forced_plan)), rtol=0, atol=1e-5)
+        both = run(ditscope.PlanConfig(plan, adaptive=True, signal="output"))
+        alone = run(ditscope.PlanConfig(plan, adaptive=True, signal="output"), PROMPTS[:1])
+    assert (both[0] - alone[0]).abs().max() < 1e-4
+    with pytest.raises(DitscopeError, match="no calibrated signal for signal='output'"):
+        ditscope.apply(pipe, ditscope.PlanConfig(Schedule({"stack": "CCR"}, meta={"signal": [[None, 1, 1]]}),
+                                                 adaptive=True, signal="output"))
+    with pytest.raises(DitscopeError, match="unknown adaptive signal"):
+        ditscope.apply(pipe, ditscope.PlanConfig(plan, adaptive=True, signal="noise"))
+
+
 def test_plans_resample_to_other_step_counts_or_refuse_when_strict():
     plan = Schedule({"stack": "CCRCRRCR"})
     assert plan.at(4).rows["stack"][0] == "C" and len(plan.at(4).rows["stack"]) == 4

@@ -421,6 +421,15 @@ def take_rows(ctx: Context, tree, rows: torch.Tensor, block_rows: int):
     return tree
 
 
+def row_abs_sums(xs: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """sum|x| per model row over a list of tensors whose first dim folds onto the model's rows: (rows,) float64."""
+    total = torch.zeros(rows, dtype=torch.float64)
+    for x in xs:
+        per = x.detach().float().abs().flatten(1).sum(1).double().cpu()
+        total += per.reshape(rows, -1).sum(1)
+    return total
+
+
 def per_sample_mean(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     """Mean over everything but the batch, folded onto the model's rows: (rows,) float32."""
     per_row = x.float().flatten(1).mean(1)

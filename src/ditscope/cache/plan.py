@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitscopeError
-from .engine import Context, relative_change
+from .engine import BlockSite, Context, relative_change, row_abs_sums
 from .registry import register
 from .schedule import STACK, Schedule, ScheduleMethod, model_signature
 
@@ -24,14 +24,18 @@ class PlanConfig:
         path: the path of a plan file (the CLI's `--cache plan --cache-opt path=PLAN.json`).
         strict: refuse to run at another step count or scheduler than the plan's (default: resample it to the
             step count, with a warning; warn about another scheduler).
-        adaptive: watch a live signal and compute where the plan would serve stale features. The signal is
-            the relative L1 change of the first block's input (read at every step, free: that input exists
-            whether or not the stack runs), summed since the row's last full step. The plan file carries what
-            the calibration prompts gave (per prompt and step); where a row's sum exceeds the largest
-            calibration prompt's sum over the same steps (times `tolerance`), that row computes everything
-            from this step to the plan's next full step. A prompt the calibration saw nothing like is not
-            served stale features; prompts like the calibration ones run the plan unchanged.
-        tolerance: the multiple of the calibration maximum a live sum may reach before computing.
+        adaptive: watch a live signal and compute where the plan would serve stale features, per batch row.
+            A row whose signal exceeds the most any calibration prompt showed (times `tolerance`) computes
+            everything up to the plan's next full step. Prompts like the calibration ones run the plan
+            unchanged; a prompt the calibration saw nothing like is not served stale features.
+        signal: what an adaptive plan watches. "input": the relative L1 change of the first block's input,
+            summed since the row's last full step, checked at every step (free: that input exists whether or
+            not the stack runs). "output": how much the block stack's output changed between the plan's last
+            two full steps (its blocks' residual changes over the stream, the calibration's measure of the
+            error of reusing the stack), checked at each full step for the run of served steps that follows:
+            a row whose model output is moving faster than any calibration prompt's computes that run. It
+            costs one subtraction per block at full steps, where every block computes anyway.
+        tolerance: the multiple of the calibration maximum a live signal may reach before computing.
         per_sample: adaptive decisions per batch row (True: an image never depends on its batch neighbours,
             and only the rows over their limit compute, on their own) or for the whole batch (False: one row
             over the limit computes every row).
@@ -41,6 +45,7 @@ class PlanConfig:
     path: str = ""
     strict: bool = False
     adaptive: bool = False
+    signal: str = "input"
     tolerance: float = 1.0
     per_sample: bool = True
 
@@ -54,12 +59,16 @@ class PlanConfig:
                             "(make one with ditscope plan)")
 
 
+SIGNALS = {"input": "signal", "output": "stack_change"}  # an adaptive signal -> the plan's calibrated record of it
+
+
 class PlanMethod(ScheduleMethod):
     """Runs a plan file's Schedule, resampled to the step count, optionally adaptive."""
 
     def validate(self, ctx: Context):
         super().validate(ctx)
         self.adaptive = self.config.adaptive
+        self.observes = self.adaptive and self.config.signal == "output"
         self.base = self.config.schedule()
         expected = self.base.meta.get("model")
         if expected and ctx.model is not None and not ctx.prefix and expected != model_signature(ctx.model):
@@ -79,20 +88,31 @@ class PlanMethod(ScheduleMethod):
             warnings.warn(f"ditscope: plan made under {made_for} runs under {ctx.scheduler}: plans measured much worse "
                           "across schedulers (docs/FINDINGS.md); plan again for this one", stacklevel=2)
         if self.config.adaptive:
-            if not self.base.meta.get("signal"):
-                raise DitscopeError("this plan carries no calibrated signal (made by hand or by an older ditscope); "
-                                    "make it again with ditscope plan to run it adaptively")
+            if self.config.signal not in SIGNALS:
+                raise DitscopeError(f"unknown adaptive signal {self.config.signal!r}; use {' or '.join(SIGNALS)}")
+            if not self.base.meta.get(SIGNALS[self.config.signal]):
+                raise DitscopeError(f"this plan carries no calibrated signal for signal={self.config.signal!r} (made "
+                                    "by hand or by an older ditscope); make it again with ditscope plan to run it "
+                                    "adaptively")
             if not self.config.tolerance > 0:
                 raise DitscopeError(f"PlanConfig tolerance must be > 0, not {self.config.tolerance}")
         self._limits: dict[int, list] = {}
+        self._full: dict[int, list] = {}
+
+    def full_steps(self, ctx: Context) -> list[bool]:
+        """Per step: does the plan compute every unit?"""
+        steps = ctx.num_steps
+        if steps not in self._full:
+            sites, blocks, _, _ = self.table(ctx)
+            self._full[steps] = [all(r[t] == "C" for r in (*sites.values(), *blocks.values())) for t in range(steps)]
+        return self._full[steps]
 
     def limits(self, ctx: Context) -> list:
-        """Per step: None where the plan computes everything, else the most any calibration prompt's signal
-        summed since the last full step reached (times the tolerance)."""
+        """Per step: None where the plan computes everything, else the most any calibration prompt's input
+        signal summed since the last full step reached (times the tolerance)."""
         steps = ctx.num_steps
         if steps not in self._limits:
-            sites, blocks, _, _ = self.table(ctx)
-            full = [all(r[t] == "C" for r in (*sites.values(), *blocks.values())) for t in range(steps)]
+            full = self.full_steps(ctx)
             signal = _resampled_signal(self.base.meta["signal"], steps)
             out, last = [], 0
             for t in range(steps):
@@ -111,6 +131,12 @@ class PlanMethod(ScheduleMethod):
         and serving the next from it mixes fresh and stale outputs in the sampler's multistep history, which
         measured worse than not computing at all (benchmarks/RESULTS.md, adaptive plans)."""
         st = ctx.state
+        if self.config.signal == "output":  # decided at the last full step (observe); applied here
+            force = None if self.full_steps(ctx)[ctx.step] or ctx.step == 0 else st.get("forced")
+            st["force"] = force
+            if force is not None:
+                ctx.record["rows_forced"] = int(force.sum())
+            return
         limit = self.limits(ctx)[ctx.step]
         prev = st.get("watch_input")
         st["watch_input"] = x.detach().clone()
@@ -126,6 +152,49 @@ class PlanMethod(ScheduleMethod):
         st["watch_sum"], st["forced"] = total, force
         st["force"] = force if bool(force.any()) else None
         ctx.record["rows_forced"] = int(force.sum())
+
+    def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict, history: list | None):
+        """The output signal: at a full step, each block's residual change since the row's last compute,
+        summed over the blocks; at the last block, over the stream there (the calibration's measure), and
+        compared with the calibration prompts' largest at this step and lag. The rows over it compute the
+        served steps that follow, up to the plan's next full step."""
+        if not self.full_steps(ctx)[ctx.step]:
+            return
+        st = ctx.state
+        if bsite.index == ctx.blocks[0].index:
+            st["forced"], st["output_change"] = None, (None, 0.0)
+        lag, total = st.get("output_change", (None, None))
+        if total is None or not history:  # a block without an earlier compute: no decision this step
+            st["output_change"] = (None, None)
+            return
+        last_step, last = history[-1]
+        if lag is not None and ctx.step - last_step != lag:
+            st["output_change"] = (None, None)
+            return
+        diff = [res[n] - last[n] for n in res if n in last and res[n].shape == last[n].shape]
+        st["output_change"] = (ctx.step - last_step, total + row_abs_sums(diff, ctx.rows))
+        if bsite.index != ctx.blocks[-1].index:
+            return
+        stream = row_abs_sums([t for t in inputs.values() if t is not None], ctx.rows).clamp_min(1e-12)
+        limit = self.output_limit(ctx, ctx.step, ctx.step - last_step)
+        if limit is None:
+            return
+        over = st["output_change"][1] / stream > self.config.tolerance * limit
+        if not self.config.per_sample and bool(over.any()):
+            over = torch.ones_like(over)
+        st["forced"] = over if bool(over.any()) else None
+
+    def output_limit(self, ctx: Context, step: int, lag: int) -> float | None:
+        """The calibration prompts' largest stack change from `step - lag` to `step`, read on the plan's step
+        axis (a resampled plan: the same normalised step and interval); None where it was not measured."""
+        table = self.base.meta["stack_change"]
+        steps, planned = ctx.num_steps, len(table)
+        if steps != planned:
+            scale = (planned - 1) / max(1, steps - 1)
+            step, lag = round(step * scale), max(1, round(lag * scale))
+        if not 0 <= step < planned or lag > len(table[step]):
+            return None
+        return table[step][lag - 1]
 
     def default_steps(self) -> int | None:
         return self.config.schedule().steps or None

@@ -166,6 +166,7 @@ class ScheduleMethod(CacheMethod):
     uses_modules = True
     uses_blocks = True
     adaptive = False  # a plan may watch a live signal (PlanMethod); a static policy never does
+    observes = False  # ...and may look at each computed block's residual (`observe`)
 
     def validate(self, ctx: Context):
         self._tables: dict[int, tuple] = {}
@@ -223,10 +224,17 @@ class ScheduleMethod(CacheMethod):
             return out
         ctx.record["blocks_computed"] += 1
         out = run(*args, **kwargs)
-        if keep:
+        if keep or self.observes:
             res = residuals(inputs, block_outputs(bsite, out))
-            ctx.state["plan_residual"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
+            if self.observes:
+                self.observe(ctx, bsite, inputs, res, history)
+            if keep:
+                ctx.state["plan_residual"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
         return out
+
+    def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict, history: list | None):
+        """An adaptive method's look at a block it computed: its residual `res` this step, `history` the
+        (step, residual) pairs kept from earlier computes."""
 
     def module(self, ctx: Context, site: Site, run, args, kwargs):
         sites, _, keep_site, _ = self.table(ctx)

@@ -36,6 +36,7 @@ from ..cache.engine import (
     block_outputs,
     flop_counter,
     relative_change,
+    row_abs_sums,
 )
 from ..cache.schedule import STACK, model_signature
 from ..errors import DitscopeError
@@ -49,15 +50,6 @@ def _tensors(x) -> list[torch.Tensor]:
     if isinstance(x, (tuple, list)):
         return [t for part in x for t in _tensors(part)]
     return [x] if torch.is_tensor(x) else []
-
-
-def _row_sums(xs: list[torch.Tensor], rows: int) -> torch.Tensor:
-    """sum|x| per model row over a list of tensors whose first dim folds onto the model's rows."""
-    total = torch.zeros(rows, dtype=torch.float64)
-    for x in xs:
-        per = x.detach().float().abs().flatten(1).sum(1).double().cpu()
-        total += per.reshape(rows, -1).sum(1)
-    return total
 
 
 def _numel_per_row(xs: list[torch.Tensor], rows: int) -> float:
@@ -95,7 +87,7 @@ class _Observer(CacheMethod):
         step = ctx.step
         prompts = self._prompt_of_rows(ctx)
         branches = ctx.rows // self.n_prompts
-        cur_abs = _row_sums(xs, ctx.rows)
+        cur_abs = row_abs_sums(xs, ctx.rows)
         numel = _numel_per_row(xs, ctx.rows)
         served = {}
         for k in range(1, self.max_lag + 1):
@@ -106,7 +98,7 @@ class _Observer(CacheMethod):
                 served[f"forecast@{k}"] = [2 * a - b for a, b in zip(hist[step - k], hist[step - 2 * k])]
         raw = {}
         for target, ys in served.items():
-            err = raw[target] = _row_sums([x - y for x, y in zip(xs, ys)], ctx.rows)
+            err = raw[target] = row_abs_sums([x - y for x, y in zip(xs, ys)], ctx.rows)
             for metric, value in (("l1", err / max(numel, 1.0)), ("rel_l1", err / cur_abs.clamp_min(1e-12)),
                                   ("inject", err / stream_abs.clamp_min(1e-12))):
                 self._add(unit, target, metric, prompts, step, value / branches)
@@ -149,7 +141,7 @@ class _Observer(CacheMethod):
         inputs = block_inputs(bsite, args, kwargs)
         if bsite.index == 0:
             self.watch(ctx, inputs["hidden"])
-        streams = {name: _row_sums([t], ctx.rows) for name, t in inputs.items() if t is not None}
+        streams = {name: row_abs_sums([t], ctx.rows) for name, t in inputs.items() if t is not None}
         in_abs = sum(streams.values())
         ctx.state.setdefault("stream_abs", {})[bsite.index] = streams
         ctx.state["observing"] = 0.0
@@ -176,7 +168,7 @@ class _Observer(CacheMethod):
         else:
             denom = streams.get("hidden")
         if denom is None:
-            denom = _row_sums(_tensors(out), ctx.rows)
+            denom = row_abs_sums(_tensors(out), ctx.rows)
         start = time.perf_counter()
         self._measure(ctx, site.name, _tensors(out), denom)
         ctx.state["observing"] = ctx.state.get("observing", 0.0) + time.perf_counter() - start

@@ -23,12 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..cache.actions import full_step
 from ..cache.engine import find_transformer
 from ..cache.plan import PlanConfig
-from ..cache.schedule import Schedule, model_signature
+from ..cache.schedule import STACK, Schedule, model_signature
 from ..errors import DitscopeError
 from ..files import atomic_path
 from ..profiling.artifact import Profile, sha256_of
@@ -293,11 +294,34 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         "planning_seconds": round(time.perf_counter() - started, 1),
         # what PlanConfig(adaptive=True) compares the live signal with: per calibration prompt and step
         "signal": [[None if v is None else float(f"{v:.6g}") for v in row] for row in cal.meta.get("signal", [])],
+        # what PlanConfig(adaptive=True, signal="output") compares with: per step and lag k, the most any
+        # calibration prompt's stack output changed from step t-k to t
+        "stack_change": stack_change(cal),
     }
     if log:
         log(f"plan: {mode}, {chosen.meta['predicted_speedup']:.2f}x predicted, {chosen.meta['measured_speedup']:.2f}x "
             f"measured, PSNR {quality['psnr']:.1f} dB on the calibration prompts")
     return chosen
+
+
+def stack_change(cal: Profile) -> list[list]:
+    """[step][k-1]: the largest relative change of the block stack's output (its blocks' residual changes
+    over the stream, the calibration's `inject` metric) from step t-k to t over the calibration prompts;
+    None where not measured (t < k)."""
+    m = cal.metrics.index("inject")
+    lags = sorted(int(t.partition("@")[2]) for t in cal.options("target") if t.startswith("reuse@"))
+    out = [[None] * len(lags) for _ in range(cal.n_steps)]
+    stack = cal.layer_names.index(STACK)
+    for ki, (layer, target, _, _) in enumerate(cal.keys):
+        if layer != stack or not target.startswith("reuse@"):
+            continue
+        j = lags.index(int(target.partition("@")[2]))
+        values = cal.values[:, ki, :, m]
+        worst = np.where(np.isfinite(values), values, -np.inf).max(axis=0)
+        for s, v in enumerate(worst, start=1):
+            if np.isfinite(v):
+                out[s][j] = float(f"{v:.6g}")
+    return out
 
 
 def _interval_schedule(cal: Profile, mode: str, n: int, steps: int) -> Schedule:
