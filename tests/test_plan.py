@@ -178,7 +178,7 @@ def test_adaptive_plan_on_the_output_signal(pipe):
 
     meta = {"stack_change": [[None, None]] + [[0.02, 0.04]] * 7}
     plan = Schedule({"stack": "CCRCRCRR"}, meta=meta)
-    forced_plan = Schedule({"stack": "CCRCCCCC"})  # step 1 has no earlier compute to compare with; 3 and 5 do
+    forced_plan = Schedule({"stack": "CCCCCCCC"})  # full steps 1, 3 and 5 each decide for the run that follows
 
     def run(config, prompts=PROMPTS):
         with ditscope.apply(pipe, config) as handle:

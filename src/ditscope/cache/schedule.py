@@ -228,7 +228,7 @@ class ScheduleMethod(CacheMethod):
             res = residuals(inputs, block_outputs(bsite, out))
             if self.observes:
                 self.observe(ctx, bsite, inputs, res, history)
-            if keep:
+            if keep or self.observes:  # an observing method compares the next compute with this one
                 ctx.state["plan_residual"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
         return out
 
