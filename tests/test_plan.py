@@ -203,6 +203,16 @@ def test_adaptive_plan_on_the_output_signal(pipe):
         ditscope.apply(pipe, ditscope.PlanConfig(plan, adaptive=True, signal="noise"))
 
 
+def test_guidance_branches_are_told_apart_by_their_shared_input():
+    from ditscope.cache.plan import same_input_groups
+
+    latents = torch.randn(3, 16, 8)
+    assert same_input_groups(torch.cat([latents, latents]), 6).tolist() == [0, 1, 2, 0, 1, 2]  # CFG: [uncond; cond]
+    assert same_input_groups(latents, 3).tolist() == [0, 1, 2]
+    frames = torch.randn(2, 4, 16, 8).flatten(0, 1)  # Latte-style: each sample's 4 frame rows fold onto it
+    assert same_input_groups(torch.cat([frames, frames]), 4).tolist() == [0, 1, 0, 1]
+
+
 def test_plans_resample_to_other_step_counts_or_refuse_when_strict():
     plan = Schedule({"stack": "CCRCRRCR"})
     assert plan.at(4).rows["stack"][0] == "C" and len(plan.at(4).rows["stack"]) == 4

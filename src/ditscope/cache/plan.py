@@ -33,7 +33,8 @@ class PlanConfig:
             not the stack runs). "output": how much the block stack's output changed between the plan's last
             two full steps (its blocks' residual changes over the stream, the calibration's measure of the
             error of reusing the stack), checked at each full step for the run of served steps that follows:
-            a row whose model output is moving faster than any calibration prompt's computes that run. It
+            a sample whose model output is moving faster than any calibration prompt's computes that run
+            (its guidance branches together: rows given the same input are one sample's branches). It
             costs one subtraction per block at full steps, where every block computes anyway.
         tolerance: the multiple of the calibration maximum a live signal may reach before computing.
         per_sample: adaptive decisions per batch row (True: an image never depends on its batch neighbours,
@@ -163,6 +164,7 @@ class PlanMethod(ScheduleMethod):
         st = ctx.state
         if bsite.index == ctx.blocks[0].index:
             st["forced"], st["output_change"] = None, (None, 0.0)
+            st["samples"] = same_input_groups(inputs["hidden"], ctx.rows)
         lag, total = st.get("output_change", (None, None))
         if total is None or not history:  # a block without an earlier compute: no decision this step
             st["output_change"] = (None, None)
@@ -180,6 +182,11 @@ class PlanMethod(ScheduleMethod):
         if limit is None:
             return
         over = st["output_change"][1] / stream > self.config.tolerance * limit
+        # a sample's guidance branches decide together: computing the conditional branch fresh while the
+        # unconditional one stays stale does not mend the guided output (the stale error is scaled by the
+        # guidance), and the branches' outputs change by different amounts
+        group = st["samples"]
+        over = (torch.zeros(ctx.rows).index_add_(0, group, over.float()) > 0)[group]
         if not self.config.per_sample and bool(over.any()):
             over = torch.ones_like(over)
         st["forced"] = over if bool(over.any()) else None
@@ -207,6 +214,17 @@ class PlanMethod(ScheduleMethod):
             raise DitscopeError(f"the plan was made for {self.base.steps} steps, not {steps} (strict=True)")
         warnings.warn(f"ditscope: plan made for {self.base.steps} steps resampled to {steps}", stacklevel=2)
         return self.base.at(steps)
+
+
+def same_input_groups(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per model row, the index of the first row with the same input: a sample's guidance branches (a
+    pipeline repeats the latents for each branch) share one, different samples do not."""
+    fingerprint = torch.stack([row_abs_sums([x], rows), x.detach().double().flatten(1).sum(1).cpu().reshape(rows, -1).sum(1)], 1)
+    first = torch.arange(rows)
+    for i in range(rows):
+        same = (fingerprint == fingerprint[i]).all(1).nonzero()
+        first[i] = int(same[0])
+    return first
 
 
 def _resampled_signal(signal: list, steps: int) -> list[list[float]]:
