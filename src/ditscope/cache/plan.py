@@ -154,22 +154,26 @@ class PlanMethod(ScheduleMethod):
         st["force"] = force if bool(force.any()) else None
         ctx.record["rows_forced"] = int(force.sum())
 
-    def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict, history: list | None):
-        """The output signal: at a full step, each block's residual change since the row's last compute,
-        summed over the blocks; at the last block, over the stream there (the calibration's measure), and
-        compared with the calibration prompts' largest at this step and lag. The rows over it compute the
-        served steps that follow, up to the plan's next full step."""
+    def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict):
+        """The output signal: at a full step, each block's residual change since the plan's last full step
+        (both computed fresh, as in the calibration; a residual computed beside served modules is not
+        compared), summed over the blocks; at the last block, over the stream there (the calibration's
+        measure), and compared with the calibration prompts' largest at this step and lag. The samples over
+        it compute the served steps that follow, up to the plan's next full step."""
         if not self.full_steps(ctx)[ctx.step]:
             return
         st = ctx.state
+        observed = st.setdefault("observed", {})  # block -> (full step, residual)
+        previous = observed.get(bsite.index)
+        observed[bsite.index] = (ctx.step, res)
         if bsite.index == ctx.blocks[0].index:
             st["forced"], st["output_change"] = None, (None, 0.0)
             st["samples"] = same_input_groups(inputs["hidden"], ctx.rows)
         lag, total = st.get("output_change", (None, None))
-        if total is None or not history:  # a block without an earlier compute: no decision this step
+        if total is None or previous is None:  # a block without an earlier full step: no decision this step
             st["output_change"] = (None, None)
             return
-        last_step, last = history[-1]
+        last_step, last = previous
         if lag is not None and ctx.step - last_step != lag:
             st["output_change"] = (None, None)
             return

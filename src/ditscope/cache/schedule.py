@@ -227,14 +227,13 @@ class ScheduleMethod(CacheMethod):
         if keep or self.observes:
             res = residuals(inputs, block_outputs(bsite, out))
             if self.observes:
-                self.observe(ctx, bsite, inputs, res, history)
-            if keep or self.observes:  # an observing method compares the next compute with this one
+                self.observe(ctx, bsite, inputs, res)
+            if keep:
                 ctx.state["plan_residual"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
         return out
 
-    def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict, history: list | None):
-        """An adaptive method's look at a block it computed: its residual `res` this step, `history` the
-        (step, residual) pairs kept from earlier computes."""
+    def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict):
+        """An adaptive method's look at a block it computed: its inputs and its residual `res` this step."""
 
     def module(self, ctx: Context, site: Site, run, args, kwargs):
         sites, _, keep_site, _ = self.table(ctx)
