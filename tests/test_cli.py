@@ -331,8 +331,8 @@ def test_unreadable_prompts_file(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-# eight prompts: after the first is saved, seven more keep the run alive for seconds, so the signal lands
-# part-way even when the machine is busy and this process polls late
+# eight prompts: after the first is saved, seven more keep the run alive for seconds, a margin for the signal
+# to land part-way (the CI failures this was first meant for were an ignored SIGINT: see the launcher below)
 SIGNAL_PROMPTS = [f"a {size} {colour} circle on a grey background" for size in ("small", "large")
                   for colour in ("red", "blue", "green", "yellow")]
 
