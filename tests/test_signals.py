@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ditscope.cli.main import app
 
-ARGS = ["eval", "tiny-pixart", "--n", "40", "--steps", "3"]  # two batches (32 + 8): a state after the first
+ARGS = ["eval", "tiny-pixart", "--n", "40", "--steps", "2"]  # two batches (32 + 8): a state after the first
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
