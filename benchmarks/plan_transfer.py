@@ -78,7 +78,8 @@ def main():
 
     lines = [f"# Plan transfer: {args.model}, target {args.target}, plans fitted on {args.calibration_prompts} "
              f"calibration prompts (seed 7000), scored on {args.test_prompts} test prompts (seed 3000)", "",
-             f"`python benchmarks/plan_transfer.py {args.model} --target {args.target} --test-prompts {args.test_prompts}`",
+             f"`python benchmarks/plan_transfer.py {args.model} --target {args.target} --test-prompts {args.test_prompts} "
+             f"--steps {args.steps} --schedulers '{args.schedulers}'`",
              "", "| run at | plan | PSNR mean | PSNR p5 | FLOPs speedup |", "|---|---|---|---|---|"]
     with torch.inference_mode():
         base = fitted(base_steps, None)
