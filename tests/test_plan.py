@@ -223,7 +223,10 @@ def test_plans_resample_to_other_step_counts_or_refuse_when_strict():
         with pytest.raises(DitscopeError, match="made for 8 steps"), torch.no_grad():
             model(**inputs(1, 0), return_dict=False)
     with ditscope.apply(model, ditscope.PlanConfig(plan), num_inference_steps=4):
-        with pytest.warns(UserWarning, match="resampled to 4"), torch.no_grad():
+        with pytest.warns(UserWarning, match="resampled to 4; .*plan again at 4 steps"), torch.no_grad():
+            model(**inputs(1, 0), return_dict=False)
+    with ditscope.apply(model, ditscope.PlanConfig(plan), num_inference_steps=16):
+        with pytest.warns(UserWarning, match="resampled to 16$"), torch.no_grad():  # more steps: transfers
             model(**inputs(1, 0), return_dict=False)
 
 
