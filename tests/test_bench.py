@@ -235,8 +235,24 @@ def test_bench_scores_class_conditional_and_video_models_against_their_prompts(r
     assert not any(col in df for col in absent)
 
 
+SIGNAL_BENCH = ["bench", "tiny-pixart", "--methods", "fora", "--prompts", "2", "--steps", "4", "--repeats", "1",
+                "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def signal_grid_and_straight_rows(tmp_path_factory):
+    """The grid of the signal tests and the rows of its uninterrupted bench (one run for both signals)."""
+    folder = tmp_path_factory.mktemp("signal-bench")
+    grid = folder / "grid.json"
+    grid.write_text(json.dumps({"fora": [{"interval": 2}, {"interval": 4}]}))
+    result = CliRunner().invoke(app, [*SIGNAL_BENCH, "--grid", str(grid), "--out", str(folder / "straight")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (folder / "straight" / "results.jsonl").read_text().splitlines()]
+    return grid, {r["label"]: r for r in rows}
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, sig):
+def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, sig, signal_grid_and_straight_rows):
     """A bench in its own process, stopped once its first setting is saved, rerun: the same rows as an
     uninterrupted bench (timings aside), the finished ones kept rather than measured again."""
     import os
@@ -245,10 +261,8 @@ def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, 
     import sys
     import time
 
-    grid = tmp_path / "grid.json"
-    grid.write_text(json.dumps({"fora": [{"interval": 2}, {"interval": 4}]}))
-    args = ["bench", "tiny-pixart", "--grid", str(grid), "--methods", "fora", "--prompts", "2", "--steps", "4",
-            "--repeats", "1", "--batch-size", "2"]
+    grid, straight = signal_grid_and_straight_rows
+    args = [*SIGNAL_BENCH, "--grid", str(grid)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "ditscope", *args, "--out", str(out)], env=env,
@@ -262,14 +276,8 @@ def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, 
     proc.wait()
     saved = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(saved) == 2, "the bench should die part-way"  # of three settings: baseline, fora x2
-    runner = CliRunner()
-    assert runner.invoke(app, [*args, "--out", str(out)]).exit_code == 0
-    assert runner.invoke(app, [*args, "--out", str(tmp_path / "straight")]).exit_code == 0
-
-    def rows(folder):
-        return {r["label"]: r for r in map(json.loads, (folder / "results.jsonl").read_text().splitlines())}
-
-    resumed, straight = rows(out), rows(tmp_path / "straight")
+    assert CliRunner().invoke(app, [*args, "--out", str(out)]).exit_code == 0
+    resumed = {r["label"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert list(resumed) == list(straight)
     for label, row in straight.items():
         assert resumed[label]["flops"] == row["flops"] and resumed[label]["psnr"] == pytest.approx(row["psnr"], abs=1e-3)
