@@ -308,14 +308,15 @@ def test_damaged_calibration_files_in_the_work_folder_are_computed_again(pipe, t
 
     said = []
     with torch.inference_mode():
-        first, reference = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        first, reference, was_resumed = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
         data = bytearray((tmp_path / "calibration.ditscope").read_bytes())
         data[-4] ^= 0x01
         (tmp_path / "calibration.ditscope").write_bytes(bytes(data))
-        again, reference_again = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
-        resumed, _ = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        again, reference_again, was_resumed_again = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        resumed, _, was_resumed_last = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
     assert "calibration: the work folder's files are damaged; computing them again" in said
     assert said[-1] == "calibration: resumed from the work folder"
+    assert (was_resumed, was_resumed_again, was_resumed_last) == (False, False, True)
     np.testing.assert_array_equal(again.values, first.values)
     np.testing.assert_array_equal(resumed.values, first.values)
     assert torch.equal(reference_again, reference)
