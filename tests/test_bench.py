@@ -176,12 +176,20 @@ def test_prompt_seed_draws_other_prompts_and_is_recorded(tmp_path):
     # the default seed is 3000: the prompts every earlier bench used
     pipe = zoo.load("tiny-pixart")
     assert a == evaluator.evaluation_prompts(pipe, 2, seed=3000)[1]
+    # a shifted test set: the same seed, up to two objects per image, recorded in the prompts and the table
+    result = runner.invoke(app, [*args, "--max-objects", "2", "--out", str(tmp_path / "two")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "two" / "bench.json").read_text())["prompts"] == \
+        evaluator.evaluation_prompts(pipe, 2, seed=3000, max_objects=2)[1]
+    assert "prompt seed 3000, up to 2 objects" in (tmp_path / "two" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--prompt-seed", "abc"], "--prompt-seed"),
     (["--prompt-seed", "-1"], "--prompt-seed must be 0 or more"),
     (["--prompt-file", "{file}", "--prompts", "5"], "holds 2 prompts"),
+    (["--max-objects", "0"], "--max-objects must be 1 to 4"),
+    (["--prompt-file", "{file}", "--max-objects", "2"], "does not apply to --prompt-file"),
 ])
 def test_bad_prompt_seed_or_too_few_prompts_in_a_file_stop_before_anything_is_written(tmp_path, extra, message):
     prompt_file = tmp_path / "p.txt"

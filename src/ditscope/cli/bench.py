@@ -27,6 +27,8 @@ def bench(
     prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn prompts; fit a plan or threshold on "
                                              "one seed and score it on another")] = 3000,
     calibration_seed: Annotated[int, typer.Option(help="zoo models: seed of the calibration prompts a plan is fitted on")] = 7000,
+    max_objects: Annotated[int, typer.Option(help="zoo text models: up to N objects per bench image (the calibration "
+                                             "prompts keep one): a test set unlike the one plans and knobs were fitted on")] = 1,
     calibration_prompts: Annotated[int, typer.Option(help="calibration prompts for the plan method (zoo: drawn; "
                                                      "a prompt file: the ones after --prompts)")] = 8,
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 2,
@@ -56,6 +58,8 @@ def bench(
         raise DitscopeError(f"--calibration-seed must be 0 or more, got {calibration_seed}")
     if calibration_seed == prompt_seed:
         raise DitscopeError("--calibration-seed must differ from --prompt-seed: a plan is scored on prompts it was not fitted on")
+    if not 1 <= max_objects <= 4:
+        raise DitscopeError(f"--max-objects must be 1 to 4 (objects per 32x32 image), got {max_objects}")
     if calibration_prompts < 1:
         raise DitscopeError("--calibration-prompts must be at least 1")
     if steps is not None and steps < 2:
@@ -68,6 +72,8 @@ def bench(
     out = out or Path("runs") / "bench" / Path(model).name
     check_writable_dir(out)
     prompt_list, calibration = None, None
+    if prompt_file is not None and max_objects > 1:
+        raise DitscopeError("--max-objects draws zoo prompts; it does not apply to --prompt-file")
     if prompt_file is not None:  # checked before the model loads: a bad file costs nothing
         prompt_list = load_prompts(prompt_file)
         if prompts is not None and prompts > len(prompt_list):
@@ -84,8 +90,11 @@ def bench(
     if prompt_list is None:
         if not hasattr(pipe, "is_class_conditional"):
             raise DitscopeError(f"{model} is not a zoo model: give its prompts with --prompt-file")
+        if max_objects > 1 and (pipe.is_class_conditional or evaluator.is_video(pipe)):
+            what = "one class per image" if pipe.is_class_conditional else "one moving object per video"
+            raise DitscopeError(f"--max-objects: {model} draws {what}; drop the option")
         # a zoo pipeline: prompts drawn from the data generator with --prompt-seed
-        scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts or 16, seed=prompt_seed)
+        scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts or 16, seed=prompt_seed, max_objects=max_objects)
         net, drawn_with = evaluator.load_evaluator(), prompt_seed
     uses_plan = any(s.method == "plan" or "tune" in s.options for s in settings)  # fitted on calibration prompts
     if uses_plan and prompt_file is None:
@@ -121,7 +130,8 @@ def bench(
                 print(f"interrupted: {done} of {len(settings)} settings are saved in {out}; run the same command "
                       "again to resume", file=sys.stderr)
                 raise
-    drawn = f" (prompt seed {drawn_with})" if drawn_with is not None else f" from {prompt_file}"
+    drawn = f" (prompt seed {drawn_with}{f', up to {max_objects} objects' if max_objects > 1 else ''})" \
+        if drawn_with is not None else f" from {prompt_file}"
     if inputs.calibration_seed is not None:
         drawn += f", plans and tuned knobs fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"
     df = write_outputs(rows, out, f"{model}: {len(prompt_list)} prompts{drawn} x {seeds} seeds, {n_steps} steps",
