@@ -146,12 +146,12 @@ def test_adaptive_plan_between_static_and_uncached(pipe):
 
     with torch.inference_mode():
         uncached, static = run(None), run(ditscope.PlanConfig(plan))
-        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, tolerance=1e9)), static)
+        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, signal="input", tolerance=1e9)), static)
         assert _with.summary["rows_forced"] == 0
-        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, tolerance=1e-9)), uncached)
+        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, signal="input", tolerance=1e-9)), uncached)
         assert _with.summary["rows_forced"] > 0 and _with.summary["reused"] == 0
-        both = run(ditscope.PlanConfig(plan, adaptive=True))
-        alone = run(ditscope.PlanConfig(plan, adaptive=True), PROMPTS[:1])
+        both = run(ditscope.PlanConfig(plan, adaptive=True, signal="input"))
+        alone = run(ditscope.PlanConfig(plan, adaptive=True, signal="input"), PROMPTS[:1])
     assert (both[0] - alone[0]).abs().max() < 1e-4  # batch float noise only
     assert not torch.equal(both, static) and not torch.equal(both, uncached)
     with pytest.raises(DitscopeError, match="no calibrated signal"):

@@ -28,14 +28,16 @@ class PlanConfig:
             A row whose signal exceeds the most any calibration prompt showed (times `tolerance`) computes
             everything up to the plan's next full step. Prompts like the calibration ones run the plan
             unchanged; a prompt the calibration saw nothing like is not served stale features.
-        signal: what an adaptive plan watches. "input": the relative L1 change of the first block's input,
-            summed since the row's last full step, checked at every step (free: that input exists whether or
-            not the stack runs). "output": how much the block stack's output changed between the plan's last
-            two full steps (its blocks' residual changes over the stream, the calibration's measure of the
-            error of reusing the stack), checked at each full step for the run of served steps that follows:
-            a sample whose model output is moving faster than any calibration prompt's computes that run
-            (its guidance branches together: rows given the same input are one sample's branches). It
-            costs one subtraction per block at full steps, where every block computes anyway.
+        signal: what an adaptive plan watches. "output" (the default): how much the block stack's output
+            changed between the plan's last two full steps (its blocks' residual changes over the stream, the
+            calibration's measure of the error of reusing the stack), checked at each full step for the run of
+            served steps that follows: a sample whose model output is moving faster than any calibration
+            prompt's computes that run (its guidance branches together: rows given the same input are one
+            sample's branches). It costs one subtraction per block at full steps, where every block computes
+            anyway. "input": the relative L1 change of the first block's input, summed since the row's last
+            full step, checked at every step (free: that input exists whether or not the stack runs). The
+            output signal ranks images by the damage a plan does and the input signal hardly does
+            (docs/FINDINGS.md).
         tolerance: the multiple of the calibration maximum a live signal may reach before computing.
         per_sample: adaptive decisions per batch row (True: an image never depends on its batch neighbours,
             and only the rows over their limit compute, on their own) or for the whole batch (False: one row
@@ -46,7 +48,7 @@ class PlanConfig:
     path: str = ""
     strict: bool = False
     adaptive: bool = False
-    signal: str = "input"
+    signal: str = "output"
     tolerance: float = 1.0
     per_sample: bool = True
 
