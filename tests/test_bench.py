@@ -176,12 +176,19 @@ def test_prompt_seed_draws_other_prompts_and_is_recorded(tmp_path):
     # the default seed is 3000: the prompts every earlier bench used
     pipe = zoo.load("tiny-pixart")
     assert a == evaluator.evaluation_prompts(pipe, 2, seed=3000)[1]
-    # a shifted test set: the same seed, up to two objects per image, recorded in the prompts and the table
-    result = runner.invoke(app, [*args, "--max-objects", "2", "--out", str(tmp_path / "two")])
+    # a shifted test set: the same seed, up to two objects per image, recorded in the prompts and the table;
+    # not timed (--repeats 0): the speed reported is executed FLOPs, and no table says it is wall clock
+    result = runner.invoke(app, [*args, "--max-objects", "2", "--repeats", "0", "--out", str(tmp_path / "two")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "two" / "bench.json").read_text())["prompts"] == \
         evaluator.evaluation_prompts(pipe, 2, seed=3000, max_objects=2)[1]
-    assert "prompt seed 3000, up to 2 objects" in (tmp_path / "two" / "results.md").read_text()
+    md = (tmp_path / "two" / "results.md").read_text()
+    assert "prompt seed 3000, up to 2 objects" in md
+    assert "Not timed (--repeats 0)" in md and "Best FLOPs speedup" in md and "wall-clock" not in md
+    rows = [json.loads(line) for line in (tmp_path / "two" / "results.jsonl").read_text().splitlines()]
+    assert all(r["seconds"] is None and r["seconds_all"] == [] for r in rows)
+    header = (tmp_path / "two" / "results.csv").read_text().splitlines()[0].split(",")
+    assert "flops_speedup" in header and "speedup" not in header
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -189,6 +196,7 @@ def test_prompt_seed_draws_other_prompts_and_is_recorded(tmp_path):
     (["--prompt-seed", "-1"], "--prompt-seed must be 0 or more"),
     (["--prompt-file", "{file}", "--prompts", "5"], "holds 2 prompts"),
     (["--max-objects", "0"], "--max-objects must be 1 to 4"),
+    (["--repeats", "-1"], "--repeats must be 0"),
     (["--prompt-file", "{file}", "--max-objects", "2"], "does not apply to --prompt-file"),
 ])
 def test_bad_prompt_seed_or_too_few_prompts_in_a_file_stop_before_anything_is_written(tmp_path, extra, message):

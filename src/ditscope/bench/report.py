@@ -33,13 +33,15 @@ def table(rows: list[dict]) -> pd.DataFrame:
     if base.empty or "seconds" not in df:
         return df
     base = base.iloc[0]
-    df["speedup"] = base["seconds"] / df["seconds"]
     df["flops_speedup"] = base["flops"] / df["flops"]
+    timed = not _missing(base["seconds"])  # a bench run with --repeats 0 is not timed: its speed is FLOPs
+    df["speedup"] = base["seconds"] / df["seconds"].astype(float) if timed else df["flops_speedup"]
     if "accuracy" in df:
         df["accuracy_drop"] = 100 * (base["accuracy"] - df["accuracy"])
     if "per_sample" in df:
         intervals = [_intervals(r, base.get("per_sample")) for r in df["per_sample"]]
         df = pd.concat([df, pd.DataFrame(intervals, index=df.index)], axis=1)
+    df.attrs["speed"] = "wall-clock" if timed else "FLOPs"
     return df
 
 
@@ -123,19 +125,26 @@ def markdown(df: pd.DataFrame, title: str) -> str:
                ("flops_speedup", "{:.2f}x"), ("psnr", "{:.1f}"), ("psnr_p5", "{:.1f}"), ("ssim", "{:.3f}"),
                ("lpips", "{:.3f}"), ("accuracy", "{:.1%}"), ("accuracy_drop", "{:+.1f}"), ("all", "{:.1%}"),
                ("all_drop", "{:+.1f}"), ("frechet", "{:.3f}"), ("note", "{}"))
+    timed = _speed(df) == "wall-clock"
     for col, fmt in formats:
-        if col in df:
+        if col in df and (timed or col not in ("seconds", "speedup")):
             shown[col] = ["" if _missing(r[col]) else _with_interval(r, col, fmt) for _, r in df.iterrows()]
     shown = shown.fillna("")
     n = int(df["n_images"].max()) if "n_images" in df and df["n_images"].notna().any() else 0
     lines = [f"## {title}", "", f"Quality over {n} samples; [low, high] = 95% bootstrap interval of the mean over "
              "samples, paired with the uncached sample of the same prompt and seed; psnr_p5 = the 5th-percentile "
-             "sample's PSNR; drops in points (positive = worse than uncached).", "", _md(shown), "",
-             "Best wall-clock speedup per method at each quality bar "
+             "sample's PSNR; drops in points (positive = worse than uncached)."
+             + ("" if timed else " Not timed (--repeats 0): speeds are executed FLOPs."), "", _md(shown), "",
+             f"Best {_speed(df)} speedup per method at each quality bar "
              "(near-lossless: PSNR >= 30 dB against uncached and attribute accuracy within 1 point; "
              f"good: PSNR >= 25 dB, within 3 points; decided on at least {min_samples(df)} samples):", "",
              _md(best_at_bars(df)), ""]
     return "\n".join(lines)
+
+
+def _speed(df: pd.DataFrame) -> str:
+    """What the speedup column measures: wall clock, or executed FLOPs for a bench that was not timed."""
+    return df.attrs.get("speed", "wall-clock")
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -181,7 +190,7 @@ def pareto_plot(df: pd.DataFrame, path: Path, title: str):
         ax.axvline(floor, color="grey", ls=style, lw=0.8)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("PSNR against the uncached image (dB, higher = closer; bars: 95% interval)")
-    ax.set_ylabel("wall-clock speedup")
+    ax.set_ylabel(f"{_speed(df)} speedup")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best", ncols=2)
     ax.grid(alpha=0.3)
@@ -232,7 +241,8 @@ def image_grid(df: pd.DataFrame, image_dir: Path, path: Path, prompts: list, n_p
 def write_outputs(rows: list[dict], out: Path, title: str, prompts: list) -> pd.DataFrame:
     """results.csv, results.md, pareto.png/svg and grid.png under `out`."""
     df = table(rows)
-    export = df.drop(columns=[c for c in ("seconds_all", "per_sample") if c in df])  # results.jsonl keeps them
+    dropped = ("seconds_all", "per_sample") + (() if _speed(df) == "wall-clock" else ("speedup",))  # FLOPs only
+    export = df.drop(columns=[c for c in dropped if c in df])  # results.jsonl keeps the per-pass and per-sample values
     with atomic_path(out / "results.csv") as tmp:
         export.to_csv(tmp, index=False)
     write_text_atomic(out / "results.md", markdown(df, title))

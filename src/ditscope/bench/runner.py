@@ -268,7 +268,7 @@ def _retime_baseline(pipe, settings, inputs: BenchInputs, out: Path, rows: dict)
     drifts (load, clocks) would otherwise bias every speedup against the one early baseline."""
     base = next((s for s in settings if s.method == BASELINE), None)
     row = rows.get(base.key) if base else None
-    if row is None or row.get("retimed") or len(settings) < 3:
+    if row is None or row.get("retimed") or len(settings) < 3 or not inputs.repeats:
         return
     row["seconds_all"] += timed_passes(pipe, inputs, inputs.steps)
     row["seconds"] = statistics.median(row["seconds_all"])
@@ -305,7 +305,7 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         times = timed_passes(pipe, inputs, steps)
     finally:
         remove()
-    row = {"seconds": statistics.median(times), "seconds_all": times, "flops": flops, "n_images": len(images),
+    row = {"seconds": statistics.median(times) if times else None, "seconds_all": times, "flops": flops, "n_images": len(images),
            "video": images.dim() == 5, "_images": images}
     if setting.method == BASELINE:
         reference = images

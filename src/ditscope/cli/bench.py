@@ -34,7 +34,8 @@ def bench(
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 2,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
-    repeats: Annotated[int, typer.Option(help="timed passes per setting, after one untimed (median)")] = 3,
+    repeats: Annotated[int, typer.Option(help="timed passes per setting, after one untimed (median); 0: not timed, "
+                                         "speed is executed FLOPs (for a machine shared with other work)")] = 3,
     batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 16,
     out: Annotated[Path | None, typer.Option(help="output folder (default runs/bench/MODEL)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
@@ -50,8 +51,10 @@ def bench(
     from ..profiling.prompts import load_prompts
     from ..zoo import evaluator
 
-    if (prompts is not None and prompts < 1) or seeds < 1 or repeats < 1 or batch_size < 1:
-        raise DitscopeError("--prompts, --seeds, --repeats and --batch-size must be at least 1")
+    if (prompts is not None and prompts < 1) or seeds < 1 or batch_size < 1:
+        raise DitscopeError("--prompts, --seeds and --batch-size must be at least 1")
+    if repeats < 0:
+        raise DitscopeError(f"--repeats must be 0 (not timed: FLOPs only) or more, got {repeats}")
     if prompt_seed < 0:
         raise DitscopeError(f"--prompt-seed must be 0 or more, got {prompt_seed}")
     if calibration_seed < 0:
@@ -115,7 +118,7 @@ def bench(
         task = bar.add_task("bench", total=len(settings))
 
         def progress(setting, row):
-            speed = f" {row['seconds']:.2f}s" if "seconds" in row else ""
+            speed = f" {row['seconds']:.2f}s" if row.get("seconds") is not None else ""
             bar.update(task, advance=1, description=f"{setting.label[:40]}{speed}")
 
         with torch.inference_mode():
