@@ -298,3 +298,17 @@ def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, 
     for label, row in straight.items():
         assert resumed[label]["flops"] == row["flops"] and resumed[label]["psnr"] == pytest.approx(row["psnr"], abs=1e-3)
     assert resumed[saved[1]["label"]]["seconds_all"] == saved[1]["seconds_all"]  # kept, not measured again
+
+
+def test_plan_settings_that_differ_only_in_how_the_plan_runs_share_one_plan():
+    """Every PlanConfig run option (adaptive, signal, tolerance, ...) is kept out of the plan's making: a
+    grid with `signal` once passed it to the planner and stopped the bench."""
+    from ditscope.bench.grid import Setting
+    from ditscope.bench.runner import plan_setting
+
+    static = Setting("ditscope", "plan", {"target": "psnr=35"})
+    for run in ({"adaptive": True}, {"adaptive": True, "signal": "output"}, {"adaptive": True, "signal": "input",
+                "tolerance": 1.25, "per_sample": False}, {"strict": True}):
+        assert plan_setting(Setting("ditscope", "plan", {"target": "psnr=35", **run})).key == static.key
+    assert plan_setting(Setting("ditscope", "plan", {"target": "psnr=30"})).key != static.key
+

@@ -12,6 +12,7 @@ with the same command continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache.plan import PlanConfig
 from ..errors import DitscopeError
 from ..files import atomic_path, write_text_atomic
 from ..stats.quality import as_frames, per_sample_psnr_ssim
@@ -125,7 +127,13 @@ def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> 
 
 
 # ---------------------------------------------------------------------------------------- apply
-RUN_OPTIONS = ("adaptive", "tolerance", "per_sample", "strict")  # how a plan runs, not how it is made
+# how a plan runs (every PlanConfig option but the plan itself), not how it is made
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(PlanConfig) if f.name not in ("plan", "path"))
+
+
+def plan_setting(setting: Setting) -> Setting:
+    """The setting that makes the plan `setting` runs: settings that differ only in how it runs share it."""
+    return Setting(setting.system, setting.method, {k: v for k, v in setting.options.items() if k not in RUN_OPTIONS})
 
 
 def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
@@ -136,8 +144,8 @@ def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
 
     if not inputs.calibration:
         raise DitscopeError("the plan method needs calibration prompts apart from the bench's")
-    making = {k: v for k, v in setting.options.items() if k not in RUN_OPTIONS}
-    key = Setting(setting.system, setting.method, making).key
+    making = plan_setting(setting).options
+    key = plan_setting(setting).key
     path = out / "plans" / f"{key}.plan.json" if out is not None else None
     if path is not None and path.exists():
         return Schedule.load(path)
