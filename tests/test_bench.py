@@ -156,7 +156,7 @@ def test_cli_bench_and_its_errors(tmp_path):
     bad = runner.invoke(app, ["bench", "tiny-pixart", "--methods", "nocache", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown method" in bad.output
     assert not (tmp_path / "x").exists()
-    bad = runner.invoke(app, [*args[:-2], "--repeats", "0", "--out", str(tmp_path / "y")])
+    bad = runner.invoke(app, [*args[:-2], "--seeds", "0", "--out", str(tmp_path / "y")])
     assert bad.exit_code == 2 and not (tmp_path / "y").exists()
 
 
