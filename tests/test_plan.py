@@ -359,3 +359,22 @@ def test_a_plan_warns_under_another_scheduler_and_strict_refuses(pipe):
         ditscope.apply(pipe, ditscope.PlanConfig(other)).remove()
     with pytest.raises(DitscopeError, match="made under DDIMScheduler"):
         ditscope.apply(pipe, ditscope.PlanConfig(other, strict=True))
+
+
+def test_a_flops_cost_model_chooses_between_finalists_by_its_prediction_not_by_timings():
+    """On a busy machine timings lie: with cost="flops" they must not change the plan; with "time" they decide."""
+    from ditscope.planning.planner import Target, _choose
+
+    fast, slow = Schedule({"stack": "CRRC"}), Schedule({"stack": "CRCC"})
+    candidates = [("stack", fast, {"psnr": 30.0}), ("sites", slow, {"psnr": 31.0})]
+    predicted = {id(fast): 3.0, id(slow): 1.5}
+    for lie in ((9.0, 1.0), (1.0, 9.0)):  # timings favouring one finalist, then the other
+        def timed(schedules, lie=lie):
+            return [lie[[id(c[1]) for c in candidates].index(id(s))] for s in schedules]
+
+        by_flops = _choose(candidates, Target.parse("psnr=25"), "flops", lambda s: predicted[id(s)], timed, print)
+        by_time = _choose(candidates, Target.parse("psnr=25"), "time", lambda s: predicted[id(s)], timed, print)
+        assert by_flops[1] is fast and by_flops[3] == lie[0]  # chosen by prediction, still timed for the record
+        assert by_time[1] is (fast if lie[0] > lie[1] else slow)
+    # a speed target: the best quality among the finalists, whatever the timings
+    assert _choose(candidates, Target.parse("speedup=1.2"), "time", lambda s: 0, lambda ss: [1.0], print)[1] is slow

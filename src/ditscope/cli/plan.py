@@ -28,7 +28,8 @@ def plan(
     guidance_scale: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 8,
     granularity: Annotated[str, typer.Option(help="step (one row for every module), kind (per module kind) or site (per module of every block)")] = "step",
-    cost: Annotated[str, typer.Option(help="cost model: time (measured), flops or uniform")] = "time",
+    cost: Annotated[str, typer.Option(help="cost model: time (measured; the finalists are timed), flops (counted: the choice does "
+                                         "not depend on a busy machine's timings) or uniform")] = "time",
     out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",

@@ -139,7 +139,8 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
 
     Returns a `Schedule` (save it with `.save(path)`, run it with `ditscope.apply(pipe, PlanConfig(plan))`).
     `cost`: "time" (measured seconds per unit, the default), "flops", or "uniform" (every module the same:
-    the ablation of the cost model). `granularity`: "site" (per layer x step x module) or "kind" (module
+    the ablation of the cost model); with "flops" or "uniform" the cost model also picks between the modes'
+    finalists, so timing noise on a busy machine cannot change the plan (with "time" they are timed). `granularity`: "site" (per layer x step x module) or "kind" (module
     kind x step, SmoothCache's). `assurance`: a quality target holds when the lower end of the 95% bootstrap
     interval of the mean over the calibration prompts reaches it ("lower", the default: a margin for
     prompts the plan has not seen, wider when the calibration prompts disagree), or when the mean does
@@ -265,23 +266,15 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         reach = max(predicted(schedule_at(lo, lo)), predicted(schedule_at(lo, None)))
         raise DitscopeError(f"no plan reaches {goal} on these prompts (the fastest plan predicts {reach:.2f}x); "
                             "ask for less")
+
     def runner(schedule: Schedule):
         return lambda: _run_plan(pipe, schedule, first, num_inference_steps, seed, batch_size, guidance_scale, layout)
 
     # the finalists are timed in rounds with the plain model (a ratio taken within each round, then the
     # median), not each on its own: a machine whose speed drifts moves plain and cached runs alike. Every one
     # already ran in the evaluations, so no warm-up pass.
-    if goal.quality:
-        # the finalists (one per mode) are timed on this machine: the cost model ranks plans within a mode, but
-        # across modes its predictions were off by enough to pick a slower plan (benchmarks/RESULTS.md, ablation)
-        speedups = _speedups(plain_run, [runner(c[1]) for c in candidates])
-        best = max(range(len(candidates)), key=lambda i: speedups[i])
-        mode, chosen, quality = candidates[best]
-        say("finalists: " + ", ".join(f"{c[0]} {x:.2f}x measured" for c, x in zip(candidates, speedups)))
-        measured_speedup = speedups[best]
-    else:  # speed targets: every finalist is fast enough; the best quality wins, and only it is timed
-        mode, chosen, quality = max(candidates, key=lambda c: c[2]["psnr"])
-        measured_speedup = _speedups(plain_run, [runner(chosen)])[0]
+    mode, chosen, quality, measured_speedup = _choose(
+        candidates, goal, cost, predicted, lambda schedules: _speedups(plain_run, [runner(s) for s in schedules]), say)
     chosen.meta = {
         "model": model_signature(transformer),
         "pipeline": type(pipe).__name__,
@@ -310,6 +303,26 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         log(f"plan: {mode}, {chosen.meta['predicted_speedup']:.2f}x predicted, {chosen.meta['measured_speedup']:.2f}x "
             f"measured, PSNR {quality['psnr']:.1f} dB on the calibration prompts")
     return chosen
+
+
+def _choose(candidates: list, goal: Target, cost: str, predicted, speedups_of, say) -> tuple:
+    """The finalist to keep, of one (mode, schedule, quality) per mode, with its measured speedup.
+
+    Quality targets: with the measured-time cost model the finalists are timed (`speedups_of`), since the cost
+    model ranks plans within a mode but across modes its predictions were off by enough to pick a slower plan
+    (benchmarks/RESULTS.md, ablation); with a FLOPs or uniform cost model the model's prediction chooses, so
+    timing noise on a busy machine cannot change the plan. Speed targets: every finalist is fast enough, the
+    best quality wins. Whatever chose it, the kept plan's speedup is measured."""
+    if goal.quality and cost == "time":
+        speedups = speedups_of([c[1] for c in candidates])
+        best = max(range(len(candidates)), key=speedups.__getitem__)
+        say("finalists: " + ", ".join(f"{c[0]} {x:.2f}x measured" for c, x in zip(candidates, speedups)))
+        return (*candidates[best], speedups[best])
+    if goal.quality:
+        pick = max(candidates, key=lambda c: predicted(c[1]))
+    else:
+        pick = max(candidates, key=lambda c: c[2]["psnr"])
+    return (*pick, speedups_of([pick[1]])[0])
 
 
 def stack_change(cal: Profile) -> list[list]:
