@@ -312,3 +312,19 @@ def test_plan_settings_that_differ_only_in_how_the_plan_runs_share_one_plan():
         assert plan_setting(Setting("ditscope", "plan", {"target": "psnr=35", **run})).key == static.key
     assert plan_setting(Setting("ditscope", "plan", {"target": "psnr=30"})).key != static.key
 
+
+def test_a_plan_setting_that_cannot_run_is_a_row_saying_why_and_the_bench_goes_on(pipe, tmp_path):
+    """A plan kept from before plans carried the output signal's table, run adaptively with it: a skipped row
+    with the reason, and the settings after it still run (it once stopped a bench part-way)."""
+    from ditscope import Schedule
+    from ditscope.bench.runner import plan_setting
+
+    settings = expand(None, {"plan": [{"target": "psnr=30", "adaptive": True, "signal": "output"}], "steps": [2]}, STEPS)
+    (tmp_path / "plans").mkdir()
+    Schedule({"stack": "CCRC"}).save(tmp_path / "plans" / f"{plan_setting(settings[1]).key}.plan.json")
+    with torch.inference_mode():
+        rows = run_bench(pipe, settings, inputs(calibration=["a red circle"]), tmp_path, log=lambda *a: None)
+    assert [r["label"] for r in rows] == [s.label for s in settings]
+    assert rows[1]["skipped"] and "no calibrated signal for signal='output'" in rows[1]["note"]
+    assert rows[2]["psnr"] > 0  # the fewer-steps row after it ran
+

@@ -297,9 +297,11 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
     except PeerUnavailable as e:
         raise _Skip(str(e).splitlines()[0]) from None
     except DitscopeError as e:
-        if "tune" not in setting.options:
+        if "tune" not in setting.options and setting.method != "plan":
             raise
-        raise _Skip(str(e)) from None  # a target the method cannot reach is a row saying so, not the bench's end
+        # a target the method cannot reach, or a plan that cannot run as asked (one made before it carried an
+        # adaptive signal), is a row saying so, not the end of a bench hours long
+        raise _Skip(str(e)) from None
     notes = [lpips_note] if lpips_note else []
     if "tune" in setting.options and out is not None:
         fitted = tuned(pipe, setting, inputs, out)  # read back from OUT/tuned/
