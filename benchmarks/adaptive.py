@@ -73,9 +73,7 @@ def main():
                     runs.append((name, schedule, {"adaptive": True, "tolerance": tol, "signal": signal}))
             if args.batch_level:
                 runs.append((f"{target} adaptive x1, whole batch", schedule, {"adaptive": True, "per_sample": False}))
-        sets = {"like calibration (1 object)": evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000)[1]}
-        if not pipe.is_class_conditional:
-            sets["shifted (2 objects)"] = evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000, max_objects=2)[1]
+        sets = evaluator.held_out_sets(pipe, args.test_prompts)
         lines = [f"# Adaptive plans: {args.model}, plans {args.targets} fitted on {args.calibration_prompts} calibration "
                  f"prompts (seed 7000), {args.test_prompts} test prompts per set, {steps} steps, batch {bs}", "",
                  f"`python benchmarks/adaptive.py {args.model} --targets {args.targets} --tolerances {args.tolerances}"

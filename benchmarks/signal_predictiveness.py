@@ -24,7 +24,6 @@ they can know. Results go to --out (default benchmarks/results/n64/MODEL/signal_
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +34,8 @@ import ditscope
 from ditscope import PlanConfig, Schedule
 from ditscope.cache.plan import _resampled_signal
 from ditscope.cache.schedule import STACK
-from ditscope.files import atomic_path
-from ditscope.planning.calibrate import calibrate, generate
-from ditscope.planning.planner import stack_change
+from ditscope.planning.calibrate import generate
+from ditscope.planning.planner import _calibration, stack_change
 from ditscope.stats.quality import per_sample_psnr_ssim
 from ditscope.zoo import evaluator
 
@@ -122,9 +120,7 @@ def main():
         calibration = args.work / f"plan-{schedule.meta.get('target')}.work" / "calibration.ditscope"
         if "stack_change" not in schedule.meta and calibration.exists():
             schedule.meta["stack_change"] = stack_change(ditscope.Profile.load(calibration))
-    sets = {"like calibration (1 object)": evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000)[1]}
-    if not pipe.is_class_conditional:
-        sets["shifted (2 objects)"] = evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000, max_objects=2)[1]
+    sets = evaluator.held_out_sets(pipe, args.test_prompts)
     lines = [f"# Does a signal rank images by the damage a plan does? {args.model}, {args.test_prompts} test prompts "
              f"per set, {steps} steps", "",
              f"`python benchmarks/signal_predictiveness.py {args.model} --plans {args.plans} --test-prompts "
@@ -137,17 +133,10 @@ def main():
     with torch.inference_mode():
         for name, prompts in sets.items():
             print(f"{name}: calibration run on {len(prompts)} prompts", flush=True)
+            # the planner's own calibration step: kept in the work folder and read back on a rerun
             kept = args.work / f"signal-{args.model}-{'shifted' if 'shifted' in name else 'like'}-{len(prompts)}"
-            if (kept / "calibration.ditscope").exists():
-                cal = ditscope.Profile.load(kept / "calibration.ditscope")
-                reference = torch.load(kept / "reference.pt")
-            else:
-                cal, reference = calibrate(pipe, prompts, steps, 0, bs, guidance)
-                kept.mkdir(parents=True, exist_ok=True)
-                with atomic_path(kept / "reference.pt") as tmp:  # written before the calibration, whose presence says both are whole
-                    torch.save(reference, tmp)
-                cal.meta = json.loads(json.dumps(cal.meta, default=str))
-                cal.save(kept / "calibration.ditscope")
+            kept.mkdir(parents=True, exist_ok=True)
+            cal, reference, _ = _calibration(pipe, pipe.transformer, prompts, steps, 0, bs, guidance, kept, print)
             for label, schedule in plans:
                 with ditscope.apply(pipe, PlanConfig(schedule)):
                     images = generate(pipe, prompts, steps, 0, bs, guidance)

@@ -144,13 +144,12 @@ def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
 
     if not inputs.calibration:
         raise DitscopeError("the plan method needs calibration prompts apart from the bench's")
-    making = plan_setting(setting).options
-    key = plan_setting(setting).key
-    path = out / "plans" / f"{key}.plan.json" if out is not None else None
+    making = plan_setting(setting)
+    path = out / "plans" / f"{making.key}.plan.json" if out is not None else None
     if path is not None and path.exists():
         return Schedule.load(path)
-    opts = {k: v for k, v in making.items() if k != "target"}
-    schedule = plan(pipe, inputs.calibration, making["target"], inputs.steps, batch_size=inputs.batch_size,
+    opts = {k: v for k, v in making.options.items() if k != "target"}
+    schedule = plan(pipe, inputs.calibration, making.options["target"], inputs.steps, batch_size=inputs.batch_size,
                     guidance_scale=inputs.guidance_scale, work_dir=path.with_suffix(".work") if path else None, **opts)
     if path is not None:
         schedule.save(path)
@@ -315,8 +314,8 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         times = timed_passes(pipe, inputs, steps)
     finally:
         remove()
-    row = {"seconds": statistics.median(times) if times else None, "seconds_all": times, "flops": flops, "n_images": len(images),
-           "video": images.dim() == 5, "_images": images}
+    row = {"seconds": statistics.median(times) if times else None, "seconds_all": times, "flops": flops,
+           "n_images": len(images), "video": images.dim() == 5, "_images": images}
     if setting.method == BASELINE:
         reference = images
     per_sample = {}  # the values behind every quality mean, for the report's paired intervals

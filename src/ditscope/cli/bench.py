@@ -75,9 +75,9 @@ def bench(
     out = out or Path("runs") / "bench" / Path(model).name
     check_writable_dir(out)
     prompt_list, calibration = None, None
-    if prompt_file is not None and max_objects > 1:
-        raise DitscopeError("--max-objects draws zoo prompts; it does not apply to --prompt-file")
     if prompt_file is not None:  # checked before the model loads: a bad file costs nothing
+        if max_objects > 1:
+            raise DitscopeError("--max-objects draws zoo prompts; it does not apply to --prompt-file")
         prompt_list = load_prompts(prompt_file)
         if prompts is not None and prompts > len(prompt_list):
             raise DitscopeError(f"--prompts {prompts} but {prompt_file} holds {len(prompt_list)} prompts; "

@@ -140,8 +140,8 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     Returns a `Schedule` (save it with `.save(path)`, run it with `ditscope.apply(pipe, PlanConfig(plan))`).
     `cost`: "time" (measured seconds per unit, the default), "flops", or "uniform" (every module the same:
     the ablation of the cost model); with "flops" or "uniform" the cost model also picks between the modes'
-    finalists, so timing noise on a busy machine cannot change the plan (with "time" they are timed). `granularity`: "site" (per layer x step x module) or "kind" (module
-    kind x step, SmoothCache's). `assurance`: a quality target holds when the lower end of the 95% bootstrap
+    finalists, so timing noise on a busy machine cannot change the plan (with "time" they are timed).
+    `granularity`: "site" (per layer x step x module) or "kind" (module kind x step, SmoothCache's). `assurance`: a quality target holds when the lower end of the 95% bootstrap
     interval of the mean over the calibration prompts reaches it ("lower", the default: a margin for
     prompts the plan has not seen, wider when the calibration prompts disagree), or when the mean does
     ("mean"). `progress(text)` is called as the planning advances. `layout`: the declared block layout

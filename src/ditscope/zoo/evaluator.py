@@ -259,6 +259,15 @@ def evaluation_prompts(pipe, n: int, seed: int, max_objects: int = 1) -> tuple[l
     return scenes, [s.caption() for s in scenes]
 
 
+def held_out_sets(pipe, n: int, seed: int = 3000) -> dict[str, list]:
+    """Test prompts for what was fitted on one-object calibration prompts: a set like them, and for text models
+    a shifted one (up to two objects per image) that the calibration never saw the like of."""
+    sets = {"like calibration (1 object)": evaluation_prompts(pipe, n, seed)[1]}
+    if not pipe.is_class_conditional:
+        sets["shifted (2 objects)"] = evaluation_prompts(pipe, n, seed, max_objects=2)[1]
+    return sets
+
+
 def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: float = 4.5, seed: int = 1000,
              max_objects: int = 1, batch: int = 32, net: AttributeNet | None = None, progress=None,
              state_path: Path | None = None, state_key: dict | None = None) -> dict:
