@@ -82,6 +82,22 @@ def test_teacache_polynomial_fits_the_measured_changes(pipe):
     assert fit["x_range"][0] > 0
 
 
+def test_a_preset_supplies_the_fixed_options(pipe):
+    # ToCa's DiT preset: the knob's range and the options held fixed are the preset's, not the default config's
+    knob, defaults = knob_of("toca", "ratio", preset="dit")
+    assert defaults["preset"] == "dit" and defaults["ratio"] == 0.07 and defaults["interval"] == 4
+    assert knob.mild == pytest.approx(0.007) and knob.aggressive == pytest.approx(0.7)
+    with torch.inference_mode():
+        result = tune(pipe, "toca", PROMPTS, "psnr=20", STEPS, batch_size=3, assurance="mean",
+                      options={"preset": "dit"})
+    assert result.options["preset"] == "dit"
+    assert result.config() == ditscope.ToCaConfig.dit(interval=result.options["interval"])
+    with pytest.raises(DitscopeError, match="has no preset 'pixartt'"):
+        knob_of("toca", preset="pixartt")
+    with pytest.raises(DitscopeError, match="has no presets"):
+        knob_of("diffusers-fbcache", preset="dit")
+
+
 def test_knobs_and_bad_requests():
     assert knob_of("fbcache")[0].name == "threshold"
     assert knob_of("diffusers-magcache")[0].name == "threshold"
@@ -131,6 +147,7 @@ def _cli(*args):
     (["--steps", "1"], "--steps must be at least 2"),
     (["--out", "{tmp}"], "is a folder"),
     (["--cache-opt", "threshold"], "is not key=value"),
+    (["--method", "toca", "--cache-opt", "preset=pixartt"], "has no preset 'pixartt'"),
 ])
 def test_cli_tune_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

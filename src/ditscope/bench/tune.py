@@ -99,17 +99,25 @@ class Tuned:
         return cls(body["method"], body["options"], body.get("meta") or {})
 
 
-def knob_of(method: str, name: str | None = None) -> tuple[Knob, dict]:
+def knob_of(method: str, name: str | None = None, preset: str | None = None) -> tuple[Knob, dict]:
     """The knob `tune` fits for `method` (or the option `name`, on the default knob's range when it is the same
-    option, else on a range around its default) and the method's default options."""
+    option, else on a range around its default) and the method's default options (a ditscope method's
+    `preset`, such as ToCa's "dit", supplies them; "preset" is then one of the options)."""
     from .peers import PEERS
 
+    if preset is not None and method not in REGISTRY:
+        raise DitscopeError(f"{method} has no presets; give its options one by one")
     if method in REGISTRY:
         import dataclasses
 
+        from ..cache import config_from_options
+
         entry = REGISTRY[method]
         knob = entry.knob
-        defaults = {f.name: getattr(entry.config(), f.name) for f in dataclasses.fields(entry.config)}
+        base = entry.config() if preset is None else config_from_options(method, [f"preset={preset}"])
+        defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(entry.config)}
+        if preset is not None:
+            defaults["preset"] = preset
     elif method in PEERS:
         knob, defaults = PEERS[method].knob, dict(PEERS[method].defaults)
     else:
@@ -149,8 +157,8 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
         raise DitscopeError("tuning needs at least one calibration prompt")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"tuning needs num_inference_steps >= 2, not {num_inference_steps!r}")
-    the_knob, defaults = knob_of(method, knob)
     fixed = dict(options or {})
+    the_knob, defaults = knob_of(method, knob, fixed.get("preset"))
     if the_knob.name in fixed:
         raise DitscopeError(f"option {the_knob.name} is the knob being tuned; leave it out of the fixed options")
     unknown = sorted(set(fixed) - set(defaults))

@@ -54,7 +54,6 @@ def tune(
         raise DitscopeError("--steps must be at least 2")
     if assurance not in ("lower", "mean"):
         raise DitscopeError(f"--assurance must be lower or mean, not {assurance!r}")
-    knob_of(method, knob)  # an unknown method or a method without a knob fails before the model loads
     fixed = {}
     for item in split_cache_opts(cache_opt):
         key, sep, raw = item.partition("=")
@@ -64,6 +63,8 @@ def tune(
             fixed[key.replace("-", "_")] = json.loads(raw)
         except json.JSONDecodeError:
             fixed[key.replace("-", "_")] = raw
+    # an unknown method or preset, or a method without a knob, fails before the model loads
+    knob_of(method, knob, fixed.get("preset"))
     _check_peer(method)
     out = out or Path("tuned") / f"{Path(model).name}.{method}.json"
     pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.method.json", prompts, n_prompts,
