@@ -178,6 +178,8 @@ MORE_BAD_INPUTS = [
     (["bench", "tiny-pixart", "--out", "{file}"], "not a folder"),
     # plan
     (["plan", "tiny-pixart", "--granularity", "nope"], "--granularity"),
+    (["plan", "tiny-pixart", "--modes", "stack,blocks"], "--modes takes a comma list"),
+    (["plan", "tiny-pixart", "--iterations", "2"], "--iterations must be at least 3"),
     (["plan", "tiny-pixart", "--target", "lpips=3"], "lpips"),
     (["plan", "tiny-pixart", "--out", "{folder}"], "is a folder"),
     (["plan", "tiny-pixart", "--steps", "5000", "--out", "{folder}/p.plan.json"], "at or beyond"),

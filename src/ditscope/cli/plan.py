@@ -30,6 +30,10 @@ def plan(
     granularity: Annotated[str, typer.Option(help="step (one row for every module), kind (per module kind) or site (per module of every block)")] = "step",
     cost: Annotated[str, typer.Option(help="cost model: time (measured; the finalists are timed), flops (counted: the choice does "
                                          "not depend on a busy machine's timings) or uniform")] = "time",
+    modes: Annotated[str, typer.Option(help="what the search may cache, comma list of both (stack and modules), "
+                                          "stack, sites; fewer modes plan faster (video models)")] = "both,stack,sites",
+    iterations: Annotated[int, typer.Option(help="prices tried per search line before bisecting; fewer plan faster, "
+                                               "with less choice")] = 8,
     out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -37,7 +41,7 @@ def plan(
     """Plan the cache from measured redundancy so that a quality (or speed) target holds; writes a plan file."""
     import torch
 
-    from ..planning.planner import GRANULARITIES, Target
+    from ..planning.planner import GRANULARITIES, MODES, Target
     from ..planning.planner import plan as make_plan
     goal = Target.parse(f"speedup={speedup}" if speedup is not None else target)
     if granularity not in GRANULARITIES:
@@ -46,6 +50,12 @@ def plan(
         raise DitscopeError("--n-prompts and --batch-size must be at least 1")
     if steps is not None and steps < 2:
         raise DitscopeError("--steps must be at least 2")
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+    bad = [m for m in mode_list if m not in MODES]
+    if bad or not mode_list:
+        raise DitscopeError(f"--modes takes a comma list of {', '.join(MODES)}, not {modes!r}")
+    if iterations < 3:
+        raise DitscopeError(f"--iterations must be at least 3, not {iterations}")
     out = out or Path("plans") / f"{Path(model).name}.plan.json"
     pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.plan.json", prompts, n_prompts,
                                                            prompt_seed, steps, guidance_scale, device, dtype)
@@ -56,7 +66,7 @@ def plan(
     with console.status("planning") as status, torch.inference_mode():
         try:
             result = make_plan(pipe, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
-                               granularity=granularity, cost=cost, work_dir=work,
+                               modes=mode_list, granularity=granularity, cost=cost, iterations=iterations, work_dir=work,
                                progress=lambda text: status.update(f"planning: {text}"), log=console.print)
         except DitscopeError:  # a target no plan reaches: nothing is left (an interrupt keeps the work to resume)
             shutil.rmtree(work, ignore_errors=True)

@@ -160,6 +160,8 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         raise DitscopeError("planning needs at least one calibration prompt")
     if assurance not in ("lower", "mean"):
         raise DitscopeError(f"unknown assurance {assurance!r}; use lower or mean")
+    if not isinstance(iterations, int) or iterations < 3:
+        raise DitscopeError(f"planning needs iterations >= 3 (prices per search line), not {iterations!r}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"planning needs num_inference_steps >= 2, not {num_inference_steps!r}")
     say = progress or (lambda text: None)
