@@ -187,3 +187,17 @@ def test_cli_tune_a_peer_that_is_not_installed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = _cli("tune", "tiny-pixart", "--method", "cachedit-dbcache")
     assert r.exit_code == 2 and "needs the cache_dit package" in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_a_bench_setting_that_failed_to_tune_says_where_it_is_recorded(tmp_path):
+    from ditscope.bench.grid import Setting
+    from ditscope.bench.runner import BenchInputs, tuned
+
+    setting = Setting("ditscope", "fbcache", {"tune": "psnr=60"})
+    inputs = BenchInputs("tiny-pixart", ["a red circle"], [0], STEPS, None, 1, 0, calibration=["a blue square"])
+    failed = tmp_path / "tuned" / f"{setting.key}.failed"
+    failed.parent.mkdir()
+    failed.write_text("fbcache cannot reach psnr=60 on these prompts")
+    # not searched again (no pipeline is needed), and the message says how to search again
+    with pytest.raises(DitscopeError, match="cannot reach psnr=60.*delete it to search again"):
+        tuned(None, setting, inputs, tmp_path)

@@ -173,7 +173,7 @@ def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
         return Tuned.load(path)
     failed = path.with_suffix(".failed") if path is not None else None
     if failed is not None and failed.exists():  # a target this method cannot reach: not searched again
-        raise DitscopeError(failed.read_text().strip())
+        raise DitscopeError(f"{failed.read_text().strip()} (recorded in {failed}; delete it to search again)")
     fixed = {k: v for k, v in setting.options.items() if k != "tune"}
     try:
         result = tune(pipe, setting.method, inputs.calibration, setting.options["tune"], inputs.steps,
