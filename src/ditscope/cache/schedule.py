@@ -33,7 +33,7 @@ import torch
 
 from ..errors import DitscopeError
 from ..files import json_checksum, write_text_atomic
-from .actions import forecast, rows_where, run_rows
+from .actions import forecast, run_rows
 from .engine import (
     COMPUTE,
     PREDICT,
@@ -215,12 +215,12 @@ class ScheduleMethod(CacheMethod):
             if force is None:
                 ctx.record["blocks_reused"] += 1
                 return pack_outputs(bsite, served)
-            # adaptive: the rows over their limit compute (on their own); the others keep what the plan serves them
+            # adaptive: the rows over their limit compute (on their own); the others keep what the plan serves them.
+            # What is kept stays as computed at step s1: the forced rows compute every step up to the plan's next
+            # full step, and a fresh row kept under s1's label would give the next forecast a wrong slope
             out = run_rows(ctx, run, args, kwargs, force, pack_outputs(bsite, served), inputs["hidden"].shape[0],
                            bsite.name)
             ctx.record["blocks_computed"] += 1
-            fresh = residuals(inputs, block_outputs(bsite, out))
-            history[-1] = (s1, {n: rows_where(ctx, force, fresh[n], r1[n]) for n in r1})
             return out
         ctx.record["blocks_computed"] += 1
         out = run(*args, **kwargs)
@@ -260,11 +260,8 @@ class ScheduleMethod(CacheMethod):
             ctx.count(REUSE if action == "R" or len(history) < 2 else PREDICT, 0, tokens)
             return served
         ctx.count(COMPUTE, tokens, tokens)
-        # adaptive: rows over their limit compute (on their own), and refresh what is kept for them
-        out = run_rows(ctx, run, args, kwargs, force, served, x.shape[0], site.name)
-        s_last, y_last = history[-1]
-        history[-1] = (s_last, rows_where(ctx, force, out, y_last))
-        return out
+        # adaptive: rows over their limit compute (on their own); what is kept stays as computed (see block())
+        return run_rows(ctx, run, args, kwargs, force, served, x.shape[0], site.name)
 
 
 def _keeps(row: str) -> list[bool]:
