@@ -203,6 +203,23 @@ def test_adaptive_plan_on_the_output_signal(pipe):
         ditscope.apply(pipe, ditscope.PlanConfig(plan, adaptive=True, signal="noise"))
 
 
+def test_adaptive_output_signal_on_a_joint_attention_model():
+    """SD3's last block returns no text stream (context_pre_only): the output signal measures what each block
+    returns and runs there; forcing every run after a measured full step computes everything (uncached)."""
+    from ditscope.planning.calibrate import generate
+
+    mm = zoo.load("tiny-mmdit")
+    mm.set_progress_bar_config(disable=True)
+    plan = Schedule({"stack": "CCRCRR"}, meta={"stack_change": [[None, None]] + [[1e-9, 1e-9]] * 5})
+    with torch.inference_mode():
+        uncached = generate(mm, PROMPTS, 6, batch_size=2)
+        with ditscope.apply(mm, ditscope.PlanConfig(plan, adaptive=True, signal="output", tolerance=1e-9)) as handle:
+            eager = generate(mm, PROMPTS, 6, batch_size=2)
+            forced = handle.stats().summary()["rows_forced"]
+    assert forced > 0
+    torch.testing.assert_close(eager, uncached, rtol=0, atol=1e-5)
+
+
 def test_guidance_branches_are_told_apart_by_their_shared_input():
     from ditscope.cache.plan import same_input_groups
 

@@ -179,7 +179,9 @@ class PlanMethod(ScheduleMethod):
         if lag is not None and ctx.step - last_step != lag:
             st["output_change"] = (None, None)
             return
-        diff = [res[n] - last[n] for n in res if n in last and res[n].shape == last[n].shape]
+        # a stream a block does not return (SD3's last block drops the text stream) has no residual
+        diff = [res[n] - last[n] for n in res
+                if res[n] is not None and last.get(n) is not None and res[n].shape == last[n].shape]
         st["output_change"] = (ctx.step - last_step, total + row_abs_sums(diff, ctx.rows))
         if bsite.index != ctx.blocks[-1].index:
             return
