@@ -234,6 +234,11 @@ def test_plans_resample_to_other_step_counts_or_refuse_when_strict():
     plan = Schedule({"stack": "CCRCRRCR"})
     assert plan.at(4).rows["stack"][0] == "C" and len(plan.at(4).rows["stack"]) == 4
     assert plan.at(16).steps == 16
+    # to fewer steps a merged step computes if any of its planned steps did: a periodic plan does not alias
+    # onto its served steps (every other step computed, halved, computes every step)
+    assert Schedule({"stack": "CR" * 10}).at(10).rows["stack"] == "C" * 10
+    assert Schedule({"stack": "CRRRRR" * 4}).at(12).rows["stack"].count("C") == 4
+    assert Schedule({"x.attn1": "CFRR" * 4}).at(8).rows["x.attn1"] == "CFCFCRCR"
     build, inputs = TINY["PixArtTransformer2DModel"]
     model = build()
     with ditscope.apply(model, ditscope.PlanConfig(plan, strict=True), num_inference_steps=4):

@@ -89,13 +89,22 @@ class Schedule:
         return len(next(iter(self.rows.values()), ""))
 
     def at(self, steps: int) -> Schedule:
-        """This schedule resampled to `steps` steps on the normalised step axis."""
+        """This schedule resampled to `steps` steps on the normalised step axis.
+
+        To more steps each new step takes the action of the nearest planned one. To fewer, each new step
+        stands for the planned steps since the previous new one and computes if any of them did (else
+        forecasts if any did, else reuses): picking the nearest would alias a periodic plan (every other
+        step computed, halved, can land on the served steps only: measured 17 dB on tiny-latte)."""
         if steps == self.steps or not self.rows:
             return self
         if steps < 1:
             raise DitscopeError(f"cannot resample a schedule to {steps} steps")
         src = [round(s * (self.steps - 1) / max(1, steps - 1)) for s in range(steps)]
-        rows = {u: "C" + "".join(r[i] for i in src[1:]) for u, r in self.rows.items()}
+        if steps > self.steps:
+            rows = {u: "C" + "".join(r[i] for i in src[1:]) for u, r in self.rows.items()}
+        else:
+            spans = [range(a + 1, b + 1) for a, b in zip(src, src[1:])]
+            rows = {u: "C" + "".join(_merged(r[i] for i in span) for span in spans) for u, r in self.rows.items()}
         return Schedule(rows, {**self.meta, "resampled_from": self.steps})
 
     def fraction(self, action: str = "C") -> float:
@@ -262,6 +271,12 @@ class ScheduleMethod(CacheMethod):
         ctx.count(COMPUTE, tokens, tokens)
         # adaptive: rows over their limit compute (on their own); what is kept stays as computed (see block())
         return run_rows(ctx, run, args, kwargs, force, served, x.shape[0], site.name)
+
+
+def _merged(actions) -> str:
+    """One action for planned steps merged into one: compute if any computes, else forecast if any does."""
+    actions = set(actions)
+    return "C" if "C" in actions else "F" if "F" in actions else "R"
 
 
 def _keeps(row: str) -> list[bool]:
