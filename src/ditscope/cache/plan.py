@@ -220,9 +220,8 @@ class PlanMethod(ScheduleMethod):
             return self.base
         if self.config.strict:
             raise DitscopeError(f"the plan was made for {self.base.steps} steps, not {steps} (strict=True)")
-        fewer = ("; at fewer steps each served step spans more of the trajectory and a first-order sampler "
-                 "passes that error into the image (measured: -7 to -13 dB at half the steps on the zoo's Euler "
-                 f"and DDIM models): plan again at {steps} steps for the quality it promised"
+        fewer = ("; a resampled step computes if any planned step it stands for did, so the plan keeps its quality "
+                 f"(measured at half the steps on the zoo) but not its speed: plan again at {steps} steps for that"
                  ) if steps < self.base.steps else ""
         warnings.warn(f"ditscope: plan made for {self.base.steps} steps resampled to {steps}{fewer}", stacklevel=2)
         return self.base.at(steps)
