@@ -400,3 +400,30 @@ def test_a_flops_cost_model_chooses_between_finalists_by_its_prediction_not_by_t
         assert by_time[1] is (fast if lie[0] > lie[1] else slow)
     # a speed target: the best quality among the finalists, whatever the timings
     assert _choose(candidates, Target.parse("speedup=1.2"), "time", lambda s: 0, lambda ss: [1.0], print)[1] is slow
+
+
+def test_the_price_scan_checks_no_plan_slower_than_one_that_held():
+    """End-to-end checks of careful plans cost nearly an uncached run each; with a quality target only the
+    fastest plan that holds is kept, so the scan must skip the plans predicted slower than a held one, and
+    still find the same fastest plan as checking the whole grid."""
+    from ditscope.planning.planner import scan_prices
+
+    grid = [0.0, 1.0, 2.0, 3.0, 4.0]  # log prices, cheapest error first; the plan "is" its price here
+    predicted = lambda p: 10.0 - p  # noqa: E731  (a higher price of error: a slower plan)
+    for threshold in (2.5, 0.0, 3.7):
+        checked = []
+
+        def holds(p, threshold=threshold):
+            checked.append(p)
+            return p >= threshold
+
+        held = scan_prices(grid, lambda p: p, predicted, holds, True, 3, "test", lambda text: None)
+        fastest_on_grid = min(p for p in grid if p >= threshold)
+        assert min(p for p in checked if p in grid and p >= threshold) == fastest_on_grid
+        assert not [p for p in checked if p > fastest_on_grid]  # nothing slower than it was run
+        best = max(held, key=lambda h: h[0])
+        assert best[1] >= threshold and best[1] <= fastest_on_grid  # the bisection only refines towards faster
+    # a speed target needs every plan fast enough (the best quality among them is chosen): no skipping
+    checked = []
+    scan_prices(grid, lambda p: p, predicted, lambda p: checked.append(p) or True, False, 3, "test", lambda t: None)
+    assert checked == grid
