@@ -413,7 +413,7 @@ def test_the_price_scan_checks_no_plan_slower_than_one_that_held():
     for threshold in (2.5, 0.0, 3.7):
         checked = []
 
-        def holds(p, threshold=threshold):
+        def holds(p, threshold=threshold, checked=checked):
             checked.append(p)
             return p >= threshold
 
