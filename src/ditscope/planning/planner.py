@@ -265,9 +265,8 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     def runner(schedule: Schedule):
         return lambda: _run_plan(pipe, schedule, first, num_inference_steps, seed, batch_size, guidance_scale, layout)
 
-    # the finalists are timed in rounds with the plain model (a ratio taken within each round, then the
-    # median), not each on its own: a machine whose speed drifts moves plain and cached runs alike. Every one
-    # already ran in the evaluations, so no warm-up pass.
+    # the finalists are timed in interleaved rounds with the plain model, not each on its own: a machine whose
+    # speed drifts moves plain and cached runs alike. Every one already ran in the evaluations, so no warm-up pass.
     mode, chosen, quality, measured_speedup = _choose(
         candidates, goal, cost, predicted, lambda schedules: _speedups(plain_run, [runner(s) for s in schedules]), say)
     chosen.meta = {
@@ -407,14 +406,18 @@ def _timed(fn, repeats: int = 3, warmup: bool = True) -> float:
 
 
 def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:
-    """Per run in `runs`: the median over `rounds` of plain seconds / its seconds, each round timing the plain
-    run and then every run once (all of them warm already)."""
-    ratios: list[list[float]] = [[] for _ in runs]
+    """Per run in `runs`: the plain run's fastest seconds over `rounds` / its own fastest, each round timing the
+    plain run and then every run once (all of them warm already). The fastest, not the median: on a shared or
+    virtual machine noise only adds time, and in spikes (tiny-latte on 2 cores: the same cached pass took 51 s
+    and 82-84 s within one process, with the kernel's page faulting a third of the uncached run's CPU time), so
+    two rounds' medians could rank the finalists by the spikes (benchmarks/RESULTS.md)."""
+    base = []
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        base = _timed(plain, repeats=1, warmup=False)
+        base.append(_timed(plain, repeats=1, warmup=False))
         for i, fn in enumerate(runs):
-            ratios[i].append(base / _timed(fn, repeats=1, warmup=False))
-    return [statistics.median(r) for r in ratios]
+            times[i].append(_timed(fn, repeats=1, warmup=False))
+    return [min(base) / min(t) for t in times]
 
 
 def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say,
