@@ -158,6 +158,49 @@ def test_adaptive_plan_between_static_and_uncached(pipe):
         ditscope.apply(pipe, ditscope.PlanConfig(Schedule({"stack": "CCR"}), adaptive=True))
 
 
+
+def test_rows_forced_to_compute_leave_what_the_plan_kept_as_it_was_computed(pipe, monkeypatch):
+    """A kept output is labelled with the step it was computed at, and forecasts take their slope from those
+    labels: an adaptive plan's forced rows must not rewrite a kept output under its old label (they once did,
+    and the next forecast read a fresh row as an old one). Every kept entry, each time the plan reads it, must
+    be the one first stored under that label."""
+    from ditscope.cache.schedule import ScheduleMethod
+    from ditscope.planning.calibrate import generate
+
+    plan = Schedule({"stack": "CCFCFFCF", "transformer_blocks.1": "CCCCCCCC", "transformer_blocks.2.attn1": "CCFFCFFF"},
+                    meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]})
+    first_seen: dict = {}
+    checks = []
+
+    def check(ctx):
+        for kind in ("plan", "plan_residual"):
+            for unit, entries in ctx.state.get(kind, {}).items():
+                for step, value in entries:
+                    tensors = list(value.values()) if isinstance(value, dict) else [value]
+                    tensors = [t for t in tensors if t is not None]
+                    key = (kind, unit, step)
+                    if key not in first_seen:
+                        first_seen[key] = [t.clone() for t in tensors]
+                    else:
+                        checks.append(key)
+                        assert all(torch.equal(a, b) for a, b in zip(first_seen[key], tensors)), key
+
+    def spying(name):
+        original = getattr(ScheduleMethod, name)
+
+        def spy(self, ctx, *args):
+            check(ctx)
+            return original(self, ctx, *args)
+        return spy
+
+    monkeypatch.setattr(ScheduleMethod, "block", spying("block"))
+    monkeypatch.setattr(ScheduleMethod, "module", spying("module"))
+    with torch.inference_mode(), ditscope.apply(pipe, ditscope.PlanConfig(plan, adaptive=True, signal="input",
+                                                                          tolerance=0.5)) as handle:
+        generate(pipe, PROMPTS, STEPS, batch_size=2)  # one pipeline call: the labels are this call's steps
+        forced = handle.stats().summary()["rows_forced"]
+    assert forced > 0 and checks  # rows were forced, and kept entries were read again after it
+
 def test_calibration_records_the_stack_change_an_output_signal_is_checked_against(calibration):
     from ditscope.planning.planner import stack_change
 
