@@ -72,9 +72,17 @@ def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
         plan = ditscope.plan(pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, iterations=4, work_dir=tmp_path / "w")
     assert plan.meta["quality"]["psnr"] >= 28
     assert plan.meta["model"]["class"] == "PixArtTransformer2DModel"
+    # the finalists are on record: exactly one kept, with the plan's own prediction and timing
+    kept = [f for f in plan.meta["finalists"] if f["kept"]]
+    assert len(kept) == 1 and kept[0]["mode"] == plan.meta["mode"]
+    assert kept[0]["measured_speedup"] == plan.meta["measured_speedup"]
+    assert kept[0]["predicted_speedup"] == plan.meta["predicted_speedup"]
     path = plan.save(tmp_path / "p.plan.json")
     again = ditscope.Plan.load(path)
     assert again.rows == plan.rows and again.meta == json.loads(json.dumps(plan.meta))
+    from ditscope.planning.show import summary_rows
+
+    assert sum(key == "finalist (kept)" for key, _ in summary_rows(again)) == 1
 
 
 def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):

@@ -213,6 +213,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
 
     # 2-3. the stack alone, the sites alone, then the sites on top of the stack plans that held with a margin
     lines: dict[str, list] = {}
+    described: dict[int, str] = {}  # the fixed-interval schedules that held, by id: what they are
     if "stack" in modes or "both" in modes:
         lines["stack"] = scan(lambda p: schedule_at(p, None), "stack")
     if "sites" in modes:
@@ -231,6 +232,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
             for n, warmup, s in fixed:
                 if holds(s):
                     say(f"{mode}: one step in {n} computed after {warmup} full holds, predicted {predicted(s):.2f}x")
+                    described[id(s)] = f"fixed: one step in {n} after {warmup} full"
                     lines[mode].append((predicted(s), math.nan, s))
                     if goal.quality:
                         break
@@ -272,8 +274,20 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
 
     # the finalists are timed in interleaved rounds with the plain model, not each on its own: a machine whose
     # speed drifts moves plain and cached runs alike. Every one already ran in the evaluations, so no warm-up pass.
-    mode, chosen, quality, measured_speedup = _choose(
-        candidates, goal, cost, predicted, lambda schedules: _speedups(plain_run, [runner(s) for s in schedules]), say)
+    timed: dict[int, float] = {}
+
+    def speedups_of(schedules: list) -> list[float]:
+        speedups = _speedups(plain_run, [runner(s) for s in schedules])
+        timed.update({id(s): x for s, x in zip(schedules, speedups)})
+        return speedups
+
+    mode, chosen, quality, measured_speedup = _choose(candidates, goal, cost, predicted, speedups_of, say)
+    # every finalist with its prediction and timing, so that a plan that lost to a schedule a user knows (FORA's)
+    # can be traced to the check or to the timing that decided it
+    finalists = [{"mode": m, "schedule": described.get(id(s), "searched"),
+                  "predicted_speedup": round(predicted(s), 3),
+                  "measured_speedup": round(timed[id(s)], 3) if id(s) in timed else None,
+                  "psnr": round(q["psnr"], 4), "kept": s is chosen} for m, s, q in candidates]
     chosen.meta = {
         "model": model_signature(transformer),
         "pipeline": type(pipe).__name__,
@@ -292,6 +306,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         "computed_fraction": round(chosen.fraction("C"), 4),
         "evaluations": len(evaluate.done),
         "planning_seconds": round(time.perf_counter() - started, 1),
+        "finalists": finalists,
         # what PlanConfig(adaptive=True) compares the live signal with: per calibration prompt and step
         "signal": [[None if v is None else float(f"{v:.6g}") for v in row] for row in cal.meta.get("signal", [])],
         # what PlanConfig(adaptive=True, signal="output") compares with: per step and lag k, the most any

@@ -28,6 +28,11 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
     if "calibration" in m:
         c = m["calibration"]
         rows.append(("calibration prompts", f"{c.get('n_prompts')} (hash {c.get('prompts_hash')}, seed {c.get('seed')})"))
+    for f in m.get("finalists", []):  # what the kept plan was timed against (plans made since 2026-12-04)
+        measured = "not timed" if f.get("measured_speedup") is None else f"{f['measured_speedup']}x measured"
+        rows.append(("finalist" + (" (kept)" if f.get("kept") else ""),
+                     f"{f.get('mode')} {f.get('schedule')}: {f.get('predicted_speedup')}x predicted, {measured}, "
+                     f"PSNR {f.get('psnr')}"))
     return rows
 
 
