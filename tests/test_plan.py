@@ -462,6 +462,9 @@ def test_a_flops_cost_model_chooses_between_finalists_by_its_prediction_not_by_t
         by_time = _choose(candidates, Target.parse("psnr=25"), "time", lambda s: predicted[id(s)], timed, print)
         assert by_flops[1] is fast and by_flops[3] == lie[0]  # chosen by prediction, still timed for the record
         assert by_time[1] is (fast if lie[0] > lie[1] else slow)
+    # timings within the noise of each other are a tie, and the tie goes to the better finalist
+    tie = _choose(candidates, Target.parse("psnr=25"), "time", lambda s: predicted[id(s)], lambda ss: [2.0, 1.97], print)
+    assert tie[1] is slow and tie[3] == 1.97
     # a speed target: the best quality among the finalists, whatever the timings
     assert _choose(candidates, Target.parse("speedup=1.2"), "time", lambda s: 0, lambda ss: [1.0], print)[1] is slow
 
