@@ -360,9 +360,10 @@ def _choose(candidates: list, goal: Target, cost: str, predicted, speedups_of, s
 
     Quality targets: with the measured-time cost model the finalists are timed (`speedups_of`), since the cost
     model ranks plans within a mode but across modes its predictions were off by enough to pick a slower plan
-    (benchmarks/RESULTS.md, ablation), finalists within TIMING_TIE of the fastest going to the best PSNR; with a FLOPs or uniform cost model the model's prediction chooses, so
-    timing noise on a busy machine cannot change the plan. Speed targets: every finalist is fast enough, the
-    best quality wins. Whatever chose it, the kept plan's speedup is measured."""
+    (benchmarks/RESULTS.md, ablation); those within TIMING_TIE of the fastest tie, and the best PSNR wins. With
+    a FLOPs or uniform cost model the model's prediction chooses, so timing noise on a busy machine cannot
+    change the plan. Speed targets: every finalist is fast enough, the best quality wins. Whatever chose it,
+    the kept plan's speedup is measured."""
     if goal.quality and cost == "time":
         speedups = speedups_of([c[1] for c in candidates])
         # finalists that time within the noise of the fastest are a tie, and the tie goes to quality (tiny-latte,
