@@ -26,9 +26,9 @@ def test_any_split_merges_to_the_same_moments(xs, cut):
     np.testing.assert_array_equal(parts.max, x.max(0))
 
 
-def test_cov_is_std_over_mean_and_zero_for_zero_mean():
+def test_cov_is_std_over_mean_and_undefined_for_zero_mean():
     s = RunningStats.of(np.array([[1.0, 0.0], [3.0, 0.0]]))
-    np.testing.assert_allclose(s.cov, [0.5, 0.0])
+    np.testing.assert_allclose(s.cov, [0.5, np.nan])
 
 
 def test_reduce_and_metrics_match_a_hand_computation():

@@ -78,10 +78,11 @@ class RunningStats:
 
     @property
     def cov(self) -> np.ndarray:
-        """Coefficient of variation std/mean; 0 where the mean is 0."""
+        """Coefficient of variation std/mean; NaN where the mean is 0 (a tensor that never changes has no
+        variation to speak of, and averages of CoV skip it instead of counting it as perfectly stable)."""
         mean = self.mean
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(mean != 0, self.std / np.abs(mean), 0.0)
+            return np.where(mean != 0, self.std / np.abs(mean), np.nan)
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {f: getattr(self, f) for f in FIELDS}

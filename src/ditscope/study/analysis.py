@@ -119,7 +119,9 @@ def cov_over_prompts(profile: Profile, metric: str = "l1", n_boot: int = 1000, s
         rows = [by_layer[layer] for layer in sorted(by_layer)]
         if not rows:
             continue
-        x = profile.values[:, rows, :, m].astype(np.float64)  # (P, layers, steps)
+        # one layer at a time: `values[:, rows, :, m]` would put the list's axis first (numpy's rule for
+        # advanced indices separated by a slice) and give (layers, prompts, steps)
+        x = np.stack([profile.values[:, row, :, m] for row in rows], axis=1).astype(np.float64)  # (P, L, S)
         per_cell = _cov_cells(x)
         boots = np.array([np.nanmean(_cov_cells(x[rng.integers(0, p, p)])) for _ in range(n_boot)])
         lo, hi = np.nanpercentile(boots, [50 * (1 - level), 50 * (1 + level)])
