@@ -180,6 +180,21 @@ def test_prompts_study_reports_the_hand_numbers(tmp_path, monkeypatch):
         assert saved["cov"][t]["cov"] == pytest.approx(want, rel=1e-9)
         assert f"{want:.3f}" in html  # the report's table
         assert f"{t.upper()} {want:.1%}" in result["verdict"]
+    # these prompts vary by more than 20% on every target: the verdict says so, in a red box
+    assert all(saved["cov"][t]["hi"] >= 0.2 for t in TARGETS)
+    assert "Not stable across prompts" in result["verdict"] and "class='verdict fails'" in html
+
+
+def test_prompts_verdict_box_is_green_only_when_the_finding_holds(tmp_path, monkeypatch):
+    prof = build(9, 5, 8, seed=2)
+    rng = np.random.default_rng(0)
+    prof.values[:] = prof.values[:1] * rng.uniform(0.97, 1.03, size=prof.values.shape).astype(np.float32)
+    prof.stats = RunningStats.of(prof.values)
+    monkeypatch.setattr(study_runner, "ensure_profile", lambda *a, **k: prof)
+    result = study_runner.study_prompts("hand", None, tmp_path, n_boot=50)
+    html = (tmp_path / "prompts" / "report.html").read_text()
+    assert all(hand_mean_cov(prof, t) < 0.05 for t in TARGETS)
+    assert "Stable across prompts" in result["verdict"] and "class='verdict holds'" in html
 
 
 # ------------------------------------------------------------------------ the steps / scheduler study

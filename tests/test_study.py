@@ -66,7 +66,8 @@ def test_steps_study_result_and_reuse(study_dir):
     assert [f.stat().st_mtime_ns for f in files] == before
     # the report says which model and scheduler it measured
     html = (study_dir / "steps" / "tiny-pixart" / "report.html").read_text()
-    assert "model tiny-pixart, scheduler DPMSolverMultistepScheduler" in html and "model None" not in html
+    assert "model tiny-pixart; 4: 4 steps, DPMSolverMultistepScheduler; 8: 8 steps, DPMSolverMultistepScheduler" in html
+    assert "model None" not in html
 
 
 def test_identical_profiles_correlate_perfectly(study_dir):

@@ -14,7 +14,8 @@ from ..files import write_text_atomic
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
-.verdict{background:#eef6ee;border-left:5px solid #3a3;padding:.8em 1em;font-size:1.05em}
+.verdict{background:#eef2f8;border-left:5px solid #58a;padding:.8em 1em;font-size:1.05em}
+.verdict.holds{background:#eef6ee;border-left-color:#3a3} .verdict.fails{background:#fbeeee;border-left-color:#c33}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em} td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0} .meta{color:#666;font-size:.85em}
@@ -47,11 +48,14 @@ def table_html(rows: list[dict], floatfmt: str = "{:.3f}") -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def write_report(path: Path, title: str, verdict: str, sections: list[tuple[str, str]], meta: str = "") -> Path:
-    """`sections`: (heading, html) pairs; figures are <img> tags from `figure_png`. Written atomically."""
+def write_report(path: Path, title: str, verdict: str, sections: list[tuple[str, str]], meta: str = "",
+                 holds: bool | None = None) -> Path:
+    """`sections`: (heading, html) pairs; figures are <img> tags from `figure_png`. The verdict box is green
+    when the finding holds, red when it fails, blue when the study decides nothing. Written atomically."""
+    kind = {True: " holds", False: " fails", None: ""}[holds]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class='verdict'>{html.escape(verdict)}</p>"]
+             f"<p class='verdict{kind}'>{html.escape(verdict)}</p>"]
     if meta:
         parts.append(f"<p class='meta'>{html.escape(meta)}</p>")
     for heading, body in sections:
