@@ -150,22 +150,40 @@ def test_cov_over_prompts_and_its_interval_equal_a_hand_computation(n_prompts, n
         xs = over_prompts(prof, ki, n_steps - 2, 0)
         assert cells[n_layers - 1, n_steps - 2] == pytest.approx(pop_std(xs) / mean(xs), rel=1e-9)
     # the interval resamples prompts with replacement: the same draws (the documented generator and
-    # seed, one draw of n_prompts indices per resample and target), each statistic by hand
+    # seed, one draw of n_prompts indices per resample and target), each statistic by hand, then Efron's
+    # BCa interval by its textbook formulas
     rng = np.random.default_rng(3)
     for t in got:
-        boots = []
-        for _ in range(n_boot):
-            draw = [int(i) for i in rng.integers(0, n_prompts, n_prompts)]
-            cells = []
-            for layer in range(n_layers):
-                ki = auto_key(prof, layer, t)
-                for step in range(n_steps - 1):
-                    xs = over_prompts(prof, ki, step, 0, draw)
-                    if mean(xs) != 0:
-                        cells.append(pop_std(xs) / abs(mean(xs)))
-            boots.append(mean(cells))
-        assert got[t]["lo"] == pytest.approx(percentile(boots, 2.5), rel=1e-9)
-        assert got[t]["hi"] == pytest.approx(percentile(boots, 97.5), rel=1e-9)
+        boots = [hand_mean_cov(prof, t, [int(i) for i in rng.integers(0, n_prompts, n_prompts)]) for _ in range(n_boot)]
+        jack = [hand_mean_cov(prof, t, [q for q in range(n_prompts) if q != i]) for i in range(n_prompts)]
+        lo, hi = hand_bca(hand_mean_cov(prof, t), boots, jack)
+        assert got[t]["lo"] == pytest.approx(lo, rel=1e-9)
+        assert got[t]["hi"] == pytest.approx(hi, rel=1e-9)
+
+
+def normal_cdf(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def normal_ppf(q):
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if normal_cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def hand_bca(estimate, boots, jack, level=0.95):
+    b = len(boots)
+    below = min(max(sum(x < estimate for x in boots) / b, 0.5 / b), 1 - 0.5 / b)
+    z0 = normal_ppf(below)
+    jm = mean(jack)
+    accel = sum((jm - j) ** 3 for j in jack) / (6 * sum((jm - j) ** 2 for j in jack) ** 1.5)
+    ends = []
+    for q in ((1 - level) / 2, (1 + level) / 2):
+        z = normal_ppf(q)
+        ends.append(percentile(boots, 100 * normal_cdf(z0 + (z0 + z) / (1 - accel * (z0 + z)))))
+    return ends
 
 
 def test_prompts_study_reports_the_hand_numbers(tmp_path, monkeypatch):

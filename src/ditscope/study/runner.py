@@ -92,13 +92,13 @@ def study_prompts(model: str, prompts: Path | None, out: Path, n_boot: int = 100
     else:
         judged = (f"Stable across prompts for {' and '.join(stable)} (upper bound below {STABLE_COV:.0%}), "
                   f"not for {' and '.join(unstable)}")
-    verdict = (f"{model}, {prof.n_prompts} prompts: mean CoV over prompts {numbers} (95% bootstrap CI over "
+    verdict = (f"{model}, {prof.n_prompts} prompts: mean CoV over prompts {numbers} (95% BCa bootstrap CI over "
                f"prompts). {judged} (the paper reports 10-15% on real models).")
     study_dir = out / "prompts"
     study_dir.mkdir(parents=True, exist_ok=True)
     fig = heatmap_figure({t: c["per_cell"] for t, c in cov.items()}, f"{model}: CoV over {prof.n_prompts} prompts")
     write_report(study_dir / "report.html", f"Stability across prompts: {model}", verdict,
-                 [("Mean CoV per target (the paper's Table 2), bootstrap 95% CI over prompts", table_html(rows)),
+                 [("Mean CoV per target (the paper's Table 2), 95% BCa bootstrap CI over prompts", table_html(rows)),
                   ("CoV per layer and step", img(figure_png(fig), "CoV heatmaps"))],
                  meta=_meta(prof), holds=not unstable)
     result = {"study": "prompts", "model": model, "n_prompts": prof.n_prompts, "verdict": verdict,
