@@ -253,12 +253,13 @@ def layer_mean_curve(rows):
     return out
 
 
-def test_steps_study_correlations_and_change_points_equal_a_hand_computation(tmp_path, monkeypatch):
-    # one model (6 layers) at 7, 12 and 23 steps: the distances differ in length, and are compared on the
-    # normalised step axis
+@pytest.mark.parametrize("kind", ["steps", "scheduler"])
+def test_steps_and_scheduler_studies_equal_a_hand_computation(tmp_path, monkeypatch, kind):
+    # one model (6 layers) at 7, 12 and 23 steps (or three schedulers whose runs differ in length): the
+    # distances differ in length, and are compared on the normalised step axis
     profiles = {"7": build(5, 6, 7, seed=7), "12": build(5, 6, 12, seed=12), "23": build(5, 6, 23, seed=23)}
     monkeypatch.setattr(study_runner, "ensure_profile", lambda out, model, variant, *a, **k: profiles[variant.split("-")[1]])
-    result = study_runner.study_variants("steps", "hand", {n: {"steps": int(n)} for n in profiles}, None, tmp_path)
+    result = study_runner.study_variants(kind, "hand", {n: {} for n in profiles}, None, tmp_path)
     maps = {n: {t: hand_log_map(p, t) for t in TARGETS} for n, p in profiles.items()}
     flat = {n: {t: [v for row in m for v in row] for t, m in ms.items()} for n, ms in maps.items()}
     got_pairs = {(p["a"], p["b"], p["target"]): p for p in result["pairs"]}
@@ -281,7 +282,7 @@ def test_steps_study_correlations_and_change_points_equal_a_hand_computation(tmp
         for t in TARGETS:
             want = hand_change_point(layer_mean_curve(maps[n][t]))
             assert result["change_points"][n][t] == pytest.approx(want, abs=1e-12)
-    html = (tmp_path / "steps" / "hand" / "report.html").read_text()
+    html = (tmp_path / kind / "hand" / "report.html").read_text()
     assert f"r = {mean(overall):.2f}" in html
 
 
