@@ -40,7 +40,7 @@ def test_profile_with_no_arguments_writes_profile_and_figures(tmp_path):
     prof = Profile.load(out / "profile.ditscope")
     assert prof.n_prompts == 8 and prof.n_steps == 20 and prof.n_layers == 16  # PixArt-shaped: 8 blocks x 2
     assert prof.meta["model"] == zoo.DEFAULT_MODEL and prof.meta["scheduler"] == "DPMSolverMultistepScheduler"
-    for name in ("layers", "heatmap_k", "heatmap_v", "heatmap_a", "cov_table"):
+    for name in ("layers_l1", "heatmap_k_l1", "heatmap_v_l1", "heatmap_a_l1", "cov_table_l1"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
         assert (out / "figures" / f"{name}.svg").stat().st_size > 1000
     assert not list(out.glob("*.partial"))
@@ -77,7 +77,7 @@ def test_prompt_formats_show_plot_merge(tmp_path, one_thread):
     shown = cli("show", merged)
     assert shown.exit_code == 0 and "transformer_blocks.0.attn1" in shown.stdout and "coefficient" in shown.stdout
     assert cli("plot", merged, "--out", tmp_path / "figs", "--metric", "cos").exit_code == 0
-    assert (tmp_path / "figs" / "layers.svg").exists()
+    assert (tmp_path / "figs" / "layers_cos.svg").exists() and (tmp_path / "figs" / "cov_table_cos.csv").exists()
 
 
 BAD_INPUTS = [

@@ -150,7 +150,7 @@ def plot_cmd(
     out: Annotated[Path | None, typer.Option(help="figures folder (default: next to the profile)")] = None,
     metric: Annotated[str, typer.Option(help="l1, rel_l1 or cos")] = "l1",
 ):
-    """Write a profile's figures (PNG and SVG)."""
+    """Write a profile's figures (PNG and SVG) for one metric: layers_METRIC, heatmap_TARGET_METRIC, cov_table_METRIC."""
     from ..profiling.artifact import Profile
     from ..profiling.plots import plot_profile
 

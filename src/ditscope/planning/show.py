@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..cache.schedule import ACTIONS, STACK, Schedule
 
 CODES = {"C": 0, "F": 1, "R": 2}
@@ -36,28 +38,86 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
     return rows
 
 
-def heatmap(plan: Schedule, path: Path) -> Path:
-    """units (rows) x steps (columns): compute / forecast / reuse."""
-    import matplotlib
+# categories of a heatmap cell: a unit's own action, or a unit that does not run at that step because
+# its stack (or, for a module, its block) is served whole from kept or forecast residuals
+NOT_RUN_STACK, NOT_RUN_BLOCK = 3, 4
+CATEGORIES = {**{CODES[a]: name for a, name in ACTIONS.items()}, NOT_RUN_STACK: "not run: stack reused/forecast",
+              NOT_RUN_BLOCK: "not run: block reused/forecast"}
+COLORS = {0: "#3b6fb6", 1: "#f2b134", 2: "#dddddd", NOT_RUN_STACK: "#ffffff", NOT_RUN_BLOCK: "#ffffff"}
+HATCHES = {NOT_RUN_STACK: "////", NOT_RUN_BLOCK: "\\\\"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+
+SECOND = "transformer_2."
+
+
+def _is_stack(unit: str) -> bool:
+    return unit in (STACK, SECOND + STACK)
+
+
+def cell_categories(plan: Schedule) -> np.ndarray:
+    """(units, steps) ints, rows in `plan.rows` order: what each unit does at each step, as the engine runs
+    it (`ScheduleMethod.table`). 0 / 1 / 2: it computes / forecasts / reuses (its own action);
+    `NOT_RUN_STACK`: a unit other than a stack row at a step where its stack row (`stack`, or
+    `transformer_2.stack` for a pipeline's second transformer) reuses or forecasts: every block is served
+    from its residual, so neither the blocks nor their modules run; `NOT_RUN_BLOCK`: a module whose block's
+    own row reuses or forecasts at that step (the block is served whole; its modules do not run)."""
+    units = list(plan.rows)
+    out = np.array([[CODES[a] for a in plan.rows[u]] for u in units], dtype=int).reshape(len(units), plan.steps)
+    for i, u in enumerate(units):
+        if _is_stack(u):
+            continue
+        # a pipeline's second transformer names its units `transformer_2.*` (engine.contexts_of), stack included
+        stack = plan.rows.get((SECOND if u.startswith(SECOND) else "") + STACK)
+        parts = u.split(".")
+        # the block a module belongs to: the longest row name above it that ends in a block index
+        block = next((".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)
+                      if parts[k - 1].isdigit() and ".".join(parts[:k]) in plan.rows), None)
+        for t in range(plan.steps):
+            if stack is not None and stack[t] != "C":
+                out[i, t] = NOT_RUN_STACK
+            elif block is not None and plan.rows[block][t] != "C":
+                out[i, t] = NOT_RUN_BLOCK
+    return out
+
+
+def heatmap_figure(plan: Schedule):
+    """units (rows) x steps (columns, 0 .. T-1 as the plan counts them): compute / forecast / reuse, and
+    hatched white where a unit does not run because its stack or block is served (`cell_categories`)."""
+    from matplotlib.collections import PatchCollection
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    from ..profiling.plots import step_ticks
 
     units = list(plan.rows)
-    grid = np.array([[CODES[a] for a in plan.rows[u]] for u in units])
-    fig, ax = plt.subplots(figsize=(max(5, 0.3 * plan.steps + 3), max(2, 0.22 * len(units) + 1.2)))
-    cmap = ListedColormap(["#3b6fb6", "#f2b134", "#dddddd"])
-    ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+    grid = cell_categories(plan)
+    fig = Figure(figsize=(max(5, 0.3 * plan.steps + 3), max(2, 0.22 * len(units) + 1.2)))
+    ax = fig.subplots()
+    cmap = ListedColormap([COLORS[c] for c in sorted(COLORS)])
+    ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(COLORS) - 0.5, interpolation="nearest")
+    present = set(np.unique(grid).tolist())
+    for cat, hatch in HATCHES.items():
+        cells = [Rectangle((t - 0.5, i - 0.5), 1, 1) for i, t in zip(*np.nonzero(grid == cat))]
+        if cells:
+            ax.add_collection(PatchCollection(cells, facecolor="none", edgecolor="#9a9a9a", hatch=hatch, lw=0))
     ax.set_yticks(range(len(units)), units, fontsize=7)
-    ax.set_xlabel("step")
+    ax.set_xticks(step_ticks(0, plan.steps - 1, 40))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("step (sampling order, from 0)")
     title = f"plan: {plan.meta.get('target', '')} {plan.meta.get('model', {}).get('class', '')}".strip()
     ax.set_title(title, fontsize=9)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(CODES[c])) for c in ("C", "F", "R")]
-    ax.legend(handles, [ACTIONS[c] for c in ("C", "F", "R")], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    shown = [c for c in sorted(CATEGORIES) if c < NOT_RUN_STACK or c in present]
+    handles = [Patch(facecolor=COLORS[c], edgecolor="#9a9a9a" if c in HATCHES else COLORS[c], hatch=HATCHES.get(c))
+               for c in shown]
+    ax.legend(handles, [CATEGORIES[c] for c in shown], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def heatmap(plan: Schedule, path: Path) -> Path:
+    """Write `heatmap_figure(plan)` to `path` (PNG)."""
+    fig = heatmap_figure(plan)
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -91,17 +91,23 @@ def curves_figure(curves: dict[str, dict[str, np.ndarray]], title: str):
     return fig
 
 
-def layers_figure(maps: dict[str, np.ndarray], target: str, title: str, max_layers: int = 12):
-    """The paper's per-layer panels, every run overlaid on the normalised axis."""
+def layers_figure(maps: dict[str, np.ndarray], target: str, title: str, max_layers: int | None = None):
+    """The paper's per-layer panels, every run overlaid on the normalised axis: a grid with one panel per
+    layer (row i of the maps is layer i), all of them unless `max_layers` says fewer."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_layers = min(max_layers, min(m.shape[0] for m in maps.values()))
-    cols = min(4, n_layers)
-    rows = -(-n_layers // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False, sharex=True)
+    n_layers = min(m.shape[0] for m in maps.values())
+    if max_layers is not None:
+        n_layers = min(n_layers, max_layers)
+    cols = max(1, min(n_layers, max(4, math.ceil(math.sqrt(n_layers)))))
+    rows = max(1, -(-n_layers // cols))
+    width = min(3.0, 18.0 / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 0.75 * width * rows + 0.6), squeeze=False, sharex=True)
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
         if i >= n_layers:
@@ -112,7 +118,8 @@ def layers_figure(maps: dict[str, np.ndarray], target: str, title: str, max_laye
         ax.set_title(f"layer {i}", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"{title}: {target.upper()}, log10 distance per layer")
+    fig.suptitle(f"{title}: {target.upper()}, log10 distance per layer ({n_layers} layers)")
+    fig.supxlabel("normalised step (0 = first, 1 = last)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -137,18 +144,31 @@ def matrix_figure(names: list[str], mat: np.ndarray, title: str):
     return fig
 
 
-def heatmap_figure(cells: dict[str, np.ndarray], title: str):
-    """Per target: the CoV over prompts per (layer, step)."""
+def heatmap_figure(cells: dict[str, np.ndarray], title: str, steps=None, layers=None):
+    """Per target: the CoV over prompts per (layer, step). `cells[t]` is (layers, T-1) with column j the
+    distance from step j to step j+1, i.e. step j+1 (`analysis.cov_over_prompts`'s `per_cell`): the x axis is
+    labelled with those step numbers, 1 .. T-1, unless `steps` (one per column) says otherwise; `layers`
+    (one per row) names the rows' layers, 0 .. L-1 by default."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..profiling.plots import step_ticks
+
     fig, axes = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3), squeeze=False)
     for ax, (t, c) in zip(axes[0], cells.items()):
-        im = ax.imshow(c, aspect="auto", cmap="viridis")
+        n_rows, n_cols = c.shape
+        xs = np.arange(1, n_cols + 1) if steps is None else np.asarray(steps)
+        ys = np.arange(n_rows) if layers is None else np.asarray(layers)
+        # columns sit at positions 0 .. n-1 (rows likewise); the ticks there carry the real step / layer numbers
+        im = ax.imshow(c, aspect="auto", cmap="viridis", interpolation="nearest")
+        xt = [int(np.searchsorted(xs, v)) for v in step_ticks(xs[0], xs[-1], 8) if v in xs]
+        yt = [int(np.searchsorted(ys, v)) for v in step_ticks(ys[0], ys[-1], 10) if v in ys]
+        ax.set_xticks(xt, [str(int(xs[i])) for i in xt])
+        ax.set_yticks(yt, [str(int(ys[i])) for i in yt])
         ax.set_title(f"{t.upper()}: CoV over prompts")
-        ax.set_xlabel("step")
+        ax.set_xlabel("step s (change from step s-1)")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax)
     fig.suptitle(title)
