@@ -99,7 +99,8 @@ def study_prompts(model: str, prompts: Path | None, out: Path, n_boot: int = 100
     fig = heatmap_figure({t: c["per_cell"] for t, c in cov.items()}, f"{model}: CoV over {prof.n_prompts} prompts")
     write_report(study_dir / "report.html", f"Stability across prompts: {model}", verdict,
                  [("Mean CoV per target (the paper's Table 2), 95% BCa bootstrap CI over prompts", table_html(rows)),
-                  ("CoV per layer and step", img(figure_png(fig), "CoV heatmaps"))],
+                  ("CoV per layer and step (blank rows: layers whose tensor never changes, the text K and V "
+                   "of cross-attention)", img(figure_png(fig), "CoV heatmaps"))],
                  meta=_meta(prof), holds=not unstable)
     result = {"study": "prompts", "model": model, "n_prompts": prof.n_prompts, "verdict": verdict,
               "cov": {t: {k: v for k, v in c.items() if k != "per_cell"} for t, c in cov.items()}}
