@@ -328,3 +328,41 @@ def test_a_plan_setting_that_cannot_run_is_a_row_saying_why_and_the_bench_goes_o
     assert rows[1]["skipped"] and "no calibrated signal for signal='output'" in rows[1]["note"]
     assert rows[2]["psnr"] > 0  # the fewer-steps row after it ran
 
+
+
+def test_the_printed_summary_fits_100_columns_and_says_lpips_once():
+    from ditscope.bench.report import markdown, summary, table
+
+    n, lpips = 4, "LPIPS skipped: torchvision is not installed"
+    samples = {"psnr": [100.0] * n, "ssim": [1.0] * n, "accuracy": [1.0] * n, "all": [1.0] * n}
+    long = "cachedit-dbcache-taylorseer Fn_compute_blocks=1 residual_diff_threshold=0.12 max_warmup_steps=4 " \
+           "taylorseer_order=2"
+    rows = [_row("none", samples, 10.0, method="none"), _row("fora interval=2", {**samples, "psnr": [35.0] * n}, 5.0),
+            _row(long, {**samples, "psnr": [31.0, 32.0, 33.0, 34.0]}, 4.0, method="cachedit-dbcache-taylorseer")]
+    for r in rows:
+        r["note"] = lpips
+    rows[2]["note"] += "; fitted threshold=0.12"
+    df = table(rows)
+    text = summary(df, "tiny-pixart: 2 prompts x 2 seeds, 4 steps")
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100, text
+    assert text.count("LPIPS skipped") == 1 and lines[-1] == f"{lpips} (every setting).", text
+    for column in ("speedup", "PSNR [95%]", "p5 PSNR", "SSIM", "acc. drop"):
+        assert column in text, column
+    assert "2.50x" in text and "residual_diff_threshold=0.12" in text and "fitted threshold=0.12" in text
+    assert markdown(df, "t").count("LPIPS skipped") == 3  # results.md keeps every row's note
+
+
+def test_cli_bench_refuses_a_misspelt_method_or_peer_option_before_the_model_loads(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(zoo, "load_pipeline", no_loading)
+    (tmp_path / "grid.json").write_text(json.dumps({"diffusers-fbcache": [{"treshold": 0.1}], "toca": [{"ratio": 2}]}))
+    for args, message in ((["--methods", "diffusers-fbcach"], "unknown method 'diffusers-fbcach'; did you mean "
+                                                              "diffusers-fbcache?"),
+                          (["--methods", "toca", "--grid", str(tmp_path / "grid.json")], "0 <= ratio <= 1"),
+                          (["--grid", str(tmp_path / "grid.json")], "unknown option for diffusers-fbcache: treshold")):
+        result = CliRunner().invoke(app, ["bench", "tiny-pixart", *args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
+        assert not (tmp_path / "out").exists()

@@ -450,3 +450,95 @@ def test_usage_errors_of_the_cli_framework_are_one_line_too(argv, names, capsys,
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and names in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ the first hour
+def test_version_and_help_without_value_placeholders_on_flags():
+    import ditscope
+
+    result = cli("--version")
+    assert result.exit_code == 0 and result.stdout == f"ditscope {ditscope.__version__}\n"
+    shown = cli("generate", "--help").stdout
+    assert "--cache-stats" in shown and "<int>" in shown  # options that take a value still say which
+    assert "<bool>" not in shown
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--cache", "tocca"], "unknown cache method 'tocca'; did you mean toca?"),
+    (["--cache", "toca", "--cache-opt", "intervall=3"], "has no option 'intervall'; did you mean interval? (options: ratio, interval,"),
+    (["--cache", "fora", "--cache-opt", "interval=abc"], "fora option interval expects"),
+    (["--cache", "toca", "--cache-opt", "ratio=2"], "0 <= ratio <= 1"),
+    (["--cache", "plan", "--cache-opt", "path=missing.plan.json"], "missing.plan.json does not exist"),
+    (["--out", "x.mp4"], "--out x.mp4: use an image file name"),
+    (["--cache", "p.plan.json"], "p.plan.json is a plan, not a tuned config: run it with --cache plan --cache-opt path=p.plan.json"),
+    (["--cache", "unknown.json"], "the tuned config names an unknown method 'tocaa'; did you mean toca?"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_generate_refuses_bad_input_before_the_model_loads(tmp_path, monkeypatch, args, message):
+    import json
+
+    from ditscope import Schedule
+    from ditscope.cli import generate as generate_command
+
+    monkeypatch.setattr(generate_command, "load_model", _no_loading)
+    Schedule({"stack": "CCR"}).save(tmp_path / "p.plan.json")
+    (tmp_path / "unknown.json").write_text(json.dumps({"format": "ditscope-tuned", "version": 1, "method": "tocaa",
+                                                       "options": {}}))
+    before = _tree(tmp_path)
+    result = cli("generate", "tiny-pixart", "--prompt", "x", *args, cwd=tmp_path)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
+    assert _tree(tmp_path) == before
+
+
+def test_generate_writes_a_default_file_and_says_what_ditscope_warned(tmp_path):
+    """No --out: MODEL.png. A plan made for 8 steps under another scheduler, run at 4: both warnings reach stderr."""
+    from ditscope import Schedule
+
+    Schedule({"stack": "CCRCRCRR"}, meta={"scheduler": "OtherScheduler"}).save(tmp_path / "p.plan.json")
+    result = cli("generate", "tiny-pixart", "--prompt", "a red circle", "--steps", "4", "--cache", "plan",
+                 "--cache-opt", "path=p.plan.json", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tiny-pixart.png").is_file() and "wrote tiny-pixart.png" in result.stdout
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("warning: plan made for 8 steps resampled to 4") for line in lines), lines
+    assert any(line.startswith("warning: plan made under OtherScheduler runs under") for line in lines), lines
+    assert all(line.startswith("warning: ") for line in lines), lines  # other libraries' warnings stay out
+
+
+def test_generate_names_a_video_by_the_model_as_a_gif(tmp_path):
+    result = cli("generate", "tiny-latte", "--prompt", "a red circle", "--steps", "2", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-latte.gif"]
+
+
+def test_progress_without_a_terminal_is_a_plain_line_every_interval(capsys, monkeypatch):
+    from rich.progress import Progress
+
+    from ditscope.runtime import PlainProgress, PlainStatus, progress_bar, progress_status
+
+    now = [0.0]
+    with PlainProgress("checks", interval=10, clock=lambda: now[0]) as bar:
+        task = bar.add_task("plan", total=40)
+        for _ in range(3):
+            now[0] += 7
+            bar.advance(task)
+    assert capsys.readouterr().err.splitlines() == [
+        "plan: 2/40 checks, 0:14 elapsed, ETA 4:26",  # 10 s after the start, at the next call
+        "plan: 3/40 checks, 0:21 elapsed, ETA 4:19",  # the final state
+    ]
+    with PlainStatus("planning", interval=10, clock=lambda: now[0]) as status:
+        status.update("planning: calibration")
+        now[0] += 3600
+        status.update("planning: both: price 10^-1.00")
+    assert capsys.readouterr().err == "planning: both: price 10^-1.00, 1:00:00 elapsed\n" * 2
+    with pytest.raises(KeyError), PlainProgress("steps", clock=lambda: now[0]) as bar:
+        bar.add_task("profiling", total=4)
+        raise KeyError  # an error is the last line: no final state after it
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")  # stderr is a log file: plain lines
+    assert isinstance(progress_bar("steps"), PlainProgress) and isinstance(progress_status("x"), PlainStatus)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # a terminal: rich's bar, as before
+    assert isinstance(progress_bar("steps"), Progress) and not isinstance(progress_status("x"), PlainStatus)

@@ -166,6 +166,7 @@ def test_cli_tune_writes_a_config_generate_takes(tmp_path, monkeypatch):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the work folder is gone
     fitted = json.loads((tmp_path / "f.json").read_text())
     assert fitted["method"] == "fora" and fitted["meta"]["quality"]["psnr_lo"] >= 20
+    assert fitted["meta"]["model_signature"]["class"] == "PixArtTransformer2DModel"  # what it runs on
     r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--steps", "6", "--out", "x.png", "--cache", "f.json")
     assert r.exit_code == 0 and r.stdout.startswith("fora:"), r.output
     (tmp_path / "peer.json").write_text(json.dumps({"format": "ditscope-tuned", "version": 1,
@@ -201,3 +202,57 @@ def test_a_bench_setting_that_failed_to_tune_says_where_it_is_recorded(tmp_path)
     # not searched again (no pipeline is needed), and the message says how to search again
     with pytest.raises(DitscopeError, match="cannot reach psnr=60.*delete it to search again"):
         tuned(None, setting, inputs, tmp_path)
+
+
+def test_a_tuned_config_runs_on_the_model_it_was_tuned_on_only():
+    from tiny import FAMILIES
+
+    from ditscope.bench.tune import _signature
+
+    pixart, sd3 = FAMILIES["PixArtTransformer2DModel"][0](), FAMILIES["SD3Transformer2DModel"][0]()
+    tuned = Tuned("fora", {"interval": 3}, {"model": "tiny-pixart", "model_signature": _signature(pixart)})
+    assert tuned.config(pixart) == ditscope.FORAConfig(interval=3)
+    with pytest.raises(DitscopeError, match=r"tuned on tiny-pixart \(PixArtTransformer2DModel, config \w+\), not on this "
+                                            r"model \(SD3Transformer2DModel\); tune it for this one with ditscope tune"):
+        tuned.config(sd3)
+    # a file from before tuned configs carried the signature runs anywhere, unchecked
+    assert Tuned("fora", {"interval": 3}).config(sd3) == ditscope.FORAConfig(interval=3)
+    with pytest.raises(DitscopeError, match="unknown method 'tocaa'; did you mean toca"):
+        Tuned("tocaa", {}).config()
+    with pytest.raises(DitscopeError, match="diffusers-fbcache is a peer"):
+        Tuned("diffusers-fbcache", {}).config()
+
+
+def test_cli_generate_refuses_a_config_tuned_on_another_model(tmp_path, monkeypatch):
+    from tiny import FAMILIES
+
+    from ditscope.cli import generate as generate_command
+
+    Tuned("fora", {"interval": 3}, {"model": "tiny-mmdit", "model_signature": {
+        "class": "SD3Transformer2DModel", "config_hash": "0123456789abcdef"}}).save(tmp_path / "t.json")
+    # the model it is run on: whichever loads, the check needs only its transformer
+    monkeypatch.setattr(generate_command, "load_model", lambda *a: (FAMILIES["PixArtTransformer2DModel"][0](), None))
+    monkeypatch.chdir(tmp_path)
+    r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--cache", "t.json")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert "tuned on tiny-mmdit (SD3Transformer2DModel, config 0123456789abcdef)" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "fbcach"], "unknown method 'fbcach'; did you mean fbcache?"),
+    (["--method", "toca", "--knob", "ratio", "--cache-opt", "interval=abc"], "toca option interval expects"),
+    (["--method", "toca", "--knob", "ratio", "--cache-opt", "interval=0"], "ToCa needs interval >= 1"),
+    (["--method", "fbcache", "--cache-opt", "warmupp=2"], "has no option 'warmupp'; did you mean warmup?"),
+    (["--method", "fbcache", "--cache-opt", "threshold=0.1"], "is the knob being tuned"),
+    (["--method", "diffusers-fbcache", "--cache-opt", "treshold=0.1"], "has no option 'treshold'; did you mean threshold?"),
+])
+def test_cli_tune_refuses_bad_options_before_the_model_loads(tmp_path, monkeypatch, args, message):
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(zoo, "load_pipeline", no_loading)
+    monkeypatch.chdir(tmp_path)
+    r = _cli("tune", "tiny-pixart", *args)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.output
+    assert list(tmp_path.iterdir()) == []

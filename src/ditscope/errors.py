@@ -7,3 +7,16 @@ Messages name the problem and what to do about it.
 
 class DitscopeError(Exception):
     """A problem with the user's input or environment (not a bug in ditscope)."""
+
+
+class DitscopeWarning(UserWarning):
+    """Something ditscope did differently from what was asked, and went on (a plan resampled to another step
+    count, unknown prompt words). The CLI prints these as `warning: ...` lines and keeps other libraries' quiet."""
+
+
+def closest(name: str, choices) -> str:
+    """`; did you mean X?` for the choice nearest a mistyped `name` (empty when none is near)."""
+    import difflib
+
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {near[0]}?" if near else ""

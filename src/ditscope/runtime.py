@@ -107,8 +107,13 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+PLAIN_INTERVAL = 10.0  # seconds between the plain progress lines written where stderr is not a terminal
+
+
 def progress_bar(unit: str):
-    """A rich progress bar on stderr: the task's description, done/total `unit`, time elapsed and left."""
+    """A rich progress bar on stderr: the task's description, done/total `unit`, time elapsed and left. Where
+    stderr is not a terminal (a log file, a batch job) rich draws nothing until the end; there the same
+    progress is a plain line every PLAIN_INTERVAL seconds and at the end (`PlainProgress`)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -119,9 +124,114 @@ def progress_bar(unit: str):
         TimeRemainingColumn,
     )
 
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return PlainProgress(unit)
     return quiet_on_error(Progress)(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+        TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+def progress_status(description: str):
+    """A spinner on stderr with a line of text that `update(text)` replaces (rich's status); where stderr
+    is not a terminal, the latest text as a plain line every PLAIN_INTERVAL seconds."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return PlainStatus(description)
+    return console.status(description)
+
+
+def _clock_text(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}" if minutes >= 60 else f"{minutes}:{s:02d}"
+
+
+class _Plain:
+    """What the plain progress lines share: the clock, and a line when `interval` seconds have passed since
+    the last one. `clock` and `interval` are arguments so that a test need not wait."""
+
+    def __init__(self, interval: float | None = None, clock=None):
+        import time
+
+        self.interval = PLAIN_INTERVAL if interval is None else interval
+        self.clock = clock or time.monotonic
+        self.started = self.last = self.clock()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:  # the final state; after an error, the error is the last line
+            self.write()
+        return False
+
+    def tick(self) -> None:
+        if self.clock() - self.last >= self.interval:
+            self.write()
+
+    def write(self) -> None:
+        import sys
+
+        self.last = self.clock()
+        for line in self.lines():
+            print(line, file=sys.stderr, flush=True)
+
+    def lines(self) -> list[str]:
+        raise NotImplementedError
+
+
+class PlainProgress(_Plain):
+    """rich Progress's calls (`add_task`, `update`, `advance`) as lines such as
+    `profiling: 12/40 steps, 1:23 elapsed, ETA 2:10`."""
+
+    def __init__(self, unit: str, interval: float | None = None, clock=None):
+        super().__init__(interval, clock)
+        self.unit = unit
+        self.tasks: list[dict] = []
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **_) -> int:
+        self.tasks.append({"description": description, "total": total, "completed": completed, "started": self.clock()})
+        return len(self.tasks) - 1
+
+    def update(self, task: int, *, total=None, completed=None, advance=None, description=None, **_) -> None:
+        t = self.tasks[task]
+        for key, value in (("total", total), ("completed", completed), ("description", description)):
+            if value is not None:
+                t[key] = value
+        t["completed"] += advance or 0
+        self.tick()
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def lines(self) -> list[str]:
+        out = []
+        for t in self.tasks:
+            done, total = int(t["completed"]), t["total"]
+            elapsed = self.clock() - t["started"]
+            line = f"{t['description']}: {done}/{int(total) if total is not None else '?'} {self.unit}, " \
+                   f"{_clock_text(elapsed)} elapsed"
+            if total is not None and 0 < done < total:
+                line += f", ETA {_clock_text(elapsed * (total - done) / done)}"
+            out.append(line)
+        return out
+
+
+class PlainStatus(_Plain):
+    """rich's status (`update(text)`) as lines such as `planning: both: price 10^-1.00, 1:23 elapsed`."""
+
+    def __init__(self, description: str, interval: float | None = None, clock=None):
+        super().__init__(interval, clock)
+        self.text = description
+
+    def update(self, text: str) -> None:
+        self.text = text
+        self.tick()
+
+    def lines(self) -> list[str]:
+        return [f"{self.text}, {_clock_text(self.clock() - self.started)} elapsed"]
 
 
 def quiet_on_error(progress_class):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cache import CONFIGS, REGISTRY
-from ..errors import DitscopeError
+from ..errors import DitscopeError, closest
 
 BASELINE = "none"
 FEWER_STEPS = "steps"
@@ -61,15 +61,14 @@ class Setting:
 def system_of(method: str) -> str:
     if method in CONFIGS:
         return "ditscope"
-    if method.startswith("diffusers-"):
-        return "diffusers"
-    if method.startswith("cachedit-"):
-        return "cache-dit"
     if method in (BASELINE, FEWER_STEPS):
         return "baseline"
     from .peers import PEERS
 
-    raise DitscopeError(f"unknown method {method!r}; choose from {', '.join([*CONFIGS, *PEERS, FEWER_STEPS])}")
+    if method in PEERS:  # a misspelt peer fails here, before the model loads, not after the uncached run
+        return "diffusers" if method.startswith("diffusers-") else "cache-dit"
+    known = [*CONFIGS, *PEERS, FEWER_STEPS]
+    raise DitscopeError(f"unknown method {method!r}{closest(method, known)} (methods: {', '.join(known)})")
 
 
 def load_grid(grid: str) -> dict[str, list]:
@@ -149,6 +148,10 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
                 from ..cache import config_from_options
 
                 config_from_options(method, option_strings(opts))
+            elif system in ("diffusers", "cache-dit"):  # a peer's option names and types, checked now too
+                from .peers import _resolve_options
+
+                _resolve_options(method, opts)
             settings.append(Setting(system, method, dict(opts)))
     return settings
 

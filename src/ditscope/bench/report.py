@@ -142,6 +142,73 @@ def markdown(df: pd.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_WIDTH = 100  # what `ditscope bench` prints fits this many columns; results.md keeps every column
+
+
+def summary(df: pd.DataFrame, title: str = "", width: int = SUMMARY_WIDTH) -> str:
+    """What `ditscope bench` prints: per setting the key columns (method and setting, speedup, PSNR with its
+    95% interval, worst-image PSNR, SSIM, accuracy drop) and the best speedup at each quality bar, in `width`
+    columns (a long setting wraps in its cell); notes follow the table, and the one every row carries (LPIPS
+    skipped, and why) is said once. The full table is results.md's (`markdown`)."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    timed = _speed(df) == "wall-clock"
+    columns = (("speedup" if timed else "flops_speedup", f"{'' if timed else 'FLOPs '}speedup", "{:.2f}x"),
+               ("psnr", "PSNR [95%]", "{:.1f}"), ("psnr_p5", "p5 PSNR", "{:.1f}"), ("ssim", "SSIM", "{:.3f}"),
+               ("accuracy_drop", "acc. drop", "{:+.1f}"))
+    columns = [c for c in columns if c[0] in df]
+    lpips = {part for note in df.get("note", pd.Series(dtype=object)).dropna()
+             for part in str(note).split("; ") if part.startswith("LPIPS skipped")}
+    notes = ["; ".join(p for p in str(n).split("; ") if p and p not in lpips) if not _missing(n) else ""
+             for n in df.get("note", pd.Series([""] * len(df), index=df.index))]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("method and setting", overflow="fold", min_width=24)  # what wraps when the width is short
+    for _, header, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    said = []  # (setting, note): after the table, where a note has the width to be read
+    for (_, r), note in zip(df.iterrows(), notes):
+        if note:
+            said.append(f"{r['label']}: {note}")
+        cells = [r["label"] if r["method"] != BASELINE else "none (uncached)"]
+        for col, _, fmt in columns:
+            value = r[col]
+            if _missing(value):
+                cells.append("-")
+            elif col == "psnr":  # the interval as [lo, hi] beside the mean, which the width allows only here
+                cells.append(_with_interval(r, col, fmt))
+            else:
+                cells.append(fmt.format(value))
+        table.add_row(*cells)
+    best = best_at_bars(df)
+    bars = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"best {_speed(df)} speedup at each quality bar",
+                 title_justify="left")
+    best = best.drop(columns=["system"], errors="ignore")  # the method names its system
+    for col in best.columns:
+        bars.add_column(str(col), overflow="fold")
+    for row in best.itertuples(index=False):
+        bars.add_row(*[str(v) for v in row])
+    n = int(df["n_images"].max()) if "n_images" in df and df["n_images"].notna().any() else 0
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False, emoji=False)
+    if title:
+        console.print(title, markup=False)
+    console.print(table)
+    console.print(f"PSNR and SSIM against the uncached images over {n} samples; [low, high] = 95% interval of the mean; "
+                  "p5 = the 5th-percentile sample's PSNR; acc. drop in points (positive = worse).", markup=False)
+    for line in said:
+        console.print(f"note: {line}", markup=False)
+    if not best.empty:
+        console.print(bars)
+        console.print("near-lossless: PSNR >= 30 dB and accuracy within 1 point; good: PSNR >= 25 dB, within 3 "
+                      f"points; decided on at least {min_samples(df)} samples.", markup=False)
+    for part in sorted(lpips):
+        console.print(f"{part} (every setting).", markup=False)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
+
+
 def _speed(df: pd.DataFrame) -> str:
     """What the speedup column measures: wall clock, or executed FLOPs for a bench that was not timed."""
     return df.attrs.get("speed", "wall-clock")

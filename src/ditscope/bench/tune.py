@@ -42,7 +42,8 @@ from ..cache.engine import (
     relative_change,
 )
 from ..cache.registry import REGISTRY, Knob
-from ..errors import DitscopeError
+from ..cache.schedule import FORMAT as PLAN_FORMAT
+from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.calibrate import generate
 from ..planning.planner import Evaluations, Target
@@ -59,13 +60,24 @@ class Tuned:
     options: dict
     meta: dict = field(default_factory=dict)
 
-    def config(self):
-        """The ditscope config to `ditscope.apply` (peers run through the bench, not `apply`)."""
+    def config(self, model=None):
+        """The ditscope config to `ditscope.apply` (peers run through the bench, not `apply`). With `model` (the
+        pipeline or transformer it will run on), a model other than the one it was tuned on is refused."""
         from ..cache import config_from_options
         from .grid import option_strings
+        from .peers import PEERS
 
-        if self.method not in REGISTRY:
+        if self.method in PEERS:
             raise DitscopeError(f"{self.method} is a peer: run its fitted options with ditscope bench, not apply")
+        if self.method not in REGISTRY:
+            raise DitscopeError(f"the tuned config names an unknown method {self.method!r}"
+                                f"{closest(self.method, REGISTRY)}; tune again with ditscope tune")
+        expected = self.meta.get("model_signature")  # absent in files from before it was kept: not checked
+        if model is not None and expected and expected != _signature(model):
+            name = self.meta.get("model") or expected.get("class")
+            raise DitscopeError(f"this config was tuned on {name} ({expected.get('class')}, config "
+                                f"{expected.get('config_hash')}), not on this model ({_signature(model)['class']}); "
+                                "tune it for this one with ditscope tune")
         return config_from_options(self.method, option_strings(self.options))
 
     def save(self, path) -> None:
@@ -86,6 +98,8 @@ class Tuned:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DitscopeError(f"{path} is not a tuned config (not JSON: {e.__class__.__name__}); "
                                 "write one with ditscope tune") from None
+        if isinstance(body, dict) and body.get("format") == PLAN_FORMAT:
+            raise DitscopeError(f"{path} is a plan, not a tuned config: run it with --cache plan --cache-opt path={path}")
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise DitscopeError(f"{path} is not a tuned config; write one with ditscope tune")
         if body.get("version") != VERSION:
@@ -121,7 +135,8 @@ def knob_of(method: str, name: str | None = None, preset: str | None = None) -> 
     elif method in PEERS:
         knob, defaults = PEERS[method].knob, dict(PEERS[method].defaults)
     else:
-        raise DitscopeError(f"unknown method {method!r}; choose from {', '.join([*REGISTRY, *PEERS])}")
+        known = [*REGISTRY, *PEERS]
+        raise DitscopeError(f"unknown method {method!r}{closest(method, known)} (methods: {', '.join(known)})")
     if name is None or (knob is not None and name == knob.name):
         if knob is None:
             hint = "fit it with ditscope plan" if method == "plan" else "give its options by hand"
@@ -129,7 +144,7 @@ def knob_of(method: str, name: str | None = None, preset: str | None = None) -> 
         return knob, defaults
     value = defaults.get(name)
     if name not in defaults:
-        raise DitscopeError(f"{method} has no option {name!r}; options: {', '.join(defaults)}")
+        raise DitscopeError(f"{method} has no option {name!r}{closest(name, defaults)} (options: {', '.join(defaults)})")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DitscopeError(f"{method} option {name} is not a number (it is {value!r}); tune a numeric option")
     if isinstance(value, int):
@@ -137,16 +152,41 @@ def knob_of(method: str, name: str | None = None, preset: str | None = None) -> 
     return Knob(name, value / 10 if value > 0 else 0.001, value * 10 if value > 0 else 1.0, log=True), defaults
 
 
+def check_request(method: str, options: dict, knob: str | None = None) -> tuple[Knob, dict]:
+    """`knob_of`, and the fixed `options` checked (names, and values where the method says what they take):
+    what `tune` can refuse without running anything, so the CLI refuses it before the model loads."""
+    the_knob, defaults = knob_of(method, knob, options.get("preset"))
+    if the_knob.name in options:
+        raise DitscopeError(f"option {the_knob.name} is the knob being tuned; leave it out of the fixed options")
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise DitscopeError(f"{method} has no option {unknown[0]!r}{closest(unknown[0], defaults)} (options: "
+                            f"{', '.join(defaults)})")
+    trial = {**options, the_knob.name: the_knob.at(0)}  # the mildest value the search will try
+    if method in REGISTRY:
+        from ..cache import config_from_options
+        from .grid import option_strings
+
+        config_from_options(method, option_strings(trial))
+    else:
+        from .peers import _resolve_options
+
+        _resolve_options(method, trial)
+    return the_knob, defaults
+
+
 def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inference_steps: int = 20, seed: int = 0,
          batch_size: int = 8, guidance_scale=None, options: dict | None = None, knob: str | None = None,
          assurance: str = "lower", iterations: int = 10, fit_coefficients: bool = True, work_dir=None,
-         progress=None) -> Tuned:
+         progress=None, timed: bool = True) -> Tuned:
     """Fit `method`'s knob on `prompts` so that `target` (psnr=DB, ssim=S or speedup=X) holds.
 
     `options` are held fixed (the knob is the only thing that moves); `knob` names another numeric option
     to fit. TeaCache's coefficients are fitted first unless `options` gives them or `fit_coefficients` is
     False. Raises DitscopeError when even the mildest setting misses a quality target (saying what it
     reaches) or the most aggressive one misses a speed target. `progress(text)` reports each evaluation.
+    `timed=False` skips timing the fitted setting for a quality target (its `measured_speedup` is then None):
+    for callers that measure speed themselves (`ditscope recommend` counts FLOPs on held-out prompts).
     """
     goal = Target.parse(target)
     if goal.kind == "flops":
@@ -158,12 +198,7 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"tuning needs num_inference_steps >= 2, not {num_inference_steps!r}")
     fixed = dict(options or {})
-    the_knob, defaults = knob_of(method, knob, fixed.get("preset"))
-    if the_knob.name in fixed:
-        raise DitscopeError(f"option {the_knob.name} is the knob being tuned; leave it out of the fixed options")
-    unknown = sorted(set(fixed) - set(defaults))
-    if unknown:
-        raise DitscopeError(f"{method} has no option {unknown[0]!r}; options: {', '.join(defaults)}")
+    the_knob, _ = check_request(method, fixed, knob)
     say = progress or (lambda text: None)
     started = time.perf_counter()
     work = Path(work_dir) if work_dir is not None else None
@@ -231,20 +266,29 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
                 b = mid
     chosen = {**fixed, the_knob.name: best}
     final = measure(best)
-    speed = final.get("speedup") or evaluations.measure(json.dumps([method, chosen], sort_keys=True, default=str),
-                                                        lambda: applier(chosen), timed=True)["speedup"]
+    speed = final.get("speedup") or (evaluations.measure(json.dumps([method, chosen], sort_keys=True, default=str),
+                                                         lambda: applier(chosen), timed=True)["speedup"]
+                                     if timed else None)
     meta.update({
         "target": str(goal), "knob": the_knob.name, "value": best, "assurance": assurance,
-        "pipeline": type(pipe).__name__, "num_inference_steps": num_inference_steps,
+        "pipeline": type(pipe).__name__, "model_signature": _signature(pipe), "num_inference_steps": num_inference_steps,
         "calibration": {"n_prompts": len(prompts), "seed": seed, "guidance_scale": guidance_scale,
                         "batch_size": batch_size},
         "quality": {k: round(v, 4) for k, v in final.items() if k not in ("key", "speedup")},
-        "measured_speedup": round(speed, 3),
+        "measured_speedup": round(speed, 3) if speed is not None else None,
         "evaluations": len(trace),
         "trace": list(trace.values()),
         "tuning_seconds": round(time.perf_counter() - started, 1),
     })
     return Tuned(method, _plain(chosen), meta)
+
+
+def _signature(model) -> dict:
+    """The signature a plan also carries: the (first) transformer's class and a hash of its config."""
+    from ..cache.engine import find_transformer
+    from ..cache.schedule import model_signature
+
+    return model_signature(find_transformer(model)[0])
 
 
 def _fmt(value) -> str:

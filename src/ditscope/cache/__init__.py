@@ -10,7 +10,7 @@ Module-level: ToCa (token-wise), FORA, PAB, TaylorSeer, DuCa. Block-level: Delta
 
 from __future__ import annotations
 
-from ..errors import DitscopeError
+from ..errors import DitscopeError, closest
 
 # Import order is registration order: the order in which the CLI and the bench list the methods.
 # isort: off
@@ -55,7 +55,8 @@ def config_from_options(name: str, options: list[str] | None = None):
 
     cls = CONFIGS.get(name.lower())
     if cls is None:
-        raise DitscopeError(f"unknown cache method {name!r}; choose from {', '.join(CONFIGS)}")
+        raise DitscopeError(f"unknown cache method {name!r}{closest(name.lower(), CONFIGS)} (methods: "
+                            f"{', '.join(CONFIGS)})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     preset = None
@@ -68,7 +69,8 @@ def config_from_options(name: str, options: list[str] | None = None):
             preset = raw.strip()
             continue
         if key not in fields:
-            raise DitscopeError(f"{cls.__name__} has no option {key!r}; options: {', '.join(fields)}")
+            raise DitscopeError(f"{cls.__name__} has no option {key!r}{closest(key, fields)} (options: "
+                                f"{', '.join(fields)})")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -85,8 +87,11 @@ def config_from_options(name: str, options: list[str] | None = None):
         factory = getattr(cls, preset, None)
         if not callable(factory) or preset.startswith("_"):
             raise DitscopeError(f"{cls.__name__} has no preset {preset!r}")
-        return factory(**values)
-    return cls(**values)
+        config = factory(**values)
+    else:
+        config = cls(**values)
+    REGISTRY[name.lower()].method(config).check()  # option ranges (and a plan's file), before a model loads
+    return config
 
 
 def _default(f):

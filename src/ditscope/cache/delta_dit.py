@@ -35,11 +35,10 @@ class DeltaDiTMethod(ScheduleMethod):
 
     uses_modules = False
 
-    def validate(self, ctx: Context):
+    def check(self):
         c = self.config
         if c.interval < 1 or not 0 <= c.blocks <= 1 or not 0 <= c.boundary <= 1:
             raise DitscopeError("Delta-DiT needs interval >= 1 and blocks, boundary in [0, 1]")
-        super().validate(ctx)
 
     def rows(self, ctx: Context, steps: int) -> dict[str, str]:
         c = self.config

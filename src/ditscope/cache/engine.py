@@ -232,8 +232,13 @@ class CacheMethod:
     def __init__(self, config):
         self.config = config
 
+    def check(self):
+        """Raise DitscopeError for options no model can run (an interval below 1, a ratio above 1): what
+        `config_from_options` checks before a model loads."""
+
     def validate(self, ctx: Context):
-        """Raise DitscopeError for a config that cannot work on this model."""
+        """Raise DitscopeError for a config that cannot work on this model (and for what `check` refuses)."""
+        self.check()
 
     def wants_attention(self, ctx: Context) -> bool:
         """Whether the attention tap should call `on_attention` during this model call."""

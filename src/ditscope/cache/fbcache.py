@@ -35,7 +35,7 @@ class FBCacheConfig:
 class FBCacheMethod(CacheMethod):
     uses_blocks = True
 
-    def validate(self, ctx: Context):
+    def check(self):
         if self.config.threshold < 0:
             raise DitscopeError(f"FBCache threshold must be >= 0, not {self.config.threshold}")
 

@@ -33,10 +33,9 @@ class FORAMethod(ScheduleMethod):
 
     uses_blocks = False
 
-    def validate(self, ctx: Context):
+    def check(self):
         if self.config.interval < 1:
             raise DitscopeError(f"FORA interval must be >= 1, not {self.config.interval}")
-        super().validate(ctx)
 
     def rows(self, ctx: Context, steps: int) -> dict[str, str]:
         c = self.config

@@ -36,7 +36,7 @@ class PABConfig:
 class PABMethod(CacheMethod):
     uses_modules = True
 
-    def validate(self, ctx: Context):
+    def check(self):
         c = self.config
         if min(c.spatial_interval, c.temporal_interval, c.cross_interval) < 1:
             raise DitscopeError("PAB intervals must be >= 1")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DitscopeError
+from ..errors import DitscopeError, DitscopeWarning
 from .engine import BlockSite, Context, relative_change, row_abs_sums
 from .registry import register
 from .schedule import STACK, Schedule, ScheduleMethod, model_signature
@@ -68,11 +68,22 @@ SIGNALS = {"input": "signal", "output": "stack_change"}  # an adaptive signal ->
 class PlanMethod(ScheduleMethod):
     """Runs a plan file's Schedule, resampled to the step count, optionally adaptive."""
 
+    def check(self):
+        self.base = self.config.schedule()  # a missing or damaged plan file fails before a model loads
+        if self.config.adaptive:
+            if self.config.signal not in SIGNALS:
+                raise DitscopeError(f"unknown adaptive signal {self.config.signal!r}; use {' or '.join(SIGNALS)}")
+            if not self.base.meta.get(SIGNALS[self.config.signal]):
+                raise DitscopeError(f"this plan carries no calibrated signal for signal={self.config.signal!r} (made "
+                                    "by hand or by an older ditscope); make it again with ditscope plan to run it "
+                                    "adaptively")
+            if not self.config.tolerance > 0:
+                raise DitscopeError(f"PlanConfig tolerance must be > 0, not {self.config.tolerance}")
+
     def validate(self, ctx: Context):
-        super().validate(ctx)
+        super().validate(ctx)  # check(): the plan and the adaptive options
         self.adaptive = self.config.adaptive
         self.observes = self.adaptive and self.config.signal == "output"
-        self.base = self.config.schedule()
         expected = self.base.meta.get("model")
         if expected and ctx.model is not None and not ctx.prefix and expected != model_signature(ctx.model):
             raise DitscopeError(f"the plan was made for another model ({expected.get('class')}, config "
@@ -89,16 +100,7 @@ class PlanMethod(ScheduleMethod):
             if self.config.strict:
                 raise DitscopeError(f"the plan was made under {made_for}, not {ctx.scheduler} (strict=True); plan again")
             warnings.warn(f"ditscope: plan made under {made_for} runs under {ctx.scheduler}: plans measured much worse "
-                          "across schedulers (docs/FINDINGS.md); plan again for this one", stacklevel=2)
-        if self.config.adaptive:
-            if self.config.signal not in SIGNALS:
-                raise DitscopeError(f"unknown adaptive signal {self.config.signal!r}; use {' or '.join(SIGNALS)}")
-            if not self.base.meta.get(SIGNALS[self.config.signal]):
-                raise DitscopeError(f"this plan carries no calibrated signal for signal={self.config.signal!r} (made "
-                                    "by hand or by an older ditscope); make it again with ditscope plan to run it "
-                                    "adaptively")
-            if not self.config.tolerance > 0:
-                raise DitscopeError(f"PlanConfig tolerance must be > 0, not {self.config.tolerance}")
+                          "across schedulers (docs/FINDINGS.md); plan again for this one", DitscopeWarning, stacklevel=2)
         self._limits: dict[int, list] = {}
         self._full: dict[int, list] = {}
 
@@ -223,7 +225,8 @@ class PlanMethod(ScheduleMethod):
         fewer = ("; a resampled step computes if any planned step it stands for did, so the plan keeps its quality "
                  f"(measured at half the steps on the zoo) but not its speed: plan again at {steps} steps for that"
                  ) if steps < self.base.steps else ""
-        warnings.warn(f"ditscope: plan made for {self.base.steps} steps resampled to {steps}{fewer}", stacklevel=2)
+        warnings.warn(f"ditscope: plan made for {self.base.steps} steps resampled to {steps}{fewer}", DitscopeWarning,
+                      stacklevel=2)
         return self.base.at(steps)
 
 

@@ -178,6 +178,7 @@ class ScheduleMethod(CacheMethod):
     observes = False  # ...and may look at each computed block's residual (`observe`)
 
     def validate(self, ctx: Context):
+        super().validate(ctx)
         self._tables: dict[int, tuple] = {}
 
     def rows(self, ctx: Context, steps: int) -> dict[str, str]:

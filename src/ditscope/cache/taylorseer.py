@@ -51,7 +51,7 @@ def _map(fn, *trees):
 class TaylorSeerMethod(CacheMethod):
     uses_modules = True
 
-    def validate(self, ctx: Context):
+    def check(self):
         c = self.config
         if c.interval < 1 or c.order < 0:
             raise DitscopeError("TaylorSeer needs interval >= 1 and order >= 0")

@@ -40,9 +40,12 @@ class _Probe(Exception):
 class TeaCacheMethod(CacheMethod):
     uses_blocks = True
 
-    def validate(self, ctx: Context):
+    def check(self):
         if self.config.threshold < 0 or not self.config.coefficients:
             raise DitscopeError("TeaCache needs threshold >= 0 and at least one coefficient")
+
+    def validate(self, ctx: Context):
+        super().validate(ctx)
         if not ctx.blocks[0].sites:
             raise DitscopeError("TeaCache: the first block has no attention module to read its modulated input from")
 

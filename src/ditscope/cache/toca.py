@@ -82,7 +82,7 @@ class ToCaConfig:
 class ToCaMethod(CacheMethod):
     uses_modules = True
 
-    def validate(self, ctx: Context):
+    def check(self):
         c = self.config
         if c.score not in SCORES:
             raise DitscopeError(f"unknown ToCa score {c.score!r}; choose from {', '.join(SCORES)}")
@@ -91,6 +91,10 @@ class ToCaMethod(CacheMethod):
         if c.interval < 1 or c.warmup < 0 or not 0 <= c.ratio <= 1:
             raise DitscopeError(f"ToCa needs interval >= 1, warmup >= 0 and 0 <= ratio <= 1 (got interval "
                                 f"{c.interval}, warmup {c.warmup}, ratio {c.ratio})")
+
+    def validate(self, ctx: Context):
+        super().validate(ctx)
+        c = self.config
         # per block: the site whose attention map scores the block's tokens
         self.score_site: dict[int, int] = {}
         for b in ctx.blocks:

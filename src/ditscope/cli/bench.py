@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, configure_scheduler, pick_device, quiet_on_error, torch_dtype
+from ..runtime import check_writable_dir, configure_scheduler, pick_device, progress_bar, torch_dtype
 from .common import app, user_errors
 
 
@@ -44,10 +44,10 @@ def bench(
     """Speed against quality for each cache method over a grid of its settings, beside the peers' caches."""
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .. import zoo
     from ..bench import BenchInputs, expand, load_grid, run_bench, write_outputs
+    from ..bench.report import summary
     from ..profiling.prompts import load_prompts
     from ..zoo import evaluator
 
@@ -113,31 +113,27 @@ def bench(
                          calibration_seed=calibration_seed if uses_plan and prompt_file is None else None)
 
     console = Console(stderr=True)
-    with quiet_on_error(Progress)(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("bench", total=len(settings))
+    try:
+        with progress_bar("settings") as bar, torch.inference_mode():  # the bar is gone when interrupted
+            task = bar.add_task("bench", total=len(settings))
 
-        def progress(setting, row):
-            speed = f" {row['seconds']:.2f}s" if row.get("seconds") is not None else ""
-            bar.update(task, advance=1, description=f"{setting.label[:40]}{speed}")
+            def progress(setting, row):
+                speed = f" {row['seconds']:.2f}s" if row.get("seconds") is not None else ""
+                bar.update(task, advance=1, description=f"{setting.label[:40]}{speed}")
 
-        with torch.inference_mode():
-            try:
-                rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
-            except KeyboardInterrupt:
-                from ..bench.runner import read_rows
+            rows = run_bench(pipe, settings, inputs, out, evaluator_net=net, progress=progress, log=console.print)
+    except KeyboardInterrupt:
+        from ..bench.runner import read_rows
 
-                done = len({r["key"] for r in read_rows(out)} & {s.key for s in settings})
-                bar.live.transient = True
-                bar.live.stop()
-                print(f"interrupted: {done} of {len(settings)} settings are saved in {out}; run the same command "
-                      "again to resume", file=sys.stderr)
-                raise
+        done = len({r["key"] for r in read_rows(out)} & {s.key for s in settings})
+        print(f"interrupted: {done} of {len(settings)} settings are saved in {out}; run the same command "
+              "again to resume", file=sys.stderr)
+        raise
     drawn = f" (prompt seed {drawn_with}{f', up to {max_objects} objects' if max_objects > 1 else ''})" \
         if drawn_with is not None else f" from {prompt_file}"
     if inputs.calibration_seed is not None:
         drawn += f", plans and tuned knobs fitted on {len(inputs.calibration)} calibration prompts (seed {inputs.calibration_seed})"
-    df = write_outputs(rows, out, f"{model}: {len(prompt_list)} prompts{drawn} x {seeds} seeds, {n_steps} steps",
-                       prompt_list)
-    print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.csv'}, results.md, pareto.png, grid.png ({len(df)} settings)")
+    title = f"{model}: {len(prompt_list)} prompts{drawn} x {seeds} seeds, {n_steps} steps"
+    df = write_outputs(rows, out, title, prompt_list)
+    print(summary(df, title))  # the key columns, in 100 columns; results.md has them all
+    print(f"wrote {out / 'results.csv'}, results.md (every column), pareto.png, grid.png ({len(df)} settings)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from ..errors import DitscopeError
+from ..errors import DitscopeError, DitscopeWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -15,6 +18,33 @@ app = typer.Typer(
     help="Measure step-to-step redundancy in diffusion transformers.",
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"ditscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="print the version and exit")] = False):
+    """Measure step-to-step redundancy in diffusion transformers."""
+
+
+def _no_flag_metavar() -> None:
+    """typer (0.2x) prints `<bool>` after every on/off flag in the help, where it takes no value: flags show
+    none (other options keep theirs, `<int>`, `<path>`). Older typers have no such method and print none."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is not None:
+        TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+
+_no_flag_metavar()
 
 
 def _fail(message: str) -> typer.Exit:
@@ -38,3 +68,19 @@ was kept is said where it is kept, e.g. by `profile`)."""
     return wrapper
 
 
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def library_warnings():
+    """Print each warning ditscope raises in the block (a plan resampled to another step count or run under
+    another scheduler, unknown prompt words) once, as `warning: ...` on stderr, when the block succeeds;
+    other libraries' warnings (deprecations, advice) are noise here and stay out of the way."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    ours = [w for w in caught if issubclass(w.category, DitscopeWarning) or PACKAGE in Path(w.filename).resolve().parents]
+    for message in dict.fromkeys(str(w.message).removeprefix("ditscope: ") for w in ours):
+        print(f"warning: {message}", file=sys.stderr)

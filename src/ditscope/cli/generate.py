@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ import typer
 from ..cache import CONFIGS
 from ..errors import DitscopeError
 from ..runtime import check_steps, check_writable_dir, configure_scheduler
-from .common import app, user_errors
+from .common import app, library_warnings, user_errors
 from .zoo import load_model
 
 
@@ -21,7 +20,8 @@ def generate(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
     prompt: Annotated[str, typer.Option(help="text prompt (tiny-dit: a class index or '<colour> <shape>')")],
-    out: Annotated[Path, typer.Option(help="image file to write (.png, .jpg)")],
+    out: Annotated[Path | None, typer.Option(help="image file to write (.png, .jpg, .gif, .webp; default "
+                                              "MODEL.png, or MODEL.gif for a video model)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
@@ -33,26 +33,28 @@ def generate(
     cache_opt: Annotated[list[str] | None, typer.Option(help="cache option key=value (repeatable; preset=dit "
                                                         "picks a preset)")] = None,
     cache_stats: Annotated[bool, typer.Option(help="print what the cache did per step, with FLOPs")] = False,
+    compare: Annotated[bool, typer.Option(help="also run uncached with the same seed (first, after a 2-step warm-up), "
+                                          "save it as OUT.uncached.png and print both times, the speedup, and the "
+                                          "cached image's PSNR / SSIM against it (--cache-stats slows the cached "
+                                          "run: it counts FLOPs)")] = False,
 ):
     """Generate one image from a prompt, optionally with a cache method."""
-    import warnings
-
     import torch
 
     from ..zoo.pipeline import samples
 
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif", ".webp"):
+    if out is not None and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif", ".webp"):
         raise DitscopeError(f"--out {out}: use an image file name (.png, .jpg, .gif, .webp)")
     if upscale < 1:
         raise DitscopeError("--upscale must be at least 1")
     check_steps(steps)
-    check_writable_dir(out.parent)
+    check_writable_dir(out.parent if out is not None else Path("."))
     # `--cache-opt interval=3 ratio=0.3`: the values after the first arrive as extra arguments
     extra = list(ctx.args)
     if any("=" not in a for a in extra):
         raise DitscopeError(f"unexpected argument(s): {' '.join(a for a in extra if '=' not in a)}")
     cache_opt = list(cache_opt or []) + extra
-    config = None
+    config, tuned = None, None
     if cache is not None:
         from ..cache import config_from_options
 
@@ -68,24 +70,32 @@ def generate(
         config = config_from_options(cache, options)
     elif cache_opt:
         raise DitscopeError("--cache-opt needs --cache METHOD")
+    if compare and config is None:
+        raise DitscopeError("--compare needs --cache METHOD: it compares a cached run with the uncached one")
     pipe, entry = load_model(model, device, dtype)
+    if tuned is not None:
+        tuned.config(pipe)  # refused on a model other than the one it was tuned on
     steps = steps or (entry.steps if entry else 20)
     configure_scheduler(pipe, None, steps)
     handle = None
-    if config is not None:
-        from ..cache import apply
-
-        handle = apply(pipe, config, count_flops=cache_stats)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(entry.call_kwargs) if entry else {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image = samples(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                             generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs))[0]
-    for w in caught:
-        if "vocabulary" in str(w.message):
-            print(f"warning: {w.message}", file=sys.stderr)
+
+    def run(n: int = steps):
+        return samples(pipe(prompt, num_inference_steps=n, guidance_scale=guidance,
+                            generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs))[0]
+
+    with library_warnings():
+        if compare:  # the uncached run first, same seed: the image and time the cached run is held against
+            from ..bench.compare import timed, uncached_run
+
+            reference, uncached_seconds = uncached_run(run, steps)
+        if config is not None:
+            from ..cache import apply
+
+            handle = apply(pipe, config, count_flops=cache_stats)
+        image, seconds = timed(run) if compare else (run(), None)
     if handle is not None:
         stats = handle.stats()
         handle.remove()
@@ -95,6 +105,20 @@ def generate(
             s = stats.summary()
             print(f"{cache}: {s['computed']} modules computed, {s['reused'] + s['predicted']} reused or predicted, "
                   f"{s['partial']} partial, {s['blocks_reused']} blocks reused")
+    out = out or Path(f"{Path(model).name}.{'gif' if isinstance(image, list) else 'png'}")
+    save_image(image, out, upscale)
+    print(f"wrote {out}")
+    if compare:
+        from ..bench.compare import compare as held_against
+
+        uncached_out = out.with_name(f"{out.stem}.uncached{out.suffix}")
+        save_image(reference, uncached_out, upscale)
+        print(f"wrote {uncached_out}")
+        print(held_against(cache, image, seconds, reference, uncached_seconds).line())
+
+
+def save_image(image, out: Path, upscale: int = 1) -> None:
+    """An image, or video frames as an animated image, enlarged `upscale` times (nearest neighbour)."""
     if isinstance(image, list):  # video frames -> animated image
         frames = [f.resize((f.width * upscale, f.height * upscale), 0) for f in image]
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +126,6 @@ def generate(
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         image.resize((image.width * upscale, image.height * upscale), 0).save(out)
-    print(f"wrote {out}")
 
 
 def split_cache_opts(options: list[str] | None) -> list[str]:

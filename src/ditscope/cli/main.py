@@ -166,6 +166,7 @@ def plot_cmd(
 from . import bench as _bench_commands  # noqa: E402,F401  (registers bench)
 from . import generate as _generate_commands  # noqa: E402,F401  (registers generate)
 from . import plan as _plan_commands  # noqa: E402,F401  (registers plan)
+from . import recommend as _recommend_commands  # noqa: E402,F401  (registers recommend)
 from . import study as _study_commands  # noqa: E402,F401  (registers study)
 from . import tune as _tune_commands  # noqa: E402,F401  (registers tune)
 from . import zoo as _zoo_commands  # noqa: E402,F401  (registers eval, zoo)

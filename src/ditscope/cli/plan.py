@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, configure_scheduler, pick_device, torch_dtype
+from ..runtime import check_writable_dir, configure_scheduler, pick_device, progress_status, torch_dtype
 from .common import app, user_errors
 
 CALIBRATION_SEED = 7000  # zoo models: calibration prompts are drawn apart from the bench's (seed 3000)
@@ -63,7 +63,7 @@ def plan(
     from rich.console import Console
 
     console = Console(stderr=True)
-    with console.status("planning") as status, torch.inference_mode():
+    with progress_status("planning") as status, torch.inference_mode():
         try:
             result = make_plan(pipe, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
                                modes=mode_list, granularity=granularity, cost=cost, iterations=iterations, work_dir=work,

@@ -40,7 +40,7 @@ def tune(
     """Fit METHOD's knob on calibration prompts so the target holds; writes a config generate --cache takes."""
     import torch
 
-    from ..bench.tune import knob_of
+    from ..bench.tune import check_request
     from ..bench.tune import tune as fit
     from ..planning.planner import Target
 
@@ -63,8 +63,8 @@ def tune(
             fixed[key.replace("-", "_")] = json.loads(raw)
         except json.JSONDecodeError:
             fixed[key.replace("-", "_")] = raw
-    # an unknown method or preset, or a method without a knob, fails before the model loads
-    knob_of(method, knob, fixed.get("preset"))
+    # an unknown method, preset or option, a bad option value, or a method without a knob fails before the model loads
+    check_request(method, fixed, knob)
     _check_peer(method)
     out = out or Path("tuned") / f"{Path(model).name}.{method}.json"
     pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.method.json", prompts, n_prompts,

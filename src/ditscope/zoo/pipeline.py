@@ -25,7 +25,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..errors import DitscopeError
+from ..errors import DitscopeError, DitscopeWarning
 
 
 @dataclass
@@ -63,7 +63,8 @@ class ShapesPipeline(DiffusionPipeline):
         if (ids == unk).any():
             vocab = self.tokenizer.get_vocab()
             unknown = sorted({w for p in prompts for w in p.lower().split() if w not in vocab})
-            warnings.warn(f"words outside the model's vocabulary are read as [UNK]: {', '.join(unknown)}", stacklevel=3)
+            warnings.warn(f"words outside the model's vocabulary are read as [UNK]: {', '.join(unknown)}",
+                          DitscopeWarning, stacklevel=3)
         states = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         return states, mask
 
