@@ -256,3 +256,14 @@ def test_cli_tune_refuses_bad_options_before_the_model_loads(tmp_path, monkeypat
     r = _cli("tune", "tiny-pixart", *args)
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fraction_knob_is_searched_only_where_the_method_accepts_it():
+    """ToCa's ratio (default 0.3) was searched up to 3.0 and the run died at ratio 1.19 with the method's error."""
+    from ditscope.bench.tune import GRID_POINTS, _accepts
+
+    knob, _ = knob_of("toca", "ratio")
+    assert (knob.mild, knob.aggressive) == (pytest.approx(0.03), 1.0)
+    assert not _accepts("toca", "ratio", 1.01)
+    assert all(_accepts("toca", "ratio", knob.at(i / (GRID_POINTS - 1))) for i in range(GRID_POINTS))
+    assert knob_of("fbcache", "threshold")[0].aggressive == 1.0  # the registered knob is unchanged

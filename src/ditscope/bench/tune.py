@@ -149,7 +149,22 @@ def knob_of(method: str, name: str | None = None, preset: str | None = None) -> 
         raise DitscopeError(f"{method} option {name} is not a number (it is {value!r}); tune a numeric option")
     if isinstance(value, int):
         return Knob(name, 1, max(10, 3 * value), integer=True), defaults
-    return Knob(name, value / 10 if value > 0 else 0.001, value * 10 if value > 0 else 1.0, log=True), defaults
+    low, high = (value / 10, value * 10) if value > 0 else (0.001, 1.0)
+    if method in REGISTRY and not _accepts(method, name, high) and value <= 1 and _accepts(method, name, 1.0):
+        high = 1.0  # a fraction (ToCa's ratio): the range ends where the method's own check says it must
+    return Knob(name, low, high, log=True), defaults
+
+
+def _accepts(method: str, name: str, value: float) -> bool:
+    """Whether the method's check takes `value` for option `name` (the rest at their defaults)."""
+    import dataclasses
+
+    entry = REGISTRY[method]
+    try:
+        entry.method(dataclasses.replace(entry.config(), **{name: value})).check()
+    except DitscopeError:
+        return False
+    return True
 
 
 def check_request(method: str, options: dict, knob: str | None = None) -> tuple[Knob, dict]:
