@@ -36,6 +36,7 @@ from ditscope.cache.plan import _resampled_signal
 from ditscope.cache.schedule import STACK
 from ditscope.planning.calibrate import generate
 from ditscope.planning.planner import _calibration, stack_change
+from ditscope.profiling.artifact import sha256_of
 from ditscope.stats.quality import per_sample_psnr_ssim
 from ditscope.zoo import evaluator
 
@@ -117,9 +118,19 @@ def main():
     steps, guidance, bs = entry.steps, entry.guidance_scale, args.batch_size
     plans = [(Path(p).name, Schedule.load(p)) for p in args.plans.split(",") if p]
     for _, schedule in plans:  # a plan kept from before the output signal: its calibration holds the table
-        calibration = args.work / f"plan-{schedule.meta.get('target')}.work" / "calibration.ditscope"
-        if "stack_change" not in schedule.meta and calibration.exists():
-            schedule.meta["stack_change"] = stack_change(ditscope.Profile.load(calibration))
+        if "stack_change" in schedule.meta:
+            continue
+        work = args.work / f"plan-{schedule.meta.get('target')}.work"
+        if not (work / "calibration.ditscope").exists():  # recomputed: the calibration prompts adaptive.py draws
+            made = schedule.meta["calibration"]
+            _, calib = evaluator.evaluation_prompts(pipe, made["n_prompts"], seed=7000)
+            if sha256_of([str(c) for c in calib]) != made["prompts_hash"]:
+                raise SystemExit(f"error: {schedule.meta.get('target')} plan: its calibration prompts are not the zoo's "
+                                 "seed-7000 draw; give the --work folder it was made in")
+            work.mkdir(parents=True, exist_ok=True)
+            _calibration(pipe, pipe.transformer, calib, steps, made["seed"], made["batch_size"], made["guidance_scale"],
+                         work, print)
+        schedule.meta["stack_change"] = stack_change(ditscope.Profile.load(work / "calibration.ditscope"))
     sets = evaluator.held_out_sets(pipe, args.test_prompts)
     lines = [f"# Does a signal rank images by the damage a plan does? {args.model}, {args.test_prompts} test prompts "
              f"per set, {steps} steps", "",

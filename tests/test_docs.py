@@ -168,7 +168,7 @@ def run_command(words: list[str], where: str) -> None:
                     timeout=240)
     elif words[0] == "python" and words[1].startswith("benchmarks/"):
         script = REPO / words[1]
-        args = [str(REPO / w) if w.startswith("benchmarks/") else w for w in words[2:]]
+        args = [re.sub(r"(?<![\w/])benchmarks/", f"{REPO}/benchmarks/", w) for w in words[2:]]  # shipped files
         run_process([sys.executable, str(script), *args, *SCRIPT_SMALL[script.name]], where, timeout=300)
     else:
         raise AssertionError(f"{where}: `{text}` is neither ditscope, torchrun nor a benchmark script: add a rule")

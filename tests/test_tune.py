@@ -267,3 +267,20 @@ def test_a_fraction_knob_is_searched_only_where_the_method_accepts_it():
     assert not _accepts("toca", "ratio", 1.01)
     assert all(_accepts("toca", "ratio", knob.at(i / (GRID_POINTS - 1))) for i in range(GRID_POINTS))
     assert knob_of("fbcache", "threshold")[0].aggressive == 1.0  # the registered knob is unchanged
+
+
+def test_an_option_knob_is_oriented_by_what_it_does(pipe):
+    """ToCa's ratio is the fraction recomputed: the small end is the fast one. `tune --knob ratio
+    --target speedup=X` said "its most aggressive setting (ratio=1)" and gave up at the slowest end."""
+    from ditscope.bench.tune import _work_done
+
+    def work(ratio):
+        return _work_done(pipe, "toca", {"interval": 3}, "ratio", ratio, None, STEPS, PROMPTS[0], None)
+
+    with torch.inference_mode():
+        assert work(0.03) < work(0.3) < work(1.0) < 1.0  # executed FLOPs over uncached, counted
+        result = tune(pipe, "toca", PROMPTS, "psnr=15", STEPS, batch_size=3, assurance="mean",
+                      options={"interval": 3}, knob="ratio", iterations=4)
+    # searched from ratio 1 (mild) towards 0.03 (aggressive): the first value tried is the mild end
+    assert result.meta["trace"][0]["ratio"] == 1.0
+    assert result.options["ratio"] < 1.0

@@ -30,7 +30,7 @@ FEWER_STEPS = "steps"
 PRESETS: dict[str, dict[str, list[dict]]] = {
     "quick": {
         "toca": [{}, {"interval": 5, "ratio": 0.2}],
-        "fora": [{"interval": 2}, {"interval": 4}],
+        "fora": [{"interval": 3}, {"interval": 4}],  # 3: the default, the best of the defaults on the zoo
         "fbcache": [{"threshold": 0.05}, {"threshold": 0.2}],
     },
 }

@@ -231,10 +231,10 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
     applier = _applier(pipe, method, num_inference_steps, prompts[0], guidance_scale)
     trace: dict[str, dict] = {}  # one entry per value evaluated (asking again reads the evaluation back)
 
-    def measure(value) -> dict:
+    def measure(value, timed: bool = not goal.quality) -> dict:
         opts = {**fixed, the_knob.name: value}
         key = json.dumps([method, opts], sort_keys=True, default=str)
-        row = evaluations.measure(key, lambda: applier(opts), timed=not goal.quality)
+        row = evaluations.measure(key, lambda: applier(opts), timed=timed)
         trace[key] = {the_knob.name: value, **{k: round(v, 4) for k, v in row.items() if k != "key"}}
         return row
 
@@ -252,6 +252,17 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
     # Quality falls as the knob grows more aggressive: find the boundary on the mild-to-aggressive axis.
     # Quality targets keep the last value that holds; speed targets the first.
     points = the_knob.values() if the_knob.integer else [the_knob.at(i / (GRID_POINTS - 1)) for i in range(GRID_POINTS)]
+    try:
+        default_knob = knob_of(method, None, fixed.get("preset"))[0]
+    except DitscopeError:  # the method has no knob of its own
+        default_knob = None
+    if default_knob is None or default_knob.name != the_knob.name:
+        # An option other than the method's knob has no known direction (ToCa's ratio is the fraction
+        # recomputed: smaller is faster); the end that computes less is the aggressive one.
+        if _work_done(pipe, method, fixed, the_knob.name, points[-1], measure, num_inference_steps, prompts[0],
+                      guidance_scale) > _work_done(pipe, method, fixed, the_knob.name, points[0], measure,
+                                                   num_inference_steps, prompts[0], guidance_scale):
+            points = points[::-1]
     want_last = goal.quality
     best, boundary = None, None  # the chosen value; the neighbour on the other side of the boundary
     for i, value in enumerate(points):
@@ -313,6 +324,20 @@ def _fmt(value) -> str:
 def _plain(options: dict) -> dict:
     """Options as JSON keeps them (tuples as lists), so a saved and a returned Tuned agree."""
     return json.loads(json.dumps(options, default=str))
+
+
+def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps: int, prompt, guidance_scale) -> float:
+    """How much a setting computes: ditscope's methods, executed FLOPs over uncached on one prompt (exact, no
+    timing); a peer, the inverse of its measured speedup on the calibration prompts."""
+    if method not in REGISTRY:
+        return 1 / measure(value, timed=True)["speedup"]
+    from ..cache import apply, config_from_options
+    from ..planning.calibrate import generate
+    from .grid import option_strings
+
+    with apply(pipe, config_from_options(method, option_strings({**fixed, name: value})), count_flops=True) as handle:
+        generate(pipe, [prompt], steps, 0, 1, guidance_scale)
+    return handle.stats().flops_ratio
 
 
 def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale):

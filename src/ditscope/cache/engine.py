@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..errors import DitscopeError
 from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
 from ..patching import Patches, read_timestep, timestep_argument
+from .parallel import agree, forward_owner, sequence_group
 
 COMPUTE, REUSE, PARTIAL, PREDICT = "compute", "reuse", "partial", "predict"
 WHOLE = "whole"  # a partial recompute asked for, the module computed whole instead (no token subset of it)
@@ -131,6 +132,7 @@ class Context:
         self.scheduler: str | None = None  # the pipeline's scheduler class, when there is a pipeline
         self.prefix = ""  # unit-name prefix of a pipeline's second transformer ("transformer_2.")
         self.unit_names: set[str] = set()  # units of every transformer the handle caches (plans name them)
+        self.sequence_group = None  # the ranks the sequence is split over (context parallelism; cache/parallel.py)
 
     # the step axis lives on the clock, shared between a pipeline's transformers
     step = property(lambda self: self.clock.step)
@@ -263,15 +265,21 @@ def find_transformers(pipe_or_model) -> tuple[list[tuple[str, torch.nn.Module]],
     """([(attribute, transformer), ...], pipeline or None): a pipeline's `transformer` and, where it has one,
     `transformer_2` (Wan 2.2's low-noise expert), or a bare transformer."""
     found = [(name, getattr(pipe_or_model, name, None)) for name in ("transformer", "transformer_2")]
-    found = [(n, m) for n, m in found if isinstance(m, torch.nn.Module)]
+    found = [(n, uncompiled(m)) for n, m in found if isinstance(m, torch.nn.Module)]
     if found:
         return found, pipe_or_model
     if isinstance(pipe_or_model, torch.nn.Module):
-        return [("transformer", pipe_or_model)], None
+        return [("transformer", uncompiled(pipe_or_model))], None
     raise DitscopeError(
         f"cannot cache {type(pipe_or_model).__name__}: pass a diffusers pipeline with a .transformer or the "
         "transformer module itself"
     )
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module `torch.compile(model)` wraps: ditscope's wrappers go on it, and the compiled wrapper traces
+    them with the model (a decision in Python between blocks is a graph break, not an error)."""
+    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
 
 
 def find_transformer(pipe_or_model) -> tuple[torch.nn.Module, object | None]:
@@ -426,13 +434,14 @@ def take_rows(ctx: Context, tree, rows: torch.Tensor, block_rows: int):
     return tree
 
 
-def row_abs_sums(xs: list[torch.Tensor], rows: int) -> torch.Tensor:
-    """sum|x| per model row over a list of tensors whose first dim folds onto the model's rows: (rows,) float64."""
+def row_abs_sums(xs: list[torch.Tensor], rows: int, group=None) -> torch.Tensor:
+    """sum|x| per model row over a list of tensors whose first dim folds onto the model's rows: (rows,) float64;
+    over the whole sequence when it is split over `group` (context parallelism)."""
     total = torch.zeros(rows, dtype=torch.float64)
     for x in xs:
         per = x.detach().float().abs().flatten(1).sum(1).double().cpu()
         total += per.reshape(rows, -1).sum(1)
-    return total
+    return agree(total, group)
 
 
 def per_sample_mean(ctx: Context, x: torch.Tensor) -> torch.Tensor:
@@ -445,8 +454,14 @@ def per_sample_mean(ctx: Context, x: torch.Tensor) -> torch.Tensor:
 
 def relative_change(ctx: Context, x: torch.Tensor, prev: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
     """`mean|x - prev| / mean|prev|` per model row, or the batch's mean of it on every row (per_sample=False:
-    one decision for the whole batch, as diffusers' caches make it)."""
-    change = per_sample_mean(ctx, (x - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)
+    one decision for the whole batch, as diffusers' caches make it). Under context parallelism, the ratio of
+    the sums over the whole sequence, the same on every rank."""
+    if ctx.sequence_group is not None:
+        sums = agree(torch.stack([row_abs_sums([x - prev], ctx.rows), row_abs_sums([prev], ctx.rows)], 1),
+                     ctx.sequence_group)
+        change = (sums[:, 0] / sums[:, 1].clamp_min(1e-300)).float().to(x.device)
+    else:
+        change = per_sample_mean(ctx, (x - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)
     return change if per_sample else change.mean().expand_as(change)
 
 
@@ -570,12 +585,15 @@ class CacheHandle:
             return out
 
         self._patches.set(model, "forward", model_forward)
+        ctx.sequence_group = sequence_group(model)
         for bsite in ctx.blocks:
             if method.uses_blocks:
-                self._patches.set(bsite.module, "forward", self._block_forward(ctx, method, bsite, bsite.module.forward))
+                owner, attr = forward_owner(bsite.module)
+                self._patches.set(owner, attr, self._block_forward(ctx, method, bsite, getattr(owner, attr)))
             if method.uses_modules:
                 for site in bsite.sites:
-                    self._patches.set(site.module, "forward", self._module_forward(ctx, method, site, site.module.forward))
+                    owner, attr = forward_owner(site.module)
+                    self._patches.set(owner, attr, self._module_forward(ctx, method, site, getattr(owner, attr)))
         model._ditscope_cache = self
 
     @staticmethod

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import DitscopeError, DitscopeWarning
 from .engine import BlockSite, Context, relative_change, row_abs_sums
+from .parallel import agree
 from .registry import register
 from .schedule import STACK, Schedule, ScheduleMethod, model_signature
 
@@ -172,7 +173,7 @@ class PlanMethod(ScheduleMethod):
         observed[bsite.index] = (ctx.step, res)
         if bsite.index == ctx.blocks[0].index:
             st["forced"], st["output_change"] = None, (None, 0.0)
-            st["samples"] = same_input_groups(inputs["hidden"], ctx.rows)
+            st["samples"] = same_input_groups(inputs["hidden"], ctx.rows, ctx.sequence_group)
         lag, total = st.get("output_change", (None, None))
         if total is None or previous is None:  # a block without an earlier full step: no decision this step
             st["output_change"] = (None, None)
@@ -184,10 +185,10 @@ class PlanMethod(ScheduleMethod):
         # a stream a block does not return (SD3's last block drops the text stream) has no residual
         diff = [res[n] - last[n] for n in res
                 if res[n] is not None and last.get(n) is not None and res[n].shape == last[n].shape]
-        st["output_change"] = (ctx.step - last_step, total + row_abs_sums(diff, ctx.rows))
+        st["output_change"] = (ctx.step - last_step, total + row_abs_sums(diff, ctx.rows, ctx.sequence_group))
         if bsite.index != ctx.blocks[-1].index:
             return
-        stream = row_abs_sums([t for t in inputs.values() if t is not None], ctx.rows).clamp_min(1e-12)
+        stream = row_abs_sums([t for t in inputs.values() if t is not None], ctx.rows, ctx.sequence_group).clamp_min(1e-12)
         limit = self.output_limit(ctx, ctx.step, ctx.step - last_step)
         if limit is None:
             return
@@ -230,10 +231,11 @@ class PlanMethod(ScheduleMethod):
         return self.base.at(steps)
 
 
-def same_input_groups(x: torch.Tensor, rows: int) -> torch.Tensor:
+def same_input_groups(x: torch.Tensor, rows: int, group=None) -> torch.Tensor:
     """Per model row, the index of the first row with the same input: a sample's guidance branches (a
     pipeline repeats the latents for each branch) share one, different samples do not."""
-    fingerprint = torch.stack([row_abs_sums([x], rows), x.detach().double().flatten(1).sum(1).cpu().reshape(rows, -1).sum(1)], 1)
+    fingerprint = agree(torch.stack([row_abs_sums([x], rows),
+                                     x.detach().double().flatten(1).sum(1).cpu().reshape(rows, -1).sum(1)], 1), group)
     first = torch.arange(rows)
     for i in range(rows):
         same = (fingerprint == fingerprint[i]).all(1).nonzero()

@@ -203,6 +203,9 @@ class ToCaMethod(CacheMethod):
             ctx.note(site.name, f"token subset asked for, computed whole: {why}")
             return self._compute(ctx, site, run, args, kwargs, n, action=WHOLE)
         rows = x.shape[0]
+        if ctx.sequence_group is not None:  # ranking over every rank's tokens would give ranks unequal shares
+            ctx.note(site.name, "tokens ranked within this rank's shard of the sequence (context parallelism), "
+                                "the same share on every rank: not the tokens one process would choose")
         idx = self.token_scores(ctx, site, rows, n, x.device).topk(k, dim=1, sorted=False).indices
         x_sub = torch.gather(x, 1, idx.unsqueeze(-1).expand(rows, k, x.shape[-1]))
         if site.kind in (SELF, TEMPORAL):  # the chosen queries still attend to every token

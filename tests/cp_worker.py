@@ -1,0 +1,75 @@
+"""Every cache method on a tiny model under diffusers' context parallelism (Ulysses over the ranks, gloo) and
+in one process on the same rank, on inputs whose two sequence halves change by different amounts (each rank
+sees its own signal). Each rank writes OUT.rank<R>.json: per method, the largest difference to the
+one-process output, the cache's per-step decisions and its notes. Started by tests/test_parallel.py:
+`python -m torch.distributed.run --standalone --nproc-per-node 2 tests/cp_worker.py OUT flux`."""
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
+
+import ditscope  # noqa: E402
+from ditscope.cache import REGISTRY  # noqa: E402
+
+STEPS = 8
+# thresholds at which one process skips on some steps and not on others (per family: the signals differ)
+ACTIVE = {"flux": {"fbcache": {"threshold": 0.6}, "teacache": {"threshold": 1.0}},
+          "wan": {"fbcache": {"threshold": 0.2}, "teacache": {"threshold": 1.0}}}
+
+
+def uneven(inputs: dict, step: int) -> dict:
+    """The second half of the image tokens (video: the lower half of every frame) moves 6x more per step."""
+    x = inputs["hidden_states"].clone()
+    if step:
+        g = torch.Generator().manual_seed(500 + step)
+        part = (slice(None), slice(x.shape[1] // 2, None)) if x.dim() == 3 else (..., slice(x.shape[-2] // 2, None), slice(None))
+        x[part] += 0.3 * step * torch.randn(x[part].shape, generator=g)
+    return {**inputs, "hidden_states": x}
+
+
+def run(model, config, inputs_of):
+    outs = []
+    with ditscope.apply(model, config, num_inference_steps=STEPS) as handle:
+        for step in range(STEPS):
+            with torch.no_grad():
+                outs.append(model(**uneven(inputs_of(2, step), step), return_dict=False)[0])
+    stats = handle.stats()
+    decisions = [{k: r[k] for k in ("computed", "reused", "partial", "predicted", "blocks_computed", "blocks_reused")}
+                 for r in stats.records]
+    return torch.stack(outs), decisions, dict(stats.notes)
+
+
+def main(out: str, family: str):
+    torch.accelerator.device_count = lambda: 1  # diffusers takes the rank modulo it; a CPU has no accelerator
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from diffusers import ContextParallelConfig
+
+    build, inputs_of = getattr(tiny, f"build_{family}"), getattr(tiny, f"inputs_{family}")
+    plain, split = build(), build()
+    split.enable_parallelism(config=ContextParallelConfig(ulysses_degree=dist.get_world_size()))
+    with torch.no_grad():
+        uncached = torch.stack([plain(**uneven(inputs_of(2, s), s), return_dict=False)[0] for s in range(STEPS)])
+    results = {}
+    for name, entry in REGISTRY.items():
+        if name == "plan":  # a plan is a schedule: tested by the plan tests (the same on every rank by construction)
+            continue
+        config = entry.config(**ACTIVE[family].get(name, {}))
+        one, one_decisions, _ = run(plain, config, inputs_of)
+        many, decisions, notes = run(split, config, inputs_of)
+        results[name] = {"max_diff": float((one - many).abs().max()), "cached_vs_uncached": float((one - uncached).abs().max()),
+                         "decisions": decisions, "one_process_decisions": one_decisions, "notes": notes}
+        print(f"rank {dist.get_rank()} {name}: max diff {results[name]['max_diff']:.2e}", flush=True)
+    with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
