@@ -121,8 +121,10 @@ def main():
         if "stack_change" in schedule.meta:
             continue
         work = args.work / f"plan-{schedule.meta.get('target')}.work"
-        if not (work / "calibration.ditscope").exists():  # recomputed: the calibration prompts adaptive.py draws
-            made = schedule.meta["calibration"]
+        made = schedule.meta["calibration"]
+        if not (work / "calibration.ditscope").exists():  # recomputed once per calibration: adaptive.py's prompts
+            work = args.work / f"calibration-{made['prompts_hash']}-{made['seed']}-{made['batch_size']}-{made['guidance_scale']}"
+        if not (work / "calibration.ditscope").exists():
             _, calib = evaluator.evaluation_prompts(pipe, made["n_prompts"], seed=7000)
             if sha256_of([str(c) for c in calib]) != made["prompts_hash"]:
                 raise SystemExit(f"error: {schedule.meta.get('target')} plan: its calibration prompts are not the zoo's "

@@ -43,7 +43,7 @@ def run(model, config, inputs_of):
     stats = handle.stats()
     decisions = [{k: r[k] for k in ("computed", "reused", "partial", "predicted", "blocks_computed", "blocks_reused")}
                  for r in stats.records]
-    return torch.stack(outs), decisions, dict(stats.notes)
+    return torch.stack(outs), decisions, {"notes": dict(stats.notes), "tokens": sum(r["tokens_total"] for r in stats.records)}
 
 
 def main(out: str, family: str):
@@ -61,10 +61,11 @@ def main(out: str, family: str):
         if name == "plan":  # a plan is a schedule: tested by the plan tests (the same on every rank by construction)
             continue
         config = entry.config(**ACTIVE[family].get(name, {}))
-        one, one_decisions, _ = run(plain, config, inputs_of)
-        many, decisions, notes = run(split, config, inputs_of)
+        one, one_decisions, one_extra = run(plain, config, inputs_of)
+        many, decisions, extra = run(split, config, inputs_of)
         results[name] = {"max_diff": float((one - many).abs().max()), "cached_vs_uncached": float((one - uncached).abs().max()),
-                         "decisions": decisions, "one_process_decisions": one_decisions, "notes": notes}
+                         "decisions": decisions, "one_process_decisions": one_decisions, "notes": extra["notes"],
+                         "tokens": extra["tokens"], "one_process_tokens": one_extra["tokens"]}
         print(f"rank {dist.get_rank()} {name}: max diff {results[name]['max_diff']:.2e}", flush=True)
     with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(results, f)

@@ -47,6 +47,7 @@ from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.calibrate import generate
 from ..planning.planner import Evaluations, Target
+from ..planning.workload import data_parallel, from_first, gather, writes
 
 FORMAT, VERSION = "ditscope-tuned", 1
 GRID_POINTS = 6  # real-valued knobs: values on the grid before the bisection
@@ -337,7 +338,7 @@ def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps:
 
     with apply(pipe, config_from_options(method, option_strings({**fixed, name: value})), count_flops=True) as handle:
         generate(pipe, [prompt], steps, 0, 1, guidance_scale)
-    return handle.stats().flops_ratio
+    return from_first(handle.stats().flops_ratio)  # torchrun: one prompt runs on the first rank only
 
 
 def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale):
@@ -377,7 +378,7 @@ def _reference(pipe, prompts, steps, seed, batch_size, guidance_scale, work: Pat
             return load_file(str(work / "reference.safetensors"))["images"]
     say(f"reference: {len(prompts)} prompts x {steps} steps, uncached")
     images = generate(pipe, prompts, steps, seed, batch_size, guidance_scale)
-    if work is not None:
+    if work is not None and writes():
         with atomic_path(work / "reference.safetensors") as tmp:
             save_file({"images": images.contiguous()}, str(tmp))
         write_text_atomic(work / "reference.json", stamp)
@@ -434,6 +435,7 @@ def fit_teacache(pipe, prompts: list, num_inference_steps: int = 20, seed: int =
     probe = _TeaProbe()
     with CacheHandle(pipe, probe, num_inference_steps=num_inference_steps):
         generate(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale)
+    probe.pairs = [pair for part in gather(probe.pairs, data_parallel(pipe)[1]) for pair in part]  # torchrun: all ranks'
     if len(probe.pairs) < degree + 2:
         raise DitscopeError(f"TeaCache fit: only {len(probe.pairs)} step pairs; use more prompts or steps")
     x, y = np.array([p[0] for p in probe.pairs]), np.array([p[1] for p in probe.pairs])

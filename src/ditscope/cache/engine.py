@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import DitscopeError
 from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
 from ..patching import Patches, read_timestep, timestep_argument
-from .parallel import agree, forward_owner, sequence_group
+from .parallel import agree, forward_owner, run_layout, sequence_group
 
 COMPUTE, REUSE, PARTIAL, PREDICT = "compute", "reuse", "partial", "predict"
 WHOLE = "whole"  # a partial recompute asked for, the module computed whole instead (no token subset of it)
@@ -133,6 +133,7 @@ class Context:
         self.prefix = ""  # unit-name prefix of a pipeline's second transformer ("transformer_2.")
         self.unit_names: set[str] = set()  # units of every transformer the handle caches (plans name them)
         self.sequence_group = None  # the ranks the sequence is split over (context parallelism; cache/parallel.py)
+        self.run_layout: dict = {}  # processes, sequence split, compiled (cache/parallel.py's run_layout)
 
     # the step axis lives on the clock, shared between a pipeline's transformers
     step = property(lambda self: self.clock.step)
@@ -529,7 +530,8 @@ class CacheHandle:
         self.transformers = [model for _, model in found]
         self.contexts = contexts_of(found, layout, clock)
         self.methods = [method if i == 0 else copy.copy(method) for i in range(len(found))]  # per-model tables
-        for ctx, m in zip(self.contexts, self.methods):
+        for (name, _), ctx, m in zip(found, self.contexts, self.methods):
+            ctx.run_layout = run_layout(getattr(self.pipe, name) if self.pipe is not None else target)
             ctx.flop_counting = count_flops
             ctx.scheduler = type(self.pipe.scheduler).__name__ if hasattr(self.pipe, "scheduler") else None
             m.validate(ctx)

@@ -43,3 +43,28 @@ def forward_owner(module: torch.nn.Module) -> tuple[object, str]:
     if refs and all(getattr(ref, "original_forward", None) is None for ref in refs):
         return refs[0], "forward"
     return module, "forward"
+
+
+def launched() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run_layout(model: torch.nn.Module) -> dict:
+    """Where a transformer runs: processes, its sequence split, compiled or not. A plan records it (its
+    costs were measured there) and warns when run elsewhere."""
+    whole = type(model).__name__ == "OptimizedModule"
+    model = getattr(model, "_orig_mod", model) if whole else model
+    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    split = sequence_group(model) is not None
+    compiled_blocks = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return {
+        "world_size": launched()[1],
+        "ulysses_degree": (getattr(config, "ulysses_degree", None) or 1) if split else 1,
+        "ring_degree": (getattr(config, "ring_degree", None) or 1) if split else 1,
+        "compiled": "whole" if whole else "regional" if compiled_blocks else "no",
+    }

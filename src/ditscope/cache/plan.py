@@ -23,8 +23,8 @@ class PlanConfig:
     Attributes:
         plan: the Schedule (or a path to its JSON file).
         path: the path of a plan file (the CLI's `--cache plan --cache-opt path=PLAN.json`).
-        strict: refuse to run at another step count or scheduler than the plan's (default: resample it to the
-            step count, with a warning; warn about another scheduler).
+        strict: refuse to run at another step count, scheduler or layout (context-parallel degrees, compiled)
+            than the plan's (default: resample it to the step count, with a warning; warn about the others).
         adaptive: watch a live signal and compute where the plan would serve stale features, per batch row.
             A row whose signal exceeds the most any calibration prompt showed (times `tolerance`) computes
             everything up to the plan's next full step. Prompts like the calibration ones run the plan
@@ -102,6 +102,15 @@ class PlanMethod(ScheduleMethod):
                 raise DitscopeError(f"the plan was made under {made_for}, not {ctx.scheduler} (strict=True); plan again")
             warnings.warn(f"ditscope: plan made under {made_for} runs under {ctx.scheduler}: plans measured much worse "
                           "across schedulers (docs/FINDINGS.md); plan again for this one", DitscopeWarning, stacklevel=2)
+        made_in = {k: v for k, v in (self.base.meta.get("layout") or {}).items() if k in MODEL_LAYOUT}
+        runs_in = {k: v for k, v in ctx.run_layout.items() if k in made_in}
+        if made_in and not ctx.prefix and made_in != runs_in:  # its costs (the finalists' times) were measured there
+            if self.config.strict:
+                raise DitscopeError(f"the plan was made with {_layout_text(made_in)}, not {_layout_text(runs_in)} "
+                                    "(strict=True); plan again in this layout")
+            warnings.warn(f"ditscope: plan made with {_layout_text(made_in)} runs with {_layout_text(runs_in)}: its "
+                          "costs were measured there; plan again in this layout for its speed", DitscopeWarning,
+                          stacklevel=2)
         self._limits: dict[int, list] = {}
         self._full: dict[int, list] = {}
 
@@ -229,6 +238,13 @@ class PlanMethod(ScheduleMethod):
         warnings.warn(f"ditscope: plan made for {self.base.steps} steps resampled to {steps}{fewer}", DitscopeWarning,
                       stacklevel=2)
         return self.base.at(steps)
+
+
+MODEL_LAYOUT = ("ulysses_degree", "ring_degree", "compiled")  # how the model runs (data parallel ranks do not change it)
+
+
+def _layout_text(layout: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in layout.items())
 
 
 def same_input_groups(x: torch.Tensor, rows: int, group=None) -> torch.Tensor:

@@ -24,8 +24,8 @@ def _logits(q: torch.Tensor, k: torch.Tensor, mask, scale: float) -> torch.Tenso
     return logits
 
 
-def self_attention_influence(q, k, mask, scale: float) -> torch.Tensor:
-    """s1: L2-normalised column sums of the head-mean attention map, (B, S_k)."""
+def self_attention_influence(q, k, mask, scale: float, normalize: bool = True) -> torch.Tensor:
+    """s1: L2-normalised column sums of the head-mean attention map, (B, S_k) (`normalize=False`: the sums)."""
     b, h, s_q, _ = q.shape
     total = torch.zeros(b, k.shape[2], device=q.device, dtype=torch.float32)
     chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
@@ -33,11 +33,12 @@ def self_attention_influence(q, k, mask, scale: float) -> torch.Tensor:
         m = mask if mask is None or mask.shape[-2] == 1 else mask[..., i : i + chunk, :]
         p = _logits(q[:, :, i : i + chunk], k, m, scale).softmax(-1)
         total += p.sum(2).mean(1)
-    return F.normalize(total, dim=-1)
+    return F.normalize(total, dim=-1) if normalize else total
 
 
-def cross_attention_entropy(q, k, mask, scale: float) -> torch.Tensor:
-    """s2: normalize(1 + H_i), H_i the entropy over text tokens of image token i's head-mean map, (B, S_q)."""
+def cross_attention_entropy(q, k, mask, scale: float, normalize: bool = True) -> torch.Tensor:
+    """s2: normalize(1 + H_i), H_i the entropy over text tokens of image token i's head-mean map, (B, S_q)
+    (`normalize=False`: 1 + H_i)."""
     b, h, s_q, _ = q.shape
     out = torch.empty(b, s_q, device=q.device, dtype=torch.float32)
     chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
@@ -45,12 +46,14 @@ def cross_attention_entropy(q, k, mask, scale: float) -> torch.Tensor:
         m = mask if mask is None or mask.shape[-2] == 1 else mask[..., i : i + chunk, :]
         c = _logits(q[:, :, i : i + chunk], k, m, scale).softmax(-1).mean(1)
         out[:, i : i + chunk] = -(c * torch.log(c + 1e-7)).sum(-1)
-    return F.normalize(1 + out, dim=-1)
+    return F.normalize(1 + out, dim=-1) if normalize else 1 + out
 
 
-def value_norm(v: torch.Tensor) -> torch.Tensor:
-    """kv-norm: the norm of each token's value vector over all heads, (B, S). Needs no attention map."""
-    return F.normalize(v.float().pow(2).sum((1, 3)).sqrt(), dim=-1)
+def value_norm(v: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """kv-norm: the norm of each token's value vector over all heads, (B, S). Needs no attention map.
+    (`normalize=False`: the squared norms, which add over heads held by different ranks.)"""
+    squares = v.float().pow(2).sum((1, 3))
+    return F.normalize(squares.sqrt(), dim=-1) if normalize else squares
 
 
 def random_score(rows: int, tokens: int, seed: int, device) -> torch.Tensor:

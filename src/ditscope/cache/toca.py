@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed
+import torch.nn.functional as F
 
 from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
@@ -97,6 +99,7 @@ class ToCaMethod(CacheMethod):
         c = self.config
         # per block: the site whose attention map scores the block's tokens
         self.score_site: dict[int, int] = {}
+        self._tokens_in: dict[int, int] = {}  # site -> its latest input's token count
         for b in ctx.blocks:
             cross = [s for s in b.sites if s.kind == CROSS]
             selfs = [s for s in b.sites if s.kind in (SELF, TEMPORAL)]
@@ -146,6 +149,8 @@ class ToCaMethod(CacheMethod):
     def on_attention(self, ctx: Context, site: Site, q, k, v, mask, scale):
         if self.score_site.get(site.block) != site.index:
             return
+        if ctx.sequence_group is not None:
+            return self._on_split_attention(ctx, site, q, k, v, mask, scale)
         kind = self.config.score
         if kind == "kv_norm":
             s = scores.value_norm(v)
@@ -160,6 +165,94 @@ class ToCaMethod(CacheMethod):
             found[site.block] = [*parts, *s]
         else:
             found[site.block] = s
+
+    def _on_split_attention(self, ctx: Context, site: Site, q, k, v, mask, scale):
+        """Context parallelism: the score's raw sums, kept as ("shard", this rank's tokens) when the attention
+        saw them only, or as ("sequence", every token) when it saw the whole sequence with this rank's heads
+        (Ulysses), added over the ranks' heads so that every rank holds the one-process sums."""
+        from .parallel import agree
+
+        kind, cross = self.config.score, site.kind == CROSS
+        gathered = q.shape[2] != self._tokens_in.get(site.index)
+        found = ctx.state.setdefault("score", {})
+        if gathered and cross and kind != "kv_norm":  # an entropy of the head-mean map does not add over heads
+            found[site.block] = None
+            ctx.note(site.name, "cross-attention split over heads: tokens unscored under context parallelism")
+            return
+        if kind == "kv_norm":
+            raw = scores.value_norm(v, normalize=False)
+        elif cross:
+            raw = scores.cross_attention_entropy(q, k, mask, scale, normalize=False)
+        else:
+            raw = scores.self_attention_influence(q, k, mask, scale, normalize=False)
+        if gathered:  # this rank's heads: sums over heads (kv-norm) or a head mean (s1) over the group
+            world = torch.distributed.get_world_size(ctx.sequence_group)
+            raw = agree(raw, ctx.sequence_group).float().to(raw.device) / (1 if kind == "kv_norm" else world)
+        found[site.block] = ("sequence" if gathered else "shard", raw)
+
+    def _split_scores(self, ctx: Context, site: Site, rows: int, n: int, device) -> torch.Tensor:
+        """Context parallelism: the score of every token of the sequence (rows, n x ranks), in rank order,
+        equal on every rank to the one-process score: the raw sums gathered, normalised over all of them."""
+        import torch.distributed as dist
+
+        c, st, group = self.config, ctx.state, ctx.sequence_group
+        world = dist.get_world_size(group)
+
+        def finish(raw):  # what the one-process score does to the sums
+            return F.normalize(raw.sqrt() if c.score == "kv_norm" else raw, dim=-1)
+
+        found = st.get("score", {}).get(site.block)
+        if c.score == "random":
+            base = scores.random_score(rows, n * world, hash((c.seed, ctx.step, site.index)) % 2**63, device)
+        elif found is None or found[1].shape[0] != rows:
+            base = torch.zeros(rows, n * world, device=device)
+        elif found[0] == "sequence":  # every rank's attention sequence, in rank order: each rank's tokens from its part
+            whole = finish(found[1])
+            parts = [joint_slice(ctx, site, part, n) for part in whole.chunk(world, dim=-1)]
+            base = (torch.cat(parts, -1) if all(p is not None and p.shape[-1] == n for p in parts)
+                    else torch.zeros(rows, n * world, device=device))
+        else:
+            mine = joint_slice(ctx, site, found[1], n)
+            mine = mine if mine is not None else torch.zeros(rows, n, device=device)
+            base = finish(_gather_tokens(mine, group, world))
+        age = _gather_tokens(st["age"][site.index], group, world)
+        score = base + c.freq_weight * age / c.interval
+        if site.stream == IMAGE and site.kind != TEMPORAL:
+            score = scores.spatial_uniformity(score, c.uniform_grid, c.uniform_bonus)
+        return score
+
+    def _split_partial(self, ctx: Context, site: Site, run, args, kwargs, cache, x, n: int):
+        """A partial step under context parallelism: the top tokens of the whole sequence, as one process
+        picks them; each rank computes its chosen tokens, padded to the group's largest share (a module with a
+        collective inside needs the same count on every rank; a padding token's output is not kept)."""
+        import torch.distributed as dist
+
+        group = ctx.sequence_group
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        rows = x.shape[0]
+        k_all = round(self.ratio(ctx, site) * n * world)
+        top = self._split_scores(ctx, site, rows, n, x.device).topk(k_all, dim=1, sorted=False).indices
+        chosen_all = torch.zeros(rows, n * world, dtype=torch.bool, device=x.device).scatter_(1, top, True)
+        chosen = chosen_all[:, me * n:(me + 1) * n]
+        count = torch.tensor([int(chosen.sum(1).max())])
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+        k = int(count)
+        if k == 0:
+            return self._reuse(ctx, site, cache, n)
+        idx = chosen.float().topk(k, dim=1, sorted=False).indices  # the chosen tokens first, then padding
+        keep = chosen.gather(1, idx)
+        x_sub = torch.gather(x, 1, idx.unsqueeze(-1).expand(rows, k, x.shape[-1]))
+        if site.kind in (SELF, TEMPORAL):
+            kwargs = {**kwargs, site.kv: x}
+        sub_args, sub_kwargs = with_hidden(args, kwargs, x_sub, site.hidden)
+        out = run(*sub_args, **sub_kwargs)
+        where = idx.unsqueeze(-1).expand(rows, k, cache.shape[-1])
+        cache.scatter_(1, where, torch.where(keep.unsqueeze(-1), out.to(cache.dtype), cache.gather(1, where)))
+        age = ctx.state["age"][site.index]
+        age += 1
+        age.scatter_(1, idx, torch.where(keep, torch.zeros_like(age.gather(1, idx)), age.gather(1, idx)))
+        ctx.count(PARTIAL, int(chosen.sum()), n * rows)
+        return cache
 
     def token_scores(self, ctx: Context, site: Site, rows: int, n: int, device) -> torch.Tensor:
         c, st = self.config, ctx.state
@@ -189,23 +282,25 @@ class ToCaMethod(CacheMethod):
         cache = st.setdefault("cache", {}).get(site.index)
         x = hidden_arg(args, kwargs, site.hidden)
         n = x.shape[1] if x.dim() >= 3 else 0
+        self._tokens_in[site.index] = n  # what this rank's attention scores see (context parallelism)
         if kind == "full" or cache is None:
             return self._compute(ctx, site, run, args, kwargs, n)
         if kind == "reuse":
             return self._reuse(ctx, site, cache, n)
-        k = round(self.ratio(ctx, site) * n)
+        # under context parallelism this rank holds n of the sequence's tokens: the share is of all of them
+        total = n * (torch.distributed.get_world_size(ctx.sequence_group) if ctx.sequence_group is not None else 1)
+        k = round(self.ratio(ctx, site) * total)
         if k <= 0:
             return self._reuse(ctx, site, cache, n)
-        if k >= n:
+        if k >= total:
             return self._compute(ctx, site, run, args, kwargs, n)
         why = whole_only(site) or (None if torch.is_tensor(cache) else "its output is not one tensor")
         if why:  # asked for a token subset it cannot give: compute it whole (quality kept, saving lost) and say so
             ctx.note(site.name, f"token subset asked for, computed whole: {why}")
             return self._compute(ctx, site, run, args, kwargs, n, action=WHOLE)
         rows = x.shape[0]
-        if ctx.sequence_group is not None:  # ranking over every rank's tokens would give ranks unequal shares
-            ctx.note(site.name, "tokens ranked within this rank's shard of the sequence (context parallelism), "
-                                "the same share on every rank: not the tokens one process would choose")
+        if ctx.sequence_group is not None:
+            return self._split_partial(ctx, site, run, args, kwargs, cache, x, n)
         idx = self.token_scores(ctx, site, rows, n, x.device).topk(k, dim=1, sorted=False).indices
         x_sub = torch.gather(x, 1, idx.unsqueeze(-1).expand(rows, k, x.shape[-1]))
         if site.kind in (SELF, TEMPORAL):  # the chosen queries still attend to every token
@@ -234,6 +329,15 @@ class ToCaMethod(CacheMethod):
         age += 1
         ctx.count(REUSE, 0, n * age.shape[0])
         return cache
+
+
+def _gather_tokens(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """(rows, n) per rank -> (rows, n x ranks) on every rank, in rank order."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, -1)
 
 
 def whole_only(site: Site) -> str | None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import DitscopeError
+from ..planning.workload import barrier, join, writes
 from ..runtime import check_writable_dir, configure_scheduler, pick_device, progress_status, torch_dtype
 from .common import app, user_errors
 
@@ -63,15 +66,22 @@ def plan(
     from rich.console import Console
 
     console = Console(stderr=True)
-    with progress_status("planning") as status, torch.inference_mode():
+    first = writes()  # under torchrun the first rank reports and writes; every rank plans the same
+    with progress_status("planning") if first else nullcontext(_Silent()) as status, torch.inference_mode():
         try:
             result = make_plan(pipe, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
                                modes=mode_list, granularity=granularity, cost=cost, iterations=iterations, work_dir=work,
-                               progress=lambda text: status.update(f"planning: {text}"), log=console.print)
+                               progress=lambda text: status.update(f"planning: {text}"),
+                               log=console.print if first else None)
         except DitscopeError:  # a target no plan reaches: nothing is left (an interrupt keeps the work to resume)
-            shutil.rmtree(work, ignore_errors=True)
+            barrier()
+            if first:
+                shutil.rmtree(work, ignore_errors=True)
             raise
     result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None
+    barrier()  # every rank is done with the work folder
+    if not first:
+        return
     result.save(out)
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out}")
@@ -81,11 +91,19 @@ def plan(
         print(f"  {key:24s} {value}")
 
 
+class _Silent:
+    """The progress line of a rank that does not report."""
+
+    def update(self, text: str):
+        pass
+
+
 def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n_prompts: int, prompt_seed: int,
-                    steps: int | None, guidance_scale: float | None, device: str, dtype: str):
+                    steps: int | None, guidance_scale: float | None, device: str, dtype: str, distributed: bool = True):
     """What `plan` and `tune` both fit on: checks the output file, loads the model, and gives (pipe,
     calibration prompts, steps, guidance). Zoo models draw their prompts with `prompt_seed`; others need
-    a prompt file. `example` is the file name suggested when `out` is a folder."""
+    a prompt file. `example` is the file name suggested when `out` is a folder. `distributed`: under torchrun,
+    join the ranks so that they share the prompts (planning/workload.py)."""
     from .. import zoo
     from ..profiling.prompts import load_prompts
     from ..zoo import evaluator
@@ -97,6 +115,9 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
     entry = zoo.ZOO.get(model)
     n_steps = steps or (entry.steps if entry else 20)
     dev = pick_device(device)
+    rank, world = join(dev) if distributed else (0, 1)
+    if world > 1 and dev.startswith("cuda"):
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
     configure_scheduler(pipe, None, n_steps)
     pipe.set_progress_bar_config(disable=True)
@@ -105,4 +126,7 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
             raise DitscopeError(f"{model} is not a zoo model: give calibration prompts with --prompts")
         _, prompt_list = evaluator.evaluation_prompts(pipe, n_prompts, seed=prompt_seed)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    if world > len(prompt_list):
+        raise DitscopeError(f"{world} ranks share {len(prompt_list)} calibration prompts: give at least one per rank "
+                            f"(--n-prompts {world} or more), or launch fewer ranks")
     return pipe, prompt_list, n_steps, guidance

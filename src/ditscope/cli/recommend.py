@@ -83,7 +83,7 @@ def recommend(
         test_list = every[n_prompts : n_prompts + test_prompts]
     result_file = out / f"{Path(model).name}.recommend.json"
     pipe, calibration, n_steps, guidance = calibration_run(model, result_file, "model.recommend.json", prompts,
-                                                           n_prompts, prompt_seed, steps, guidance_scale, device, dtype)
+                                                           n_prompts, prompt_seed, steps, guidance_scale, device, dtype, distributed=False)
     if test_list is None:
         from ..zoo import evaluator
 

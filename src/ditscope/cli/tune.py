@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
+from ..planning.workload import barrier, writes
 from ..runtime import check_steps
 from .common import app, user_errors
 from .generate import split_cache_opts
@@ -77,12 +78,17 @@ def tune(
         try:
             result = fit(pipe, method, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
                          options=fixed, knob=knob, assurance=assurance, work_dir=work,
-                         progress=lambda text: console.print(f"tune: {text}", highlight=False))
+                         progress=lambda text: writes() and console.print(f"tune: {text}", highlight=False))
         except DitscopeError:  # a target it cannot reach: nothing is left (an interrupt keeps the work to resume)
-            shutil.rmtree(work, ignore_errors=True)
+            barrier()
+            if writes():
+                shutil.rmtree(work, ignore_errors=True)
             raise
     result.meta["model"] = model
     result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None
+    barrier()  # under torchrun every rank fitted the same; the first writes
+    if not writes():
+        return
     result.save(out)
     shutil.rmtree(work, ignore_errors=True)
     m = result.meta

@@ -42,6 +42,7 @@ from ..cache.schedule import STACK, model_signature
 from ..errors import DitscopeError
 from ..profiling.artifact import Profile, sha256_of
 from ..stats.running import RunningStats
+from .workload import data_parallel, from_first, gather, share
 
 METRICS = ("l1", "rel_l1", "inject")
 
@@ -194,12 +195,18 @@ def _sync():
 # --------------------------------------------------------------------------------------- running
 def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
              before_batch=None, after_batch=None) -> torch.Tensor:
-    """Every prompt once, in batches; prompt i's generator seeded (seed, i). Images (or videos) in [0, 1]."""
+    """Every prompt once, in batches; prompt i's generator seeded (seed, i). Images (or videos) in [0, 1].
+
+    Under torchrun each rank generates its share of the prompts and every rank returns all the images
+    (planning/workload.py); `before_batch(start, n)` gets the batch's place among all the prompts,
+    `after_batch(done, total)` this rank's progress."""
     from ..zoo.pipeline import samples
 
+    rank, world = data_parallel(pipe)
+    mine = share(len(prompts), rank, world)
     images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for start in range(mine.start, mine.stop, batch_size):
+        chunk = prompts[start : min(start + batch_size, mine.stop)]
         if before_batch is not None:
             before_batch(start, len(chunk))
         gens = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
@@ -208,8 +215,11 @@ def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8
             kwargs["guidance_scale"] = guidance_scale
         images.append(torch.as_tensor(samples(pipe(chunk, **kwargs))).float().cpu())
         if after_batch is not None:
-            after_batch(start + len(chunk), len(prompts))
-    return torch.cat(images)
+            after_batch(start + len(chunk) - mine.start, len(mine))
+    local = torch.cat(images) if images else None
+    if world == 1:
+        return local
+    return torch.cat([part for part in gather(local, world) if part is not None])
 
 
 def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
@@ -251,6 +261,7 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
         for h in hooks:
             h.remove()
         handle.remove()
+    _merge_ranks(observer, data_parallel(pipe)[1])
     profile = _to_profile(observer, ctx, len(prompts), steps, max_lag, forecast_lag)
     profile.meta.update(model=type(transformer).__name__, model_signature=model_signature(transformer),
                         scheduler=type(getattr(pipe, "scheduler", None)).__name__, num_inference_steps=steps,
@@ -259,6 +270,22 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
                         units=_units(ctx), seconds={u: statistics.median(v) for u, v in observer.seconds.items()},
                         flops=observer.flops, signal=_signal(observer, len(prompts), steps))
     return profile, images
+
+
+def _merge_ranks(observer: _Observer, world: int):
+    """Under torchrun: every rank's measured errors and signal (each rank saw its own prompts), and the first
+    rank's timings and FLOPs (a plan's costs must be the same on every rank)."""
+    if world == 1:
+        return
+    errors: dict = {}
+    signal: dict = {}
+    for part_errors, part_signal in gather(({k: dict(v) for k, v in observer.errors.items()}, dict(observer.signal)),
+                                           world):
+        for key, values in part_errors.items():
+            errors.setdefault(key, {}).update(values)
+        signal.update(part_signal)
+    observer.errors, observer.signal = errors, signal
+    observer.seconds, observer.flops = from_first((dict(observer.seconds), observer.flops))
 
 
 def _signal(observer: _Observer, n_prompts: int, steps: int) -> list[list]:

@@ -28,6 +28,7 @@ import torch
 
 from ..cache.actions import full_step
 from ..cache.engine import find_transformer
+from ..cache.parallel import run_layout
 from ..cache.plan import PlanConfig
 from ..cache.schedule import STACK, Schedule, model_signature
 from ..errors import DitscopeError
@@ -37,6 +38,7 @@ from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
 from .calibrate import calibrate, generate
 from .search import MODES, compile_schedule, costs_from, price_scale
+from .workload import from_first, writes
 
 TARGETS = ("psnr", "ssim", "speedup", "flops")
 GRANULARITIES = ("step", "kind", "site")
@@ -116,8 +118,9 @@ class Evaluations:
             self.done[key] = row
             self.runs += 1
             if self.path is not None:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if writes():  # under torchrun every rank holds the same row; the first keeps it
+                    with open(self.path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
         return self.done[key]
 
     def seconds_per_run(self) -> float:
@@ -298,6 +301,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         "granularity": granularity,
         "cost_model": cost,
         "assurance": assurance,
+        "layout": run_layout(getattr(pipe, "transformer", transformer)),  # where the costs were measured
         "calibration": {"n_prompts": len(prompts), "prompts_hash": sha256_of([str(p) for p in prompts]),
                         "seed": seed, "guidance_scale": guidance_scale, "batch_size": batch_size},
         "quality": {k: round(v, 4) for k, v in quality.items() if k != "key"},
@@ -430,7 +434,7 @@ def _timed(fn, repeats: int = 3, warmup: bool = True) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return from_first(statistics.median(times))  # under torchrun a choice made from a time is the first rank's
 
 
 def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:
@@ -469,7 +473,7 @@ def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_s
     cal, reference = calibrate(pipe, prompts, steps, seed, batch_size, guidance_scale, layout=layout,
                                progress=lambda done, total: say(f"calibration: {done}/{total} prompts"))
     cal.meta = json.loads(json.dumps(cal.meta, default=str))
-    if work is not None:
+    if work is not None and writes():
         with atomic_path(work / "reference.safetensors") as tmp:
             save_file({"images": reference.contiguous()}, str(tmp))
         cal.save(work / "calibration.ditscope")
