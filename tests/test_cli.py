@@ -186,6 +186,10 @@ MORE_BAD_INPUTS = [
     (["plan", "tiny-pixart", "--n-prompts", "0"], "at least 1"),
     (["plan", "tiny-pixart", "--prompts", "{empty}", "--out", "{folder}/p.plan.json"], "has no prompts"),
     (["plan", "{bad_index}", "--out", "{folder}/p.plan.json"], "model_index.json"),
+    (["plan", "tiny-pixart", "--target", "psnr=30", "--speedup", "2"], "both say what to plan for"),
+    (["plan", "tiny-pixart", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["plan", "tiny-pixart", "--guidance-scale", "-1"], "--guidance-scale must be a finite number"),
+    (["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "inf"], "--guidance-scale must be a finite"),
     # study: input checked before any profile is computed
     (["study", "prompts", "--prompts", "{one}"], "needs at least 2"),
     (["study", "prompts", "--bootstrap", "5"], "--bootstrap"),

@@ -494,3 +494,27 @@ def test_the_price_scan_checks_no_plan_slower_than_one_that_held():
     checked = []
     scan_prices(grid, lambda p: p, predicted, lambda p: checked.append(p) or True, False, 3, "test", lambda t: None)
     assert checked == grid
+
+
+def test_kept_evaluations_count_only_for_the_run_that_made_them(pipe, tmp_path):
+    """A work folder left by a run on other prompts (or seeds, steps, guidance) held evaluations keyed by the
+    schedule alone, and a rerun took their quality for its own: a plan claiming 26.5 dB that did not hold."""
+    from ditscope.planning.calibrate import generate
+    from ditscope.planning.planner import Evaluations
+
+    path = tmp_path / "evaluations.jsonl"
+    with torch.inference_mode():
+        reference = generate(pipe, PROMPTS, 4, 0, 2)
+        other = generate(pipe, ["a green triangle", "a blue square on the left"], 4, 0, 2)
+        first = Evaluations(pipe, PROMPTS, 4, 0, 2, None, reference, path)
+        row = first.measure("s", lambda: lambda: None)  # nothing applied: the uncached images again
+        assert row["psnr"] == 100.0 and first.runs == 1
+        again = Evaluations(pipe, PROMPTS, 4, 0, 2, None, reference, path)
+        assert again.measure("s", lambda: lambda: None) == row and again.runs == 0  # resumed
+        for changed in (dict(prompts=["a green triangle", "a blue square on the left"], reference=other),
+                        dict(seed=1), dict(steps=5), dict(guidance_scale=2.0), dict(batch_size=1)):
+            args = {"prompts": PROMPTS, "steps": 4, "seed": 0, "batch_size": 2, "guidance_scale": None,
+                    "reference": reference, **changed}
+            stale = Evaluations(pipe, args["prompts"], args["steps"], args["seed"], args["batch_size"],
+                                args["guidance_scale"], args["reference"], path)
+            assert stale.done == {}, changed

@@ -255,6 +255,14 @@ def check_steps(steps: int | None, least: int = 1) -> None:
         raise DitscopeError(f"--steps must be at least {least}, not {steps}")
 
 
+def check_guidance(value: float | None, option: str = "--guidance-scale") -> None:
+    """A guidance scale is a finite number >= 0 (nan would turn guidance off without a word)."""
+    import math
+
+    if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+        raise DitscopeError(f"{option} must be a finite number >= 0, not {value!r}")
+
+
 def check_writable_dir(out: Path, option: str = "--out") -> None:
     """Fail early if `out` cannot become a writable folder (creates nothing); the message names `option`,
     the command-line option the folder came from."""

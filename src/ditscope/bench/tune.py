@@ -236,7 +236,7 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
         opts = {**fixed, the_knob.name: value}
         key = json.dumps([method, opts], sort_keys=True, default=str)
         row = evaluations.measure(key, lambda: applier(opts), timed=timed)
-        trace[key] = {the_knob.name: value, **{k: round(v, 4) for k, v in row.items() if k != "key"}}
+        trace[key] = {the_knob.name: value, **{k: round(v, 4) for k, v in row.items() if k not in ("key", "stamp")}}
         return row
 
     def holds(value) -> bool:
@@ -301,7 +301,7 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
         "pipeline": type(pipe).__name__, "model_signature": _signature(pipe), "num_inference_steps": num_inference_steps,
         "calibration": {"n_prompts": len(prompts), "seed": seed, "guidance_scale": guidance_scale,
                         "batch_size": batch_size},
-        "quality": {k: round(v, 4) for k, v in final.items() if k not in ("key", "speedup")},
+        "quality": {k: round(v, 4) for k, v in final.items() if k not in ("key", "stamp", "speedup")},
         "measured_speedup": round(speed, 3) if speed is not None else None,
         "evaluations": len(trace),
         "trace": list(trace.values()),

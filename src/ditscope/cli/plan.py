@@ -12,7 +12,7 @@ import typer
 
 from ..errors import DitscopeError
 from ..planning.workload import barrier, join, writes
-from ..runtime import check_writable_dir, configure_scheduler, pick_device, progress_status, torch_dtype
+from ..runtime import check_guidance, check_writable_dir, configure_scheduler, pick_device, progress_status, torch_dtype
 from .common import app, user_errors
 
 CALIBRATION_SEED = 7000  # zoo models: calibration prompts are drawn apart from the bench's (seed 3000)
@@ -22,7 +22,8 @@ CALIBRATION_SEED = 7000  # zoo models: calibration prompts are drawn apart from 
 @user_errors
 def plan(
     model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
-    target: Annotated[str, typer.Option(help="psnr=DB, ssim=S (on the calibration prompts), speedup=X or flops=X")] = "psnr=35",
+    target: Annotated[str | None, typer.Option(help="psnr=DB, ssim=S (on the calibration prompts), speedup=X or flops=X "
+                                                "[default: psnr=35]")] = None,
     speedup: Annotated[float | None, typer.Option(help="shorthand for --target speedup=X")] = None,
     prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
     n_prompts: Annotated[int, typer.Option(help="calibration prompts drawn for zoo models (or the first N of --prompts)")] = 8,
@@ -46,7 +47,9 @@ def plan(
 
     from ..planning.planner import GRANULARITIES, MODES, Target
     from ..planning.planner import plan as make_plan
-    goal = Target.parse(f"speedup={speedup}" if speedup is not None else target)
+    if target is not None and speedup is not None:
+        raise DitscopeError(f"--target {target} and --speedup {speedup:g} both say what to plan for; give one")
+    goal = Target.parse(f"speedup={speedup}" if speedup is not None else target or "psnr=35")
     if granularity not in GRANULARITIES:
         raise DitscopeError(f"--granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     if n_prompts < 1 or batch_size < 1:
@@ -108,6 +111,7 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
     from ..profiling.prompts import load_prompts
     from ..zoo import evaluator
 
+    check_guidance(guidance_scale)
     if out.is_dir():
         raise DitscopeError(f"--out {out} is a folder; give a file name such as {out / example}")
     check_writable_dir(out.parent)

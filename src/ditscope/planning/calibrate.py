@@ -200,8 +200,10 @@ def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8
     Under torchrun each rank generates its share of the prompts and every rank returns all the images
     (planning/workload.py); `before_batch(start, n)` gets the batch's place among all the prompts,
     `after_batch(done, total)` this rank's progress."""
+    from ..runtime import check_guidance
     from ..zoo.pipeline import samples
 
+    check_guidance(guidance_scale, "guidance_scale")
     rank, world = data_parallel(pipe)
     mine = share(len(prompts), rank, world)
     images = []

@@ -80,13 +80,18 @@ class Evaluations:
         self.pipe, self.prompts, self.steps, self.seed, self.layout = pipe, prompts, steps, seed, layout
         self.batch_size, self.guidance_scale, self.reference, self.path = batch_size, guidance_scale, reference, path
         self.done: dict[str, dict] = {}
+        # a kept row holds only where everything that made it is the same: the images it was compared with (they
+        # stand for the model, prompts, seeds, steps, scheduler and guidance), and how the run was batched
+        self.stamp = sha256_of({"reference": hashlib.sha256(reference.detach().cpu().contiguous().numpy().tobytes())
+                                .hexdigest(), "prompts": [str(p) for p in prompts], "steps": steps, "seed": seed,
+                                "batch_size": batch_size, "guidance_scale": guidance_scale, "layout": repr(layout)})
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
                 try:
                     row = json.loads(line)
-                    if "psnr_lo" in row:  # rows of an older ditscope lack it: rerun those
+                    if "psnr_lo" in row and row.get("stamp") == self.stamp:  # another run's rows: not this one's
                         self.done[row["key"]] = row
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError, AttributeError):
                     continue
         self.runs = 0
         self._plain: float | None = None  # the uncached run's seconds, timed on first use
@@ -111,7 +116,7 @@ class Evaluations:
             finally:
                 remove()
             psnr, ssim = per_sample_psnr_ssim(images, self.reference)
-            row = {"key": key, "psnr": statistics.fmean(psnr), "psnr_lo": mean_interval(psnr)[1], "psnr_min": min(psnr),
+            row = {"key": key, "stamp": self.stamp, "psnr": statistics.fmean(psnr), "psnr_lo": mean_interval(psnr)[1], "psnr_min": min(psnr),
                    "ssim": statistics.fmean(ssim), "ssim_lo": mean_interval(ssim)[1]}
             if timed:
                 row["speedup"] = self.plain_seconds() / seconds
@@ -304,7 +309,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         "layout": run_layout(getattr(pipe, "transformer", transformer)),  # where the costs were measured
         "calibration": {"n_prompts": len(prompts), "prompts_hash": sha256_of([str(p) for p in prompts]),
                         "seed": seed, "guidance_scale": guidance_scale, "batch_size": batch_size},
-        "quality": {k: round(v, 4) for k, v in quality.items() if k != "key"},
+        "quality": {k: round(v, 4) for k, v in quality.items() if k not in ("key", "stamp")},
         "predicted_speedup": round(predicted(chosen), 3),
         "measured_speedup": round(measured_speedup, 3),
         "computed_fraction": round(chosen.fraction("C"), 4),
