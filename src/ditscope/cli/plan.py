@@ -12,7 +12,14 @@ import typer
 
 from ..errors import DitscopeError
 from ..planning.workload import barrier, join, writes
-from ..runtime import check_guidance, check_writable_dir, configure_scheduler, pick_device, progress_status, torch_dtype
+from ..runtime import (
+    check_guidance,
+    check_writable_dir,
+    configure_scheduler,
+    pick_device,
+    progress_status,
+    torch_dtype,
+)
 from .common import app, user_errors
 
 CALIBRATION_SEED = 7000  # zoo models: calibration prompts are drawn apart from the bench's (seed 3000)
