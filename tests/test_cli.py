@@ -1,5 +1,6 @@
 """The command line as a user meets it: defaults, outputs, bad input, kill and resume, torchrun."""
 
+import json
 import os
 import signal
 import subprocess
@@ -546,3 +547,45 @@ def test_progress_without_a_terminal_is_a_plain_line_every_interval(capsys, monk
     assert isinstance(progress_bar("steps"), PlainProgress) and isinstance(progress_status("x"), PlainStatus)
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # a terminal: rich's bar, as before
     assert isinstance(progress_bar("steps"), Progress) and not isinstance(progress_status("x"), PlainStatus)
+
+
+@pytest.mark.parametrize("command", ["plan", "tune"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_same_file(tmp_path, sig, command,
+                                                                                         capsys, one_thread):
+    """Held by the test hook right after the first end-to-end evaluation is saved (a known point, not a guessed
+    time), then signalled: Ctrl-C and SIGTERM say what was kept; the rerun says it resumes and writes what
+    an uninterrupted run writes."""
+    out = tmp_path / "p.json"
+    args = (["plan", "tiny-pixart", "--target", "psnr=30", "--cost", "flops", "--iterations", "3"] if command == "plan"
+            else ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=20"])
+    args += ["--steps", "4", "--n-prompts", "2", "--out", str(out)]
+    marker = tmp_path / "held"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DITSCOPE_HOLD_AT="evaluation saved",
+               DITSCOPE_HOLD_FILE=str(marker))
+    launcher = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "from ditscope.cli.main import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", launcher, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    work = tmp_path / ".p.json.work"
+    assert not out.exists() and len((work / "evaluations.jsonl").read_text().splitlines()) == 1
+    if sig != signal.SIGKILL:
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143)
+        assert err.strip().splitlines()[-1].startswith("interrupted: ") and "1 end-to-end evaluation kept in" in err
+
+    code, err = _main(args, capsys)
+    assert code == 0 and f"resuming from {work}: " in err and "1 end-to-end evaluation" in err, err
+    resumed = json.loads(out.read_text())
+    code, _ = _main([*args[:-1], str(tmp_path / "fresh.json")], capsys)
+    fresh = json.loads((tmp_path / "fresh.json").read_text())
+    if command == "plan":
+        assert resumed["rows"] == fresh["rows"]
+    else:
+        assert resumed["options"] == fresh["options"]
+    assert not work.exists()

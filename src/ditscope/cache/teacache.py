@@ -16,7 +16,8 @@ from .registry import Knob, register
 
 @dataclass
 class TeaCacheConfig:
-    """Skip the whole transformer while the accumulated, rescaled input change stays small.
+    """Skip the whole transformer while the accumulated, rescaled input change stays small. The default threshold
+    with copied coefficients is speed first (under 30 dB on three zoo models, README); `ditscope tune` fits both.
 
     Attributes:
         threshold: the accumulated distance at which a step is computed again (TeaCache's rel_l1_thresh).

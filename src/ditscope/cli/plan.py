@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
@@ -77,6 +78,8 @@ def plan(
 
     console = Console(stderr=True)
     first = writes()  # under torchrun the first rank reports and writes; every rank plans the same
+    if first and work.exists():
+        print(f"resuming from {work}: {kept_work(work)} (reused where they match this run)", file=sys.stderr)
     with progress_status("planning") if first else nullcontext(_Silent()) as status, torch.inference_mode():
         try:
             result = make_plan(pipe, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
@@ -87,6 +90,10 @@ def plan(
             barrier()
             if first:
                 shutil.rmtree(work, ignore_errors=True)
+            raise
+        except KeyboardInterrupt:
+            if first:
+                print(f"interrupted: {kept_work(work)} kept in {work}; rerun the same command to resume", file=sys.stderr)
             raise
     result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None
     barrier()  # every rank is done with the work folder
@@ -99,6 +106,19 @@ def plan(
 
     for key, value in summary_rows(result):
         print(f"  {key:24s} {value}")
+
+
+def kept_work(work: Path) -> str:
+    """What a plan's or tune's work folder holds, in words."""
+    parts = []
+    if (work / "calibration.ditscope").exists():
+        parts.append("the calibration")
+    elif (work / "reference.safetensors").exists():
+        parts.append("the uncached reference images")
+    rows = work / "evaluations.jsonl"
+    n = len(rows.read_text().splitlines()) if rows.exists() else 0
+    parts.append(f"{n} end-to-end evaluation{'s' if n != 1 else ''}")
+    return " and ".join(parts)
 
 
 class _Silent:

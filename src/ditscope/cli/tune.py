@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,7 @@ from ..planning.workload import barrier, writes
 from ..runtime import check_steps
 from .common import app, user_errors
 from .generate import split_cache_opts
-from .plan import CALIBRATION_SEED, calibration_run
+from .plan import CALIBRATION_SEED, calibration_run, kept_work
 
 
 @app.command()
@@ -74,6 +75,8 @@ def tune(
     from rich.console import Console
 
     console = Console(stderr=True)
+    if writes() and work.exists():
+        print(f"resuming from {work}: {kept_work(work)} (reused where they match this run)", file=sys.stderr)
     with torch.inference_mode():
         try:
             result = fit(pipe, method, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
@@ -83,6 +86,10 @@ def tune(
             barrier()
             if writes():
                 shutil.rmtree(work, ignore_errors=True)
+            raise
+        except KeyboardInterrupt:
+            if writes():
+                print(f"interrupted: {kept_work(work)} kept in {work}; rerun the same command to resume", file=sys.stderr)
             raise
     result.meta["model"] = model
     result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None

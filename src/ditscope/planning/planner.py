@@ -33,6 +33,7 @@ from ..cache.plan import PlanConfig
 from ..cache.schedule import STACK, Schedule, model_signature
 from ..errors import DitscopeError
 from ..files import atomic_path
+from ..holds import hold
 from ..profiling.artifact import Profile, sha256_of
 from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
@@ -126,6 +127,7 @@ class Evaluations:
                 if writes():  # under torchrun every rank holds the same row; the first keeps it
                     with open(self.path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    hold("evaluation saved")
         return self.done[key]
 
     def seconds_per_run(self) -> float:
