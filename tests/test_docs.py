@@ -56,6 +56,7 @@ SMALL = {
     ("zoo", "prompts"): ["--n", "6"],
     ("zoo", "grid"): ["--n", "2"],
     ("zoo", "train"): ["--steps", "2", "--batch", "2", "--out", "train"],
+    ("zoo", "train", "tiny-latte"): ["--steps", "2", "--batch", "2", "--out", "train-latte"],  # apart from tiny-pixart's
     ("study", "prompts"): ["--steps", "3", "--bootstrap", "50"],
     ("study", "steps"): ["--steps", "3,4,6", "--prompts", "small.txt"],
     ("study", "scheduler"): ["--steps", "3", "--prompts", "small.txt"],

@@ -510,7 +510,7 @@ def test_cli_bench_results_csv_matches_the_oracle_on_its_saved_images(pixart, tm
     meta = json.loads((out / "bench.json").read_text())
     csv = pd.read_csv(out / "results.csv")
     images = {r["label"]: load_file(str(out / "images" / f"{r['key']}.safetensors"))["images"] for _, r in csv.iterrows()}
-    assert list(images) == ["none", "fora interval=2", "fora interval=4"]
+    assert list(images) == ["none", "fora interval=3", "fora interval=4"]
     ref = images["none"]
     assert tuple(ref.shape) == (6, 3, 32, 32)
     # the reference: sample s * 3 + j is prompt j under seed s, uncached

@@ -518,3 +518,16 @@ def test_kept_evaluations_count_only_for_the_run_that_made_them(pipe, tmp_path):
             stale = Evaluations(pipe, args["prompts"], args["steps"], args["seed"], args["batch_size"],
                                 args["guidance_scale"], args["reference"], path)
             assert stale.done == {}, changed
+
+
+def test_the_model_signature_holds_wherever_the_model_was_loaded_from():
+    """The signature hashed the config's `_name_or_path` (the checkout's folder): the shipped plans were refused
+    in every other clone, and a plan made on one machine on every other."""
+    from ditscope.cache.schedule import model_signature
+
+    model = TINY["PixArtTransformer2DModel"][0]()
+    here = model_signature(model)
+    model.register_to_config(_name_or_path="/somewhere/else/transformer", _diffusers_version="0.0.1")
+    assert model_signature(model) == here
+    model.register_to_config(num_layers=model.config.num_layers + 1)  # a public entry still counts
+    assert model_signature(model) != here

@@ -59,9 +59,12 @@ ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
 
 
 def model_signature(model: torch.nn.Module) -> dict:
-    """What a plan must match: the transformer's class and a hash of its config (its weights may differ)."""
+    """What a plan must match: the transformer's class and a hash of its config (its weights may differ). The
+    config's private entries (`_name_or_path`: where it was loaded from; `_diffusers_version`) are left out: a
+    plan made in one checkout or with one diffusers release holds in another."""
     config = getattr(model, "config", None)
-    text = json.dumps(dict(config) if config is not None else {}, sort_keys=True, default=str)
+    public = {k: v for k, v in (dict(config) if config is not None else {}).items() if not str(k).startswith("_")}
+    text = json.dumps(public, sort_keys=True, default=str)
     return {"class": type(model).__name__, "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
