@@ -188,6 +188,52 @@ MORE_BAD_INPUTS = [
     (["plan", "tiny-pixart", "--prompts", "{empty}", "--out", "{folder}/p.plan.json"], "has no prompts"),
     (["plan", "{bad_index}", "--out", "{folder}/p.plan.json"], "model_index.json"),
     (["plan", "tiny-pixart", "--target", "psnr=30", "--speedup", "2"], "both say what to plan for"),
+    # issue 38's own table: every class refused before any work, one line, nothing written
+    (["plan", "tiny-pixart", "--target", "psnr=nan"], "unreachable"),
+    (["plan", "tiny-pixart", "--target", "psnr=-3"], "unreachable"),
+    (["plan", "tiny-pixart", "--target", "speedup=0.5"], "unreachable"),
+    (["plan", "tiny-pixart", "--target", "ssim=1.5"], "unreachable"),
+    (["plan", "tiny-pixart", "--target", "psnr"], "unknown target"),
+    (["plan", "tiny-pixart", "--target", "psnr=abc"], "is not a number"),
+    (["plan", "tiny-pixart", "--batch-size", "0"], "at least 1"),
+    (["plan", "tiny-pixart", "--steps", "1"], "at least 2"),
+    (["plan", "tiny-pixart", "--modes", ","], "--modes takes a comma list"),
+    (["plan", "tiny-pixart", "--granularity", ""], "--granularity"),
+    (["plan", "tiny-pixart", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+    (["tune", "tiny-pixart", "--method", "nope"], "unknown method 'nope'"),
+    (["tune", "tiny-pixart", "--method", "fora", "--knob", "nope"], "has no option 'nope'"),
+    (["tune", "tiny-pixart", "--method", "fora", "--target", "flops=2"], "flops= is for ditscope plan"),
+    (["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=nan"], "unreachable"),
+    (["tune", "tiny-pixart", "--method", "plan"], "no knob to tune"),
+    (["tune", "tiny-pixart", "--method", "toca", "--cache-opt", "ratio=nan"], "ratio expects a float"),
+    (["tune", "tiny-pixart", "--method", "toca", "--cache-opt", "ratio=NaN"], "ToCaConfig.ratio must be a finite"),
+    (["tune", "tiny-pixart", "--method", "toca", "--cache-opt", "warmup=-1"], "must be a finite number >= 0"),
+    (["tune", "tiny-pixart", "--method", "toca", "--knob", "ratio", "--cache-opt", "interval=2.5"], "expects a int"),
+    (["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "-2"], "--guidance-scale must be a finite"),
+    (["bench", "tiny-pixart", "--methods", ","], "names no method"),
+    (["bench", "tiny-pixart", "--grid", "{emptygrid}"], "names no method"),
+    (["bench", "tiny-pixart", "--grid", "{emptylist}"], "has no settings"),
+    (["bench", "tiny-pixart", "--grid", "{emptyvalues}"], "empty list of values"),
+    (["bench", "tiny-pixart", "--grid", "{badvalue}"], "interval"),
+    (["bench", "tiny-pixart", "--grid", "{nanvalue}"], "threshold"),
+    (["bench", "tiny-pixart", "--grid", "{reversed}"], "spatial_range"),
+    (["study", "steps", "--steps", "10,10,20"], "names a value twice"),
+    (["study", "steps", "--steps", "10,,20"], "comma-separated integers"),
+    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
+      "path={norows}"], "at least one row"),
+    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
+      "path={emptyrow}"], "non-empty string"),
+    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
+      "path={profile}"], "is not a plan file"),
+    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
+      "path={plan}", "--cache-opt", "tolerance=-1"], "tolerance must be a finite number"),
+    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "fbcache", "--cache-opt",
+      "threshold=-0.1"], "FBCacheConfig.threshold must be a finite number >= 0"),
+    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "pab", "--cache-opt",
+      "cross_range=[900,100]"], "cross_range must be (low, high)"),
+    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "taylorseer", "--cache-opt",
+      "order=-1"], "order"),
+    (["show", "{norows}"], "at least one row"),
     (["plan", "tiny-pixart", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["plan", "tiny-pixart", "--guidance-scale", "-1"], "--guidance-scale must be a finite number"),
     (["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "inf"], "--guidance-scale must be a finite"),
@@ -262,6 +308,13 @@ def _bad_input_files(tmp_path):
                                                           "rows": {"stack": "CR"}, "meta": {"model": "x"}}))
     (tmp_path / "plans").mkdir()
     Schedule({"stack": "CCRCR"}).save(tmp_path / "plans" / "a.plan.json")
+    for name, rows in (("norows", {}), ("emptyrow", {"stack": ""})):  # hand-written: Schedule refuses both
+        (tmp_path / f"{name}.plan.json").write_text(json.dumps({"format": "ditscope-plan", "format_version": 1,
+                                                                 "rows": rows, "meta": {}}))
+    for name, grid in (("emptygrid", {}), ("emptylist", {"fora": []}), ("emptyvalues", {"toca": {"ratio": []}}),
+                       ("badvalue", {"fora": [{"interval": 0}]}), ("nanvalue", {"fbcache": [{"threshold": "nan"}]}),
+                       ("reversed", {"pab": [{"spatial_range": [800, 100]}]})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(grid))
     # the zoo's pipeline folder, damaged: model_index.json cut short; weights cut short
     assets = zoo.ASSETS / "tiny-pixart"
     for name in ("bad_index", "truncated"):
@@ -282,7 +335,10 @@ def _bad_input_files(tmp_path):
              "flipped": "flipped.ditscope", "badtypes": "badtypes.ditscope", "plan": "good.plan.json",
              "damaged_plan": "damaged.plan.json", "garbage_plan": "garbage.plan.json", "meta_plan": "meta.plan.json",
              "plans": "plans", "bad_index": "bad_index", "truncated": "truncated", "stale": "stale",
-             "other_state": "other_state", "other_final": "other_final"}
+             "other_state": "other_state", "other_final": "other_final", "norows": "norows.plan.json",
+             "emptyrow": "emptyrow.plan.json", "emptygrid": "emptygrid.json", "emptylist": "emptylist.json",
+             "emptyvalues": "emptyvalues.json", "badvalue": "badvalue.json", "nanvalue": "nanvalue.json",
+             "reversed": "reversed.json"}
     return {k: tmp_path / v for k, v in names.items()}
 
 

@@ -98,11 +98,18 @@ def load_grid(grid: str) -> dict[str, list]:
         raise DitscopeError(f"--grid {grid}: cannot parse it ({type(e).__name__}: {e})".splitlines()[0]) from None
     if not isinstance(raw, dict):
         raise DitscopeError(f"--grid {grid}: expected a mapping of method -> settings")
+    if not raw:
+        raise DitscopeError(f"--grid {grid} names no method; give at least one (method -> settings)")
     out = {}
     for method, spec in raw.items():
+        if spec in ([], {}):
+            raise DitscopeError(f"--grid {grid}: {method!r} has no settings; give at least one ({{}} is its default)")
         if isinstance(spec, dict):  # {option: [values]} -> cartesian product
             keys = list(spec)
             values = [v if isinstance(v, list) else [v] for v in spec.values()]
+            empty = [k for k, v in zip(keys, values) if not v]
+            if empty:
+                raise DitscopeError(f"--grid {grid}: {method} option {empty[0]!r} has an empty list of values")
             out[method] = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
         elif isinstance(spec, list):
             out[method] = spec

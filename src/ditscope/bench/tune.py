@@ -99,6 +99,8 @@ class Tuned:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DitscopeError(f"{path} is not a tuned config (not JSON: {e.__class__.__name__}); "
                                 "write one with ditscope tune") from None
+        except OSError as e:
+            raise DitscopeError(f"cannot read tuned config {path}: {e.strerror or e}") from None
         if isinstance(body, dict) and body.get("format") == PLAN_FORMAT:
             raise DitscopeError(f"{path} is a plan, not a tuned config: run it with --cache plan --cache-opt path={path}")
         if not isinstance(body, dict) or body.get("format") != FORMAT:

@@ -26,7 +26,7 @@ from .plan import PlanConfig
 from .schedule import Schedule, schedule_of
 # isort: on
 from .engine import CacheHandle
-from .registry import REGISTRY, ConfigsByName, Registered, for_config, register
+from .registry import REGISTRY, ConfigsByName, Registered, check_fields, for_config, register
 
 CONFIGS = ConfigsByName()  # name -> config class, live: a method registered later appears here too
 
@@ -90,6 +90,7 @@ def config_from_options(name: str, options: list[str] | None = None):
         config = factory(**values)
     else:
         config = cls(**values)
+    check_fields(config)
     REGISTRY[name.lower()].method(config).check()  # option ranges (and a plan's file), before a model loads
     return config
 

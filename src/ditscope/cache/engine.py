@@ -32,6 +32,7 @@ from ..errors import DitscopeError
 from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
 from ..patching import Patches, read_timestep, timestep_argument
 from .parallel import agree, forward_owner, run_layout, sequence_group
+from .registry import check_fields
 
 COMPUTE, REUSE, PARTIAL, PREDICT = "compute", "reuse", "partial", "predict"
 WHOLE = "whole"  # a partial recompute asked for, the module computed whole instead (no token subset of it)
@@ -241,6 +242,7 @@ class CacheMethod:
 
     def validate(self, ctx: Context):
         """Raise DitscopeError for a config that cannot work on this model (and for what `check` refuses)."""
+        check_fields(self.config)
         self.check()
 
     def wants_attention(self, ctx: Context) -> bool:
@@ -521,6 +523,9 @@ class CacheHandle:
 
     def __init__(self, target, method: CacheMethod, num_inference_steps: int | None = None, count_flops: bool = False,
                  layout: Blocks | None = None):
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
+                                                or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise DitscopeError(f"num_inference_steps must be a whole number >= 1, not {num_inference_steps!r}")
         found, self.pipe = find_transformers(target)
         for _, model in found:
             if getattr(model, "_ditscope_cache", None) is not None:

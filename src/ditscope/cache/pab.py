@@ -40,6 +40,12 @@ class PABMethod(CacheMethod):
         c = self.config
         if min(c.spatial_interval, c.temporal_interval, c.cross_interval) < 1:
             raise DitscopeError("PAB intervals must be >= 1")
+        for name in ("spatial_range", "temporal_range", "cross_range"):
+            span = getattr(c, name)
+            ok = (isinstance(span, (tuple, list)) and len(span) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1000 for v in span))
+            if not ok or span[0] > span[1]:
+                raise DitscopeError(f"PAB {name} must be (low, high) timesteps with 0 <= low <= high <= 1000, not {span!r}")
 
     def module(self, ctx: Context, site: Site, run, args, kwargs):
         c = self.config

@@ -71,6 +71,8 @@ class PlanMethod(ScheduleMethod):
 
     def check(self):
         self.base = self.config.schedule()  # a missing or damaged plan file fails before a model loads
+        if not self.config.tolerance > 0 or self.config.tolerance == float("inf"):  # nan fails the first test
+            raise DitscopeError(f"PlanConfig tolerance must be a finite number > 0, not {self.config.tolerance}")
         if self.config.adaptive:
             if self.config.signal not in SIGNALS:
                 raise DitscopeError(f"unknown adaptive signal {self.config.signal!r}; use {' or '.join(SIGNALS)}")

@@ -71,6 +71,34 @@ def unregister(name: str) -> None:
     REGISTRY.pop(name, None)
 
 
+def check_fields(config) -> None:
+    """One check of a config's values against its defaults' types: a number where the default is one (an integer
+    where it is an integer), finite, and not negative (no option of a cache method means anything below 0); a
+    flag where it is a flag. Raises DitscopeError naming the option; what a method's own `check` adds is its
+    ranges (an interval of at least 1, a ratio up to 1)."""
+    import dataclasses
+    import math
+
+    if not dataclasses.is_dataclass(config):
+        return
+    name = type(config).__name__
+    for f in dataclasses.fields(config):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        value = getattr(config, f.name)
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise DitscopeError(f"{name}.{f.name} is a flag (True or False), not {value!r}")
+        elif isinstance(default, (int, float)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (isinstance(default, int) and not isinstance(value, int)):
+                kind = "an integer" if isinstance(default, int) else "a number"
+                raise DitscopeError(f"{name}.{f.name} must be {kind}, not {value!r} ({type(value).__name__})")
+            if not math.isfinite(value) or value < 0:
+                raise DitscopeError(f"{name}.{f.name} must be a finite number >= 0, not {value!r}")
+
+
 def for_config(config) -> Registered | None:
     """The registered method of a config instance (or class)."""
     cls = config if isinstance(config, type) else type(config)

@@ -77,6 +77,13 @@ class Schedule:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.rows, dict) or not self.rows:
+            raise DitscopeError("a schedule needs at least one row (unit -> actions per step); an empty one would run "
+                                "uncached while claiming a plan")
+        for unit, row in self.rows.items():
+            if not isinstance(unit, str) or not isinstance(row, str) or not row:
+                raise DitscopeError(f"schedule row {unit!r} must be a non-empty string of C / R / F, one per step "
+                                    f"(got {row!r})")
         lengths = {len(r) for r in self.rows.values()}
         if len(lengths) > 1:
             raise DitscopeError(f"a schedule's rows must all have one action per step (lengths {sorted(lengths)})")
@@ -143,8 +150,13 @@ class Schedule:
             raise DitscopeError(f"plan file {path} does not exist")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except UnicodeDecodeError:
+            raise DitscopeError(f"{path} is not a plan file (not text: a profile? a plan is the .plan.json "
+                                "that ditscope plan writes)") from None
+        except json.JSONDecodeError:
             raise DitscopeError(f"plan file {path} is corrupt or truncated (not JSON); make it again with ditscope plan") from None
+        except OSError as e:
+            raise DitscopeError(f"cannot read plan file {path}: {e.strerror or e}") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise DitscopeError(f"{path} is not a ditscope plan file")
         version = raw.get("format_version")

@@ -67,7 +67,9 @@ def bench(
         raise DitscopeError("--calibration-prompts must be at least 1")
     if steps is not None and steps < 2:
         raise DitscopeError("--steps must be at least 2")
-    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
+    if method_list is not None and not method_list:
+        raise DitscopeError(f"--methods {methods!r} names no method; give a comma list such as toca,fora")
     grid_spec = load_grid(grid)
     entry = zoo.ZOO.get(model)
     n_steps = steps or (entry.steps if entry else 20)

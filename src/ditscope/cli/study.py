@@ -128,7 +128,11 @@ def models_cmd(models: Annotated[list[str], typer.Argument(help="two or more mod
 
 
 def _ints(text: str, name: str) -> list[int]:
+    items = [x.strip() for x in text.split(",")]
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in items]
     except ValueError:
         raise DitscopeError(f"{name} must be comma-separated integers, not {text!r}") from None
+    if len(set(values)) != len(values):
+        raise DitscopeError(f"{name} {text!r} names a value twice; give each once")
+    return values
