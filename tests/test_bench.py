@@ -279,14 +279,16 @@ def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, 
 
     grid, straight = signal_grid_and_straight_rows
     args = [*SIGNAL_BENCH, "--grid", str(grid)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    from ditscope.holds import held_env
+
+    hold = held_env(tmp_path, "bench row saved", after=2)  # held right after its second saved setting
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **hold)
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "ditscope", *args, "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = out / "results.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and (
-            not results.exists() or len(results.read_text().splitlines()) < 2):
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / hold["DITSCOPE_HOLD_FILE"]).exists():
         time.sleep(0.02)
     proc.send_signal(getattr(signal, sig))
     proc.wait()

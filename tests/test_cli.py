@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,8 +395,8 @@ def test_unreadable_prompts_file(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-# eight prompts: after the first is saved, seven more keep the run alive for seconds, a margin for the signal
-# to land part-way (the CI failures this was first meant for were an ignored SIGINT: see the launcher below)
+# eight prompts: the run is held after the first is saved (ditscope.holds) and signalled there (the CI failures
+# this was first meant for were an ignored SIGINT: see the launcher below)
 SIGNAL_PROMPTS = [f"a {size} {colour} circle on a grey background" for size in ("small", "large")
                   for colour in ("red", "blue", "green", "yellow")]
 
@@ -436,7 +437,10 @@ def test_a_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path,
     the profile is bit-identical to an uninterrupted one. Ctrl-C says what was kept and how to resume."""
     prompts = write(tmp_path / "p.txt", "\n".join(SIGNAL_PROMPTS) + "\n")
     n = len(SIGNAL_PROMPTS)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    from ditscope.holds import held_env
+
+    hold = held_env(tmp_path, "profile state saved")  # held right after its first saved prompt: a known point
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **hold)
     out = tmp_path / "killed"
     # a shell that starts a job in the background (`bash .ci/run &`, nohup) makes it ignore SIGINT, and a
     # Python started with SIGINT ignored keeps ignoring it: give the child Ctrl-C's handler, as a terminal would
@@ -446,7 +450,7 @@ def test_a_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = out / "profile.ditscope.partial"
     deadline = time.time() + 240
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
+    while not Path(hold["DITSCOPE_HOLD_FILE"]).exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(sig)
     err = proc.communicate()[1]
@@ -645,3 +649,18 @@ def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_
     else:
         assert resumed["options"] == fresh["options"]
     assert not work.exists()
+
+
+def test_show_on_a_plan_it_cannot_write_beside_shows_it_without_a_figure(tmp_path, monkeypatch):
+    from ditscope.cache.schedule import Schedule
+    from ditscope.planning import show
+
+    plan = Schedule({"stack": "CCRCR"}).save(tmp_path / "a.plan.json")
+
+    def refuse(plan, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(show, "heatmap", refuse)  # what a read-only folder does (root can write anywhere)
+    result = cli("show", plan)
+    assert result.exit_code == 0 and "(no figure: cannot write" in result.stdout and "stack" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.plan.json"]

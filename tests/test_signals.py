@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -18,15 +19,17 @@ ARGS = ["eval", "tiny-pixart", "--n", "40", "--steps", "2"]  # two batches (32 +
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_an_eval_process_stopped_by_a_signal_resumes_to_the_same_result(tmp_path, sig, one_thread):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    from ditscope.holds import held_env
+
+    hold = held_env(tmp_path, "eval state saved")  # held right after its first batch is saved: a known point
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **hold)
     state_dir = tmp_path / "state"
     stopped = [*ARGS, "--state-dir", str(state_dir), "--json", str(tmp_path / "resumed.json")]
     proc = subprocess.Popen([sys.executable, "-m", "ditscope", *stopped], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any(state_dir.glob("*.pt")):
+    while time.time() < deadline and proc.poll() is None and not Path(hold["DITSCOPE_HOLD_FILE"]).exists():
         time.sleep(0.02)
-    time.sleep(0.2)  # the state is written atomically: once it is there, it is whole
     proc.send_signal(getattr(signal, sig))
     proc.wait()
     assert any(state_dir.glob("*.pt")) and not (tmp_path / "resumed.json").exists(), "it should die part-way"

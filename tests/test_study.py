@@ -186,11 +186,14 @@ def test_a_study_process_stopped_by_a_signal_resumes_to_the_uninterrupted_result
 
     args = ["study", "steps", "tiny-pixart", "--steps", "4,8", "--prompts", str(study_dir.parent / "p.txt"),
             "--out", str(tmp_path / "out")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    from ditscope.holds import held_env
+
+    hold = held_env(tmp_path, "profile state saved")  # held right after the first saved batch of a profile
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **hold)
     proc = subprocess.Popen([sys.executable, "-m", "ditscope", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not any((tmp_path / "out").rglob("*.partial")):
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / hold["DITSCOPE_HOLD_FILE"]).exists():
         time.sleep(0.02)
     proc.send_signal(getattr(signal, sig))
     proc.wait()

@@ -25,6 +25,7 @@ import torch
 from ..cache.plan import PlanConfig
 from ..errors import DitscopeError
 from ..files import atomic_path, write_text_atomic
+from ..holds import hold
 from ..stats.quality import as_frames, per_sample_psnr_ssim
 from ..zoo.pipeline import samples
 from .grid import BASELINE, FEWER_STEPS, Setting, option_strings
@@ -346,6 +347,7 @@ def append_row(out: Path, row: dict):
     """One line per setting: a kill loses at most the current one; a later line of a key wins when read."""
     with open(out / RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
+    hold("bench row saved")
 
 
 def read_rows(out: Path) -> list[dict]:

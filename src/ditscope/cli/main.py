@@ -114,8 +114,11 @@ def show(path: Annotated[Path, typer.Argument(help="a .ditscope profile or a .pl
         plan = Schedule.load(path)
         for key, value in summary_rows(plan):
             print(f"{key:24s} {value}")
-        figure = heatmap(plan, path.with_name(path.name.removesuffix(".json") + ".png"))
-        print(f"wrote {figure}")
+        figure = path.with_name(path.name.removesuffix(".json") + ".png")
+        try:
+            print(f"wrote {heatmap(plan, figure)}")
+        except OSError as e:  # a plan in a read-only folder: shown, with no figure beside it
+            print(f"(no figure: cannot write {figure}: {e.strerror or e})")
         return
     _print_summary(Profile.load(path))
 

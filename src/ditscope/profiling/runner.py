@@ -18,6 +18,7 @@ from .. import __version__
 from ..capture.recorder import DEFAULT_TARGETS, Recorder
 from ..errors import DitscopeError
 from ..families import family_of
+from ..holds import hold
 from ..patching import Patches
 from .artifact import RUN_FIELDS, Profile, sha256_of
 from .prompts import pipeline_prompt_kwargs
@@ -201,6 +202,7 @@ def profile(
             result.meta = dict(meta)
             if state_path is not None:
                 result.save(state_path)
+                hold("profile state saved")
     if result is None:
         raise DitscopeError(f"shard {shard_name} has no prompts (only {len(prompts)} prompts for {shard[1]} shards)")
     result.meta.update({"timesteps": result.timesteps, "n_prompts": result.n_prompts})

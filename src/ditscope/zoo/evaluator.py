@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..files import atomic_path
+from ..holds import hold
 from . import data
 from .pipeline import samples
 
@@ -300,6 +301,7 @@ def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: 
         if state_path is not None:
             with atomic_path(state_path) as tmp:
                 torch.save({"key": key, "images": images}, tmp)
+            hold("eval state saved")
     generated = torch.cat(images)
     result = score(net, generated, scenes, pipe.is_class_conditional)
     result["frechet"] = frechet_to_real(net, generated, scenes)
