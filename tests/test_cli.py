@@ -220,6 +220,7 @@ MORE_BAD_INPUTS = [
     (["bench", "tiny-pixart", "--grid", "{reversed}"], "spatial_range"),
     (["study", "steps", "--steps", "10,10,20"], "names a value twice"),
     (["study", "steps", "--steps", "10,,20"], "comma-separated integers"),
+    (["study", "scheduler", "--schedulers", "dpm,ddim:beta_schedule=bogus"], "bogus is not implemented"),
     (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
       "path={norows}"], "at least one row"),
     (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",

@@ -62,6 +62,16 @@ def parse_scheduler(text: str):
     return cls, overrides
 
 
+def check_scheduler(spec: str) -> None:
+    """`parse_scheduler`, and the option values tried on the scheduler's own defaults: a value it refuses is
+    found before any model loads or any variant runs."""
+    cls, overrides = parse_scheduler(spec)
+    try:
+        cls(**overrides).set_timesteps(10)
+    except Exception as e:
+        raise DitscopeError(f"scheduler {spec}: {_first_line(e)}") from None
+
+
 def configure_scheduler(pipe, spec: str | None, steps: int) -> None:
     """Give `pipe` the scheduler `spec` (`NAME[:key=value;...]`, None: keep its own) and check, before
     anything runs, that it can sample `steps` steps: a bad option value, or a step count at or beyond the

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, parse_scheduler
+from ..runtime import check_scheduler, check_writable_dir
 from .common import app, user_errors
 
 study_app = typer.Typer(help="The redundancy paper's experiments, each finding as a number, in HTML reports.",
@@ -105,7 +105,7 @@ def scheduler_cmd(model: Annotated[str, typer.Argument()] = "tiny-pixart",
     if len(names) < 2:
         raise DitscopeError("--schedulers needs at least two schedulers")
     for name in names:
-        parse_scheduler(name)
+        check_scheduler(name)  # names, option keys and values, before any variant runs
     _checked([model], prompts, [steps], out)
     variants = {n.replace(":", "-").replace("=", ""): {"scheduler": n, "steps": steps} for n in names}
     _done(_run(out, lambda: study_variants("scheduler", model, variants, prompts, out, seed=seed, device=device)),
