@@ -115,3 +115,21 @@ def test_a_plan_run_in_another_layout_warns_or_is_refused():
     plan.meta["layout"]["ulysses_degree"] = 1
     with pytest.warns(DitscopeWarning, match="compiled whole"):
         ditscope.apply(torch.compile(model, backend="eager"), ditscope.PlanConfig(plan), num_inference_steps=4).remove()
+
+
+def test_bad_input_under_torchrun_is_one_line_on_every_rank_and_no_rank_waits(tmp_path):
+    """Fewer calibration prompts than ranks: each rank refuses before any work (exit 2 each), no rank is left
+    waiting in a collective, nothing is written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "ditscope", "plan", "tiny-pixart", "--n-prompts", "1", "--steps", "4",
+                               "--out", str(tmp_path / "p.plan.json")], env=env, capture_output=True, text=True,
+                              timeout=240, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank was left waiting")
+    message = "error: 2 ranks share 1 calibration prompts: give at least one per rank"
+    assert done.stderr.count(message) == 2, done.stderr[-3000:]
+    assert done.stderr.count("exitcode: 2") == 2 or done.returncode != 0  # torchrun reports each rank's exit 2
+    assert "/ditscope/" not in done.stderr  # no ditscope frame in any traceback: the launcher's report is its own
+    assert list(tmp_path.iterdir()) == []
