@@ -56,7 +56,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("pixart", "flux"), default="pixart")
-    ap.add_argument("--size", choices=("mid", "full"), default="mid")
+    ap.add_argument("--size", choices=("tiny", "mid", "full"), default="mid", help="tiny: pixart only")
     ap.add_argument("--methods", default="fora,fbcache,teacache,plan")
     ap.add_argument("--modes", default="eager,whole,regional")
     ap.add_argument("--backend", default="inductor")

@@ -27,6 +27,9 @@ import sys
 import time
 
 SIZES = {
+    # a 2-block toy for what does not need size (dynamo's graph breaks and recompiles: compile_speed.py --size tiny)
+    "tiny": dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, sample_size=16, caption_channels=32,
+                 cross_attention_dim=32),
     # ~PixArt-alpha shape, scaled to run on a 2-core CPU: 12 blocks, hidden 512, 32x32 patches = 1024 tokens
     "mid": dict(num_layers=12, attention_head_dim=64, num_attention_heads=8, sample_size=64, caption_channels=512,
                 cross_attention_dim=512),
