@@ -284,3 +284,27 @@ def test_an_option_knob_is_oriented_by_what_it_does(pipe):
     # searched from ratio 1 (mild) towards 0.03 (aggressive): the first value tried is the mild end
     assert result.meta["trace"][0]["ratio"] == 1.0
     assert result.options["ratio"] < 1.0
+
+
+def test_tune_on_a_declared_layout_model_from_python():
+    """`ditscope.tune` takes the declared `layout` that `ditscope.plan` takes (a plain PyTorch DiT driven by the
+    user's own sampling loop, tests/opensora_like.py); the fitted config runs there with the same layout."""
+    import opensora_like
+
+    sampler = opensora_like.Sampler(opensora_like.build())
+    prompts = ["a red circle", "a blue square on the left"]
+    result = tune(sampler, "fora", prompts, "psnr=20", 6, batch_size=2, assurance="mean",
+                  layout=opensora_like.LAYOUT)
+    assert result.meta["quality"]["psnr"] >= 20 and result.options["interval"] >= 2
+    reference = generate(sampler, prompts, 6, batch_size=2)
+    with ditscope.apply(sampler, result.config(), num_inference_steps=6, layout=opensora_like.LAYOUT) as handle:
+        cached = generate(sampler, prompts, 6, batch_size=2)
+        assert handle.stats().summary()["reused"] > 0
+    assert statistics_mean(per_sample_psnr_ssim(cached, reference)[0]) == pytest.approx(result.meta["quality"]["psnr"],
+                                                                                          abs=1e-3)
+    with pytest.raises(DitscopeError, match="layout="):
+        tune(sampler, "fora", prompts, "psnr=20", 6, batch_size=2)
+
+
+def statistics_mean(values):
+    return sum(values) / len(values)

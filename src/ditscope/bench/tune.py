@@ -196,7 +196,7 @@ def check_request(method: str, options: dict, knob: str | None = None) -> tuple[
 def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inference_steps: int = 20, seed: int = 0,
          batch_size: int = 8, guidance_scale=None, options: dict | None = None, knob: str | None = None,
          assurance: str = "lower", iterations: int = 10, fit_coefficients: bool = True, work_dir=None,
-         progress=None, timed: bool = True) -> Tuned:
+         progress=None, timed: bool = True, layout=None) -> Tuned:
     """Fit `method`'s knob on `prompts` so that `target` (psnr=DB, ssim=S or speedup=X) holds.
 
     `options` are held fixed (the knob is the only thing that moves); `knob` names another numeric option
@@ -205,6 +205,8 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
     reaches) or the most aggressive one misses a speed target. `progress(text)` reports each evaluation.
     `timed=False` skips timing the fitted setting for a quality target (its `measured_speedup` is then None):
     for callers that measure speed themselves (`ditscope recommend` counts FLOPs on held-out prompts).
+    `layout`: the declared blocks of a model outside the family table, as for `ditscope.plan` (run the tuned
+    config with the same layout).
     """
     goal = Target.parse(target)
     if goal.kind == "flops":
@@ -225,13 +227,13 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
     reference = _reference(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, work, say)
     meta: dict = {}
     if method == "teacache" and fit_coefficients and "coefficients" not in fixed:
-        fit = fit_teacache(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale)
+        fit = fit_teacache(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, layout=layout)
         fixed["coefficients"] = fit["coefficients"]
         meta["teacache_fit"] = fit
         say(f"teacache: polynomial fitted, R^2 {fit['r2']:.3f} over {fit['points']} step pairs")
     evaluations = Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
-                              work / "evaluations.jsonl" if work else None)
-    applier = _applier(pipe, method, num_inference_steps, prompts[0], guidance_scale)
+                              work / "evaluations.jsonl" if work else None, layout)
+    applier = _applier(pipe, method, num_inference_steps, prompts[0], guidance_scale, layout)
     trace: dict[str, dict] = {}  # one entry per value evaluated (asking again reads the evaluation back)
 
     def measure(value, timed: bool = not goal.quality) -> dict:
@@ -263,8 +265,8 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
         # An option other than the method's knob has no known direction (ToCa's ratio is the fraction
         # recomputed: smaller is faster); the end that computes less is the aggressive one.
         if _work_done(pipe, method, fixed, the_knob.name, points[-1], measure, num_inference_steps, prompts[0],
-                      guidance_scale) > _work_done(pipe, method, fixed, the_knob.name, points[0], measure,
-                                                   num_inference_steps, prompts[0], guidance_scale):
+                      guidance_scale, layout) > _work_done(pipe, method, fixed, the_knob.name, points[0], measure,
+                                                           num_inference_steps, prompts[0], guidance_scale, layout):
             points = points[::-1]
     want_last = goal.quality
     best, boundary = None, None  # the chosen value; the neighbour on the other side of the boundary
@@ -329,7 +331,8 @@ def _plain(options: dict) -> dict:
     return json.loads(json.dumps(options, default=str))
 
 
-def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps: int, prompt, guidance_scale) -> float:
+def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps: int, prompt, guidance_scale,
+               layout=None) -> float:
     """How much a setting computes: ditscope's methods, executed FLOPs over uncached on one prompt (exact, no
     timing); a peer, the inverse of its measured speedup on the calibration prompts."""
     if method not in REGISTRY:
@@ -338,19 +341,21 @@ def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps:
     from ..planning.calibrate import generate
     from .grid import option_strings
 
-    with apply(pipe, config_from_options(method, option_strings({**fixed, name: value})), count_flops=True) as handle:
+    with apply(pipe, config_from_options(method, option_strings({**fixed, name: value})), num_inference_steps=steps,
+               count_flops=True, layout=layout) as handle:
         generate(pipe, [prompt], steps, 0, 1, guidance_scale)
     return from_first(handle.stats().flops_ratio)  # torchrun: one prompt runs on the first rank only
 
 
-def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale):
+def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale, layout=None):
     """opts -> remove(): applies `method` with `opts` to `pipe` (ditscope's through apply, a peer's through
     its adapter, which may run the pipeline once to check it runs or to calibrate)."""
     if method in REGISTRY:
         from ..cache import apply, config_from_options
         from .grid import option_strings
 
-        return lambda opts: apply(pipe, config_from_options(method, option_strings(opts))).remove
+        return lambda opts: apply(pipe, config_from_options(method, option_strings(opts)), num_inference_steps=steps,
+                                  layout=layout).remove
     from .peers import PeerUnavailable, apply_peer
 
     def run_once():
@@ -426,7 +431,7 @@ class _TeaProbe(CacheMethod):
 
 
 def fit_teacache(pipe, prompts: list, num_inference_steps: int = 20, seed: int = 0, batch_size: int = 8,
-                 guidance_scale=None, degree: int = 4) -> dict:
+                 guidance_scale=None, degree: int = 4, layout=None) -> dict:
     """Fit TeaCache's rescaling polynomial on the uncached model: x = relative L1 change of the first block's
     modulated input between consecutive steps, y = that of the block stack's output, per model row.
 
@@ -435,7 +440,7 @@ def fit_teacache(pipe, prompts: list, num_inference_steps: int = 20, seed: int =
     import numpy as np
 
     probe = _TeaProbe()
-    with CacheHandle(pipe, probe, num_inference_steps=num_inference_steps):
+    with CacheHandle(pipe, probe, num_inference_steps=num_inference_steps, layout=layout):
         generate(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale)
     probe.pairs = [pair for part in gather(probe.pairs, data_parallel(pipe)[1]) for pair in part]  # torchrun: all ranks'
     if len(probe.pairs) < degree + 2:
