@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.distributed
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
 from . import scores
 from .engine import COMPUTE, PARTIAL, REUSE, WHOLE, CacheMethod, Context, Site, hidden_arg, with_hidden
+from .parallel import agree
 from .registry import Knob, register
 
 SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
@@ -170,8 +171,6 @@ class ToCaMethod(CacheMethod):
         """Context parallelism: the score's raw sums, kept as ("shard", this rank's tokens) when the attention
         saw them only, or as ("sequence", every token) when it saw the whole sequence with this rank's heads
         (Ulysses), added over the ranks' heads so that every rank holds the one-process sums."""
-        from .parallel import agree
-
         kind, cross = self.config.score, site.kind == CROSS
         gathered = q.shape[2] != self._tokens_in.get(site.index)
         found = ctx.state.setdefault("score", {})
@@ -186,15 +185,13 @@ class ToCaMethod(CacheMethod):
         else:
             raw = scores.self_attention_influence(q, k, mask, scale, normalize=False)
         if gathered:  # this rank's heads: sums over heads (kv-norm) or a head mean (s1) over the group
-            world = torch.distributed.get_world_size(ctx.sequence_group)
+            world = dist.get_world_size(ctx.sequence_group)
             raw = agree(raw, ctx.sequence_group).float().to(raw.device) / (1 if kind == "kv_norm" else world)
         found[site.block] = ("sequence" if gathered else "shard", raw)
 
     def _split_scores(self, ctx: Context, site: Site, rows: int, n: int, device) -> torch.Tensor:
         """Context parallelism: the score of every token of the sequence (rows, n x ranks), in rank order,
         equal on every rank to the one-process score: the raw sums gathered, normalised over all of them."""
-        import torch.distributed as dist
-
         c, st, group = self.config, ctx.state, ctx.sequence_group
         world = dist.get_world_size(group)
 
@@ -215,44 +212,25 @@ class ToCaMethod(CacheMethod):
             mine = joint_slice(ctx, site, found[1], n)
             mine = mine if mine is not None else torch.zeros(rows, n, device=device)
             base = finish(_gather_tokens(mine, group, world))
-        age = _gather_tokens(st["age"][site.index], group, world)
-        score = base + c.freq_weight * age / c.interval
-        if site.stream == IMAGE and site.kind != TEMPORAL:
-            score = scores.spatial_uniformity(score, c.uniform_grid, c.uniform_bonus)
-        return score
+        return self._with_age_and_spread(site, base, _gather_tokens(st["age"][site.index], group, world))
 
-    def _split_partial(self, ctx: Context, site: Site, run, args, kwargs, cache, x, n: int):
-        """A partial step under context parallelism: the top tokens of the whole sequence, as one process
-        picks them; each rank computes its chosen tokens, padded to the group's largest share (a module with a
+    def _split_choice(self, ctx: Context, site: Site, x, n: int, k: int):
+        """A partial step under context parallelism: the top k tokens of the whole sequence, as one process
+        picks them. Returns (this rank's token indices, which of them are chosen) or (None, None) when no rank
+        has any: each rank runs its chosen tokens padded to the group's largest share (a module with a
         collective inside needs the same count on every rank; a padding token's output is not kept)."""
-        import torch.distributed as dist
-
         group = ctx.sequence_group
         world, me = dist.get_world_size(group), dist.get_rank(group)
         rows = x.shape[0]
-        k_all = round(self.ratio(ctx, site) * n * world)
-        top = self._split_scores(ctx, site, rows, n, x.device).topk(k_all, dim=1, sorted=False).indices
+        top = self._split_scores(ctx, site, rows, n, x.device).topk(k, dim=1, sorted=False).indices
         chosen_all = torch.zeros(rows, n * world, dtype=torch.bool, device=x.device).scatter_(1, top, True)
         chosen = chosen_all[:, me * n:(me + 1) * n]
         count = torch.tensor([int(chosen.sum(1).max())])
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-        k = int(count)
-        if k == 0:
-            return self._reuse(ctx, site, cache, n)
-        idx = chosen.float().topk(k, dim=1, sorted=False).indices  # the chosen tokens first, then padding
-        keep = chosen.gather(1, idx)
-        x_sub = torch.gather(x, 1, idx.unsqueeze(-1).expand(rows, k, x.shape[-1]))
-        if site.kind in (SELF, TEMPORAL):
-            kwargs = {**kwargs, site.kv: x}
-        sub_args, sub_kwargs = with_hidden(args, kwargs, x_sub, site.hidden)
-        out = run(*sub_args, **sub_kwargs)
-        where = idx.unsqueeze(-1).expand(rows, k, cache.shape[-1])
-        cache.scatter_(1, where, torch.where(keep.unsqueeze(-1), out.to(cache.dtype), cache.gather(1, where)))
-        age = ctx.state["age"][site.index]
-        age += 1
-        age.scatter_(1, idx, torch.where(keep, torch.zeros_like(age.gather(1, idx)), age.gather(1, idx)))
-        ctx.count(PARTIAL, int(chosen.sum()), n * rows)
-        return cache
+        if int(count) == 0:
+            return None, None
+        idx = chosen.float().topk(int(count), dim=1, sorted=False).indices  # the chosen tokens first, then padding
+        return idx, chosen.gather(1, idx)
 
     def token_scores(self, ctx: Context, site: Site, rows: int, n: int, device) -> torch.Tensor:
         c, st = self.config, ctx.state
@@ -270,7 +248,12 @@ class ToCaMethod(CacheMethod):
                 base = joint_slice(ctx, site, found, n) if found is not None else None
             if base is None or base.shape[0] != rows:
                 base = torch.zeros(rows, n, device=device)
-        score = base + c.freq_weight * st["age"][site.index] / c.interval
+        return self._with_age_and_spread(site, base, st["age"][site.index])
+
+    def _with_age_and_spread(self, site: Site, base: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        """s3 (steps since a token was recomputed) added to the attention score, then s4 on an image grid."""
+        c = self.config
+        score = base + c.freq_weight * age / c.interval
         if site.stream == IMAGE and site.kind != TEMPORAL:
             score = scores.spatial_uniformity(score, c.uniform_grid, c.uniform_bonus)
         return score
@@ -288,7 +271,7 @@ class ToCaMethod(CacheMethod):
         if kind == "reuse":
             return self._reuse(ctx, site, cache, n)
         # under context parallelism this rank holds n of the sequence's tokens: the share is of all of them
-        total = n * (torch.distributed.get_world_size(ctx.sequence_group) if ctx.sequence_group is not None else 1)
+        total = n * (dist.get_world_size(ctx.sequence_group) if ctx.sequence_group is not None else 1)
         k = round(self.ratio(ctx, site) * total)
         if k <= 0:
             return self._reuse(ctx, site, cache, n)
@@ -298,20 +281,34 @@ class ToCaMethod(CacheMethod):
         if why:  # asked for a token subset it cannot give: compute it whole (quality kept, saving lost) and say so
             ctx.note(site.name, f"token subset asked for, computed whole: {why}")
             return self._compute(ctx, site, run, args, kwargs, n, action=WHOLE)
-        rows = x.shape[0]
+        keep = None  # one process: every token it runs is a chosen one
         if ctx.sequence_group is not None:
-            return self._split_partial(ctx, site, run, args, kwargs, cache, x, n)
-        idx = self.token_scores(ctx, site, rows, n, x.device).topk(k, dim=1, sorted=False).indices
+            idx, keep = self._split_choice(ctx, site, x, n, k)
+            if idx is None:
+                return self._reuse(ctx, site, cache, n)
+        else:
+            idx = self.token_scores(ctx, site, x.shape[0], n, x.device).topk(k, dim=1, sorted=False).indices
+        return self._run_subset(ctx, site, run, args, kwargs, cache, x, idx, keep, n)
+
+    def _run_subset(self, ctx, site, run, args, kwargs, cache, x, idx, keep, n):
+        """Run the module on the tokens `idx` (rows, k) and write their outputs into the cache; with `keep`
+        (rows, k) only the marked ones (the rest are padding, computed and not kept)."""
+        rows, k = idx.shape
         x_sub = torch.gather(x, 1, idx.unsqueeze(-1).expand(rows, k, x.shape[-1]))
         if site.kind in (SELF, TEMPORAL):  # the chosen queries still attend to every token
             kwargs = {**kwargs, site.kv: x}
         sub_args, sub_kwargs = with_hidden(args, kwargs, x_sub, site.hidden)
-        out = run(*sub_args, **sub_kwargs)
-        cache.scatter_(1, idx.unsqueeze(-1).expand(rows, k, cache.shape[-1]), out.to(cache.dtype))
-        age = st["age"][site.index]
+        out = run(*sub_args, **sub_kwargs).to(cache.dtype)
+        where = idx.unsqueeze(-1).expand(rows, k, cache.shape[-1])
+        age = ctx.state["age"][site.index]
         age += 1
-        age.scatter_(1, idx, 0)
-        ctx.count(PARTIAL, k * rows, n * rows)
+        if keep is None:
+            cache.scatter_(1, where, out)
+            age.scatter_(1, idx, 0)
+        else:
+            cache.scatter_(1, where, torch.where(keep.unsqueeze(-1), out, cache.gather(1, where)))
+            age.scatter_(1, idx, torch.where(keep, torch.zeros_like(age.gather(1, idx)), age.gather(1, idx)))
+        ctx.count(PARTIAL, k * rows if keep is None else int(keep.sum()), n * rows)
         return cache
 
     def _compute(self, ctx, site, run, args, kwargs, n, action=COMPUTE):
@@ -333,8 +330,6 @@ class ToCaMethod(CacheMethod):
 
 def _gather_tokens(x: torch.Tensor, group, world: int) -> torch.Tensor:
     """(rows, n) per rank -> (rows, n x ranks) on every rank, in rank order."""
-    import torch.distributed as dist
-
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, -1)

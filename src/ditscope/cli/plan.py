@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..planning.workload import barrier, join, writes
+from ..planning.workload import barrier, writes
+from ..profiling.job import init_distributed
 from ..runtime import (
     check_guidance,
     check_writable_dir,
@@ -146,7 +147,7 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
     entry = zoo.ZOO.get(model)
     n_steps = steps or (entry.steps if entry else 20)
     dev = pick_device(device)
-    rank, world = join(dev) if distributed else (0, 1)
+    rank, world = init_distributed(dev) if distributed else (0, 1)  # the ranks share the prompts (workload.py)
     if world > 1 and dev.startswith("cuda"):
         dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)

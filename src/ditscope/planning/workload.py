@@ -12,20 +12,7 @@ runs every batch together.
 
 from __future__ import annotations
 
-import os
-
 from ..cache.parallel import launched, sequence_group
-
-
-def join(device: str = "cpu") -> tuple[int, int]:
-    """Join the torchrun group when launched by torchrun (gloo on CPU, nccl on GPU): (rank, world size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def data_parallel(pipe) -> tuple[int, int]:
