@@ -25,8 +25,8 @@ import torch
 
 import ditscope
 from ditscope import PlanConfig, Schedule
-from ditscope.planning.calibrate import generate
 from ditscope.planning.planner import plan, stack_change
+from ditscope.profiling.workload import generate
 from ditscope.stats.quality import per_sample_psnr_ssim
 from ditscope.zoo import evaluator
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 import ditscope
-from ditscope.planning.calibrate import generate
 from ditscope.planning.planner import plan
+from ditscope.profiling.workload import generate
 from ditscope.stats.quality import per_sample_psnr_ssim
 from ditscope.zoo import evaluator
 

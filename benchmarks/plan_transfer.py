@@ -21,8 +21,8 @@ import torch
 
 import ditscope
 from ditscope import PlanConfig, Schedule
-from ditscope.planning.calibrate import generate
 from ditscope.planning.planner import plan
+from ditscope.profiling.workload import generate
 from ditscope.runtime import parse_scheduler
 from ditscope.stats.quality import per_sample_psnr_ssim
 from ditscope.zoo import evaluator

@@ -34,9 +34,9 @@ import ditscope
 from ditscope import PlanConfig, Schedule
 from ditscope.cache.plan import _resampled_signal
 from ditscope.cache.schedule import STACK
-from ditscope.planning.calibrate import generate
 from ditscope.planning.planner import _calibration, stack_change
 from ditscope.profiling.artifact import sha256_of
+from ditscope.profiling.workload import generate
 from ditscope.stats.quality import per_sample_psnr_ssim
 from ditscope.zoo import evaluator
 

@@ -2,7 +2,8 @@
 in one process on the same rank, on inputs whose two sequence halves change by different amounts (each rank
 sees its own signal). Each rank writes OUT.rank<R>.json: per method, the largest difference to the
 one-process output, the cache's per-step decisions and its notes. Started by tests/test_parallel.py:
-`python -m torch.distributed.run --standalone --nproc-per-node 2 tests/cp_worker.py OUT flux`."""
+`python -m torch.distributed.run --standalone --nproc-per-node 2 tests/cp_worker.py OUT flux [ulysses|ring]
+[cache|profile]` (profile: the recorder's distances instead, one process's and the split model's)."""
 
 import datetime
 import json
@@ -46,14 +47,56 @@ def run(model, config, inputs_of):
     return torch.stack(outs), decisions, {"notes": dict(stats.notes), "tokens": sum(r["tokens_total"] for r in stats.records)}
 
 
-def main(out: str, family: str):
+def attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """diffusers' native attention op, able to give the log-sum-exp that ring attention merges its partial
+    results with (on a GPU flash attention gives it; a CPU has no kernel that does). Layout (batch, seq, heads)."""
+    q, k = (x.permute(0, 2, 1, 3).double() for x in (query, key))
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    out = torch.nn.functional.scaled_dot_product_attention(*(x.permute(0, 2, 1, 3) for x in (query, key, value)),
+                                                           attn_mask=attn_mask, scale=scale).permute(0, 2, 1, 3)
+    return (out, torch.logsumexp(scores, -1).permute(0, 2, 1).to(query.dtype)) if return_lse else out
+
+
+def profiled(model, inputs_of) -> dict:
+    """Every step-to-step distance the recorder measures over STEPS steps (q, k, v, attention output, and
+    the attention modules' and blocks' outputs), by (layer, target, stream, branch)."""
+    from ditscope.capture.recorder import Recorder, output_sites
+
+    with Recorder(model, targets=("q", "k", "v", "a", "out"), outputs=output_sites(model, "blocks")) as rec:
+        for step in range(STEPS):
+            with torch.no_grad():
+                model(**uneven(inputs_of(2, step), step), return_dict=False)
+    sample = rec.next_sample()
+    return {f"{rec.layer_names[k[0]]}/{k[1]}/{k[2]}/{k[3]}": v.tolist() for k, v in sample.values.items()}
+
+
+def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):
     torch.accelerator.device_count = lambda: 1  # diffusers takes the rank modulo it; a CPU has no accelerator
+    if split_by == "ring":
+        from diffusers.models import attention_dispatch
+
+        attention_dispatch._native_attention_forward_op = attention_with_lse
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     from diffusers import ContextParallelConfig
 
     build, inputs_of = getattr(tiny, f"build_{family}"), getattr(tiny, f"inputs_{family}")
     plain, split = build(), build()
-    split.enable_parallelism(config=ContextParallelConfig(ulysses_degree=dist.get_world_size()))
+    split.enable_parallelism(config=ContextParallelConfig(**{f"{split_by}_degree": dist.get_world_size()}))
+    if what == "profile":  # the recorder's distances: one process's, and the ranks' sums added up
+        results = {"one": profiled(plain, inputs_of), "split": profiled(split, inputs_of)}
+        ringed = build()
+        ringed.enable_parallelism(config=ContextParallelConfig(ring_degree=dist.get_world_size()))
+        try:
+            profiled(ringed, inputs_of)
+        except ditscope.DitscopeError as e:
+            results["ring"] = str(e)
+        with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+        return
     with torch.no_grad():
         uncached = torch.stack([plain(**uneven(inputs_of(2, s), s), return_dict=False)[0] for s in range(STEPS)])
     results = {}
@@ -73,4 +116,4 @@ def main(out: str, family: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

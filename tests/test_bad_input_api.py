@@ -82,7 +82,7 @@ def test_other_bad_api_input_is_one_error(call, message):
 
 
 def test_the_planning_helpers_refuse_a_nan_guidance():
-    from ditscope.planning.calibrate import generate
+    from ditscope.profiling.workload import generate
 
     with pytest.raises(DitscopeError, match="guidance_scale must be a finite number >= 0"):
         generate(None, ["a red circle"], 4, guidance_scale=NAN)

@@ -581,3 +581,22 @@ def test_flops_are_counted_under_inference_mode_on_mochi():
                 model(**inputs(2, s))
             counted.append(handle.stats().flops)
     assert counted[0] == counted[1] > 0
+
+
+def test_toca_says_when_no_attention_score_came():
+    """ToCa reads its score from torch's SDPA; an attention processor that computes the map itself (as diffusers'
+    non-native backends do in their own kernels) gives none, and stats() says the tokens went by age alone."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    name = next(n for n in CASES if "PixArt" in n)
+    build, inputs, _ = CASES[name]
+    model = build()
+    config = ditscope.ToCaConfig(ratio=0.5)
+    with cache(model, config) as handle:
+        run_steps(model, inputs)
+        assert not any("no attention score" in text for text in handle.stats().notes.values())
+    model.set_attn_processor(AttnProcessor())  # softmax(QK^T)V in plain torch: no SDPA call
+    with cache(model, config) as handle:
+        run_steps(model, inputs)
+        notes = handle.stats().notes
+    assert notes and all("no attention score came" in text for text in notes.values()), notes

@@ -23,7 +23,8 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--size", "tiny", "--device", "cpu", "--out",
-         str(tmp_path), "--tiny-steps", "3", "--repeats", "1"],
+         str(tmp_path), "--tiny-steps", "3", "--repeats", "1", "--compile-archs", "pixart,flux",
+         "--compile-backend", "eager"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -49,6 +50,12 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
             else:  # caching of Mochi and Wan comes from another branch: a row either way
                 assert f"{method}_error" in measures or f"{method}_flops_speedup" in measures, (name, method)
         assert "arch_seconds" in measures
+        if name in ("pixart", "flux"):  # compiled per block (dynamo only, on a CPU): FORA as it runs eager
+            assert "compiled_error" not in measures, measures["compiled_error"]["note"]
+            assert float(measures["compiled_fora_max_diff"]["value"]) < 1e-5
+            assert float(measures["compiled_fora_wall_speedup"]["value"]) > 0
+        else:
+            assert not any(m.startswith("compiled") for m in measures), name
 
 
 def test_gpu_script_budget_skips_the_rest(tmp_path):

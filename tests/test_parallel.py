@@ -15,13 +15,14 @@ from ditscope.cache import REGISTRY
 HERE = Path(__file__).parent
 
 
+@pytest.mark.parametrize("split_by", ["ulysses", "ring"])  # ring: tests/cp_worker.py's attention op gives the LSE
 @pytest.mark.parametrize("family", ["flux", "wan"])  # joint attention split at the model; cross-attention, split at the first block
-def test_every_method_under_context_parallelism_decides_alike_on_every_rank(family, tmp_path):
+def test_every_method_under_context_parallelism_decides_alike_on_every_rank(family, split_by, tmp_path):
     out = tmp_path / family
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     try:  # a hang (ranks deciding differently) fails here instead of stalling CI
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(HERE / "cp_worker.py"), str(out), family], env=env, capture_output=True, text=True,
+                               str(HERE / "cp_worker.py"), str(out), family, split_by], env=env, capture_output=True, text=True,
                               timeout=300)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"2-rank run did not finish in 300 s (a collective waiting on a rank that skipped?): {e.stdout}")
@@ -36,6 +37,30 @@ def test_every_method_under_context_parallelism_decides_alike_on_every_rank(fami
             assert a["tokens"] * 2 == a["one_process_tokens"] and b["tokens"] == a["tokens"]
         assert a["decisions"] == a["one_process_decisions"], f"{name}: decided otherwise than one process"
         assert a["max_diff"] < 1e-4 and b["max_diff"] < 1e-4, (name, a["max_diff"], b["max_diff"])
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_profiling_a_model_split_by_ulysses_measures_what_one_process_measures(family, tmp_path):
+    """Each rank's recorder sums its part (its heads of every token in attention, its tokens elsewhere); the
+    sums added over the ranks give the one-process distances, for every layer, target and token stream."""
+    out = tmp_path / family
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(HERE / "cp_worker.py"), str(out), family, "ulysses", "profile"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-rank profile did not finish in 300 s: {e.stdout}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for r in (0, 1):
+        found = json.loads(Path(f"{out}.rank{r}.json").read_text())
+        one, split = found["one"], found["split"]
+        assert sorted(one) == sorted(split) and any("/text/" in k for k in one) and any("/out/" in k for k in one)
+        for key in one:
+            a, b = torch.tensor(one[key]), torch.tensor(split[key])
+            assert a.shape == b.shape and a.abs().max() > 0, key
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+        assert found["ring"].startswith("profiling a transformer split by ring attention is not supported")
 
 
 @pytest.mark.parametrize("how", ["whole", "regional"])
@@ -132,4 +157,85 @@ def test_bad_input_under_torchrun_is_one_line_on_every_rank_and_no_rank_waits(tm
     assert done.stderr.count(message) == 2, done.stderr[-3000:]
     assert done.stderr.count("exitcode: 2") == 2 or done.returncode != 0  # torchrun reports each rank's exit 2
     assert "/ditscope/" not in done.stderr  # no ditscope frame in any traceback: the launcher's report is its own
+    assert list(tmp_path.iterdir()) == []
+
+
+def _two_ranks(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m ditscope ARGS`; a hang fails the test instead of stalling it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    try:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "ditscope", *args], env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2 ranks did not finish {args[0]} in {timeout} s (a rank left waiting?): {e.stdout}")
+
+
+def _one_process(args: list[str]):
+    from typer.testing import CliRunner
+
+    from ditscope.cli.main import app
+
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    return done
+
+
+def test_a_bench_on_two_ranks_is_the_bench_one_process_runs(tmp_path, monkeypatch):
+    """Each rank runs a share of every setting's samples; the first rank scores and writes the same rows."""
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "tiny-pixart", "--methods", "fora,toca", "--grid", "quick", "--prompts", "3", "--seeds", "1",
+            "--steps", "4", "--repeats", "1", "--batch-size", "2"]
+    _one_process([*args, "--out", "one"])
+    two = _two_ranks([*args, "--out", "two"], tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("wrote two/results.csv") == 1  # the first rank reports and writes
+    from ditscope.bench.runner import read_rows
+
+    a, b = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
+    assert [r["key"] for r in a] == [r["key"] for r in b]  # one line per setting: no rank wrote twice
+    for x, y in zip(a, b, strict=True):
+        assert x["n_images"] == y["n_images"] == 3
+        assert abs(x["flops"] - y["flops"]) <= 1e-6 * x["flops"]  # the ranks' shares add up to the whole
+        for key in ("psnr", "ssim", "accuracy"):
+            if key in x:
+                assert abs(x[key] - y[key]) < 1e-3, (x["label"], key)
+        assert len(y["seconds_all"]) == len(x["seconds_all"]) >= 1  # the baseline is timed again at the end
+
+
+def test_an_evaluation_on_two_ranks_is_the_evaluation_one_process_makes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "tiny-pixart", "--n", "5", "--steps", "4", "--state-dir", "state"]
+    _one_process([*args, "--json", "one.json"])
+    two = _two_ranks([*args, "--json", "two.json"], tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a.keys() == b.keys() and a["n"] == b["n"] == 5
+    for key in a:
+        assert abs(a[key] - b[key]) < 1e-3, key
+    assert not (tmp_path / "state").exists()  # every rank's state file is gone once the evaluation is done
+
+
+def test_tune_and_a_study_on_two_ranks_give_what_one_process_gives(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=30", "--n-prompts", "3", "--steps", "6"]
+    _one_process([*args, "--out", "one.json"])
+    study = ["study", "prompts", "tiny-pixart", "--steps", "4", "--bootstrap", "50"]
+    _one_process([*study, "--out", "study-one"])
+    two = _two_ranks([*args, "--out", "two.json"], tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a["options"] == b["options"] and a["meta"]["value"] == b["meta"]["value"]
+    two = _two_ranks([*study, "--out", "study-two"], tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    x, y = (json.loads((tmp_path / d / "prompts" / "result.json").read_text()) for d in ("study-one", "study-two"))
+    assert x["verdict"] == y["verdict"]
+
+
+def test_more_ranks_than_samples_is_one_line_on_every_rank(tmp_path):
+    done = _two_ranks(["bench", "tiny-pixart", "--methods", "fora", "--prompts", "1", "--seeds", "1", "--steps", "4",
+                       "--out", str(tmp_path / "o")], tmp_path, timeout=240)
+    assert done.stderr.count("error: 2 ranks share 1 samples (prompts x seeds): give at least one per rank") == 2, \
+        done.stderr[-3000:]
+    assert "/ditscope/" not in done.stderr
     assert list(tmp_path.iterdir()) == []

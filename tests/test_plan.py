@@ -153,7 +153,7 @@ def test_calibration_records_the_adaptive_signal(calibration):
 def test_adaptive_plan_between_static_and_uncached(pipe):
     """Tolerance infinite: exactly the static plan. Tolerance ~0: every served step computes, exactly the
     uncached images. In between, a row's images do not depend on its batch neighbour."""
-    from ditscope.planning.calibrate import generate
+    from ditscope.profiling.workload import generate
 
     plan = Schedule({"stack": "CCRCRCRR", "transformer_blocks.2.attn1": "CRRCRRCR"},
                     meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]})
@@ -186,7 +186,7 @@ def test_rows_forced_to_compute_leave_what_the_plan_kept_as_it_was_computed(pipe
     and the next forecast read a fresh row as an old one). Every kept entry, each time the plan reads it, must
     be the one first stored under that label."""
     from ditscope.cache.schedule import ScheduleMethod
-    from ditscope.planning.calibrate import generate
+    from ditscope.profiling.workload import generate
 
     plan = Schedule({"stack": "CCFCFFCF", "transformer_blocks.1": "CCCCCCCC", "transformer_blocks.2.attn1": "CCFFCFFF"},
                     meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]})
@@ -238,7 +238,7 @@ def test_adaptive_plan_on_the_output_signal(pipe):
     """The stack's change between full steps decides for the served run that follows: tolerance infinite
     is the static plan; tolerance ~0 computes every run that follows a measured full step, which is the
     plan with those steps computed; a row does not depend on its batch neighbour."""
-    from ditscope.planning.calibrate import generate
+    from ditscope.profiling.workload import generate
 
     meta = {"stack_change": [[None, None]] + [[0.02, 0.04]] * 7}
     plan = Schedule({"stack": "CCRCRCRR"}, meta=meta)
@@ -270,7 +270,7 @@ def test_adaptive_plan_on_the_output_signal(pipe):
 def test_adaptive_output_signal_on_a_joint_attention_model():
     """SD3's last block returns no text stream (context_pre_only): the output signal measures what each block
     returns and runs there; forcing every run after a measured full step computes everything (uncached)."""
-    from ditscope.planning.calibrate import generate
+    from ditscope.profiling.workload import generate
 
     mm = zoo.load("tiny-mmdit")
     mm.set_progress_bar_config(disable=True)
@@ -413,7 +413,7 @@ def test_plan_on_a_declared_layout_model_from_python():
     import opensora_like
 
     from ditscope.cache.engine import layout_of
-    from ditscope.planning.calibrate import generate
+    from ditscope.profiling.workload import generate
     from ditscope.stats.quality import per_sample_psnr_ssim
 
     sampler = opensora_like.Sampler(opensora_like.build())
@@ -499,8 +499,8 @@ def test_the_price_scan_checks_no_plan_slower_than_one_that_held():
 def test_kept_evaluations_count_only_for_the_run_that_made_them(pipe, tmp_path):
     """A work folder left by a run on other prompts (or seeds, steps, guidance) held evaluations keyed by the
     schedule alone, and a rerun took their quality for its own: a plan claiming 26.5 dB that did not hold."""
-    from ditscope.planning.calibrate import generate
     from ditscope.planning.planner import Evaluations
+    from ditscope.profiling.workload import generate
 
     path = tmp_path / "evaluations.jsonl"
     with torch.inference_mode():

@@ -133,7 +133,7 @@ def test_recommend_table_is_recomputed_from_the_saved_values_and_the_line_names_
     steps = next(c for c in saved["candidates"] if c["name"] == "steps")
     if steps["status"] == "scored":
         from ditscope import zoo
-        from ditscope.planning.calibrate import generate
+        from ditscope.profiling.workload import generate
 
         pipe = zoo.load_pipeline("tiny-pixart")
         pipe.set_progress_bar_config(disable=True)

@@ -9,7 +9,7 @@ import ditscope
 from ditscope import DitscopeError, zoo
 from ditscope.bench.tune import Tuned, fit_teacache, knob_of, tune
 from ditscope.cache.registry import Knob
-from ditscope.planning.calibrate import generate
+from ditscope.profiling.workload import generate
 from ditscope.stats.quality import per_sample_psnr_ssim
 
 STEPS = 8

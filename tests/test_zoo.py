@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from ditscope import DitscopeError, zoo
 from ditscope.cli.main import app
+from ditscope.profiling.workload import samples
 from ditscope.zoo import data, evaluator
-from ditscope.zoo.pipeline import ShapesPipeline, samples
+from ditscope.zoo.pipeline import ShapesPipeline
 from ditscope.zoo.train import build
 
 needs_evaluator = pytest.mark.skipif(not evaluator.WEIGHTS.is_file(), reason="evaluator weights not shipped yet")

@@ -8,7 +8,10 @@ Per architecture (random weights, built on the device from `configs.py`; no hub,
 - profiling overhead: a plain sampling loop against the same loop under `ditscope.record`, alternated,
   at the paper's resolution / frame count: time ratio, extra peak device memory, one step's kept tensors;
 - caches: wall clock and executed FLOPs of ToCa (the paper's setting), FORA and a plan against no
-  cache, over `cache_steps` steps (the model's default where it fits the window). The plan is a
+  cache, over `cache_steps` steps (the model's default where it fits the window);
+- compiled (the architectures of `--compile-archs`): each block compiled (regional compilation), no cache
+  and FORA, each timed after a run that compiles: the speedup over compiled-uncached, the compile time and
+  the largest difference to FORA's eager output. The plan is a
   `Schedule` run by `PlanConfig`, made from this run's own profile (each block's modules reused at the
   steps where its attention output changed least; see `profile_schedule`): `ditscope.plan`'s search
   needs a pipeline, calibration prompts and a quality target, which random weights cannot give.
@@ -267,6 +270,39 @@ def measure_caches(arch: Arch, model, inputs, run: Run, rows: list, steps: int, 
                 torch.cuda.empty_cache()
 
 
+def measure_compiled(arch: Arch, model, inputs, run: Run, rows: list, steps: int):
+    """Regional compilation: every block of the model's block lists compiled; no cache and FORA."""
+    import ditscope
+
+    blocks = [b for child in model.children() if isinstance(child, torch.nn.ModuleList) for b in child]
+    with ditscope.apply(model, ditscope.FORAConfig(), num_inference_steps=steps):
+        eager = sample(model, inputs, steps, run)
+    for block in blocks:
+        block.compile(backend=run.args.compile_backend)
+    try:
+        first, _ = timed(lambda: sample(model, inputs, steps, run), run)  # compiles
+        base, _ = timed(lambda: sample(model, inputs, steps, run), run)
+        with ditscope.apply(model, ditscope.FORAConfig(), num_inference_steps=steps):
+            sample(model, inputs, steps, run)  # the cached path's graphs
+            seconds, _ = timed(lambda: sample(model, inputs, steps, run), run)
+            out = sample(model, inputs, steps, run)
+        diff = float((out.float() - eager.float()).abs().max())
+        rows += [
+            dict(measure="compiled_compile_seconds", value=f"{first - base:.2f}", unit="s", steps=steps,
+                 note=f"{len(blocks)} blocks, backend {run.args.compile_backend}: first run minus a compiled run"),
+            dict(measure="compiled_none_seconds", value=f"{base:.4f}", unit="s", steps=steps),
+            dict(measure="compiled_fora_seconds", value=f"{seconds:.4f}", unit="s", steps=steps),
+            dict(measure="compiled_fora_wall_speedup", value=f"{base / seconds:.4f}", unit="x", steps=steps,
+                 note="over compiled, uncached"),
+            dict(measure="compiled_fora_max_diff", value=f"{diff:.3g}", steps=steps, note="against FORA eager"),
+        ]
+        run.say(f"{arch.name}: compiled {base:.3f}s, compiled FORA {seconds:.3f}s ({base / seconds:.2f}x), "
+                f"max difference to eager FORA {diff:.2g}")
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # eager again
+
+
 def measure_arch(arch: Arch, run: Run) -> list[dict]:
     rows: list[dict] = []
     full = run.args.size == "full"
@@ -298,6 +334,16 @@ def measure_arch(arch: Arch, run: Run) -> list[dict]:
             rows.append(dict(measure="caches_error", value="skipped", note="no profile for the plan"))
         else:
             measure_caches(arch, model, inputs, run, rows, cache_steps, sample_)
+        if arch.name in run.args.compile_archs.split(",") and not run.args.no_cache:
+            if run.left() <= 0:
+                rows.append(dict(measure="compiled_error", value="skipped", note="time budget"))
+            else:
+                try:
+                    measure_compiled(arch, model, inputs, run, rows, cache_steps)
+                except Exception as e:  # noqa: BLE001  (a compiler failure must not stop the run)
+                    msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+                    rows.append(dict(measure="compiled_error", value="error", note=msg))
+                    run.say(f"{arch.name}: compiled failed: {msg}")
     model = inputs = sample_ = None  # free the device memory before the next architecture
     if run.cuda:
         torch.cuda.empty_cache()
@@ -317,6 +363,8 @@ def main(argv=None):
     ap.add_argument("--cache-steps", type=int, default=None, help="override every architecture's cache steps")
     ap.add_argument("--tiny-steps", type=int, default=4, help="steps of every loop with --size tiny")
     ap.add_argument("--no-cache", action="store_true", help="profiling and layer counts only")
+    ap.add_argument("--compile-archs", default="pixart", help="architectures also measured compiled per block")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.archs.split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]

@@ -7,23 +7,12 @@ channel, before any enlargement), so the PSNR printed is the PSNR of the two fil
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
+from ..profiling.workload import timed
 from ..stats.quality import per_sample_psnr_ssim
-
-
-def timed(fn):
-    """(fn(), its wall-clock seconds); GPU work is waited for before the clock stops."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def as_tensor(image) -> torch.Tensor:

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from ..cache.plan import PlanConfig
 from ..errors import DitscopeError
 from ..files import atomic_path, write_text_atomic
 from ..holds import hold
+from ..profiling.workload import Workload, barrier, data_parallel, from_first, gather, writes
 from ..stats.quality import as_frames, per_sample_psnr_ssim
-from ..zoo.pipeline import samples
 from .grid import BASELINE, FEWER_STEPS, Setting, option_strings
 
 ATTRIBUTES = ("shape", "color", "size", "position", "background", "motion")
@@ -60,38 +59,9 @@ class BenchInputs:
             meta.update(calibration=[str(p) for p in self.calibration], calibration_seed=self.calibration_seed)
         return meta
 
-
-# ------------------------------------------------------------------------------------ generation
-def call_kwargs(inputs: BenchInputs, steps: int, generators: list) -> dict:
-    kwargs = {"num_inference_steps": steps, "generator": generators, "output_type": "pt"}
-    if inputs.guidance_scale is not None:
-        kwargs["guidance_scale"] = inputs.guidance_scale
-    return kwargs
-
-
-def timed_passes(pipe, inputs: BenchInputs, steps: int) -> list[float]:
-    """Seconds of `inputs.repeats` passes over every prompt x seed."""
-    times = []
-    for _ in range(inputs.repeats):
-        start = time.perf_counter()
-        generate_all(pipe, inputs, steps)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def generate_all(pipe, inputs: BenchInputs, steps: int) -> torch.Tensor:
-    """Every prompt x seed, in prompt batches; generator i of a batch seeded (seed, prompt index)."""
-    images = []
-    for seed in inputs.seeds:
-        for start in range(0, len(inputs.prompts), inputs.batch_size):
-            chunk = inputs.prompts[start : start + inputs.batch_size]
-            gens = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
-            out = pipe(chunk, **call_kwargs(inputs, steps, gens))
-            got = samples(out)
-            images.append(torch.as_tensor(got).float().cpu())
-    return torch.cat(images)
+    def workload(self) -> Workload:
+        """Every prompt x seed: sample (seed s, prompt i) draws its noise from one generator in every setting."""
+        return Workload(self.prompts, self.steps, tuple(self.seeds), self.batch_size, self.guidance_scale)
 
 
 # --------------------------------------------------------------------------------------- quality
@@ -156,16 +126,17 @@ def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
         raise DitscopeError("the plan method needs calibration prompts apart from the bench's")
     making = plan_setting(setting)
     path = out / "plans" / f"{making.key}.plan.json" if out is not None else None
-    if path is not None and path.exists():
+    if _saved(path):
         return Schedule.load(path)
     opts = {k: v for k, v in making.options.items() if k != "target"}
     schedule = plan(pipe, inputs.calibration, making.options["target"], inputs.steps, batch_size=inputs.batch_size,
                     guidance_scale=inputs.guidance_scale, work_dir=path.with_suffix(".work") if path else None, **opts)
-    if path is not None:
-        schedule.save(path)
+    if path is not None and writes():
         import shutil
 
+        schedule.save(path)
         shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
+    barrier()
     return schedule
 
 
@@ -179,10 +150,10 @@ def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
     if not inputs.calibration:
         raise DitscopeError("a tune= setting needs calibration prompts apart from the bench's")
     path = out / "tuned" / f"{setting.key}.json" if out is not None else None
-    if path is not None and path.exists():
+    if _saved(path):
         return Tuned.load(path)
     failed = path.with_suffix(".failed") if path is not None else None
-    if failed is not None and failed.exists():  # a target this method cannot reach: not searched again
+    if _saved(failed):  # a target this method cannot reach: not searched again
         raise DitscopeError(f"{failed.read_text().strip()} (recorded in {failed}; delete it to search again)")
     fixed = {k: v for k, v in setting.options.items() if k != "tune"}
     try:
@@ -190,14 +161,22 @@ def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
                       batch_size=inputs.batch_size, guidance_scale=inputs.guidance_scale, options=fixed,
                       work_dir=path.with_suffix(".work") if path else None)
     except DitscopeError as e:
-        if failed is not None:
+        if failed is not None and writes():
             write_text_atomic(failed, str(e))
             shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
+        barrier()
         raise
-    if path is not None:
+    if path is not None and writes():
         result.save(path)
         shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
+    barrier()
     return result
+
+
+def _saved(path: Path | None) -> bool:
+    """Whether `path` was saved by an earlier run, as the first rank sees it (under torchrun every rank must
+    take the same branch, and a rank that looks after the first rank wrote it would not)."""
+    return from_first(path is not None and path.exists())
 
 
 def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None):
@@ -221,7 +200,7 @@ def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None
     from .peers import apply_peer
 
     def run_once():
-        return pipe([inputs.prompts[0]], **call_kwargs(inputs, inputs.steps, [torch.Generator().manual_seed(0)]))
+        return inputs.workload().call(pipe, [0])
 
     return inputs.steps, apply_peer(setting.method, pipe, options, inputs.steps, run_once)
 
@@ -229,31 +208,27 @@ def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None
 # ------------------------------------------------------------------------------------------ run
 def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, evaluator_net=None,
               progress=None, log=print) -> list[dict]:
-    """Run every setting not already in `out/results.jsonl`; return all rows (old and new)."""
+    """Run every setting not already in `out/results.jsonl`; return all rows (old and new).
+
+    Under torchrun the ranks share the samples of every setting (profiling/workload.py) and the first rank
+    scores and writes them; every rank returns the same rows."""
     from safetensors.torch import load_file, save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path = out / META
-    if meta_path.exists():
-        saved = json.loads(meta_path.read_text())
-        if saved != inputs.meta():
-            changed = sorted(k for k in inputs.meta() if saved.get(k) != inputs.meta()[k])
-            raise DitscopeError(f"{out} holds a bench with other {', '.join(changed)}; use another --out or the same arguments")
-    else:
-        write_text_atomic(meta_path, json.dumps(inputs.meta(), indent=2))
-    rows = {r["key"]: r for r in read_rows(out)}
+    problem = from_first(_start(out, inputs) if writes() else None)
+    if problem:
+        raise DitscopeError(problem)
+    rows = from_first({r["key"]: r for r in read_rows(out)} if writes() else None)
     kept = sum(s.key in rows for s in settings)
     if kept:
         log(f"resuming {out}: {kept} of {len(settings)} settings already measured")
     lpips, lpips_note = lpips_metric()
     image_dir = out / "images"
-    image_dir.mkdir(exist_ok=True)
     reference = None
     for setting in settings:
         path = image_dir / f"{setting.key}.safetensors"
-        if setting.key in rows and path.exists():
+        if setting.key in rows and _saved(path):
             if setting.method == BASELINE:
-                reference = load_file(str(path))["images"]
+                reference = from_first(load_file(str(path))["images"] if writes() else None)
             if progress:
                 progress(setting, rows[setting.key])
             continue
@@ -268,8 +243,9 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
         row.update(key=setting.key, system=setting.system, method=setting.method, label=setting.label,
                    options=json.dumps(setting.options, sort_keys=True), steps=setting.steps or inputs.steps)
         if images is not None:
-            with atomic_path(path) as tmp:
-                save_file({"images": images.contiguous()}, str(tmp))
+            if writes():
+                with atomic_path(path) as tmp:
+                    save_file({"images": images.contiguous()}, str(tmp))
             if setting.method == BASELINE:
                 reference = images
         append_row(out, row)
@@ -280,6 +256,21 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
     return [rows[s.key] for s in settings if s.key in rows]
 
 
+def _start(out: Path, inputs: BenchInputs) -> str | None:
+    """Make `out` (its bench.json names the inputs) or check that it holds a bench of the same inputs: the
+    reason it cannot be used, or None."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    meta_path = out / META
+    if not meta_path.exists():
+        write_text_atomic(meta_path, json.dumps(inputs.meta(), indent=2))
+        return None
+    saved = json.loads(meta_path.read_text())
+    if saved == inputs.meta():
+        return None
+    changed = sorted(k for k in inputs.meta() if saved.get(k) != inputs.meta()[k])
+    return f"{out} holds a bench with other {', '.join(changed)}; use another --out or the same arguments"
+
+
 def _retime_baseline(pipe, settings, inputs: BenchInputs, out: Path, rows: dict):
     """Time the uncached run again at the end, so that its median spans the whole bench: a machine that
     drifts (load, clocks) would otherwise bias every speedup against the one early baseline."""
@@ -287,8 +278,8 @@ def _retime_baseline(pipe, settings, inputs: BenchInputs, out: Path, rows: dict)
     row = rows.get(base.key) if base else None
     if row is None or row.get("retimed") or len(settings) < 3 or not inputs.repeats:
         return
-    row["seconds_all"] += timed_passes(pipe, inputs, inputs.steps)
-    row["seconds"] = statistics.median(row["seconds_all"])
+    row["seconds_all"] += inputs.workload().seconds(pipe, inputs.repeats)
+    row["seconds"] = from_first(statistics.median(row["seconds_all"]))
     row["retimed"] = True
     append_row(out, row)
 
@@ -318,10 +309,11 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
     try:
         from ..cache.engine import flop_counter
 
+        work = inputs.workload()
         with flop_counter() as counter:  # the scored images, their FLOPs, and the warm-up
-            images = generate_all(pipe, inputs, steps)
-        flops = float(counter.get_total_flops())
-        times = timed_passes(pipe, inputs, steps)
+            images = work.run(pipe, steps)
+        flops = float(sum(gather(counter.get_total_flops(), data_parallel(pipe)[1])))  # torchrun: every rank's share
+        times = from_first(work.seconds(pipe, inputs.repeats, steps))
     finally:
         remove()
     row = {"seconds": statistics.median(times) if times else None, "seconds_all": times, "flops": flops,
@@ -344,10 +336,13 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
 
 
 def append_row(out: Path, row: dict):
-    """One line per setting: a kill loses at most the current one; a later line of a key wins when read."""
-    with open(out / RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    hold("bench row saved")
+    """One line per setting: a kill loses at most the current one; a later line of a key wins when read.
+    Under torchrun the first rank writes."""
+    if writes():
+        with open(out / RESULTS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        hold("bench row saved")
+    barrier()
 
 
 def read_rows(out: Path) -> list[dict]:

@@ -45,9 +45,8 @@ from ..cache.registry import REGISTRY, Knob
 from ..cache.schedule import FORMAT as PLAN_FORMAT
 from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
-from ..planning.calibrate import generate
 from ..planning.planner import Evaluations, Target
-from ..planning.workload import data_parallel, from_first, gather, writes
+from ..profiling.workload import data_parallel, from_first, gather, generate, writes
 
 FORMAT, VERSION = "ditscope-tuned", 1
 GRID_POINTS = 6  # real-valued knobs: values on the grid before the bisection
@@ -338,7 +337,6 @@ def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps:
     if method not in REGISTRY:
         return 1 / measure(value, timed=True)["speedup"]
     from ..cache import apply, config_from_options
-    from ..planning.calibrate import generate
     from .grid import option_strings
 
     with apply(pipe, config_from_options(method, option_strings({**fixed, name: value})), num_inference_steps=steps,

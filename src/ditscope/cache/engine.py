@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from ..errors import DitscopeError
 from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
+from ..parallel import agree, forward_owner, run_layout, sequence_group
 from ..patching import Patches, read_timestep, timestep_argument
-from .parallel import agree, forward_owner, run_layout, sequence_group
 from .registry import check_fields
 
 COMPUTE, REUSE, PARTIAL, PREDICT = "compute", "reuse", "partial", "predict"
@@ -133,8 +133,9 @@ class Context:
         self.scheduler: str | None = None  # the pipeline's scheduler class, when there is a pipeline
         self.prefix = ""  # unit-name prefix of a pipeline's second transformer ("transformer_2.")
         self.unit_names: set[str] = set()  # units of every transformer the handle caches (plans name them)
-        self.sequence_group = None  # the ranks the sequence is split over (context parallelism; cache/parallel.py)
-        self.run_layout: dict = {}  # processes, sequence split, compiled (cache/parallel.py's run_layout)
+        self.sequence_group = None  # the ranks the sequence is split over (context parallelism; parallel.py)
+        self.split = None  # how: "ulysses" (heads split in attention), "ring" (keys go round), "ulysses+ring"
+        self.run_layout: dict = {}  # processes, sequence split, compiled (parallel.py's run_layout)
 
     # the step axis lives on the clock, shared between a pipeline's transformers
     step = property(lambda self: self.clock.step)
@@ -593,6 +594,9 @@ class CacheHandle:
 
         self._patches.set(model, "forward", model_forward)
         ctx.sequence_group = sequence_group(model)
+        if ctx.sequence_group is not None:
+            layout = run_layout(model)
+            ctx.split = "+".join(k for k in ("ulysses", "ring") if layout[f"{k}_degree"] > 1)
         for bsite in ctx.blocks:
             if method.uses_blocks:
                 owner, attr = forward_owner(bsite.module)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DitscopeError, DitscopeWarning
+from ..parallel import agree
 from .engine import BlockSite, Context, relative_change, row_abs_sums
-from .parallel import agree
 from .registry import register
 from .schedule import STACK, Schedule, ScheduleMethod, model_signature
 

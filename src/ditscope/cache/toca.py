@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
+from ..parallel import agree
 from . import scores
 from .engine import COMPUTE, PARTIAL, REUSE, WHOLE, CacheMethod, Context, Site, hidden_arg, with_hidden
-from .parallel import agree
 from .registry import Knob, register
 
 SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
@@ -168,15 +168,36 @@ class ToCaMethod(CacheMethod):
             found[site.block] = s
 
     def _on_split_attention(self, ctx: Context, site: Site, q, k, v, mask, scale):
-        """Context parallelism: the score's raw sums, kept as ("shard", this rank's tokens) when the attention
-        saw them only, or as ("sequence", every token) when it saw the whole sequence with this rank's heads
-        (Ulysses), added over the ranks' heads so that every rank holds the one-process sums."""
-        kind, cross = self.config.score, site.kind == CROSS
-        gathered = q.shape[2] != self._tokens_in.get(site.index)
+        """Context parallelism: the score's raw sums over every rank's attention sequence, in rank order, the same
+        on every rank: added over the ranks' heads when the attention saw the whole sequence with this rank's
+        heads (Ulysses), gathered when it saw this rank's tokens only. Ring attention runs the attention once
+        per rank's keys and values, this rank's first: only that call is scored."""
+        now, seen = (ctx.generation, ctx.step, ctx.call), ctx.state.setdefault("scored_in", {})
+        if seen.get(site.index) == now:  # ring attention: the same queries with another rank's keys
+            return
+        seen[site.index] = now
+        kind, cross, group = self.config.score, site.kind == CROSS, ctx.sequence_group
         found = ctx.state.setdefault("score", {})
+        if ctx.split == "ulysses+ring" and kind != "kv_norm":
+            found[site.block] = None
+            ctx.note(site.name, "attention split by Ulysses and ring at once: tokens unscored (score=kv_norm is)")
+            return
+        gathered = q.shape[2] != self._tokens_in.get(site.index) and ctx.split != "ring"
         if gathered and cross and kind != "kv_norm":  # an entropy of the head-mean map does not add over heads
             found[site.block] = None
             ctx.note(site.name, "cross-attention split over heads: tokens unscored under context parallelism")
+            return
+        if ctx.split == "ring" and not cross and kind != "kv_norm":  # this rank's queries, its own keys only
+            if mask is not None:
+                found[site.block] = None
+                ctx.note(site.name, "masked self-attention split by ring: tokens unscored under context parallelism")
+                return
+            # a key's column sum needs every key (the softmax's denominator): this rank's queries against all
+            # keys, then the sums added over the ranks' queries
+            world = dist.get_world_size(group)
+            raw = scores.self_attention_influence(q, _gather_tokens(k, group, world, dim=2), None, scale,
+                                                  normalize=False)
+            found[site.block] = agree(raw, group).float().to(raw.device)
             return
         if kind == "kv_norm":
             raw = scores.value_norm(v, normalize=False)
@@ -184,10 +205,12 @@ class ToCaMethod(CacheMethod):
             raw = scores.cross_attention_entropy(q, k, mask, scale, normalize=False)
         else:
             raw = scores.self_attention_influence(q, k, mask, scale, normalize=False)
+        world = dist.get_world_size(group)
         if gathered:  # this rank's heads: sums over heads (kv-norm) or a head mean (s1) over the group
-            world = dist.get_world_size(ctx.sequence_group)
-            raw = agree(raw, ctx.sequence_group).float().to(raw.device) / (1 if kind == "kv_norm" else world)
-        found[site.block] = ("sequence" if gathered else "shard", raw)
+            raw = agree(raw, group).float().to(raw.device) / (1 if kind == "kv_norm" else world)
+        else:  # this rank's tokens: every rank's, in rank order (normalised over them all, text tokens too)
+            raw = _gather_tokens(raw.float(), group, world)
+        found[site.block] = raw
 
     def _split_scores(self, ctx: Context, site: Site, rows: int, n: int, device) -> torch.Tensor:
         """Context parallelism: the score of every token of the sequence (rows, n x ranks), in rank order,
@@ -198,20 +221,15 @@ class ToCaMethod(CacheMethod):
         def finish(raw):  # what the one-process score does to the sums
             return F.normalize(raw.sqrt() if c.score == "kv_norm" else raw, dim=-1)
 
-        found = st.get("score", {}).get(site.block)
+        found = self._found_score(ctx, site)
         if c.score == "random":
             base = scores.random_score(rows, n * world, hash((c.seed, ctx.step, site.index)) % 2**63, device)
-        elif found is None or found[1].shape[0] != rows:
+        elif found is None or found.shape[0] != rows:
             base = torch.zeros(rows, n * world, device=device)
-        elif found[0] == "sequence":  # every rank's attention sequence, in rank order: each rank's tokens from its part
-            whole = finish(found[1])
-            parts = [joint_slice(ctx, site, part, n) for part in whole.chunk(world, dim=-1)]
+        else:  # every rank's attention sequence, in rank order: each rank's tokens from its part
+            parts = [joint_slice(ctx, site, part, n) for part in finish(found).chunk(world, dim=-1)]
             base = (torch.cat(parts, -1) if all(p is not None and p.shape[-1] == n for p in parts)
                     else torch.zeros(rows, n * world, device=device))
-        else:
-            mine = joint_slice(ctx, site, found[1], n)
-            mine = mine if mine is not None else torch.zeros(rows, n, device=device)
-            base = finish(_gather_tokens(mine, group, world))
         return self._with_age_and_spread(site, base, _gather_tokens(st["age"][site.index], group, world))
 
     def _split_choice(self, ctx: Context, site: Site, x, n: int, k: int):
@@ -237,7 +255,7 @@ class ToCaMethod(CacheMethod):
         if c.score == "random":
             base = scores.random_score(rows, n, hash((c.seed, ctx.step, site.index)) % 2**63, device)
         else:
-            found = st.get("score", {}).get(site.block)
+            found = self._found_score(ctx, site)
             if isinstance(found, list):  # per-sample scores of differing lengths: slice each, then stack
                 # only the stream at the front of the joint order has a known place in every sample's sequence
                 first = site.stream == ctx.family.joint_order[0]
@@ -249,6 +267,16 @@ class ToCaMethod(CacheMethod):
             if base is None or base.shape[0] != rows:
                 base = torch.zeros(rows, n, device=device)
         return self._with_age_and_spread(site, base, st["age"][site.index])
+
+    def _found_score(self, ctx: Context, site: Site):
+        """The attention score of `site`'s block, noting when none came: the attention never called torch's
+        scaled_dot_product_attention, which the score is read from (a diffusers attention backend other than
+        native: flash, sage, ...)."""
+        found = ctx.state.get("score", {})
+        if site.block not in found and self.config.score != "random":
+            ctx.note(site.name, "no attention score came (the attention does not call torch's "
+                     "scaled_dot_product_attention: use diffusers' native backend): tokens chosen by age alone")
+        return found.get(site.block)
 
     def _with_age_and_spread(self, site: Site, base: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         """s3 (steps since a token was recomputed) added to the attention score, then s4 on an image grid."""
@@ -328,11 +356,11 @@ class ToCaMethod(CacheMethod):
         return cache
 
 
-def _gather_tokens(x: torch.Tensor, group, world: int) -> torch.Tensor:
-    """(rows, n) per rank -> (rows, n x ranks) on every rank, in rank order."""
+def _gather_tokens(x: torch.Tensor, group, world: int, dim: int = -1) -> torch.Tensor:
+    """(rows, n) per rank -> (rows, n x ranks) on every rank, in rank order (`dim`: the token axis)."""
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, -1)
+    return torch.cat(parts, dim)
 
 
 def whole_only(site: Site) -> str | None:

@@ -163,6 +163,7 @@ class Recorder:
         self._orig_sdpa = None
         self._samples: list[Sample] = []
         self._scratch: dict = {}  # reusable float32 work buffers of reduce_sums, by shape
+        self._group, self._ulysses = _sequence_split(model)
         self._reset_sample()
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -343,22 +344,38 @@ class Recorder:
                 if target == "out":
                     continue
                 x = tensors[target]
-                streams = self._streams(layer, query.shape[2], key.shape[2], target)
+                if self._gathered(layer, query.shape[2]):  # this rank's heads over every rank's tokens in turn
+                    n, sq, sk = self._ulysses, query.shape[2], key.shape[2]
+                    part = (sq if target in ("q", "a") else sk) // n
+                    streams = [(name, r * part + a, r * part + b) for r in range(n)
+                               for name, a, b in self._streams(layer, sq // n, sk // n, target)]
+                else:
+                    streams = self._streams(layer, query.shape[2], key.shape[2], target)
                 reduced[target] = self._reduce(layer, call, target, x, streams)
             layer.calls.append(reduced)
         return out
 
+    def _gathered(self, layer: _Layer, sq: int) -> bool:
+        """Whether an attention call saw every rank's tokens (Ulysses gathers the sequence and splits the
+        heads; an attention left unsplit, such as a cross-attention, sees this rank's tokens)."""
+        if self._ulysses == 1:
+            return False
+        mine = [layer.hidden_len, layer.hidden_len + (layer.text_len or 0)]
+        return sq in [self._ulysses * m for m in mine]
+
     def _streams(self, layer: _Layer, sq: int, sk: int, target: str) -> list[tuple[str, int, int]]:
-        """Split a sequence axis into named token streams: [(stream, start, end)]."""
+        """Split a sequence axis (one rank's part of it under Ulysses) into named token streams:
+        [(stream, start, end)]."""
         n = sq if target in ("q", "a") else sk
         hid, txt = layer.hidden_len, layer.text_len
+        model_text = self._text_len // self._ulysses if self._text_len else None  # the text in one rank's part
         joint_text = None
         if txt is not None and sq == sk and hid < sq <= hid + txt:
             joint_text = sq - hid  # joint attention (Mochi keeps only each sample's valid text tokens)
         elif txt is not None and sq == hid and sk == txt:
             return [(IMAGE, 0, n)] if target in ("q", "a") else [(TEXT, 0, n)]  # cross-attention
-        elif txt is None and layer.single_stream and self._text_len and sq == sk and sq > self._text_len:
-            joint_text = self._text_len  # already-joined sequence (Flux single-stream blocks)
+        elif txt is None and layer.single_stream and model_text and sq == sk and sq > model_text:
+            joint_text = model_text  # already-joined sequence (Flux single-stream blocks)
         if joint_text is None:
             return [(IMAGE, 0, n)]
         first, _ = self.family.joint_order
@@ -386,7 +403,12 @@ class Recorder:
         prev.copy_(x.detach(), non_blocking=self.offload)
         per_entry = x.shape[1] * x.shape[3]
         numel = np.array([(b - a) * per_entry for _, a, b in streams], np.float64)
-        return sums, numel, [s for s, _, _ in streams]
+        names = list(dict.fromkeys(s for s, _, _ in streams))
+        if len(names) < len(streams):  # a stream in several ranges (Ulysses: one per rank): their sums added
+            where = [names.index(s) for s, _, _ in streams]
+            sums = sums.new_zeros(*sums.shape[:2], len(names)).index_add_(2, torch.tensor(where, device=sums.device), sums)
+            numel = np.bincount(where, weights=numel, minlength=len(names))
+        return sums, numel, names
 
     def _reduce_output(self, layer: _Layer, output):
         """The module's (projected) output as one more target, shaped like attention tensors."""
@@ -408,6 +430,9 @@ class Recorder:
         written = []
         for part in parts:
             same = next((x for x in layer.inputs if x.shape == part.shape), None)
+            if same is None and self._group is not None:  # the sequence split at this module: this rank's part
+                same = next((_my_part(x, self._group) for x in layer.inputs if x.dim() == part.dim() >= 3
+                             and x.shape[1] == self._ulysses * part.shape[1] and x.shape[2:] == part.shape[2:]), None)
             written.append(part - same if same is not None else part)
         image = [w for w in written if w.dim() >= 3 and w.shape[1] == layer.hidden_len] or written[:1]
         text = [w for w in written if w is not image[0] and w.dim() == image[0].dim()
@@ -456,6 +481,9 @@ class Recorder:
             self._calls_this_step = 0
             return
         host = torch.cat([s for _, s, _ in self._pending], dim=1).cpu().numpy().astype(np.float64)  # the sync
+        if self._group is not None:  # each rank holds its heads' or tokens' part of every sum: add them up
+            host, numels = _added_over(self._group, host, [numel for _, _, numel in self._pending])
+            self._pending = [(key, dev, numel) for (key, dev, _), numel in zip(self._pending, numels, strict=True)]
         step = len(self._steps)
         values: dict[Key, np.ndarray] = {}
         col = 0
@@ -486,6 +514,42 @@ class Recorder:
         self._step_timestep = None
         if self.on_step is not None:
             self.on_step(len(self._steps))
+
+
+def _sequence_split(model: torch.nn.Module):
+    """(process group, Ulysses degree) of a transformer split by diffusers' context parallelism; (None, 1)
+    when it is not. Every sum the recorder takes then is a part (its heads of every token in attention,
+    its tokens elsewhere), and the parts add up to the one-process sum; tensors every rank holds whole
+    (a text stream that is not split) add up to the degree times theirs, which leaves every metric, a
+    ratio or a mean, as it is."""
+    from ..parallel import run_layout, sequence_group
+
+    group = sequence_group(model)
+    if group is None:
+        return None, 1
+    layout = run_layout(model)
+    if layout["ring_degree"] > 1:
+        raise DitscopeError("profiling a transformer split by ring attention is not supported (its attention "
+                            "output exists only in parts): profile it unsplit, or split by ulysses_degree")
+    return group, layout["ulysses_degree"]
+
+
+def _my_part(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's equal part of `x` along the token axis, as diffusers' context parallelism splits it."""
+    import torch.distributed as dist
+
+    return x.chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)]
+
+
+def _added_over(group, host: np.ndarray, numels: list[np.ndarray]):
+    """`host` and every array of `numels`, each added over the ranks of `group` (the same on every rank)."""
+    from ..parallel import agree
+
+    sizes = [len(n) for n in numels]
+    flat = np.concatenate([host.ravel(), *numels])
+    total = agree(torch.from_numpy(flat)[None], group)[0].numpy()
+    host = total[: host.size].reshape(host.shape)
+    return host, np.split(total[host.size :], np.cumsum(sizes)[:-1])
 
 
 def output_sites(model: torch.nn.Module, which: str) -> list[str]:

@@ -87,7 +87,9 @@ def bench(
         calibration = prompt_list[prompts:][:calibration_prompts] if prompts is not None else []
         prompt_list = prompt_list[:prompts]
 
-    dev = pick_device(device)
+    from ..profiling.job import join_ranks
+
+    rank, world, dev = join_ranks(pick_device(device))  # torchrun: the ranks share every setting's samples
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
     configure_scheduler(pipe, None, n_steps)
     pipe.set_progress_bar_config(disable=True)
@@ -114,6 +116,13 @@ def bench(
                          calibration=calibration if uses_plan else None,
                          calibration_seed=calibration_seed if uses_plan and prompt_file is None else None)
 
+    if world > len(prompt_list) * seeds:
+        raise DitscopeError(f"{world} ranks share {len(prompt_list) * seeds} samples (prompts x seeds): give at least "
+                            "one per rank, or launch fewer ranks")
+    if rank > 0:  # the first rank reports and writes
+        with torch.inference_mode():
+            run_bench(pipe, settings, inputs, out, evaluator_net=net, log=lambda *_: None)
+        return
     console = Console(stderr=True)
     try:
         with progress_bar("settings") as bar, torch.inference_mode():  # the bar is gone when interrupted

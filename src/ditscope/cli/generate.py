@@ -41,7 +41,7 @@ def generate(
     """Generate one image from a prompt, optionally with a cache method."""
     import torch
 
-    from ..zoo.pipeline import samples
+    from ..profiling.workload import samples
 
     if out is not None and out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".gif", ".webp"):
         raise DitscopeError(f"--out {out}: use an image file name (.png, .jpg, .gif, .webp)")
@@ -88,7 +88,8 @@ def generate(
 
     with library_warnings():
         if compare:  # the uncached run first, same seed: the image and time the cached run is held against
-            from ..bench.compare import timed, uncached_run
+            from ..bench.compare import uncached_run
+            from ..profiling.workload import timed
 
             reference, uncached_seconds = uncached_run(run, steps)
         if config is not None:

@@ -34,7 +34,7 @@ def profile(
     targets: Annotated[str, typer.Option(help="comma list from q,k,v,a,out")] = "k,v,a",
     storage_dtype: Annotated[str | None, typer.Option(help="dtype of the kept previous-step tensors")] = None,
     offload: Annotated[bool, typer.Option(help="keep previous-step tensors on the CPU")] = False,
-    shard: Annotated[str | None, typer.Option(help="i/n: profile every n-th prompt from i (merge shards later)")] = None,
+    shard: Annotated[str | None, typer.Option(help="i/n: profile the i-th of n contiguous parts of the prompts (merge shards later)")] = None,
     plot: Annotated[bool, typer.Option(help="write figures")] = True,
     outputs: Annotated[str | None, typer.Option(help="also record output-only sites (target out): mlp, blocks "
                                                 "(their residuals), mlp,blocks, or a module-name pattern")] = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from contextlib import nullcontext
@@ -12,8 +11,8 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..planning.workload import barrier, writes
-from ..profiling.job import init_distributed
+from ..profiling.job import join_ranks
+from ..profiling.workload import barrier, writes
 from ..runtime import (
     check_guidance,
     check_writable_dir,
@@ -134,7 +133,7 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
     """What `plan` and `tune` both fit on: checks the output file, loads the model, and gives (pipe,
     calibration prompts, steps, guidance). Zoo models draw their prompts with `prompt_seed`; others need
     a prompt file. `example` is the file name suggested when `out` is a folder. `distributed`: under torchrun,
-    join the ranks so that they share the prompts (planning/workload.py)."""
+    join the ranks so that they share the prompts (profiling/workload.py)."""
     from .. import zoo
     from ..profiling.prompts import load_prompts
     from ..zoo import evaluator
@@ -147,9 +146,7 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
     entry = zoo.ZOO.get(model)
     n_steps = steps or (entry.steps if entry else 20)
     dev = pick_device(device)
-    rank, world = init_distributed(dev) if distributed else (0, 1)  # the ranks share the prompts (workload.py)
-    if world > 1 and dev.startswith("cuda"):
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    _, world, dev = join_ranks(dev) if distributed else (0, 1, dev)  # the ranks share the prompts (workload.py)
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
     configure_scheduler(pipe, None, n_steps)
     pipe.set_progress_bar_config(disable=True)

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..planning.workload import barrier, writes
+from ..profiling.workload import barrier, writes
 from ..runtime import check_steps
 from .common import app, user_errors
 from .generate import split_cache_opts

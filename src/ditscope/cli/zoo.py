@@ -68,7 +68,11 @@ def eval_cmd(
         check_writable_dir(json_out.parent, "--json")
     net = evaluator.load_evaluator()
     from .. import zoo
+    from ..profiling.job import join_ranks
 
+    rank, world, device = join_ranks(pick_device(device))  # torchrun: the ranks share the samples
+    if world > n:
+        raise DitscopeError(f"{world} ranks share --n {n} samples: give at least one per rank, or launch fewer ranks")
     manifest = Path(model) / "manifest.json"  # a trained folder names its recipe, whose steps and guidance it takes
     recipe = json.loads(manifest.read_text())["name"] if manifest.is_file() else model
     if random_init:
@@ -85,22 +89,29 @@ def eval_cmd(
     digest = hashlib.sha1(repr((key, n, steps, guidance, seed, objects)).encode()).hexdigest()[:10]
     state_dir.mkdir(parents=True, exist_ok=True)
     state = state_dir / f"{Path(model).name}{'-random-init' if random_init else ''}-{digest}.pt"
-    if state.is_file():
-        print(f"resuming the evaluation kept in {state}", file=sys.stderr)
+    if evaluator.rank_state(state, pipe).is_file():
+        print(f"resuming the evaluation kept in {evaluator.rank_state(state, pipe)}", file=sys.stderr)
     try:
-        with progress_bar("samples") as bar:
-            task = bar.add_task(f"evaluating {model}", total=n)
+        with progress_bar("samples") if rank == 0 else contextlib.nullcontext(None) as bar:
+            task = bar.add_task(f"evaluating {model}", total=n) if bar is not None else None
             result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                        max_objects=objects, net=net, progress=lambda k: bar.advance(task, k),
+                                        max_objects=objects, net=net,
+                                        progress=(lambda k: bar.advance(task, k)) if bar is not None else None,
                                         state_path=state, state_key=key)
     except KeyboardInterrupt:
-        kept = f"the samples made so far are kept in {state}" if state.is_file() else "no samples were kept yet"
+        mine = evaluator.rank_state(state, pipe)
+        kept = f"the samples made so far are kept in {mine}" if mine.is_file() else "no samples were kept yet"
         with contextlib.suppress(OSError):
             state_dir.rmdir()  # only if empty
         print(f"interrupted: {kept}; run the same command again to resume", file=sys.stderr)
         raise
+    from ..profiling.workload import barrier
+
+    barrier()  # every rank's state file is gone
     with contextlib.suppress(OSError):
         state_dir.rmdir()  # only if no other unfinished evaluation is kept there
+    if rank > 0:  # the first rank reports and writes
+        return
     table = Table(title=f"{model}{' (random init)' if random_init else ''}: {n} images, {steps} steps, guidance {guidance}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -194,12 +205,11 @@ def zoo_grid(
     import textwrap
 
     import numpy as np
-    import torch
     from matplotlib.figure import Figure
 
     from .. import zoo
+    from ..profiling.workload import Workload
     from ..zoo import data, evaluator
-    from ..zoo.pipeline import samples
     from ..zoo.train import build
 
     check_writable_dir(out.parent)
@@ -208,9 +218,8 @@ def zoo_grid(
     pipe.set_progress_bar_config(disable=True)
     scenes, prompts = evaluator.evaluation_prompts(pipe, n, seed, objects)
     class_cond, video = pipe.is_class_conditional, evaluator.is_video(pipe)
-    images = samples(pipe(prompts, num_inference_steps=entry.steps if entry else 20,
-                          guidance_scale=entry.guidance_scale if entry else 4.5,
-                          generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], output_type="np"))
+    work = Workload(prompts, entry.steps if entry else 20, (seed,), n, entry.guidance_scale if entry else 4.5)
+    images = work.run(pipe).movedim(-3, -1).numpy()  # channels last, for imshow
     cols = 4
     rows = -(-n // cols)
     fig = Figure(figsize=(cols * (6.4 if video else 3.2), rows * 2.2), layout="constrained")

@@ -41,8 +41,8 @@ from ..cache.engine import (
 from ..cache.schedule import STACK, model_signature
 from ..errors import DitscopeError
 from ..profiling.artifact import Profile, sha256_of
+from ..profiling.workload import data_parallel, from_first, gather, generate, synchronize
 from ..stats.running import RunningStats
-from .workload import data_parallel, from_first, gather, share
 
 METRICS = ("l1", "rel_l1", "inject")
 
@@ -119,10 +119,10 @@ class _Observer(CacheMethod):
                 out = run(*args, **kwargs)
             self.flops[unit] = float(counter.get_total_flops())
             return out
-        _sync()
+        synchronize()
         start = time.perf_counter()
         out = run(*args, **kwargs)
-        _sync()
+        synchronize()
         self.seconds[unit].append(time.perf_counter() - start)
         return out
 
@@ -187,43 +187,6 @@ class _Observer(CacheMethod):
             self._add(STACK, target, "inject", prompts, ctx.step, err / stack["abs"].clamp_min(1e-12) / branches)
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-# --------------------------------------------------------------------------------------- running
-def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
-             before_batch=None, after_batch=None) -> torch.Tensor:
-    """Every prompt once, in batches; prompt i's generator seeded (seed, i). Images (or videos) in [0, 1].
-
-    Under torchrun each rank generates its share of the prompts and every rank returns all the images
-    (planning/workload.py); `before_batch(start, n)` gets the batch's place among all the prompts,
-    `after_batch(done, total)` this rank's progress."""
-    from ..runtime import check_guidance
-    from ..zoo.pipeline import samples
-
-    check_guidance(guidance_scale, "guidance_scale")
-    rank, world = data_parallel(pipe)
-    mine = share(len(prompts), rank, world)
-    images = []
-    for start in range(mine.start, mine.stop, batch_size):
-        chunk = prompts[start : min(start + batch_size, mine.stop)]
-        if before_batch is not None:
-            before_batch(start, len(chunk))
-        gens = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
-        kwargs = {"num_inference_steps": steps, "generator": gens, "output_type": "pt"}
-        if guidance_scale is not None:
-            kwargs["guidance_scale"] = guidance_scale
-        images.append(torch.as_tensor(samples(pipe(chunk, **kwargs))).float().cpu())
-        if after_batch is not None:
-            after_batch(start + len(chunk) - mine.start, len(mine))
-    local = torch.cat(images) if images else None
-    if world == 1:
-        return local
-    return torch.cat([part for part in gather(local, world) if part is not None])
-
-
 def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
               max_lag: int = 10, forecast_lag: int = 3, progress=None, layout=None) -> tuple[Profile, torch.Tensor]:
     """Measure every unit's reuse / forecast error and its cost on `prompts` with the uncached model.
@@ -243,11 +206,11 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
     started = {}
 
     def pre(module, args, kwargs):
-        _sync()
+        synchronize()
         started["t"] = time.perf_counter()
 
     def post(module, args, kwargs, output):
-        _sync()
+        synchronize()
         observer.end_call(ctx, time.perf_counter() - started["t"])
 
     hooks = [transformer.register_forward_pre_hook(pre, with_kwargs=True),

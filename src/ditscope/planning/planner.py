@@ -24,22 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..cache.actions import full_step
 from ..cache.engine import find_transformer
-from ..cache.parallel import run_layout
 from ..cache.plan import PlanConfig
 from ..cache.schedule import STACK, Schedule, model_signature
 from ..errors import DitscopeError
 from ..files import atomic_path
 from ..holds import hold
+from ..parallel import run_layout
 from ..profiling.artifact import Profile, sha256_of
+from ..profiling.workload import generate, median_seconds, writes
 from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
-from .calibrate import calibrate, generate
+from .calibrate import calibrate
 from .search import MODES, compile_schedule, costs_from, price_scale
-from .workload import from_first, writes
 
 TARGETS = ("psnr", "ssim", "speedup", "flops")
 GRANULARITIES = ("step", "kind", "site")
@@ -133,7 +132,7 @@ class Evaluations:
     def seconds_per_run(self) -> float:
         """Median seconds of the first batch of prompts, as the pipeline stands now."""
         first = self.prompts[: self.batch_size]
-        return _timed(lambda: generate(self.pipe, first, self.steps, self.seed, self.batch_size, self.guidance_scale))
+        return median_seconds(lambda: generate(self.pipe, first, self.steps, self.seed, self.batch_size, self.guidance_scale))
 
     def plain_seconds(self) -> float:
         if self._plain is None:
@@ -191,7 +190,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     def plain_run():
         return generate(pipe, first, num_inference_steps, seed, batch_size, guidance_scale)
 
-    plain_seconds = _timed(plain_run, repeats=1, warmup=resumed)
+    plain_seconds = median_seconds(plain_run, repeats=1, warmup=resumed)
     costs = costs_from(cal, plain_seconds / num_inference_steps, uniform=cost == "uniform", flops=cost == "flops"
                        or goal.kind == "flops")
     unit = price_scale(cal, costs)
@@ -428,22 +427,6 @@ def _run_plan(pipe, schedule, prompts, steps, seed, batch_size, guidance_scale, 
         return generate(pipe, prompts, steps, seed, batch_size, guidance_scale)
 
 
-def _timed(fn, repeats: int = 3, warmup: bool = True) -> float:
-    """Median seconds of `repeats` calls (after one that warms up caches and allocators, unless `warmup` is off)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return from_first(statistics.median(times))  # under torchrun a choice made from a time is the first rank's
-
-
 def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:
     """Per run in `runs`: the plain run's fastest seconds over `rounds` / its own fastest, each round timing the
     plain run and then every run once (all of them warm already). The fastest, not the median: on a shared or
@@ -453,9 +436,9 @@ def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:
     base = []
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
-        base.append(_timed(plain, repeats=1, warmup=False))
+        base.append(median_seconds(plain, repeats=1, warmup=False))
         for i, fn in enumerate(runs):
-            times[i].append(_timed(fn, repeats=1, warmup=False))
+            times[i].append(median_seconds(fn, repeats=1, warmup=False))
     return [min(base) / min(t) for t in times]
 
 

@@ -67,11 +67,9 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
     dt = torch_dtype(dtype, dev)
     store_dt = torch_dtype(storage_dtype, dev) if storage_dtype else None
 
-    rank, world = init_distributed(dev)
+    rank, world, dev = join_ranks(dev)
     if world > 1 and shard_arg is not None:
         raise DitscopeError("--shard and torchrun both split the prompts; use one of them")
-    if world > 1 and dev.startswith("cuda"):
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     pipe = zoo.load_pipeline(model, dtype=dt, device=dev)
     configure_scheduler(pipe, scheduler, steps)
 
@@ -143,6 +141,15 @@ def _saved_prompts(state: Path) -> int:
         return Profile.load(state).n_prompts
     except DitscopeError:
         return 0
+
+
+def join_ranks(device: str) -> tuple[int, int, str]:
+    """Join the torchrun group if launched by torchrun: (rank, world size, this rank's device: its own GPU,
+    cuda:LOCAL_RANK, when `device` is a GPU)."""
+    rank, world = init_distributed(device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    return rank, world, device
 
 
 def init_distributed(device: str) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from ..holds import hold
 from ..patching import Patches
 from .artifact import RUN_FIELDS, Profile, sha256_of
 from .prompts import pipeline_prompt_kwargs
+from .workload import Workload, data_parallel, share
 
 
 def config_dict(config) -> dict:
@@ -56,9 +57,9 @@ def run_metadata(pipe, prompts, *, model_id, num_inference_steps, seed, guidance
     }
 
 
-def shard_indices(n: int, shard: tuple[int, int]) -> list[int]:
-    i, count = shard
-    return [p for p in range(n) if p % count == i]
+def shard_indices(n: int, shard: tuple[int, int]) -> range:
+    """Shard i of `count`'s prompts: a contiguous part (profiling/workload.py's `share`)."""
+    return share(n, *shard)
 
 
 def dist_shard() -> tuple[int, int] | None:
@@ -149,7 +150,7 @@ def profile(
         raise DitscopeError(f"--batch-size must be at least 1 (got {batch_size})")
     if not hasattr(pipe, "transformer") or pipe.transformer is None:
         raise DitscopeError(f"{type(pipe).__name__} has no transformer; ditscope profiles diffusion transformers")
-    dist = dist_shard()
+    dist = dist_shard() if data_parallel(pipe)[1] > 1 else None  # a model split over the ranks runs every prompt
     shard = shard or dist or (0, 1)
     shard_name = f"{shard[0]}/{shard[1]}"
     meta = run_metadata(
@@ -181,28 +182,25 @@ def profile(
     )
     if done is not None:
         rec.number_layers(done.layer_names)  # keep layer numbering identical across resumes
-    kwargs = dict(call_kwargs or {})
-    if guidance_scale is not None:
-        kwargs["guidance_scale"] = guidance_scale
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    result = done
+    work = Workload(prompts, num_inference_steps, (seed,), batch_size, guidance_scale, dict(call_kwargs or {}),
+                    pipeline_prompt_kwargs)
+    parts = [done]  # the profile so far
+
+    def record(batch, _):
+        part = Profile.from_sample(rec.next_sample(), rec.layer_names, batch, meta)
+        result = part if parts[0] is None else parts[0].merge(part)
+        result.meta = dict(meta)
+        parts[0] = result
+        if state_path is not None:
+            result.save(state_path)
+            hold("profile state saved")
+
     with torch.inference_mode(), rec, _steps_end_at_scheduler(pipe.scheduler, rec):
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            rec.prompts_per_sample = len(batch)
-            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in batch]
-            pipe(
-                **pipeline_prompt_kwargs(pipe, [prompts[i] for i in batch]),
-                num_inference_steps=num_inference_steps, generator=generators, output_type="latent", **kwargs,
-            )
-            sample = rec.next_sample()
-            part = Profile.from_sample(sample, rec.layer_names, batch, meta)
-            result = part if result is None else result.merge(part)
-            result.meta = dict(meta)
-            if state_path is not None:
-                result.save(state_path)
-                hold("profile state saved")
+        work.run(pipe, items=todo, output_type="latent", after_batch=record,
+                 before_batch=lambda batch: setattr(rec, "prompts_per_sample", len(batch)))
+    result = parts[0]
     if result is None:
         raise DitscopeError(f"shard {shard_name} has no prompts (only {len(prompts)} prompts for {shard[1]} shards)")
     result.meta.update({"timesteps": result.timesteps, "n_prompts": result.n_prompts})

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from ..files import atomic_path
 from ..holds import hold
 from . import data
-from .pipeline import samples
 
 N_SHAPES, N_COLORS, N_SIZES, N_BG = len(data.SHAPES), len(data.COLORS), len(data.SIZES), len(data.BACKGROUNDS)
 IGNORE = -100
@@ -279,36 +278,50 @@ def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: 
     are saved there after every batch and a rerun continues from them (the result equals an unbroken
     run: every sample has its own seeded generator); `state_key` (e.g. the model's name) must match
     too. The state file is removed once the evaluation is complete."""
+    from ..profiling.workload import Workload, data_parallel, gather, share
+
     net = net or load_evaluator()
     scenes, prompts = evaluation_prompts(pipe, n, seed, max_objects)
+    rank, world = data_parallel(pipe)  # under torchrun each rank makes its share (and keeps its own state)
+    mine = share(n, rank, world)
     key = {"n": n, "steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
            "max_objects": max_objects, **(state_key or {})}
+    if world > 1:
+        key["share"] = f"{rank}/{world}"
+    state_path = rank_state(state_path, pipe)
     images = _resume(state_path, key)
     done = sum(len(x) for x in images)
     if progress is not None and done:
         progress(done)
-    for start in range(done, n, batch):
-        chunk = prompts[start : start + batch]
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        def step_done(_pipe, _i, _t, tensors, k=len(chunk)):
-            if progress is not None:
-                progress(k / num_inference_steps)
-            return tensors
 
-        out = samples(pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                           generator=gens, output_type="pt", callback_on_step_end=step_done))
-        images.append(out.float().cpu())
+    def saved(batch, got):
+        images.append(got)
         if state_path is not None:
             with atomic_path(state_path) as tmp:
                 torch.save({"key": key, "images": images}, tmp)
             hold("eval state saved")
-    generated = torch.cat(images)
+
+    work = Workload(prompts, num_inference_steps, (seed,), batch, guidance_scale)
+    work.run(pipe, items=mine[done:], after_batch=saved,
+             on_step=(lambda b: progress(len(b) / num_inference_steps)) if progress is not None else None)
+    generated = torch.cat([part for rank_images in gather(images, world) for part in rank_images])
     result = score(net, generated, scenes, pipe.is_class_conditional)
     result["frechet"] = frechet_to_real(net, generated, scenes)
     result["n"] = n
     if state_path is not None:
         state_path.unlink(missing_ok=True)
     return result
+
+
+def rank_state(state_path: Path | None, pipe) -> Path | None:
+    """The state file this process keeps: `state_path`, or under torchrun one file per rank (each keeps its
+    own share of the samples)."""
+    from ..profiling.workload import data_parallel
+
+    rank, world = data_parallel(pipe)
+    if state_path is None or world == 1:
+        return state_path
+    return state_path.with_name(f"{state_path.stem}.rank{rank}of{world}{state_path.suffix}")
 
 
 def _resume(state_path: Path | None, key: dict) -> list[torch.Tensor]:

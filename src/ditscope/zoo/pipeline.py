@@ -35,11 +35,6 @@ class VideoPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray | list
 
 
-def samples(output):
-    """What a pipeline call produced: `.frames` of a video pipeline, else `.images`."""
-    return output.frames if hasattr(output, "frames") else output.images
-
-
 class ShapesPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer"
     _optional_components = ["tokenizer", "text_encoder"]
