@@ -368,3 +368,20 @@ def test_cli_bench_refuses_a_misspelt_method_or_peer_option_before_the_model_loa
         result = CliRunner().invoke(app, ["bench", "tiny-pixart", *args, "--out", str(tmp_path / "out")])
         assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
         assert not (tmp_path / "out").exists()
+
+
+def test_a_tune_setting_that_fails_before_its_search_started_is_recorded_not_a_traceback(tmp_path):
+    """The search can fail before it made OUT/tuned/ (here: a step count it refuses); the bench records the
+    failure there, so that the row says why and a rerun does not search again."""
+    from ditscope.bench.grid import Setting
+    from ditscope.bench.runner import tuned
+
+    inputs = BenchInputs(model="m", prompts=["a"], seeds=[0], steps=1, guidance_scale=None, batch_size=1, repeats=0,
+                         calibration=["b"])
+    setting = Setting("ditscope", "fora", {"tune": "psnr=30"})
+    with pytest.raises(DitscopeError, match="num_inference_steps >= 2"):
+        tuned(None, setting, inputs, tmp_path)
+    failed = tmp_path / "tuned" / f"{setting.key}.failed"
+    assert "num_inference_steps >= 2" in failed.read_text()
+    with pytest.raises(DitscopeError, match="recorded in"):
+        tuned(None, setting, inputs, tmp_path)

@@ -52,7 +52,7 @@ SMALL = {
     ("tune", "tiny-dit"): ["--steps", "12", "--n-prompts", "2"],  # ToCa reaches the README's 1.2x with room at 12 steps
     ("plan",): ["--steps", "4", "--n-prompts", "2", "--iterations", "3"],
     ("bench",): ["--steps", "4", "--prompts", "2", "--seeds", "1", "--repeats", "0", "--calibration-prompts", "2"],
-    ("eval",): ["--n", "4", "--steps", "4"],
+    ("eval",): ["--samples", "4", "--steps", "4"],
     ("zoo", "prompts"): ["--n", "6"],
     ("zoo", "grid"): ["--n", "2"],
     ("zoo", "train"): ["--steps", "2", "--batch", "2", "--out", "train"],

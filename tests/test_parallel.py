@@ -58,8 +58,10 @@ def test_profiling_a_model_split_by_ulysses_measures_what_one_process_measures(f
         assert sorted(one) == sorted(split) and any("/text/" in k for k in one) and any("/out/" in k for k in one)
         for key in one:
             a, b = torch.tensor(one[key]), torch.tensor(split[key])
-            assert a.shape == b.shape and a.abs().max() > 0, key
+            assert a.shape == b.shape, key
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+        moved = [k for k in one if torch.tensor(one[k]).abs().max() > 0]  # (a text that never changes: 0)
+        assert len(moved) > len(one) // 2
         assert found["ring"].startswith("profiling a transformer split by ring attention is not supported")
 
 
@@ -205,7 +207,7 @@ def test_a_bench_on_two_ranks_is_the_bench_one_process_runs(tmp_path, monkeypatc
 
 def test_an_evaluation_on_two_ranks_is_the_evaluation_one_process_makes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["eval", "tiny-pixart", "--n", "5", "--steps", "4", "--state-dir", "state"]
+    args = ["eval", "tiny-pixart", "--samples", "5", "--steps", "4", "--state-dir", "state"]
     _one_process([*args, "--json", "one.json"])
     two = _two_ranks([*args, "--json", "two.json"], tmp_path)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -218,7 +220,7 @@ def test_an_evaluation_on_two_ranks_is_the_evaluation_one_process_makes(tmp_path
 
 def test_tune_and_a_study_on_two_ranks_give_what_one_process_gives(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=30", "--n-prompts", "3", "--steps", "6"]
+    args = ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=24", "--n-prompts", "3", "--steps", "8"]
     _one_process([*args, "--out", "one.json"])
     study = ["study", "prompts", "tiny-pixart", "--steps", "4", "--bootstrap", "50"]
     _one_process([*study, "--out", "study-one"])

@@ -76,7 +76,8 @@ def lpips_metric():
         return None, f"LPIPS skipped: AlexNet weights are not in {hub} (ditscope never downloads)"
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True), None
+    # every image is on every rank: no torchrun gathering of the ranks' copies
+    return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, sync_on_compute=False), None
 
 
 def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> tuple[dict, dict]:
@@ -161,7 +162,8 @@ def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
                       batch_size=inputs.batch_size, guidance_scale=inputs.guidance_scale, options=fixed,
                       work_dir=path.with_suffix(".work") if path else None)
     except DitscopeError as e:
-        if failed is not None and writes():
+        if failed is not None and writes():  # the search may fail before it made OUT/tuned/
+            failed.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(failed, str(e))
             shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
         barrier()

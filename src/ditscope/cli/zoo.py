@@ -37,7 +37,8 @@ def load_model(model: str, device: str, dtype: str):
 @user_errors
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
-    n: Annotated[int, typer.Option(help="number of generated images")] = 256,
+    n: Annotated[int, typer.Option("--n", "--samples", help="number of generated images (--samples: the same, "
+                                   "for torchrun, whose own options --n abbreviates)")] = 256,
     steps: Annotated[int | None, typer.Option()] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
     objects: Annotated[int, typer.Option(help="objects per prompt: 1, or up to 2")] = 1,

@@ -209,7 +209,8 @@ def motion_direction(frames: np.ndarray) -> str:
 def frechet_distance(net: AttributeNet, generated: torch.Tensor, real: torch.Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=net, normalize=True, reset_real_features=True)
+    # every image is here: under torchrun torchmetrics would otherwise gather every rank's copy of them too
+    fid = FrechetInceptionDistance(feature=net, normalize=True, reset_real_features=True, sync_on_compute=False)
     fid.update(real.float().clamp(0, 1), real=True)
     fid.update(generated.float().clamp(0, 1), real=False)
     return float(fid.compute())
