@@ -238,6 +238,11 @@ MORE_BAD_INPUTS = [
     (["show", "{norows}"], "at least one row"),
     (["plan", "tiny-pixart", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["plan", "tiny-pixart", "--guidance-scale", "-1"], "--guidance-scale must be a finite number"),
+    (["plan", "tiny-pixart", "--target", ""], "unknown target ''"),
+    (["plan", "tiny-pixart", "--prompt-seed", "-1"], "--prompt-seed must be 0 or more"),
+    (["tune", "tiny-pixart", "--prompt-seed", "-3"], "--prompt-seed must be 0 or more"),
+    (["plan", "tiny-pixart", "--prompts", "{two}", "--n-prompts", "5"], "--n-prompts 5 but"),
+    (["tune", "tiny-pixart", "--prompts", "{two}", "--n-prompts", "3"], "--n-prompts 3 but"),
     (["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "inf"], "--guidance-scale must be a finite"),
     # study: input checked before any profile is computed
     (["study", "prompts", "--prompts", "{one}"], "needs at least 2"),

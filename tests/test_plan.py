@@ -387,6 +387,9 @@ def test_speed_targets_and_unreachable_ones(pipe, tmp_path):
         assert fast.meta["predicted_speedup"] >= 1.5
         with pytest.raises(DitscopeError, match="no plan reaches speedup=50"):
             ditscope.plan(pipe, PROMPTS, "speedup=50", STEPS, batch_size=2, iterations=4)
+        # a quality no cached plan reaches: the plan that computes everything holds it, but is no plan
+        with pytest.raises(DitscopeError, match="no plan that saves any work reaches psnr=99"):
+            ditscope.plan(pipe, PROMPTS, "psnr=99", STEPS, batch_size=2, iterations=3, cost="flops", modes=("stack",))
 
 
 def test_damaged_calibration_files_in_the_work_folder_are_computed_again(pipe, tmp_path, one_thread):

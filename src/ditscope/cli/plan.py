@@ -34,7 +34,8 @@ def plan(
                                                 "[default: psnr=35]")] = None,
     speedup: Annotated[float | None, typer.Option(help="shorthand for --target speedup=X")] = None,
     prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
-    n_prompts: Annotated[int, typer.Option(help="calibration prompts drawn for zoo models (or the first N of --prompts)")] = 8,
+    n_prompts: Annotated[int | None, typer.Option(help="calibration prompts drawn for zoo models, or the first N of "
+                                                  "--prompts [default: 8; a file: up to 8]")] = None,
     prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn calibration prompts")] = CALIBRATION_SEED,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
@@ -57,10 +58,10 @@ def plan(
     from ..planning.planner import plan as make_plan
     if target is not None and speedup is not None:
         raise DitscopeError(f"--target {target} and --speedup {speedup:g} both say what to plan for; give one")
-    goal = Target.parse(f"speedup={speedup}" if speedup is not None else target or "psnr=35")
+    goal = Target.parse(f"speedup={speedup}" if speedup is not None else target if target is not None else "psnr=35")
     if granularity not in GRANULARITIES:
         raise DitscopeError(f"--granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
-    if n_prompts < 1 or batch_size < 1:
+    if (n_prompts is not None and n_prompts < 1) or batch_size < 1:
         raise DitscopeError("--n-prompts and --batch-size must be at least 1")
     if steps is not None and steps < 2:
         raise DitscopeError("--steps must be at least 2")
@@ -128,7 +129,10 @@ class _Silent:
         pass
 
 
-def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n_prompts: int, prompt_seed: int,
+DEFAULT_PROMPTS = 8  # calibration prompts when --n-prompts is not given
+
+
+def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n_prompts: int | None, prompt_seed: int,
                     steps: int | None, guidance_scale: float | None, device: str, dtype: str, distributed: bool = True):
     """What `plan` and `tune` both fit on: checks the output file, loads the model, and gives (pipe,
     calibration prompts, steps, guidance). Zoo models draw their prompts with `prompt_seed`; others need
@@ -139,10 +143,19 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
     from ..zoo import evaluator
 
     check_guidance(guidance_scale)
+    if prompt_seed < 0:
+        raise DitscopeError(f"--prompt-seed must be 0 or more, got {prompt_seed}")
     if out.is_dir():
         raise DitscopeError(f"--out {out} is a folder; give a file name such as {out / example}")
     check_writable_dir(out.parent)
-    prompt_list = load_prompts(prompts)[:n_prompts] if prompts is not None else None
+    prompt_list = None
+    if prompts is not None:
+        prompt_list = load_prompts(prompts)
+        if n_prompts is not None and n_prompts > len(prompt_list):
+            raise DitscopeError(f"--n-prompts {n_prompts} but {prompts} holds {len(prompt_list)} prompts; ask for at "
+                                f"most {len(prompt_list)} or add prompts to the file")
+        prompt_list = prompt_list[: n_prompts or DEFAULT_PROMPTS]
+    n_prompts = n_prompts or DEFAULT_PROMPTS
     entry = zoo.ZOO.get(model)
     n_steps = steps or (entry.steps if entry else 20)
     dev = pick_device(device)

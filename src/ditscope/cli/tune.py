@@ -28,7 +28,8 @@ def tune(
     knob: Annotated[str | None, typer.Option(help="the option to fit (default: the method's knob)")] = None,
     cache_opt: Annotated[list[str] | None, typer.Option(help="options held fixed, key=value (repeatable)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
-    n_prompts: Annotated[int, typer.Option(help="calibration prompts drawn for zoo models (or the first N of --prompts)")] = 8,
+    n_prompts: Annotated[int | None, typer.Option(help="calibration prompts drawn for zoo models, or the first N of "
+                                                  "--prompts [default: 8; a file: up to 8]")] = None,
     prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn calibration prompts")] = CALIBRATION_SEED,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
@@ -49,7 +50,7 @@ def tune(
     goal = Target.parse(target)
     if goal.kind == "flops":
         raise DitscopeError("--target flops= is for ditscope plan; tune psnr=, ssim= or speedup=")
-    if n_prompts < 1 or batch_size < 1:
+    if (n_prompts is not None and n_prompts < 1) or batch_size < 1:
         raise DitscopeError("--n-prompts and --batch-size must be at least 1")
     check_steps(steps)
     if steps is not None and steps < 2:

@@ -291,6 +291,9 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         return speedups
 
     mode, chosen, quality, measured_speedup = _choose(candidates, goal, cost, predicted, speedups_of, say)
+    if goal.quality and predicted(chosen) <= 1 + 1e-9:  # the only plan that holds computes everything
+        raise DitscopeError(f"no plan that saves any work reaches {goal} on these prompts (only computing everything "
+                            "does); ask for less")
     # every finalist with its prediction and timing, so that a plan that lost to a schedule a user knows (FORA's)
     # can be traced to the check or to the timing that decided it
     finalists = [{"mode": m, "schedule": described.get(id(s), "searched"),
