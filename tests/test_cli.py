@@ -623,7 +623,7 @@ def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_
     time), then signalled: Ctrl-C and SIGTERM say what was kept; the rerun says it resumes and writes what
     an uninterrupted run writes."""
     out = tmp_path / "p.json"
-    args = (["plan", "tiny-pixart", "--target", "psnr=30", "--cost", "flops", "--iterations", "3"] if command == "plan"
+    args = (["plan", "tiny-pixart", "--target", "psnr=20", "--cost", "flops", "--iterations", "3"] if command == "plan"
             else ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=20"])
     args += ["--steps", "4", "--n-prompts", "2", "--out", str(out)]
     marker = tmp_path / "held"

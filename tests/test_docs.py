@@ -50,7 +50,7 @@ SMALL = {
     ("generate",): ["--steps", "4"],
     ("tune",): ["--steps", "4", "--n-prompts", "2"],
     ("tune", "tiny-dit"): ["--steps", "12", "--n-prompts", "2"],  # ToCa reaches the README's 1.2x with room at 12 steps
-    ("plan",): ["--steps", "4", "--n-prompts", "2", "--iterations", "3"],
+    ("plan",): ["--steps", "10", "--n-prompts", "2", "--iterations", "3"],  # fewer steps: no plan that saves work holds psnr=30
     ("bench",): ["--steps", "4", "--prompts", "2", "--seeds", "1", "--repeats", "0", "--calibration-prompts", "2"],
     ("eval",): ["--samples", "4", "--steps", "4"],
     ("zoo", "prompts"): ["--n", "6"],

@@ -100,7 +100,7 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
     from ditscope.cli.main import app
 
     monkeypatch.chdir(tmp_path)
-    args = ["plan", "tiny-pixart", "--target", "psnr=30", "--steps", "6", "--n-prompts", "3", "--cost", "flops",
+    args = ["plan", "tiny-pixart", "--target", "psnr=25", "--steps", "6", "--n-prompts", "3", "--cost", "flops",
             "--iterations", "3"]
     one = CliRunner().invoke(app, [*args, "--out", "one.plan.json"])
     assert one.exit_code == 0, one.output
@@ -113,7 +113,7 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
         pytest.fail(f"2-rank plan did not finish in 300 s: {e.stdout}")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     a, b = (json.loads(Path(f).read_text()) for f in ("one.plan.json", "two.plan.json"))
-    assert a["rows"] == b["rows"]
+    assert a["rows"] == b["rows"] and a["meta"]["predicted_speedup"] > 1.2  # a plan that saves work
     assert a["meta"]["layout"]["world_size"] == 1 and b["meta"]["layout"]["world_size"] == 2
     for key in ("psnr", "ssim"):
         assert abs(a["meta"]["quality"][key] - b["meta"]["quality"][key]) < 1e-3
