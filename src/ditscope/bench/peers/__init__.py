@@ -130,7 +130,8 @@ def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
                run_once: Callable[[], object], calibrate: Callable[[], object] | None = None) -> Callable[[], None]:
     """Apply peer `name` with `options` (override its defaults) to `pipe`. `run_once()` runs the pipeline once on
     a calibration prompt (MagCache uses it); `calibrate()` runs it, uncached, over all the calibration prompts
-    (peers with `calibrates`, SmoothCache, fit on it; None: `run_once`). Returns `remove()` that restores the
+    (peers with `calibrates`, SmoothCache, fit on it; None: `run_once`; a `calibrate.key` naming what it runs
+    lets them remember the fit across calls). Returns `remove()` that restores the
     pipeline exactly. Raises PeerUnavailable with a one-line reason when the peer's package is missing or it
     cannot run on this model.
 

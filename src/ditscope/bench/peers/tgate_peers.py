@@ -166,7 +166,7 @@ register_peer(Peer(
     "T-GATE: cross-attention cached after a gate step (guidance dropped there), self-attention cached on intervals",
     # the package's defaults (gate_step=10 of its 25 PixArt steps)
     defaults={"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2},
-    grid=[{"gate_step": 14}, {"gate_step": 10}, {"gate_step": 6}],
+    grid=[{"gate_step": 14}, {"gate_step": 10}, {"gate_step": 6}],  # tiny-pixart, 20 steps: 32 / 30 / 28 dB
     apply=_apply_tgate,
     knob=Knob("gate_step", 16, 2, integer=True),
     package="tgate",
