@@ -451,3 +451,37 @@ def test_cli_bench_runs_smoothcache_and_tgate(tmp_path):
     for method in ("smoothcache", "tgate"):  # the grid is set for 20 steps: at STEPS its aggressive end caches
         assert min(r["psnr"] for r in rows if r["method"] == method) < 100, method
     assert len(json.loads((out / "bench.json").read_text())["calibration"]) == 2
+
+
+@pytest.mark.parametrize(("model", "name", "options", "guidance"), [
+    ("tiny-dit", "smoothcache", {"alpha": 1.0}, None),
+    ("tiny-latte", "smoothcache", {"alpha": 1.0}, None),
+    ("tiny-latte", "tgate", {"gate_step": 2, "warm_up": 1, "sp_interval": 2}, None),
+    ("tiny-pixart", "tgate", {"gate_step": 2, "warm_up": 1, "sp_interval": 2}, 1.0),  # no guidance: batch kept whole
+])
+def test_smoothcache_and_tgate_on_the_other_zoo_models(model, name, options, guidance):
+    """SmoothCache on DiT and Latte (its temporal blocks have no cross-attention), T-GATE on Latte and without
+    guidance: cached output differs, finite, and removal restores the uncached output bit for bit."""
+    pytest.importorskip(PEERS[name].package)
+    if not zoo.available(model):
+        pytest.skip(f"{model} weights are not shipped")
+    from ditscope.zoo.pipeline import samples
+
+    pipe, steps = zoo.load(model), 4
+    pipe.set_progress_bar_config(disable=True)
+    prompt = ["red circle"] if pipe.is_class_conditional else PROMPT
+    extra = {} if guidance is None else {"guidance_scale": guidance}
+
+    def run(seed=0):
+        return samples(pipe(prompt, num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed)],
+                            output_type="pt", **extra))
+
+    reference = run()
+    before = _residue(pipe)
+    remove = apply_peer(name, pipe, options, steps, lambda: run(1))
+    try:
+        cached = run()
+    finally:
+        remove()
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    assert torch.equal(run(), reference) and _residue(pipe) == before

@@ -18,7 +18,7 @@ from .common import app, user_errors
 def bench(
     model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
     methods: Annotated[str | None, typer.Option(help="comma-separated methods (ours: toca, fora, ...; peers: "
-                                                "diffusers-fbcache, cachedit-dbcache, ...; steps: fewer steps). "
+                                                "diffusers-fbcache, cachedit-dbcache, smoothcache, tgate, ...; steps: fewer steps). "
                                                 "Default: every method in the grid, plus fewer steps")] = None,
     grid: Annotated[str, typer.Option(help="a preset (default, compact: ours and the peers, quick) or a JSON/YAML grid file")] = "default",
     prompts: Annotated[int | None, typer.Option(help="number of prompts: zoo models draw them from the data generator "
