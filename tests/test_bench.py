@@ -218,13 +218,14 @@ def test_peer_rows_are_measured_and_the_pipeline_restored(pipe, tmp_path, peer, 
         return pipe([inputs().prompts[0]], num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(0)],
                     output_type="pt").images
 
-    if peer.startswith("cachedit"):
-        pytest.importorskip("cache_dit")
+    from ditscope.bench.peers import PEERS
+
+    pytest.importorskip(PEERS[peer].package)
     before = image()
     settings = expand([peer], {peer: [options]}, STEPS)
     rows = run_bench(pipe, settings, inputs(), tmp_path)
     row = rows[1]
-    assert row["system"] == ("diffusers" if peer.startswith("diffusers") else "cache-dit")
+    assert row["system"] == PEERS[peer].system
     assert not row.get("skipped"), row.get("note")
     assert row["psnr"] < 100 and row["flops"] < rows[0]["flops"]
     assert torch.equal(image(), before)

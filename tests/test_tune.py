@@ -308,3 +308,34 @@ def test_tune_on_a_declared_layout_model_from_python():
 
 def statistics_mean(values):
     return sum(values) / len(values)
+
+
+@pytest.mark.parametrize(("method", "knob", "fixed"), [
+    ("smoothcache", "alpha", {}),
+    ("tgate", "gate_step", {"sp_interval": 1}),  # self-attention computed before the gate: 8 steps are few
+])
+def test_peer_knobs_of_smoothcache_and_tgate_are_fitted(pipe, monkeypatch, method, knob, fixed):
+    """SmoothCache's alpha and T-GATE's gate step are fitted like every knob; SmoothCache calibrates once, on
+    the prompts tune fits on (every alpha tried reuses that calibration)."""
+    from ditscope.bench.peers import PEERS, smoothcache_peers
+
+    pytest.importorskip(PEERS[method].package)
+    calibrated = []
+    real = smoothcache_peers.calibration
+
+    def spy(transformer, run, *args):
+        def counted():
+            images = run()
+            calibrated.append(len(images))
+            return images
+        return real(transformer, counted, *args)
+
+    monkeypatch.setattr(smoothcache_peers, "calibration", spy)
+    with torch.inference_mode():
+        result = tune(pipe, method, PROMPTS, "psnr=30", STEPS, batch_size=3, assurance="mean", iterations=6, timed=False,
+                      options=fixed)
+    value = result.options[knob]
+    trace = {t[knob]: t["psnr"] for t in result.meta["trace"]}
+    assert result.meta["knob"] == knob and trace[value] >= 30 and len(trace) >= 2
+    assert any(p < 30 for p in trace.values()), "the search never found the boundary"
+    assert calibrated == ([len(PROMPTS)] if method == "smoothcache" else [])

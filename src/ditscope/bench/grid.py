@@ -7,8 +7,9 @@ lists (their cartesian product):
      "fbcache": [{"threshold": 0.05}, {"threshold": 0.1}],
      "steps": [10, 14]}
 
-Method names are ditscope's (`toca`, `fora`, ...), a peer's (`diffusers-fbcache`, `cachedit-dbcache`, ...)
-or `steps`, the "fewer steps" baseline whose values are step counts.
+Method names are ditscope's (`toca`, `fora`, ...), a peer's (`diffusers-fbcache`, `cachedit-dbcache`,
+`smoothcache`, `tgate`, ...) or `steps`, the "fewer steps" baseline whose values are step counts; `methods()`
+is the one view of them all, with each method's system as its registration says.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ FEWER_STEPS_FRACTIONS = (0.5, 0.7)  # the "fewer steps" baseline, as fractions o
 
 @dataclass(frozen=True)
 class Setting:
-    system: str  # "ditscope", "diffusers", "cache-dit" or "baseline"
+    system: str  # "ditscope", "baseline" or a peer's system (`methods()`)
     method: str
     options: dict = field(default_factory=dict)
     steps: int | None = None  # the fewer-steps baseline's step count
@@ -58,17 +59,38 @@ class Setting:
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def system_of(method: str) -> str:
-    if method in CONFIGS:
-        return "ditscope"
-    if method in (BASELINE, FEWER_STEPS):
-        return "baseline"
+@dataclass(frozen=True)
+class Method:
+    """One method the bench runs, whoever's: its name, its system, and whether it is a peer (run through
+    `peers.apply_peer`; its options, grid and knob in `peers.PEERS[name]`)."""
+
+    name: str
+    system: str  # "ditscope", "baseline", or the peer's own system ("diffusers", "cache-dit", "smoothcache", ...)
+    peer: bool = False
+
+
+def methods() -> dict[str, Method]:
+    """Every method the bench knows, by name: ditscope's (the cache registry), the baselines, and the peers
+    (each with the system its adapter registered: no method's system is read from its name)."""
     from .peers import PEERS
 
-    if method in PEERS:  # a misspelt peer fails here, before the model loads, not after the uncached run
-        return "diffusers" if method.startswith("diffusers-") else "cache-dit"
-    known = [*CONFIGS, *PEERS, FEWER_STEPS]
+    view = {name: Method(name, "ditscope") for name in CONFIGS}
+    view.update({name: Method(name, "baseline") for name in (BASELINE, FEWER_STEPS)})
+    view.update({name: Method(name, peer.system, peer=True) for name, peer in PEERS.items()})
+    return view
+
+
+def method_of(method: str) -> Method:
+    """The method named `method`; a misspelt one fails here, before the model loads, not after the uncached run."""
+    view = methods()
+    if method in view:
+        return view[method]
+    known = [*(m for m, e in view.items() if e.system != "baseline"), FEWER_STEPS]
     raise DitscopeError(f"unknown method {method!r}{closest(method, known)} (methods: {', '.join(known)})")
+
+
+def system_of(method: str) -> str:
+    return method_of(method).system
 
 
 def load_grid(grid: str) -> dict[str, list]:
@@ -123,7 +145,8 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
     chosen = methods if methods else [*grid, *([] if FEWER_STEPS in grid else [FEWER_STEPS])]
     settings = [Setting("baseline", BASELINE)]
     for method in chosen:
-        system = system_of(method)
+        entry = method_of(method)
+        system = entry.system
         if method == FEWER_STEPS:
             counts = grid.get(FEWER_STEPS) or sorted({max(2, round(f * model_steps)) for f in FEWER_STEPS_FRACTIONS})
             for n in counts:
@@ -132,7 +155,7 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
                 settings.append(Setting(system, FEWER_STEPS, steps=n))
             continue
         options = grid.get(method)
-        if not options and system in ("diffusers", "cache-dit"):
+        if not options and entry.peer:
             from .peers import PEER_GRIDS
 
             options = PEER_GRIDS.get(method)
@@ -155,7 +178,7 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
                 from ..cache import config_from_options
 
                 config_from_options(method, option_strings(opts))
-            elif system in ("diffusers", "cache-dit"):  # a peer's option names and types, checked now too
+            elif entry.peer:  # a peer's option names and types, checked now too
                 from .peers import _resolve_options
 
                 _resolve_options(method, opts)

@@ -85,8 +85,9 @@ def check_candidates(names) -> list[str]:
     fitted = [m for m, e in REGISTRY.items() if e.knob is not None]
     for name in names:
         if name not in (FEWER_STEPS, PLAN, *fitted):
-            peer = " (peers run in ditscope bench; generate cannot apply them)" if "-" in name and name not in REGISTRY \
-                else ""
+            from .peers import PEERS
+
+            peer = " (peers run in ditscope bench; generate cannot apply them)" if name in PEERS else ""
             raise DitscopeError(f"unknown candidate {name!r}{peer}; choose from {', '.join([FEWER_STEPS, PLAN, *fitted])}")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

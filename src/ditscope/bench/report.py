@@ -18,7 +18,7 @@ QUALITY_BARS = (("near-lossless", 30.0, 1.0), ("good", 25.0, 3.0))
 # A bar is decided only on this many samples: below it one changed attribute moves the accuracy by
 # more than the near-lossless bar allows, and the intervals are too wide to tell methods apart.
 MIN_SAMPLES = {"image": 64, "video": 24}
-MARKERS = {"baseline": "s", "ditscope": "o", "diffusers": "^", "cache-dit": "D"}
+MARKERS = {"baseline": "s", "ditscope": "o", "diffusers": "^", "cache-dit": "D", "smoothcache": "v", "t-gate": "P"}
 
 
 def table(rows: list[dict]) -> pd.DataFrame:

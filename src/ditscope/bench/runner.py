@@ -204,7 +204,22 @@ def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None
     def run_once():
         return inputs.workload().call(pipe, [0])
 
-    return inputs.steps, apply_peer(setting.method, pipe, options, inputs.steps, run_once)
+    return inputs.steps, apply_peer(setting.method, pipe, options, inputs.steps, run_once, calibration_run(pipe, inputs))
+
+
+def calibration_run(pipe, inputs: BenchInputs):
+    """The uncached run over the calibration prompts that peers calibrating a schedule (SmoothCache) fit on,
+    as plans and tune= settings do (None when the bench has none: they then fit on one bench prompt)."""
+    if not inputs.calibration:
+        return None
+    from ..planning.calibrate import generate
+
+    def calibrate():
+        return generate(pipe, inputs.calibration, inputs.steps, 0, inputs.batch_size, inputs.guidance_scale)
+
+    calibrate.key = json.dumps(["bench", [str(p) for p in inputs.calibration], inputs.steps, inputs.batch_size,
+                                inputs.guidance_scale])
+    return calibrate
 
 
 # ------------------------------------------------------------------------------------------ run

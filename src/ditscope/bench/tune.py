@@ -232,7 +232,8 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
         say(f"teacache: polynomial fitted, R^2 {fit['r2']:.3f} over {fit['points']} step pairs")
     evaluations = Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
                               work / "evaluations.jsonl" if work else None, layout)
-    applier = _applier(pipe, method, num_inference_steps, prompts[0], guidance_scale, layout)
+    applier = _applier(pipe, method, num_inference_steps, prompts[0], guidance_scale, layout,
+                       calibration=(prompts, seed, batch_size))
     trace: dict[str, dict] = {}  # one entry per value evaluated (asking again reads the evaluation back)
 
     def measure(value, timed: bool = not goal.quality) -> dict:
@@ -345,9 +346,10 @@ def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps:
     return from_first(handle.stats().flops_ratio)  # torchrun: one prompt runs on the first rank only
 
 
-def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale, layout=None):
+def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale, layout=None, calibration=None):
     """opts -> remove(): applies `method` with `opts` to `pipe` (ditscope's through apply, a peer's through
-    its adapter, which may run the pipeline once to check it runs or to calibrate)."""
+    its adapter, which may run the pipeline once to check it runs or to calibrate). `calibration`: (prompts,
+    seed, batch size) the peers that calibrate (SmoothCache) run uncached, the prompts the knob is fitted on."""
     if method in REGISTRY:
         from ..cache import apply, config_from_options
         from .grid import option_strings
@@ -362,9 +364,18 @@ def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale, layout
             kwargs["guidance_scale"] = guidance_scale
         return pipe([first_prompt], **kwargs)
 
+    calibrate = None
+    if calibration is not None:
+        prompts, seed, batch_size = calibration
+
+        def calibrate():
+            return generate(pipe, prompts, steps, seed, batch_size, guidance_scale)
+
+        calibrate.key = json.dumps(["tune", [str(p) for p in prompts], seed, batch_size, guidance_scale])
+
     def applied(opts):
         try:
-            return apply_peer(method, pipe, opts, steps, run_once)
+            return apply_peer(method, pipe, opts, steps, run_once, calibrate)
         except PeerUnavailable as e:
             raise DitscopeError(str(e)) from None
 

@@ -18,7 +18,7 @@ from .common import app, user_errors
 def bench(
     model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
     methods: Annotated[str | None, typer.Option(help="comma-separated methods (ours: toca, fora, ...; peers: "
-                                                "diffusers-fbcache, cachedit-dbcache, ...; steps: fewer steps). "
+                                                "diffusers-fbcache, cachedit-dbcache, smoothcache, tgate, ...; steps: fewer steps). "
                                                 "Default: every method in the grid, plus fewer steps")] = None,
     grid: Annotated[str, typer.Option(help="a preset (default, compact: ours and the peers, quick) or a JSON/YAML grid file")] = "default",
     prompts: Annotated[int | None, typer.Option(help="number of prompts: zoo models draw them from the data generator "
@@ -103,11 +103,15 @@ def bench(
         # a zoo pipeline: prompts drawn from the data generator with --prompt-seed
         scenes, prompt_list = evaluator.evaluation_prompts(pipe, prompts or 16, seed=prompt_seed, max_objects=max_objects)
         net, drawn_with = evaluator.load_evaluator(), prompt_seed
-    uses_plan = any(s.method == "plan" or "tune" in s.options for s in settings)  # fitted on calibration prompts
+    from ..bench.peers import PEERS
+
+    # fitted on calibration prompts: plans, tune= settings and peers that calibrate a schedule (SmoothCache)
+    uses_plan = any(s.method == "plan" or "tune" in s.options or (s.method in PEERS and PEERS[s.method].calibrates)
+                    for s in settings)
     if uses_plan and prompt_file is None:
         calibration = evaluator.evaluation_prompts(pipe, calibration_prompts, seed=calibration_seed)[1]
     elif uses_plan and not calibration:
-        raise DitscopeError(f"plans and tune= settings fit on prompts apart from the bench's: put more than --prompts "
+        raise DitscopeError(f"plans, tune= settings and smoothcache fit on prompts apart from the bench's: put more than --prompts "
                             f"prompts in {prompt_file} (the ones after them calibrate)")
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
     inputs = BenchInputs(model=model, prompts=prompt_list, seeds=list(range(seeds)), steps=n_steps,

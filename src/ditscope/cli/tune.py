@@ -111,7 +111,8 @@ def _check_peer(method: str) -> None:
     """A peer whose package is missing fails now, not after the model has loaded."""
     import importlib.util
 
-    need = {"diffusers-": "diffusers", "cachedit-": "cache_dit"}
-    for prefix, module in need.items():
-        if method.startswith(prefix) and importlib.util.find_spec(module) is None:
-            raise DitscopeError(f"{method} needs the {module} package: pip install 'ditscope[peers]'")
+    from ..bench.peers import PEERS
+
+    peer = PEERS.get(method)
+    if peer is not None and importlib.util.find_spec(peer.package) is None:
+        raise DitscopeError(f"{method} needs the {peer.package} package: pip install 'ditscope[peers]'")

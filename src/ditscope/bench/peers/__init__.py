@@ -8,7 +8,17 @@ The peers are the caches other people ship, applied the way their users apply th
   hook registry);
 - cache-dit's DBCache, with and without its TaylorSeer calibrator, through `cache_dit.enable_cache` on a
   hand-written `BlockAdapter` (ditscope's `ShapesPipeline` is not a pipeline cache-dit knows) and
-  `cache_dit.disable_cache`.
+  `cache_dit.disable_cache`;
+- SmoothCache (`dit-smoothcache`): a per component-type x step schedule calibrated on the calibration
+  prompts (`smoothcache_peers.py`: the wheel lacks the calibration, the adapter does it as the paper
+  describes), run by the package's own `SmoothCacheHelper`;
+- T-GATE (`tgate`): cross-attention cached after a gate step, guidance dropped from there, self-attention
+  refreshed on T-GATE's intervals, with the package's own attention forward and scheduler
+  (`tgate_peers.py`).
+
+Which system a method belongs to, its options, grid and knob are in one record, its `Peer` (registered by
+its module in `PEERS`); the bench (`grid.methods()`), `tune` and the CLI read them there, never from the
+method's name.
 
     remove = apply_peer("diffusers-fbcache", pipe, {"threshold": 0.1}, num_inference_steps=20,
                         run_once=lambda: pipe("a red circle", num_inference_steps=20))
@@ -82,7 +92,7 @@ class Peer:
 
     Attributes:
         name: the bench's name for it (`diffusers-fbcache`, ...).
-        system: whose it is: "diffusers" or "cache-dit".
+        system: whose it is: "diffusers", "cache-dit", "smoothcache" or "t-gate".
         summary: one line on what it caches.
         defaults: every option it takes, with its default (the library's own field names and defaults,
             deviations in the docstring above); options a user gives override these.
@@ -90,6 +100,9 @@ class Peer:
         apply: (pipe, options, num_inference_steps, run_once) -> remove().
         nullable: options whose None means "off" although their default is not None.
         knob: the option `ditscope tune` fits (None: nothing to fit).
+        package: the module it needs (checked before a model loads; missing -> `pip install ditscope[peers]`).
+        calibrates: `apply` also takes `calibrate=`, a callable that runs the uncached pipeline over the
+            calibration prompts (SmoothCache's schedule is fitted on them).
     """
 
     name: str
@@ -100,6 +113,8 @@ class Peer:
     apply: Callable
     nullable: frozenset = frozenset()
     knob: Knob | None = None
+    package: str = "diffusers"
+    calibrates: bool = False
 
 
 PEERS: dict[str, Peer] = {}
@@ -112,10 +127,13 @@ def register_peer(peer: Peer) -> Peer:
 
 
 def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
-               run_once: Callable[[], object]) -> Callable[[], None]:
+               run_once: Callable[[], object], calibrate: Callable[[], object] | None = None) -> Callable[[], None]:
     """Apply peer `name` with `options` (override its defaults) to `pipe`. `run_once()` runs the pipeline once on
-    a calibration prompt (MagCache uses it). Returns `remove()` that restores the pipeline exactly. Raises
-    PeerUnavailable with a one-line reason when the peer's package is missing or it cannot run on this model.
+    a calibration prompt (MagCache uses it); `calibrate()` runs it, uncached, over all the calibration prompts
+    (peers with `calibrates`, SmoothCache, fit on it; None: `run_once`; a `calibrate.key` naming what it runs
+    lets them remember the fit across calls). Returns `remove()` that restores the
+    pipeline exactly. Raises PeerUnavailable with a one-line reason when the peer's package is missing or it
+    cannot run on this model.
 
     To find the latter before a benchmark does, `run_once()` is also called once with the peer applied (and
     MagCache's calibration calls it once more, the first time per transformer and step count); unknown or
@@ -129,7 +147,8 @@ def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
     if not isinstance(transformer, torch.nn.Module):
         raise PeerUnavailable(f"{name} needs a pipeline with a transformer; {type(pipe).__name__} has none")
     try:  # applying may itself run the model (MagCache calibrates), and fail on it
-        remove = PEERS[name].apply(pipe, opts, num_inference_steps, run_once)
+        extra = {"calibrate": calibrate or run_once} if PEERS[name].calibrates else {}
+        remove = PEERS[name].apply(pipe, opts, num_inference_steps, run_once, **extra)
     except (DitscopeError, PeerUnavailable, torch.cuda.OutOfMemoryError):
         raise
     except Exception as e:
@@ -143,6 +162,11 @@ def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
         remove()
         raise PeerUnavailable(f"{name} does not run on {type(transformer).__name__}: {type(e).__name__}: {one_line(e)}") from None
     return remove
+
+
+def peer_of(name: str) -> Peer | None:
+    """The peer registered as `name`, None for a method that is not a peer."""
+    return PEERS.get(name)
 
 
 def peer_options(name: str) -> dict:
@@ -226,6 +250,8 @@ def quiet_logger(name: str, level: int = logging.ERROR):
 # isort: off
 from . import diffusers_peers  # noqa: E402,F401
 from . import cachedit_peers  # noqa: E402,F401
+from . import smoothcache_peers  # noqa: E402,F401
+from . import tgate_peers  # noqa: E402,F401
 # isort: on
 
 # near-lossless to aggressive, chosen on tiny-pixart at 20 steps: each spans roughly 45 -> 25 dB against the

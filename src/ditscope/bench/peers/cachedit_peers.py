@@ -201,6 +201,7 @@ register_peer(Peer(
     ],
     apply=_apply_dbcache,
     knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
+    package="cache_dit",
 ))
 
 register_peer(Peer(
@@ -217,4 +218,5 @@ register_peer(Peer(
     ],
     apply=_apply_dbcache_taylorseer,
     knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
+    package="cache_dit",
 ))
