@@ -465,7 +465,7 @@ def test_smoothcache_and_tgate_on_the_other_zoo_models(model, name, options, gui
     pytest.importorskip(PEERS[name].package)
     if not zoo.available(model):
         pytest.skip(f"{model} weights are not shipped")
-    from ditscope.zoo.pipeline import samples
+    from ditscope.profiling.workload import samples
 
     pipe, steps = zoo.load(model), 4
     pipe.set_progress_bar_config(disable=True)

@@ -212,7 +212,7 @@ def calibration_run(pipe, inputs: BenchInputs):
     as plans and tune= settings do (None when the bench has none: they then fit on one bench prompt)."""
     if not inputs.calibration:
         return None
-    from ..planning.calibrate import generate
+    from ..profiling.workload import generate
 
     def calibrate():
         return generate(pipe, inputs.calibration, inputs.steps, 0, inputs.batch_size, inputs.guidance_scale)

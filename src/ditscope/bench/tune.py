@@ -46,7 +46,7 @@ from ..cache.schedule import FORMAT as PLAN_FORMAT
 from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.planner import Evaluations, Target
-from ..profiling.workload import data_parallel, from_first, gather, generate, writes
+from ..profiling.workload import Workload, data_parallel, from_first, gather, generate, writes
 
 FORMAT, VERSION = "ditscope-tuned", 1
 GRID_POINTS = 6  # real-valued knobs: values on the grid before the bisection
@@ -359,10 +359,7 @@ def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale, layout
     from .peers import PeerUnavailable, apply_peer
 
     def run_once():
-        kwargs = {"num_inference_steps": steps, "generator": [torch.Generator().manual_seed(0)]}
-        if guidance_scale is not None:
-            kwargs["guidance_scale"] = guidance_scale
-        return pipe([first_prompt], **kwargs)
+        return Workload([first_prompt], steps, guidance_scale=guidance_scale).call(pipe, [0])
 
     calibrate = None
     if calibration is not None:
