@@ -534,3 +534,32 @@ def test_the_model_signature_holds_wherever_the_model_was_loaded_from():
     assert model_signature(model) == here
     model.register_to_config(num_layers=model.config.num_layers + 1)  # a public entry still counts
     assert model_signature(model) != here
+
+
+def test_a_worst_image_target_holds_on_the_5th_percentile_recomputed_by_hand(pipe):
+    """psnr_p5=DB plans for the worst images: the plan's calibration images are made again, their PSNR against
+    the uncached ones computed with plain loops, and their 5th percentile (linear between the two nearest
+    ranks) is the plan's recorded one and reaches the target."""
+    import math
+
+    from ditscope.planning.planner import Target
+    from ditscope.profiling.workload import generate
+
+    prompts = [*PROMPTS, "a green triangle at the top", "a small yellow circle", "a large blue square"]
+    with torch.inference_mode():
+        plan = ditscope.plan(pipe, prompts, "psnr_p5=24", STEPS, batch_size=2, iterations=3, cost="flops")
+        reference = generate(pipe, prompts, STEPS, batch_size=2)
+        with ditscope.apply(pipe, ditscope.PlanConfig(plan)):
+            cached = generate(pipe, prompts, STEPS, batch_size=2)
+    psnrs = []
+    for i in range(len(prompts)):  # per image: 10 log10(1 / mean squared error), images in [0, 1]
+        err, count = 0.0, 0
+        for a, b in zip(cached[i].flatten().tolist(), reference[i].flatten().tolist(), strict=True):
+            err, count = err + (a - b) ** 2, count + 1
+        psnrs.append(10 * math.log10(1 / (err / count)))
+    ranked = sorted(psnrs)
+    at = 0.05 * (len(ranked) - 1)
+    p5 = ranked[int(at)] + (at - int(at)) * (ranked[int(at) + 1] - ranked[int(at)])
+    assert abs(plan.meta["quality"]["psnr_p5"] - p5) < 0.05
+    assert p5 >= 24 and Target.parse("psnr_p5=24").met_by({"psnr_p5": p5})
+    assert not Target.parse("psnr_p5=24").met_by({"psnr_p5": 23.9, "psnr_lo": 30, "psnr": 40})

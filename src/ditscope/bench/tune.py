@@ -246,8 +246,9 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
     def holds(value) -> bool:
         row = measure(value)
         if goal.quality:
-            ok = row[goal.kind + ("_lo" if assurance == "lower" else "")] >= goal.value
-            say(f"{method} {the_knob.name}={_fmt(value)}: PSNR {row['psnr']:.2f} dB (lower {row['psnr_lo']:.2f}), "
+            ok = goal.met_by(row, assurance)
+            say(f"{method} {the_knob.name}={_fmt(value)}: PSNR {row['psnr']:.2f} dB (lower {row['psnr_lo']:.2f}, "
+                f"worst images {row['psnr_p5']:.2f}), "
                 f"SSIM {row['ssim']:.3f}: {'holds' if ok else 'misses'}")
         else:
             ok = row["speedup"] >= goal.value

@@ -30,7 +30,8 @@ CALIBRATION_SEED = 7000  # zoo models: calibration prompts are drawn apart from 
 @user_errors
 def plan(
     model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
-    target: Annotated[str | None, typer.Option(help="psnr=DB, ssim=S (on the calibration prompts), speedup=X or flops=X "
+    target: Annotated[str | None, typer.Option(help="psnr=DB, ssim=S (on the calibration prompts), psnr_p5=DB (their worst images: "
+                                                "the 5th percentile), speedup=X or flops=X "
                                                 "[default: psnr=35]")] = None,
     speedup: Annotated[float | None, typer.Option(help="shorthand for --target speedup=X")] = None,
     prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,

@@ -24,7 +24,8 @@ def tune(
     model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
     method: Annotated[str, typer.Option(help="a ditscope method (fbcache, teacache, toca, fora...) or a peer "
                                        "(diffusers-magcache, cachedit-dbcache...)")] = "fbcache",
-    target: Annotated[str, typer.Option(help="psnr=DB or ssim=S (on the calibration prompts), or speedup=X")] = "psnr=35",
+    target: Annotated[str, typer.Option(help="psnr=DB or ssim=S (on the calibration prompts), psnr_p5=DB (their "
+                                            "worst images: the 5th percentile), or speedup=X")] = "psnr=35",
     knob: Annotated[str | None, typer.Option(help="the option to fit (default: the method's knob)")] = None,
     cache_opt: Annotated[list[str] | None, typer.Option(help="options held fixed, key=value (repeatable)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
