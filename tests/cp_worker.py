@@ -73,6 +73,23 @@ def profiled(model, inputs_of) -> dict:
     return {f"{rec.layer_names[k[0]]}/{k[1]}/{k[2]}/{k[3]}": v.tolist() for k, v in sample.values.items()}
 
 
+def calibrated(model, inputs_of) -> dict:
+    """What a plan's calibration measures of every unit (errors of serving it from earlier steps, by prompt row
+    and step), over STEPS steps."""
+    from ditscope.cache.engine import CacheHandle
+    from ditscope.planning.calibrate import _Observer
+
+    observer = _Observer(max_lag=3, forecast_lag=2)
+    handle = CacheHandle(model, observer, num_inference_steps=STEPS)
+    try:
+        for step in range(STEPS):
+            with torch.no_grad():
+                model(**uneven(inputs_of(2, step), step), return_dict=False)
+    finally:
+        handle.remove()
+    return {"/".join(key): [[p, s, v] for (p, s), v in sorted(values.items())] for key, values in observer.errors.items()}
+
+
 def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):
     torch.accelerator.device_count = lambda: 1  # diffusers takes the rank modulo it; a CPU has no accelerator
     if split_by == "ring":
@@ -85,8 +102,9 @@ def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):
     build, inputs_of = getattr(tiny, f"build_{family}"), getattr(tiny, f"inputs_{family}")
     plain, split = build(), build()
     split.enable_parallelism(config=ContextParallelConfig(**{f"{split_by}_degree": dist.get_world_size()}))
-    if what == "profile":  # the recorder's distances: one process's, and the ranks' sums added up
-        results = {"one": profiled(plain, inputs_of), "split": profiled(split, inputs_of)}
+    if what == "profile":  # the recorder's and the calibration's measures: one process's, and the ranks' added up
+        results = {"one": profiled(plain, inputs_of), "split": profiled(split, inputs_of),
+                   "calibration_one": calibrated(plain, inputs_of), "calibration_split": calibrated(split, inputs_of)}
         ringed = build()
         ringed.enable_parallelism(config=ContextParallelConfig(ring_degree=dist.get_world_size()))
         try:

@@ -42,7 +42,8 @@ def test_every_method_under_context_parallelism_decides_alike_on_every_rank(fami
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_profiling_a_model_split_by_ulysses_measures_what_one_process_measures(family, tmp_path):
     """Each rank's recorder sums its part (its heads of every token in attention, its tokens elsewhere); the
-    sums added over the ranks give the one-process distances, for every layer, target and token stream."""
+    sums added over the ranks give the one-process distances, for every layer, target and token stream. The
+    same for what a plan's calibration measures (a text every rank holds whole, Wan's, is not added up)."""
     out = tmp_path / family
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     try:
@@ -63,6 +64,11 @@ def test_profiling_a_model_split_by_ulysses_measures_what_one_process_measures(f
         moved = [k for k in one if torch.tensor(one[k]).abs().max() > 0]  # (a text that never changes: 0)
         assert len(moved) > len(one) // 2
         assert found["ring"].startswith("profiling a transformer split by ring attention is not supported")
+        # a plan's calibration: every unit's errors of serving it from earlier steps, by row and step
+        one, split = found["calibration_one"], found["calibration_split"]
+        assert sorted(one) == sorted(split) and len(one) > 100
+        for key in one:
+            torch.testing.assert_close(torch.tensor(split[key]), torch.tensor(one[key]), rtol=1e-4, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("how", ["whole", "regional"])

@@ -22,6 +22,16 @@ def sequence_group(model: torch.nn.Module):
     return mesh.get_group()
 
 
+def split_inputs(model: torch.nn.Module) -> set[str]:
+    """The keyword inputs (of the model or of one of its modules) that diffusers' context-parallel plan
+    splits over the ranks; every rank holds the others whole (Wan's text)."""
+    names = set()
+    for entry in (getattr(model, "_cp_plan", None) or {}).values():
+        if isinstance(entry, dict):
+            names |= {k for k, how in entry.items() if isinstance(k, str) and type(how).__name__ == "ContextParallelInput"}
+    return names
+
+
 def agree(sums: torch.Tensor, group) -> torch.Tensor:
     """Per-row sums (float64) added over the sequence group; every rank gets the group's first rank's result."""
     import torch.distributed as dist

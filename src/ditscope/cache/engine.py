@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import DitscopeError
 from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
-from ..parallel import agree, forward_owner, run_layout, sequence_group
+from ..parallel import agree, forward_owner, run_layout, sequence_group, split_inputs
 from ..patching import Patches, read_timestep, timestep_argument
 from .registry import check_fields
 
@@ -135,6 +135,7 @@ class Context:
         self.unit_names: set[str] = set()  # units of every transformer the handle caches (plans name them)
         self.sequence_group = None  # the ranks the sequence is split over (context parallelism; parallel.py)
         self.split = None  # how: "ulysses" (heads split in attention), "ring" (keys go round), "ulysses+ring"
+        self.split_inputs: set[str] = set()  # the model's inputs split over the ranks (others: whole on each)
         self.run_layout: dict = {}  # processes, sequence split, compiled (parallel.py's run_layout)
 
     # the step axis lives on the clock, shared between a pipeline's transformers
@@ -595,6 +596,7 @@ class CacheHandle:
         self._patches.set(model, "forward", model_forward)
         ctx.sequence_group = sequence_group(model)
         if ctx.sequence_group is not None:
+            ctx.split_inputs = split_inputs(model)
             layout = run_layout(model)
             ctx.split = "+".join(k for k in ("ulysses", "ring") if layout[f"{k}_degree"] > 1)
         for bsite in ctx.blocks:

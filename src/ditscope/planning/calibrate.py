@@ -25,6 +25,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..cache.engine import (
     BlockSite,
@@ -40,6 +41,7 @@ from ..cache.engine import (
 )
 from ..cache.schedule import STACK, model_signature
 from ..errors import DitscopeError
+from ..parallel import agree, launched
 from ..profiling.artifact import Profile, sha256_of
 from ..profiling.workload import data_parallel, from_first, gather, generate, synchronize
 from ..stats.running import RunningStats
@@ -51,6 +53,15 @@ def _tensors(x) -> list[torch.Tensor]:
     if isinstance(x, (tuple, list)):
         return [t for part in x for t in _tensors(part)]
     return [x] if torch.is_tensor(x) else []
+
+
+def _whole(ctx: Context, sums: list[torch.Tensor], split: list[bool] | None = None) -> list[torch.Tensor]:
+    """Per-row sums over a sequence split by context parallelism: every rank's parts added (parallel.agree),
+    the same on every rank, so that the errors are the one-process errors. A sum marked not `split` is of a
+    tensor every rank holds whole: its ranks' copies are added, then divided by their number."""
+    whole = agree(torch.stack(sums, 1), ctx.sequence_group).to(sums[0].device, sums[0].dtype)
+    world = dist.get_world_size(ctx.sequence_group)
+    return [part if split is None or split[i] else part / world for i, part in enumerate(whole.unbind(1))]
 
 
 def _numel_per_row(xs: list[torch.Tensor], rows: int) -> float:
@@ -97,9 +108,12 @@ class _Observer(CacheMethod):
         for k in range(1, self.forecast_lag + 1):
             if step - k in hist and step - 2 * k in hist:
                 served[f"forecast@{k}"] = [2 * a - b for a, b in zip(hist[step - k], hist[step - 2 * k])]
-        raw = {}
-        for target, ys in served.items():
-            err = raw[target] = row_abs_sums([x - y for x, y in zip(xs, ys)], ctx.rows)
+        raw = {target: row_abs_sums([x - y for x, y in zip(xs, ys)], ctx.rows) for target, ys in served.items()}
+        if ctx.sequence_group is not None:  # context parallelism: each rank holds its tokens' part of every sum
+            cur_abs, *errs = _whole(ctx, [cur_abs, *raw.values()])
+            raw = dict(zip(raw, errs, strict=True))
+            numel *= dist.get_world_size(ctx.sequence_group)
+        for target, err in raw.items():
             for metric, value in (("l1", err / max(numel, 1.0)), ("rel_l1", err / cur_abs.clamp_min(1e-12)),
                                   ("inject", err / stream_abs.clamp_min(1e-12))):
                 self._add(unit, target, metric, prompts, step, value / branches)
@@ -143,6 +157,10 @@ class _Observer(CacheMethod):
         if bsite.index == 0:
             self.watch(ctx, inputs["hidden"])
         streams = {name: row_abs_sums([t], ctx.rows) for name, t in inputs.items() if t is not None}
+        if ctx.sequence_group is not None:
+            names = getattr(bsite, "names", None) or {"hidden": bsite.hidden, "encoder": bsite.encoder}
+            split = [names[role] in ctx.split_inputs for role in streams]
+            streams = dict(zip(streams, _whole(ctx, list(streams.values()), split), strict=True))
         in_abs = sum(streams.values())
         ctx.state.setdefault("stream_abs", {})[bsite.index] = streams
         ctx.state["observing"] = 0.0
@@ -170,6 +188,8 @@ class _Observer(CacheMethod):
             denom = streams.get("hidden")
         if denom is None:
             denom = row_abs_sums(_tensors(out), ctx.rows)
+            if ctx.sequence_group is not None:
+                denom = _whole(ctx, [denom])[0]
         start = time.perf_counter()
         self._measure(ctx, site.name, _tensors(out), denom)
         ctx.state["observing"] = ctx.state.get("observing", 0.0) + time.perf_counter() - start
@@ -239,8 +259,11 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
 
 def _merge_ranks(observer: _Observer, world: int):
     """Under torchrun: every rank's measured errors and signal (each rank saw its own prompts), and the first
-    rank's timings and FLOPs (a plan's costs must be the same on every rank)."""
+    rank's timings and FLOPs (a plan's costs must be the same on every rank; with the model split by context
+    parallelism the ranks ran the same prompts, and their errors are already the same)."""
     if world == 1:
+        if launched()[1] > 1:  # the model split over the ranks: one batch, but each rank timed its own part
+            observer.seconds, observer.flops = from_first((dict(observer.seconds), observer.flops))
         return
     errors: dict = {}
     signal: dict = {}
