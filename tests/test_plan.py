@@ -563,3 +563,55 @@ def test_a_worst_image_target_holds_on_the_5th_percentile_recomputed_by_hand(pip
     assert abs(plan.meta["quality"]["psnr_p5"] - p5) < 0.05
     assert p5 >= 24 and Target.parse("psnr_p5=24").met_by({"psnr_p5": p5})
     assert not Target.parse("psnr_p5=24").met_by({"psnr_p5": 23.9, "psnr_lo": 30, "psnr": 40})
+
+
+def test_the_predicted_error_of_a_schedule_recomputed_from_the_calibration_by_hand(calibration):
+    """A schedule's predicted error: the calibrated error of every served step, read here straight from the
+    profile's table (column t - 1 holds step t) with plain loops; a module does not run on a step the stack
+    serves, and that step counts towards its lag."""
+    from ditscope.planning.search import predicted_error
+
+    cal, _ = calibration
+    metric = cal.metrics.index("inject")
+    site = "transformer_blocks.0.attn1"
+    rows = {"stack": "CCRCCRCC", site: "CRCCRRCC"}  # 8 steps; the site's step 5 is served by the stack
+
+    def table(unit, kind, t, k):
+        for i, (layer, target, _, _) in enumerate(cal.keys):
+            if cal.layer_names[layer] == unit and target == f"{kind}@{k}":
+                found = float(cal.stats.mean[i, t - 1, metric])
+        return found
+
+    expected = table("stack", "reuse", 2, 1) + table("stack", "reuse", 5, 1)  # each from the step before
+    expected += table(site, "reuse", 1, 1) + table(site, "reuse", 4, 1)  # from steps 0 and 3; 2 and 5 do not run
+    assert predicted_error(cal, ditscope.Plan(rows)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_plan_records_how_well_its_calibrated_errors_ranked_its_checks(pipe, tmp_path):
+    """Spearman's rank correlation between the checks' predicted errors and their measured PSNR, recomputed
+    by hand from the pairs the plan records (average ranks for ties, then the Pearson correlation of ranks)."""
+    with torch.inference_mode():
+        plan = ditscope.plan(pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, iterations=3, cost="flops")
+    checks = plan.meta["checks"]
+    pairs = checks["predicted_error_and_psnr"]
+    assert checks["count"] == len(pairs) == plan.meta["evaluations"] >= 3
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for m in range(i, j + 1):
+                out[order[m]] = (i + j) / 2 + 1
+            i = j + 1
+        return out
+
+    a, b = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    rho = cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+    assert checks["rank_correlation"] == pytest.approx(rho, abs=1e-4)
+    assert checks["rank_correlation"] < 0  # more predicted error, less PSNR

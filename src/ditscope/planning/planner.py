@@ -38,7 +38,7 @@ from ..profiling.workload import generate, median_seconds, writes
 from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
 from .calibrate import calibrate
-from .search import MODES, compile_schedule, costs_from, price_scale
+from .search import MODES, compile_schedule, costs_from, predicted_error, price_scale
 
 TARGETS = ("psnr", "ssim", "psnr_p5", "speedup", "flops")  # psnr_p5: the worst images' (5th percentile) PSNR
 GRANULARITIES = ("step", "kind", "site")
@@ -103,6 +103,7 @@ class Evaluations:
                 except (json.JSONDecodeError, KeyError, AttributeError):
                     continue
         self.runs = 0
+        self.checked: dict[str, Schedule] = {}  # the schedules asked for, by key
         self._plain: float | None = None  # the uncached run's seconds, timed on first use
 
     @staticmethod
@@ -112,6 +113,7 @@ class Evaluations:
     def __call__(self, schedule: Schedule) -> dict:
         from ..cache import apply
 
+        self.checked[self.key(schedule)] = schedule
         return self.measure(self.key(schedule), lambda: apply(self.pipe, PlanConfig(schedule), layout=self.layout).remove)
 
     def measure(self, key: str, applied, timed: bool = False) -> dict:
@@ -330,6 +332,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         "measured_speedup": round(measured_speedup, 3),
         "computed_fraction": round(chosen.fraction("C"), 4),
         "evaluations": len(evaluate.done),
+        "checks": _checks(cal, evaluate),
         "planning_seconds": round(time.perf_counter() - started, 1),
         "finalists": finalists,
         # what PlanConfig(adaptive=True) compares the live signal with: per calibration prompt and step
@@ -440,6 +443,20 @@ def _run_plan(pipe, schedule, prompts, steps, seed, batch_size, guidance_scale, 
 
     with apply(pipe, PlanConfig(schedule), layout=layout):
         return generate(pipe, prompts, steps, seed, batch_size, guidance_scale)
+
+
+def _checks(cal, evaluate: Evaluations) -> dict:
+    """How well the calibrated errors foretell the end-to-end checks: per checked schedule its predicted error
+    (search.predicted_error) and measured mean PSNR, and Spearman's rank correlation between them (negative:
+    more predicted error, less PSNR; None with fewer than three checks or no spread)."""
+    from scipy.stats import spearmanr
+
+    pairs = [[round(predicted_error(cal, s), 6), round(evaluate.done[k]["psnr"], 4)] for k, s in evaluate.checked.items()
+             if k in evaluate.done]
+    rho = None
+    if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
+        rho = round(float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic), 4)
+    return {"count": len(pairs), "rank_correlation": rho, "predicted_error_and_psnr": pairs}
 
 
 def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:

@@ -172,6 +172,30 @@ def compile_schedule(cal: Profile, costs: Costs, price: float | None, mode: str 
     return Schedule(rows or {STACK: "C" * T})
 
 
+def predicted_error(cal: Profile, schedule: Schedule) -> float:
+    """The end-to-end error a schedule is predicted to inject: the calibrated error of every served step of
+    every unit, summed (the quantity the search trades against cost). A unit does not run where the stack
+    is served, and such steps count towards its lag since its last compute."""
+    tables = error_tables(cal)
+    stack = schedule.rows.get(STACK, "C" * cal.n_steps)
+    runs = [a == "C" for a in stack]
+    total = 0.0
+    for unit, row in schedule.rows.items():
+        table = tables.get(unit)
+        if table is None:
+            continue
+        last = 0
+        for t, action in enumerate(row):
+            if unit != STACK and not runs[t]:
+                continue
+            if action == "C":
+                last = t
+            elif t - last < table["reuse"].shape[1]:
+                value = table["forecast" if action == "F" else "reuse"][t, t - last]
+                total += float(value) if np.isfinite(value) else 0.0
+    return total
+
+
 def price_scale(cal: Profile, costs: Costs) -> float:
     """A price that makes one unit of typical error worth one typical unit cost (the bisection's centre)."""
     tables = error_tables(cal)

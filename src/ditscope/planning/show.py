@@ -35,6 +35,10 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
         rows.append(("finalist" + (" (kept)" if f.get("kept") else ""),
                      f"{f.get('mode')} {f.get('schedule')}: {f.get('predicted_speedup')}x predicted, {measured}, "
                      f"PSNR {f.get('psnr')}"))
+    if "checks" in m:  # how well the calibrated errors ranked the end-to-end checks (plans made since 2026-12-05)
+        rho = m["checks"].get("rank_correlation")
+        rows.append(("checks", f"{m['checks'].get('count')} end-to-end; predicted error against PSNR: Spearman "
+                               f"{'n/a' if rho is None else rho}"))
     return rows
 
 
