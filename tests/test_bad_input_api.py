@@ -41,6 +41,15 @@ CONFIGS = [
     (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=-1.0), "tolerance must be a finite"),
     (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=NAN), "tolerance must be a finite"),
     (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=INF), "tolerance must be a finite"),
+    (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=0.5), "tolerance applies to an adaptive plan"),
+    (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), signal="input"), "signal applies to an adaptive plan"),
+    (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}, meta={"stack_change": [[None, NAN]]}), adaptive=True),
+     "holds a value that is not a finite number"),
+    (lambda: ditscope.ToCaConfig(module_factors={"bogus": 1.0}), "module_factors has no entry 'bogus'"),
+    (lambda: ditscope.ToCaConfig(module_factors={"self": 0, "cross": 0.6, "mlp": NAN, "temporal": 0}),
+     r"module_factors\['mlp'\] must be a finite number"),
+    (lambda: ditscope.ToCaConfig(module_factors={"self": -1.0}), r"module_factors\['self'\] must be a finite"),
+    (lambda: ditscope.TeaCacheConfig(coefficients=(NAN, 1.0)), "coefficients must hold finite numbers"),
 ]
 
 
@@ -70,6 +79,12 @@ OTHER = [
     (lambda m: Target.parse("psnr=nan"), "unreachable"),
     (lambda m: Target.parse("speedup=inf"), "unreachable"),
     (lambda m: Target.parse("lpips=0.1"), "unknown target"),
+    (lambda m: Target.parse("psnr_p5=120"), "unreachable"),
+    (lambda m: ditscope.Plan.load(None), "loaded from a file path"),
+    (lambda m: ditscope.plan(None, "a red circle", "psnr=25", 6), "a list of calibration prompts, not str"),
+    (lambda m: ditscope.plan(None, ["a red circle"], "psnr=25", 6, batch_size=0), "batch_size >= 1"),
+    (lambda m: ditscope.tune(None, "fora", "a red circle", "psnr=25", 6), "a list of calibration prompts"),
+    (lambda m: ditscope.tune(None, "fora", ["a red circle"], "psnr=25", 6, batch_size=0), "batch_size >= 1"),
 ]
 
 

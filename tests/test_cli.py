@@ -243,6 +243,16 @@ MORE_BAD_INPUTS = [
     (["tune", "tiny-pixart", "--prompt-seed", "-3"], "--prompt-seed must be 0 or more"),
     (["plan", "tiny-pixart", "--prompts", "{two}", "--n-prompts", "5"], "--n-prompts 5 but"),
     (["tune", "tiny-pixart", "--prompts", "{two}", "--n-prompts", "3"], "--n-prompts 3 but"),
+    (["plan", "tiny-pixart", "--prompts", "{two}", "--prompt-seed", "123"], "--prompt-seed draws zoo prompts"),
+    (["tune", "tiny-pixart", "--prompts", "{two}", "--prompt-seed", "5"], "--prompt-seed draws zoo prompts"),
+    (["bench", "tiny-pixart", "--prompt-file", "{two}", "--prompt-seed", "5"], "--prompt-seed draws zoo prompts"),
+    (["bench", "tiny-pixart", "--steps", "4", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["bench", "tiny-pixart", "--steps", "4", "--grid", "{steps100}"], "fewer than the bench's 4 steps, not 100"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--guidance-scale", "nan"], "--guidance-scale must be a finite"),
+    (["generate", "tiny-pixart", "--prompt", "x", "--cache", "fora", "--cache-opt", "interval=3", "--cache-opt",
+      "interval=4"], "--cache-opt interval is given more than once"),
+    (["study", "scheduler", "tiny-pixart", "--schedulers", "dpm,dpm"], "names dpm more than once"),
+    (["study", "models", "tiny-pixart", "tiny-pixart"], "names tiny-pixart more than once"),
     (["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "inf"], "--guidance-scale must be a finite"),
     # study: input checked before any profile is computed
     (["study", "prompts", "--prompts", "{one}"], "needs at least 2"),
@@ -275,6 +285,7 @@ def _bad_input_files(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("a caf\xe9 on a table\n".encode("latin-1"))
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("x")
+    (tmp_path / "steps100.json").write_text('{"steps": [100]}')
     (tmp_path / "garbage.ditscope").write_bytes(b"not a profile at all")
     (tmp_path / "number.jsonl").write_text('"a red circle"\n42\n')
     (tmp_path / "null.jsonl").write_text('{"prompt": null}\n')
@@ -345,7 +356,7 @@ def _bad_input_files(tmp_path):
              "other_state": "other_state", "other_final": "other_final", "norows": "norows.plan.json",
              "emptyrow": "emptyrow.plan.json", "emptygrid": "emptygrid.json", "emptylist": "emptylist.json",
              "emptyvalues": "emptyvalues.json", "badvalue": "badvalue.json", "nanvalue": "nanvalue.json",
-             "reversed": "reversed.json"}
+             "reversed": "reversed.json", "steps100": "steps100.json"}
     return {k: tmp_path / v for k, v in names.items()}
 
 
@@ -670,3 +681,20 @@ def test_show_on_a_plan_it_cannot_write_beside_shows_it_without_a_figure(tmp_pat
     result = cli("show", plan)
     assert result.exit_code == 0 and "(no figure: cannot write" in result.stdout and "stack" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.plan.json"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["plan", "tiny-pixart", "--target", "speedup=50", "--steps", "4", "--n-prompts", "1", "--iterations", "3",
+      "--cost", "flops", "--modes", "stack", "--out", "sub/deeper/o.plan.json"], "no plan reaches speedup=50"),
+    (["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=90", "--steps", "4", "--n-prompts", "1",
+      "--out", "sub/deeper/t.json"], "cannot reach psnr=90"),
+], ids=["plan", "tune"])
+def test_a_target_found_out_of_reach_leaves_no_folder_it_made(tmp_path, args, message):
+    """Refused after the search ran (its progress lines before the error): the work folder and the output's
+    folders the run made are gone."""
+    result = cli(*args, cwd=tmp_path)
+    assert result.exit_code == 2, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, result.stderr
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -615,3 +615,56 @@ def test_a_plan_records_how_well_its_calibrated_errors_ranked_its_checks(pipe, t
     rho = cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
     assert checks["rank_correlation"] == pytest.approx(rho, abs=1e-4)
     assert checks["rank_correlation"] < 0  # more predicted error, less PSNR
+
+
+def transformer_copy(pipe):
+    import copy
+
+    return copy.deepcopy(pipe.transformer)
+
+
+def test_kept_work_is_not_reused_for_other_weights_a_dtype_or_a_scheduler(pipe, tmp_path, one_thread):
+    """A work folder left by a run holds for a rerun only on the same weights, dtype and scheduler: a changed
+    checkpoint, dtype or scheduler config computes the calibration (plan) and the reference (tune) again."""
+    from ditscope.bench.tune import _reference
+    from ditscope.planning.planner import _calibration
+
+    def resumed_after(change, undo):
+        said = []
+        with torch.inference_mode():
+            _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path / "plan", said.append)
+            _reference(pipe, PROMPTS, 4, 0, 2, None, tmp_path / "tune", said.append)
+            change()
+            try:
+                _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path / "plan", said.append)
+                _reference(pipe, PROMPTS, 4, 0, 2, None, tmp_path / "tune", said.append)
+            finally:
+                undo()
+        return [s for s in said if "resumed" in s]
+
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "tune").mkdir()
+    weight = next(pipe.transformer.parameters())
+    with torch.no_grad():
+        saved = weight.clone()
+        assert resumed_after(lambda: weight.add_(1e-3), lambda: weight.copy_(saved)) == []
+    from ditscope.cache.schedule import weights_fingerprint  # a dtype: the same weights, another fingerprint
+
+    double = transformer_copy(pipe).to(torch.float64)
+    assert weights_fingerprint(double) != weights_fingerprint(pipe.transformer)
+    shift = pipe.scheduler.config.get("num_train_timesteps")
+    pipe.scheduler.register_to_config(num_train_timesteps=shift + 1)
+    try:
+        said = []
+        with torch.inference_mode():
+            _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path / "plan", said.append)
+        kept = [s for s in said if "resumed" in s]
+    finally:
+        pipe.scheduler.register_to_config(num_train_timesteps=shift)
+    assert kept == []
+    said = []  # the same run twice: the second resumes
+    with torch.inference_mode():
+        for _ in range(2):
+            _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path / "plan", said.append)
+            _reference(pipe, PROMPTS, 4, 0, 2, None, tmp_path / "tune", said.append)
+    assert said[-2:] == ["calibration: resumed from the work folder", "reference: resumed from the work folder"]

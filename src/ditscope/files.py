@@ -54,3 +54,21 @@ def json_checksum(body: dict) -> str:
 
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def missing_folders(path: str | Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first: what a run that fails should remove."""
+    found, p = [], Path(path)
+    while not p.exists():
+        found.append(p)
+        p = p.parent
+    return found
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

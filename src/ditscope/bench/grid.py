@@ -152,6 +152,9 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
             for n in counts:
                 if not isinstance(n, int) or n < 2:
                     raise DitscopeError(f"the fewer-steps baseline needs step counts >= 2, not {n!r}")
+                if n >= model_steps:
+                    raise DitscopeError(f"the fewer-steps baseline runs fewer than the bench's {model_steps} steps, "
+                                        f"not {n}; give smaller step counts or more --steps")
                 settings.append(Setting(system, FEWER_STEPS, steps=n))
             continue
         options = grid.get(method)

@@ -50,11 +50,12 @@ class BenchInputs:
     prompt_seed: int | None = None  # zoo models: the seed the prompts were drawn with (None: a prompt file)
     calibration: list | None = None  # prompts a plan is fitted on (never the bench's own)
     calibration_seed: int | None = None  # zoo models: the seed they were drawn with
+    identity: dict | None = None  # the pipeline's weights, dtype and scheduler (calibrate.pipeline_identity)
 
     def meta(self) -> dict:
         meta = {"model": self.model, "prompts": [str(p) for p in self.prompts], "prompt_seed": self.prompt_seed,
                 "seeds": self.seeds, "steps": self.steps, "guidance_scale": self.guidance_scale,
-                "batch_size": self.batch_size, "repeats": self.repeats}
+                "batch_size": self.batch_size, "repeats": self.repeats, "identity": self.identity}
         if self.calibration:
             meta.update(calibration=[str(p) for p in self.calibration], calibration_seed=self.calibration_seed)
         return meta

@@ -45,7 +45,8 @@ from ..cache.registry import REGISTRY, Knob
 from ..cache.schedule import FORMAT as PLAN_FORMAT
 from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
-from ..planning.planner import Evaluations, Target
+from ..planning.calibrate import pipeline_identity
+from ..planning.planner import Evaluations, Target, check_calibration
 from ..profiling.workload import Workload, data_parallel, from_first, gather, generate, writes
 
 FORMAT, VERSION = "ditscope-tuned", 1
@@ -212,8 +213,7 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
         raise DitscopeError("tune fits psnr=, ssim= or speedup= targets; flops= is for ditscope plan")
     if assurance not in ("lower", "mean"):
         raise DitscopeError(f"unknown assurance {assurance!r}; use lower or mean")
-    if not prompts:
-        raise DitscopeError("tuning needs at least one calibration prompt")
+    check_calibration(prompts, batch_size, "tuning")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"tuning needs num_inference_steps >= 2, not {num_inference_steps!r}")
     fixed = dict(options or {})
@@ -385,7 +385,7 @@ def _reference(pipe, prompts, steps, seed, batch_size, guidance_scale, work: Pat
     from safetensors.torch import load_file, save_file
 
     stamp = json.dumps({"prompts": [str(p) for p in prompts], "steps": steps, "seed": seed, "batch_size": batch_size,
-                        "guidance_scale": guidance_scale})
+                        "guidance_scale": guidance_scale, **pipeline_identity(pipe)})
     if work is not None and (work / "reference.safetensors").exists() and (work / "reference.json").exists():
         if (work / "reference.json").read_text() == stamp:
             say("reference: resumed from the work folder")

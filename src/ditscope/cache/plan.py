@@ -3,6 +3,8 @@ resampled to the step count it runs at, optionally watching a live signal to cor
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ class PlanConfig:
 
 
 SIGNALS = {"input": "signal", "output": "stack_change"}  # an adaptive signal -> the plan's calibrated record of it
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PlanConfig)}
 
 
 class PlanMethod(ScheduleMethod):
@@ -73,6 +76,9 @@ class PlanMethod(ScheduleMethod):
         self.base = self.config.schedule()  # a missing or damaged plan file fails before a model loads
         if not self.config.tolerance > 0 or self.config.tolerance == float("inf"):  # nan fails the first test
             raise DitscopeError(f"PlanConfig tolerance must be a finite number > 0, not {self.config.tolerance}")
+        adaptive_only = [f for f in ("signal", "tolerance", "per_sample") if getattr(self.config, f) != _DEFAULTS[f]]
+        if adaptive_only and not self.config.adaptive:  # it would be ignored
+            raise DitscopeError(f"PlanConfig {adaptive_only[0]} applies to an adaptive plan: add adaptive=true or drop it")
         if self.config.adaptive:
             if self.config.signal not in SIGNALS:
                 raise DitscopeError(f"unknown adaptive signal {self.config.signal!r}; use {' or '.join(SIGNALS)}")
@@ -80,8 +86,11 @@ class PlanMethod(ScheduleMethod):
                 raise DitscopeError(f"this plan carries no calibrated signal for signal={self.config.signal!r} (made "
                                     "by hand or by an older ditscope); make it again with ditscope plan to run it "
                                     "adaptively")
-            if not self.config.tolerance > 0:
-                raise DitscopeError(f"PlanConfig tolerance must be > 0, not {self.config.tolerance}")
+            record = self.base.meta[SIGNALS[self.config.signal]]
+            values = [v for row in record for v in (row if isinstance(row, list) else [row]) if v is not None]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+                raise DitscopeError(f"the plan's calibrated {SIGNALS[self.config.signal]} holds a value that is not a "
+                                    "finite number >= 0: the file is damaged; make the plan again")
 
     def validate(self, ctx: Context):
         super().validate(ctx)  # check(): the plan and the adaptive options

@@ -84,7 +84,21 @@ def check_fields(config) -> None:
     name = type(config).__name__
     for f in dataclasses.fields(config):
         default = f.default if f.default is not dataclasses.MISSING else None
+        if default is None and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         value = getattr(config, f.name)
+        if isinstance(value, (tuple, list)) and value and all(isinstance(v, (int, float)) for v in value):
+            if not all(math.isfinite(v) for v in value):  # polynomial coefficients, step lists: finite, any sign
+                raise DitscopeError(f"{name}.{f.name} must hold finite numbers, not {value!r}")
+        if isinstance(default, dict) and isinstance(value, dict):  # per-kind factors: known kinds, numbers >= 0
+            unknown = [k for k in value if default and k not in default]
+            if unknown:
+                raise DitscopeError(f"{name}.{f.name} has no entry {unknown[0]!r}; use {', '.join(map(str, default))}")
+            bad = [(k, v) for k, v in value.items() if not isinstance(v, (int, float)) or isinstance(v, bool)
+                   or not math.isfinite(v) or v < 0]
+            if bad:
+                raise DitscopeError(f"{name}.{f.name}[{bad[0][0]!r}] must be a finite number >= 0, not {bad[0][1]!r}")
+            continue
         if default is None or value is None:
             continue
         if isinstance(default, bool):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def model_signature(model: torch.nn.Module) -> dict:
     public = {k: v for k, v in (dict(config) if config is not None else {}).items() if not str(k).startswith("_")}
     text = json.dumps(public, sort_keys=True, default=str)
     return {"class": type(model).__name__, "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of what makes a model's outputs beyond its config: every parameter's and buffer's name, dtype,
+    shape and sums (one reduction per tensor, on its device; not the bytes). Work kept from a run (uncached
+    images, a calibration) holds for another run only if this matches: another checkpoint or dtype makes
+    other images."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            total = torch.sum(t, dtype=torch.float64) if t.is_floating_point() else t.sum()
+            size = torch.sum(t.abs(), dtype=torch.float64) if t.is_floating_point() else total
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{float(total):.17g}|{float(size):.17g}".encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -141,6 +156,8 @@ class Schedule:
 
     @classmethod
     def load(cls, path) -> Schedule:
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise DitscopeError(f"a plan is loaded from a file path, not {path!r}")
         path = Path(path)
         if path.is_dir():
             inside = sorted(path.glob("*.plan.json"))

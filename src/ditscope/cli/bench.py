@@ -9,7 +9,14 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
-from ..runtime import check_writable_dir, configure_scheduler, pick_device, progress_bar, torch_dtype
+from ..runtime import (
+    check_guidance,
+    check_writable_dir,
+    configure_scheduler,
+    pick_device,
+    progress_bar,
+    torch_dtype,
+)
 from .common import app, user_errors
 
 
@@ -24,8 +31,8 @@ def bench(
     prompts: Annotated[int | None, typer.Option(help="number of prompts: zoo models draw them from the data generator "
                                                 "(default 16); with --prompt-file the first N (default all)")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="prompts for non-zoo models (.txt, .jsonl, .csv)")] = None,
-    prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn prompts; fit a plan or threshold on "
-                                             "one seed and score it on another")] = 3000,
+    prompt_seed: Annotated[int | None, typer.Option(help="zoo models: seed of the drawn prompts; fit a plan or threshold "
+                                                    "on one seed and score it on another [default: 3000]")] = None,
     calibration_seed: Annotated[int, typer.Option(help="zoo models: seed of the calibration prompts a plan is fitted on")] = 7000,
     max_objects: Annotated[int, typer.Option(help="zoo text models: up to N objects per bench image (the calibration "
                                              "prompts keep one): a test set unlike the one plans and knobs were fitted on")] = 1,
@@ -55,6 +62,9 @@ def bench(
         raise DitscopeError("--prompts, --seeds and --batch-size must be at least 1")
     if repeats < 0:
         raise DitscopeError(f"--repeats must be 0 (not timed: FLOPs only) or more, got {repeats}")
+    if prompt_file is not None and prompt_seed is not None:
+        raise DitscopeError(f"--prompt-seed draws zoo prompts; it does not apply to the prompts of {prompt_file}: drop it")
+    prompt_seed = 3000 if prompt_seed is None else prompt_seed
     if prompt_seed < 0:
         raise DitscopeError(f"--prompt-seed must be 0 or more, got {prompt_seed}")
     if calibration_seed < 0:
@@ -67,6 +77,7 @@ def bench(
         raise DitscopeError("--calibration-prompts must be at least 1")
     if steps is not None and steps < 2:
         raise DitscopeError("--steps must be at least 2")
+    check_guidance(guidance_scale)
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
     if method_list is not None and not method_list:
         raise DitscopeError(f"--methods {methods!r} names no method; give a comma list such as toca,fora")
@@ -114,11 +125,14 @@ def bench(
         raise DitscopeError(f"plans, tune= settings and smoothcache fit on prompts apart from the bench's: put more than --prompts "
                             f"prompts in {prompt_file} (the ones after them calibrate)")
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    from ..planning.calibrate import pipeline_identity
+
     inputs = BenchInputs(model=model, prompts=prompt_list, seeds=list(range(seeds)), steps=n_steps,
                          guidance_scale=guidance, batch_size=batch_size, repeats=repeats, scenes=scenes,
                          class_conditional=getattr(pipe, "is_class_conditional", False), prompt_seed=drawn_with,
                          calibration=calibration if uses_plan else None,
-                         calibration_seed=calibration_seed if uses_plan and prompt_file is None else None)
+                         calibration_seed=calibration_seed if uses_plan and prompt_file is None else None,
+                         identity=pipeline_identity(pipe))
 
     if world > len(prompt_list) * seeds:
         raise DitscopeError(f"{world} ranks share {len(prompt_list) * seeds} samples (prompts x seeds): give at least "

@@ -9,7 +9,7 @@ import typer
 
 from ..cache import CONFIGS
 from ..errors import DitscopeError
-from ..runtime import check_steps, check_writable_dir, configure_scheduler
+from ..runtime import check_guidance, check_steps, check_writable_dir, configure_scheduler
 from .common import app, library_warnings, user_errors
 from .zoo import load_model
 
@@ -48,12 +48,17 @@ def generate(
     if upscale < 1:
         raise DitscopeError("--upscale must be at least 1")
     check_steps(steps)
+    check_guidance(guidance_scale)
     check_writable_dir(out.parent if out is not None else Path("."))
     # `--cache-opt interval=3 ratio=0.3`: the values after the first arrive as extra arguments
     extra = list(ctx.args)
     if any("=" not in a for a in extra):
         raise DitscopeError(f"unexpected argument(s): {' '.join(a for a in extra if '=' not in a)}")
     cache_opt = list(cache_opt or []) + extra
+    given = [o.partition("=")[0].strip().replace("-", "_") for o in cache_opt if "=" in o]
+    twice = sorted({k for k in given if given.count(k) > 1})
+    if twice:
+        raise DitscopeError(f"--cache-opt {twice[0]} is given more than once; give each option once")
     config, tuned = None, None
     if cache is not None:
         from ..cache import config_from_options

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
+from ..files import missing_folders, remove_empty
 from ..profiling.job import join_ranks
 from ..profiling.workload import barrier, writes
 from ..runtime import (
@@ -37,7 +38,8 @@ def plan(
     prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
     n_prompts: Annotated[int | None, typer.Option(help="calibration prompts drawn for zoo models, or the first N of "
                                                   "--prompts [default: 8; a file: up to 8]")] = None,
-    prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn calibration prompts")] = CALIBRATION_SEED,
+    prompt_seed: Annotated[int | None, typer.Option(help="zoo models: seed of the drawn calibration prompts "
+                                                    f"[default: {CALIBRATION_SEED}]")] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 8,
@@ -73,8 +75,10 @@ def plan(
     if iterations < 3:
         raise DitscopeError(f"--iterations must be at least 3, not {iterations}")
     out = out or Path("plans") / f"{Path(model).name}.plan.json"
+    prompt_seed = seed_of_prompts(prompts, prompt_seed)
     pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.plan.json", prompts, n_prompts,
                                                            prompt_seed, steps, guidance_scale, device, dtype)
+    made = missing_folders(out.parent)  # removed again if the run is refused
     work = out.parent / f".{out.name}.work"  # calibration and evaluations: a rerun resumes from them
     from rich.console import Console
 
@@ -92,6 +96,7 @@ def plan(
             barrier()
             if first:
                 shutil.rmtree(work, ignore_errors=True)
+                remove_empty(made)
             raise
         except KeyboardInterrupt:
             if first:
@@ -131,6 +136,13 @@ class _Silent:
 
 
 DEFAULT_PROMPTS = 8  # calibration prompts when --n-prompts is not given
+
+
+def seed_of_prompts(prompts: Path | None, prompt_seed: int | None, default: int = CALIBRATION_SEED) -> int:
+    """The seed zoo prompts are drawn with; refused beside a prompt file (it would be ignored)."""
+    if prompts is not None and prompt_seed is not None:
+        raise DitscopeError(f"--prompt-seed draws zoo prompts; it does not apply to the prompts of {prompts}: drop it")
+    return default if prompt_seed is None else prompt_seed
 
 
 def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n_prompts: int | None, prompt_seed: int,

@@ -104,6 +104,9 @@ def scheduler_cmd(model: Annotated[str, typer.Argument()] = "tiny-pixart",
     names = [s.strip() for s in schedulers.split(",") if s.strip()]
     if len(names) < 2:
         raise DitscopeError("--schedulers needs at least two schedulers")
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise DitscopeError(f"--schedulers names {twice} more than once; compare different schedulers")
     for name in names:
         check_scheduler(name)  # names, option keys and values, before any variant runs
     _checked([model], prompts, [steps], out)
@@ -122,6 +125,9 @@ def models_cmd(models: Annotated[list[str], typer.Argument(help="two or more mod
 
     if len(models) < 2:
         raise DitscopeError("the models study compares at least 2 models")
+    if len(set(models)) < len(models):
+        twice = next(m for m in models if list(models).count(m) > 1)
+        raise DitscopeError(f"the models study names {twice} more than once; compare different models")
     _checked(list(models), prompts, [steps], out)
     _done(_run(out, lambda: study_models(list(models), prompts, out, steps=steps, seed=seed, device=device)), "models",
           out)

@@ -11,11 +11,12 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError
+from ..files import missing_folders, remove_empty
 from ..profiling.workload import barrier, writes
 from ..runtime import check_steps
 from .common import app, user_errors
 from .generate import split_cache_opts
-from .plan import CALIBRATION_SEED, calibration_run, kept_work
+from .plan import CALIBRATION_SEED, calibration_run, kept_work, seed_of_prompts
 
 
 @app.command()
@@ -31,7 +32,8 @@ def tune(
     prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
     n_prompts: Annotated[int | None, typer.Option(help="calibration prompts drawn for zoo models, or the first N of "
                                                   "--prompts [default: 8; a file: up to 8]")] = None,
-    prompt_seed: Annotated[int, typer.Option(help="zoo models: seed of the drawn calibration prompts")] = CALIBRATION_SEED,
+    prompt_seed: Annotated[int | None, typer.Option(help="zoo models: seed of the drawn calibration prompts "
+                                                    f"[default: {CALIBRATION_SEED}]")] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 8,
@@ -71,8 +73,10 @@ def tune(
     check_request(method, fixed, knob)
     _check_peer(method)
     out = out or Path("tuned") / f"{Path(model).name}.{method}.json"
+    prompt_seed = seed_of_prompts(prompts, prompt_seed)
     pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.method.json", prompts, n_prompts,
                                                            prompt_seed, steps, guidance_scale, device, dtype)
+    made = missing_folders(out.parent)  # removed again if the run is refused
     work = out.parent / f".{out.name}.work"  # reference images and evaluations: a rerun resumes from them
     from rich.console import Console
 
@@ -88,6 +92,7 @@ def tune(
             barrier()
             if writes():
                 shutil.rmtree(work, ignore_errors=True)
+                remove_empty(made)
             raise
         except KeyboardInterrupt:
             if writes():

@@ -19,6 +19,7 @@ seconds (median per call, this machine) and FLOPs of each unit in its metadata.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections import defaultdict
@@ -39,7 +40,7 @@ from ..cache.engine import (
     relative_change,
     row_abs_sums,
 )
-from ..cache.schedule import STACK, model_signature
+from ..cache.schedule import STACK, model_signature, weights_fingerprint
 from ..errors import DitscopeError
 from ..parallel import agree, launched
 from ..profiling.artifact import Profile, sha256_of
@@ -207,6 +208,17 @@ class _Observer(CacheMethod):
             self._add(STACK, target, "inject", prompts, ctx.step, err / stack["abs"].clamp_min(1e-12) / branches)
 
 
+def pipeline_identity(pipe) -> dict:
+    """What a resumed run's kept work must match beyond its arguments: the transformer's weights and dtype
+    (schedule.weights_fingerprint) and the scheduler's class and config."""
+    from ..cache.engine import find_transformer
+
+    scheduler = getattr(pipe, "scheduler", None)
+    config = {k: v for k, v in dict(getattr(scheduler, "config", None) or {}).items() if not str(k).startswith("_")}
+    return {"weights": weights_fingerprint(find_transformer(pipe)[0]),
+            "scheduler": f"{type(scheduler).__name__} {sha256_of(json.loads(json.dumps(config, default=str)))[:16]}"}
+
+
 def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
               max_lag: int = 10, forecast_lag: int = 3, progress=None, layout=None) -> tuple[Profile, torch.Tensor]:
     """Measure every unit's reuse / forecast error and its cost on `prompts` with the uncached model.
@@ -252,6 +264,7 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
                         scheduler=type(getattr(pipe, "scheduler", None)).__name__, num_inference_steps=steps,
                         seed=seed, prompts_hash=sha256_of([str(p) for p in prompts]), n_prompts_total=len(prompts),
                         guidance_scale=guidance_scale, batch_size=batch_size, kind="calibration",
+                        identity=pipeline_identity(pipe),
                         units=_units(ctx), seconds={u: statistics.median(v) for u, v in observer.seconds.items()},
                         flops=observer.flops, signal=_signal(observer, len(prompts), steps))
     return profile, images

@@ -37,7 +37,7 @@ from ..profiling.artifact import Profile, sha256_of
 from ..profiling.workload import generate, median_seconds, writes
 from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
-from .calibrate import calibrate
+from .calibrate import calibrate, pipeline_identity
 from .search import MODES, compile_schedule, costs_from, predicted_error, price_scale
 
 TARGETS = ("psnr", "ssim", "psnr_p5", "speedup", "flops")  # psnr_p5: the worst images' (5th percentile) PSNR
@@ -80,6 +80,17 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value:g}"
+
+
+def check_calibration(prompts, batch_size, what: str) -> None:
+    """The calibration prompts are a list of at least one prompt (a lone string is not: its characters would
+    be the prompts) and the batch size an integer >= 1."""
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise DitscopeError(f"{what} takes a list of calibration prompts, not {type(prompts).__name__}: pass [prompt]")
+    if len(prompts) < 1:
+        raise DitscopeError(f"{what} needs at least one calibration prompt")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise DitscopeError(f"{what} needs batch_size >= 1, not {batch_size!r}")
 
 
 class Evaluations:
@@ -177,8 +188,7 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise DitscopeError(f"unknown planning mode {bad[0] if bad else '(none)'}; choose from {', '.join(MODES)}")
-    if len(prompts) < 1:
-        raise DitscopeError("planning needs at least one calibration prompt")
+    check_calibration(prompts, batch_size, "planning")
     if assurance not in ("lower", "mean"):
         raise DitscopeError(f"unknown assurance {assurance!r}; use lower or mean")
     if not isinstance(iterations, int) or iterations < 3:
@@ -480,7 +490,7 @@ def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_s
 
     expected = {"model_signature": model_signature(transformer), "num_inference_steps": steps, "seed": seed,
                 "prompts_hash": sha256_of([str(p) for p in prompts]), "guidance_scale": guidance_scale,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "identity": pipeline_identity(pipe)}
     if work is not None and (work / "calibration.ditscope").exists() and (work / "reference.safetensors").exists():
         try:
             cal = Profile.load(work / "calibration.ditscope")
