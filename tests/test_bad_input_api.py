@@ -45,6 +45,8 @@ CONFIGS = [
     (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), signal="input"), "signal applies to an adaptive plan"),
     (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}, meta={"stack_change": [[None, NAN]]}), adaptive=True),
      "holds a value that is not a finite number"),
+    (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}, meta={"stack_change": [[None, 0.1]], "signal": [[None, NAN]]}),
+                                 adaptive=True), "calibrated signal holds a value that is not a finite number"),
     (lambda: ditscope.ToCaConfig(module_factors={"bogus": 1.0}), "module_factors has no entry 'bogus'"),
     (lambda: ditscope.ToCaConfig(module_factors={"self": 0, "cross": 0.6, "mlp": NAN, "temporal": 0}),
      r"module_factors\['mlp'\] must be a finite number"),

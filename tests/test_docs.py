@@ -78,6 +78,8 @@ INPUT_FILES = {"coco.txt": SMALL_PROMPTS * 2, "p.txt": SMALL_PROMPTS, "small.txt
 
 # Python blocks: the names a reader has already (a pipeline, prompts, their own model and sampling loop).
 PY_SUBSTITUTIONS = {
+    # at 4 steps no plan that saves work holds psnr=30 (it is refused): the plan's target is lowered with them
+    'target="psnr=30", num_inference_steps=20': 'target="psnr=20", num_inference_steps=4',
     "num_inference_steps=20": "num_inference_steps=4",
     "steps=30": "steps=4",
     "num_inference_steps=30": "num_inference_steps=4",

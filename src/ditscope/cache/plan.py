@@ -86,11 +86,12 @@ class PlanMethod(ScheduleMethod):
                 raise DitscopeError(f"this plan carries no calibrated signal for signal={self.config.signal!r} (made "
                                     "by hand or by an older ditscope); make it again with ditscope plan to run it "
                                     "adaptively")
-            record = self.base.meta[SIGNALS[self.config.signal]]
-            values = [v for row in record for v in (row if isinstance(row, list) else [row]) if v is not None]
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
-                raise DitscopeError(f"the plan's calibrated {SIGNALS[self.config.signal]} holds a value that is not a "
-                                    "finite number >= 0: the file is damaged; make the plan again")
+            for name in SIGNALS.values():  # the calibrated records a plan carries: numbers, or None at step 0
+                record = self.base.meta.get(name) or []
+                values = [v for row in record for v in (row if isinstance(row, list) else [row]) if v is not None]
+                if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+                    raise DitscopeError(f"the plan's calibrated {name} holds a value that is not a finite number >= 0: "
+                                        "the file is damaged; make the plan again")
 
     def validate(self, ctx: Context):
         super().validate(ctx)  # check(): the plan and the adaptive options
