@@ -35,7 +35,7 @@ EVERYTHING = {
 
 def plan_rows(model, site_row: str, stack_row: str) -> dict:
     """A plan for this model: every module site on `site_row`, the stack on `stack_row`."""
-    from ditscope.cache.engine import layout_of
+    from ditscope.cache.layout import layout_of
 
     _, _, sites, _ = layout_of(model, layout_for(model))
     return {"stack": stack_row, **{s.name: site_row for s in sites}}
@@ -181,7 +181,8 @@ def run_half_batch(model, inputs):
     """Row 1 of every call computes every block, row 0 reuses them from step 1 on (a test-only policy);
     returns the outputs and the stats."""
     from ditscope.cache.actions import run_block
-    from ditscope.cache.engine import CacheHandle, CacheMethod
+    from ditscope.cache.engine import CacheHandle
+    from ditscope.cache.method import CacheMethod
 
     class HalfBatch(CacheMethod):
         uses_blocks = True

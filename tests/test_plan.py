@@ -86,7 +86,7 @@ def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
 
 
 def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
-    from ditscope.cache.engine import layout_of
+    from ditscope.cache.layout import layout_of
 
     _, blocks, sites, _ = layout_of(pipe.transformer)
     kwargs = {"num_inference_steps": STEPS, "output_type": "pt", "generator": torch.Generator().manual_seed(0)}
@@ -412,7 +412,7 @@ def test_plan_on_a_declared_layout_model_from_python():
     """`ditscope.plan` on a plain PyTorch DiT driven by the user's own sampling loop (tests/opensora_like.py)."""
     import opensora_like
 
-    from ditscope.cache.engine import layout_of
+    from ditscope.cache.layout import layout_of
     from ditscope.planning.calibrate import generate
     from ditscope.stats.quality import per_sample_psnr_ssim
 

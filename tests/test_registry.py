@@ -12,7 +12,8 @@ from ditscope import zoo
 from ditscope.bench import expand, load_grid, run_bench
 from ditscope.bench.runner import BenchInputs
 from ditscope.cache import CONFIGS, REGISTRY, config_from_options, register
-from ditscope.cache.engine import COMPUTE, REUSE, CacheMethod
+from ditscope.cache.context import COMPUTE, REUSE
+from ditscope.cache.method import CacheMethod
 from ditscope.cache.registry import unregister
 from ditscope.families import MLP
 

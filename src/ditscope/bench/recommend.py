@@ -198,7 +198,7 @@ def config_name(model: str, chosen: dict | None) -> str | None:
 def write_result(rec: Recommendation, out: Path, model: str, steps_flag: bool, extra: dict | None = None) -> tuple[str, Path, Path | None]:
     """Write the winning config (a plan file or a tuned config) and OUT/MODEL.recommend.json (the table, every
     candidate's per-prompt values, the answer); returns (the use line, the result file, the config file)."""
-    from ..cache.schedule import Schedule
+    from ..cache.schedule_data import Schedule
     from .tune import Tuned
 
     out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +383,7 @@ def _fit_steps(pipe, calibration, goal: Target, steps: int, batch_size: int, gui
 def _plan_setting(schedule) -> str:
     """What a plan computes, in a few words: the steps its block stack runs, and the share of modules computed
     on them when it plans modules too."""
-    from ..cache.schedule import STACK
+    from ..cache.schedule_data import STACK
 
     mode = schedule.meta.get("mode", "plan")
     stack = schedule.rows.get(STACK)

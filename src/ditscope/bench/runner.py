@@ -316,7 +316,7 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         fitted = tuned(pipe, setting, inputs, out)  # read back from OUT/tuned/
         notes.append(f"fitted {fitted.meta['knob']}={fitted.meta['value']:.4g}")
     try:
-        from ..cache.engine import flop_counter
+        from ..cache.flops import flop_counter
 
         with flop_counter() as counter:  # the scored images, their FLOPs, and the warm-up
             images = generate_all(pipe, inputs, steps)

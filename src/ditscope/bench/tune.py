@@ -32,17 +32,13 @@ from pathlib import Path
 
 import torch
 
-from ..cache.engine import (
-    BlockSite,
-    CacheHandle,
-    CacheMethod,
-    Context,
-    block_outputs,
-    hidden_arg,
-    relative_change,
-)
+from ..cache.context import Context
+from ..cache.engine import CacheHandle
+from ..cache.layout import BlockSite
+from ..cache.method import CacheMethod
 from ..cache.registry import REGISTRY, Knob
-from ..cache.schedule import FORMAT as PLAN_FORMAT
+from ..cache.schedule_data import FORMAT as PLAN_FORMAT
+from ..cache.tensors import block_outputs, hidden_arg, relative_change
 from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.calibrate import generate
@@ -316,8 +312,8 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
 
 def _signature(model) -> dict:
     """The signature a plan also carries: the (first) transformer's class and a hash of its config."""
-    from ..cache.engine import find_transformer
-    from ..cache.schedule import model_signature
+    from ..cache.layout import find_transformer
+    from ..cache.schedule_data import model_signature
 
     return model_signature(find_transformer(model)[0])
 

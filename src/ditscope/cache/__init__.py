@@ -1,4 +1,4 @@
-"""Cache methods for diffusion transformers, all on one mechanism (`engine.py`).
+"""Cache methods for diffusion transformers, all on one mechanism (`engine.py`: `CacheHandle`).
 
     handle = ditscope.apply(pipe, ditscope.ToCaConfig(interval=3, ratio=0.3))
     image = pipe(prompt, num_inference_steps=20).images[0]
@@ -23,7 +23,8 @@ from .delta_dit import DeltaDiTConfig
 from .fbcache import FBCacheConfig
 from .teacache import TeaCacheConfig
 from .plan import PlanConfig
-from .schedule import Schedule, schedule_of
+from .schedule import schedule_of
+from .schedule_data import Schedule
 # isort: on
 from .engine import CacheHandle
 from .registry import REGISTRY, ConfigsByName, Registered, check_fields, for_config, register

@@ -10,8 +10,11 @@ import torch
 
 from ..errors import DitscopeError
 from .actions import run_block
-from .engine import BlockSite, CacheMethod, Context, block_inputs, block_outputs, relative_change, rows_mask
+from .context import Context
+from .layout import BlockSite
+from .method import CacheMethod
 from .registry import Knob, register
+from .tensors import block_inputs, block_outputs, relative_change, rows_mask
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..errors import DitscopeError
 from ..families import CROSS, MLP, SELF, TEMPORAL
 from .actions import full_step
-from .engine import Context
+from .context import Context
 from .registry import Knob, register
 from .schedule import ScheduleMethod
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from ..errors import DitscopeError
 from ..families import CROSS, SELF, TEMPORAL
 from .actions import cached_module
-from .engine import CacheMethod, Context, Site
+from .context import Context
+from .layout import Site
+from .method import CacheMethod
 from .registry import Knob, register
 
 

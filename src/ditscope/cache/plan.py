@@ -10,10 +10,13 @@ from pathlib import Path
 import torch
 
 from ..errors import DitscopeError, DitscopeWarning
-from .engine import BlockSite, Context, relative_change, row_abs_sums
+from .context import Context
+from .layout import BlockSite
 from .parallel import agree
 from .registry import register
-from .schedule import STACK, Schedule, ScheduleMethod, model_signature
+from .schedule import ScheduleMethod
+from .schedule_data import STACK, Schedule, model_signature
+from .tensors import relative_change, row_abs_sums
 
 
 @dataclass

@@ -11,8 +11,11 @@ import torch
 
 from ..errors import DitscopeError
 from .actions import full_step
-from .engine import COMPUTE, PREDICT, CacheMethod, Context, Site, hidden_arg
+from .context import COMPUTE, PREDICT, Context
+from .layout import Site
+from .method import CacheMethod
 from .registry import Knob, register
+from .tensors import hidden_arg
 
 
 @dataclass

@@ -10,8 +10,11 @@ import torch
 
 from ..errors import DitscopeError
 from .actions import run_block
-from .engine import BlockSite, CacheMethod, Context, hidden_arg, relative_change
+from .context import Context
+from .layout import BlockSite
+from .method import CacheMethod
 from .registry import Knob, register
+from .tensors import hidden_arg, relative_change
 
 
 @dataclass

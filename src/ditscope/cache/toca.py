@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
 from . import scores
-from .engine import COMPUTE, PARTIAL, REUSE, WHOLE, CacheMethod, Context, Site, hidden_arg, with_hidden
+from .context import COMPUTE, PARTIAL, REUSE, WHOLE, Context
+from .layout import Site
+from .method import CacheMethod
 from .parallel import agree
 from .registry import Knob, register
+from .tensors import hidden_arg, with_hidden
 
 SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
 SCHEDULES = ("pixart", "dit", "fixed")

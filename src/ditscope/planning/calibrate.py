@@ -26,19 +26,13 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..cache.engine import (
-    BlockSite,
-    CacheHandle,
-    CacheMethod,
-    Context,
-    Site,
-    block_inputs,
-    block_outputs,
-    flop_counter,
-    relative_change,
-    row_abs_sums,
-)
-from ..cache.schedule import STACK, model_signature
+from ..cache.context import Context
+from ..cache.engine import CacheHandle
+from ..cache.flops import flop_counter
+from ..cache.layout import BlockSite, Site
+from ..cache.method import CacheMethod
+from ..cache.schedule_data import STACK, model_signature
+from ..cache.tensors import block_inputs, block_outputs, relative_change, row_abs_sums
 from ..errors import DitscopeError
 from ..profiling.artifact import Profile, sha256_of
 from ..stats.running import RunningStats
@@ -232,7 +226,7 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
     `progress(done, total)` is called after each batch. `layout`: a declared block layout (`ditscope.Blocks`)
     for a model outside the family table.
     """
-    from ..cache.engine import find_transformer
+    from ..cache.layout import find_transformer
 
     if len(prompts) < 1:
         raise DitscopeError("calibration needs at least one prompt")

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from ..cache.actions import full_step
-from ..cache.engine import find_transformer
+from ..cache.layout import find_transformer
 from ..cache.parallel import run_layout
 from ..cache.plan import PlanConfig
-from ..cache.schedule import STACK, Schedule, model_signature
+from ..cache.schedule_data import STACK, Schedule, model_signature
 from ..errors import DitscopeError
 from ..files import atomic_path
 from ..holds import hold

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cache.schedule import STACK, Schedule
+from ..cache.schedule_data import STACK, Schedule
 from ..profiling.artifact import Profile
 
 MODES = ("both", "stack", "sites")  # what the search may cache: stack and sites, the stack only, sites only

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache.schedule import ACTIONS, STACK, Schedule
+from ..cache.schedule_data import ACTIONS, STACK, Schedule
 
 CODES = {"C": 0, "F": 1, "R": 2}
 
