@@ -32,13 +32,10 @@ from pathlib import Path
 
 import torch
 
-from ..cache.context import Context
 from ..cache.engine import CacheHandle
-from ..cache.layout import BlockSite
-from ..cache.method import CacheMethod
+from ..cache.observe import TeaCacheProbe
 from ..cache.registry import REGISTRY, Knob
 from ..cache.schedule_data import FORMAT as PLAN_FORMAT
-from ..cache.tensors import block_outputs, hidden_arg, relative_change
 from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.calibrate import generate
@@ -389,43 +386,6 @@ def _reference(pipe, prompts, steps, seed, batch_size, guidance_scale, work: Pat
 
 
 # ------------------------------------------------------------------------------- TeaCache's polynomial
-class _TeaProbe(CacheMethod):
-    """Computes everything; per step, pairs the relative change of the first block's modulated input (what
-    TeaCache watches) with that of the last block's output (what skipping the stack would get wrong)."""
-
-    uses_blocks = True
-
-    def __init__(self):
-        super().__init__(None)
-        self.pairs: list[tuple[float, float]] = []
-
-    def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
-        seen = {}
-
-        def read(module, a, kw):  # the first call of the module in this block: its modulated input
-            if "x" not in seen:
-                seen["x"] = hidden_arg(a, kw).detach().clone()
-
-        hook = bsite.sites[0].module.register_forward_pre_hook(read, with_kwargs=True) if (
-            bsite.index == 0 and bsite.sites) else None
-        try:
-            out = run(*args, **kwargs)
-        finally:
-            if hook is not None:
-                hook.remove()
-        st = ctx.state
-        if "x" in seen:
-            prev = st.get("x")
-            st["x_change"] = relative_change(ctx, seen["x"], prev).cpu() if prev is not None else None
-            st["x"] = seen["x"]
-        if bsite.index == len(ctx.blocks) - 1:
-            y = block_outputs(bsite, out)["hidden"].detach().clone()
-            if st.get("y") is not None and st.get("x_change") is not None:
-                self.pairs.extend(zip(st["x_change"].tolist(), relative_change(ctx, y, st["y"]).cpu().tolist()))
-            st["y"] = y
-        return out
-
-
 def fit_teacache(pipe, prompts: list, num_inference_steps: int = 20, seed: int = 0, batch_size: int = 8,
                  guidance_scale=None, degree: int = 4, layout=None) -> dict:
     """Fit TeaCache's rescaling polynomial on the uncached model: x = relative L1 change of the first block's
@@ -435,7 +395,7 @@ def fit_teacache(pipe, prompts: list, num_inference_steps: int = 20, seed: int =
     "x_range"}: what `TeaCacheConfig(coefficients=...)` takes, and how well it fits."""
     import numpy as np
 
-    probe = _TeaProbe()
+    probe = TeaCacheProbe()
     with CacheHandle(pipe, probe, num_inference_steps=num_inference_steps, layout=layout):
         generate(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale)
     probe.pairs = [pair for part in gather(probe.pairs, data_parallel(pipe)[1]) for pair in part]  # torchrun: all ranks'

@@ -117,6 +117,7 @@ class CacheHandle:
             hidden = hidden_arg(args, kwargs, hidden_name)
             timestep = read_timestep(args, kwargs, t_pos, t_name) if t_name else None
             ctx.begin_call(timestep, hidden.shape[0])
+            method.before_call(ctx)
             tap = AttentionTap(ctx, method) if method.wants_attention(ctx) else contextlib.nullcontext()
             counter = None
             if ctx.flop_counting:
@@ -130,6 +131,7 @@ class CacheHandle:
                 ctx.active = None
             if counter is not None:
                 ctx.record["flops"] = counter.get_total_flops()
+            method.after_call(ctx, out)
             return out
 
         self._patches.set(model, "forward", model_forward)

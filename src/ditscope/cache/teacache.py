@@ -41,6 +41,28 @@ class _Probe(Exception):
     """Stops the first block as soon as its first module receives the modulated input."""
 
 
+def modulated_input(bsite: BlockSite, run, args, kwargs, whole: bool = False):
+    """What TeaCache watches: the input of the block's first cached module (the timestep-modulated hidden state).
+    The block runs only up to that module; `whole=True` runs all of it and returns (input, block output)."""
+    seen = {}
+
+    def hook(module, a, kw):
+        if "x" not in seen:  # the module's first call in this block
+            seen["x"] = hidden_arg(a, kw, bsite.sites[0].hidden)
+        if not whole:
+            raise _Probe
+
+    handle = bsite.sites[0].module.register_forward_pre_hook(hook, with_kwargs=True)
+    out = None
+    try:
+        out = run(*args, **kwargs)
+    except _Probe:
+        pass
+    finally:
+        handle.remove()
+    return (seen.get("x"), out) if whole else seen["x"]
+
+
 class TeaCacheMethod(CacheMethod):
     uses_blocks = True
 
@@ -55,25 +77,8 @@ class TeaCacheMethod(CacheMethod):
 
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
         if bsite.index == 0:
-            self._decide(ctx, self._modulated_input(bsite, run, args, kwargs))
+            self._decide(ctx, modulated_input(bsite, run, args, kwargs))
         return run_block(ctx, bsite, run, args, kwargs, ctx.state.get("skip"))
-
-    @staticmethod
-    def _modulated_input(bsite: BlockSite, run, args, kwargs) -> torch.Tensor:
-        seen = {}
-
-        def hook(module, a, kw):
-            seen["x"] = hidden_arg(a, kw, bsite.sites[0].hidden)
-            raise _Probe
-
-        handle = bsite.sites[0].module.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            run(*args, **kwargs)
-        except _Probe:
-            pass
-        finally:
-            handle.remove()
-        return seen["x"]
 
     def _decide(self, ctx: Context, x: torch.Tensor):
         st = ctx.state
