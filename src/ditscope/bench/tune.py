@@ -57,8 +57,7 @@ class Tuned:
     def config(self, model=None):
         """The ditscope config to `ditscope.apply` (peers run through the bench, not `apply`). With `model` (the
         pipeline or transformer it will run on), a model other than the one it was tuned on is refused."""
-        from ..cache import config_from_options
-        from .grid import option_strings
+        from ..cache import config_from_options, option_strings
         from .peers import PEERS
 
         if self.method in PEERS:
@@ -175,8 +174,7 @@ def check_request(method: str, options: dict, knob: str | None = None) -> tuple[
                             f"{', '.join(defaults)})")
     trial = {**options, the_knob.name: the_knob.at(0)}  # the mildest value the search will try
     if method in REGISTRY:
-        from ..cache import config_from_options
-        from .grid import option_strings
+        from ..cache import config_from_options, option_strings
 
         config_from_options(method, option_strings(trial))
     else:
@@ -330,9 +328,8 @@ def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps:
     timing); a peer, the inverse of its measured speedup on the calibration prompts."""
     if method not in REGISTRY:
         return 1 / measure(value, timed=True)["speedup"]
-    from ..cache import apply, config_from_options
+    from ..cache import apply, config_from_options, option_strings
     from ..planning.calibrate import generate
-    from .grid import option_strings
 
     with apply(pipe, config_from_options(method, option_strings({**fixed, name: value})), num_inference_steps=steps,
                count_flops=True, layout=layout) as handle:
@@ -344,8 +341,7 @@ def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale, layout
     """opts -> remove(): applies `method` with `opts` to `pipe` (ditscope's through apply, a peer's through
     its adapter, which may run the pipeline once to check it runs or to calibrate)."""
     if method in REGISTRY:
-        from ..cache import apply, config_from_options
-        from .grid import option_strings
+        from ..cache import apply, config_from_options, option_strings
 
         return lambda opts: apply(pipe, config_from_options(method, option_strings(opts)), num_inference_steps=steps,
                                   layout=layout).remove

@@ -96,6 +96,13 @@ def config_from_options(name: str, options: list[str] | None = None):
     return config
 
 
+def option_strings(opts: dict) -> list[str]:
+    """Options as the CLI's key=value strings (what `config_from_options` parses)."""
+    import json
+
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in opts.items()]
+
+
 def _default(f):
     import dataclasses
 
@@ -107,5 +114,5 @@ def _default(f):
 
 
 __all__ = ["CONFIGS", "REGISTRY", "CacheHandle", "DeltaDiTConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig",
-           "PABConfig", "PlanConfig", "Registered", "Schedule", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options",
+           "PABConfig", "PlanConfig", "Registered", "Schedule", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options", "option_strings",
            "register", "schedule_of"]

@@ -24,12 +24,12 @@ import statistics
 import numpy as np
 import torch
 
+from ..artifact import Profile, sha256_of
 from ..cache.context import Context
 from ..cache.engine import CacheHandle
 from ..cache.observe import Calibrator
 from ..cache.schedule_data import STACK, model_signature
 from ..errors import DitscopeError
-from ..profiling.artifact import Profile, sha256_of
 from ..stats.running import RunningStats
 from .workload import data_parallel, from_first, gather, share
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifact import Profile, sha256_of
 from ..cache.actions import full_step
 from ..cache.layout import find_transformer
 from ..cache.parallel import run_layout
@@ -34,7 +35,6 @@ from ..cache.schedule_data import STACK, Schedule, model_signature
 from ..errors import DitscopeError
 from ..files import atomic_path
 from ..holds import hold
-from ..profiling.artifact import Profile, sha256_of
 from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
 from .calibrate import calibrate, generate

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..artifact import Profile
 from ..cache.schedule_data import STACK, Schedule
-from ..profiling.artifact import Profile
 
 MODES = ("both", "stack", "sites")  # what the search may cache: stack and sites, the stack only, sites only
 

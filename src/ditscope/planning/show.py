@@ -88,7 +88,7 @@ def heatmap_figure(plan: Schedule):
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
-    from ..profiling.plots import step_ticks
+    from ..plots import step_ticks
 
     units = list(plan.rows)
     grid = cell_categories(plan)

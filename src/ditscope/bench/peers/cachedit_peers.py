@@ -12,7 +12,7 @@ import torch
 from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...families import family_of
-from . import Peer, PeerUnavailable, config_error, one_line, register_peer
+from .base import Peer, PeerUnavailable, config_error, one_line, register_peer
 
 _ABSENT = object()
 

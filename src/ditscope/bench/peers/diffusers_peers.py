@@ -18,7 +18,7 @@ import torch
 from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...patching import Patches, read_timestep, timestep_argument
-from . import CONTEXT_NAME, Peer, PeerUnavailable, config_error, one_line, quiet_logger, register_peer
+from .base import CONTEXT_NAME, Peer, PeerUnavailable, config_error, one_line, quiet_logger, register_peer
 
 _ABSENT = object()
 
