@@ -55,4 +55,6 @@ class DeltaDiTMethod(ScheduleMethod):
 register("delta-dit", DeltaDiTConfig, DeltaDiTMethod, "block residuals of the back (early steps) or front (late steps) blocks",
          grid=[{}, {"interval": 3}],
          compact=[{}],
-         knob=Knob("interval", 2, 10, integer=True))
+         knob=Knob("interval", 2, 10, integer=True),
+         exact={"interval": 1},
+         aggressive={})

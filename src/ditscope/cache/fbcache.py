@@ -68,4 +68,6 @@ class FBCacheMethod(CacheMethod):
 register("fbcache", FBCacheConfig, FBCacheMethod, "all blocks after the first, skipped when the first block's residual changed little",
          grid=[{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
          compact=[{"threshold": 0.05}, {"threshold": 0.2}, {"threshold": 0.2, "per_sample": False}],
-         knob=Knob("threshold", 0.005, 1.0, log=True))
+         knob=Knob("threshold", 0.005, 1.0, log=True),
+         exact={"threshold": 0.0},
+         aggressive={"threshold": 1e9})

@@ -46,4 +46,6 @@ class FORAMethod(ScheduleMethod):
 register("fora", FORAConfig, FORAMethod, "every attention and MLP output, recomputed every N steps",
          grid=[{"interval": 2}, {}, {"interval": 4}],
          compact=[{"interval": 2}, {}],
-         knob=Knob("interval", 2, 10, integer=True))
+         knob=Knob("interval", 2, 10, integer=True),
+         exact={"interval": 1},
+         aggressive={})

@@ -92,4 +92,6 @@ class TaylorSeerMethod(CacheMethod):
 register("taylorseer", TaylorSeerConfig, TaylorSeerMethod, "module outputs forecast by a Taylor series in the step",
          grid=[{"interval": 2}, {"interval": 3}, {}],
          compact=[{"interval": 2}, {}],
-         knob=Knob("interval", 2, 10, integer=True))
+         knob=Knob("interval", 2, 10, integer=True),
+         exact={"interval": 1},
+         aggressive={})

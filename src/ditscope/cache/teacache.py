@@ -102,4 +102,6 @@ class TeaCacheMethod(CacheMethod):
 register("teacache", TeaCacheConfig, TeaCacheMethod, "the whole block stack, skipped while the accumulated rescaled input change is small",
          grid=[{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
          compact=[{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}],
-         knob=Knob("threshold", 0.01, 3.0, log=True))
+         knob=Knob("threshold", 0.01, 3.0, log=True),
+         exact={"threshold": 0.0},
+         aggressive={"threshold": 1e9})

@@ -363,4 +363,6 @@ def joint_slice(ctx: Context, site: Site, score: torch.Tensor, n_tokens: int) ->
 register("toca", ToCaConfig, ToCaMethod, "per module (self-attn, cross-attn, MLP): recompute the top-scored tokens, reuse the rest",
          grid=[{"interval": 2, "ratio": 0.3}, {}, {"interval": 4}, {"interval": 5, "ratio": 0.2}],
          compact=[{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}],
-         knob=Knob("interval", 2, 10, integer=True))  # ratio: --knob ratio
+         knob=Knob("interval", 2, 10, integer=True),  # ratio: --knob ratio
+         exact={"interval": 1, "schedule": "fixed"},
+         aggressive={})
