@@ -24,9 +24,12 @@ from .errors import DitscopeError
 from .files import atomic_path
 from .stats.distances import METRICS
 from .stats.running import FIELDS, RunningStats
+from .versioned import FileFormat
 
 FORMAT = "ditscope-profile"
 FORMAT_VERSION = 2  # 2: with a checksum (format 1 files have none and load unverified)
+PROFILE_FILE = FileFormat("profile", FORMAT, FORMAT_VERSION, ".ditscope", "ditscope profile",
+                          "profile again or restore a copy", reads_older=True, checksum_from=2, unversioned=0)
 TARGET_ORDER = ("q", "k", "v", "a", "out")
 # Metadata that must agree for two profiles to be merged (everything that changes the numbers).
 RUN_FIELDS = (
@@ -147,33 +150,14 @@ class Profile:
     def load(cls, path) -> Profile:
         from safetensors import safe_open
 
-        path = Path(path)
-        if path.is_dir():
-            inside = sorted(path.glob("*.ditscope"))
-            hint = f"pass {inside[0]}" if inside else "pass a .ditscope file (ditscope profile writes OUT/profile.ditscope)"
-            raise DitscopeError(f"{path} is a folder, not a profile; {hint}")
-        if not path.is_file():
-            raise DitscopeError(f"profile {path} does not exist")
+        path = PROFILE_FILE.existing(path)
         try:
             with safe_open(str(path), framework="np") as f:
                 header = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as e:  # safetensors raises several types for damaged files
             raise DitscopeError(f"{path} is corrupt or not a ditscope profile ({type(e).__name__})") from None
-        if header.get("format") != FORMAT:
-            raise DitscopeError(f"{path} is not a ditscope profile")
-        try:
-            version = int(header.get("format_version", "0"))
-        except ValueError:
-            raise DitscopeError(f"{path} is corrupt: its format version is not a number") from None
-        if version > FORMAT_VERSION:
-            raise DitscopeError(
-                f"{path} was written by a newer ditscope (profile format {version}, this one reads "
-                f"<= {FORMAT_VERSION}); upgrade ditscope"
-            )
-        if version >= 2 and header.get("checksum") != checksum(tensors, header):
-            raise DitscopeError(f"{path} is corrupt: its contents do not match its checksum (damaged on disk or in "
-                                "transfer); profile again or restore a copy")
+        PROFILE_FILE.check(path, header, lambda: checksum(tensors, header))
         try:
             fields = _parse_header(header, tensors)
         except (KeyError, ValueError, TypeError) as e:

@@ -41,8 +41,11 @@ from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.calibrate import generate
 from ..planning.planner import Evaluations, Target
 from ..planning.workload import data_parallel, from_first, gather, writes
+from ..versioned import FileFormat
 
 FORMAT, VERSION = "ditscope-tuned", 1
+TUNED_FILE = FileFormat("tuned config", FORMAT, VERSION, ".tuned.json", "ditscope tune", "tune again",
+                        edited="delete its checksum line to run a hand-edited config", version_key="version")
 GRID_POINTS = 6  # real-valued knobs: values on the grid before the bisection
 
 
@@ -83,29 +86,22 @@ class Tuned:
 
     @classmethod
     def load(cls, path) -> Tuned:
-        path = Path(path)
-        if not path.is_file():
-            raise DitscopeError(f"tuned config {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
-        try:
-            body = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DitscopeError(f"{path} is not a tuned config (not JSON: {e.__class__.__name__}); "
-                                "write one with ditscope tune") from None
-        except OSError as e:
-            raise DitscopeError(f"cannot read tuned config {path}: {e.strerror or e}") from None
-        if isinstance(body, dict) and body.get("format") == PLAN_FORMAT:
-            raise DitscopeError(f"{path} is a plan, not a tuned config: run it with --cache plan --cache-opt path={path}")
-        if not isinstance(body, dict) or body.get("format") != FORMAT:
-            raise DitscopeError(f"{path} is not a tuned config; write one with ditscope tune")
-        if body.get("version") != VERSION:
-            raise DitscopeError(f"{path} is a tuned config of version {body.get('version')!r}; this ditscope reads "
-                                f"version {VERSION}: tune again")
-        if "checksum" in body and body["checksum"] != json_checksum({k: v for k, v in body.items() if k != "checksum"}):
-            raise DitscopeError(f"{path} does not match its checksum: it is damaged or was edited; tune again (or "
-                                "delete its checksum line to run a hand-edited config)")
+        raw = Path(path)
+        if raw.is_file() and raw.suffix == ".json" and _format_of(raw) == PLAN_FORMAT:
+            raise DitscopeError(f"{raw} is a plan, not a tuned config: run it with --cache plan --cache-opt path={raw}")
+        path, body = TUNED_FILE.read_json(path)
         if not isinstance(body.get("method"), str) or not isinstance(body.get("options"), dict):
             raise DitscopeError(f"{path} is damaged: its method or options are missing; tune again")
         return cls(body["method"], body["options"], body.get("meta") or {})
+
+
+def _format_of(path: Path):
+    """The `format` field of a JSON file (None if it has none, or is not JSON)."""
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return body.get("format") if isinstance(body, dict) else None
 
 
 def knob_of(method: str, name: str | None = None, preset: str | None = None) -> tuple[Knob, dict]:

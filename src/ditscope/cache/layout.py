@@ -12,6 +12,28 @@ import torch
 from ..errors import DitscopeError
 from ..families import FAMILIES, TEMPORAL, Blocks, Family, family_of
 
+STACK = "stack"  # the unit that is the whole block stack of a transformer (`transformer_2.stack` for a second one)
+
+
+def unit_kind(name: str) -> str:
+    """What a unit name names, the one parser of it: "stack" (`stack`, `transformer_2.stack`), "block" (a block
+    list's entry, named by its index: `transformer_blocks.3`) or "module" (a child module of a block:
+    `transformer_blocks.3.attn1`)."""
+    last = name.rsplit(".", 1)[-1]
+    if last == STACK:
+        return "stack"
+    return "block" if last.isdigit() else "module"
+
+
+def block_of(name: str, units=None) -> str | None:
+    """The block a module unit belongs to (`transformer_blocks.3` for `transformer_blocks.3.attn1`): the longest
+    name above it that ends in a block index (and is one of `units`, when given); None for a block or a stack."""
+    if unit_kind(name) != "module":
+        return None
+    parts = name.split(".")
+    return next((".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)
+                 if parts[k - 1].isdigit() and (units is None or ".".join(parts[:k]) in units)), None)
+
 
 @dataclass
 class Site:

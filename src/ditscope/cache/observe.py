@@ -18,7 +18,7 @@ import torch
 from ..errors import DitscopeError
 from .context import Context
 from .flops import flop_counter
-from .layout import BlockSite, Site
+from .layout import BlockSite, Site, unit_kind
 from .method import CacheMethod
 from .schedule_data import STACK
 from .teacache import modulated_input
@@ -94,7 +94,7 @@ class Calibrator(CacheMethod):
             acc[(int(p), step)] += v
 
     def _timed(self, unit: str, run, args, kwargs):
-        if self.count_flops and unit not in self.flops and "." in unit and not unit.rsplit(".", 1)[1].isdigit():
+        if self.count_flops and unit not in self.flops and unit_kind(unit) == "module":
             with flop_counter() as counter:
                 out = run(*args, **kwargs)
             self.flops[unit] = float(counter.get_total_flops())

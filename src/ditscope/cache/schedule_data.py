@@ -34,10 +34,13 @@ import torch
 
 from ..errors import DitscopeError
 from ..files import json_checksum, write_text_atomic
+from ..versioned import FileFormat
+from .layout import STACK, unit_kind
 
 FORMAT = "ditscope-plan"
 FORMAT_VERSION = 1
-STACK = "stack"
+PLAN_FILE = FileFormat("plan file", FORMAT, FORMAT_VERSION, ".plan.json", "ditscope plan", "make it again with ditscope plan",
+                       edited="delete its checksum line to run a hand-edited plan")
 ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
 
 
@@ -104,7 +107,7 @@ class Schedule:
         """Share of (module site, step) cells with this action, on the steps the stack runs (a stack-skipped
         step runs no module; blocks reused on their own are not taken out)."""
         stack = self.rows.get(STACK, "C" * self.steps)
-        cells = [c for u, r in self.rows.items() if u != STACK and "." in u and not u.rsplit(".", 1)[1].isdigit()
+        cells = [c for u, r in self.rows.items() if unit_kind(u) == "module"
                  for c, s in zip(r, stack) if s != "R"]
         return sum(c == action for c in cells) / max(1, len(cells))
 
@@ -124,30 +127,7 @@ class Schedule:
 
     @classmethod
     def load(cls, path) -> Schedule:
-        path = Path(path)
-        if path.is_dir():
-            inside = sorted(path.glob("*.plan.json"))
-            hint = f"pass {inside[0]}" if inside else "pass a .plan.json file (ditscope plan writes one)"
-            raise DitscopeError(f"{path} is a folder, not a plan file; {hint}")
-        if not path.is_file():
-            raise DitscopeError(f"plan file {path} does not exist")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise DitscopeError(f"{path} is not a plan file (not text: a profile? a plan is the .plan.json "
-                                "that ditscope plan writes)") from None
-        except json.JSONDecodeError:
-            raise DitscopeError(f"plan file {path} is corrupt or truncated (not JSON); make it again with ditscope plan") from None
-        except OSError as e:
-            raise DitscopeError(f"cannot read plan file {path}: {e.strerror or e}") from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise DitscopeError(f"{path} is not a ditscope plan file")
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise DitscopeError(f"plan file {path} has format version {version!r}; this ditscope reads version {FORMAT_VERSION}")
-        if "checksum" in raw and raw["checksum"] != json_checksum({k: v for k, v in raw.items() if k != "checksum"}):
-            raise DitscopeError(f"plan file {path} does not match its checksum: it is damaged or was edited; make it "
-                                "again with ditscope plan (or delete its checksum line to run a hand-edited plan)")
+        path, raw = PLAN_FILE.read_json(path)
         rows, meta = raw.get("rows"), raw.get("meta", {})
         if not isinstance(rows, dict) or not all(isinstance(r, str) for r in rows.values()):
             raise DitscopeError(f"plan file {path} is corrupt: 'rows' must map unit names to action strings")
