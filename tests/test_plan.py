@@ -194,7 +194,7 @@ def test_rows_forced_to_compute_leave_what_the_plan_kept_as_it_was_computed(pipe
     checks = []
 
     def check(ctx):
-        for kind in ("plan", "plan_residual"):
+        for kind in ("kept_outputs", "kept_residuals"):
             for unit, entries in ctx.state.get(kind, {}).items():
                 for step, value in entries:
                     tensors = list(value.values()) if isinstance(value, dict) else [value]

@@ -6,9 +6,9 @@ Format 2 adds a SHA-256 checksum over every tensor (name, dtype, shape, bytes) a
 `Profile.load` verifies it, so a damaged file is refused instead of shown as numbers. Format 1 files
 (no checksum, written before it existed) still load, unverified.
 
-Axes: values[prompt, key, step, metric], where a key is (layer, target, stream, branch), step s in
-1..T-1 is the distance between sampling steps s-1 and s (sampling order), and metric is one of
-`METRICS`. `stats` holds count/mean/M2/min/max over prompts with the same (key, step, metric) axes.
+Axes: values[prompt, key, column, metric], where a key is (layer, target, stream, branch), column c holds
+sampling step s = c + 1 (the step axis: see `profile_column`), and metric is one of `METRICS`. `stats` holds count/mean/M2/min/max
+over prompts with the same (key, column, metric) axes.
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ from .versioned import FileFormat
 
 FORMAT = "ditscope-profile"
 FORMAT_VERSION = 2  # 2: with a checksum (format 1 files have none and load unverified)
+# The step axis, one convention for all of ditscope: sampling steps are numbered 0 .. T-1 in sampling order (the
+# engine's clock, plans' rows, a calibration's measurements). A profile holds what changed into each step from
+# steps before it, so step 0 has no entry: its T-1 columns are steps 1 .. T-1, and `profile_column` is the one
+# conversion between the two (calibration writes with it, the planner's search reads with it).
+def profile_column(step):
+    """The column of a profile's step axis that holds sampling step `step` (1 .. T-1; an integer array too)."""
+    return step - 1
+
+
 PROFILE_FILE = FileFormat("profile", FORMAT, FORMAT_VERSION, ".ditscope", "ditscope profile",
                           "profile again or restore a copy", reads_older=True, checksum_from=2, unversioned=0)
 TARGET_ORDER = ("q", "k", "v", "a", "out")

@@ -45,7 +45,7 @@ DEFAULT_TARGET = "psnr=35"
 FEWER_STEPS = "steps"
 PLAN = "plan"
 # cheap fits first: fewer steps (a bisection over step counts) and FORA (an integer knob) found the strongest
-# settings at psnr=35 on tiny-pixart (benchmarks/RESULTS.md); the plan's search costs the most; ToCa missed 35 dB
+# settings at psnr=35 on tiny-pixart (benchmarks/RESULTS.md); the plan's search costs the most; ToCa missed the target
 CANDIDATES = (FEWER_STEPS, "fora", PLAN, "teacache", "fbcache", "toca")
 PLAN_ITERATIONS = 4  # prices per search line (ditscope plan: 8): about half the end-to-end checks
 FORMAT, VERSION = "ditscope-recommend", 1

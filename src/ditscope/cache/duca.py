@@ -23,8 +23,8 @@ class DuCaConfig(ToCaConfig):
 
 
 class DuCaMethod(ToCaMethod):
-    def plan(self, total: int) -> list[str]:
-        kinds = super().plan(total)
+    def step_kinds(self, total: int) -> list[str]:
+        kinds = super().step_kinds(total)
         offset = 0
         for step, kind in enumerate(kinds):
             offset = 0 if kind == "full" else offset + 1

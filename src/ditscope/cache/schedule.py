@@ -63,7 +63,7 @@ class ScheduleMethod(CacheMethod):
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
         _, blocks, _, keep_block = self.table(ctx)
         action, keep = blocks[bsite.index][ctx.step], keep_block[bsite.index][ctx.step]
-        history = ctx.state.setdefault("plan_residual", {}).get(bsite.index)
+        history = ctx.state.setdefault("kept_residuals", {}).get(bsite.index)
         inputs = block_inputs(bsite, args, kwargs)
         if self.adaptive and bsite.index == 0:
             self.watch(ctx, inputs["hidden"])
@@ -92,7 +92,7 @@ class ScheduleMethod(CacheMethod):
             if self.observes:
                 self.observe(ctx, bsite, inputs, res)
             if keep:
-                ctx.state["plan_residual"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
+                ctx.state["kept_residuals"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
         return out
 
     def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict):
@@ -101,7 +101,7 @@ class ScheduleMethod(CacheMethod):
     def module(self, ctx: Context, site: Site, run, args, kwargs):
         sites, _, keep_site, _ = self.table(ctx)
         action = sites[site.index][ctx.step]
-        kept = ctx.state.setdefault("plan", {})
+        kept = ctx.state.setdefault("kept_outputs", {})
         history = kept.get(site.index)
         x = hidden_arg(args, kwargs, site.hidden)
         tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0

@@ -20,7 +20,7 @@ from .tensors import hidden_arg, relative_change
 @dataclass
 class TeaCacheConfig:
     """Skip the whole transformer while the accumulated, rescaled input change stays small. The default threshold
-    with copied coefficients is speed first (under 30 dB on three zoo models, README); `ditscope tune` fits both.
+    with copied coefficients is speed first (far from lossless on the zoo models: README); `ditscope tune` fits both.
 
     Attributes:
         threshold: the accumulated distance at which a step is computed again (TeaCache's rel_l1_thresh).

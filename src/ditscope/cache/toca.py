@@ -123,7 +123,7 @@ class ToCaMethod(CacheMethod):
             return 2 if 0.2 <= x < 0.4 else max(1, round(c.interval / (1.4 - 0.8 * x)))
         return c.interval
 
-    def plan(self, total: int) -> list[str]:
+    def step_kinds(self, total: int) -> list[str]:
         """The kind of each step: full or partial (DuCa adds "reuse")."""
         kinds, last = [], None
         for step in range(total):
@@ -134,9 +134,9 @@ class ToCaMethod(CacheMethod):
 
     def step_kind(self, ctx: Context) -> str:
         st = ctx.state
-        if st.get("plan_for") != ctx.num_steps:
-            st["plan"], st["plan_for"] = self.plan(ctx.num_steps), ctx.num_steps
-        return st["plan"][ctx.step]
+        if st.get("step_kinds_for") != ctx.num_steps:
+            st["step_kinds"], st["step_kinds_for"] = self.step_kinds(ctx.num_steps), ctx.num_steps
+        return st["step_kinds"][ctx.step]
 
     def ratio(self, ctx: Context, site: Site) -> float:
         c = self.config
@@ -148,7 +148,7 @@ class ToCaMethod(CacheMethod):
     def wants_attention(self, ctx: Context) -> bool:
         if self.config.score == "random" or self.step_kind(ctx) != "full":
             return False
-        return "partial" in ctx.state["plan"]
+        return "partial" in ctx.state["step_kinds"]
 
     def on_attention(self, ctx: Context, site: Site, q, k, v, mask, scale):
         if self.score_site.get(site.block) != site.index:

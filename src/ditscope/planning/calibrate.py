@@ -24,7 +24,7 @@ import statistics
 import numpy as np
 import torch
 
-from ..artifact import Profile, sha256_of
+from ..artifact import Profile, profile_column, sha256_of
 from ..cache.context import Context
 from ..cache.engine import CacheHandle
 from ..cache.observe import Calibrator
@@ -149,7 +149,7 @@ def _to_profile(observer: Calibrator, ctx: Context, n_prompts: int, steps: int, 
         for mi, metric in enumerate(METRICS):
             for (p, step), v in observer.errors.get((names[i], target, metric), {}).items():
                 if step >= 1:
-                    values[p, ki, step - 1, mi] = v
+                    values[p, ki, profile_column(step), mi] = v
     schedule = [float(t) for t in (ctx.schedule or range(steps))]
     return Profile(keys=keys, layer_names=names, timesteps=schedule, prompt_index=np.arange(n_prompts),
                    values=values, stats=RunningStats.of(values), meta={}, metrics=METRICS)

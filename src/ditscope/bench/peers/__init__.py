@@ -81,6 +81,6 @@ from . import diffusers_peers  # noqa: F401
 from . import cachedit_peers  # noqa: F401
 # isort: on
 
-# near-lossless to aggressive, chosen on tiny-pixart at 20 steps: each spans roughly 45 -> 25 dB against the
-# uncached image and 0.85 -> 0.5 of the attention/feed-forward rows computed (per grid in its peer's file)
+# near-lossless to aggressive, chosen on tiny-pixart at 20 steps: each spans from near-lossless to visibly
+# degraded against the uncached image (what each setting measured: benchmarks/RESULTS.md)
 PEER_GRIDS: dict[str, list[dict]] = {name: [dict(o) for o in peer.grid] for name, peer in PEERS.items()}
