@@ -5,7 +5,9 @@
 
 - the model: tells generation, step and call apart (one call per guidance branch when a pipeline calls
   the model once per branch), optionally counts the FLOPs it executes, and, on the steps a method asks
-  for, taps `scaled_dot_product_attention` so that a method can score tokens from q, k and v;
+  for, taps `scaled_dot_product_attention` so that a method can score tokens from q, k and v; a method's
+  observer hooks `before_call` / `after_call` run at the start and end of each model call (what
+  calibration and TeaCache's fit measure with: cache/observe.py);
 - each transformer block: block-level methods (FBCache, TeaCache, Delta-DiT) compute the block or add
   its cached residual;
 - each child module of a block that the family table names (self-attention, cross-attention, MLP):
