@@ -11,12 +11,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ditscope"
 # Layers, lowest first: a module may import its own layer's modules and those of the layers below. Each entry
 # is a top-level module or subpackage of ditscope; `ditscope` is the package's own __init__ (the public API).
 LAYERS = [
-    {"errors", "files", "version", "versioned", "holds", "patching"},
-    {"stats", "families"},
-    {"artifact", "plots", "runtime"},
+    {"errors", "files", "version", "holds"},
+    {"versioned", "patching", "families", "runtime", "stats"},
+    {"artifact", "plots", "zoo"},  # the profile file format and figures; the model zoo
     {"capture"},
     {"cache"},
-    {"zoo"},
     {"profiling"},
     {"planning"},
     {"bench", "study"},
