@@ -77,9 +77,9 @@ def calibrated(model, inputs_of) -> dict:
     """What a plan's calibration measures of every unit (errors of serving it from earlier steps, by prompt row
     and step), over STEPS steps."""
     from ditscope.cache.engine import CacheHandle
-    from ditscope.planning.calibrate import _Observer
+    from ditscope.cache.observe import Calibrator
 
-    observer = _Observer(max_lag=3, forecast_lag=2)
+    observer = Calibrator(max_lag=3, forecast_lag=2)
     handle = CacheHandle(model, observer, num_inference_steps=STEPS)
     try:
         for step in range(STEPS):

@@ -125,7 +125,7 @@ def test_flipped_data_bytes_are_refused_by_the_checksum(tmp_path):
     data = bytearray(path.read_bytes())
     data[-20] ^= 0x40  # inside the tensors: safetensors itself cannot tell
     path.write_bytes(bytes(data))
-    with pytest.raises(DitscopeError, match="do not match its checksum") as e:
+    with pytest.raises(DitscopeError, match="does not match its checksum") as e:
         Profile.load(path)
     assert "\n" not in str(e.value)
 

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ditscope
 from ditscope import DitscopeError
-from ditscope.cache import CONFIGS, config_from_options
+from ditscope.cache import CONFIGS, REGISTRY, config_from_options
 from ditscope.families import CROSS, MLP, SELF, TEMPORAL
 
 DECLARED = "STDiT-declared-layout"  # tests/opensora_like.py: a plain PyTorch DiT and the layout a user declares
@@ -17,36 +17,9 @@ CASES = {**{name: (*TINY[name], None) for name in TINY},
 COVERED = list(CASES)
 STEPS = 8
 
-# settings under which each method caches something even on random weights
-AGGRESSIVE = {
-    "toca": {}, "duca": {}, "fora": {}, "taylorseer": {}, "delta-dit": {},
-    "pab": {"spatial_range": (0, 1000), "temporal_range": (0, 1000), "cross_range": (0, 1000)},
-    "fbcache": {"threshold": 1e9}, "teacache": {"threshold": 1e9},
-    "plan": ("CCRFCRFC", "CCCCRCCR"),  # module sites reuse / forecast, the whole stack skipped at two steps
-}
-# settings under which each method computes everything
-EVERYTHING = {
-    "toca": {"interval": 1, "schedule": "fixed"}, "duca": {"interval": 1}, "fora": {"interval": 1},
-    "taylorseer": {"interval": 1}, "delta-dit": {"interval": 1}, "fbcache": {"threshold": 0.0},
-    "teacache": {"threshold": 0.0}, "pab": {"spatial_interval": 1, "temporal_interval": 1, "cross_interval": 1},
-    "plan": ("C" * STEPS, "C" * STEPS),
-}
-
-
-def plan_rows(model, site_row: str, stack_row: str) -> dict:
-    """A plan for this model: every module site on `site_row`, the stack on `stack_row`."""
-    from ditscope.cache.engine import layout_of
-
-    _, _, sites, _ = layout_of(model, layout_for(model))
-    return {"stack": stack_row, **{s.name: site_row for s in sites}}
-
-
-def config_for(method: str, model, settings: dict):
-    """The config of a registered method under a settings table (a plan is built for the model)."""
-    if method == "plan":
-        rows = plan_rows(model, *settings["plan"])
-        return ditscope.PlanConfig(ditscope.Schedule(rows))
-    return CONFIGS[method](**settings[method])
+def config_for(method: str, model, which: str):
+    """A registered method's config under its registered `exact` or `aggressive` setting, for this model."""
+    return REGISTRY[method].test_config(which, model, STEPS, layout_for(model))
 
 
 def layout_for(model):
@@ -75,10 +48,10 @@ def family(request):
     return model, inputs, run_steps(model, inputs)
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
-def test_every_method_runs_and_caches_on_every_family(family, method):
-    model, inputs, reference = family
-    with cache(model, config_for(method, model, AGGRESSIVE)) as handle:
+def check_caches(method, model, inputs, reference):
+    """The invariants of a method's registered `aggressive` setting: it runs, caches something, changes the
+    output, and computes the first step (test_registry.py runs them on a method registered in a test)."""
+    with cache(model, config_for(method, model, "aggressive")) as handle:
         outs = run_steps(model, inputs)
         summary = handle.stats().summary()
     assert all(o.shape == r.shape and torch.isfinite(o).all() for o, r in zip(outs, reference))
@@ -88,13 +61,22 @@ def test_every_method_runs_and_caches_on_every_family(family, method):
     assert torch.equal(outs[0], reference[0])  # the first step is always computed
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
-def test_compute_everything_is_bit_identical(family, method):
-    model, inputs, reference = family
-    with cache(model, config_for(method, model, EVERYTHING)):
+def check_exact(method, model, inputs, reference):
+    """Under its registered `exact` setting a method's output is bit-identical to no cache."""
+    with cache(model, config_for(method, model, "exact")):
         outs = run_steps(model, inputs)
     for step, (o, r) in enumerate(zip(outs, reference)):
         assert torch.equal(o, r), f"{method} step {step} differs by {(o - r).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_every_method_runs_and_caches_on_every_family(family, method):
+    check_caches(method, *family)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_compute_everything_is_bit_identical(family, method):
+    check_exact(method, *family)
 
 
 @pytest.mark.parametrize("name", ["DiTTransformer2DModel", "PixArtTransformer2DModel", "LatteTransformer3DModel",
@@ -181,7 +163,8 @@ def run_half_batch(model, inputs):
     """Row 1 of every call computes every block, row 0 reuses them from step 1 on (a test-only policy);
     returns the outputs and the stats."""
     from ditscope.cache.actions import run_block
-    from ditscope.cache.engine import CacheHandle, CacheMethod
+    from ditscope.cache.engine import CacheHandle
+    from ditscope.cache.method import CacheMethod
 
     class HalfBatch(CacheMethod):
         uses_blocks = True
@@ -325,7 +308,7 @@ PROMPTS = ["a small red circle at the top left on a grey background",
 
 @pytest.mark.parametrize("method", ["toca", "fora", "fbcache", "teacache"])
 def test_pipeline_same_seed_same_image_and_no_leak_between_batch_items(pipe, method):
-    config = CONFIGS[method](**AGGRESSIVE[method]) if method == "fbcache" else CONFIGS[method]()
+    config = REGISTRY[method].test_config("aggressive") if method == "fbcache" else CONFIGS[method]()
     with ditscope.apply(pipe, config):
         a, b = generate(pipe, PROMPTS[:2]), generate(pipe, PROMPTS[:2])
         other = generate(pipe, [PROMPTS[0], PROMPTS[2]])

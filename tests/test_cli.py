@@ -133,7 +133,7 @@ MORE_BAD_INPUTS = [
     # show, merge, plot: profile and plan files that are damaged, of the wrong type, or folders
     (["show", "{folder}"], "is a folder"),
     (["show", "{plans}"], "is a folder; pass"),
-    (["show", "{flipped}"], "do not match its checksum"),
+    (["show", "{flipped}"], "does not match its checksum"),
     (["show", "{badtypes}"], "malformed field 'keys'"),
     (["show", "{missing}.ditscope"], "does not exist"),
     (["show", "{damaged_plan}"], "does not match its checksum"),

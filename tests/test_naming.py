@@ -46,7 +46,7 @@ def test_profile_layers_are_the_engines_attention_sites_and_steps_line_up(pipe):
 def test_output_only_sites_cover_every_site_the_cache_acts_on(pipe):
     """With outputs="mlp,blocks" a profile names every module site and block the engine caches, and a
     block's recorded change is the change of its residual (output minus input)."""
-    from ditscope.cache.engine import layout_of
+    from ditscope.cache.layout import layout_of
 
     profile = ditscope.profile(pipe, [PROMPT], num_inference_steps=STEPS, seed=0, guidance_scale=4.5,
                                outputs="mlp,blocks")

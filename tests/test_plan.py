@@ -86,7 +86,7 @@ def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
 
 
 def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
-    from ditscope.cache.engine import layout_of
+    from ditscope.cache.layout import layout_of
 
     _, blocks, sites, _ = layout_of(pipe.transformer)
     kwargs = {"num_inference_steps": STEPS, "output_type": "pt", "generator": torch.Generator().manual_seed(0)}
@@ -194,7 +194,7 @@ def test_rows_forced_to_compute_leave_what_the_plan_kept_as_it_was_computed(pipe
     checks = []
 
     def check(ctx):
-        for kind in ("plan", "plan_residual"):
+        for kind in ("kept_outputs", "kept_residuals"):
             for unit, entries in ctx.state.get(kind, {}).items():
                 for step, value in entries:
                     tensors = list(value.values()) if isinstance(value, dict) else [value]
@@ -415,7 +415,7 @@ def test_plan_on_a_declared_layout_model_from_python():
     """`ditscope.plan` on a plain PyTorch DiT driven by the user's own sampling loop (tests/opensora_like.py)."""
     import opensora_like
 
-    from ditscope.cache.engine import layout_of
+    from ditscope.cache.layout import layout_of
     from ditscope.profiling.workload import generate
     from ditscope.stats.quality import per_sample_psnr_ssim
 
@@ -648,7 +648,9 @@ def test_kept_work_is_not_reused_for_other_weights_a_dtype_or_a_scheduler(pipe, 
     with torch.no_grad():
         saved = weight.clone()
         assert resumed_after(lambda: weight.add_(1e-3), lambda: weight.copy_(saved)) == []
-    from ditscope.cache.schedule import weights_fingerprint  # a dtype: the same weights, another fingerprint
+    from ditscope.cache.schedule_data import (
+        weights_fingerprint,  # a dtype: the same weights, another fingerprint
+    )
 
     double = transformer_copy(pipe).to(torch.float64)
     assert weights_fingerprint(double) != weights_fingerprint(pipe.transformer)

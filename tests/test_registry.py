@@ -12,7 +12,8 @@ from ditscope import zoo
 from ditscope.bench import expand, load_grid, run_bench
 from ditscope.bench.runner import BenchInputs
 from ditscope.cache import CONFIGS, REGISTRY, config_from_options, register
-from ditscope.cache.engine import COMPUTE, REUSE, CacheMethod
+from ditscope.cache.context import COMPUTE, REUSE
+from ditscope.cache.method import CacheMethod
 from ditscope.cache.registry import unregister
 from ditscope.families import MLP
 
@@ -42,7 +43,7 @@ class ReuseMLPMethod(CacheMethod):
 @pytest.fixture
 def registered():
     register("reuse-mlp", ReuseMLPConfig, ReuseMLPMethod, "MLP outputs reused on odd steps",
-             grid=[{"every": 2}, {"every": 3}])
+             grid=[{"every": 2}, {"every": 3}], exact={"every": 1}, aggressive={"every": 2})
     yield
     unregister("reuse-mlp")
 
@@ -52,6 +53,23 @@ def pipe():
     p = zoo.load("tiny-pixart")
     p.set_progress_bar_config(disable=True)
     return p
+
+
+def test_every_method_registers_its_test_settings():
+    for entry in REGISTRY.values():
+        assert entry.exact is not None and entry.aggressive is not None, f"{entry.name}: register exact= and aggressive="
+
+
+def test_a_registered_method_gets_the_invariant_tests_from_its_registration(registered):
+    from test_cache import STEPS as CACHE_STEPS
+    from test_cache import check_caches, check_exact, run_steps
+    from tiny import FAMILIES as TINY
+
+    build, inputs = TINY["PixArtTransformer2DModel"][:2]
+    model = build()
+    reference = run_steps(model, inputs, steps=CACHE_STEPS)
+    check_caches("reuse-mlp", model, inputs, reference)
+    check_exact("reuse-mlp", model, inputs, reference)
 
 
 def test_a_registered_method_runs_everywhere_a_built_in_one_does(registered, pipe, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from ditscope import DitscopeError, zoo
+from ditscope.bench import evaluation
 from ditscope.cli.main import app
 from ditscope.profiling.workload import samples
 from ditscope.zoo import data, evaluator
@@ -140,10 +141,10 @@ def test_trained_model_loads_offline_is_deterministic_and_beats_random_init(name
     # tiny-latte at 6 videos x 4 steps (48 frames) still reads colour 100% against 0% at random init.
     n, steps = {"tiny-dit": (8, 50), "tiny-latte": (6, 4)}.get(name, (24, 10))
     guidance = zoo.ZOO[name].guidance_scale
-    trained = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, net=net)
+    trained = evaluation.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, net=net)
     untrained = build(name)
     untrained.set_progress_bar_config(disable=True)
-    random = evaluator.evaluate(untrained, n=n, num_inference_steps=steps, guidance_scale=guidance, net=net)
+    random = evaluation.evaluate(untrained, n=n, num_inference_steps=steps, guidance_scale=guidance, net=net)
     assert trained["color"] > random["color"] + 0.3, (trained, random)
     assert trained["frechet"] < 0.5 * random["frechet"], (trained, random)
     _, prompts = evaluator.evaluation_prompts(pipe, 1, seed=7)
@@ -305,7 +306,7 @@ def test_an_interrupted_evaluation_resumes_to_the_unbroken_result(untrained_pixa
     """`ditscope eval` keeps its samples after every batch: killed and rerun, it gives what one run gives."""
     net = evaluator.load_evaluator()
     settings = dict(n=4, num_inference_steps=2, guidance_scale=4.5, batch=2, net=net)
-    unbroken = evaluator.evaluate(untrained_pixart, **settings)
+    unbroken = evaluation.evaluate(untrained_pixart, **settings)
     state, done = tmp_path / "eval.pt", []
 
     def stop_in_second_batch(k):
@@ -314,21 +315,21 @@ def test_an_interrupted_evaluation_resumes_to_the_unbroken_result(untrained_pixa
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluator.evaluate(untrained_pixart, **settings, progress=stop_in_second_batch, state_path=state,
+        evaluation.evaluate(untrained_pixart, **settings, progress=stop_in_second_batch, state_path=state,
                            state_key={"model": "x"})
     assert len(torch.load(state, weights_only=True)["images"]) == 1
     seen = []
-    resumed = evaluator.evaluate(untrained_pixart, **settings, progress=seen.append, state_path=state,
+    resumed = evaluation.evaluate(untrained_pixart, **settings, progress=seen.append, state_path=state,
                                  state_key={"model": "x"})
     assert resumed == unbroken and not state.exists()
     assert seen[0] == 2 and sum(seen) == pytest.approx(4)  # the kept samples count at once, then per step
     # a state made with other settings is never mixed in
     done.clear()
     with pytest.raises(KeyboardInterrupt):
-        evaluator.evaluate(untrained_pixart, **settings, progress=stop_in_second_batch, state_path=state,
+        evaluation.evaluate(untrained_pixart, **settings, progress=stop_in_second_batch, state_path=state,
                            state_key={"model": "x"})
     with pytest.raises(DitscopeError, match="other settings .*model: saved 'x', now 'y'"):
-        evaluator.evaluate(untrained_pixart, **settings, state_path=state, state_key={"model": "y"})
+        evaluation.evaluate(untrained_pixart, **settings, state_path=state, state_key={"model": "y"})
 
 
 def test_cli_eval_shows_progress_and_leaves_no_state_behind(tmp_path):

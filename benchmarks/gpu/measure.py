@@ -197,7 +197,7 @@ def profile_schedule(model, sample_, steps: int):
     import numpy as np
 
     from ditscope.cache import Schedule
-    from ditscope.cache.engine import layout_of
+    from ditscope.cache.layout import layout_of
 
     _, blocks, _, _ = layout_of(model)
     names = sample_.layer_names

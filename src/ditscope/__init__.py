@@ -13,9 +13,8 @@
     image = pipe(prompt).images[0]; print(handle.stats()); handle.remove()
 """
 
-__version__ = "0.1.0"
-
 from . import zoo  # noqa: E402  (ditscope.zoo.load(...) with a plain `import ditscope`)
+from .artifact import Profile  # noqa: E402
 from .cache import (  # noqa: E402
     DeltaDiTConfig,
     DuCaConfig,
@@ -33,8 +32,8 @@ from .cache import (  # noqa: E402
 from .capture.recorder import Recorder  # noqa: E402
 from .errors import DitscopeError  # noqa: E402
 from .families import Blocks, Child  # noqa: E402  (a declared block layout: ditscope.apply(model, c, layout=...))
-from .profiling.artifact import Profile  # noqa: E402
 from .profiling.runner import profile  # noqa: E402
+from .version import __version__  # noqa: E402
 
 Plan = Schedule  # what `ditscope.plan` returns: Plan.load("x.plan.json"), plan.save(...)
 

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache import CONFIGS, REGISTRY
+from ..cache import CONFIGS, REGISTRY, option_strings  # noqa: F401  (option_strings: read from here too)
 from ..errors import DitscopeError, closest
 
 BASELINE = "none"
@@ -189,6 +189,3 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
     return settings
 
 
-def option_strings(opts: dict) -> list[str]:
-    """Options as the CLI's key=value strings (what `config_from_options` parses)."""
-    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in opts.items()]

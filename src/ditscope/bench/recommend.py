@@ -45,7 +45,7 @@ DEFAULT_TARGET = "psnr=35"
 FEWER_STEPS = "steps"
 PLAN = "plan"
 # cheap fits first: fewer steps (a bisection over step counts) and FORA (an integer knob) found the strongest
-# settings at psnr=35 on tiny-pixart (benchmarks/RESULTS.md); the plan's search costs the most; ToCa missed 35 dB
+# settings at psnr=35 on tiny-pixart (benchmarks/RESULTS.md); the plan's search costs the most; ToCa missed the target
 CANDIDATES = (FEWER_STEPS, "fora", PLAN, "teacache", "fbcache", "toca")
 PLAN_ITERATIONS = 4  # prices per search line (ditscope plan: 8): about half the end-to-end checks
 FORMAT, VERSION = "ditscope-recommend", 1
@@ -199,7 +199,7 @@ def config_name(model: str, chosen: dict | None) -> str | None:
 def write_result(rec: Recommendation, out: Path, model: str, steps_flag: bool, extra: dict | None = None) -> tuple[str, Path, Path | None]:
     """Write the winning config (a plan file or a tuned config) and OUT/MODEL.recommend.json (the table, every
     candidate's per-prompt values, the answer); returns (the use line, the result file, the config file)."""
-    from ..cache.schedule import Schedule
+    from ..cache.schedule_data import Schedule
     from .tune import Tuned
 
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +384,7 @@ def _fit_steps(pipe, calibration, goal: Target, steps: int, batch_size: int, gui
 def _plan_setting(schedule) -> str:
     """What a plan computes, in a few words: the steps its block stack runs, and the share of modules computed
     on them when it plans modules too."""
-    from ..cache.schedule import STACK
+    from ..cache.schedule_data import STACK
 
     mode = schedule.meta.get("mode", "plan")
     stack = schedule.rows.get(STACK)

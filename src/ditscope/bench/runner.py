@@ -325,7 +325,7 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         fitted = tuned(pipe, setting, inputs, out)  # read back from OUT/tuned/
         notes.append(f"fitted {fitted.meta['knob']}={fitted.meta['value']:.4g}")
     try:
-        from ..cache.engine import flop_counter
+        from ..cache.flops import flop_counter
 
         work = inputs.workload()
         with flop_counter() as counter:  # the scored images, their FLOPs, and the warm-up

@@ -32,24 +32,20 @@ from pathlib import Path
 
 import torch
 
-from ..cache.engine import (
-    BlockSite,
-    CacheHandle,
-    CacheMethod,
-    Context,
-    block_outputs,
-    hidden_arg,
-    relative_change,
-)
+from ..cache.engine import CacheHandle
+from ..cache.observe import TeaCacheProbe
 from ..cache.registry import REGISTRY, Knob
-from ..cache.schedule import FORMAT as PLAN_FORMAT
+from ..cache.schedule_data import FORMAT as PLAN_FORMAT
 from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.calibrate import pipeline_identity
 from ..planning.planner import Evaluations, Target, check_calibration
 from ..profiling.workload import Workload, data_parallel, from_first, gather, generate, writes
+from ..versioned import FileFormat
 
 FORMAT, VERSION = "ditscope-tuned", 1
+TUNED_FILE = FileFormat("tuned config", FORMAT, VERSION, ".tuned.json", "ditscope tune", "tune again",
+                        edited="delete its checksum line to run a hand-edited config", version_key="version")
 GRID_POINTS = 6  # real-valued knobs: values on the grid before the bisection
 
 
@@ -64,8 +60,7 @@ class Tuned:
     def config(self, model=None):
         """The ditscope config to `ditscope.apply` (peers run through the bench, not `apply`). With `model` (the
         pipeline or transformer it will run on), a model other than the one it was tuned on is refused."""
-        from ..cache import config_from_options
-        from .grid import option_strings
+        from ..cache import config_from_options, option_strings
         from .peers import PEERS
 
         if self.method in PEERS:
@@ -91,29 +86,22 @@ class Tuned:
 
     @classmethod
     def load(cls, path) -> Tuned:
-        path = Path(path)
-        if not path.is_file():
-            raise DitscopeError(f"tuned config {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
-        try:
-            body = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DitscopeError(f"{path} is not a tuned config (not JSON: {e.__class__.__name__}); "
-                                "write one with ditscope tune") from None
-        except OSError as e:
-            raise DitscopeError(f"cannot read tuned config {path}: {e.strerror or e}") from None
-        if isinstance(body, dict) and body.get("format") == PLAN_FORMAT:
-            raise DitscopeError(f"{path} is a plan, not a tuned config: run it with --cache plan --cache-opt path={path}")
-        if not isinstance(body, dict) or body.get("format") != FORMAT:
-            raise DitscopeError(f"{path} is not a tuned config; write one with ditscope tune")
-        if body.get("version") != VERSION:
-            raise DitscopeError(f"{path} is a tuned config of version {body.get('version')!r}; this ditscope reads "
-                                f"version {VERSION}: tune again")
-        if "checksum" in body and body["checksum"] != json_checksum({k: v for k, v in body.items() if k != "checksum"}):
-            raise DitscopeError(f"{path} does not match its checksum: it is damaged or was edited; tune again (or "
-                                "delete its checksum line to run a hand-edited config)")
+        raw = Path(path)
+        if raw.is_file() and raw.suffix == ".json" and _format_of(raw) == PLAN_FORMAT:
+            raise DitscopeError(f"{raw} is a plan, not a tuned config: run it with --cache plan --cache-opt path={raw}")
+        path, body = TUNED_FILE.read_json(path)
         if not isinstance(body.get("method"), str) or not isinstance(body.get("options"), dict):
             raise DitscopeError(f"{path} is damaged: its method or options are missing; tune again")
         return cls(body["method"], body["options"], body.get("meta") or {})
+
+
+def _format_of(path: Path):
+    """The `format` field of a JSON file (None if it has none, or is not JSON)."""
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return body.get("format") if isinstance(body, dict) else None
 
 
 def knob_of(method: str, name: str | None = None, preset: str | None = None) -> tuple[Knob, dict]:
@@ -182,8 +170,7 @@ def check_request(method: str, options: dict, knob: str | None = None) -> tuple[
                             f"{', '.join(defaults)})")
     trial = {**options, the_knob.name: the_knob.at(0)}  # the mildest value the search will try
     if method in REGISTRY:
-        from ..cache import config_from_options
-        from .grid import option_strings
+        from ..cache import config_from_options, option_strings
 
         config_from_options(method, option_strings(trial))
     else:
@@ -317,8 +304,8 @@ def tune(pipe, method: str, prompts: list, target: str = "psnr=35", num_inferenc
 
 def _signature(model) -> dict:
     """The signature a plan also carries: the (first) transformer's class and a hash of its config."""
-    from ..cache.engine import find_transformer
-    from ..cache.schedule import model_signature
+    from ..cache.layout import find_transformer
+    from ..cache.schedule_data import model_signature
 
     return model_signature(find_transformer(model)[0])
 
@@ -338,8 +325,7 @@ def _work_done(pipe, method: str, fixed: dict, name: str, value, measure, steps:
     timing); a peer, the inverse of its measured speedup on the calibration prompts."""
     if method not in REGISTRY:
         return 1 / measure(value, timed=True)["speedup"]
-    from ..cache import apply, config_from_options
-    from .grid import option_strings
+    from ..cache import apply, config_from_options, option_strings
 
     with apply(pipe, config_from_options(method, option_strings({**fixed, name: value})), num_inference_steps=steps,
                count_flops=True, layout=layout) as handle:
@@ -352,8 +338,7 @@ def _applier(pipe, method: str, steps: int, first_prompt, guidance_scale, layout
     its adapter, which may run the pipeline once to check it runs or to calibrate). `calibration`: (prompts,
     seed, batch size) the peers that calibrate (SmoothCache) run uncached, the prompts the knob is fitted on."""
     if method in REGISTRY:
-        from ..cache import apply, config_from_options
-        from .grid import option_strings
+        from ..cache import apply, config_from_options, option_strings
 
         return lambda opts: apply(pipe, config_from_options(method, option_strings(opts)), num_inference_steps=steps,
                                   layout=layout).remove
@@ -400,43 +385,6 @@ def _reference(pipe, prompts, steps, seed, batch_size, guidance_scale, work: Pat
 
 
 # ------------------------------------------------------------------------------- TeaCache's polynomial
-class _TeaProbe(CacheMethod):
-    """Computes everything; per step, pairs the relative change of the first block's modulated input (what
-    TeaCache watches) with that of the last block's output (what skipping the stack would get wrong)."""
-
-    uses_blocks = True
-
-    def __init__(self):
-        super().__init__(None)
-        self.pairs: list[tuple[float, float]] = []
-
-    def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
-        seen = {}
-
-        def read(module, a, kw):  # the first call of the module in this block: its modulated input
-            if "x" not in seen:
-                seen["x"] = hidden_arg(a, kw).detach().clone()
-
-        hook = bsite.sites[0].module.register_forward_pre_hook(read, with_kwargs=True) if (
-            bsite.index == 0 and bsite.sites) else None
-        try:
-            out = run(*args, **kwargs)
-        finally:
-            if hook is not None:
-                hook.remove()
-        st = ctx.state
-        if "x" in seen:
-            prev = st.get("x")
-            st["x_change"] = relative_change(ctx, seen["x"], prev).cpu() if prev is not None else None
-            st["x"] = seen["x"]
-        if bsite.index == len(ctx.blocks) - 1:
-            y = block_outputs(bsite, out)["hidden"].detach().clone()
-            if st.get("y") is not None and st.get("x_change") is not None:
-                self.pairs.extend(zip(st["x_change"].tolist(), relative_change(ctx, y, st["y"]).cpu().tolist()))
-            st["y"] = y
-        return out
-
-
 def fit_teacache(pipe, prompts: list, num_inference_steps: int = 20, seed: int = 0, batch_size: int = 8,
                  guidance_scale=None, degree: int = 4, layout=None) -> dict:
     """Fit TeaCache's rescaling polynomial on the uncached model: x = relative L1 change of the first block's
@@ -446,7 +394,7 @@ def fit_teacache(pipe, prompts: list, num_inference_steps: int = 20, seed: int =
     "x_range"}: what `TeaCacheConfig(coefficients=...)` takes, and how well it fits."""
     import numpy as np
 
-    probe = _TeaProbe()
+    probe = TeaCacheProbe()
     with CacheHandle(pipe, probe, num_inference_steps=num_inference_steps, layout=layout):
         generate(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale)
     probe.pairs = [pair for part in gather(probe.pairs, data_parallel(pipe)[1]) for pair in part]  # torchrun: all ranks'

@@ -1,4 +1,4 @@
-"""Cache methods for diffusion transformers, all on one mechanism (`engine.py`).
+"""Cache methods for diffusion transformers, all on one mechanism (`engine.py`: `CacheHandle`).
 
     handle = ditscope.apply(pipe, ditscope.ToCaConfig(interval=3, ratio=0.3))
     image = pipe(prompt, num_inference_steps=20).images[0]
@@ -23,7 +23,8 @@ from .delta_dit import DeltaDiTConfig
 from .fbcache import FBCacheConfig
 from .teacache import TeaCacheConfig
 from .plan import PlanConfig
-from .schedule import Schedule, schedule_of
+from .schedule import schedule_of
+from .schedule_data import Schedule
 # isort: on
 from .engine import CacheHandle
 from .registry import REGISTRY, ConfigsByName, Registered, check_fields, for_config, register
@@ -95,6 +96,13 @@ def config_from_options(name: str, options: list[str] | None = None):
     return config
 
 
+def option_strings(opts: dict) -> list[str]:
+    """Options as the CLI's key=value strings (what `config_from_options` parses)."""
+    import json
+
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in opts.items()]
+
+
 def _default(f):
     import dataclasses
 
@@ -106,5 +114,5 @@ def _default(f):
 
 
 __all__ = ["CONFIGS", "REGISTRY", "CacheHandle", "DeltaDiTConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig",
-           "PABConfig", "PlanConfig", "Registered", "Schedule", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options",
+           "PABConfig", "PlanConfig", "Registered", "Schedule", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options", "option_strings",
            "register", "schedule_of"]

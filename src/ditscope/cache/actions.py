@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from .engine import (
-    COMPUTE,
-    REUSE,
-    BlockSite,
-    Context,
-    Site,
+from .context import COMPUTE, REUSE, Context
+from .layout import BlockSite, Site
+from .tensors import (
     add_residuals,
     block_inputs,
     block_outputs,

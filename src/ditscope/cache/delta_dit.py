@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import DitscopeError
 from .actions import full_step
-from .engine import Context
+from .context import Context
 from .registry import Knob, register
 from .schedule import ScheduleMethod
 
@@ -55,4 +55,6 @@ class DeltaDiTMethod(ScheduleMethod):
 register("delta-dit", DeltaDiTConfig, DeltaDiTMethod, "block residuals of the back (early steps) or front (late steps) blocks",
          grid=[{}, {"interval": 3}],
          compact=[{}],
-         knob=Knob("interval", 2, 10, integer=True))
+         knob=Knob("interval", 2, 10, integer=True),
+         exact={"interval": 1},
+         aggressive={})

@@ -23,8 +23,8 @@ class DuCaConfig(ToCaConfig):
 
 
 class DuCaMethod(ToCaMethod):
-    def plan(self, total: int) -> list[str]:
-        kinds = super().plan(total)
+    def step_kinds(self, total: int) -> list[str]:
+        kinds = super().step_kinds(total)
         offset = 0
         for step, kind in enumerate(kinds):
             offset = 0 if kind == "full" else offset + 1
@@ -36,4 +36,6 @@ class DuCaMethod(ToCaMethod):
 register("duca", DuCaConfig, DuCaMethod, "ToCa's partial steps alternating with plain reuse steps, kv-norm score",
          grid=[{"interval": 3}, {}, {"interval": 6}],
          compact=[{"interval": 3}],
-         knob=Knob("interval", 2, 10, integer=True))  # ratio: --knob ratio
+         knob=Knob("interval", 2, 10, integer=True),  # ratio: --knob ratio
+         exact={"interval": 1},
+         aggressive={})

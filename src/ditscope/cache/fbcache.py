@@ -10,8 +10,11 @@ import torch
 
 from ..errors import DitscopeError
 from .actions import run_block
-from .engine import BlockSite, CacheMethod, Context, block_inputs, block_outputs, relative_change, rows_mask
+from .context import Context
+from .layout import BlockSite
+from .method import CacheMethod
 from .registry import Knob, register
+from .tensors import block_inputs, block_outputs, relative_change, rows_mask
 
 
 @dataclass
@@ -65,4 +68,6 @@ class FBCacheMethod(CacheMethod):
 register("fbcache", FBCacheConfig, FBCacheMethod, "all blocks after the first, skipped when the first block's residual changed little",
          grid=[{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
          compact=[{"threshold": 0.05}, {"threshold": 0.2}, {"threshold": 0.2, "per_sample": False}],
-         knob=Knob("threshold", 0.005, 1.0, log=True))
+         knob=Knob("threshold", 0.005, 1.0, log=True),
+         exact={"threshold": 0.0},
+         aggressive={"threshold": 1e9})

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..errors import DitscopeError
 from ..families import CROSS, MLP, SELF, TEMPORAL
 from .actions import full_step
-from .engine import Context
+from .context import Context
 from .registry import Knob, register
 from .schedule import ScheduleMethod
 
@@ -46,4 +46,6 @@ class FORAMethod(ScheduleMethod):
 register("fora", FORAConfig, FORAMethod, "every attention and MLP output, recomputed every N steps",
          grid=[{"interval": 2}, {}, {"interval": 4}],
          compact=[{"interval": 2}, {}],
-         knob=Knob("interval", 2, 10, integer=True))
+         knob=Knob("interval", 2, 10, integer=True),
+         exact={"interval": 1},
+         aggressive={})

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from ..errors import DitscopeError
 from ..families import CROSS, SELF, TEMPORAL
 from .actions import cached_module
-from .engine import CacheMethod, Context, Site
+from .context import Context
+from .layout import Site
+from .method import CacheMethod
 from .registry import Knob, register
 
 
@@ -66,4 +68,6 @@ class PABMethod(CacheMethod):
 register("pab", PABConfig, PABMethod, "attention outputs broadcast over a timestep range, per kind",
          grid=[{}, {"spatial_interval": 3, "cross_interval": 8}],
          compact=[{}],
-         knob=Knob("spatial_interval", 2, 10, integer=True))
+         knob=Knob("spatial_interval", 2, 10, integer=True),
+         exact={"spatial_interval": 1, "temporal_interval": 1, "cross_interval": 1},
+         aggressive={"spatial_range": (0, 1000), "temporal_range": (0, 1000), "cross_range": (0, 1000)})

@@ -13,9 +13,12 @@ import torch
 
 from ..errors import DitscopeError, DitscopeWarning
 from ..parallel import agree
-from .engine import BlockSite, Context, relative_change, row_abs_sums
+from .context import Context
+from .layout import BlockSite
 from .registry import register
-from .schedule import STACK, Schedule, ScheduleMethod, model_signature
+from .schedule import ScheduleMethod
+from .schedule_data import STACK, Schedule, model_signature
+from .tensors import relative_change, row_abs_sums
 
 
 @dataclass
@@ -291,6 +294,22 @@ def _resampled_signal(signal: list, steps: int) -> list[list[float]]:
     return out
 
 
+def _test_plan(site_row, stack_row):
+    """A plan for a model's every module site on `site_row(steps)` and its stack on `stack_row(steps)`: the tests'
+    exact and aggressive settings of a plan (a plan names the units of the model it runs on)."""
+
+    def build(model, steps: int, layout=None) -> PlanConfig:
+        from .layout import layout_of
+
+        _, _, sites, _ = layout_of(model, layout)
+        return PlanConfig(Schedule({STACK: stack_row(steps), **{s.name: site_row(steps) for s in sites}}))
+
+    return build
+
+
 register("plan", PlanConfig, PlanMethod, "a measured plan (ditscope plan): per step and module compute, reuse or forecast",
          grid=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}, {"target": "speedup=3"}],
-         compact=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}])
+         compact=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}],
+         exact=_test_plan(lambda steps: "C" * steps, lambda steps: "C" * steps),
+         # module sites reuse and forecast, the whole stack skipped at two steps (8 steps; resampled to others)
+         aggressive=_test_plan(lambda steps: "CCRFCRFC", lambda steps: "CCCCRCCR"))

@@ -1,11 +1,13 @@
-"""Every cache method registers itself once: its name, config, method, a one-line summary and the
-settings the bench sweeps. `apply`, `config_from_options` (the CLI's --cache), the CLI's help, the
-bench's presets and the tests all read this table, so a new method is one file that calls `register`
-(a method defined outside the package, or in a test, registers the same way)."""
+"""Every cache method registers itself once: its name, config, method, a one-line summary, the settings the
+bench sweeps, and the two settings its invariant tests run (`exact`: it computes everything, bit-identical to
+no cache; `aggressive`: it caches something even on random weights). `apply`, `config_from_options` (the
+CLI's --cache), the CLI's help, the bench's presets and the tests (tests/test_cache.py runs every registered
+method on every family) all read this table, so a new method is one file that calls `register` (a method
+defined outside the package, or in a test, registers the same way)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from ..errors import DitscopeError
@@ -49,20 +51,32 @@ class Registered:
     grid: tuple[dict, ...] = ({},)  # the bench's default grid: near-lossless to aggressive, around the paper setting
     compact: tuple[dict, ...] = ({},)  # the compact grid: the mildest and the most aggressive of those, and variants
     knob: Knob | None = None  # what `ditscope tune` fits (None: nothing to fit, e.g. a plan)
+    # the tests' settings: options, or a function (model, steps, layout) -> config for a method whose config
+    # depends on the model (a plan names its units)
+    exact: dict | Callable | None = None  # computes everything: the output is bit-identical to no cache
+    aggressive: dict | Callable | None = None  # caches something on every model, even with random weights
+
+    def test_config(self, which: str, model=None, steps: int | None = None, layout=None):
+        """The config of the `exact` or `aggressive` setting (for `model`, at `steps` steps, where it needs one)."""
+        setting = getattr(self, which)
+        if setting is None:
+            raise DitscopeError(f"cache method {self.name!r} registers no {which} setting; pass {which}= to register")
+        return setting(model, steps, layout) if callable(setting) else self.config(**setting)
 
 
 REGISTRY: dict[str, Registered] = {}
 
 
 def register(name: str, config: type, method: type, summary: str, grid=({},), compact=None,
-             knob: Knob | None = None) -> Registered:
-    """Add a cache method; `compact` defaults to the first and last settings of `grid`."""
+             knob: Knob | None = None, exact=None, aggressive=None) -> Registered:
+    """Add a cache method; `compact` defaults to the first and last settings of `grid`. `exact` and `aggressive`
+    (options, or a function (model, steps, layout) -> config) are what the invariant tests run it with."""
     known = REGISTRY.get(name)
     if known is not None and (known.config is not config or known.method is not method):
         raise DitscopeError(f"cache method name {name!r} is already taken by {known.config.__name__}")
     grid = tuple(grid)
     compact = tuple(compact) if compact is not None else tuple(dict(g) for g in {0: grid[0], len(grid) - 1: grid[-1]}.values())
-    entry = Registered(name, config, method, summary, grid, compact, knob)
+    entry = Registered(name, config, method, summary, grid, compact, knob, exact, aggressive)
     REGISTRY[name] = entry
     return entry
 

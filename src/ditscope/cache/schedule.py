@@ -1,200 +1,21 @@
-"""A `Schedule`: the action of every cached unit at every step, executed by the engine as a table look-up.
-
-It is the per-site generalisation of cache-dit's step mask, and what `ditscope plan` compiles a measured
-plan into. Units are named as the engine names them (`ditscope.cache.engine.layout_of`):
-
-- a module site, e.g. `transformer_blocks.3.attn1`: `C` compute (and keep), `R` reuse the kept output,
-  `F` forecast it from its last two computed outputs (first-order Taylor in the step);
-- a block, e.g. `transformer_blocks.3`: `C` run it, `R` add its kept residual instead, `F` add its
-  forecast residual;
-- `stack`: `R` serves every block from its kept residual at that step (the whole stack skipped), `F`
-  forecasts every block's residual from its last two computed ones.
-
-One row per unit is a string of one character per step, so a plan file can be read (and edited) by a
-person. `ditscope plan` writes a `checksum` (SHA-256 of the rest) that loading verifies, so a damaged
-plan is refused rather than run; a plan without one (hand-written, or older than checksums) loads
-unverified, and deleting the line is how a deliberately hand-edited plan is run. Units the schedule does not name are always computed. Steps are the engine's: 0 .. T-1 in
-sampling order; step 0 always computes.
-
-Applied at another step count than it was made for, a schedule is resampled on the normalised step
-axis (step s of T' takes the action of step round(s (T-1) / (T'-1)) of T): the redundancy of a model
-is stable across step counts (the paper's finding), which is what makes this valid. `strict=True`
-refuses instead.
-"""
+"""`ScheduleMethod`: executes a `Schedule` (schedule_data.py) by one table look-up per step and unit, and
+`schedule_of`, the schedule a static method runs at a step count."""
 
 from __future__ import annotations
-
-import hashlib
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..errors import DitscopeError
-from ..files import json_checksum, write_text_atomic
 from .actions import forecast, run_rows
-from .engine import (
-    COMPUTE,
-    PREDICT,
-    REUSE,
-    BlockSite,
-    CacheMethod,
-    Context,
-    Site,
-    add_residuals,
-    block_inputs,
-    block_outputs,
-    contexts_of,
-    find_transformers,
-    hidden_arg,
-    pack_outputs,
-    residuals,
-)
+from .context import COMPUTE, PREDICT, REUSE, Context
+from .engine import contexts_of
+from .layout import BlockSite, Site, find_transformers
+from .method import CacheMethod
+from .schedule_data import ACTIONS, FORMAT, FORMAT_VERSION, STACK, Schedule, model_signature
+from .tensors import add_residuals, block_inputs, block_outputs, hidden_arg, pack_outputs, residuals
 
-FORMAT = "ditscope-plan"
-FORMAT_VERSION = 1
-STACK = "stack"
-ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
-
-
-def model_signature(model: torch.nn.Module) -> dict:
-    """What a plan must match: the transformer's class and a hash of its config (its weights may differ). The
-    config's private entries (`_name_or_path`: where it was loaded from; `_diffusers_version`) are left out: a
-    plan made in one checkout or with one diffusers release holds in another."""
-    config = getattr(model, "config", None)
-    public = {k: v for k, v in (dict(config) if config is not None else {}).items() if not str(k).startswith("_")}
-    text = json.dumps(public, sort_keys=True, default=str)
-    return {"class": type(model).__name__, "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of what makes a model's outputs beyond its config: every parameter's and buffer's name, dtype,
-    shape and sums (one reduction per tensor, on its device; not the bytes). Work kept from a run (uncached
-    images, a calibration) holds for another run only if this matches: another checkpoint or dtype makes
-    other images."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            total = torch.sum(t, dtype=torch.float64) if t.is_floating_point() else t.sum()
-            size = torch.sum(t.abs(), dtype=torch.float64) if t.is_floating_point() else total
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{float(total):.17g}|{float(size):.17g}".encode())
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class Schedule:
-    """Actions per (unit, step). `rows[unit]` is a string over steps of C / R / F; `meta` says what the
-    schedule was made for (model signature, scheduler, step count, calibration and measured quality)."""
-
-    rows: dict[str, str]
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.rows, dict) or not self.rows:
-            raise DitscopeError("a schedule needs at least one row (unit -> actions per step); an empty one would run "
-                                "uncached while claiming a plan")
-        for unit, row in self.rows.items():
-            if not isinstance(unit, str) or not isinstance(row, str) or not row:
-                raise DitscopeError(f"schedule row {unit!r} must be a non-empty string of C / R / F, one per step "
-                                    f"(got {row!r})")
-        lengths = {len(r) for r in self.rows.values()}
-        if len(lengths) > 1:
-            raise DitscopeError(f"a schedule's rows must all have one action per step (lengths {sorted(lengths)})")
-        for unit, row in self.rows.items():
-            bad = set(row) - set(ACTIONS)
-            if bad:
-                raise DitscopeError(f"schedule row {unit!r} has unknown actions {''.join(sorted(bad))!r} (use C, R, F)")
-            if row and row[0] != "C":
-                raise DitscopeError(f"schedule row {unit!r} must compute at step 0")
-
-    @property
-    def steps(self) -> int:
-        return len(next(iter(self.rows.values()), ""))
-
-    def at(self, steps: int) -> Schedule:
-        """This schedule resampled to `steps` steps on the normalised step axis.
-
-        To more steps each new step takes the action of the nearest planned one. To fewer, each new step
-        stands for the planned steps since the previous new one and computes if any of them did (else
-        forecasts if any did, else reuses): picking the nearest would alias a periodic plan (every other
-        step computed, halved, can land on the served steps only: measured 17 dB on tiny-latte)."""
-        if steps == self.steps or not self.rows:
-            return self
-        if steps < 1:
-            raise DitscopeError(f"cannot resample a schedule to {steps} steps")
-        src = [round(s * (self.steps - 1) / max(1, steps - 1)) for s in range(steps)]
-        if steps > self.steps:
-            rows = {u: "C" + "".join(r[i] for i in src[1:]) for u, r in self.rows.items()}
-        else:
-            spans = [range(a + 1, b + 1) for a, b in zip(src, src[1:])]
-            rows = {u: "C" + "".join(_merged(r[i] for i in span) for span in spans) for u, r in self.rows.items()}
-        return Schedule(rows, {**self.meta, "resampled_from": self.steps})
-
-    def fraction(self, action: str = "C") -> float:
-        """Share of (module site, step) cells with this action, on the steps the stack runs (a stack-skipped
-        step runs no module; blocks reused on their own are not taken out)."""
-        stack = self.rows.get(STACK, "C" * self.steps)
-        cells = [c for u, r in self.rows.items() if u != STACK and "." in u and not u.rsplit(".", 1)[1].isdigit()
-                 for c, s in zip(r, stack) if s != "R"]
-        return sum(c == action for c in cells) / max(1, len(cells))
-
-    # ------------------------------------------------------------------------------ persistence
-    def to_json(self) -> dict:
-        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
-                "rows": self.rows}
-        return {**body, "checksum": json_checksum(json.loads(json.dumps(body)))}
-
-    def save(self, path) -> Path:
-        """Write the plan file atomically (versioned JSON, one row per unit)."""
-        path = Path(path)
-        if path.is_dir():
-            raise DitscopeError(f"plan path {path} is a folder; give a file name such as {path / 'model.plan.json'}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return write_text_atomic(path, json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n")
-
-    @classmethod
-    def load(cls, path) -> Schedule:
-        if not isinstance(path, (str, os.PathLike)) or not str(path):
-            raise DitscopeError(f"a plan is loaded from a file path, not {path!r}")
-        path = Path(path)
-        if path.is_dir():
-            inside = sorted(path.glob("*.plan.json"))
-            hint = f"pass {inside[0]}" if inside else "pass a .plan.json file (ditscope plan writes one)"
-            raise DitscopeError(f"{path} is a folder, not a plan file; {hint}")
-        if not path.is_file():
-            raise DitscopeError(f"plan file {path} does not exist")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise DitscopeError(f"{path} is not a plan file (not text: a profile? a plan is the .plan.json "
-                                "that ditscope plan writes)") from None
-        except json.JSONDecodeError:
-            raise DitscopeError(f"plan file {path} is corrupt or truncated (not JSON); make it again with ditscope plan") from None
-        except OSError as e:
-            raise DitscopeError(f"cannot read plan file {path}: {e.strerror or e}") from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise DitscopeError(f"{path} is not a ditscope plan file")
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise DitscopeError(f"plan file {path} has format version {version!r}; this ditscope reads version {FORMAT_VERSION}")
-        if "checksum" in raw and raw["checksum"] != json_checksum({k: v for k, v in raw.items() if k != "checksum"}):
-            raise DitscopeError(f"plan file {path} does not match its checksum: it is damaged or was edited; make it "
-                                "again with ditscope plan (or delete its checksum line to run a hand-edited plan)")
-        rows, meta = raw.get("rows"), raw.get("meta", {})
-        if not isinstance(rows, dict) or not all(isinstance(r, str) for r in rows.values()):
-            raise DitscopeError(f"plan file {path} is corrupt: 'rows' must map unit names to action strings")
-        if not isinstance(meta, dict) or any(not isinstance(meta.get(k, {}), dict) for k in ("model", "quality", "calibration")):
-            raise DitscopeError(f"plan file {path} is corrupt: 'meta' and its model, quality and calibration entries "
-                                "must be objects")
-        if "steps" in raw and rows and raw["steps"] != len(next(iter(rows.values()))):
-            raise DitscopeError(f"plan file {path} is corrupt: its rows do not have 'steps' ({raw['steps']!r}) actions")
-        return cls(rows, meta)
-
-    def __repr__(self) -> str:
-        return (f"Schedule({len(self.rows)} units x {self.steps} steps, {self.fraction('C'):.0%} of module cells "
-                f"computed, stack skipped at {self.rows.get(STACK, '').count('R')} steps)")
+__all__ = ["ACTIONS", "FORMAT", "FORMAT_VERSION", "STACK", "Schedule", "ScheduleMethod", "model_signature",
+           "schedule_of"]
 
 
 class ScheduleMethod(CacheMethod):
@@ -242,7 +63,7 @@ class ScheduleMethod(CacheMethod):
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
         _, blocks, _, keep_block = self.table(ctx)
         action, keep = blocks[bsite.index][ctx.step], keep_block[bsite.index][ctx.step]
-        history = ctx.state.setdefault("plan_residual", {}).get(bsite.index)
+        history = ctx.state.setdefault("kept_residuals", {}).get(bsite.index)
         inputs = block_inputs(bsite, args, kwargs)
         if self.adaptive and bsite.index == 0:
             self.watch(ctx, inputs["hidden"])
@@ -271,7 +92,7 @@ class ScheduleMethod(CacheMethod):
             if self.observes:
                 self.observe(ctx, bsite, inputs, res)
             if keep:
-                ctx.state["plan_residual"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
+                ctx.state["kept_residuals"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
         return out
 
     def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict):
@@ -280,7 +101,7 @@ class ScheduleMethod(CacheMethod):
     def module(self, ctx: Context, site: Site, run, args, kwargs):
         sites, _, keep_site, _ = self.table(ctx)
         action = sites[site.index][ctx.step]
-        kept = ctx.state.setdefault("plan", {})
+        kept = ctx.state.setdefault("kept_outputs", {})
         history = kept.get(site.index)
         x = hidden_arg(args, kwargs, site.hidden)
         tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
@@ -304,12 +125,6 @@ class ScheduleMethod(CacheMethod):
         ctx.count(COMPUTE, tokens, tokens)
         # adaptive: rows over their limit compute (on their own); what is kept stays as computed (see block())
         return run_rows(ctx, run, args, kwargs, force, served, x.shape[0], site.name)
-
-
-def _merged(actions) -> str:
-    """One action for planned steps merged into one: compute if any computes, else forecast if any does."""
-    actions = set(actions)
-    return "C" if "C" in actions else "F" if "F" in actions else "R"
 
 
 def _keeps(row: str) -> list[bool]:

@@ -11,8 +11,11 @@ import torch
 
 from ..errors import DitscopeError
 from .actions import full_step
-from .engine import COMPUTE, PREDICT, CacheMethod, Context, Site, hidden_arg
+from .context import COMPUTE, PREDICT, Context
+from .layout import Site
+from .method import CacheMethod
 from .registry import Knob, register
+from .tensors import hidden_arg
 
 
 @dataclass
@@ -89,4 +92,6 @@ class TaylorSeerMethod(CacheMethod):
 register("taylorseer", TaylorSeerConfig, TaylorSeerMethod, "module outputs forecast by a Taylor series in the step",
          grid=[{"interval": 2}, {"interval": 3}, {}],
          compact=[{"interval": 2}, {}],
-         knob=Knob("interval", 2, 10, integer=True))
+         knob=Knob("interval", 2, 10, integer=True),
+         exact={"interval": 1},
+         aggressive={})

@@ -10,14 +10,17 @@ import torch
 
 from ..errors import DitscopeError
 from .actions import run_block
-from .engine import BlockSite, CacheMethod, Context, hidden_arg, relative_change
+from .context import Context
+from .layout import BlockSite
+from .method import CacheMethod
 from .registry import Knob, register
+from .tensors import hidden_arg, relative_change
 
 
 @dataclass
 class TeaCacheConfig:
     """Skip the whole transformer while the accumulated, rescaled input change stays small. The default threshold
-    with copied coefficients is speed first (under 30 dB on three zoo models, README); `ditscope tune` fits both.
+    with copied coefficients is speed first (far from lossless on the zoo models: README); `ditscope tune` fits both.
 
     Attributes:
         threshold: the accumulated distance at which a step is computed again (TeaCache's rel_l1_thresh).
@@ -38,6 +41,28 @@ class _Probe(Exception):
     """Stops the first block as soon as its first module receives the modulated input."""
 
 
+def modulated_input(bsite: BlockSite, run, args, kwargs, whole: bool = False):
+    """What TeaCache watches: the input of the block's first cached module (the timestep-modulated hidden state).
+    The block runs only up to that module; `whole=True` runs all of it and returns (input, block output)."""
+    seen = {}
+
+    def hook(module, a, kw):
+        if "x" not in seen:  # the module's first call in this block
+            seen["x"] = hidden_arg(a, kw, bsite.sites[0].hidden)
+        if not whole:
+            raise _Probe
+
+    handle = bsite.sites[0].module.register_forward_pre_hook(hook, with_kwargs=True)
+    out = None
+    try:
+        out = run(*args, **kwargs)
+    except _Probe:
+        pass
+    finally:
+        handle.remove()
+    return (seen.get("x"), out) if whole else seen["x"]
+
+
 class TeaCacheMethod(CacheMethod):
     uses_blocks = True
 
@@ -52,25 +77,8 @@ class TeaCacheMethod(CacheMethod):
 
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
         if bsite.index == 0:
-            self._decide(ctx, self._modulated_input(bsite, run, args, kwargs))
+            self._decide(ctx, modulated_input(bsite, run, args, kwargs))
         return run_block(ctx, bsite, run, args, kwargs, ctx.state.get("skip"))
-
-    @staticmethod
-    def _modulated_input(bsite: BlockSite, run, args, kwargs) -> torch.Tensor:
-        seen = {}
-
-        def hook(module, a, kw):
-            seen["x"] = hidden_arg(a, kw, bsite.sites[0].hidden)
-            raise _Probe
-
-        handle = bsite.sites[0].module.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            run(*args, **kwargs)
-        except _Probe:
-            pass
-        finally:
-            handle.remove()
-        return seen["x"]
 
     def _decide(self, ctx: Context, x: torch.Tensor):
         st = ctx.state
@@ -94,4 +102,6 @@ class TeaCacheMethod(CacheMethod):
 register("teacache", TeaCacheConfig, TeaCacheMethod, "the whole block stack, skipped while the accumulated rescaled input change is small",
          grid=[{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
          compact=[{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}],
-         knob=Knob("threshold", 0.01, 3.0, log=True))
+         knob=Knob("threshold", 0.01, 3.0, log=True),
+         exact={"threshold": 0.0},
+         aggressive={"threshold": 1e9})

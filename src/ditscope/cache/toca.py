@@ -20,8 +20,11 @@ from ..errors import DitscopeError
 from ..families import CROSS, IMAGE, JOINT, MLP, SELF, TEMPORAL
 from ..parallel import agree
 from . import scores
-from .engine import COMPUTE, PARTIAL, REUSE, WHOLE, CacheMethod, Context, Site, hidden_arg, with_hidden
+from .context import COMPUTE, PARTIAL, REUSE, WHOLE, Context
+from .layout import Site
+from .method import CacheMethod
 from .registry import Knob, register
+from .tensors import hidden_arg, with_hidden
 
 SCORES = ("attention", "self_attention", "cross_entropy", "kv_norm", "random")
 SCHEDULES = ("pixart", "dit", "fixed")
@@ -120,7 +123,7 @@ class ToCaMethod(CacheMethod):
             return 2 if 0.2 <= x < 0.4 else max(1, round(c.interval / (1.4 - 0.8 * x)))
         return c.interval
 
-    def plan(self, total: int) -> list[str]:
+    def step_kinds(self, total: int) -> list[str]:
         """The kind of each step: full or partial (DuCa adds "reuse")."""
         kinds, last = [], None
         for step in range(total):
@@ -131,9 +134,9 @@ class ToCaMethod(CacheMethod):
 
     def step_kind(self, ctx: Context) -> str:
         st = ctx.state
-        if st.get("plan_for") != ctx.num_steps:
-            st["plan"], st["plan_for"] = self.plan(ctx.num_steps), ctx.num_steps
-        return st["plan"][ctx.step]
+        if st.get("step_kinds_for") != ctx.num_steps:
+            st["step_kinds"], st["step_kinds_for"] = self.step_kinds(ctx.num_steps), ctx.num_steps
+        return st["step_kinds"][ctx.step]
 
     def ratio(self, ctx: Context, site: Site) -> float:
         c = self.config
@@ -145,7 +148,7 @@ class ToCaMethod(CacheMethod):
     def wants_attention(self, ctx: Context) -> bool:
         if self.config.score == "random" or self.step_kind(ctx) != "full":
             return False
-        return "partial" in ctx.state["plan"]
+        return "partial" in ctx.state["step_kinds"]
 
     def on_attention(self, ctx: Context, site: Site, q, k, v, mask, scale):
         if self.score_site.get(site.block) != site.index:
@@ -388,4 +391,6 @@ def joint_slice(ctx: Context, site: Site, score: torch.Tensor, n_tokens: int) ->
 register("toca", ToCaConfig, ToCaMethod, "per module (self-attn, cross-attn, MLP): recompute the top-scored tokens, reuse the rest",
          grid=[{"interval": 2, "ratio": 0.3}, {}, {"interval": 4}, {"interval": 5, "ratio": 0.2}],
          compact=[{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}],
-         knob=Knob("interval", 2, 10, integer=True))  # ratio: --knob ratio
+         knob=Knob("interval", 2, 10, integer=True),  # ratio: --knob ratio
+         exact={"interval": 1, "schedule": "fixed"},
+         aggressive={})

@@ -240,7 +240,7 @@ class Recorder:
 
     def profile(self, **meta):
         """All finished samples as a `Profile` (the current sample is closed first if it has steps)."""
-        from ..profiling.artifact import Profile
+        from ..artifact import Profile
 
         if self._steps or self._pending:
             self.next_sample()

@@ -56,6 +56,7 @@ def eval_cmd(
     from rich.console import Console
     from rich.table import Table
 
+    from ..bench import evaluation
     from ..zoo import evaluator
     from ..zoo.train import build
 
@@ -90,17 +91,17 @@ def eval_cmd(
     digest = hashlib.sha1(repr((key, n, steps, guidance, seed, objects)).encode()).hexdigest()[:10]
     state_dir.mkdir(parents=True, exist_ok=True)
     state = state_dir / f"{Path(model).name}{'-random-init' if random_init else ''}-{digest}.pt"
-    if evaluator.rank_state(state, pipe).is_file():
-        print(f"resuming the evaluation kept in {evaluator.rank_state(state, pipe)}", file=sys.stderr)
+    if evaluation.rank_state(state, pipe).is_file():
+        print(f"resuming the evaluation kept in {evaluation.rank_state(state, pipe)}", file=sys.stderr)
     try:
         with progress_bar("samples") if rank == 0 else contextlib.nullcontext(None) as bar:
             task = bar.add_task(f"evaluating {model}", total=n) if bar is not None else None
-            result = evaluator.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+            result = evaluation.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                                         max_objects=objects, net=net,
                                         progress=(lambda k: bar.advance(task, k)) if bar is not None else None,
                                         state_path=state, state_key=key)
     except KeyboardInterrupt:
-        mine = evaluator.rank_state(state, pipe)
+        mine = evaluation.rank_state(state, pipe)
         kept = f"the samples made so far are kept in {mine}" if mine.is_file() else "no samples were kept yet"
         with contextlib.suppress(OSError):
             state_dir.rmdir()  # only if empty

@@ -21,197 +21,27 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
-from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from ..cache.engine import (
-    BlockSite,
-    CacheHandle,
-    CacheMethod,
-    Context,
-    Site,
-    block_inputs,
-    block_outputs,
-    flop_counter,
-    relative_change,
-    row_abs_sums,
-)
-from ..cache.schedule import STACK, model_signature, weights_fingerprint
+from ..artifact import Profile, profile_column, sha256_of
+from ..cache.context import Context
+from ..cache.engine import CacheHandle
+from ..cache.observe import Calibrator
+from ..cache.schedule_data import STACK, model_signature, weights_fingerprint
 from ..errors import DitscopeError
-from ..parallel import agree, launched
-from ..profiling.artifact import Profile, sha256_of
-from ..profiling.workload import data_parallel, from_first, gather, generate, synchronize
+from ..parallel import launched
+from ..profiling.workload import data_parallel, from_first, gather, generate
 from ..stats.running import RunningStats
 
 METRICS = ("l1", "rel_l1", "inject")
 
 
-def _tensors(x) -> list[torch.Tensor]:
-    if isinstance(x, (tuple, list)):
-        return [t for part in x for t in _tensors(part)]
-    return [x] if torch.is_tensor(x) else []
-
-
-def _whole(ctx: Context, sums: list[torch.Tensor], split: list[bool] | None = None) -> list[torch.Tensor]:
-    """Per-row sums over a sequence split by context parallelism: every rank's parts added (parallel.agree),
-    the same on every rank, so that the errors are the one-process errors. A sum marked not `split` is of a
-    tensor every rank holds whole: its ranks' copies are added, then divided by their number."""
-    whole = agree(torch.stack(sums, 1), ctx.sequence_group).to(sums[0].device, sums[0].dtype)
-    world = dist.get_world_size(ctx.sequence_group)
-    return [part if split is None or split[i] else part / world for i, part in enumerate(whole.unbind(1))]
-
-
-def _numel_per_row(xs: list[torch.Tensor], rows: int) -> float:
-    return float(sum(x.numel() for x in xs)) / rows
-
-
-class _Observer(CacheMethod):
-    """Computes everything (the uncached model), and measures every unit against its own past."""
-
-    uses_modules = True
-    uses_blocks = True
-
-    def __init__(self, max_lag: int, forecast_lag: int):
-        super().__init__(None)
-        self.max_lag, self.forecast_lag = max_lag, forecast_lag
-        self.keep = max(max_lag, 2 * forecast_lag)
-        self.n_prompts = 1
-        self.prompt_offset = 0
-        self.errors: dict = defaultdict(lambda: defaultdict(float))  # (unit, target, metric) -> {(prompt, step): value}
-        self.seconds: dict[str, list[float]] = defaultdict(list)
-        self.flops: dict[str, float] = {}
-        self.count_flops = False
-        self.history: dict = {}  # (call, unit) -> {step: [tensors]}
-        self.signal: dict = defaultdict(float)  # (prompt, step) -> the adaptive plan's live signal (see `watch`)
-
-    def _prompt_of_rows(self, ctx: Context) -> np.ndarray:
-        if ctx.rows % self.n_prompts:
-            raise DitscopeError(f"calibration: {ctx.rows} model rows do not fold onto {self.n_prompts} prompts")
-        return np.arange(ctx.rows) % self.n_prompts + self.prompt_offset
-
-    def _measure(self, ctx: Context, unit: str, xs: list[torch.Tensor], stream_abs: torch.Tensor) -> dict:
-        """Errors of serving `xs` from earlier steps (recorded per prompt and step); keeps `xs` for later
-        steps. Returns the raw per-row error sums by target."""
-        hist = self.history.setdefault((ctx.call, unit), {})
-        step = ctx.step
-        prompts = self._prompt_of_rows(ctx)
-        branches = ctx.rows // self.n_prompts
-        cur_abs = row_abs_sums(xs, ctx.rows)
-        numel = _numel_per_row(xs, ctx.rows)
-        served = {}
-        for k in range(1, self.max_lag + 1):
-            if step - k in hist:
-                served[f"reuse@{k}"] = hist[step - k]
-        for k in range(1, self.forecast_lag + 1):
-            if step - k in hist and step - 2 * k in hist:
-                served[f"forecast@{k}"] = [2 * a - b for a, b in zip(hist[step - k], hist[step - 2 * k])]
-        raw = {target: row_abs_sums([x - y for x, y in zip(xs, ys)], ctx.rows) for target, ys in served.items()}
-        if ctx.sequence_group is not None:  # context parallelism: each rank holds its tokens' part of every sum
-            cur_abs, *errs = _whole(ctx, [cur_abs, *raw.values()])
-            raw = dict(zip(raw, errs, strict=True))
-            numel *= dist.get_world_size(ctx.sequence_group)
-        for target, err in raw.items():
-            for metric, value in (("l1", err / max(numel, 1.0)), ("rel_l1", err / cur_abs.clamp_min(1e-12)),
-                                  ("inject", err / stream_abs.clamp_min(1e-12))):
-                self._add(unit, target, metric, prompts, step, value / branches)
-        hist[step] = [x.detach().clone() for x in xs]
-        for old in [s for s in hist if s <= step - self.keep]:
-            del hist[old]
-        return raw
-
-    def _add(self, unit, target, metric, prompts, step, values: torch.Tensor):
-        acc = self.errors[(unit, target, metric)]
-        for p, v in zip(prompts, values.tolist()):
-            acc[(int(p), step)] += v
-
-    def _timed(self, unit: str, run, args, kwargs):
-        if self.count_flops and unit not in self.flops and "." in unit and not unit.rsplit(".", 1)[1].isdigit():
-            with flop_counter() as counter:
-                out = run(*args, **kwargs)
-            self.flops[unit] = float(counter.get_total_flops())
-            return out
-        synchronize()
-        start = time.perf_counter()
-        out = run(*args, **kwargs)
-        synchronize()
-        self.seconds[unit].append(time.perf_counter() - start)
-        return out
-
-    def watch(self, ctx: Context, x: torch.Tensor):
-        """The live signal an adaptive plan watches: the relative L1 change of the first block's input since
-        the step before, per prompt (the mean over its guidance branches)."""
-        key = (ctx.call, "signal")
-        prev = self.history.get(key)
-        if prev is not None:
-            change = relative_change(ctx, x, prev).double().cpu()
-            branches = ctx.rows // self.n_prompts
-            for p, v in zip(self._prompt_of_rows(ctx), change.tolist()):
-                self.signal[(int(p), ctx.step)] += v / branches
-        self.history[key] = x.detach().clone()
-
-    def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
-        inputs = block_inputs(bsite, args, kwargs)
-        if bsite.index == 0:
-            self.watch(ctx, inputs["hidden"])
-        streams = {name: row_abs_sums([t], ctx.rows) for name, t in inputs.items() if t is not None}
-        if ctx.sequence_group is not None:
-            names = getattr(bsite, "names", None) or {"hidden": bsite.hidden, "encoder": bsite.encoder}
-            split = [names[role] in ctx.split_inputs for role in streams]
-            streams = dict(zip(streams, _whole(ctx, list(streams.values()), split), strict=True))
-        in_abs = sum(streams.values())
-        ctx.state.setdefault("stream_abs", {})[bsite.index] = streams
-        ctx.state["observing"] = 0.0
-        out = self._timed(bsite.name, run, args, kwargs)
-        if self.seconds.get(bsite.name):  # the block's time without the measuring done inside it
-            self.seconds[bsite.name][-1] -= ctx.state["observing"]
-        outputs = block_outputs(bsite, out)
-        res = [o - inputs[n] for n, o in outputs.items()
-               if o is not None and inputs.get(n) is not None and o.shape == inputs[n].shape]
-        raw = self._measure(ctx, bsite.name, res, in_abs)
-        stack = ctx.state.setdefault("stack", {"err": {}, "abs": None})
-        for target, err in raw.items():
-            stack["err"][target] = stack["err"].get(target, 0) + err
-        stack["abs"] = in_abs
-        return out
-
-    def module(self, ctx: Context, site: Site, run, args, kwargs):
-        out = self._timed(site.name, run, args, kwargs)
-        streams = ctx.state.get("stream_abs", {}).get(site.block, {})
-        if site.stream == "text":
-            denom = streams.get("encoder")
-        elif site.stream == "joint" and streams:
-            denom = sum(streams.values())
-        else:
-            denom = streams.get("hidden")
-        if denom is None:
-            denom = row_abs_sums(_tensors(out), ctx.rows)
-            if ctx.sequence_group is not None:
-                denom = _whole(ctx, [denom])[0]
-        start = time.perf_counter()
-        self._measure(ctx, site.name, _tensors(out), denom)
-        ctx.state["observing"] = ctx.state.get("observing", 0.0) + time.perf_counter() - start
-        return out
-
-    def end_call(self, ctx: Context, seconds: float):
-        """The stack: its blocks' residual errors summed, over the stream at the last block."""
-        self.seconds[STACK].append(seconds)
-        stack = ctx.state.pop("stack", None)
-        if not stack or stack["abs"] is None:
-            return
-        prompts = self._prompt_of_rows(ctx)
-        branches = ctx.rows // self.n_prompts
-        for target, err in stack["err"].items():
-            self._add(STACK, target, "inject", prompts, ctx.step, err / stack["abs"].clamp_min(1e-12) / branches)
-
-
 def pipeline_identity(pipe) -> dict:
     """What a resumed run's kept work must match beyond its arguments: the transformer's weights and dtype
-    (schedule.weights_fingerprint) and the scheduler's class and config."""
-    from ..cache.engine import find_transformer
+    (schedule_data.weights_fingerprint) and the scheduler's class and config."""
+    from ..cache.layout import find_transformer
 
     scheduler = getattr(pipe, "scheduler", None)
     config = {k: v for k, v in dict(getattr(scheduler, "config", None) or {}).items() if not str(k).startswith("_")}
@@ -227,26 +57,15 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
     `progress(done, total)` is called after each batch. `layout`: a declared block layout (`ditscope.Blocks`)
     for a model outside the family table.
     """
-    from ..cache.engine import find_transformer
+    from ..cache.layout import find_transformer
 
     if len(prompts) < 1:
         raise DitscopeError("calibration needs at least one prompt")
     transformer, _ = find_transformer(pipe)
-    observer = _Observer(max_lag, forecast_lag)
+    observer = Calibrator(max_lag, forecast_lag)
     handle = CacheHandle(pipe, observer, num_inference_steps=steps, layout=layout)
     ctx = handle.ctx
-    started = {}
 
-    def pre(module, args, kwargs):
-        synchronize()
-        started["t"] = time.perf_counter()
-
-    def post(module, args, kwargs, output):
-        synchronize()
-        observer.end_call(ctx, time.perf_counter() - started["t"])
-
-    hooks = [transformer.register_forward_pre_hook(pre, with_kwargs=True),
-             transformer.register_forward_hook(post, with_kwargs=True)]
     def before_batch(start, n):
         observer.n_prompts, observer.prompt_offset = n, start
         observer.history.clear()
@@ -255,8 +74,6 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
     try:
         images = generate(pipe, prompts, steps, seed, batch_size, guidance_scale, before_batch, progress)
     finally:
-        for h in hooks:
-            h.remove()
         handle.remove()
     _merge_ranks(observer, data_parallel(pipe)[1])
     profile = _to_profile(observer, ctx, len(prompts), steps, max_lag, forecast_lag)
@@ -270,7 +87,7 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
     return profile, images
 
 
-def _merge_ranks(observer: _Observer, world: int):
+def _merge_ranks(observer: Calibrator, world: int):
     """Under torchrun: every rank's measured errors and signal (each rank saw its own prompts), and the first
     rank's timings and FLOPs (a plan's costs must be the same on every rank; with the model split by context
     parallelism the ranks ran the same prompts, and their errors are already the same)."""
@@ -289,7 +106,7 @@ def _merge_ranks(observer: _Observer, world: int):
     observer.seconds, observer.flops = from_first((dict(observer.seconds), observer.flops))
 
 
-def _signal(observer: _Observer, n_prompts: int, steps: int) -> list[list]:
+def _signal(observer: Calibrator, n_prompts: int, steps: int) -> list[list]:
     """signal[prompt][step]: the first block's input change from the step before (None at step 0)."""
     return [[observer.signal.get((p, s)) if s else None for s in range(steps)] for p in range(n_prompts)]
 
@@ -304,7 +121,7 @@ def _units(ctx: Context) -> dict:
     return units
 
 
-def _to_profile(observer: _Observer, ctx: Context, n_prompts: int, steps: int, max_lag: int, forecast_lag: int) -> Profile:
+def _to_profile(observer: Calibrator, ctx: Context, n_prompts: int, steps: int, max_lag: int, forecast_lag: int) -> Profile:
     names = list(_units(ctx))
     targets = [f"reuse@{k}" for k in range(1, max_lag + 1)] + [f"forecast@{k}" for k in range(1, forecast_lag + 1)]
     keys = []
@@ -317,7 +134,7 @@ def _to_profile(observer: _Observer, ctx: Context, n_prompts: int, steps: int, m
         for mi, metric in enumerate(METRICS):
             for (p, step), v in observer.errors.get((names[i], target, metric), {}).items():
                 if step >= 1:
-                    values[p, ki, step - 1, mi] = v
+                    values[p, ki, profile_column(step), mi] = v
     schedule = [float(t) for t in (ctx.schedule or range(steps))]
     return Profile(keys=keys, layer_names=names, timesteps=schedule, prompt_index=np.arange(n_prompts),
                    values=values, stats=RunningStats.of(values), meta={}, metrics=METRICS)

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact import Profile, sha256_of
 from ..cache.actions import full_step
-from ..cache.engine import find_transformer
+from ..cache.layout import find_transformer
 from ..cache.plan import PlanConfig
-from ..cache.schedule import STACK, Schedule, model_signature
+from ..cache.schedule_data import STACK, Schedule, model_signature
 from ..errors import DitscopeError
 from ..files import atomic_path
 from ..holds import hold
 from ..parallel import run_layout
-from ..profiling.artifact import Profile, sha256_of
 from ..profiling.workload import generate, median_seconds, writes
 from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
@@ -251,8 +251,8 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     # the fixed-interval schedules (FORA's for the modules, a uniform step skip for the stack) compete too:
     # the search keeps the measured plan only where it beats every one of them on the calibration prompts
     # (with a quality target only the fastest one that holds counts, so they are checked from the fastest down).
-    # Both phases: after one full step or two; which steps compute matters as much as how many (tiny-latte, 24
-    # test videos: FORA's phase, 7 of 20 steps, 39.6 dB; the same interval after two full steps, 8 of 20, 37.6)
+    # Both phases: after one full step or two; which steps compute matters as much as how many (one phase can
+    # beat the other at fewer computed steps: benchmarks/RESULTS.md)
     for mode in ("stack", "sites"):
         if mode in lines:
             fixed = [(n, w, _interval_schedule(cal, mode, n, num_inference_steps, w)) for n in range(2, 7)
@@ -390,7 +390,7 @@ def scan_prices(grid: list, make, predicted, holds, quality: bool, bisections: i
     return held
 
 
-TIMING_TIE = 0.05  # finalists' measured speedups this close (relative) count as equal: two timing rounds on 2 cores
+TIMING_TIE = 0.05  # finalists' measured speedups this close (relative) count as equal: within two timing rounds' noise
 
 
 def _choose(candidates: list, goal: Target, cost: str, predicted, speedups_of, say) -> tuple:
@@ -404,9 +404,8 @@ def _choose(candidates: list, goal: Target, cost: str, predicted, speedups_of, s
     the kept plan's speedup is measured."""
     if goal.quality and cost == "time":
         speedups = speedups_of([c[1] for c in candidates])
-        # finalists that time within the noise of the fastest are a tie, and the tie goes to quality (tiny-latte,
-        # psnr=40, quiet 2 cores: the kept plan 1.55x at 42.3 dB, FORA's every-other-step schedule 1.53x at 42.9;
-        # the same FLOPs, and 2.5 dB apart on 24 test videos)
+        # finalists that time within the noise of the fastest are a tie, and the tie goes to quality (two schedules
+        # of the same FLOPs can time alike and still differ in quality on the test prompts: benchmarks/RESULTS.md)
         close = [i for i, x in enumerate(speedups) if x >= max(speedups) * (1 - TIMING_TIE)]
         best = max(close, key=lambda i: candidates[i][2]["psnr"])
         say("finalists: " + ", ".join(f"{c[0]} {x:.2f}x measured" for c, x in zip(candidates, speedups)))

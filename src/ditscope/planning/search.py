@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cache.schedule import STACK, Schedule
-from ..profiling.artifact import Profile
+from ..artifact import Profile, profile_column
+from ..cache.schedule_data import STACK, Schedule
 
 MODES = ("both", "stack", "sites")  # what the search may cache: stack and sites, the stack only, sites only
 
@@ -86,7 +86,8 @@ def error_tables(cal: Profile, metric: str = "inject") -> dict[str, dict[str, np
         kind, k = target.partition("@")[0], lags[target]
         table = out.setdefault(cal.layer_names[layer], {}).setdefault(kind, np.full((T, K + 1), np.inf))
         col = cal.stats.mean[ki, :, m]
-        table[1:, k] = np.where(np.isfinite(col), col, np.inf)
+        steps = np.arange(1, T)  # a profile has no column for step 0 (artifact.profile_column)
+        table[steps, k] = np.where(np.isfinite(col), col, np.inf)[profile_column(steps)]
     return out
 
 

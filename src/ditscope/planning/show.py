@@ -6,14 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache.schedule import ACTIONS, STACK, Schedule
+from ..cache.layout import block_of, unit_kind
+from ..cache.schedule_data import ACTIONS, STACK, Schedule
 
 CODES = {"C": 0, "F": 1, "R": 2}
 
 
 def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
     m = plan.meta
-    modules = any(u != STACK and not u.rsplit(".", 1)[-1].isdigit() for u in plan.rows)
+    modules = any(unit_kind(u) == "module" for u in plan.rows)
     rows = [("units x steps", f"{len(plan.rows)} x {plan.steps}"),
             ("module cells computed", f"{plan.fraction('C'):.0%} (forecast {plan.fraction('F'):.0%}, "
                                       f"reused {plan.fraction('R'):.0%}) of the steps the stack runs"
@@ -55,7 +56,7 @@ SECOND = "transformer_2."
 
 
 def _is_stack(unit: str) -> bool:
-    return unit in (STACK, SECOND + STACK)
+    return unit_kind(unit) == "stack"
 
 
 def cell_categories(plan: Schedule) -> np.ndarray:
@@ -72,10 +73,7 @@ def cell_categories(plan: Schedule) -> np.ndarray:
             continue
         # a pipeline's second transformer names its units `transformer_2.*` (engine.contexts_of), stack included
         stack = plan.rows.get((SECOND if u.startswith(SECOND) else "") + STACK)
-        parts = u.split(".")
-        # the block a module belongs to: the longest row name above it that ends in a block index
-        block = next((".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)
-                      if parts[k - 1].isdigit() and ".".join(parts[:k]) in plan.rows), None)
+        block = block_of(u, plan.rows)  # a module's block, when the plan has a row for it
         for t in range(plan.steps):
             if stack is not None and stack[t] != "C":
                 out[i, t] = NOT_RUN_STACK
@@ -92,7 +90,7 @@ def heatmap_figure(plan: Schedule):
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
-    from ..profiling.plots import step_ticks
+    from ..plots import step_ticks
 
     units = list(plan.rows)
     grid = cell_categories(plan)

@@ -13,6 +13,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from ..artifact import RUN_FIELDS, Profile
 from ..capture.recorder import TARGETS
 from ..errors import DitscopeError
 from ..runtime import (
@@ -23,7 +24,6 @@ from ..runtime import (
     pick_device,
     torch_dtype,
 )
-from .artifact import RUN_FIELDS, Profile
 from .prompts import load_prompts
 from .runner import profile as run_profile
 from .runner import run_metadata, shard_indices

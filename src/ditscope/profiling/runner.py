@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..artifact import RUN_FIELDS, Profile, sha256_of
 from ..capture.recorder import DEFAULT_TARGETS, Recorder
 from ..errors import DitscopeError
 from ..families import family_of
 from ..holds import hold
 from ..patching import Patches
-from .artifact import RUN_FIELDS, Profile, sha256_of
+from ..version import __version__
 from .prompts import pipeline_prompt_kwargs
 from .workload import Workload, data_parallel, share
 

@@ -165,7 +165,7 @@ def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8
 def data_parallel(pipe) -> tuple[int, int]:
     """(rank, world size) over which `pipe`'s prompts are shared: (0, 1) in one process, and when the
     pipeline's transformer is split over the ranks by context parallelism."""
-    from ..cache.engine import find_transformer
+    from ..cache.layout import find_transformer
 
     rank, world = launched()
     if world > 1 and sequence_group(find_transformer(pipe)[0]) is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..profiling.artifact import Profile
+from ..artifact import Profile
 
 AXIS_POINTS = 64
 DEPTH_POINTS = 8

@@ -154,7 +154,7 @@ def heatmap_figure(cells: dict[str, np.ndarray], title: str, steps=None, layers=
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..profiling.plots import step_ticks
+    from ..plots import step_ticks
 
     fig, axes = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3), squeeze=False)
     for ax, (t, c) in zip(axes[0], cells.items()):

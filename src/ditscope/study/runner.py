@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact import Profile
 from ..errors import DitscopeError
 from ..files import write_text_atomic
-from ..profiling.artifact import Profile
 from ..profiling.job import profile_model
 from ..runtime import progress_bar
 from . import analysis

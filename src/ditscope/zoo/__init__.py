@@ -50,7 +50,7 @@ ZOO: dict[str, ZooEntry] = {
         build=_trained("tiny-dit"),
         description="DiTTransformer2DModel, class-conditional (shape x colour), trained here (8 blocks, 256 tokens)",
         steps=50,
-        guidance_scale=1.5,  # DiT-XL/2's own setting; 4.0 oversaturates into fragments (colour 75% against 94%)
+        guidance_scale=1.5,  # DiT-XL/2's own setting; 4.0 oversaturates into fragments (lower colour accuracy)
     ),
     "tiny-mmdit": ZooEntry(
         build=_trained("tiny-mmdit"),

@@ -12,7 +12,7 @@ import torch
 from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...families import family_of
-from . import Peer, PeerUnavailable, config_error, one_line, register_peer
+from .base import Peer, PeerUnavailable, config_error, one_line, register_peer
 
 _ABSENT = object()
 
@@ -194,7 +194,7 @@ register_peer(Peer(
     "cachedit-dbcache", "cache-dit",
     "cache-dit DBCache: compute the first Fn (and last Bn) blocks, reuse the middle blocks' residual when it barely changed",
     defaults=_DBCACHE_DEFAULTS,
-    grid=[  # 57 / 0.96, 43 / 0.78, 35 / 0.65
+    grid=[  # near-lossless to aggressive
         {"residual_diff_threshold": 0.06},
         {"residual_diff_threshold": 0.1},
         {"residual_diff_threshold": 0.2, "max_warmup_steps": 2},
@@ -211,7 +211,7 @@ register_peer(Peer(
     # 1.5.3 fails on blocks that return no text stream (SD3's last): set_Bn_encoder_buffer drops the None,
     # then get_Bn_encoder_buffer asks the calibrator for a state it never got (taylorseer.py: "not found")
     defaults={**_DBCACHE_DEFAULTS, "taylorseer_order": 1, "enable_encoder_calibrator": False},
-    grid=[  # 44 / 0.78, 40 / 0.74, 34 / 0.65
+    grid=[  # near-lossless to aggressive
         {"residual_diff_threshold": 0.1},
         {"residual_diff_threshold": 0.15},
         {"residual_diff_threshold": 0.25, "max_warmup_steps": 2},

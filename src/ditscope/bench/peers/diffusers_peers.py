@@ -18,7 +18,7 @@ import torch
 from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...patching import Patches, read_timestep, timestep_argument
-from . import CONTEXT_NAME, Peer, PeerUnavailable, config_error, one_line, quiet_logger, register_peer
+from .base import CONTEXT_NAME, Peer, PeerUnavailable, config_error, one_line, quiet_logger, register_peer
 
 _ABSENT = object()
 
@@ -301,7 +301,7 @@ register_peer(Peer(
     "cross_attention_timestep_skip_range": (100, 800),
     "temporal_attention_timestep_skip_range": (100, 800),
 },
-    grid=[  # 37 dB / 0.88, 36 / 0.72, 27 / 0.52
+    grid=[  # near-lossless to aggressive
         {"spatial_attention_block_skip_range": 2},
         {"spatial_attention_block_skip_range": 2, "cross_attention_block_skip_range": 4},
         {"spatial_attention_block_skip_range": 3, "cross_attention_block_skip_range": 6,
@@ -339,7 +339,7 @@ register_peer(Peer(
     "tensor_format": None,  # None: BCFHW for video transformers, BCHW otherwise
     "is_guidance_distilled": False,
 },
-    grid=[  # 40 / 0.77, 34 / 0.68, 23 / 0.60 (rows: the uncond half is skipped, not the call)
+    grid=[  # near-lossless to aggressive (rows: the uncond half is skipped, not the call)
         {"spatial_attention_block_skip_range": 2, "unconditional_batch_skip_range": 3},
         {"spatial_attention_block_skip_range": 2, "unconditional_batch_skip_range": 3,
          "spatial_attention_timestep_skip_range": (-1, 901), "unconditional_batch_timestep_skip_range": (-1, 801)},
@@ -367,7 +367,7 @@ register_peer(Peer(
     "skip_predict_identifiers": None,
     "use_lite_mode": False,
 },
-    grid=[  # 34 / 0.73, 30 / 0.67, 25 / 0.60
+    grid=[  # near-lossless to aggressive
         {"cache_interval": 2, "disable_cache_before_step": 5},
         {"cache_interval": 3, "disable_cache_before_step": 5},
         {"cache_interval": 4, "disable_cache_before_step": 4},
@@ -386,7 +386,7 @@ register_peer(Peer(
     "retention_ratio": 0.2,
     "mag_ratios": None,  # None: calibrate with run_once()
 },
-    grid=[  # 47 / 0.85, 35 / 0.55, 26 / 0.35
+    grid=[  # near-lossless to aggressive
         {"threshold": 0.01, "max_skip_steps": 1},
         {"threshold": 0.03, "max_skip_steps": 2},
         {"threshold": 0.12, "max_skip_steps": 4},

@@ -48,7 +48,7 @@ import torch
 from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...patching import Patches
-from . import Peer, PeerUnavailable, register_peer
+from .base import Peer, PeerUnavailable, register_peer
 
 _ABSENT = object()
 COMPONENTS = "attn1,attn2,ff"  # self-attention, cross-attention, feed-forward: the paper's component types

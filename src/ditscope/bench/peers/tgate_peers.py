@@ -37,7 +37,7 @@ import torch
 from ...cache.registry import Knob
 from ...errors import DitscopeError
 from ...patching import Patches
-from . import Peer, PeerUnavailable, quiet_logger, register_peer
+from .base import Peer, PeerUnavailable, quiet_logger, register_peer
 
 _ABSENT = object()
 _PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")  # what tgate_processor re-implements
