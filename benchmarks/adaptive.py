@@ -36,14 +36,20 @@ def main():
     ap.add_argument("model", nargs="?", default="tiny-pixart")
     ap.add_argument("--targets", default="psnr=30", help="comma list: a plan per target (kept in --work)")
     ap.add_argument("--tolerances", default="1", help="comma list of the adaptive runs' tolerances")
-    ap.add_argument("--batch-level", action="store_true", help="also run adaptive per_sample=False at tolerance 1")
-    ap.add_argument("--signals", default="input", help="comma list of the adaptive runs' signals (input, output)")
+    ap.add_argument(
+        "--batch-level", action="store_true", help="also run adaptive per_sample=False at tolerance 1"
+    )
+    ap.add_argument(
+        "--signals", default="input", help="comma list of the adaptive runs' signals (input, output)"
+    )
     ap.add_argument("--calibration-prompts", type=int, default=8)
     ap.add_argument("--test-prompts", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per run (0: FLOPs only)")
     ap.add_argument("--work", type=Path, default=Path("runs/adaptive"))
-    ap.add_argument("--out", type=Path, default=None, help="the table (default benchmarks/results/n64/MODEL/adaptive.md)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="the table (default benchmarks/results/n64/MODEL/adaptive.md)"
+    )
     args = ap.parse_args()
     pipe = ditscope.zoo.load(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -60,11 +66,21 @@ def main():
                 schedule = Schedule.load(plan_path)
                 if "stack_change" not in schedule.meta and (work / "calibration.ditscope").exists():
                     # a plan kept from before the output signal: its calibration (same work folder) holds it
-                    schedule.meta["stack_change"] = stack_change(ditscope.Profile.load(work / "calibration.ditscope"))
+                    schedule.meta["stack_change"] = stack_change(
+                        ditscope.Profile.load(work / "calibration.ditscope")
+                    )
             else:
                 _, calib = evaluator.evaluation_prompts(pipe, args.calibration_prompts, seed=7000)
-                schedule = plan(pipe, calib, target, steps, batch_size=8, guidance_scale=guidance,
-                                work_dir=work, progress=lambda t: print("plan:", t, flush=True))
+                schedule = plan(
+                    pipe,
+                    calib,
+                    target,
+                    steps,
+                    batch_size=8,
+                    guidance_scale=guidance,
+                    work_dir=work,
+                    progress=lambda t: print("plan:", t, flush=True),
+                )
                 schedule.save(plan_path)
             runs.append((f"{target} static", schedule, {}))
             for signal in [t for t in args.signals.split(",") if t]:
@@ -72,15 +88,22 @@ def main():
                     name = f"{target} adaptive x{tol:g}" + ("" if signal == "input" else f", {signal} signal")
                     runs.append((name, schedule, {"adaptive": True, "tolerance": tol, "signal": signal}))
             if args.batch_level:
-                runs.append((f"{target} adaptive x1, whole batch", schedule, {"adaptive": True, "per_sample": False}))
+                runs.append(
+                    (f"{target} adaptive x1, whole batch", schedule, {"adaptive": True, "per_sample": False})
+                )
         sets = evaluator.held_out_sets(pipe, args.test_prompts)
-        lines = [f"# Adaptive plans: {args.model}, plans {args.targets} fitted on {args.calibration_prompts} calibration "
-                 f"prompts (seed 7000), {args.test_prompts} test prompts per set, {steps} steps, batch {bs}", "",
-                 f"`python benchmarks/adaptive.py {args.model} --targets {args.targets} --tolerances {args.tolerances}"
-                 f" --signals {args.signals} --test-prompts {args.test_prompts} --repeats {args.repeats}`", "",
-                 "| test set | run | PSNR mean | PSNR p5 | PSNR worst | FLOPs speedup | row-steps forced | wall speedup |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = [
+            f"# Adaptive plans: {args.model}, plans {args.targets} fitted on {args.calibration_prompts} calibration "
+            f"prompts (seed 7000), {args.test_prompts} test prompts per set, {steps} steps, batch {bs}",
+            "",
+            f"`python benchmarks/adaptive.py {args.model} --targets {args.targets} --tolerances {args.tolerances}"
+            f" --signals {args.signals} --test-prompts {args.test_prompts} --repeats {args.repeats}`",
+            "",
+            "| test set | run | PSNR mean | PSNR p5 | PSNR worst | FLOPs speedup | row-steps forced | wall speedup |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, prompts in sets.items():
+
             def run(prompts=prompts):
                 return generate(pipe, prompts, steps, 0, bs, guidance)
 
@@ -95,8 +118,10 @@ def main():
                     with ditscope.apply(pipe, PlanConfig(schedule, **opts)):
                         wall = f"{plain / statistics.median(_times(run, args.repeats)):.2f}x"
                 psnr = np.array(per_sample_psnr_ssim(images, reference)[0])
-                lines.append(f"| {name} | {label} | {psnr.mean():.2f} | {np.percentile(psnr, 5):.2f} | {psnr.min():.2f} "
-                             f"| {summary['speedup_flops']:.2f}x | {summary['rows_forced']} | {wall} |")
+                lines.append(
+                    f"| {name} | {label} | {psnr.mean():.2f} | {np.percentile(psnr, 5):.2f} | {psnr.min():.2f} "
+                    f"| {summary['speedup_flops']:.2f}x | {summary['rows_forced']} | {wall} |"
+                )
                 print(lines[-1], flush=True)
     out = args.out or Path(__file__).parent / "results" / "n64" / args.model / "adaptive.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,26 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from profile_overhead import SIZES  # noqa: E402  (the same PixArt-alpha shapes as the profiling benchmark)
 
 FLUX_SIZES = {
-    "mid": dict(num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512,
-                pooled_projection_dim=256, axes_dims_rope=(16, 24, 24), in_channels=64),
-    "full": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                 joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56), in_channels=64),
+    "mid": dict(
+        num_layers=4,
+        num_single_layers=8,
+        attention_head_dim=64,
+        num_attention_heads=8,
+        joint_attention_dim=512,
+        pooled_projection_dim=256,
+        axes_dims_rope=(16, 24, 24),
+        in_channels=64,
+    ),
+    "full": dict(
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56),
+        in_channels=64,
+    ),
 }
 
 
@@ -41,9 +57,17 @@ def build(model: str, size: str, device: str, dtype: torch.dtype):
 
         cfg = SIZES[size]
         net = PixArtTransformer2DModel(
-            patch_size=2, in_channels=4, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-            num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-            use_additional_conditions=False, **cfg,
+            patch_size=2,
+            in_channels=4,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            use_additional_conditions=False,
+            **cfg,
         )
         side = cfg["sample_size"]
         x = torch.randn(2, 4, side, side)
@@ -62,26 +86,57 @@ def build(model: str, size: str, device: str, dtype: torch.dtype):
         x = torch.randn(2, side * side, cfg["in_channels"])
         text = torch.randn(2, 128 if size == "mid" else 512, cfg["joint_attention_dim"])
         pooled = torch.randn(2, cfg["pooled_projection_dim"])
-        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side), torch.arange(side), indexing="ij"), -1)
+        img_ids = torch.stack(
+            torch.meshgrid(torch.zeros(1), torch.arange(side), torch.arange(side), indexing="ij"), -1
+        )
         img_ids = img_ids.reshape(-1, 3).float()
         txt_ids = torch.zeros(text.shape[1], 3)
 
         def step(net, h, t):
-            out = net(h, encoder_hidden_states=text.to(h), pooled_projections=pooled.to(h), timestep=t / 1000,
-                      img_ids=img_ids.to(h.device), txt_ids=txt_ids.to(h.device)).sample
+            out = net(
+                h,
+                encoder_hidden_states=text.to(h),
+                pooled_projections=pooled.to(h),
+                timestep=t / 1000,
+                img_ids=img_ids.to(h.device),
+                txt_ids=txt_ids.to(h.device),
+            ).sample
             return h - 0.05 * out
+
     net = net.to(device=device, dtype=dtype).eval()
     return net, x.to(device=device, dtype=dtype), step
 
 
 # mid-size random video models: 3 latent frames of 32 x 32 (768 image tokens after 2 x 2 patches), 64 text tokens
 VIDEO_SIZES = {
-    "wan": dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
-                text_dim=256, freq_dim=256, ffn_dim=1024, num_layers=6, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", rope_max_seq_len=1024),
-    "mochi": dict(patch_size=2, num_attention_heads=4, attention_head_dim=64, num_layers=6, pooled_projection_dim=128,
-                  in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=256, time_embed_dim=64,
-                  activation_fn="swiglu", max_sequence_length=64),
+    "wan": dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=64,
+        in_channels=16,
+        out_channels=16,
+        text_dim=256,
+        freq_dim=256,
+        ffn_dim=1024,
+        num_layers=6,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+    ),
+    "mochi": dict(
+        patch_size=2,
+        num_attention_heads=4,
+        attention_head_dim=64,
+        num_layers=6,
+        pooled_projection_dim=128,
+        in_channels=12,
+        out_channels=None,
+        qk_norm="rms_norm",
+        text_embed_dim=256,
+        time_embed_dim=64,
+        activation_fn="swiglu",
+        max_sequence_length=64,
+    ),
 }
 
 
@@ -125,8 +180,12 @@ def main():
     from ditscope.cache import CONFIGS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("pixart", "flux", "wan", "mochi"), default="pixart",
-                    help="wan, mochi: mid-size random video models (--size is ignored)")
+    ap.add_argument(
+        "--model",
+        choices=("pixart", "flux", "wan", "mochi"),
+        default="pixart",
+        help="wan, mochi: mid-size random video models (--size is ignored)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--size", choices=("mid", "full"), default="mid")
     ap.add_argument("--methods", default=",".join(CONFIGS), help="comma-separated; default: every method")
@@ -153,8 +212,13 @@ def main():
         for name in methods:  # executed FLOPs, one counted run each
             # under no_grad, as the Wan / Mochi rows in benchmarks/README.md were counted (torch's own FlopCounterMode
             # failed under inference_mode on Mochi; ditscope's counter now copes, tests/test_cache.py)
-            with torch.inference_mode(False), torch.no_grad(), \
-                    ditscope.apply(net, CONFIGS[name](), num_inference_steps=args.steps, count_flops=True) as handle:
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+                ditscope.apply(
+                    net, CONFIGS[name](), num_inference_steps=args.steps, count_flops=True
+                ) as handle,
+            ):
                 run_loop(net, x, step, args.steps, args.device)
                 flops[name] = handle.stats().flops_ratio
             print(f"{name:10s} executed FLOPs = {flops[name]:.3f} of full", file=sys.stderr)
@@ -164,20 +228,30 @@ def main():
         errors = {}
         for rep in range(args.repeats):
             for name in times:
-                handle = None if name == "none" else ditscope.apply(net, CONFIGS[name](), num_inference_steps=args.steps)
+                handle = (
+                    None
+                    if name == "none"
+                    else ditscope.apply(net, CONFIGS[name](), num_inference_steps=args.steps)
+                )
                 start = time.perf_counter()
                 out = run_loop(net, x, step, args.steps, args.device)
                 times[name].append(time.perf_counter() - start)
                 if handle is not None:
                     handle.remove()
                     # error of the whole denoising update, not of the latent (which is mostly the starting noise)
-                    errors[name] = ((out.float() - ref.float()).norm() / (ref.float() - x.float()).norm()).item()
+                    errors[name] = (
+                        (out.float() - ref.float()).norm() / (ref.float() - x.float()).norm()
+                    ).item()
                 print(f"repeat {rep + 1}/{args.repeats} {name:10s} {times[name][-1]:.2f}s", file=sys.stderr)
 
     base = statistics.median(times["none"])
-    print(f"model={args.model} size={args.size} device={args.device} dtype={str(dtype).removeprefix('torch.')} "
-          f"steps={args.steps} repeats={args.repeats} threads={torch.get_num_threads()}")
-    print("| method | median s | wall-clock speedup | FLOPs speedup | wall / FLOPs | rel. error of the update |")
+    print(
+        f"model={args.model} size={args.size} device={args.device} dtype={str(dtype).removeprefix('torch.')} "
+        f"steps={args.steps} repeats={args.repeats} threads={torch.get_num_threads()}"
+    )
+    print(
+        "| method | median s | wall-clock speedup | FLOPs speedup | wall / FLOPs | rel. error of the update |"
+    )
     print("|---|---|---|---|---|---|")
     print(f"| none | {base:.2f} | 1.00x | 1.00x | - | 0 |")
     for name in methods:

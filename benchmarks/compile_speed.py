@@ -73,9 +73,13 @@ def main():
     rows, eager_out, flops = [], {}, {}
     with torch.inference_mode():
         for name in methods[1:]:  # executed FLOPs on the eager model, one counted run each
-            with torch.inference_mode(False), torch.no_grad(), \
-                    ditscope.apply(net, config_of(name, net, args.steps), num_inference_steps=args.steps,
-                                   count_flops=True) as handle:
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+                ditscope.apply(
+                    net, config_of(name, net, args.steps), num_inference_steps=args.steps, count_flops=True
+                ) as handle,
+            ):
                 run_loop(net, x, step, args.steps, args.device)
             flops[name] = 1 / handle.stats().flops_ratio
         for how in [m.strip() for m in args.modes.split(",") if m.strip()]:
@@ -84,8 +88,13 @@ def main():
                 torch._dynamo.reset()
                 counters.clear()
                 model = compiled(net, how, args.backend)
-                handle = None if name == "none" else ditscope.apply(model, config_of(name, net, args.steps),
-                                                                     num_inference_steps=args.steps)
+                handle = (
+                    None
+                    if name == "none"
+                    else ditscope.apply(
+                        model, config_of(name, net, args.steps), num_inference_steps=args.steps
+                    )
+                )
                 started = time.perf_counter()
                 out = run_loop(model, x, step, args.steps, args.device)
                 first = time.perf_counter() - started
@@ -100,18 +109,43 @@ def main():
                 base = seconds if name == "none" else base
                 if how == "eager":
                     eager_out[name] = out
-                diff = float((out.float() - eager_out[name].float()).abs().max()) if name in eager_out else float("nan")
-                rows.append((how, name, first, seconds, base / seconds, flops.get(name, 1.0),
-                             sum(counters["graph_break"].values()), counters["stats"].get("unique_graphs", 0), diff))
-                print(f"{how:8s} {name:9s} first {first:.1f}s, median {seconds:.2f}s", file=sys.stderr, flush=True)
-    print(f"model={args.model} size={args.size} device={args.device} backend={args.backend} steps={args.steps} "
-          f"repeats={args.repeats} threads={torch.get_num_threads()}")
-    print("| compiled | method | first loop s | median s | speedup (same compilation) | FLOPs speedup | graph breaks "
-          "| graphs | max diff to eager |")
+                diff = (
+                    float((out.float() - eager_out[name].float()).abs().max())
+                    if name in eager_out
+                    else float("nan")
+                )
+                rows.append(
+                    (
+                        how,
+                        name,
+                        first,
+                        seconds,
+                        base / seconds,
+                        flops.get(name, 1.0),
+                        sum(counters["graph_break"].values()),
+                        counters["stats"].get("unique_graphs", 0),
+                        diff,
+                    )
+                )
+                print(
+                    f"{how:8s} {name:9s} first {first:.1f}s, median {seconds:.2f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        f"model={args.model} size={args.size} device={args.device} backend={args.backend} steps={args.steps} "
+        f"repeats={args.repeats} threads={torch.get_num_threads()}"
+    )
+    print(
+        "| compiled | method | first loop s | median s | speedup (same compilation) | FLOPs speedup | graph breaks "
+        "| graphs | max diff to eager |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for how, name, first, seconds, speedup, fl, breaks, graphs, diff in rows:
-        print(f"| {how} | {name} | {first:.1f} | {seconds:.2f} | {speedup:.2f}x | {fl:.2f}x | {breaks} | {graphs} | "
-              f"{diff:.1e} |")
+        print(
+            f"| {how} | {name} | {first:.1f} | {seconds:.2f} | {speedup:.2f}x | {fl:.2f}x | {breaks} | {graphs} | "
+            f"{diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -63,28 +63,47 @@ def main():
     rows = []
     with torch.inference_mode():
         reference = generate(pipe, test, steps, guidance_scale=guidance, batch_size=16)
-        plain = timed(lambda: generate(pipe, test, steps, guidance_scale=guidance, batch_size=16), args.repeats)
+        plain = timed(
+            lambda: generate(pipe, test, steps, guidance_scale=guidance, batch_size=16), args.repeats
+        )
         for name, opts in VARIANTS.items():
             started = time.perf_counter()
             p = plan(pipe, calib, args.target, steps, guidance_scale=guidance, **opts)
             planning = time.perf_counter() - started
             with ditscope.apply(pipe, ditscope.PlanConfig(p)):
                 images = generate(pipe, test, steps, guidance_scale=guidance, batch_size=16)
-                seconds = timed(lambda: generate(pipe, test, steps, guidance_scale=guidance, batch_size=16),
-                                args.repeats)
+                seconds = timed(
+                    lambda: generate(pipe, test, steps, guidance_scale=guidance, batch_size=16), args.repeats
+                )
             psnr, _ = per_sample_psnr_ssim(images, reference)
-            rows.append((name, p.meta["quality"]["psnr"], statistics.fmean(psnr), float(np.percentile(psnr, 5)),
-                         p.meta["predicted_speedup"], plain / seconds, planning))
+            rows.append(
+                (
+                    name,
+                    p.meta["quality"]["psnr"],
+                    statistics.fmean(psnr),
+                    float(np.percentile(psnr, 5)),
+                    p.meta["predicted_speedup"],
+                    plain / seconds,
+                    planning,
+                )
+            )
             print(rows[-1], flush=True)
     name = args.target.replace("=", "")
     out = Path(__file__).parent / "results" / "n64" / args.model / f"plan_ablation_{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Planner ablation on {args.model}, target {args.target}", "",
-             f"Fitted on {len(calib)} calibration prompts (seed 7000), scored on {len(test)} test prompts (seed 3000), "
-             f"{steps} steps; wall clock = median of {args.repeats} passes against the uncached pass in the same run.",
-             "", "| variant | PSNR calib | PSNR test | PSNR test p5 | predicted speedup | measured speedup | planning s |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.2f}x | {e:.2f}x | {f:.0f} |" for n, a, b, c, d, e, f in rows]
+    lines = [
+        f"# Planner ablation on {args.model}, target {args.target}",
+        "",
+        f"Fitted on {len(calib)} calibration prompts (seed 7000), scored on {len(test)} test prompts (seed 3000), "
+        f"{steps} steps; wall clock = median of {args.repeats} passes against the uncached pass in the same run.",
+        "",
+        "| variant | PSNR calib | PSNR test | PSNR test p5 | predicted speedup | measured speedup | planning s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {n} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.2f}x | {e:.2f}x | {f:.0f} |"
+        for n, a, b, c, d, e, f in rows
+    ]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 

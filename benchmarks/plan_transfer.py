@@ -61,8 +61,16 @@ def main():
         if path.exists():
             return Schedule.load(path)
         set_scheduler(scheduler)
-        result = plan(pipe, calib, args.target, steps, batch_size=8, guidance_scale=guidance,
-                      work_dir=path.with_suffix(".work"), progress=lambda t: print(f"plan {steps} {scheduler}: {t}", flush=True))
+        result = plan(
+            pipe,
+            calib,
+            args.target,
+            steps,
+            batch_size=8,
+            guidance_scale=guidance,
+            work_dir=path.with_suffix(".work"),
+            progress=lambda t: print(f"plan {steps} {scheduler}: {t}", flush=True),
+        )
         result.save(path)
         return result
 
@@ -76,20 +84,30 @@ def main():
         psnr = np.array(per_sample_psnr_ssim(images, reference)[0])
         return psnr.mean(), np.percentile(psnr, 5), summary["speedup_flops"]
 
-    lines = [f"# Plan transfer: {args.model}, target {args.target}, plans fitted on {args.calibration_prompts} "
-             f"calibration prompts (seed 7000), scored on {args.test_prompts} test prompts (seed 3000)", "",
-             f"`python benchmarks/plan_transfer.py {args.model} --target {args.target} --test-prompts {args.test_prompts} "
-             f"--steps {args.steps} --schedulers '{args.schedulers}'`",
-             "", "| run at | plan | PSNR mean | PSNR p5 | FLOPs speedup |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Plan transfer: {args.model}, target {args.target}, plans fitted on {args.calibration_prompts} "
+        f"calibration prompts (seed 7000), scored on {args.test_prompts} test prompts (seed 3000)",
+        "",
+        f"`python benchmarks/plan_transfer.py {args.model} --target {args.target} --test-prompts {args.test_prompts} "
+        f"--steps {args.steps} --schedulers '{args.schedulers}'`",
+        "",
+        "| run at | plan | PSNR mean | PSNR p5 | FLOPs speedup |",
+        "|---|---|---|---|---|",
+    ]
     with torch.inference_mode():
         base = fitted(base_steps, None)
-        conditions = [(base_steps, None)] + [(int(s), None) for s in args.steps.split(",") if s] + \
-                     [(base_steps, s) for s in args.schedulers.split(",") if s]
+        conditions = (
+            [(base_steps, None)]
+            + [(int(s), None) for s in args.steps.split(",") if s]
+            + [(base_steps, s) for s in args.schedulers.split(",") if s]
+        )
         for steps, scheduler in conditions:
             set_scheduler(scheduler)
             reference = generate(pipe, test, steps, 0, bs, guidance)
             where = f"{steps} steps, {scheduler or type(default_scheduler).__name__}"
-            runs = [("base plan" + ("" if (steps, scheduler) == (base_steps, None) else " (transferred)"), base)]
+            runs = [
+                ("base plan" + ("" if (steps, scheduler) == (base_steps, None) else " (transferred)"), base)
+            ]
             if (steps, scheduler) != (base_steps, None):
                 runs.append(("calibrated here", fitted(steps, scheduler)))
             for label, schedule in runs:

@@ -28,14 +28,32 @@ import time
 
 SIZES = {
     # a 2-block toy for what does not need size (dynamo's graph breaks and recompiles: compile_speed.py --size tiny)
-    "tiny": dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, sample_size=16, caption_channels=32,
-                 cross_attention_dim=32),
+    "tiny": dict(
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        sample_size=16,
+        caption_channels=32,
+        cross_attention_dim=32,
+    ),
     # ~PixArt-alpha shape, scaled to run on a 2-core CPU: 12 blocks, hidden 512, 32x32 patches = 1024 tokens
-    "mid": dict(num_layers=12, attention_head_dim=64, num_attention_heads=8, sample_size=64, caption_channels=512,
-                cross_attention_dim=512),
+    "mid": dict(
+        num_layers=12,
+        attention_head_dim=64,
+        num_attention_heads=8,
+        sample_size=64,
+        caption_channels=512,
+        cross_attention_dim=512,
+    ),
     # PixArt-alpha XL/2 1024px: 28 blocks, hidden 1152, 64x64 patches = 4096 tokens, T5-XXL captions
-    "full": dict(num_layers=28, attention_head_dim=72, num_attention_heads=16, sample_size=128, caption_channels=4096,
-                 cross_attention_dim=1152),
+    "full": dict(
+        num_layers=28,
+        attention_head_dim=72,
+        num_attention_heads=16,
+        sample_size=128,
+        caption_channels=4096,
+        cross_attention_dim=1152,
+    ),
 }
 
 
@@ -48,11 +66,23 @@ def child(size: str, mode: str, steps: int, device: str, dtype: str) -> dict:
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     cfg = SIZES[size]
-    model = PixArtTransformer2DModel(
-        patch_size=2, in_channels=4, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-        use_additional_conditions=False, **cfg,
-    ).to(device=device, dtype=dt).eval()
+    model = (
+        PixArtTransformer2DModel(
+            patch_size=2,
+            in_channels=4,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            use_additional_conditions=False,
+            **cfg,
+        )
+        .to(device=device, dtype=dt)
+        .eval()
+    )
     latent = cfg["sample_size"]
     x = torch.randn(2, 4, latent, latent, device=device, dtype=dt)  # CFG batch: uncond + cond
     text = torch.randn(2, 120, cfg["caption_channels"], device=device, dtype=dt)
@@ -117,9 +147,12 @@ def _self_time(model, loop, steps: int) -> dict:
         return k[0].endswith("capture/recorder.py") and k[2] in names
 
     total = cum(lambda k: k[2] == "loop")
-    wrapped = sum(v[4].get(next((c for c in v[4] if in_recorder(c, ("_sdpa",))), None), (0, 0, 0, 0))[3]
-                  for k, v in stats.items() if k[2] == "<built-in method torch._C._nn.scaled_dot_product_attention>")
-    own = (cum(lambda k: in_recorder(k, ("_sdpa", "hook", "_model_pre", "_model_post"))) - wrapped)
+    wrapped = sum(
+        v[4].get(next((c for c in v[4] if in_recorder(c, ("_sdpa",))), None), (0, 0, 0, 0))[3]
+        for k, v in stats.items()
+        if k[2] == "<built-in method torch._C._nn.scaled_dot_product_attention>"
+    )
+    own = cum(lambda k: in_recorder(k, ("_sdpa", "hook", "_model_pre", "_model_post"))) - wrapped
     # the tensor ops called from inside the recorder's functions, by total time
     ops: dict[str, float] = {}
     for k, v in stats.items():
@@ -129,8 +162,12 @@ def _self_time(model, loop, steps: int) -> dict:
             if caller[0].endswith(("capture/recorder.py", "stats/distances.py")):
                 ops[k[2]] = ops.get(k[2], 0.0) + c[3]
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
-    return {"loop_seconds": total, "recorder_seconds": own, "steps": steps,
-            "top_ops": [(name, round(t, 4)) for name, t in top]}
+    return {
+        "loop_seconds": total,
+        "recorder_seconds": own,
+        "steps": steps,
+        "top_ops": [(name, round(t, 4)) for name, t in top],
+    }
 
 
 def main():
@@ -140,8 +177,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
-    ap.add_argument("--self-time", action="store_true",
-                    help="the recorder's own time per step from one cProfile'd run (see above)")
+    ap.add_argument(
+        "--self-time",
+        action="store_true",
+        help="the recorder's own time per step from one cProfile'd run (see above)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -152,16 +192,33 @@ def main():
         r = child(args.size, "self-time", args.steps, args.device, dtype)
         model_s = r["loop_seconds"] - r["recorder_seconds"]
         print(f"size={args.size} device={args.device} dtype={dtype} steps={args.steps} threads={_threads()}")
-        print(f"recorder's own time: {r['recorder_seconds']:.3f}s = {r['recorder_seconds'] / args.steps * 1e3:.1f} ms "
-              f"per step, {r['recorder_seconds'] / model_s:.3f} of the model's {model_s:.2f}s "
-              f"(predicted time ratio {r['loop_seconds'] / model_s:.3f}; cProfile slows Python, not tensor ops)")
-        names = [(n.removeprefix("<built-in method ").removeprefix("<method ").removesuffix(">"), t) for n, t in r["top_ops"]]
+        print(
+            f"recorder's own time: {r['recorder_seconds']:.3f}s = {r['recorder_seconds'] / args.steps * 1e3:.1f} ms "
+            f"per step, {r['recorder_seconds'] / model_s:.3f} of the model's {model_s:.2f}s "
+            f"(predicted time ratio {r['loop_seconds'] / model_s:.3f}; cProfile slows Python, not tensor ops)"
+        )
+        names = [
+            (n.removeprefix("<built-in method ").removeprefix("<method ").removesuffix(">"), t)
+            for n, t in r["top_ops"]
+        ]
         print("tensor ops inside the recorder (s): " + ", ".join(f"{n} {t:.3f}" for n, t in names))
         return
 
     def run_child(mode, env=None):
-        cmd = [sys.executable, __file__, "--child", mode, "--size", args.size, "--steps", str(args.steps),
-               "--device", args.device, "--dtype", dtype]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--size",
+            args.size,
+            "--steps",
+            str(args.steps),
+            "--device",
+            args.device,
+            "--dtype",
+            dtype,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -169,8 +226,11 @@ def main():
     for rep in range(args.repeats):
         for mode in ("plain", "profiled"):
             runs[mode].append(run_child(mode))
-            print(f"repeat {rep + 1}/{args.repeats} {mode:8s} {runs[mode][-1]['seconds']:.2f}s "
-                  f"(CPU {runs[mode][-1]['cpu_seconds']:.2f}s)", file=sys.stderr)
+            print(
+                f"repeat {rep + 1}/{args.repeats} {mode:8s} {runs[mode][-1]['seconds']:.2f}s "
+                f"(CPU {runs[mode][-1]['cpu_seconds']:.2f}s)",
+                file=sys.stderr,
+            )
     med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
     cpu = {m: statistics.median(r["cpu_seconds"] for r in rs) for m, rs in runs.items()}
     if args.device.startswith("cuda"):
@@ -182,13 +242,19 @@ def main():
         mem = {m: run_child(m, env)["peak_extra_bytes"] for m in ("plain", "profiled")}
     kept = runs["profiled"][0]["kept_bytes"]
     print(f"size={args.size} device={args.device} dtype={dtype} steps={args.steps} repeats={args.repeats}")
-    print(f"median seconds: plain {med['plain']:.3f}, profiled {med['profiled']:.3f}, ratio {med['profiled'] / med['plain']:.3f}")
+    print(
+        f"median seconds: plain {med['plain']:.3f}, profiled {med['profiled']:.3f}, ratio {med['profiled'] / med['plain']:.3f}"
+    )
     # process CPU time: on a shared machine, time spent waiting for a core is not counted (with one
     # thread per process it is the run's own work); the wall-clock ratio above is the bar's figure
-    print(f"median CPU seconds: plain {cpu['plain']:.3f}, profiled {cpu['profiled']:.3f}, "
-          f"ratio {cpu['profiled'] / cpu['plain']:.3f} (threads per process: {_threads()})")
-    print(f"peak memory growth: plain {mem['plain'] / 2**20:.1f} MiB, profiled {mem['profiled'] / 2**20:.1f} MiB, "
-          f"extra {(mem['profiled'] - mem['plain']) / 2**20:.1f} MiB; one step's kept tensors {kept / 2**20:.1f} MiB")
+    print(
+        f"median CPU seconds: plain {cpu['plain']:.3f}, profiled {cpu['profiled']:.3f}, "
+        f"ratio {cpu['profiled'] / cpu['plain']:.3f} (threads per process: {_threads()})"
+    )
+    print(
+        f"peak memory growth: plain {mem['plain'] / 2**20:.1f} MiB, profiled {mem['profiled'] / 2**20:.1f} MiB, "
+        f"extra {(mem['profiled'] - mem['plain']) / 2**20:.1f} MiB; one step's kept tensors {kept / 2**20:.1f} MiB"
+    )
 
 
 def _threads() -> int:

@@ -53,7 +53,9 @@ def main(out: Path) -> int:
     result = json.loads((out / "prompts" / "result.json").read_text())
     profiles = sorted((out / "profiles").glob("*/default-*/profile.ditscope"))
     if len(profiles) != 1:
-        print(f"expected one default profile under {out / 'profiles'}, found {len(profiles)}", file=sys.stderr)
+        print(
+            f"expected one default profile under {out / 'profiles'}, found {len(profiles)}", file=sys.stderr
+        )
         return 2
     mine = independent_cov(profiles[0])
     worst = 0.0

@@ -104,12 +104,18 @@ def output_exceedance(cal, schedule: Schedule, steps: int) -> np.ndarray:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default="tiny-pixart")
-    ap.add_argument("--plans", required=True, help="comma list of plan files (from ditscope plan or adaptive.py)")
+    ap.add_argument(
+        "--plans", required=True, help="comma list of plan files (from ditscope plan or adaptive.py)"
+    )
     ap.add_argument("--test-prompts", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--work", type=Path, default=Path("runs/adaptive"),
-                    help="adaptive.py's folder: plans without the output signal's table take it from their calibration "
-                         "there; the test sets' calibration runs are kept there for a rerun")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("runs/adaptive"),
+        help="adaptive.py's folder: plans without the output signal's table take it from their calibration "
+        "there; the test sets' calibration runs are kept there for a rerun",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     pipe = ditscope.zoo.load(args.model)
@@ -122,48 +128,81 @@ def main():
             continue
         work = args.work / f"plan-{schedule.meta.get('target')}.work"
         made = schedule.meta["calibration"]
-        if not (work / "calibration.ditscope").exists():  # recomputed once per calibration: adaptive.py's prompts
-            work = args.work / f"calibration-{made['prompts_hash']}-{made['seed']}-{made['batch_size']}-{made['guidance_scale']}"
+        if not (
+            work / "calibration.ditscope"
+        ).exists():  # recomputed once per calibration: adaptive.py's prompts
+            work = (
+                args.work
+                / f"calibration-{made['prompts_hash']}-{made['seed']}-{made['batch_size']}-{made['guidance_scale']}"
+            )
         if not (work / "calibration.ditscope").exists():
             _, calib = evaluator.evaluation_prompts(pipe, made["n_prompts"], seed=7000)
             if sha256_of([str(c) for c in calib]) != made["prompts_hash"]:
-                raise SystemExit(f"error: {schedule.meta.get('target')} plan: its calibration prompts are not the zoo's "
-                                 "seed-7000 draw; give the --work folder it was made in")
+                raise SystemExit(
+                    f"error: {schedule.meta.get('target')} plan: its calibration prompts are not the zoo's "
+                    "seed-7000 draw; give the --work folder it was made in"
+                )
             work.mkdir(parents=True, exist_ok=True)
-            _calibration(pipe, pipe.transformer, calib, steps, made["seed"], made["batch_size"], made["guidance_scale"],
-                         work, print)
+            _calibration(
+                pipe,
+                pipe.transformer,
+                calib,
+                steps,
+                made["seed"],
+                made["batch_size"],
+                made["guidance_scale"],
+                work,
+                print,
+            )
         schedule.meta["stack_change"] = stack_change(ditscope.Profile.load(work / "calibration.ditscope"))
     sets = evaluator.held_out_sets(pipe, args.test_prompts)
-    lines = [f"# Does a signal rank images by the damage a plan does? {args.model}, {args.test_prompts} test prompts "
-             f"per set, {steps} steps", "",
-             f"`python benchmarks/signal_predictiveness.py {args.model} --plans {args.plans} --test-prompts "
-             f"{args.test_prompts}`", "",
-             "Spearman's rho of each per-image signal against the image's PSNR under the static plan (useful: "
-             "strongly negative); recall: the share of the worst 10% of images among the 25% the signal ranks "
-             "highest (chance: 0.25).", "",
-             "| test set | plan | PSNR mean / p5 | rho input | rho output | rho model | recall input | recall output "
-             "| recall model |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Does a signal rank images by the damage a plan does? {args.model}, {args.test_prompts} test prompts "
+        f"per set, {steps} steps",
+        "",
+        f"`python benchmarks/signal_predictiveness.py {args.model} --plans {args.plans} --test-prompts "
+        f"{args.test_prompts}`",
+        "",
+        "Spearman's rho of each per-image signal against the image's PSNR under the static plan (useful: "
+        "strongly negative); recall: the share of the worst 10% of images among the 25% the signal ranks "
+        "highest (chance: 0.25).",
+        "",
+        "| test set | plan | PSNR mean / p5 | rho input | rho output | rho model | recall input | recall output "
+        "| recall model |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     with torch.inference_mode():
         for name, prompts in sets.items():
             print(f"{name}: calibration run on {len(prompts)} prompts", flush=True)
             # the planner's own calibration step: kept in the work folder and read back on a rerun
-            kept = args.work / f"signal-{args.model}-{'shifted' if 'shifted' in name else 'like'}-{len(prompts)}"
+            kept = (
+                args.work / f"signal-{args.model}-{'shifted' if 'shifted' in name else 'like'}-{len(prompts)}"
+            )
             kept.mkdir(parents=True, exist_ok=True)
-            cal, reference, _ = _calibration(pipe, pipe.transformer, prompts, steps, 0, bs, guidance, kept, print)
+            cal, reference, _ = _calibration(
+                pipe, pipe.transformer, prompts, steps, 0, bs, guidance, kept, print
+            )
             for label, schedule in plans:
                 with ditscope.apply(pipe, PlanConfig(schedule)):
                     images = generate(pipe, prompts, steps, 0, bs, guidance)
                 psnr = np.array(per_sample_psnr_ssim(images, reference)[0])
-                signals = {"input": input_exceedance(cal, schedule, steps),
-                           "output": output_exceedance(cal, schedule, steps),
-                           "model": per_prompt_error(cal, schedule, steps)}
+                signals = {
+                    "input": input_exceedance(cal, schedule, steps),
+                    "output": output_exceedance(cal, schedule, steps),
+                    "model": per_prompt_error(cal, schedule, steps),
+                }
                 worst = set(np.argsort(psnr)[: max(1, len(psnr) // 10)])
                 top = max(1, len(psnr) // 4)
                 rho = {k: spearmanr(v, psnr).statistic for k, v in signals.items()}
                 recall = {k: len(worst & set(np.argsort(-v)[:top])) / len(worst) for k, v in signals.items()}
-                lines.append(f"| {name} | {label} ({schedule.meta.get('mode', '?')}) | {psnr.mean():.1f} / "
-                             f"{np.percentile(psnr, 5):.1f} | " + " | ".join(f"{rho[k]:+.2f}" for k in signals)
-                             + " | " + " | ".join(f"{recall[k]:.2f}" for k in signals) + " |")
+                lines.append(
+                    f"| {name} | {label} ({schedule.meta.get('mode', '?')}) | {psnr.mean():.1f} / "
+                    f"{np.percentile(psnr, 5):.1f} | "
+                    + " | ".join(f"{rho[k]:+.2f}" for k in signals)
+                    + " | "
+                    + " | ".join(f"{recall[k]:.2f}" for k in signals)
+                    + " |"
+                )
                 print(lines[-1], flush=True)
     out = args.out or Path(__file__).parent / "results" / "n64" / args.model / "signal_predictiveness.md"
     out.parent.mkdir(parents=True, exist_ok=True)

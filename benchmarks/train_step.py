@@ -54,8 +54,12 @@ def step_times(name: str, mode: str, batch: int, steps: int, warmup: int) -> lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-pixart", choices=[r for r in train.RECIPES if r != "tiny-latte"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="tiny-pixart", choices=[r for r in train.RECIPES if r != "tiny-latte"]
+    )
     parser.add_argument("--modes", default="fp32,bf16,compile")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=15, help="timed steps per mode")
@@ -66,7 +70,9 @@ def main() -> None:
         parser.error("--modes: a comma list of fp32 (required, the reference), bf16, compile")
     modes = ["fp32"] + [m for m in modes if m != "fp32"]  # the reference first
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.steps} steps")
+    print(
+        f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.steps} steps"
+    )
     medians = {}
     for mode in modes:
         medians[mode] = statistics.median(step_times(args.model, mode, args.batch, args.steps, args.warmup))

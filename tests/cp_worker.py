@@ -21,8 +21,10 @@ from ditscope.cache import REGISTRY  # noqa: E402
 
 STEPS = 8
 # thresholds at which one process skips on some steps and not on others (per family: the signals differ)
-ACTIVE = {"flux": {"fbcache": {"threshold": 0.6}, "teacache": {"threshold": 1.0}},
-          "wan": {"fbcache": {"threshold": 0.2}, "teacache": {"threshold": 1.0}}}
+ACTIVE = {
+    "flux": {"fbcache": {"threshold": 0.6}, "teacache": {"threshold": 1.0}},
+    "wan": {"fbcache": {"threshold": 0.2}, "teacache": {"threshold": 1.0}},
+}
 
 
 def uneven(inputs: dict, step: int) -> dict:
@@ -30,7 +32,11 @@ def uneven(inputs: dict, step: int) -> dict:
     x = inputs["hidden_states"].clone()
     if step:
         g = torch.Generator().manual_seed(500 + step)
-        part = (slice(None), slice(x.shape[1] // 2, None)) if x.dim() == 3 else (..., slice(x.shape[-2] // 2, None), slice(None))
+        part = (
+            (slice(None), slice(x.shape[1] // 2, None))
+            if x.dim() == 3
+            else (..., slice(x.shape[-2] // 2, None), slice(None))
+        )
         x[part] += 0.3 * step * torch.randn(x[part].shape, generator=g)
     return {**inputs, "hidden_states": x}
 
@@ -42,21 +48,44 @@ def run(model, config, inputs_of):
             with torch.no_grad():
                 outs.append(model(**uneven(inputs_of(2, step), step), return_dict=False)[0])
     stats = handle.stats()
-    decisions = [{k: r[k] for k in ("computed", "reused", "partial", "predicted", "blocks_computed", "blocks_reused")}
-                 for r in stats.records]
-    return torch.stack(outs), decisions, {"notes": dict(stats.notes), "tokens": sum(r["tokens_total"] for r in stats.records)}
+    decisions = [
+        {k: r[k] for k in ("computed", "reused", "partial", "predicted", "blocks_computed", "blocks_reused")}
+        for r in stats.records
+    ]
+    return (
+        torch.stack(outs),
+        decisions,
+        {"notes": dict(stats.notes), "tokens": sum(r["tokens_total"] for r in stats.records)},
+    )
 
 
-def attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                       enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+def attention_with_lse(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+):
     """diffusers' native attention op, able to give the log-sum-exp that ring attention merges its partial
     results with (on a GPU flash attention gives it; a CPU has no kernel that does). Layout (batch, seq, heads)."""
     q, k = (x.permute(0, 2, 1, 3).double() for x in (query, key))
     scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    out = torch.nn.functional.scaled_dot_product_attention(*(x.permute(0, 2, 1, 3) for x in (query, key, value)),
-                                                           attn_mask=attn_mask, scale=scale).permute(0, 2, 1, 3)
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *(x.permute(0, 2, 1, 3) for x in (query, key, value)), attn_mask=attn_mask, scale=scale
+    ).permute(0, 2, 1, 3)
     return (out, torch.logsumexp(scores, -1).permute(0, 2, 1).to(query.dtype)) if return_lse else out
 
 
@@ -87,7 +116,10 @@ def calibrated(model, inputs_of) -> dict:
                 model(**uneven(inputs_of(2, step), step), return_dict=False)
     finally:
         handle.remove()
-    return {"/".join(key): [[p, s, v] for (p, s), v in sorted(values.items())] for key, values in observer.errors.items()}
+    return {
+        "/".join(key): [[p, s, v] for (p, s), v in sorted(values.items())]
+        for key, values in observer.errors.items()
+    }
 
 
 def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):
@@ -102,9 +134,15 @@ def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):
     build, inputs_of = getattr(tiny, f"build_{family}"), getattr(tiny, f"inputs_{family}")
     plain, split = build(), build()
     split.enable_parallelism(config=ContextParallelConfig(**{f"{split_by}_degree": dist.get_world_size()}))
-    if what == "profile":  # the recorder's and the calibration's measures: one process's, and the ranks' added up
-        results = {"one": profiled(plain, inputs_of), "split": profiled(split, inputs_of),
-                   "calibration_one": calibrated(plain, inputs_of), "calibration_split": calibrated(split, inputs_of)}
+    if (
+        what == "profile"
+    ):  # the recorder's and the calibration's measures: one process's, and the ranks' added up
+        results = {
+            "one": profiled(plain, inputs_of),
+            "split": profiled(split, inputs_of),
+            "calibration_one": calibrated(plain, inputs_of),
+            "calibration_split": calibrated(split, inputs_of),
+        }
         ringed = build()
         ringed.enable_parallelism(config=ContextParallelConfig(ring_degree=dist.get_world_size()))
         try:
@@ -116,17 +154,27 @@ def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):
         dist.destroy_process_group()
         return
     with torch.no_grad():
-        uncached = torch.stack([plain(**uneven(inputs_of(2, s), s), return_dict=False)[0] for s in range(STEPS)])
+        uncached = torch.stack(
+            [plain(**uneven(inputs_of(2, s), s), return_dict=False)[0] for s in range(STEPS)]
+        )
     results = {}
     for name, entry in REGISTRY.items():
-        if name == "plan":  # a plan is a schedule: tested by the plan tests (the same on every rank by construction)
+        if (
+            name == "plan"
+        ):  # a plan is a schedule: tested by the plan tests (the same on every rank by construction)
             continue
         config = entry.config(**ACTIVE[family].get(name, {}))
         one, one_decisions, one_extra = run(plain, config, inputs_of)
         many, decisions, extra = run(split, config, inputs_of)
-        results[name] = {"max_diff": float((one - many).abs().max()), "cached_vs_uncached": float((one - uncached).abs().max()),
-                         "decisions": decisions, "one_process_decisions": one_decisions, "notes": extra["notes"],
-                         "tokens": extra["tokens"], "one_process_tokens": one_extra["tokens"]}
+        results[name] = {
+            "max_diff": float((one - many).abs().max()),
+            "cached_vs_uncached": float((one - uncached).abs().max()),
+            "decisions": decisions,
+            "one_process_decisions": one_decisions,
+            "notes": extra["notes"],
+            "tokens": extra["tokens"],
+            "one_process_tokens": one_extra["tokens"],
+        }
         print(f"rank {dist.get_rank()} {name}: max diff {results[name]['max_diff']:.2e}", flush=True)
     with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(results, f)

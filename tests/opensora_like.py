@@ -51,12 +51,16 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.cross_attn = Attention(dim, heads, TEXT_DIM)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)
+        )
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
     def forward(self, x, y, t_emb):
         b, n, d = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t_emb.view(b, 6, d)).chunk(6, 1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (
+            self.scale_shift_table[None] + t_emb.view(b, 6, d)
+        ).chunk(6, 1)
         # (B, frames x patches, D) -> one sequence per frame (spatial) or per patch (temporal)
         h = (self.norm1(x) * (1 + scale1) + shift1).view(b, FRAMES, n // FRAMES, d)
         if self.temporal:
@@ -92,7 +96,9 @@ class STDiT(nn.Module):
         """x: latent video (B, C, F, H, W); t: timestep (B,) in 0..1000; y: text states (B, L, TEXT_DIM)."""
         b, c, f, hh, ww = x.shape
         p = PATCH
-        tokens = x.view(b, c, f, hh // p, p, ww // p, p).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, -1, c * p * p)
+        tokens = (
+            x.view(b, c, f, hh // p, p, ww // p, p).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, -1, c * p * p)
+        )
         h = self.patch(tokens) + self.pos
         t_emb = self.t_embed(t)
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
@@ -105,10 +111,19 @@ class STDiT(nn.Module):
 # What a user writes to cache it: which lists are the blocks, what their children are, what the arguments
 # are called. Everything else (steps, guidance calls, every cache method) is ditscope's.
 LAYOUT = ditscope.Blocks(
-    lists=("spatial_blocks", "temporal_blocks"), parallel=True, temporal_lists=("temporal_blocks",),
-    args=("hidden", "encoder"), returns=("hidden",),
-    modules=(ditscope.Child("attn", SELF, IMAGE, kv="context"), ("cross_attn", CROSS, IMAGE), ("mlp", MLP, IMAGE)),
-    hidden="x", encoder="y", timestep="t",
+    lists=("spatial_blocks", "temporal_blocks"),
+    parallel=True,
+    temporal_lists=("temporal_blocks",),
+    args=("hidden", "encoder"),
+    returns=("hidden",),
+    modules=(
+        ditscope.Child("attn", SELF, IMAGE, kv="context"),
+        ("cross_attn", CROSS, IMAGE),
+        ("mlp", MLP, IMAGE),
+    ),
+    hidden="x",
+    encoder="y",
+    timestep="t",
 )
 
 
@@ -123,9 +138,11 @@ def inputs(B, step, text_step=None, latent_step=None):
 
     ls, ts = _steps(step, latent_step, text_step)
     steps = [ls] * B if isinstance(ls, int) else ls
-    return {"x": _perturb((B, CHANNELS, FRAMES, SIDE, SIDE), ls, 30),
-            "t": torch.tensor([999 - 50 * s for s in steps], dtype=torch.long),
-            "y": _perturb((B, TEXT_LEN, TEXT_DIM), ts, 31)}
+    return {
+        "x": _perturb((B, CHANNELS, FRAMES, SIDE, SIDE), ls, 30),
+        "t": torch.tensor([999 - 50 * s for s in steps], dtype=torch.long),
+        "y": _perturb((B, TEXT_LEN, TEXT_DIM), ts, 31),
+    }
 
 
 class Sampler:
@@ -151,6 +168,10 @@ class Sampler:
         y = torch.cat([torch.zeros_like(y), y])
         for i in range(num_inference_steps):
             t = 1 - i / num_inference_steps
-            v_uncond, v_cond = self.transformer(torch.cat([x, x]), torch.full((2 * len(x),), t * 1000), y).chunk(2)
+            v_uncond, v_cond = self.transformer(
+                torch.cat([x, x]), torch.full((2 * len(x),), t * 1000), y
+            ).chunk(2)
             x = x - (v_uncond + scale * (v_cond - v_uncond)) / num_inference_steps
-        return SimpleNamespace(frames=(x.permute(0, 2, 1, 3, 4)[:, :, :3] / 4 + 0.5).clamp(0, 1))  # (B, F, 3, H, W)
+        return SimpleNamespace(
+            frames=(x.permute(0, 2, 1, 3, 4)[:, :, :3] / 4 + 0.5).clamp(0, 1)
+        )  # (B, F, 3, H, W)

@@ -15,7 +15,9 @@ def make(prompt_index, seed=0, meta=META):
     rng = np.random.default_rng(seed)
     keys = [(0, "k", "image", "cond"), (0, "a", "image", "cond"), (1, "k", "text", "cond")]
     n = len(prompt_index)
-    sample = Sample({k: rng.random((n, 3, 3)).astype(np.float32) for k in keys}, [999.0, 700.0, 400.0, 100.0], n)
+    sample = Sample(
+        {k: rng.random((n, 3, 3)).astype(np.float32) for k in keys}, [999.0, 700.0, 400.0, 100.0], n
+    )
     return Profile.from_sample(sample, ["blocks.0.attn1", "blocks.0.attn2"], prompt_index, meta)
 
 
@@ -32,8 +34,20 @@ def test_save_load_round_trip(tmp_path):
 
 def test_to_pandas_is_tidy():
     df = make([0, 1]).to_pandas()
-    assert list(df.columns) == ["layer", "layer_name", "step", "timestep", "target", "stream", "branch", "metric",
-                                "mean", "std", "cov", "n"]
+    assert list(df.columns) == [
+        "layer",
+        "layer_name",
+        "step",
+        "timestep",
+        "target",
+        "stream",
+        "branch",
+        "metric",
+        "mean",
+        "std",
+        "cov",
+        "n",
+    ]
     assert len(df) == 3 * 3 * 3  # keys x steps x metrics
     assert set(df.step) == {1, 2, 3} and set(df.timestep) == {700.0, 400.0, 100.0}
     assert (df.n == 2).all()
@@ -146,12 +160,23 @@ def test_format_1_files_without_a_checksum_still_load(tmp_path):
         Profile.load(path)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("keys", '"k"'), ("keys", "[[0, 1, 2, 3]]"), ("keys", '[["0", "k", "image", "cond"]]'),
-    ("keys", '[[7, "k", "image", "cond"]]'), ("layer_names", "{}"), ("layer_names", "[1, 2]"),
-    ("metrics", "[]"), ("metrics", "3"), ("meta", "[1]"), ("meta", "not json"), ("keys", None),
-    ("format_version", "two"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("keys", '"k"'),
+        ("keys", "[[0, 1, 2, 3]]"),
+        ("keys", '[["0", "k", "image", "cond"]]'),
+        ("keys", '[[7, "k", "image", "cond"]]'),
+        ("layer_names", "{}"),
+        ("layer_names", "[1, 2]"),
+        ("metrics", "[]"),
+        ("metrics", "3"),
+        ("meta", "[1]"),
+        ("meta", "not json"),
+        ("keys", None),
+        ("format_version", "two"),
+    ],
+)
 def test_header_fields_of_the_wrong_type_are_one_line_errors(tmp_path, field, value):
     path = _rewrite(make([0]).save(tmp_path / "p.ditscope"), **{field: value})
     with pytest.raises(DitscopeError, match="corrupt") as e:

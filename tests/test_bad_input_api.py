@@ -41,16 +41,36 @@ CONFIGS = [
     (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=-1.0), "tolerance must be a finite"),
     (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=NAN), "tolerance must be a finite"),
     (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=INF), "tolerance must be a finite"),
-    (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=0.5), "tolerance applies to an adaptive plan"),
-    (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), signal="input"), "signal applies to an adaptive plan"),
-    (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}, meta={"stack_change": [[None, NAN]]}), adaptive=True),
-     "holds a value that is not a finite number"),
-    (lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}, meta={"stack_change": [[None, 0.1]], "signal": [[None, NAN]]}),
-                                 adaptive=True), "calibrated signal holds a value that is not a finite number"),
+    (
+        lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), tolerance=0.5),
+        "tolerance applies to an adaptive plan",
+    ),
+    (
+        lambda: ditscope.PlanConfig(Schedule({"stack": "CR"}), signal="input"),
+        "signal applies to an adaptive plan",
+    ),
+    (
+        lambda: ditscope.PlanConfig(
+            Schedule({"stack": "CR"}, meta={"stack_change": [[None, NAN]]}), adaptive=True
+        ),
+        "holds a value that is not a finite number",
+    ),
+    (
+        lambda: ditscope.PlanConfig(
+            Schedule({"stack": "CR"}, meta={"stack_change": [[None, 0.1]], "signal": [[None, NAN]]}),
+            adaptive=True,
+        ),
+        "calibrated signal holds a value that is not a finite number",
+    ),
     (lambda: ditscope.ToCaConfig(module_factors={"bogus": 1.0}), "module_factors has no entry 'bogus'"),
-    (lambda: ditscope.ToCaConfig(module_factors={"self": 0, "cross": 0.6, "mlp": NAN, "temporal": 0}),
-     r"module_factors\['mlp'\] must be a finite number"),
-    (lambda: ditscope.ToCaConfig(module_factors={"self": -1.0}), r"module_factors\['self'\] must be a finite"),
+    (
+        lambda: ditscope.ToCaConfig(module_factors={"self": 0, "cross": 0.6, "mlp": NAN, "temporal": 0}),
+        r"module_factors\['mlp'\] must be a finite number",
+    ),
+    (
+        lambda: ditscope.ToCaConfig(module_factors={"self": -1.0}),
+        r"module_factors\['self'\] must be a finite",
+    ),
     (lambda: ditscope.TeaCacheConfig(coefficients=(NAN, 1.0)), "coefficients must hold finite numbers"),
 ]
 
@@ -72,9 +92,18 @@ OTHER = [
     (lambda m: Schedule({"stack": "CX"}), "unknown actions"),
     (lambda m: Schedule({"stack": "CC", "transformer_blocks.0.ff": "C"}), "one action per step"),
     (lambda m: Schedule({"stack": 3}), "non-empty string"),
-    (lambda m: ditscope.apply(m, ditscope.FORAConfig(), num_inference_steps=-3), "num_inference_steps must be"),
-    (lambda m: ditscope.apply(m, ditscope.FORAConfig(), num_inference_steps=0), "num_inference_steps must be"),
-    (lambda m: ditscope.apply(m, ditscope.FORAConfig(), num_inference_steps=2.5), "num_inference_steps must be"),
+    (
+        lambda m: ditscope.apply(m, ditscope.FORAConfig(), num_inference_steps=-3),
+        "num_inference_steps must be",
+    ),
+    (
+        lambda m: ditscope.apply(m, ditscope.FORAConfig(), num_inference_steps=0),
+        "num_inference_steps must be",
+    ),
+    (
+        lambda m: ditscope.apply(m, ditscope.FORAConfig(), num_inference_steps=2.5),
+        "num_inference_steps must be",
+    ),
     (lambda m: ditscope.apply(object(), ditscope.FORAConfig()), "cannot cache object"),
     (lambda m: ditscope.apply(m, ditscope.FORAConfig), "is not a cache config"),
     (lambda m: ditscope.apply(m, {"interval": 3}), "is not a cache config"),

@@ -24,8 +24,16 @@ def pipe():
 
 def inputs(**overrides):
     scenes = evaluator.evaluation_scenes(2, seed=3000)
-    base = dict(model="tiny-pixart", prompts=[s.caption() for s in scenes], seeds=[0], steps=STEPS,
-                guidance_scale=4.5, batch_size=2, repeats=1, scenes=scenes)
+    base = dict(
+        model="tiny-pixart",
+        prompts=[s.caption() for s in scenes],
+        seeds=[0],
+        steps=STEPS,
+        guidance_scale=4.5,
+        batch_size=2,
+        repeats=1,
+        scenes=scenes,
+    )
     return BenchInputs(**{**base, **overrides})
 
 
@@ -65,9 +73,19 @@ def test_bench_rows_metrics_and_outputs(pipe, tmp_path):
 
 def _row(label, per_sample, seconds, method="fora"):
     acc = sum(per_sample["accuracy"]) / len(per_sample["accuracy"])
-    return {"key": label, "system": "baseline" if method == "none" else "ditscope", "method": method, "label": label,
-            "seconds": seconds, "flops": seconds, "n_images": len(per_sample["psnr"]), "psnr": sum(per_sample["psnr"]) / len(per_sample["psnr"]),
-            "accuracy": acc, "all": sum(per_sample["all"]) / len(per_sample["all"]), "per_sample": per_sample}
+    return {
+        "key": label,
+        "system": "baseline" if method == "none" else "ditscope",
+        "method": method,
+        "label": label,
+        "seconds": seconds,
+        "flops": seconds,
+        "n_images": len(per_sample["psnr"]),
+        "psnr": sum(per_sample["psnr"]) / len(per_sample["psnr"]),
+        "accuracy": acc,
+        "all": sum(per_sample["all"]) / len(per_sample["all"]),
+        "per_sample": per_sample,
+    }
 
 
 @pytest.mark.parametrize("n", [16, 64])
@@ -78,10 +96,19 @@ def test_paired_drops_intervals_and_bars_decided_only_on_enough_samples(n):
 
     ok = [1.0] * n
     broken = [0.0 if i % 16 == 3 else 1.0 for i in range(n)]
-    rows = [_row("none", {"psnr": [100.0] * n, "ssim": [1.0] * n, "accuracy": ok, "all": ok}, 10.0, method="none"),
-            _row("fora interval=2", {"psnr": [40.0 + (i % 4) for i in range(n)], "ssim": [0.9] * n, "accuracy": ok,
-                                     "all": ok}, 5.0),
-            _row("fora interval=4", {"psnr": [35.0] * n, "ssim": [0.8] * n, "accuracy": broken, "all": broken}, 2.5)]
+    rows = [
+        _row(
+            "none", {"psnr": [100.0] * n, "ssim": [1.0] * n, "accuracy": ok, "all": ok}, 10.0, method="none"
+        ),
+        _row(
+            "fora interval=2",
+            {"psnr": [40.0 + (i % 4) for i in range(n)], "ssim": [0.9] * n, "accuracy": ok, "all": ok},
+            5.0,
+        ),
+        _row(
+            "fora interval=4", {"psnr": [35.0] * n, "ssim": [0.8] * n, "accuracy": broken, "all": broken}, 2.5
+        ),
+    ]
     df = table(rows).set_index("label")
     assert df.loc["fora interval=4", "all_drop"] == pytest.approx(100 / 16)
     assert df.loc["fora interval=4", "all_drop_lo"] <= 100 / 16 <= df.loc["fora interval=4", "all_drop_hi"]
@@ -104,7 +131,10 @@ def test_killed_bench_resumes_without_redoing_finished_settings(pipe, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_bench(pipe, settings, inputs(), tmp_path, progress=kill_after_two)
-    first = {json.loads(line)["label"]: json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()}
+    first = {
+        json.loads(line)["label"]: json.loads(line)
+        for line in (tmp_path / "results.jsonl").read_text().splitlines()
+    }
     assert list(first) == ["none", "fora interval=1"]
 
     said = []
@@ -148,8 +178,24 @@ def test_grids_and_bad_methods(tmp_path):
 def test_cli_bench_and_its_errors(tmp_path):
     runner = CliRunner()
     out = tmp_path / "b"
-    args = ["bench", "tiny-pixart", "--methods", "fora", "--grid", "quick", "--prompts", "2", "--seeds", "1",
-            "--steps", str(STEPS), "--repeats", "1", "--batch-size", "2"]
+    args = [
+        "bench",
+        "tiny-pixart",
+        "--methods",
+        "fora",
+        "--grid",
+        "quick",
+        "--prompts",
+        "2",
+        "--seeds",
+        "1",
+        "--steps",
+        str(STEPS),
+        "--repeats",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     result = runner.invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "results.csv").exists() and "fora interval=4" in (out / "results.md").read_text()
@@ -163,8 +209,22 @@ def test_cli_bench_and_its_errors(tmp_path):
 def test_prompt_seed_draws_other_prompts_and_is_recorded(tmp_path):
     """Calibrate on one prompt seed, score on another: the seed picks the prompts and the results say which."""
     runner = CliRunner()
-    args = ["bench", "tiny-pixart", "--methods", "steps", "--grid", "quick", "--prompts", "2", "--seeds", "1",
-            "--steps", str(STEPS), "--repeats", "1"]
+    args = [
+        "bench",
+        "tiny-pixart",
+        "--methods",
+        "steps",
+        "--grid",
+        "quick",
+        "--prompts",
+        "2",
+        "--seeds",
+        "1",
+        "--steps",
+        str(STEPS),
+        "--repeats",
+        "1",
+    ]
     for seed in (3000, 3001):
         result = runner.invoke(app, [*args, "--prompt-seed", str(seed), "--out", str(tmp_path / str(seed))])
         assert result.exit_code == 0, result.output
@@ -178,10 +238,14 @@ def test_prompt_seed_draws_other_prompts_and_is_recorded(tmp_path):
     assert a == evaluator.evaluation_prompts(pipe, 2, seed=3000)[1]
     # a shifted test set: the same seed, up to two objects per image, recorded in the prompts and the table;
     # not timed (--repeats 0): the speed reported is executed FLOPs, and no table says it is wall clock
-    result = runner.invoke(app, [*args, "--max-objects", "2", "--repeats", "0", "--out", str(tmp_path / "two")])
+    result = runner.invoke(
+        app, [*args, "--max-objects", "2", "--repeats", "0", "--out", str(tmp_path / "two")]
+    )
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "two" / "bench.json").read_text())["prompts"] == \
-        evaluator.evaluation_prompts(pipe, 2, seed=3000, max_objects=2)[1]
+    assert (
+        json.loads((tmp_path / "two" / "bench.json").read_text())["prompts"]
+        == evaluator.evaluation_prompts(pipe, 2, seed=3000, max_objects=2)[1]
+    )
     md = (tmp_path / "two" / "results.md").read_text()
     assert "prompt seed 3000, up to 2 objects" in md
     assert "Not timed (--repeats 0)" in md and "Best FLOPs speedup" in md and "wall-clock" not in md
@@ -191,32 +255,49 @@ def test_prompt_seed_draws_other_prompts_and_is_recorded(tmp_path):
     assert "flops_speedup" in header and "speedup" not in header
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--prompt-seed", "abc"], "--prompt-seed"),
-    (["--prompt-seed", "-1"], "--prompt-seed must be 0 or more"),
-    (["--prompt-file", "{file}", "--prompts", "5"], "holds 2 prompts"),
-    (["--max-objects", "0"], "--max-objects must be 1 to 4"),
-    (["--repeats", "-1"], "--repeats must be 0"),
-    (["--prompt-file", "{file}", "--max-objects", "2"], "does not apply to --prompt-file"),
-])
-def test_bad_prompt_seed_or_too_few_prompts_in_a_file_stop_before_anything_is_written(tmp_path, extra, message):
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--prompt-seed", "abc"], "--prompt-seed"),
+        (["--prompt-seed", "-1"], "--prompt-seed must be 0 or more"),
+        (["--prompt-file", "{file}", "--prompts", "5"], "holds 2 prompts"),
+        (["--max-objects", "0"], "--max-objects must be 1 to 4"),
+        (["--repeats", "-1"], "--repeats must be 0"),
+        (["--prompt-file", "{file}", "--max-objects", "2"], "does not apply to --prompt-file"),
+    ],
+)
+def test_bad_prompt_seed_or_too_few_prompts_in_a_file_stop_before_anything_is_written(
+    tmp_path, extra, message
+):
     prompt_file = tmp_path / "p.txt"
     prompt_file.write_text("a red circle\na blue square\n")
     extra = [str(prompt_file) if e == "{file}" else e for e in extra]
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["bench", "tiny-pixart", "--methods", "steps", "--out", str(out), *extra])
+    result = CliRunner().invoke(
+        app, ["bench", "tiny-pixart", "--methods", "steps", "--out", str(out), *extra]
+    )
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()
 
 
-@pytest.mark.parametrize("peer,options", [("diffusers-fbcache", {"threshold": 0.5}),
-                                          ("cachedit-dbcache", {"residual_diff_threshold": 0.5, "max_warmup_steps": 1})])
+@pytest.mark.parametrize(
+    "peer,options",
+    [
+        ("diffusers-fbcache", {"threshold": 0.5}),
+        ("cachedit-dbcache", {"residual_diff_threshold": 0.5, "max_warmup_steps": 1}),
+    ],
+)
 def test_peer_rows_are_measured_and_the_pipeline_restored(pipe, tmp_path, peer, options):
     """A peer that cannot run is a row with a note, not a crash; one that can is measured like ours,
     and the pipeline gives the same images afterwards."""
+
     def image():
-        return pipe([inputs().prompts[0]], num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(0)],
-                    output_type="pt").images
+        return pipe(
+            [inputs().prompts[0]],
+            num_inference_steps=STEPS,
+            generator=[torch.Generator().manual_seed(0)],
+            output_type="pt",
+        ).images
 
     from ditscope.bench.peers import PEERS
 
@@ -231,11 +312,16 @@ def test_peer_rows_are_measured_and_the_pipeline_restored(pipe, tmp_path, peer, 
     assert torch.equal(image(), before)
 
 
-@pytest.mark.parametrize("recipe,columns,absent", [
-    ("tiny-dit", ("shape", "color", "accuracy", "frechet"), ("size", "motion")),
-    ("tiny-latte", ("shape", "color", "motion", "accuracy", "frechet"), ()),
-])
-def test_bench_scores_class_conditional_and_video_models_against_their_prompts(recipe, columns, absent, tmp_path):
+@pytest.mark.parametrize(
+    "recipe,columns,absent",
+    [
+        ("tiny-dit", ("shape", "color", "accuracy", "frechet"), ("size", "motion")),
+        ("tiny-latte", ("shape", "color", "motion", "accuracy", "frechet"), ()),
+    ],
+)
+def test_bench_scores_class_conditional_and_video_models_against_their_prompts(
+    recipe, columns, absent, tmp_path
+):
     from ditscope.zoo.train import build
 
     model = build(recipe)
@@ -243,17 +329,39 @@ def test_bench_scores_class_conditional_and_video_models_against_their_prompts(r
     scenes, prompts = evaluator.evaluation_prompts(model, 2, seed=3000)
     assert all(isinstance(p, int) for p in prompts) == (recipe == "tiny-dit")
     settings = expand(["fora"], {"fora": [{"interval": 2}]}, 2)
-    rows = run_bench(model, settings, inputs(model=recipe, prompts=prompts, scenes=scenes, steps=2,
-                                             class_conditional=model.is_class_conditional),
-                     tmp_path, evaluator_net=evaluator.load_evaluator())
+    rows = run_bench(
+        model,
+        settings,
+        inputs(
+            model=recipe,
+            prompts=prompts,
+            scenes=scenes,
+            steps=2,
+            class_conditional=model.is_class_conditional,
+        ),
+        tmp_path,
+        evaluator_net=evaluator.load_evaluator(),
+    )
     df = write_outputs(rows, tmp_path, "t", prompts)
     for col in columns:
         assert df[col].notna().all(), col
     assert not any(col in df for col in absent)
 
 
-SIGNAL_BENCH = ["bench", "tiny-pixart", "--methods", "fora", "--prompts", "2", "--steps", "4", "--repeats", "1",
-                "--batch-size", "2"]
+SIGNAL_BENCH = [
+    "bench",
+    "tiny-pixart",
+    "--methods",
+    "fora",
+    "--prompts",
+    "2",
+    "--steps",
+    "4",
+    "--repeats",
+    "1",
+    "--batch-size",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +377,9 @@ def signal_grid_and_straight_rows(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, sig, signal_grid_and_straight_rows):
+def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(
+    tmp_path, sig, signal_grid_and_straight_rows
+):
     """A bench in its own process, stopped once its first setting is saved, rerun: the same rows as an
     uninterrupted bench (timings aside), the finished ones kept rather than measured again."""
     import os
@@ -285,11 +395,19 @@ def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, 
     hold = held_env(tmp_path, "bench row saved", after=2)  # held right after its second saved setting
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **hold)
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "ditscope", *args, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ditscope", *args, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     results = out / "results.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (tmp_path / hold["DITSCOPE_HOLD_FILE"]).exists():
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not (tmp_path / hold["DITSCOPE_HOLD_FILE"]).exists()
+    ):
         time.sleep(0.02)
     proc.send_signal(getattr(signal, sig))
     proc.wait()
@@ -299,7 +417,9 @@ def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(tmp_path, 
     resumed = {r["label"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert list(resumed) == list(straight)
     for label, row in straight.items():
-        assert resumed[label]["flops"] == row["flops"] and resumed[label]["psnr"] == pytest.approx(row["psnr"], abs=1e-3)
+        assert resumed[label]["flops"] == row["flops"] and resumed[label]["psnr"] == pytest.approx(
+            row["psnr"], abs=1e-3
+        )
     assert resumed[saved[1]["label"]]["seconds_all"] == saved[1]["seconds_all"]  # kept, not measured again
 
 
@@ -310,8 +430,12 @@ def test_plan_settings_that_differ_only_in_how_the_plan_runs_share_one_plan():
     from ditscope.bench.runner import plan_setting
 
     static = Setting("ditscope", "plan", {"target": "psnr=35"})
-    for run in ({"adaptive": True}, {"adaptive": True, "signal": "output"}, {"adaptive": True, "signal": "input",
-                "tolerance": 1.25, "per_sample": False}, {"strict": True}):
+    for run in (
+        {"adaptive": True},
+        {"adaptive": True, "signal": "output"},
+        {"adaptive": True, "signal": "input", "tolerance": 1.25, "per_sample": False},
+        {"strict": True},
+    ):
         assert plan_setting(Setting("ditscope", "plan", {"target": "psnr=35", **run})).key == static.key
     assert plan_setting(Setting("ditscope", "plan", {"target": "psnr=30"})).key != static.key
 
@@ -322,7 +446,9 @@ def test_a_plan_setting_that_cannot_run_is_a_row_saying_why_and_the_bench_goes_o
     from ditscope import Schedule
     from ditscope.bench.runner import plan_setting
 
-    settings = expand(None, {"plan": [{"target": "psnr=30", "adaptive": True, "signal": "output"}], "steps": [2]}, STEPS)
+    settings = expand(
+        None, {"plan": [{"target": "psnr=30", "adaptive": True, "signal": "output"}], "steps": [2]}, STEPS
+    )
     (tmp_path / "plans").mkdir()
     Schedule({"stack": "CCRC"}).save(tmp_path / "plans" / f"{plan_setting(settings[1]).key}.plan.json")
     with torch.inference_mode():
@@ -332,16 +458,20 @@ def test_a_plan_setting_that_cannot_run_is_a_row_saying_why_and_the_bench_goes_o
     assert rows[2]["psnr"] > 0  # the fewer-steps row after it ran
 
 
-
 def test_the_printed_summary_fits_100_columns_and_says_lpips_once():
     from ditscope.bench.report import markdown, summary, table
 
     n, lpips = 4, "LPIPS skipped: torchvision is not installed"
     samples = {"psnr": [100.0] * n, "ssim": [1.0] * n, "accuracy": [1.0] * n, "all": [1.0] * n}
-    long = "cachedit-dbcache-taylorseer Fn_compute_blocks=1 residual_diff_threshold=0.12 max_warmup_steps=4 " \
-           "taylorseer_order=2"
-    rows = [_row("none", samples, 10.0, method="none"), _row("fora interval=2", {**samples, "psnr": [35.0] * n}, 5.0),
-            _row(long, {**samples, "psnr": [31.0, 32.0, 33.0, 34.0]}, 4.0, method="cachedit-dbcache-taylorseer")]
+    long = (
+        "cachedit-dbcache-taylorseer Fn_compute_blocks=1 residual_diff_threshold=0.12 max_warmup_steps=4 "
+        "taylorseer_order=2"
+    )
+    rows = [
+        _row("none", samples, 10.0, method="none"),
+        _row("fora interval=2", {**samples, "psnr": [35.0] * n}, 5.0),
+        _row(long, {**samples, "psnr": [31.0, 32.0, 33.0, 34.0]}, 4.0, method="cachedit-dbcache-taylorseer"),
+    ]
     for r in rows:
         r["note"] = lpips
     rows[2]["note"] += "; fitted threshold=0.12"
@@ -361,13 +491,21 @@ def test_cli_bench_refuses_a_misspelt_method_or_peer_option_before_the_model_loa
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(zoo, "load_pipeline", no_loading)
-    (tmp_path / "grid.json").write_text(json.dumps({"diffusers-fbcache": [{"treshold": 0.1}], "toca": [{"ratio": 2}]}))
-    for args, message in ((["--methods", "diffusers-fbcach"], "unknown method 'diffusers-fbcach'; did you mean "
-                                                              "diffusers-fbcache?"),
-                          (["--methods", "toca", "--grid", str(tmp_path / "grid.json")], "0 <= ratio <= 1"),
-                          (["--grid", str(tmp_path / "grid.json")], "unknown option for diffusers-fbcache: treshold")):
+    (tmp_path / "grid.json").write_text(
+        json.dumps({"diffusers-fbcache": [{"treshold": 0.1}], "toca": [{"ratio": 2}]})
+    )
+    for args, message in (
+        (
+            ["--methods", "diffusers-fbcach"],
+            "unknown method 'diffusers-fbcach'; did you mean diffusers-fbcache?",
+        ),
+        (["--methods", "toca", "--grid", str(tmp_path / "grid.json")], "0 <= ratio <= 1"),
+        (["--grid", str(tmp_path / "grid.json")], "unknown option for diffusers-fbcache: treshold"),
+    ):
         result = CliRunner().invoke(app, ["bench", "tiny-pixart", *args, "--out", str(tmp_path / "out")])
-        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, (
+            result.output
+        )
         assert not (tmp_path / "out").exists()
 
 
@@ -377,8 +515,16 @@ def test_a_tune_setting_that_fails_before_its_search_started_is_recorded_not_a_t
     from ditscope.bench.grid import Setting
     from ditscope.bench.runner import tuned
 
-    inputs = BenchInputs(model="m", prompts=["a"], seeds=[0], steps=1, guidance_scale=None, batch_size=1, repeats=0,
-                         calibration=["b"])
+    inputs = BenchInputs(
+        model="m",
+        prompts=["a"],
+        seeds=[0],
+        steps=1,
+        guidance_scale=None,
+        batch_size=1,
+        repeats=0,
+        calibration=["b"],
+    )
     setting = Setting("ditscope", "fora", {"tune": "psnr=30"})
     with pytest.raises(DitscopeError, match="num_inference_steps >= 2"):
         tuned(None, setting, inputs, tmp_path)

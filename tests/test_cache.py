@@ -11,11 +11,16 @@ from ditscope import DitscopeError
 from ditscope.cache import CONFIGS, REGISTRY, config_from_options
 from ditscope.families import CROSS, MLP, SELF, TEMPORAL
 
-DECLARED = "STDiT-declared-layout"  # tests/opensora_like.py: a plain PyTorch DiT and the layout a user declares
-CASES = {**{name: (*TINY[name], None) for name in TINY},
-         DECLARED: (opensora_like.build, opensora_like.inputs, opensora_like.LAYOUT)}  # name -> (build, inputs, layout)
+DECLARED = (
+    "STDiT-declared-layout"  # tests/opensora_like.py: a plain PyTorch DiT and the layout a user declares
+)
+CASES = {
+    **{name: (*TINY[name], None) for name in TINY},
+    DECLARED: (opensora_like.build, opensora_like.inputs, opensora_like.LAYOUT),
+}  # name -> (build, inputs, layout)
 COVERED = list(CASES)
 STEPS = 8
+
 
 def config_for(method: str, model, which: str):
     """A registered method's config under its registered `exact` or `aggressive` setting, for this model."""
@@ -79,8 +84,16 @@ def test_compute_everything_is_bit_identical(family, method):
     check_exact(method, *family)
 
 
-@pytest.mark.parametrize("name", ["DiTTransformer2DModel", "PixArtTransformer2DModel", "LatteTransformer3DModel",
-                                  "WanTransformer3DModel", DECLARED])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "DiTTransformer2DModel",
+        "PixArtTransformer2DModel",
+        "LatteTransformer3DModel",
+        "WanTransformer3DModel",
+        DECLARED,
+    ],
+)
 def test_toca_recomputing_every_token_is_bit_identical(name):
     """Partial steps that select all tokens take the full path, scores and all."""
     build, inputs, _ = CASES[name]
@@ -129,7 +142,15 @@ def test_separate_guidance_calls_keep_separate_caches(name):
 
     def drive(with_uncond):
         outs = []
-        with cache(model, ditscope.ToCaConfig(ratio=0.5, module_factors={SELF: 1.0, CROSS: 1.0, MLP: 1.0, TEMPORAL: 1.0})), torch.no_grad():
+        with (
+            cache(
+                model,
+                ditscope.ToCaConfig(
+                    ratio=0.5, module_factors={SELF: 1.0, CROSS: 1.0, MLP: 1.0, TEMPORAL: 1.0}
+                ),
+            ),
+            torch.no_grad(),
+        ):
             for s in range(STEPS):
                 cond = inputs(1, s)
                 outs.append(tensor_of(model(**cond)))
@@ -143,14 +164,21 @@ def test_separate_guidance_calls_keep_separate_caches(name):
 
 
 @pytest.mark.parametrize("name", COVERED)
-@pytest.mark.parametrize("config", [ditscope.ToCaConfig(score="random"), ditscope.FBCacheConfig(threshold=0.3)],
-                         ids=["toca-random", "fbcache"])
+@pytest.mark.parametrize(
+    "config",
+    [ditscope.ToCaConfig(score="random"), ditscope.FBCacheConfig(threshold=0.3)],
+    ids=["toca-random", "fbcache"],
+)
 def test_batch_equals_each_alone_on_every_family(name, config):
     """Entry 0 of a batch of two equals entry 0 run alone (within float noise: matmul blocking differs)."""
     build, inputs, _ = CASES[name]
     model = build()
+
     def first(kwargs):  # entry 0 of a batch of two (torch.randn draws small tensors differently per shape)
-        return {k: v[:1] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == 2 else v for k, v in kwargs.items()}
+        return {
+            k: v[:1] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == 2 else v
+            for k, v in kwargs.items()
+        }
 
     with cache(model, config):
         both = run_steps(model, inputs, batch=2)
@@ -172,7 +200,9 @@ def run_half_batch(model, inputs):
         def block(self, ctx, bsite, run, args, kwargs):
             return run_block(ctx, bsite, run, args, kwargs, torch.tensor([True, False]) if ctx.step else None)
 
-    handle = CacheHandle(model, HalfBatch(None), num_inference_steps=STEPS, count_flops=True, layout=layout_for(model))
+    handle = CacheHandle(
+        model, HalfBatch(None), num_inference_steps=STEPS, count_flops=True, layout=layout_for(model)
+    )
     try:
         return run_steps(model, inputs), handle.stats()
     finally:
@@ -209,7 +239,10 @@ def test_a_block_that_cannot_run_on_some_rows_runs_on_all_and_says_so():
     mixed, stats = run_half_batch(model, opensora_like.inputs)
     for r, m in zip(reference, mixed):
         assert torch.allclose(m[1:], r[1:], atol=1e-5)
-    assert list(stats.notes) == ["spatial_blocks.0"] and "needs the whole batch" in stats.notes["spatial_blocks.0"]
+    assert (
+        list(stats.notes) == ["spatial_blocks.0"]
+        and "needs the whole batch" in stats.notes["spatial_blocks.0"]
+    )
     assert block.forward is whole_batch_only  # remove() gives the user's own forward back
 
 
@@ -220,8 +253,12 @@ def test_toca_says_where_a_token_subset_cannot_run(name):
     build, inputs, _ = CASES[name]
     model = build()
     reference = run_steps(model, inputs)
-    config = ditscope.ToCaConfig(ratio=0.5, step_weight=0, layer_weight=0,
-                                 module_factors={SELF: 1.0, CROSS: 0.0, MLP: 0.0, TEMPORAL: 0.0})
+    config = ditscope.ToCaConfig(
+        ratio=0.5,
+        step_weight=0,
+        layer_weight=0,
+        module_factors={SELF: 1.0, CROSS: 0.0, MLP: 0.0, TEMPORAL: 0.0},
+    )
     with cache(model, config) as handle:
         outs = run_steps(model, inputs)
         stats = handle.stats()
@@ -271,7 +308,9 @@ def test_flops_are_the_executed_ones():
     with torch.no_grad(), FlopCounterMode(display=False) as outer:
         run_steps(model, inputs)
     full = outer.get_total_flops()
-    with ditscope.apply(model, ditscope.FORAConfig(interval=2), num_inference_steps=STEPS, count_flops=True) as h:
+    with ditscope.apply(
+        model, ditscope.FORAConfig(interval=2), num_inference_steps=STEPS, count_flops=True
+    ) as h:
         run_steps(model, inputs)
         stats = h.stats()
     assert stats.full_flops * STEPS == full
@@ -298,12 +337,16 @@ def generate(pipe, prompts, seeds=None, steps=10):
     """One generator per prompt, so that prompt i draws the same noise in any batch."""
     seeds = seeds if seeds is not None else range(len(prompts))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=4.5, generator=generators, output_type="pt").images
+    return pipe(
+        prompts, num_inference_steps=steps, guidance_scale=4.5, generator=generators, output_type="pt"
+    ).images
 
 
-PROMPTS = ["a small red circle at the top left on a grey background",
-           "a large blue square in the center on a white background",
-           "a small green triangle at the bottom right on a black background"]
+PROMPTS = [
+    "a small red circle at the top left on a grey background",
+    "a large blue square in the center on a white background",
+    "a small green triangle at the bottom right on a black background",
+]
 
 
 @pytest.mark.parametrize("method", ["toca", "fora", "fbcache", "teacache"])
@@ -316,9 +359,16 @@ def test_pipeline_same_seed_same_image_and_no_leak_between_batch_items(pipe, met
     assert torch.equal(a[0], other[0])  # item 0 does not see what item 1 is
 
 
-@pytest.mark.parametrize("config", [ditscope.ToCaConfig(score="random"), ditscope.FORAConfig(),
-                                    ditscope.FBCacheConfig(threshold=0.3), ditscope.TeaCacheConfig()],
-                         ids=["toca-random", "fora", "fbcache", "teacache"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ditscope.ToCaConfig(score="random"),
+        ditscope.FORAConfig(),
+        ditscope.FBCacheConfig(threshold=0.3),
+        ditscope.TeaCacheConfig(),
+    ],
+    ids=["toca-random", "fora", "fbcache", "teacache"],
+)
 def test_pipeline_batch_of_two_equals_each_alone(pipe, config):
     """Up to float noise: batch size changes matmul blocking (1e-6 without any cache). Token scores from
     attention maps can rank near-tied tokens differently under that noise, hence the random score here;
@@ -355,15 +405,18 @@ def test_unsupported_model_is_a_clear_error():
         ditscope.apply(opensora_like.build(), ditscope.ToCaConfig())
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lists": ("nope_blocks",)}, "no block list 'nope_blocks'"),
-    ({"lists": ("final",)}, "not a ModuleList"),
-    ({"modules": (("atn", SELF, "image"),)}, "no block of STDiT has a child module 'atn'"),
-    ({"modules": (("attn", "spatial", "image"),)}, "kind 'spatial'"),
-    ({"modules": (("attn",),)}, "is not \\(name, kind, stream\\)"),
-    ({"returns": ("out",)}, "roles 'hidden' and 'encoder'"),
-    ({"timestep": "timestep"}, "STDiT.forward has no argument 'timestep'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lists": ("nope_blocks",)}, "no block list 'nope_blocks'"),
+        ({"lists": ("final",)}, "not a ModuleList"),
+        ({"modules": (("atn", SELF, "image"),)}, "no block of STDiT has a child module 'atn'"),
+        ({"modules": (("attn", "spatial", "image"),)}, "kind 'spatial'"),
+        ({"modules": (("attn",),)}, "is not \\(name, kind, stream\\)"),
+        ({"returns": ("out",)}, "roles 'hidden' and 'encoder'"),
+        ({"timestep": "timestep"}, "STDiT.forward has no argument 'timestep'"),
+    ],
+)
 def test_bad_declared_layouts_are_one_line_errors(change, message):
     import dataclasses
 
@@ -387,8 +440,12 @@ def test_family_variants_by_class_hierarchy_or_prefix():
 
     assert family_of(TINY["WanTransformer3DModel"][0]()).name == "wan"
     assert family_of(MyWan.__new__(MyWan)).name == "wan"  # a subclass
-    for name, family in [("WanVACETransformer3DModel", "wan"), ("HunyuanVideoFramepackTransformer3DModel", "hunyuanvideo"),
-                         ("Flux2Transformer2DModel", None), ("HunyuanVideo15Transformer3DModel", None)]:
+    for name, family in [
+        ("WanVACETransformer3DModel", "wan"),
+        ("HunyuanVideoFramepackTransformer3DModel", "hunyuanvideo"),
+        ("Flux2Transformer2DModel", None),
+        ("HunyuanVideo15Transformer3DModel", None),
+    ]:
         variant = type(name, (torch.nn.Module,), {})()
         assert (family_of(variant).name if family else family_of(variant)) == (family or GENERIC), name
     assert family_of(FluxTransformer2DModel.__new__(FluxTransformer2DModel)).name == "flux"
@@ -429,7 +486,11 @@ def test_wan22_two_transformers_are_both_cached_on_one_step_axis():
     assert any(s.name.startswith("transformer_2.blocks.0") for s in stats.sites)
     assert stats.summary()["reused"] > 0 and not torch.equal(outs[-1], reference[-1])
     handle.remove()
-    assert "forward" not in vars(high) and "forward" not in vars(low) and "set_timesteps" not in vars(pipe.scheduler)
+    assert (
+        "forward" not in vars(high)
+        and "forward" not in vars(low)
+        and "set_timesteps" not in vars(pipe.scheduler)
+    )
     assert all(torch.equal(a, b) for a, b in zip(sample(), reference))
     # a plan names the second transformer's units with its prefix
     rows = {"transformer_2.stack": "CRCRCRCR", "blocks.0.ffn": "CCRCCRCC"}
@@ -449,17 +510,26 @@ def test_applying_twice_and_bad_configs():
         ditscope.apply(model, ditscope.ToCaConfig(score="magic"))
     with pytest.raises(DitscopeError, match="not a cache config"):
         ditscope.apply(model, object())
-    with ditscope.apply(model, ditscope.FORAConfig()), pytest.raises(DitscopeError, match="num_inference_steps"):
+    with (
+        ditscope.apply(model, ditscope.FORAConfig()),
+        pytest.raises(DitscopeError, match="num_inference_steps"),
+    ):
         with torch.no_grad():
             model(**inputs(1, 0))
     assert "forward" not in vars(model)
 
 
 def test_config_from_cli_options():
-    assert config_from_options("toca", ["interval=4", "ratio=0.5"]) == ditscope.ToCaConfig(interval=4, ratio=0.5)
+    assert config_from_options("toca", ["interval=4", "ratio=0.5"]) == ditscope.ToCaConfig(
+        interval=4, ratio=0.5
+    )
     assert config_from_options("toca", ["preset=dit"]) == ditscope.ToCaConfig.dit()
     assert config_from_options("teacache", ["coefficients=[2,0]"]).coefficients == (2, 0)
-    for bad, match in [(["interval=x"], "expects a int"), (["bogus=1"], "no option 'bogus'"), (["ratio"], "key=value")]:
+    for bad, match in [
+        (["interval=x"], "expects a int"),
+        (["bogus=1"], "no option 'bogus'"),
+        (["ratio"], "key=value"),
+    ]:
         with pytest.raises(DitscopeError, match=match):
             config_from_options("toca", bad)
     with pytest.raises(DitscopeError, match="unknown cache method"):
@@ -507,22 +577,36 @@ def test_readme_family_table_agrees_with_families_py():
     from ditscope.families import FAMILIES, JOINT, TEMPORAL
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    header = "| family | transformer class | block lists | cached modules (name kind stream) | run whole by ToCa |"
+    header = (
+        "| family | transformer class | block lists | cached modules (name kind stream) | run whole by ToCa |"
+    )
     assert header in readme
-    lines = readme[readme.index(header):].splitlines()[2:]
+    lines = readme[readme.index(header) :].splitlines()[2:]
     rows = {}
     for line in lines:
         if not line.startswith("|"):
             break
         family, cls, lists, modules, whole = [c.strip() for c in line.strip("|").split("|")]
-        rows[cls.strip("`")] = (family, [x.strip(" `") for x in lists.split(",")],
-                                [tuple(m.strip().replace("`", "").split()) for m in modules.split(",")],
-                                [] if whole == "-" else [w.strip(" `") for w in whole.split(",")])
+        rows[cls.strip("`")] = (
+            family,
+            [x.strip(" `") for x in lists.split(",")],
+            [tuple(m.strip().replace("`", "").split()) for m in modules.split(",")],
+            [] if whole == "-" else [w.strip(" `") for w in whole.split(",")],
+        )
     expected = {}
     for cls, f in FAMILIES.items():
         assert f.blocks is not None, f"{cls} has no block layout"
-        whole = [m.name for m in f.blocks.modules if (m.kind in (SELF, TEMPORAL) and m.stream == JOINT) or not m.tokenwise]
-        expected[cls] = (f.name, list(f.blocks.lists), [(m.name, m.kind, m.stream) for m in f.blocks.modules], whole)
+        whole = [
+            m.name
+            for m in f.blocks.modules
+            if (m.kind in (SELF, TEMPORAL) and m.stream == JOINT) or not m.tokenwise
+        ]
+        expected[cls] = (
+            f.name,
+            list(f.blocks.lists),
+            [(m.name, m.kind, m.stream) for m in f.blocks.modules],
+            whole,
+        )
     assert rows == expected
 
 

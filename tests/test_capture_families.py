@@ -51,7 +51,11 @@ LAYOUT = {
     "DiTTransformer2DModel": (None, None, None),
     "PixArtTransformer2DModel": (r"\.attn2$", None, None),
     "SD3Transformer2DModel": (None, r"\.attn$", IMAGE),  # JointAttnProcessor2_0: cat([image, text])
-    "FluxTransformer2DModel": (None, r"\.attn$", TEXT),  # FluxAttnProcessor: cat([text, image]); single: joined
+    "FluxTransformer2DModel": (
+        None,
+        r"\.attn$",
+        TEXT,
+    ),  # FluxAttnProcessor: cat([text, image]); single: joined
     "CogVideoXTransformer3DModel": (None, r"\.attn1$", TEXT),  # cat([encoder, hidden])
     "LatteTransformer3DModel": (r"\.attn2$", None, None),
     "MochiTransformer3DModel": (None, r"\.attn1$", IMAGE),  # per sample: cat([image, valid text])
@@ -161,7 +165,9 @@ class Spy:
             out = inner(query, key, value, *args, **kwargs)
             if self.current is not None:
                 tensors = {"q": query, "k": key, "v": value, "a": out}
-                self.steps[-1][self.current]["calls"].append({t: x.detach().clone() for t, x in tensors.items()})
+                self.steps[-1][self.current]["calls"].append(
+                    {t: x.detach().clone() for t, x in tensors.items()}
+                )
             return out
 
         F.scaled_dot_product_attention = wrapper
@@ -231,9 +237,19 @@ def test_capture_sd35_dual_attention():
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32, out_channels=4,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
     ).eval()
     names = check_capture("SD3Transformer2DModel", model, FAMILIES["SD3Transformer2DModel"][1])
     assert names == ["transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn"]
@@ -298,8 +314,13 @@ def test_matches_hand_computation(name):
         for target in ALL_TARGETS:
             per_step = [stream_elements(name, layer, target, spy.steps[t][layer], B) for t in range(STEPS)]
             for stream, s in per_step[0]:
-                vals = [hand_metrics(per_step[t][(stream, s)], per_step[t - 1][(stream, s)]) for t in range(1, STEPS)]
-                expected.setdefault((i, target, stream, "cond"), np.zeros((B, STEPS - 1, 3)))[s] = np.stack(vals)
+                vals = [
+                    hand_metrics(per_step[t][(stream, s)], per_step[t - 1][(stream, s)])
+                    for t in range(1, STEPS)
+                ]
+                expected.setdefault((i, target, stream, "cond"), np.zeros((B, STEPS - 1, 3)))[s] = np.stack(
+                    vals
+                )
     assert set(expected) == set(sample.values)
     for key, want in expected.items():
         np.testing.assert_allclose(sample.values[key], want, rtol=1e-4, atol=0, err_msg=str(key))
@@ -399,7 +420,9 @@ def test_cfg_separate_passes_never_mix(name):
     another length, where the model allows it) never does; uncond distances are exactly 0."""
     model, inputs = build(name)
     uncond = shorter_text(name, inputs(1, 0), 5)
-    with ditscope.record(model, targets=ALL_TARGETS, step_on="external", separate_branches=("cond", "uncond")) as rec:
+    with ditscope.record(
+        model, targets=ALL_TARGETS, step_on="external", separate_branches=("cond", "uncond")
+    ) as rec:
         for s in range(STEPS):
             run_steps(model, [inputs(1, s, text_step=s), uncond])
             rec.end_step()
@@ -435,7 +458,9 @@ class MyBlock(torch.nn.Module):
         super().__init__()
         self.norm = torch.nn.LayerNorm(dim)
         self.attn = MyAttention(dim, heads=2)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim)
+        )
 
     def forward(self, x):
         x = x + self.attn(self.norm(x))
@@ -453,7 +478,9 @@ class MyDiT(torch.nn.Module):
         return hidden_states
 
 
-@pytest.mark.parametrize("attention", ["MyAttention", "blocks.*.attn", ["blocks.0.attn", r"blocks\.[12]\.attn"]])
+@pytest.mark.parametrize(
+    "attention", ["MyAttention", "blocks.*.attn", ["blocks.0.attn", r"blocks\.[12]\.attn"]]
+)
 def test_generic_module(attention):
     torch.manual_seed(0)
     model = MyDiT().eval()
@@ -462,7 +489,11 @@ def test_generic_module(attention):
     with torch.inference_mode():
         reference = [model(x) for x in xs]
     spy = Spy(model, select=lambda name, module: isinstance(module, MyAttention))
-    with ditscope.record(model, attention=attention, targets=ALL_TARGETS) as rec, spy(), torch.inference_mode():
+    with (
+        ditscope.record(model, attention=attention, targets=ALL_TARGETS) as rec,
+        spy(),
+        torch.inference_mode(),
+    ):
         outs = [model(x, timestep=torch.tensor([float(s)])) for s, x in enumerate(xs)]
     sample = rec.next_sample()
     assert all(torch.equal(a, b) for a, b in zip(reference, outs, strict=True))

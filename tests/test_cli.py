@@ -53,7 +53,10 @@ def test_profile_with_no_arguments_writes_profile_and_figures(tmp_path):
 
 def test_prompt_formats_show_plot_merge(tmp_path, one_thread):
     txt = write(tmp_path / "p.txt", "a red circle\n\na blue square\na green triangle\n")
-    jsonl = write(tmp_path / "p.jsonl", '{"caption": "a red circle"}\n"a blue square"\n{"caption": "a green triangle"}\n')
+    jsonl = write(
+        tmp_path / "p.jsonl",
+        '{"caption": "a red circle"}\n"a blue square"\n{"caption": "a green triangle"}\n',
+    )
     csv = write(tmp_path / "p.csv", "id,caption\n1,a red circle\n2,a blue square\n3,a green triangle\n")
     runs = {}
     for path in (txt, jsonl, csv):
@@ -77,9 +80,15 @@ def test_prompt_formats_show_plot_merge(tmp_path, one_thread):
     np.testing.assert_array_equal(Profile.load(merged).values, runs[".txt"].values)
 
     shown = cli("show", merged)
-    assert shown.exit_code == 0 and "transformer_blocks.0.attn1" in shown.stdout and "coefficient" in shown.stdout
+    assert (
+        shown.exit_code == 0
+        and "transformer_blocks.0.attn1" in shown.stdout
+        and "coefficient" in shown.stdout
+    )
     assert cli("plot", merged, "--out", tmp_path / "figs", "--metric", "cos").exit_code == 0
-    assert (tmp_path / "figs" / "layers_cos.svg").exists() and (tmp_path / "figs" / "cov_table_cos.csv").exists()
+    assert (tmp_path / "figs" / "layers_cos.svg").exists() and (
+        tmp_path / "figs" / "cov_table_cos.csv"
+    ).exists()
 
 
 BAD_INPUTS = [
@@ -114,7 +123,10 @@ MORE_BAD_INPUTS = [
     (["profile", "--steps", "100000"], "at or beyond the 1000 timesteps"),
     (["profile", "--steps", "1000"], "use fewer than 1000 steps"),
     (["profile", "--steps", "-1"], "at least 2"),
-    (["profile", "--scheduler", "ddim:timestep_spacing=trailingg", "--steps", "3"], "trailingg is not supported"),
+    (
+        ["profile", "--scheduler", "ddim:timestep_spacing=trailingg", "--steps", "3"],
+        "trailingg is not supported",
+    ),
     (["profile", "--scheduler", "ddim:beta_schedule=foo", "--steps", "3"], "foo is not implemented"),
     (["profile", "--scheduler", "ddim:novalue"], "not key=value"),
     (["profile", "--batch-size", "0"], "--batch-size"),
@@ -125,7 +137,10 @@ MORE_BAD_INPUTS = [
     (["profile", "--prompts", "{csv}", "--column", "nope"], "nope"),
     (["profile", "--steps", "3", "--out", "{stale}"], "delete"),
     (["profile", "--steps", "3", "--out", "{other_state}"], "was made with different arguments"),
-    (["profile", "--steps", "3", "--out", "{other_final}"], "holds a finished profile of different arguments"),
+    (
+        ["profile", "--steps", "3", "--out", "{other_final}"],
+        "holds a finished profile of different arguments",
+    ),
     # damaged model folders (the zoo's own pipeline class)
     (["profile", "{bad_index}"], "model_index.json"),
     (["profile", "{truncated}"], "damaged or incomplete"),
@@ -151,12 +166,28 @@ MORE_BAD_INPUTS = [
     # generate
     (["generate", "tiny-pixart", "--prompt", "x", "--out", "{folder}/x.txt"], "use an image file name"),
     (["generate", "tiny-pixart", "--prompt", "x", "--steps", "-1", "--out", "{folder}/x.png"], "at least 1"),
-    (["generate", "tiny-pixart", "--prompt", "x", "--steps", "5000", "--out", "{folder}/x.png"], "at or beyond"),
+    (
+        ["generate", "tiny-pixart", "--prompt", "x", "--steps", "5000", "--out", "{folder}/x.png"],
+        "at or beyond",
+    ),
     (["generate", "tiny-pixart", "--prompt", "x", "--out", "{file}/x.png"], "not a folder"),
     (["generate", "tiny-pixart", "--prompt", "x", "--upscale", "0", "--out", "{folder}/x.png"], "--upscale"),
     (["generate", "tiny-pixart", "--prompt", "x", "--cache", "nope", "--out", "{folder}/x.png"], "nope"),
-    (["generate", "tiny-pixart", "--prompt", "x", "--cache", "plan", "--cache-opt", "path={damaged_plan}", "--out",
-      "{folder}/x.png"], "does not match its checksum"),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "x",
+            "--cache",
+            "plan",
+            "--cache-opt",
+            "path={damaged_plan}",
+            "--out",
+            "{folder}/x.png",
+        ],
+        "does not match its checksum",
+    ),
     (["generate", "{truncated}", "--prompt", "x", "--out", "{folder}/x.png"], "damaged or incomplete"),
     # eval
     (["eval", "tiny-pixart", "--n", "1"], "--n must be at least 2"),
@@ -207,10 +238,19 @@ MORE_BAD_INPUTS = [
     (["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=nan"], "unreachable"),
     (["tune", "tiny-pixart", "--method", "plan"], "no knob to tune"),
     (["tune", "tiny-pixart", "--method", "toca", "--cache-opt", "ratio=nan"], "ratio expects a float"),
-    (["tune", "tiny-pixart", "--method", "toca", "--cache-opt", "ratio=NaN"], "ToCaConfig.ratio must be a finite"),
+    (
+        ["tune", "tiny-pixart", "--method", "toca", "--cache-opt", "ratio=NaN"],
+        "ToCaConfig.ratio must be a finite",
+    ),
     (["tune", "tiny-pixart", "--method", "toca", "--cache-opt", "warmup=-1"], "must be a finite number >= 0"),
-    (["tune", "tiny-pixart", "--method", "toca", "--knob", "ratio", "--cache-opt", "interval=2.5"], "expects a int"),
-    (["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "-2"], "--guidance-scale must be a finite"),
+    (
+        ["tune", "tiny-pixart", "--method", "toca", "--knob", "ratio", "--cache-opt", "interval=2.5"],
+        "expects a int",
+    ),
+    (
+        ["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "-2"],
+        "--guidance-scale must be a finite",
+    ),
     (["bench", "tiny-pixart", "--methods", ","], "names no method"),
     (["bench", "tiny-pixart", "--grid", "{emptygrid}"], "names no method"),
     (["bench", "tiny-pixart", "--grid", "{emptylist}"], "has no settings"),
@@ -221,20 +261,113 @@ MORE_BAD_INPUTS = [
     (["study", "steps", "--steps", "10,10,20"], "names a value twice"),
     (["study", "steps", "--steps", "10,,20"], "comma-separated integers"),
     (["study", "scheduler", "--schedulers", "dpm,ddim:beta_schedule=bogus"], "bogus is not implemented"),
-    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
-      "path={norows}"], "at least one row"),
-    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
-      "path={emptyrow}"], "non-empty string"),
-    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
-      "path={profile}"], "is not a plan file"),
-    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "plan", "--cache-opt",
-      "path={plan}", "--cache-opt", "tolerance=-1"], "tolerance must be a finite number"),
-    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "fbcache", "--cache-opt",
-      "threshold=-0.1"], "FBCacheConfig.threshold must be a finite number >= 0"),
-    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "pab", "--cache-opt",
-      "cross_range=[900,100]"], "cross_range must be (low, high)"),
-    (["generate", "tiny-pixart", "--prompt", "a", "--out", "{folder}/x.png", "--cache", "taylorseer", "--cache-opt",
-      "order=-1"], "order"),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "a",
+            "--out",
+            "{folder}/x.png",
+            "--cache",
+            "plan",
+            "--cache-opt",
+            "path={norows}",
+        ],
+        "at least one row",
+    ),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "a",
+            "--out",
+            "{folder}/x.png",
+            "--cache",
+            "plan",
+            "--cache-opt",
+            "path={emptyrow}",
+        ],
+        "non-empty string",
+    ),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "a",
+            "--out",
+            "{folder}/x.png",
+            "--cache",
+            "plan",
+            "--cache-opt",
+            "path={profile}",
+        ],
+        "is not a plan file",
+    ),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "a",
+            "--out",
+            "{folder}/x.png",
+            "--cache",
+            "plan",
+            "--cache-opt",
+            "path={plan}",
+            "--cache-opt",
+            "tolerance=-1",
+        ],
+        "tolerance must be a finite number",
+    ),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "a",
+            "--out",
+            "{folder}/x.png",
+            "--cache",
+            "fbcache",
+            "--cache-opt",
+            "threshold=-0.1",
+        ],
+        "FBCacheConfig.threshold must be a finite number >= 0",
+    ),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "a",
+            "--out",
+            "{folder}/x.png",
+            "--cache",
+            "pab",
+            "--cache-opt",
+            "cross_range=[900,100]",
+        ],
+        "cross_range must be (low, high)",
+    ),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "a",
+            "--out",
+            "{folder}/x.png",
+            "--cache",
+            "taylorseer",
+            "--cache-opt",
+            "order=-1",
+        ],
+        "order",
+    ),
     (["show", "{norows}"], "at least one row"),
     (["plan", "tiny-pixart", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["plan", "tiny-pixart", "--guidance-scale", "-1"], "--guidance-scale must be a finite number"),
@@ -243,17 +376,48 @@ MORE_BAD_INPUTS = [
     (["tune", "tiny-pixart", "--prompt-seed", "-3"], "--prompt-seed must be 0 or more"),
     (["plan", "tiny-pixart", "--prompts", "{two}", "--n-prompts", "5"], "--n-prompts 5 but"),
     (["tune", "tiny-pixart", "--prompts", "{two}", "--n-prompts", "3"], "--n-prompts 3 but"),
-    (["plan", "tiny-pixart", "--prompts", "{two}", "--prompt-seed", "123"], "--prompt-seed draws zoo prompts"),
+    (
+        ["plan", "tiny-pixart", "--prompts", "{two}", "--prompt-seed", "123"],
+        "--prompt-seed draws zoo prompts",
+    ),
     (["tune", "tiny-pixart", "--prompts", "{two}", "--prompt-seed", "5"], "--prompt-seed draws zoo prompts"),
-    (["bench", "tiny-pixart", "--prompt-file", "{two}", "--prompt-seed", "5"], "--prompt-seed draws zoo prompts"),
-    (["bench", "tiny-pixart", "--steps", "4", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
-    (["bench", "tiny-pixart", "--steps", "4", "--grid", "{steps100}"], "fewer than the bench's 4 steps, not 100"),
-    (["generate", "tiny-pixart", "--prompt", "x", "--guidance-scale", "nan"], "--guidance-scale must be a finite"),
-    (["generate", "tiny-pixart", "--prompt", "x", "--cache", "fora", "--cache-opt", "interval=3", "--cache-opt",
-      "interval=4"], "--cache-opt interval is given more than once"),
+    (
+        ["bench", "tiny-pixart", "--prompt-file", "{two}", "--prompt-seed", "5"],
+        "--prompt-seed draws zoo prompts",
+    ),
+    (
+        ["bench", "tiny-pixart", "--steps", "4", "--guidance-scale", "nan"],
+        "--guidance-scale must be a finite number",
+    ),
+    (
+        ["bench", "tiny-pixart", "--steps", "4", "--grid", "{steps100}"],
+        "fewer than the bench's 4 steps, not 100",
+    ),
+    (
+        ["generate", "tiny-pixart", "--prompt", "x", "--guidance-scale", "nan"],
+        "--guidance-scale must be a finite",
+    ),
+    (
+        [
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "x",
+            "--cache",
+            "fora",
+            "--cache-opt",
+            "interval=3",
+            "--cache-opt",
+            "interval=4",
+        ],
+        "--cache-opt interval is given more than once",
+    ),
     (["study", "scheduler", "tiny-pixart", "--schedulers", "dpm,dpm"], "names dpm more than once"),
     (["study", "models", "tiny-pixart", "tiny-pixart"], "names tiny-pixart more than once"),
-    (["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "inf"], "--guidance-scale must be a finite"),
+    (
+        ["tune", "tiny-pixart", "--method", "fora", "--guidance-scale", "inf"],
+        "--guidance-scale must be a finite",
+    ),
     # study: input checked before any profile is computed
     (["study", "prompts", "--prompts", "{one}"], "needs at least 2"),
     (["study", "prompts", "--bootstrap", "5"], "--bootstrap"),
@@ -299,7 +463,9 @@ def _bad_input_files(tmp_path):
     keys = [(0, "k", "image", "cond"), (1, "a", "image", "cond")]
     rng = np.random.default_rng(0)
     sample = Sample({k: rng.random((1, 2, 3)).astype(np.float32) for k in keys}, [999.0, 500.0, 1.0], 1)
-    good = Profile.from_sample(sample, ["b.0.attn1", "b.1.attn1"], [0], {"model": "m"}).save(tmp_path / "p.ditscope")
+    good = Profile.from_sample(sample, ["b.0.attn1", "b.1.attn1"], [0], {"model": "m"}).save(
+        tmp_path / "p.ditscope"
+    )
     data = bytearray(good.read_bytes())
     data[-8] ^= 0x10
     (tmp_path / "flipped.ditscope").write_bytes(bytes(data))
@@ -311,27 +477,42 @@ def _bad_input_files(tmp_path):
     with safe_open(str(good), "np") as f:
         header = dict(f.metadata(), keys='"k"')
     tensors = load_file(str(good))
-    save_file(tensors, str(tmp_path / "badtypes.ditscope"), metadata=dict(header, checksum=checksum(tensors, header)))
+    save_file(
+        tensors,
+        str(tmp_path / "badtypes.ditscope"),
+        metadata=dict(header, checksum=checksum(tensors, header)),
+    )
     # output folders holding a damaged saved state, the state of another run, a finished profile of another run
-    for name, file, content in (("stale", "profile.ditscope.partial", b"cut sho"),
-                                ("other_state", "profile.ditscope.partial", good.read_bytes()),
-                                ("other_final", "profile.ditscope", good.read_bytes())):
+    for name, file, content in (
+        ("stale", "profile.ditscope.partial", b"cut sho"),
+        ("other_state", "profile.ditscope.partial", good.read_bytes()),
+        ("other_final", "profile.ditscope", good.read_bytes()),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / file).write_bytes(content)
     # plans: good, damaged (an action changed), not JSON, a meta of the wrong type, a folder of plans
     plan = Schedule({"stack": "CCRCR"}, {"target": "psnr=30"}).save(tmp_path / "good.plan.json")
     (tmp_path / "damaged.plan.json").write_text(plan.read_text().replace('"CCRCR"', '"CRRRR"'))
     (tmp_path / "garbage.plan.json").write_text('{"format": "ditscope-plan", "rows"')
-    (tmp_path / "meta.plan.json").write_text(json.dumps({"format": "ditscope-plan", "format_version": 1,
-                                                          "rows": {"stack": "CR"}, "meta": {"model": "x"}}))
+    (tmp_path / "meta.plan.json").write_text(
+        json.dumps(
+            {"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": {"model": "x"}}
+        )
+    )
     (tmp_path / "plans").mkdir()
     Schedule({"stack": "CCRCR"}).save(tmp_path / "plans" / "a.plan.json")
     for name, rows in (("norows", {}), ("emptyrow", {"stack": ""})):  # hand-written: Schedule refuses both
-        (tmp_path / f"{name}.plan.json").write_text(json.dumps({"format": "ditscope-plan", "format_version": 1,
-                                                                 "rows": rows, "meta": {}}))
-    for name, grid in (("emptygrid", {}), ("emptylist", {"fora": []}), ("emptyvalues", {"toca": {"ratio": []}}),
-                       ("badvalue", {"fora": [{"interval": 0}]}), ("nanvalue", {"fbcache": [{"threshold": "nan"}]}),
-                       ("reversed", {"pab": [{"spatial_range": [800, 100]}]})):
+        (tmp_path / f"{name}.plan.json").write_text(
+            json.dumps({"format": "ditscope-plan", "format_version": 1, "rows": rows, "meta": {}})
+        )
+    for name, grid in (
+        ("emptygrid", {}),
+        ("emptylist", {"fora": []}),
+        ("emptyvalues", {"toca": {"ratio": []}}),
+        ("badvalue", {"fora": [{"interval": 0}]}),
+        ("nanvalue", {"fbcache": [{"threshold": "nan"}]}),
+        ("reversed", {"pab": [{"spatial_range": [800, 100]}]}),
+    ):
         (tmp_path / f"{name}.json").write_text(json.dumps(grid))
     # the zoo's pipeline folder, damaged: model_index.json cut short; weights cut short
     assets = zoo.ASSETS / "tiny-pixart"
@@ -340,23 +521,51 @@ def _bad_input_files(tmp_path):
         (folder / "transformer").mkdir(parents=True)
         for part in ("scheduler", "text_encoder", "tokenizer"):
             (folder / part).symlink_to(assets / part)
-        (folder / "transformer" / "config.json").write_bytes((assets / "transformer" / "config.json").read_bytes())
+        (folder / "transformer" / "config.json").write_bytes(
+            (assets / "transformer" / "config.json").read_bytes()
+        )
         index = (assets / "model_index.json").read_text()
         (folder / "model_index.json").write_text(index[: len(index) // 2] if name == "bad_index" else index)
     weights = assets / "transformer" / "diffusion_pytorch_model.safetensors"
     (tmp_path / "bad_index" / "transformer" / weights.name).symlink_to(weights)
     with open(weights, "rb") as f:
         (tmp_path / "truncated" / "transformer" / weights.name).write_bytes(f.read(65536))
-    names = {"empty": "empty.txt", "latin1": "latin1.txt", "missing": "missing.txt", "folder": "folder",
-             "file": "file", "garbage": "garbage.ditscope", "no_transformer": "pipe", "number_line": "number.jsonl",
-             "null_prompt": "null.jsonl", "one": "one.txt", "two": "two.txt", "csv": "p.csv", "profile": "p.ditscope",
-             "flipped": "flipped.ditscope", "badtypes": "badtypes.ditscope", "plan": "good.plan.json",
-             "damaged_plan": "damaged.plan.json", "garbage_plan": "garbage.plan.json", "meta_plan": "meta.plan.json",
-             "plans": "plans", "bad_index": "bad_index", "truncated": "truncated", "stale": "stale",
-             "other_state": "other_state", "other_final": "other_final", "norows": "norows.plan.json",
-             "emptyrow": "emptyrow.plan.json", "emptygrid": "emptygrid.json", "emptylist": "emptylist.json",
-             "emptyvalues": "emptyvalues.json", "badvalue": "badvalue.json", "nanvalue": "nanvalue.json",
-             "reversed": "reversed.json", "steps100": "steps100.json"}
+    names = {
+        "empty": "empty.txt",
+        "latin1": "latin1.txt",
+        "missing": "missing.txt",
+        "folder": "folder",
+        "file": "file",
+        "garbage": "garbage.ditscope",
+        "no_transformer": "pipe",
+        "number_line": "number.jsonl",
+        "null_prompt": "null.jsonl",
+        "one": "one.txt",
+        "two": "two.txt",
+        "csv": "p.csv",
+        "profile": "p.ditscope",
+        "flipped": "flipped.ditscope",
+        "badtypes": "badtypes.ditscope",
+        "plan": "good.plan.json",
+        "damaged_plan": "damaged.plan.json",
+        "garbage_plan": "garbage.plan.json",
+        "meta_plan": "meta.plan.json",
+        "plans": "plans",
+        "bad_index": "bad_index",
+        "truncated": "truncated",
+        "stale": "stale",
+        "other_state": "other_state",
+        "other_final": "other_final",
+        "norows": "norows.plan.json",
+        "emptyrow": "emptyrow.plan.json",
+        "emptygrid": "emptygrid.json",
+        "emptylist": "emptylist.json",
+        "emptyvalues": "emptyvalues.json",
+        "badvalue": "badvalue.json",
+        "nanvalue": "nanvalue.json",
+        "reversed": "reversed.json",
+        "steps100": "steps100.json",
+    }
     return {k: tmp_path / v for k, v in names.items()}
 
 
@@ -364,8 +573,9 @@ def _tree(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUTS + MORE_BAD_INPUTS,
-                         ids=[" ".join(a) for a, _ in BAD_INPUTS + MORE_BAD_INPUTS])
+@pytest.mark.parametrize(
+    "args,message", BAD_INPUTS + MORE_BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS + MORE_BAD_INPUTS]
+)
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
     files = _bad_input_files(tmp_path)
     args = [a.format(**files) for a in args]
@@ -391,7 +601,9 @@ def test_an_error_after_the_progress_bar_started_is_one_line(tmp_path, monkeypat
     monkeypatch.setattr(profiling_runner.Profile, "from_sample", fail)
     prompts = write(tmp_path / "p.txt", "a red circle\n")
     result = cli("profile", "--prompts", prompts, "--out", tmp_path / "out", "--steps", "3")
-    assert result.exit_code == 2 and result.stderr == "error: NaN or inf in K of layer x at step 1\n", result.stderr
+    assert result.exit_code == 2 and result.stderr == "error: NaN or inf in K of layer x at step 1\n", (
+        result.stderr
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
 
 
@@ -414,8 +626,11 @@ def test_unreadable_prompts_file(tmp_path, monkeypatch):
 
 # eight prompts: the run is held after the first is saved (ditscope.holds) and signalled there (the CI failures
 # this was first meant for were an ignored SIGINT: see the launcher below)
-SIGNAL_PROMPTS = [f"a {size} {colour} circle on a grey background" for size in ("small", "large")
-                  for colour in ("red", "blue", "green", "yellow")]
+SIGNAL_PROMPTS = [
+    f"a {size} {colour} circle on a grey background"
+    for size in ("small", "large")
+    for colour in ("red", "blue", "green", "yellow")
+]
 
 
 def _command(out, prompts):
@@ -448,8 +663,9 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_a_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path, sig, capsys, one_thread,
-                                                                        uninterrupted):
+def test_a_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(
+    tmp_path, sig, capsys, one_thread, uninterrupted
+):
     """Stopped after its first saved prompt (a separate process, one thread), rerun here with one thread:
     the profile is bit-identical to an uninterrupted one. Ctrl-C says what was kept and how to resume."""
     prompts = write(tmp_path / "p.txt", "\n".join(SIGNAL_PROMPTS) + "\n")
@@ -461,10 +677,17 @@ def test_a_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path,
     out = tmp_path / "killed"
     # a shell that starts a job in the background (`bash .ci/run &`, nohup) makes it ignore SIGINT, and a
     # Python started with SIGINT ignored keeps ignoring it: give the child Ctrl-C's handler, as a terminal would
-    launcher = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "from ditscope.cli.main import main; main()")
-    proc = subprocess.Popen([sys.executable, "-c", launcher, *_command(out, prompts)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from ditscope.cli.main import main; main()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, *_command(out, prompts)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     state = out / "profile.ditscope.partial"
     deadline = time.time() + 240
     while not Path(hold["DITSCOPE_HOLD_FILE"]).exists() and time.time() < deadline and proc.poll() is None:
@@ -472,13 +695,16 @@ def test_a_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path,
     proc.send_signal(sig)
     err = proc.communicate()[1]
     assert state.exists() and not (out / "profile.ditscope").exists(), (
-        f"the run should die part-way (exit {proc.returncode}): {err[-1500:]}")
+        f"the run should die part-way (exit {proc.returncode}): {err[-1500:]}"
+    )
     done_before = Profile.load(state).n_prompts
     assert 1 <= done_before < n
     if sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM takes Ctrl-C's path, with its own exit code
         assert proc.returncode == (130 if sig == signal.SIGINT else 143)
-        assert err.strip().splitlines()[-1] == (f"interrupted: {done_before} of {n} prompts are saved in {state}; "
-                                                "run the same command again to resume"), err
+        assert err.strip().splitlines()[-1] == (
+            f"interrupted: {done_before} of {n} prompts are saved in {state}; "
+            "run the same command again to resume"
+        ), err
 
     # resuming with other arguments is refused and keeps the state
     code, err = _main(_command(out, prompts) + ["--seed", "7"], capsys)
@@ -499,14 +725,37 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     args = ["profile", "--prompts", str(prompts), "--no-plot", "--steps", "4"]
     dist = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ditscope",
-         *args, "--out", str(tmp_path / "dist")], env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "ditscope",
+            *args,
+            "--out",
+            str(tmp_path / "dist"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert dist.returncode == 0, dist.stderr[-2000:]
-    single = subprocess.run([sys.executable, "-m", "ditscope", *args, "--out", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "ditscope", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
-    a, b = Profile.load(tmp_path / "dist" / "profile.ditscope"), Profile.load(tmp_path / "one" / "profile.ditscope")
+    a, b = (
+        Profile.load(tmp_path / "dist" / "profile.ditscope"),
+        Profile.load(tmp_path / "one" / "profile.ditscope"),
+    )
     assert a.prompt_index.tolist() == [0, 1, 2]
     np.testing.assert_allclose(a.values, b.values, rtol=1e-6)
     np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=1e-6)
@@ -514,13 +763,16 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["profile.ditscope"]
 
 
-@pytest.mark.parametrize("argv,names", [
-    (["bench", "tiny-pixart", "--prompt-seed", "abc"], "--prompt-seed"),
-    (["profile", "--steps", "abc"], "--steps"),
-    (["bench", "--no-such-option"], "--no-such-option"),
-    (["show"], "path"),
-    (["no-such-command"], "no-such-command"),
-])
+@pytest.mark.parametrize(
+    "argv,names",
+    [
+        (["bench", "tiny-pixart", "--prompt-seed", "abc"], "--prompt-seed"),
+        (["profile", "--steps", "abc"], "--steps"),
+        (["bench", "--no-such-option"], "--no-such-option"),
+        (["show"], "path"),
+        (["no-such-command"], "no-such-command"),
+    ],
+)
 def test_usage_errors_of_the_cli_framework_are_one_line_too(argv, names, capsys, tmp_path, monkeypatch):
     """Not only ditscope's own checks: a mistyped option value is one line and exit 2, not a framed box."""
     from ditscope.cli.main import main
@@ -549,16 +801,26 @@ def _no_loading(*args, **kwargs):
     raise AssertionError("the model was loaded")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--cache", "tocca"], "unknown cache method 'tocca'; did you mean toca?"),
-    (["--cache", "toca", "--cache-opt", "intervall=3"], "has no option 'intervall'; did you mean interval? (options: ratio, interval,"),
-    (["--cache", "fora", "--cache-opt", "interval=abc"], "fora option interval expects"),
-    (["--cache", "toca", "--cache-opt", "ratio=2"], "0 <= ratio <= 1"),
-    (["--cache", "plan", "--cache-opt", "path=missing.plan.json"], "missing.plan.json does not exist"),
-    (["--out", "x.mp4"], "--out x.mp4: use an image file name"),
-    (["--cache", "p.plan.json"], "p.plan.json is a plan, not a tuned config: run it with --cache plan --cache-opt path=p.plan.json"),
-    (["--cache", "unknown.json"], "the tuned config names an unknown method 'tocaa'; did you mean toca?"),
-], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--cache", "tocca"], "unknown cache method 'tocca'; did you mean toca?"),
+        (
+            ["--cache", "toca", "--cache-opt", "intervall=3"],
+            "has no option 'intervall'; did you mean interval? (options: ratio, interval,",
+        ),
+        (["--cache", "fora", "--cache-opt", "interval=abc"], "fora option interval expects"),
+        (["--cache", "toca", "--cache-opt", "ratio=2"], "0 <= ratio <= 1"),
+        (["--cache", "plan", "--cache-opt", "path=missing.plan.json"], "missing.plan.json does not exist"),
+        (["--out", "x.mp4"], "--out x.mp4: use an image file name"),
+        (
+            ["--cache", "p.plan.json"],
+            "p.plan.json is a plan, not a tuned config: run it with --cache plan --cache-opt path=p.plan.json",
+        ),
+        (["--cache", "unknown.json"], "the tuned config names an unknown method 'tocaa'; did you mean toca?"),
+    ],
+    ids=lambda a: " ".join(a) if isinstance(a, list) else None,
+)
 def test_generate_refuses_bad_input_before_the_model_loads(tmp_path, monkeypatch, args, message):
     import json
 
@@ -567,11 +829,14 @@ def test_generate_refuses_bad_input_before_the_model_loads(tmp_path, monkeypatch
 
     monkeypatch.setattr(generate_command, "load_model", _no_loading)
     Schedule({"stack": "CCR"}).save(tmp_path / "p.plan.json")
-    (tmp_path / "unknown.json").write_text(json.dumps({"format": "ditscope-tuned", "version": 1, "method": "tocaa",
-                                                       "options": {}}))
+    (tmp_path / "unknown.json").write_text(
+        json.dumps({"format": "ditscope-tuned", "version": 1, "method": "tocaa", "options": {}})
+    )
     before = _tree(tmp_path)
     result = cli("generate", "tiny-pixart", "--prompt", "x", *args, cwd=tmp_path)
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, (
+        result.output
+    )
     assert _tree(tmp_path) == before
 
 
@@ -580,8 +845,19 @@ def test_generate_writes_a_default_file_and_says_what_ditscope_warned(tmp_path):
     from ditscope import Schedule
 
     Schedule({"stack": "CCRCRCRR"}, meta={"scheduler": "OtherScheduler"}).save(tmp_path / "p.plan.json")
-    result = cli("generate", "tiny-pixart", "--prompt", "a red circle", "--steps", "4", "--cache", "plan",
-                 "--cache-opt", "path=p.plan.json", cwd=tmp_path)
+    result = cli(
+        "generate",
+        "tiny-pixart",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "4",
+        "--cache",
+        "plan",
+        "--cache-opt",
+        "path=p.plan.json",
+        cwd=tmp_path,
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "tiny-pixart.png").is_file() and "wrote tiny-pixart.png" in result.stdout
     lines = result.stderr.splitlines()
@@ -628,22 +904,38 @@ def test_progress_without_a_terminal_is_a_plain_line_every_interval(capsys, monk
 
 @pytest.mark.parametrize("command", ["plan", "tune"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_same_file(tmp_path, sig, command,
-                                                                                         capsys, one_thread):
+def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_same_file(
+    tmp_path, sig, command, capsys, one_thread
+):
     """Held by the test hook right after the first end-to-end evaluation is saved (a known point, not a guessed
     time), then signalled: Ctrl-C and SIGTERM say what was kept; the rerun says it resumes and writes what
     an uninterrupted run writes."""
     out = tmp_path / "p.json"
-    args = (["plan", "tiny-pixart", "--target", "psnr=20", "--cost", "flops", "--iterations", "3"] if command == "plan"
-            else ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=20"])
+    args = (
+        ["plan", "tiny-pixart", "--target", "psnr=20", "--cost", "flops", "--iterations", "3"]
+        if command == "plan"
+        else ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=20"]
+    )
     args += ["--steps", "4", "--n-prompts", "2", "--out", str(out)]
     marker = tmp_path / "held"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DITSCOPE_HOLD_AT="evaluation saved",
-               DITSCOPE_HOLD_FILE=str(marker))
-    launcher = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "from ditscope.cli.main import main; main()")
-    proc = subprocess.Popen([sys.executable, "-c", launcher, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        DITSCOPE_HOLD_AT="evaluation saved",
+        DITSCOPE_HOLD_FILE=str(marker),
+    )
+    launcher = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from ditscope.cli.main import main; main()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -654,7 +946,10 @@ def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_
     assert not out.exists() and len((work / "evaluations.jsonl").read_text().splitlines()) == 1
     if sig != signal.SIGKILL:
         assert proc.returncode == (130 if sig == signal.SIGINT else 143)
-        assert err.strip().splitlines()[-1].startswith("interrupted: ") and "1 end-to-end evaluation kept in" in err
+        assert (
+            err.strip().splitlines()[-1].startswith("interrupted: ")
+            and "1 end-to-end evaluation kept in" in err
+        )
 
     code, err = _main(args, capsys)
     assert code == 0 and f"resuming from {work}: " in err and "1 end-to-end evaluation" in err, err
@@ -683,12 +978,50 @@ def test_show_on_a_plan_it_cannot_write_beside_shows_it_without_a_figure(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.plan.json"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["plan", "tiny-pixart", "--target", "speedup=50", "--steps", "4", "--n-prompts", "1", "--iterations", "3",
-      "--cost", "flops", "--modes", "stack", "--out", "sub/deeper/o.plan.json"], "no plan reaches speedup=50"),
-    (["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=90", "--steps", "4", "--n-prompts", "1",
-      "--out", "sub/deeper/t.json"], "cannot reach psnr=90"),
-], ids=["plan", "tune"])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            [
+                "plan",
+                "tiny-pixart",
+                "--target",
+                "speedup=50",
+                "--steps",
+                "4",
+                "--n-prompts",
+                "1",
+                "--iterations",
+                "3",
+                "--cost",
+                "flops",
+                "--modes",
+                "stack",
+                "--out",
+                "sub/deeper/o.plan.json",
+            ],
+            "no plan reaches speedup=50",
+        ),
+        (
+            [
+                "tune",
+                "tiny-pixart",
+                "--method",
+                "fora",
+                "--target",
+                "psnr=90",
+                "--steps",
+                "4",
+                "--n-prompts",
+                "1",
+                "--out",
+                "sub/deeper/t.json",
+            ],
+            "cannot reach psnr=90",
+        ),
+    ],
+    ids=["plan", "tune"],
+)
 def test_a_target_found_out_of_reach_leaves_no_folder_it_made(tmp_path, args, message):
     """Refused after the search ran (its progress lines before the error): the work folder and the output's
     folders the run made are gone."""

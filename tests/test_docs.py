@@ -49,19 +49,52 @@ SMALL = {
     ("recommend",): ["--steps", "4", "--n-prompts", "2", "--test-prompts", "2", "--budget", "3m"],
     ("generate",): ["--steps", "4"],
     ("tune",): ["--steps", "4", "--n-prompts", "2"],
-    ("tune", "tiny-dit"): ["--steps", "12", "--n-prompts", "2"],  # ToCa reaches the README's 1.2x with room at 12 steps
-    ("plan",): ["--steps", "10", "--n-prompts", "2", "--iterations", "3"],  # fewer steps: no plan that saves work holds psnr=30
-    ("bench",): ["--steps", "4", "--prompts", "2", "--seeds", "1", "--repeats", "0", "--calibration-prompts", "2"],
+    ("tune", "tiny-dit"): [
+        "--steps",
+        "12",
+        "--n-prompts",
+        "2",
+    ],  # ToCa reaches the README's 1.2x with room at 12 steps
+    ("plan",): [
+        "--steps",
+        "10",
+        "--n-prompts",
+        "2",
+        "--iterations",
+        "3",
+    ],  # fewer steps: no plan that saves work holds psnr=30
+    ("bench",): [
+        "--steps",
+        "4",
+        "--prompts",
+        "2",
+        "--seeds",
+        "1",
+        "--repeats",
+        "0",
+        "--calibration-prompts",
+        "2",
+    ],
     ("eval",): ["--samples", "4", "--steps", "4"],
     ("zoo", "prompts"): ["--n", "6"],
     ("zoo", "grid"): ["--n", "2"],
     ("zoo", "train"): ["--steps", "2", "--batch", "2", "--out", "train"],
-    ("zoo", "train", "tiny-latte"): ["--steps", "2", "--batch", "2", "--out", "train-latte"],  # apart from tiny-pixart's
+    ("zoo", "train", "tiny-latte"): [
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--out",
+        "train-latte",
+    ],  # apart from tiny-pixart's
     ("study", "prompts"): ["--steps", "3", "--bootstrap", "50"],
     ("study", "steps"): ["--steps", "3,4,6", "--prompts", "small.txt"],
     ("study", "scheduler"): ["--steps", "3", "--prompts", "small.txt"],
     ("study", "models"): ["--steps", "3", "--prompts", "small.txt"],
-    ("show",): [], ("plot",): [], ("merge",): [], ("zoo", "list"): [],  # they read files: nothing to make small
+    ("show",): [],
+    ("plot",): [],
+    ("merge",): [],
+    ("zoo", "list"): [],  # they read files: nothing to make small
 }
 
 # The same for the benchmark scripts the docs show (by script name).
@@ -71,10 +104,16 @@ SCRIPT_SMALL = {
 }
 
 # Files a reader brings (named in the docs) -> what the test writes for them.
-SMALL_PROMPTS = ["a large red circle on the left on a grey background",
-                 "a small blue square at the top right on a white background"]
+SMALL_PROMPTS = [
+    "a large red circle on the left on a grey background",
+    "a small blue square at the top right on a white background",
+]
 GRID = {"toca": {"ratio": [0.3], "interval": [3, 4]}, "steps": [2, 3]}  # the README's grid, at --steps 4
-INPUT_FILES = {"coco.txt": SMALL_PROMPTS * 2, "p.txt": SMALL_PROMPTS, "small.txt": SMALL_PROMPTS}  # 4: --shard 0/4
+INPUT_FILES = {
+    "coco.txt": SMALL_PROMPTS * 2,
+    "p.txt": SMALL_PROMPTS,
+    "small.txt": SMALL_PROMPTS,
+}  # 4: --shard 0/4
 
 # Python blocks: the names a reader has already (a pipeline, prompts, their own model and sampling loop).
 PY_SUBSTITUTIONS = {
@@ -111,7 +150,7 @@ def shell_commands(text: str) -> list[list[str]]:
         while words:
             cut = words.index("&&") if "&&" in words else len(words)
             commands.append(words[:cut])
-            words = words[cut + 1:]
+            words = words[cut + 1 :]
     return commands
 
 
@@ -119,7 +158,7 @@ def small(words: list[str]) -> list[str]:
     """A ditscope command's words (after `ditscope`) with placeholders filled in and small options added."""
     words = [PLACEHOLDERS.get(w, w) for w in words]
     for key in sorted(SMALL, key=len, reverse=True):
-        if tuple(words[:len(key)]) == key:
+        if tuple(words[: len(key)]) == key:
             return words + SMALL[key]
     raise AssertionError(f"no rule makes `ditscope {' '.join(words)}` small: add one to SMALL in {__file__}")
 
@@ -141,12 +180,16 @@ def run_ditscope(words: list[str], where: str) -> None:
     started = time.perf_counter()
     result = CliRunner().invoke(app, expand(words), catch_exceptions=False)
     print(f"  {time.perf_counter() - started:.1f} s", flush=True)
-    assert result.exit_code == 0, f"{where}: `ditscope {' '.join(words)}` exit {result.exit_code}:\n{result.output}"
+    assert result.exit_code == 0, (
+        f"{where}: `ditscope {' '.join(words)}` exit {result.exit_code}:\n{result.output}"
+    )
 
 
 def run_process(words: list[str], where: str, timeout: float) -> None:
     proc = subprocess.run(words, env=environment(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{where}: `{' '.join(words)}` exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{where}: `{' '.join(words)}` exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    )
 
 
 def run_command(words: list[str], where: str) -> None:
@@ -166,15 +209,22 @@ def run_command(words: list[str], where: str) -> None:
     elif words[0] == "torchrun":  # two CPU ranks (gloo) for the page's GPUs
         module = words.index("-m")
         launcher = [w if w != "8" else "2" for w in words[:module]]
-        rest = small(words[module + 2:])
-        run_process([sys.executable, "-m", "torch.distributed.run", *launcher[1:], "-m", "ditscope", *rest], where,
-                    timeout=240)
+        rest = small(words[module + 2 :])
+        run_process(
+            [sys.executable, "-m", "torch.distributed.run", *launcher[1:], "-m", "ditscope", *rest],
+            where,
+            timeout=240,
+        )
     elif words[0] == "python" and words[1].startswith("benchmarks/"):
         script = REPO / words[1]
-        args = [re.sub(r"(?<![\w/])benchmarks/", f"{REPO}/benchmarks/", w) for w in words[2:]]  # shipped files
+        args = [
+            re.sub(r"(?<![\w/])benchmarks/", f"{REPO}/benchmarks/", w) for w in words[2:]
+        ]  # shipped files
         run_process([sys.executable, str(script), *args, *SCRIPT_SMALL[script.name]], where, timeout=300)
     else:
-        raise AssertionError(f"{where}: `{text}` is neither ditscope, torchrun nor a benchmark script: add a rule")
+        raise AssertionError(
+            f"{where}: `{text}` is neither ditscope, torchrun nor a benchmark script: add a rule"
+        )
 
 
 def python_namespace() -> dict:
@@ -186,12 +236,21 @@ def python_namespace() -> dict:
     sampler = opensora_like.Sampler(model)
 
     def my_sampling_loop(model, prompt, steps=4):
-        return opensora_like.Sampler(model)([prompt], num_inference_steps=steps,
-                                            generator=torch.Generator().manual_seed(0))
+        return opensora_like.Sampler(model)(
+            [prompt], num_inference_steps=steps, generator=torch.Generator().manual_seed(0)
+        )
 
-    return {"ditscope": ditscope, "torch": torch, "pipe": ditscope.zoo.load("tiny-pixart"),
-            "prompts": SMALL_PROMPTS, "calib_prompts": SMALL_PROMPTS, "prompt": SMALL_PROMPTS[0],
-            "model": model, "my_sampling_loop": my_sampling_loop, "my_pipeline_like": sampler}
+    return {
+        "ditscope": ditscope,
+        "torch": torch,
+        "pipe": ditscope.zoo.load("tiny-pixart"),
+        "prompts": SMALL_PROMPTS,
+        "calib_prompts": SMALL_PROMPTS,
+        "prompt": SMALL_PROMPTS[0],
+        "model": model,
+        "my_sampling_loop": my_sampling_loop,
+        "my_pipeline_like": sampler,
+    }
 
 
 def run_python(text: str, namespace: dict, where: str) -> None:
@@ -205,15 +264,27 @@ def run_python(text: str, namespace: dict, where: str) -> None:
 
 def test_extraction_and_rules_on_a_made_up_page(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("text\n```bash\nditscope profile MODEL --steps 9   # a comment\n"
-                    "ditscope zoo prompts --n 3 \\\n    --out x.txt && ditscope show a.ditscope\n```\n"
-                    "```python\nx = 1\n```\n```\nnot a block to run\n```\n", encoding="utf-8")
+    page.write_text(
+        "text\n```bash\nditscope profile MODEL --steps 9   # a comment\n"
+        "ditscope zoo prompts --n 3 \\\n    --out x.txt && ditscope show a.ditscope\n```\n"
+        "```python\nx = 1\n```\n```\nnot a block to run\n```\n",
+        encoding="utf-8",
+    )
     blocks = fenced_blocks(page)
     assert [(lang, start) for lang, start, _ in blocks] == [("bash", 3), ("python", 8), ("", 11)]
-    assert shell_commands(blocks[0][2]) == [["ditscope", "profile", "MODEL", "--steps", "9"],
-                                            ["ditscope", "zoo", "prompts", "--n", "3", "--out", "x.txt"],
-                                            ["ditscope", "show", "a.ditscope"]]
-    assert small(["profile", "MODEL", "--steps", "9"]) == ["profile", "tiny-pixart", "--steps", "9", "--steps", "3"]
+    assert shell_commands(blocks[0][2]) == [
+        ["ditscope", "profile", "MODEL", "--steps", "9"],
+        ["ditscope", "zoo", "prompts", "--n", "3", "--out", "x.txt"],
+        ["ditscope", "show", "a.ditscope"],
+    ]
+    assert small(["profile", "MODEL", "--steps", "9"]) == [
+        "profile",
+        "tiny-pixart",
+        "--steps",
+        "9",
+        "--steps",
+        "3",
+    ]
     with pytest.raises(AssertionError, match="no rule"):
         small(["frobnicate", "x"])
     with pytest.raises(AssertionError, match="add a rule"):

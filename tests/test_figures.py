@@ -47,10 +47,15 @@ def build_profile(seed: int = 0) -> Profile:
             values[0, ki, 1, :] = 0.0
         if key == (2, "v", "image", "cond"):
             values[:, ki, 3, :] = 0.0
-    return Profile(keys=keys, layer_names=[f"blocks.{i}.attn" for i in range(N_LAYERS)],
-                   timesteps=list(np.linspace(999, 1, N_STEPS)), prompt_index=np.arange(N_PROMPTS),
-                   values=values, stats=RunningStats.of(values),
-                   meta={"model": "hand", "scheduler": "hand", "num_inference_steps": N_STEPS})
+    return Profile(
+        keys=keys,
+        layer_names=[f"blocks.{i}.attn" for i in range(N_LAYERS)],
+        timesteps=list(np.linspace(999, 1, N_STEPS)),
+        prompt_index=np.arange(N_PROMPTS),
+        values=values,
+        stats=RunningStats.of(values),
+        meta={"model": "hand", "scheduler": "hand", "num_inference_steps": N_STEPS},
+    )
 
 
 def key_index(prof: Profile, layer: int, target: str, stream: str = "image", branch: str = "cond") -> int:
@@ -76,7 +81,7 @@ def assert_integer_ticks(ax, axis: str, first: int, last: int, label_of=lambda p
     for pos, text in zip(ticks, labels):
         assert float(pos).is_integer(), f"{axis} tick at {pos}"
         assert text == str(int(label_of(int(pos)))), (pos, text)
-    lo, hi = (ax.get_xlim() if axis == "x" else sorted(ax.get_ylim()))
+    lo, hi = ax.get_xlim() if axis == "x" else sorted(ax.get_ylim())
     assert first <= min(ticks) and max(ticks) <= last and lo <= min(ticks) and max(ticks) <= hi
 
 
@@ -110,22 +115,28 @@ def oracle_categories(rows: dict[str, str]) -> list[list[int]]:
 
 def test_cell_categories_by_hand():
     assert (show.NOT_RUN_STACK, show.NOT_RUN_BLOCK) == (NOT_RUN_STACK, NOT_RUN_BLOCK)
-    plan = Schedule({"stack": "CCRCFC",
-                     "transformer_blocks.0.attn1": "CFCRCC",
-                     "transformer_blocks.0.ff": "CCCCCR"})
+    plan = Schedule(
+        {"stack": "CCRCFC", "transformer_blocks.0.attn1": "CFCRCC", "transformer_blocks.0.ff": "CCCCCR"}
+    )
     r, f, c, s = 2, 1, 0, NOT_RUN_STACK
-    assert show.cell_categories(plan).tolist() == [[c, c, r, c, f, c],
-                                              [c, f, s, r, s, c],
-                                              [c, c, s, c, s, r]]
+    assert show.cell_categories(plan).tolist() == [[c, c, r, c, f, c], [c, f, s, r, s, c], [c, c, s, c, s, r]]
 
 
 def test_cell_categories_oracle_and_drawn_grid(tmp_path):
     rng = np.random.default_rng(3)
     steps = 9
-    units = ["stack", "transformer_blocks.0", "transformer_blocks.0.attn1", "transformer_blocks.0.ff",
-             "transformer_blocks.1.attn1", "transformer_blocks.1.ff",
-             "transformer_2.stack", "transformer_2.blocks.0.attn1", "transformer_2.blocks.1",
-             "transformer_2.blocks.1.attn1"]
+    units = [
+        "stack",
+        "transformer_blocks.0",
+        "transformer_blocks.0.attn1",
+        "transformer_blocks.0.ff",
+        "transformer_blocks.1.attn1",
+        "transformer_blocks.1.ff",
+        "transformer_2.stack",
+        "transformer_2.blocks.0.attn1",
+        "transformer_2.blocks.1",
+        "transformer_2.blocks.1.attn1",
+    ]
     rows = {u: "C" + "".join(rng.choice(list("CCRF"), steps - 1)) for u in units}
     rows["stack"] = "CCRCFCCRC"  # both served kinds at known steps
     rows["transformer_2.stack"] = "CCCCCRCCC"
@@ -166,7 +177,9 @@ def oracle_cov_table(prof: Profile, metric: str) -> dict[tuple[str, str, str], f
             for target in TARGETS:
                 covs = []
                 for layer in range(N_LAYERS):
-                    ki = next((i for i, k in enumerate(prof.keys) if k == (layer, target, stream, branch)), None)
+                    ki = next(
+                        (i for i, k in enumerate(prof.keys) if k == (layer, target, stream, branch)), None
+                    )
                     if ki is None:
                         continue
                     for s in range(N_STEPS - 1):
@@ -188,8 +201,12 @@ def test_plot_profile_names_files_by_metric(tmp_path):
     l1 = plots.plot_profile(prof, out, formats=("png",), metric="l1")
     rel = plots.plot_profile(prof, out, formats=("png",), metric="rel_l1")
     for metric, written in (("l1", l1), ("rel_l1", rel)):
-        names = [f"layers_{metric}.png", *(f"heatmap_{t}_{metric}.png" for t in TARGETS),
-                 f"cov_table_{metric}.png", f"cov_table_{metric}.csv"]
+        names = [
+            f"layers_{metric}.png",
+            *(f"heatmap_{t}_{metric}.png" for t in TARGETS),
+            f"cov_table_{metric}.png",
+            f"cov_table_{metric}.csv",
+        ]
         assert sorted(p.name for p in written) == sorted(names)
         for name in names:
             assert (out / name).stat().st_size > 0
@@ -212,8 +229,9 @@ def test_plot_profile_names_files_by_metric(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- integer ticks
-@pytest.mark.parametrize("first,last,most", [(1, 7, 12), (1, 19, 8), (0, 27, 40), (1, 49, 12), (0, 0, 5),
-                                             (1, 999, 10), (3, 40, 6)])
+@pytest.mark.parametrize(
+    "first,last,most", [(1, 7, 12), (1, 19, 8), (0, 27, 40), (1, 49, 12), (0, 0, 5), (1, 999, 10), (3, 40, 6)]
+)
 def test_step_ticks(first, last, most):
     ticks = plots.step_ticks(first, last, most)
     assert ticks and all(isinstance(t, int) for t in ticks)
@@ -276,7 +294,11 @@ def oracle_band(prof: Profile, target: str, metric: str):
         ki = key_index(prof, layer, target)
         per_step = []
         for s in range(N_STEPS - 1):
-            logs = [math.log(float(prof.values[p, ki, s, m])) for p in range(N_PROMPTS) if prof.values[p, ki, s, m] > 0]
+            logs = [
+                math.log(float(prof.values[p, ki, s, m]))
+                for p in range(N_PROMPTS)
+                if prof.values[p, ki, s, m] > 0
+            ]
             if not logs:
                 per_step.append(None)
                 continue
@@ -321,8 +343,10 @@ def test_layers_figure_draws_mean_and_geometric_band():
         expected_band = {t: oracle_band(prof, t, "l1")[layer] for t in TARGETS}
         for band, target in zip(bands, TARGETS):
             ki = key_index(prof, layer, target)
-            mean = [sum(float(prof.values[p, ki, s, m]) for p in range(N_PROMPTS)) / N_PROMPTS
-                    for s in range(N_STEPS - 1)]
+            mean = [
+                sum(float(prof.values[p, ki, s, m]) for p in range(N_PROMPTS)) / N_PROMPTS
+                for s in range(N_STEPS - 1)
+            ]
             assert list(lines[target.upper()].get_ydata()) == pytest.approx(mean, rel=1e-6)
             # the band polygon: its vertices at step s lie on the oracle's lower and upper edge
             verts = np.concatenate([p.vertices for p in band.get_paths()])

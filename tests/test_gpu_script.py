@@ -11,8 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # attention layers of the tiny configs in benchmarks/gpu/configs.py: (all captured, self-attention)
-TINY_LAYERS = {"pixart": (4, 2), "flux": (4, 4), "sd3": (2, 2), "latte": (6, 4), "cogvideox": (2, 2),
-               "mochi": (2, 2), "wan": (4, 2)}
+TINY_LAYERS = {
+    "pixart": (4, 2),
+    "flux": (4, 4),
+    "sd3": (2, 2),
+    "latte": (6, 4),
+    "cogvideox": (2, 2),
+    "mochi": (2, 2),
+    "wan": (4, 2),
+}
 CACHEABLE = ("pixart", "flux", "sd3", "latte", "cogvideox")
 
 
@@ -22,10 +29,28 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
 
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--size", "tiny", "--device", "cpu", "--out",
-         str(tmp_path), "--tiny-steps", "3", "--repeats", "1", "--compile-archs", "pixart,flux",
-         "--compile-backend", "eager"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu" / "run.sh"),
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--tiny-steps",
+            "3",
+            "--repeats",
+            "1",
+            "--compile-archs",
+            "pixart,flux",
+            "--compile-backend",
+            "eager",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "run.log").exists() and (tmp_path / "env.txt").exists()
@@ -63,16 +88,35 @@ def test_gpu_script_budget_skips_the_rest(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
     import measure
 
-    measure.main(["--size", "tiny", "--device", "cpu", "--out", str(tmp_path), "--archs", "pixart,sd3",
-                  "--budget-s", "0"])
+    measure.main(
+        [
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--archs",
+            "pixart,sd3",
+            "--budget-s",
+            "0",
+        ]
+    )
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["arch"], r["measure"]) for r in rows] == [("pixart", "skipped"), ("sd3", "skipped")]
 
 
 # published parameter counts of the transformers (billions), to keep the full-size configs honest
-PUBLISHED_PARAMS = {"pixart": 0.61, "flux": 11.9, "sd3": 2.03, "latte": 1.06, "cogvideox": 5.57, "mochi": 10.0,
-                    "wan": 1.42}
+PUBLISHED_PARAMS = {
+    "pixart": 0.61,
+    "flux": 11.9,
+    "sd3": 2.03,
+    "latte": 1.06,
+    "cogvideox": 5.57,
+    "mochi": 10.0,
+    "wan": 1.42,
+}
 
 
 def test_full_size_configs_build_and_run_on_the_meta_device():
@@ -89,7 +133,10 @@ def test_full_size_configs_build_and_run_on_the_meta_device():
         with torch.device("meta"):
             model = getattr(diffusers, arch.cls)(**arch.full).to(torch.bfloat16)
         params = sum(p.numel() for p in model.parameters()) / 1e9
-        assert abs(params - PUBLISHED_PARAMS[arch.name]) < 0.02 * PUBLISHED_PARAMS[arch.name], (arch.name, params)
+        assert abs(params - PUBLISHED_PARAMS[arch.name]) < 0.02 * PUBLISHED_PARAMS[arch.name], (
+            arch.name,
+            params,
+        )
         inputs = arch.make_inputs(dict(model.config), "full", "meta", torch.bfloat16)
         if arch.name == "mochi":  # its RoPE runs under torch.autocast, which has no meta device
             continue

@@ -87,8 +87,12 @@ def test_no_module_imports_a_layer_above_its_own():
 
 
 def test_nothing_below_the_cli_imports_it():
-    into_cli = sorted(f"{a} imports {b}" for a, deps in graph().items() for b in deps
-                      if unit(b) == "cli" and unit(a) not in ("cli", "__main__"))
+    into_cli = sorted(
+        f"{a} imports {b}"
+        for a, deps in graph().items()
+        for b in deps
+        if unit(b) == "cli" and unit(a) not in ("cli", "__main__")
+    )
     assert not into_cli, "\n".join(into_cli)
 
 
@@ -130,4 +134,6 @@ def test_no_import_cycle():
 
 def test_the_checks_catch_a_cycle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert level("ditscope.capture.recorder") < level("ditscope.profiling.runner") < level("ditscope.cli.main")
+    assert (
+        level("ditscope.capture.recorder") < level("ditscope.profiling.runner") < level("ditscope.cli.main")
+    )

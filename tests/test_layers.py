@@ -30,7 +30,9 @@ def test_nothing_below_the_cli_imports_the_cli():
         rel = path.relative_to(PACKAGE)
         if rel.parts[0] == "cli" or rel.name == "__main__.py":
             continue
-        bad = sorted(m for m in imported_modules(path) if m == "ditscope.cli" or m.startswith("ditscope.cli."))
+        bad = sorted(
+            m for m in imported_modules(path) if m == "ditscope.cli" or m.startswith("ditscope.cli.")
+        )
         if bad:
             offenders[str(rel)] = bad
     assert not offenders, offenders

@@ -29,7 +29,9 @@ def pipe():
 def test_profile_layers_are_the_engines_attention_sites_and_steps_line_up(pipe):
     profile = ditscope.profile(pipe, [PROMPT], num_inference_steps=STEPS, seed=0, guidance_scale=4.5)
     with ditscope.apply(pipe, ditscope.FORAConfig(interval=1)) as handle:  # computes everything
-        pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=4.5, generator=torch.Generator().manual_seed(0))
+        pipe(
+            PROMPT, num_inference_steps=STEPS, guidance_scale=4.5, generator=torch.Generator().manual_seed(0)
+        )
         stats = handle.stats()
     attention_sites = {s.name for s in stats.sites if s.kind in (SELF, CROSS, TEMPORAL)}
     assert set(profile.layer_names) == attention_sites
@@ -48,8 +50,9 @@ def test_output_only_sites_cover_every_site_the_cache_acts_on(pipe):
     block's recorded change is the change of its residual (output minus input)."""
     from ditscope.cache.layout import layout_of
 
-    profile = ditscope.profile(pipe, [PROMPT], num_inference_steps=STEPS, seed=0, guidance_scale=4.5,
-                               outputs="mlp,blocks")
+    profile = ditscope.profile(
+        pipe, [PROMPT], num_inference_steps=STEPS, seed=0, guidance_scale=4.5, outputs="mlp,blocks"
+    )
     _, blocks, sites, _ = layout_of(pipe.transformer)
     assert {s.name for s in sites} | {b.name for b in blocks} == set(profile.layer_names)
     out = profile.grid("out", "image", profile.default_view()["branch"], "rel_l1")
@@ -59,10 +62,16 @@ def test_output_only_sites_cover_every_site_the_cache_acts_on(pipe):
     # the block's residual, by hand, on the cond half of the batch
     block = pipe.transformer.transformer_blocks[0]
     seen = []
-    hook = block.register_forward_hook(lambda m, args, kwargs, output: seen.append(output - kwargs.get(
-        "hidden_states", args[0] if args else None)), with_kwargs=True)
+    hook = block.register_forward_hook(
+        lambda m, args, kwargs, output: seen.append(
+            output - kwargs.get("hidden_states", args[0] if args else None)
+        ),
+        with_kwargs=True,
+    )
     try:
-        pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=4.5, generator=torch.Generator().manual_seed(0))
+        pipe(
+            PROMPT, num_inference_steps=STEPS, guidance_scale=4.5, generator=torch.Generator().manual_seed(0)
+        )
     finally:
         hook.remove()
     cond = [r[1:] for r in seen]  # PixArt batches (uncond, cond)

@@ -86,7 +86,9 @@ def o_ssim_frame(a: np.ndarray, b: np.ndarray) -> float:
         var_a = np.maximum(filt(pa * pa) - mu_a**2, 0.0)
         var_b = np.maximum(filt(pb * pb) - mu_b**2, 0.0)
         cov = filt(pa * pb) - mu_a * mu_b
-        maps.append(((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)))
+        maps.append(
+            ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        )
     return float(np.mean(np.stack(maps)))
 
 
@@ -217,7 +219,12 @@ def o_hits(net, images: torch.Tensor, scenes, class_conditional: bool) -> dict:
     frames = images[:, images.shape[1] // 2] if video else images
     with torch.no_grad():
         heads = {k: v.double().numpy() for k, v in net.heads(frames.float().clamp(0, 1)).items()}
-    shapes, colors, sizes, bgs = list(data.SHAPES), list(data.COLORS), list(data.SIZES), list(data.BACKGROUNDS)
+    shapes, colors, sizes, bgs = (
+        list(data.SHAPES),
+        list(data.COLORS),
+        list(data.SIZES),
+        list(data.BACKGROUNDS),
+    )
     pooled: dict[str, list] = {}
     per_sample: dict[str, list] = {}
     mean_objects = o_mean([len(s.objects) for s in scenes])
@@ -238,10 +245,12 @@ def o_hits(net, images: torch.Tensor, scenes, class_conditional: bool) -> dict:
         everything = True
         for o in scene.objects:
             there = pred_shape[o.cell] != 0
-            checks = {"position": there,
-                      "shape": pred_shape[o.cell] == 1 + shapes.index(o.shape),
-                      "color": there and o_argmax(list(heads["color"][i, o.cell])) == colors.index(o.color),
-                      "size": there and o_argmax(list(heads["size"][i, o.cell])) == sizes.index(o.size)}
+            checks = {
+                "position": there,
+                "shape": pred_shape[o.cell] == 1 + shapes.index(o.shape),
+                "color": there and o_argmax(list(heads["color"][i, o.cell])) == colors.index(o.color),
+                "size": there and o_argmax(list(heads["size"][i, o.cell])) == sizes.index(o.size),
+            }
             for k, v in checks.items():
                 obj_hits[k].append(float(v))
                 pooled.setdefault(k, []).append(float(v))
@@ -249,7 +258,10 @@ def o_hits(net, images: torch.Tensor, scenes, class_conditional: bool) -> dict:
         n_pred = sum(1 for s in pred_shape if s != 0)
         bg_ok = o_argmax(list(heads["background"][i])) == bgs.index(scene.background)
         everything = everything and n_pred == len(scene.objects) and bg_ok
-        for k, v in obj_hits.items():  # the sample's part in the pooled accuracy: its hits over the mean objects
+        for (
+            k,
+            v,
+        ) in obj_hits.items():  # the sample's part in the pooled accuracy: its hits over the mean objects
             per_sample.setdefault(k, []).append(sum(v) / mean_objects)
         sample = {"background": float(bg_ok)}
         if video:
@@ -265,8 +277,13 @@ def o_hits(net, images: torch.Tensor, scenes, class_conditional: bool) -> dict:
     accuracy = {k: o_mean(pooled[k]) for k in pooled}
     sample_accuracy = [o_mean([per_sample[k][i] for k in scored]) for i in range(len(scenes))]
     assert o_mean(sample_accuracy) == pytest.approx(o_mean([accuracy[k] for k in scored]), abs=1e-12)
-    return {"attributes": accuracy, "accuracy": o_mean([accuracy[k] for k in scored]),
-            "sample_accuracy": sample_accuracy, "sample_all": per_sample["all"], "scored": scored}
+    return {
+        "attributes": accuracy,
+        "accuracy": o_mean([accuracy[k] for k in scored]),
+        "sample_accuracy": sample_accuracy,
+        "sample_all": per_sample["all"],
+        "scored": scored,
+    }
 
 
 # ============================================================================ driving the bench
@@ -292,17 +309,34 @@ class FakePipe:
         return SimpleNamespace(frames=batch) if batch.dim() == 5 else SimpleNamespace(images=batch)
 
 
-def run_fake_bench(tmp_path, outputs: dict, n_prompts: int, seeds: int, steps_settings: list[int], base_steps: int,
-                   scenes=None, net=None, class_conditional=False):
+def run_fake_bench(
+    tmp_path,
+    outputs: dict,
+    n_prompts: int,
+    seeds: int,
+    steps_settings: list[int],
+    base_steps: int,
+    scenes=None,
+    net=None,
+    class_conditional=False,
+):
     """The bench's own code path (run_bench, then write_outputs: results.jsonl, results.csv, results.md) on
     a FakePipe; returns the table and results.csv read back, indexed by label."""
     from ditscope.bench import BenchInputs, expand, run_bench, write_outputs
 
     prompts = [f"prompt {j}" for j in range(n_prompts)]
     settings = expand(["steps"], {"steps": steps_settings}, base_steps)
-    inputs = BenchInputs(model="fake", prompts=prompts, seeds=list(range(seeds)), steps=base_steps,
-                         guidance_scale=None, batch_size=3, repeats=0, scenes=scenes,
-                         class_conditional=class_conditional)
+    inputs = BenchInputs(
+        model="fake",
+        prompts=prompts,
+        seeds=list(range(seeds)),
+        steps=base_steps,
+        guidance_scale=None,
+        batch_size=3,
+        repeats=0,
+        scenes=scenes,
+        class_conditional=class_conditional,
+    )
     pipe = FakePipe(outputs, n_prompts)
     rows = run_bench(pipe, settings, inputs, tmp_path, evaluator_net=net, log=lambda *a: None)
     df = write_outputs(rows, tmp_path, "oracle", prompts)
@@ -327,8 +361,13 @@ def image_batches(rng, shape) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
 def expected_quality(images: torch.Tensor, reference: torch.Tensor) -> dict:
     psnr = o_per_sample(o_psnr_frame, images.numpy(), reference.numpy())
     ssim = o_per_sample(o_ssim_frame, images.numpy(), reference.numpy())
-    return {"psnr_samples": psnr, "ssim_samples": ssim, "psnr": o_mean(psnr), "ssim": o_mean(ssim),
-            "psnr_p5": o_percentile(psnr, 5)}
+    return {
+        "psnr_samples": psnr,
+        "ssim_samples": ssim,
+        "psnr": o_mean(psnr),
+        "ssim": o_mean(ssim),
+        "psnr_p5": o_percentile(psnr, 5),
+    }
 
 
 # ================================================================================= 1. the bench rows
@@ -341,13 +380,18 @@ def test_bench_psnr_ssim_p5_and_intervals_match_the_oracle(case, tmp_path):
     n_prompts, seeds = (4, 2) if case == "images" else (3, 2)
     shape = (8, 3, 12, 10) if case == "images" else (6, 5, 3, 13, 11)
     ref, cached = image_batches(rng, shape)
-    if case == "videos":  # video 2: one frame identical (100 dB), the others noisy: the cap comes before the mean
+    if (
+        case == "videos"
+    ):  # video 2: one frame identical (100 dB), the others noisy: the cap comes before the mean
         cached[3][2, 1] = ref[2, 1]
     base_steps = 5
     outputs = {base_steps: ref, **cached}
     df, csv, settings = run_fake_bench(tmp_path, outputs, n_prompts, seeds, [3, 2], base_steps)
     assert list(csv.index) == ["none", "3 steps", "2 steps"]
-    jsonl = {json.loads(line)["label"]: json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()}
+    jsonl = {
+        json.loads(line)["label"]: json.loads(line)
+        for line in (tmp_path / "results.jsonl").read_text().splitlines()
+    }
     from safetensors.torch import load_file
 
     for label, images in (("none", ref), ("3 steps", cached[3]), ("2 steps", cached[2])):
@@ -436,13 +480,25 @@ def test_bench_accuracy_drops_and_their_intervals_match_the_oracle(kind, tmp_pat
         cached[i] = torch.from_numpy(_render(kind, bench_scenes[(i + 2) % len(bench_scenes)], rng, 0.02))
     if kind == "video":
         cached[2] = ref[2].flip(0)  # the same object, moving the other way
-    cached[7] = (ref[7] + torch.from_numpy(rng.normal(0, 0.3, ref[7].shape).astype(np.float32)))
+    cached[7] = ref[7] + torch.from_numpy(rng.normal(0, 0.3, ref[7].shape).astype(np.float32))
     net = evaluator.load_evaluator()
-    df, csv, _ = run_fake_bench(tmp_path, {4: ref, 2: cached}, n_prompts, seeds, [2], 4, scenes=scenes, net=net,
-                                class_conditional=kind == "class-conditional")
+    df, csv, _ = run_fake_bench(
+        tmp_path,
+        {4: ref, 2: cached},
+        n_prompts,
+        seeds,
+        [2],
+        4,
+        scenes=scenes,
+        net=net,
+        class_conditional=kind == "class-conditional",
+    )
     base = o_hits(net, ref, bench_scenes, kind == "class-conditional")
     mine = o_hits(net, cached, bench_scenes, kind == "class-conditional")
-    jsonl = {json.loads(line)["label"]: json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()}
+    jsonl = {
+        json.loads(line)["label"]: json.loads(line)
+        for line in (tmp_path / "results.jsonl").read_text().splitlines()
+    }
     for label, hits in (("none", base), ("2 steps", mine)):
         row = csv.loc[label]
         for k, v in hits["attributes"].items():
@@ -450,7 +506,9 @@ def test_bench_accuracy_drops_and_their_intervals_match_the_oracle(kind, tmp_pat
         assert row["accuracy"] == pytest.approx(hits["accuracy"], abs=1e-12), label
         assert jsonl[label]["per_sample"]["accuracy"] == pytest.approx(hits["sample_accuracy"], abs=1e-12)
         assert jsonl[label]["per_sample"]["all"] == pytest.approx(hits["sample_all"], abs=1e-12)
-    assert [k for k in ("shape", "color", "size", "position", "background", "motion") if k in csv] == base["scored"]
+    assert [k for k in ("shape", "color", "size", "position", "background", "motion") if k in csv] == base[
+        "scored"
+    ]
     row = csv.loc["2 steps"]
     assert row["accuracy_drop"] == pytest.approx(100 * (base["accuracy"] - mine["accuracy"]), abs=1e-9)
     acc_drops = [100 * (b - m) for b, m in zip(base["sample_accuracy"], mine["sample_accuracy"])]
@@ -458,17 +516,25 @@ def test_bench_accuracy_drops_and_their_intervals_match_the_oracle(kind, tmp_pat
     assert row["all_drop"] == pytest.approx(o_mean(all_drops), abs=1e-9)
     assert row["all_drop"] == pytest.approx(100 * (csv.loc["none", "all"] - row["all"]), abs=1e-9)
     n = len(bench_scenes)  # one hit changes a mean drop by at most 100 / (samples x attributes) points
-    check_interval(acc_drops, row["accuracy_drop_lo"], row["accuracy_drop_hi"], lattice=100 / (n * len(base["scored"])),
-                   what="accuracy drop")
+    check_interval(
+        acc_drops,
+        row["accuracy_drop_lo"],
+        row["accuracy_drop_hi"],
+        lattice=100 / (n * len(base["scored"])),
+        what="accuracy drop",
+    )
     check_interval(all_drops, row["all_drop_lo"], row["all_drop_hi"], lattice=100 / n, what="all drop")
-    assert any(d != 0 for d in acc_drops) and any(d != 0 for d in all_drops), "the data should change some hits"
+    assert any(d != 0 for d in acc_drops) and any(d != 0 for d in all_drops), (
+        "the data should change some hits"
+    )
     # the uncached row against itself: no drop, a degenerate interval
     assert csv.loc["none", "accuracy_drop"] == 0 and csv.loc["none", "all_drop"] == 0
     assert csv.loc["none", "accuracy_drop_lo"] == csv.loc["none", "accuracy_drop_hi"] == 0
     # the point estimate is the mean of the paired per-sample drops the interval is of
     assert row["accuracy_drop"] == pytest.approx(o_mean(acc_drops), abs=1e-9), (
         f"accuracy_drop {row['accuracy_drop']:.4f} (pooled over objects) is not the mean of the per-sample drops "
-        f"{o_mean(acc_drops):.4f} that its interval [{row['accuracy_drop_lo']:.4f}, {row['accuracy_drop_hi']:.4f}] is of")
+        f"{o_mean(acc_drops):.4f} that its interval [{row['accuracy_drop_lo']:.4f}, {row['accuracy_drop_hi']:.4f}] is of"
+    )
 
 
 # ============================================================================ 2. the bench end to end
@@ -489,7 +555,9 @@ def _uncached(pipe, prompts, seed, steps, guidance_scale=None):
     gens = [torch.Generator().manual_seed(seed * 100_003 + j) for j in range(len(prompts))]
     kwargs = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
     with torch.inference_mode():
-        return pipe(list(prompts), num_inference_steps=steps, generator=gens, output_type="pt", **kwargs).images.float()
+        return pipe(
+            list(prompts), num_inference_steps=steps, generator=gens, output_type="pt", **kwargs
+        ).images.float()
 
 
 def test_cli_bench_results_csv_matches_the_oracle_on_its_saved_images(pixart, tmp_path, one_thread):
@@ -503,18 +571,43 @@ def test_cli_bench_results_csv_matches_the_oracle_on_its_saved_images(pixart, tm
     from ditscope.zoo import evaluator
 
     out = tmp_path / "b"
-    result = CliRunner().invoke(app, ["bench", "tiny-pixart", "--methods", "fora", "--grid", "quick", "--prompts", "3",
-                                      "--seeds", "2", "--steps", str(BENCH_STEPS), "--repeats", "0",
-                                      "--batch-size", "3", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "tiny-pixart",
+            "--methods",
+            "fora",
+            "--grid",
+            "quick",
+            "--prompts",
+            "3",
+            "--seeds",
+            "2",
+            "--steps",
+            str(BENCH_STEPS),
+            "--repeats",
+            "0",
+            "--batch-size",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "bench.json").read_text())
     csv = pd.read_csv(out / "results.csv")
-    images = {r["label"]: load_file(str(out / "images" / f"{r['key']}.safetensors"))["images"] for _, r in csv.iterrows()}
+    images = {
+        r["label"]: load_file(str(out / "images" / f"{r['key']}.safetensors"))["images"]
+        for _, r in csv.iterrows()
+    }
     assert list(images) == ["none", "fora interval=3", "fora interval=4"]
     ref = images["none"]
     assert tuple(ref.shape) == (6, 3, 32, 32)
     # the reference: sample s * 3 + j is prompt j under seed s, uncached
-    mine = torch.cat([_uncached(pixart, meta["prompts"], s, BENCH_STEPS, meta["guidance_scale"]) for s in (0, 1)])
+    mine = torch.cat(
+        [_uncached(pixart, meta["prompts"], s, BENCH_STEPS, meta["guidance_scale"]) for s in (0, 1)]
+    )
     assert torch.allclose(ref, mine, atol=1e-5), float((ref - mine).abs().max())
     scenes = evaluator.evaluation_scenes(3, seed=meta["prompt_seed"])
     assert [s.caption() for s in scenes] == meta["prompts"]
@@ -527,11 +620,16 @@ def test_cli_bench_results_csv_matches_the_oracle_on_its_saved_images(pixart, tm
         assert row["psnr_p5"] == pytest.approx(want["psnr_p5"], abs=1e-4), row["label"]
         for col, key in (("psnr", "psnr_samples"), ("ssim", "ssim_samples")):
             lo, hi = o_bootstrap_replica(want[key])
-            assert (row[f"{col}_lo"], row[f"{col}_hi"]) == pytest.approx((lo, hi), abs=1e-4), (row["label"], col)
+            assert (row[f"{col}_lo"], row[f"{col}_hi"]) == pytest.approx((lo, hi), abs=1e-4), (
+                row["label"],
+                col,
+            )
         hits = o_hits(net, images[row["label"]], scenes * 2, False)
         assert row["accuracy"] == pytest.approx(hits["accuracy"], abs=1e-12)
         assert row["all"] == pytest.approx(o_mean(hits["sample_all"]), abs=1e-12)
-        assert row["accuracy_drop"] == pytest.approx(100 * (base_hits["accuracy"] - hits["accuracy"]), abs=1e-9)
+        assert row["accuracy_drop"] == pytest.approx(
+            100 * (base_hits["accuracy"] - hits["accuracy"]), abs=1e-9
+        )
         drops = [100 * (b - m) for b, m in zip(base_hits["sample_all"], hits["sample_all"])]
         assert row["all_drop"] == pytest.approx(o_mean(drops), abs=1e-9)
     assert csv.set_index("label").loc["fora interval=4", "psnr"] < CAP
@@ -539,8 +637,12 @@ def test_cli_bench_results_csv_matches_the_oracle_on_its_saved_images(pixart, tm
 
 # ===================================================================== 3. tune's and the planner's numbers
 CAL_STEPS = 6
-CAL_PROMPTS = ["a red circle", "a blue square on the left", "a small green triangle",
-               "a large blue circle at the top"]  # 4 prompts, 3 channels, 32 x 32: N apart from C, H and W
+CAL_PROMPTS = [
+    "a red circle",
+    "a blue square on the left",
+    "a small green triangle",
+    "a large blue circle at the top",
+]  # 4 prompts, 3 channels, 32 x 32: N apart from C, H and W
 
 
 def _capture(monkeypatch):
@@ -573,8 +675,13 @@ def _capture(monkeypatch):
 def expected_calibration(images, reference) -> dict:
     psnr = o_per_sample(o_psnr_frame, images.numpy(), reference.numpy())
     ssim = o_per_sample(o_ssim_frame, images.numpy(), reference.numpy())
-    return {"psnr": o_mean(psnr), "psnr_lo": o_bootstrap_replica(psnr)[0], "psnr_min": min(psnr),
-            "ssim": o_mean(ssim), "ssim_lo": o_bootstrap_replica(ssim)[0]}
+    return {
+        "psnr": o_mean(psnr),
+        "psnr_lo": o_bootstrap_replica(psnr)[0],
+        "psnr_min": min(psnr),
+        "ssim": o_mean(ssim),
+        "ssim_lo": o_bootstrap_replica(ssim)[0],
+    }
 
 
 def check_rounded(recorded: dict, want: dict, what: str):
@@ -613,7 +720,10 @@ def test_tune_calibration_quality_matches_the_oracle(pixart, monkeypatch, one_th
     assert printed
     for m in printed:
         want = expected[json.dumps(["fora", {"interval": int(m[1])}], sort_keys=True)]
-        assert abs(float(m[2]) - want["psnr"]) <= 0.005 + 1e-4 and abs(float(m[3]) - want["psnr_lo"]) <= 0.005 + 1e-4
+        assert (
+            abs(float(m[2]) - want["psnr"]) <= 0.005 + 1e-4
+            and abs(float(m[3]) - want["psnr_lo"]) <= 0.005 + 1e-4
+        )
         assert abs(float(m[4]) - want["ssim"]) <= 0.0005 + 1e-4
 
 
@@ -635,8 +745,17 @@ def test_plan_quality_and_finalists_match_the_oracle(pixart, monkeypatch, one_th
     monkeypatch.setattr(planner, "_choose", choosing)
     lines: list[str] = []
     with torch.inference_mode():
-        plan = ditscope.plan(pixart, CAL_PROMPTS, "psnr=20", CAL_STEPS, batch_size=4, iterations=3, cost="flops",
-                             modes=("stack", "sites"), progress=lines.append)
+        plan = ditscope.plan(
+            pixart,
+            CAL_PROMPTS,
+            "psnr=20",
+            CAL_STEPS,
+            batch_size=4,
+            iterations=3,
+            cost="flops",
+            modes=("stack", "sites"),
+            progress=lines.append,
+        )
     reference = next(iter(seen.values()))[1]
     assert torch.allclose(reference, _uncached(pixart, CAL_PROMPTS, 0, CAL_STEPS), atol=1e-5)
     assert all(torch.equal(r, reference) for _, r in seen.values())
@@ -654,4 +773,6 @@ def test_plan_quality_and_finalists_match_the_oracle(pixart, monkeypatch, one_th
     # the per-mode lines it prints: "MODE: X.XXx predicted, PSNR YY.Y dB"
     for mode, schedule, _ in finalists:
         f_want = expected_calibration(*seen[planner.Evaluations.key(schedule)])
-        assert any(line.startswith(f"{mode}: ") and f"PSNR {f_want['psnr']:.1f} dB" in line for line in lines), mode
+        assert any(
+            line.startswith(f"{mode}: ") and f"PSNR {f_want['psnr']:.1f} dB" in line for line in lines
+        ), mode

@@ -28,7 +28,9 @@ TARGETS = ("k", "v", "a")
 
 
 # ------------------------------------------------------------------------------- hand-built profiles
-def build(n_prompts: int, n_layers: int, n_steps: int, seed: int, cross_every: int = 3, model: str = "hand") -> Profile:
+def build(
+    n_prompts: int, n_layers: int, n_steps: int, seed: int, cross_every: int = 3, model: str = "hand"
+) -> Profile:
     """A profile of `n_steps` sampling steps (n_steps - 1 distances). Every layer has image-stream keys for
     the cond and uncond branches; every `cross_every`-th layer is a cross-attention layer whose K and V are
     text keys that never change (distance 0), as in PixArt's attn2. Decoy keys (the uncond branch, a text
@@ -58,10 +60,15 @@ def build(n_prompts: int, n_layers: int, n_steps: int, seed: int, cross_every: i
         noise = rng.lognormal(0.0, 0.15, size=(n_prompts, s))
         for mi in range(len(METRICS)):
             values[:, ki, :, mi] = level * prompt_effect * noise * (1 + mi)
-    return Profile(keys=keys, layer_names=[f"blocks.{i}.attn" for i in range(n_layers)],
-                   timesteps=list(np.linspace(999, 1, n_steps)), prompt_index=np.arange(n_prompts),
-                   values=values, stats=RunningStats.of(values),
-                   meta={"model": model, "scheduler": "hand", "seed": 0, "num_inference_steps": n_steps})
+    return Profile(
+        keys=keys,
+        layer_names=[f"blocks.{i}.attn" for i in range(n_layers)],
+        timesteps=list(np.linspace(999, 1, n_steps)),
+        prompt_index=np.arange(n_prompts),
+        values=values,
+        stats=RunningStats.of(values),
+        meta={"model": model, "scheduler": "hand", "seed": 0, "num_inference_steps": n_steps},
+    )
 
 
 def key_index(prof: Profile, layer: int, target: str, stream: str, branch: str) -> int | None:
@@ -132,7 +139,10 @@ def hand_mean_cov(prof: Profile, target: str, prompts=None, metric: int = 0) -> 
     return mean(cells)
 
 
-SHAPES = [(5, 7, 10), (13, 4, 7)]  # (prompts, layers, steps): all different; the second has more prompts than layers
+SHAPES = [
+    (5, 7, 10),
+    (13, 4, 7),
+]  # (prompts, layers, steps): all different; the second has more prompts than layers
 
 
 @pytest.mark.parametrize("n_prompts,n_layers,n_steps", SHAPES)
@@ -154,7 +164,10 @@ def test_cov_over_prompts_and_its_interval_equal_a_hand_computation(n_prompts, n
     # BCa interval by its textbook formulas
     rng = np.random.default_rng(3)
     for t in got:
-        boots = [hand_mean_cov(prof, t, [int(i) for i in rng.integers(0, n_prompts, n_prompts)]) for _ in range(n_boot)]
+        boots = [
+            hand_mean_cov(prof, t, [int(i) for i in rng.integers(0, n_prompts, n_prompts)])
+            for _ in range(n_boot)
+        ]
         jack = [hand_mean_cov(prof, t, [q for q in range(n_prompts) if q != i]) for i in range(n_prompts)]
         lo, hi = hand_bca(hand_mean_cov(prof, t), boots, jack)
         assert got[t]["lo"] == pytest.approx(lo, rel=1e-9)
@@ -258,7 +271,9 @@ def test_steps_and_scheduler_studies_equal_a_hand_computation(tmp_path, monkeypa
     # one model (6 layers) at 7, 12 and 23 steps (or three schedulers whose runs differ in length): the
     # distances differ in length, and are compared on the normalised step axis
     profiles = {"7": build(5, 6, 7, seed=7), "12": build(5, 6, 12, seed=12), "23": build(5, 6, 23, seed=23)}
-    monkeypatch.setattr(study_runner, "ensure_profile", lambda out, model, variant, *a, **k: profiles[variant.split("-")[1]])
+    monkeypatch.setattr(
+        study_runner, "ensure_profile", lambda out, model, variant, *a, **k: profiles[variant.split("-")[1]]
+    )
     result = study_runner.study_variants(kind, "hand", {n: {} for n in profiles}, None, tmp_path)
     maps = {n: {t: hand_log_map(p, t) for t in TARGETS} for n, p in profiles.items()}
     flat = {n: {t: [v for row in m for v in row] for t, m in ms.items()} for n, ms in maps.items()}
@@ -296,13 +311,19 @@ def test_change_point_on_a_known_step():
 def hand_depth_map(rows, points: int = analysis.DEPTH_POINTS):
     good = [r for r in rows if all(math.isfinite(v) for v in r)]
     src = [i / (len(good) - 1) for i in range(len(good))]
-    return [[interp(src, [r[j] for r in good], d / (points - 1)) for j in range(len(good[0]))] for d in range(points)]
+    return [
+        [interp(src, [r[j] for r in good], d / (points - 1)) for j in range(len(good[0]))]
+        for d in range(points)
+    ]
 
 
 def test_models_study_matrix_equals_a_hand_computation(tmp_path, monkeypatch):
     # three models of 5, 7 and 9 layers at 8, 11 and 15 steps
-    profiles = {"m5": build(4, 5, 8, seed=5), "m7": build(6, 7, 11, seed=7, cross_every=2),
-                "m9": build(3, 9, 15, seed=9)}
+    profiles = {
+        "m5": build(4, 5, 8, seed=5),
+        "m7": build(6, 7, 11, seed=7, cross_every=2),
+        "m9": build(3, 9, 15, seed=9),
+    }
     monkeypatch.setattr(study_runner, "ensure_profile", lambda out, model, *a, **k: profiles[model])
     result = study_runner.study_models(list(profiles), None, tmp_path)
     depth = {n: {t: hand_depth_map(hand_log_map(p, t)) for t in TARGETS} for n, p in profiles.items()}
@@ -313,7 +334,10 @@ def test_models_study_matrix_equals_a_hand_computation(tmp_path, monkeypatch):
             if i == j:
                 assert result["matrix"][i][j] == 1.0
                 continue
-            rs = [pearson([v for r in depth[a][t] for v in r], [v for r in depth[b][t] for v in r]) for t in TARGETS]
+            rs = [
+                pearson([v for r in depth[a][t] for v in r], [v for r in depth[b][t] for v in r])
+                for t in TARGETS
+            ]
             assert result["matrix"][i][j] == pytest.approx(mean(rs), abs=1e-9)
             off.append(mean(rs))
     assert result["r"] == pytest.approx(mean(off), abs=1e-9)

@@ -15,17 +15,38 @@ from ditscope.cache import REGISTRY
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("split_by", ["ulysses", "ring"])  # ring: tests/cp_worker.py's attention op gives the LSE
-@pytest.mark.parametrize("family", ["flux", "wan"])  # joint attention split at the model; cross-attention, split at the first block
+@pytest.mark.parametrize(
+    "split_by", ["ulysses", "ring"]
+)  # ring: tests/cp_worker.py's attention op gives the LSE
+@pytest.mark.parametrize(
+    "family", ["flux", "wan"]
+)  # joint attention split at the model; cross-attention, split at the first block
 def test_every_method_under_context_parallelism_decides_alike_on_every_rank(family, split_by, tmp_path):
     out = tmp_path / family
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     try:  # a hang (ranks deciding differently) fails here instead of stalling CI
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(HERE / "cp_worker.py"), str(out), family, split_by], env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                str(HERE / "cp_worker.py"),
+                str(out),
+                family,
+                split_by,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-rank run did not finish in 300 s (a collective waiting on a rank that skipped?): {e.stdout}")
+        pytest.fail(
+            f"2-rank run did not finish in 300 s (a collective waiting on a rank that skipped?): {e.stdout}"
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
     assert set(ranks[0]) == set(REGISTRY) - {"plan"}
@@ -33,7 +54,10 @@ def test_every_method_under_context_parallelism_decides_alike_on_every_rank(fami
         a, b = ranks[0][name], ranks[1][name]
         assert a["decisions"] == b["decisions"], f"{name}: the ranks took different decisions"
         assert a["cached_vs_uncached"] > 1e-3, f"{name}: the cache changed nothing: the test shows nothing"
-        if name in ("toca", "duca"):  # token counts: each rank's modules saw half the sequence (the split is real)
+        if name in (
+            "toca",
+            "duca",
+        ):  # token counts: each rank's modules saw half the sequence (the split is real)
             assert a["tokens"] * 2 == a["one_process_tokens"] and b["tokens"] == a["tokens"]
         assert a["decisions"] == a["one_process_decisions"], f"{name}: decided otherwise than one process"
         assert a["max_diff"] < 1e-4 and b["max_diff"] < 1e-4, (name, a["max_diff"], b["max_diff"])
@@ -47,16 +71,36 @@ def test_profiling_a_model_split_by_ulysses_measures_what_one_process_measures(f
     out = tmp_path / family
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     try:
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(HERE / "cp_worker.py"), str(out), family, "ulysses", "profile"], env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                str(HERE / "cp_worker.py"),
+                str(out),
+                family,
+                "ulysses",
+                "profile",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"2-rank profile did not finish in 300 s: {e.stdout}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for r in (0, 1):
         found = json.loads(Path(f"{out}.rank{r}.json").read_text())
         one, split = found["one"], found["split"]
-        assert sorted(one) == sorted(split) and any("/text/" in k for k in one) and any("/out/" in k for k in one)
+        assert (
+            sorted(one) == sorted(split)
+            and any("/text/" in k for k in one)
+            and any("/out/" in k for k in one)
+        )
         for key in one:
             a, b = torch.tensor(one[key]), torch.tensor(split[key])
             assert a.shape == b.shape, key
@@ -68,7 +112,9 @@ def test_profiling_a_model_split_by_ulysses_measures_what_one_process_measures(f
         one, split = found["calibration_one"], found["calibration_split"]
         assert sorted(one) == sorted(split) and len(one) > 100
         for key in one:
-            torch.testing.assert_close(torch.tensor(split[key]), torch.tensor(one[key]), rtol=1e-4, atol=1e-6, msg=key)
+            torch.testing.assert_close(
+                torch.tensor(split[key]), torch.tensor(one[key]), rtol=1e-4, atol=1e-6, msg=key
+            )
 
 
 @pytest.mark.parametrize("how", ["whole", "regional"])
@@ -106,15 +152,43 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
     from ditscope.cli.main import app
 
     monkeypatch.chdir(tmp_path)
-    args = ["plan", "tiny-pixart", "--target", "psnr=25", "--steps", "6", "--n-prompts", "3", "--cost", "flops",
-            "--iterations", "3"]
+    args = [
+        "plan",
+        "tiny-pixart",
+        "--target",
+        "psnr=25",
+        "--steps",
+        "6",
+        "--n-prompts",
+        "3",
+        "--cost",
+        "flops",
+        "--iterations",
+        "3",
+    ]
     one = CliRunner().invoke(app, [*args, "--out", "one.plan.json"])
     assert one.exit_code == 0, one.output
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     try:
-        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              "-m", "ditscope", *args, "--out", "two.plan.json"], env=env, capture_output=True,
-                             text=True, timeout=300)
+        two = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "ditscope",
+                *args,
+                "--out",
+                "two.plan.json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"2-rank plan did not finish in 300 s: {e.stdout}")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -141,13 +215,17 @@ def test_a_plan_run_in_another_layout_warns_or_is_refused():
         warnings.simplefilter("error")  # made on 2 data-parallel ranks: the model ran as it runs here
         ditscope.apply(model, ditscope.PlanConfig(plan), num_inference_steps=4).remove()
     plan.meta["layout"]["ulysses_degree"] = 2
-    with pytest.warns(DitscopeWarning, match="ulysses degree 2, ring degree 1, compiled no runs with ulysses degree 1"):
+    with pytest.warns(
+        DitscopeWarning, match="ulysses degree 2, ring degree 1, compiled no runs with ulysses degree 1"
+    ):
         ditscope.apply(model, ditscope.PlanConfig(plan), num_inference_steps=4).remove()
     with pytest.raises(DitscopeError, match="strict=True"):
         ditscope.apply(model, ditscope.PlanConfig(plan, strict=True), num_inference_steps=4)
     plan.meta["layout"]["ulysses_degree"] = 1
     with pytest.warns(DitscopeWarning, match="compiled whole"):
-        ditscope.apply(torch.compile(model, backend="eager"), ditscope.PlanConfig(plan), num_inference_steps=4).remove()
+        ditscope.apply(
+            torch.compile(model, backend="eager"), ditscope.PlanConfig(plan), num_inference_steps=4
+        ).remove()
 
 
 def test_bad_input_under_torchrun_is_one_line_on_every_rank_and_no_rank_waits(tmp_path):
@@ -155,16 +233,41 @@ def test_bad_input_under_torchrun_is_one_line_on_every_rank_and_no_rank_waits(tm
     waiting in a collective, nothing is written."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     try:
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "ditscope", "plan", "tiny-pixart", "--n-prompts", "1", "--steps", "4",
-                               "--out", str(tmp_path / "p.plan.json")], env=env, capture_output=True, text=True,
-                              timeout=240, cwd=tmp_path)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "ditscope",
+                "plan",
+                "tiny-pixart",
+                "--n-prompts",
+                "1",
+                "--steps",
+                "4",
+                "--out",
+                str(tmp_path / "p.plan.json"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=tmp_path,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("a rank was left waiting")
     message = "error: 2 ranks share 1 calibration prompts: give at least one per rank"
     assert done.stderr.count(message) == 2, done.stderr[-3000:]
-    assert done.stderr.count("exitcode: 2") == 2 or done.returncode != 0  # torchrun reports each rank's exit 2
-    assert "/ditscope/" not in done.stderr  # no ditscope frame in any traceback: the launcher's report is its own
+    assert (
+        done.stderr.count("exitcode: 2") == 2 or done.returncode != 0
+    )  # torchrun reports each rank's exit 2
+    assert (
+        "/ditscope/" not in done.stderr
+    )  # no ditscope frame in any traceback: the launcher's report is its own
     assert list(tmp_path.iterdir()) == []
 
 
@@ -172,9 +275,24 @@ def _two_ranks(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Com
     """`torchrun --nproc-per-node 2 -m ditscope ARGS`; a hang fails the test instead of stalling it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     try:
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "ditscope", *args], env=env, capture_output=True, text=True, timeout=timeout,
-                              cwd=cwd)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "ditscope",
+                *args,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"2 ranks did not finish {args[0]} in {timeout} s (a rank left waiting?): {e.stdout}")
 
@@ -192,8 +310,24 @@ def _one_process(args: list[str]):
 def test_a_bench_on_two_ranks_is_the_bench_one_process_runs(tmp_path, monkeypatch):
     """Each rank runs a share of every setting's samples; the first rank scores and writes the same rows."""
     monkeypatch.chdir(tmp_path)
-    args = ["bench", "tiny-pixart", "--methods", "toca", "--grid", "quick", "--prompts", "3", "--seeds", "1",
-            "--steps", "4", "--repeats", "1", "--batch-size", "2"]
+    args = [
+        "bench",
+        "tiny-pixart",
+        "--methods",
+        "toca",
+        "--grid",
+        "quick",
+        "--prompts",
+        "3",
+        "--seeds",
+        "1",
+        "--steps",
+        "4",
+        "--repeats",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     _one_process([*args, "--out", "one"])
     two = _two_ranks([*args, "--out", "two"], tmp_path)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -227,7 +361,18 @@ def test_an_evaluation_on_two_ranks_is_the_evaluation_one_process_makes(tmp_path
 def test_tune_on_two_ranks_fits_what_one_process_fits(tmp_path, monkeypatch):
     """(A study on two ranks is its profiles on two ranks: tests/test_cli.py's torchrun profile test.)"""
     monkeypatch.chdir(tmp_path)
-    args = ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=24", "--n-prompts", "2", "--steps", "8"]
+    args = [
+        "tune",
+        "tiny-pixart",
+        "--method",
+        "fora",
+        "--target",
+        "psnr=24",
+        "--n-prompts",
+        "2",
+        "--steps",
+        "8",
+    ]
     _one_process([*args, "--out", "one.json"])
     two = _two_ranks([*args, "--out", "two.json"], tmp_path)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
@@ -236,9 +381,26 @@ def test_tune_on_two_ranks_fits_what_one_process_fits(tmp_path, monkeypatch):
 
 
 def test_more_ranks_than_samples_is_one_line_on_every_rank(tmp_path):
-    done = _two_ranks(["bench", "tiny-pixart", "--methods", "fora", "--prompts", "1", "--seeds", "1", "--steps", "4",
-                       "--out", str(tmp_path / "o")], tmp_path, timeout=240)
-    assert done.stderr.count("error: 2 ranks share 1 samples (prompts x seeds): give at least one per rank") == 2, \
-        done.stderr[-3000:]
+    done = _two_ranks(
+        [
+            "bench",
+            "tiny-pixart",
+            "--methods",
+            "fora",
+            "--prompts",
+            "1",
+            "--seeds",
+            "1",
+            "--steps",
+            "4",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        tmp_path,
+        timeout=240,
+    )
+    assert (
+        done.stderr.count("error: 2 ranks share 1 samples (prompts x seeds): give at least one per rank") == 2
+    ), done.stderr[-3000:]
     assert "/ditscope/" not in done.stderr
     assert list(tmp_path.iterdir()) == []

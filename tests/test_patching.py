@@ -13,7 +13,7 @@ def test_a_class_method_shows_through_again_and_an_own_attribute_comes_back():
     layer = torch.nn.Linear(2, 2)
     assert "forward" not in vars(layer)
     with Patches() as patches:
-        original = patches.wrap(layer, "forward", lambda f: (lambda x: f(x) * 0))
+        original = patches.wrap(layer, "forward", lambda f: lambda x: f(x) * 0)
         assert torch.equal(layer(torch.ones(1, 2)), torch.zeros(1, 2))
     assert "forward" not in vars(layer)  # nothing left on the instance
     own = lambda x: x  # noqa: E731

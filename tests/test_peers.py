@@ -29,7 +29,9 @@ AGGRESSIVE = {
     "tgate": {"gate_step": 4, "warm_up": 1, "sp_interval": 2},
 }
 
-needs_tiny_pixart = pytest.mark.skipif(not zoo.available("tiny-pixart"), reason="tiny-pixart weights are not shipped")
+needs_tiny_pixart = pytest.mark.skipif(
+    not zoo.available("tiny-pixart"), reason="tiny-pixart weights are not shipped"
+)
 
 
 class Counted:
@@ -48,8 +50,13 @@ class Counted:
 
     def run(self, seed: int = 0):
         self.rows = 0
-        return self.pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=4.5,
-                         generator=[torch.Generator().manual_seed(seed)], output_type="pt").images
+        return self.pipe(
+            PROMPT,
+            num_inference_steps=STEPS,
+            guidance_scale=4.5,
+            generator=[torch.Generator().manual_seed(seed)],
+            output_type="pt",
+        ).images
 
     def calibrate(self):
         return self.run(seed=1)
@@ -72,7 +79,11 @@ def _residue(pipe) -> dict:
     return {
         "attrs": {name: sorted(vars(m)) for name, m in t.named_modules()},
         "order": [name for name, _ in t.named_modules()],
-        "hooks": [name for name, m in t.named_modules() if getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks],
+        "hooks": [
+            name
+            for name, m in t.named_modules()
+            if getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks
+        ],
         "pipe": sorted(vars(pipe)),
         "class": {k: id(v) for k, v in vars(type(pipe)).items()},
     }
@@ -126,7 +137,9 @@ def test_peer_can_be_reapplied(counted, baseline):
 
 
 @needs_tiny_pixart
-@pytest.mark.parametrize("name", ["diffusers-fbcache", "cachedit-dbcache", "diffusers-magcache", "smoothcache", "tgate"])
+@pytest.mark.parametrize(
+    "name", ["diffusers-fbcache", "cachedit-dbcache", "diffusers-magcache", "smoothcache", "tgate"]
+)
 def test_peer_that_fails_to_run_is_peer_unavailable_and_removed(counted, name):
     pytest.importorskip(PEERS[name].package)
     before = _residue(counted.pipe)
@@ -149,19 +162,26 @@ def test_unknown_option_is_a_ditscope_error(name):
     assert all(key in message for key in peer_options(name))
 
 
-@pytest.mark.parametrize(("name", "options"), [
-    ("diffusers-fbcache", {"threshold": "high"}),
-    ("diffusers-pab", {"spatial_attention_timestep_skip_range": [100]}),
-    ("cachedit-dbcache", {"Fn_compute_blocks": 1.5}),
-])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("diffusers-fbcache", {"threshold": "high"}),
+        ("diffusers-pab", {"spatial_attention_timestep_skip_range": [100]}),
+        ("cachedit-dbcache", {"Fn_compute_blocks": 1.5}),
+    ],
+)
 def test_badly_typed_option_is_a_ditscope_error(name, options):
     with pytest.raises(DitscopeError, match=next(iter(options))):
-        apply_peer(name, types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), options, STEPS, lambda: None)
+        apply_peer(
+            name, types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), options, STEPS, lambda: None
+        )
 
 
 def test_unknown_peer_is_a_ditscope_error():
     with pytest.raises(DitscopeError, match="diffusers-fbcache"):
-        apply_peer("no-such-peer", types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), {}, STEPS, lambda: None)
+        apply_peer(
+            "no-such-peer", types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), {}, STEPS, lambda: None
+        )
 
 
 def test_grids_are_small_and_valid():
@@ -172,8 +192,17 @@ def test_grids_are_small_and_valid():
             assert set(options) <= set(peer_options(name)), (name, options)
 
 
-@pytest.mark.parametrize("name", ["diffusers-pab", "diffusers-fbcache", "diffusers-taylorseer", "cachedit-dbcache",
-                                  "smoothcache", "tgate"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "diffusers-pab",
+        "diffusers-fbcache",
+        "diffusers-taylorseer",
+        "cachedit-dbcache",
+        "smoothcache",
+        "tgate",
+    ],
+)
 def test_unsupported_model_is_peer_unavailable(name):
     pytest.importorskip(PEERS[name].package)
     linear = torch.nn.Linear(2, 2)
@@ -186,7 +215,13 @@ def test_unsupported_model_is_peer_unavailable(name):
 def test_missing_cache_dit_is_peer_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "cache_dit", None)  # import cache_dit -> ImportError
     with pytest.raises(PeerUnavailable, match="pip install ditscope\\[peers\\]"):
-        apply_peer("cachedit-dbcache", types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), {}, STEPS, lambda: None)
+        apply_peer(
+            "cachedit-dbcache",
+            types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)),
+            {},
+            STEPS,
+            lambda: None,
+        )
 
 
 # ------------------------------------------------------------------------------ the other families
@@ -229,8 +264,16 @@ NOT_ON_OTHER_FAMILIES = {"smoothcache": "BasicTransformerBlocks", "tgate": "T-GA
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("name", ["MochiTransformer3DModel", "HunyuanVideoTransformer3DModel", "WanTransformer3DModel",
-                                  "QwenImageTransformer2DModel", "SD3Transformer2DModel"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MochiTransformer3DModel",
+        "HunyuanVideoTransformer3DModel",
+        "WanTransformer3DModel",
+        "QwenImageTransformer2DModel",
+        "SD3Transformer2DModel",
+    ],
+)
 def test_peers_on_the_other_families(name):
     pipe = ModelPipe(name)
     reference = pipe()
@@ -249,7 +292,9 @@ def test_peers_on_the_other_families(name):
                 cached = pipe()
             finally:
                 remove()
-            assert torch.isfinite(cached).all() and not torch.equal(cached, reference), f"{peer} cached nothing on {name}"
+            assert torch.isfinite(cached).all() and not torch.equal(cached, reference), (
+                f"{peer} cached nothing on {name}"
+            )
         assert torch.equal(pipe(), reference), f"{peer} on {name}: not restored"
         assert {n: sorted(vars(m)) for n, m in pipe.transformer.named_modules()} == before, peer
 
@@ -291,15 +336,21 @@ def test_smoothcache_calibrates_on_the_calibration_run_it_is_given(counted, base
 
     def calibrate():
         calls.append("calibrate")
-        return counted.pipe(["a small green triangle at the top on a black background"] * 2, num_inference_steps=STEPS,
-                            guidance_scale=4.5, generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
-                            output_type="pt")
+        return counted.pipe(
+            ["a small green triangle at the top on a black background"] * 2,
+            num_inference_steps=STEPS,
+            guidance_scale=4.5,
+            generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+            output_type="pt",
+        )
 
     calibrate.key = "test-calibration"
     errors = calibration(counted.pipe.transformer, calibrate, STEPS, ["attn1", "attn2", "ff"], 3)
     calls.clear()
     for alpha in (0.2, 0.4):
-        remove = apply_peer("smoothcache", counted.pipe, {"alpha": alpha}, STEPS, counted.calibrate, calibrate)
+        remove = apply_peer(
+            "smoothcache", counted.pipe, {"alpha": alpha}, STEPS, counted.calibrate, calibrate
+        )
         try:
             assert remove.schedule == {k: schedule_from_errors(e, alpha) for k, e in errors.items()}
         finally:
@@ -314,7 +365,9 @@ def _greedy(errors, alpha):
     steps, lookahead = len(errors), len(errors[0])
     computed, i = [0], 0
     while i < steps - 1:
-        k = max([k for k in range(1, lookahead + 1) if i + k < steps and errors[i + k][k - 1] <= alpha], default=0)
+        k = max(
+            [k for k in range(1, lookahead + 1) if i + k < steps and errors[i + k][k - 1] <= alpha], default=0
+        )
         i = i + k + 1
         if i < steps:
             computed.append(i)
@@ -331,8 +384,10 @@ def test_smoothcache_schedule_follows_the_greedy_rule():
     assert schedule_from_errors(errors, 1.0) == [1, 0, 0, 1, 0, 0, 1]
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
-        table = [[None if t < k else v for k, v in enumerate(row, start=1)]
-                 for t, row in enumerate(torch.rand(9, 3, generator=generator).tolist())]
+        table = [
+            [None if t < k else v for k, v in enumerate(row, start=1)]
+            for t, row in enumerate(torch.rand(9, 3, generator=generator).tolist())
+        ]
         filled = [[1e9 if v is None else v for v in row] for row in table]
         for alpha in (0.1, 0.3, 0.6):
             assert schedule_from_errors(table, alpha) == _greedy(filled, alpha)
@@ -355,14 +410,24 @@ def test_smoothcache_calibration_matches_a_plain_loop(counted):
         def hook(module, args, output):
             n = sum(1 for key in raw if key[2:] == (b, kind))
             raw[(n // steps, n % steps, b, kind)] = output.detach().clone()
+
         return hook
 
     def run():
         for c in range(calls):
-            pipe(["a large red circle on the left on a grey background"], num_inference_steps=steps, guidance_scale=4.5,
-                 generator=[torch.Generator().manual_seed(40 + c)], output_type="pt")
+            pipe(
+                ["a large red circle on the left on a grey background"],
+                num_inference_steps=steps,
+                guidance_scale=4.5,
+                generator=[torch.Generator().manual_seed(40 + c)],
+                output_type="pt",
+            )
 
-    handles = [getattr(block, kind).register_forward_hook(record(b, kind)) for b, block in enumerate(blocks) for kind in kinds]
+    handles = [
+        getattr(block, kind).register_forward_hook(record(b, kind))
+        for b, block in enumerate(blocks)
+        for kind in kinds
+    ]
     try:
         errors = calibration(pipe.transformer, run, steps, list(kinds), lookahead)
     finally:
@@ -386,11 +451,14 @@ def test_smoothcache_calibration_matches_a_plain_loop(counted):
                 assert table[t][k - 1] == pytest.approx(total / (calls * len(blocks)), rel=1e-9)
 
 
-@pytest.mark.parametrize(("model", "name", "why"), [
-    ("tiny-mmdit", "smoothcache", "BasicTransformerBlocks"),
-    ("tiny-mmdit", "tgate", "JointAttnProcessor2_0"),
-    ("tiny-dit", "tgate", "cross-attention"),
-])
+@pytest.mark.parametrize(
+    ("model", "name", "why"),
+    [
+        ("tiny-mmdit", "smoothcache", "BasicTransformerBlocks"),
+        ("tiny-mmdit", "tgate", "JointAttnProcessor2_0"),
+        ("tiny-dit", "tgate", "cross-attention"),
+    ],
+)
 def test_smoothcache_and_tgate_on_zoo_models_they_cannot_run(model, name, why):
     pytest.importorskip(PEERS[name].package)
     if not zoo.available(model):
@@ -403,7 +471,9 @@ def test_smoothcache_and_tgate_on_zoo_models_they_cannot_run(model, name, why):
     assert {n: sorted(vars(m)) for n, m in pipe.transformer.named_modules()} == before
 
 
-@pytest.mark.parametrize(("name", "modules"), [("smoothcache", ("SmoothCache",)), ("tgate", ("tgate", "tgate.tgate_utils"))])
+@pytest.mark.parametrize(
+    ("name", "modules"), [("smoothcache", ("SmoothCache",)), ("tgate", ("tgate", "tgate.tgate_utils"))]
+)
 def test_missing_smoothcache_or_tgate_is_peer_unavailable(monkeypatch, name, modules):
     for module in modules:
         monkeypatch.setitem(sys.modules, module, None)
@@ -440,25 +510,58 @@ def test_cli_bench_runs_smoothcache_and_tgate(tmp_path):
     assert compact["smoothcache"] == [PEER_GRIDS["smoothcache"][0], PEER_GRIDS["smoothcache"][-1]]
     assert compact["tgate"] == [PEER_GRIDS["tgate"][0], PEER_GRIDS["tgate"][-1]]
     out = tmp_path / "b"
-    result = CliRunner().invoke(app, ["bench", "tiny-pixart", "--methods", "smoothcache,tgate", "--grid", "compact",
-                                      "--prompts", "2", "--seeds", "1", "--steps", str(STEPS), "--repeats", "0",
-                                      "--batch-size", "2", "--calibration-prompts", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "tiny-pixart",
+            "--methods",
+            "smoothcache,tgate",
+            "--grid",
+            "compact",
+            "--prompts",
+            "2",
+            "--seeds",
+            "1",
+            "--steps",
+            str(STEPS),
+            "--repeats",
+            "0",
+            "--batch-size",
+            "2",
+            "--calibration-prompts",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     ran = {(r["method"], r["system"]) for r in rows if not r.get("skipped")}
     assert ran == {("none", "baseline"), ("smoothcache", "smoothcache"), ("tgate", "t-gate")}, rows
     assert len([r for r in rows if r["method"] != "none"]) == 4
-    for method in ("smoothcache", "tgate"):  # the grid is set for 20 steps: at STEPS its aggressive end caches
+    for method in (
+        "smoothcache",
+        "tgate",
+    ):  # the grid is set for 20 steps: at STEPS its aggressive end caches
         assert min(r["psnr"] for r in rows if r["method"] == method) < 100, method
     assert len(json.loads((out / "bench.json").read_text())["calibration"]) == 2
 
 
-@pytest.mark.parametrize(("model", "name", "options", "guidance"), [
-    ("tiny-dit", "smoothcache", {"alpha": 1.0}, None),
-    ("tiny-latte", "smoothcache", {"alpha": 1.0}, None),
-    ("tiny-latte", "tgate", {"gate_step": 2, "warm_up": 1, "sp_interval": 2}, None),
-    ("tiny-pixart", "tgate", {"gate_step": 2, "warm_up": 1, "sp_interval": 2}, 1.0),  # no guidance: batch kept whole
-])
+@pytest.mark.parametrize(
+    ("model", "name", "options", "guidance"),
+    [
+        ("tiny-dit", "smoothcache", {"alpha": 1.0}, None),
+        ("tiny-latte", "smoothcache", {"alpha": 1.0}, None),
+        ("tiny-latte", "tgate", {"gate_step": 2, "warm_up": 1, "sp_interval": 2}, None),
+        (
+            "tiny-pixart",
+            "tgate",
+            {"gate_step": 2, "warm_up": 1, "sp_interval": 2},
+            1.0,
+        ),  # no guidance: batch kept whole
+    ],
+)
 def test_smoothcache_and_tgate_on_the_other_zoo_models(model, name, options, guidance):
     """SmoothCache on DiT and Latte (its temporal blocks have no cross-attention), T-GATE on Latte and without
     guidance: cached output differs, finite, and removal restores the uncached output bit for bit."""
@@ -473,8 +576,15 @@ def test_smoothcache_and_tgate_on_the_other_zoo_models(model, name, options, gui
     extra = {} if guidance is None else {"guidance_scale": guidance}
 
     def run(seed=0):
-        return samples(pipe(prompt, num_inference_steps=steps, generator=[torch.Generator().manual_seed(seed)],
-                            output_type="pt", **extra))
+        return samples(
+            pipe(
+                prompt,
+                num_inference_steps=steps,
+                generator=[torch.Generator().manual_seed(seed)],
+                output_type="pt",
+                **extra,
+            )
+        )
 
     reference = run()
     before = _residue(pipe)

@@ -69,7 +69,9 @@ def test_dp_row_is_the_cheapest_path():
 
 def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
     with torch.inference_mode():
-        plan = ditscope.plan(pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, iterations=4, work_dir=tmp_path / "w")
+        plan = ditscope.plan(
+            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, iterations=4, work_dir=tmp_path / "w"
+        )
     assert plan.meta["quality"]["psnr"] >= 28
     assert plan.meta["model"]["class"] == "PixArtTransformer2DModel"
     # the finalists are on record: exactly one kept, with the plan's own prediction and timing
@@ -89,7 +91,11 @@ def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
     from ditscope.cache.layout import layout_of
 
     _, blocks, sites, _ = layout_of(pipe.transformer)
-    kwargs = {"num_inference_steps": STEPS, "output_type": "pt", "generator": torch.Generator().manual_seed(0)}
+    kwargs = {
+        "num_inference_steps": STEPS,
+        "output_type": "pt",
+        "generator": torch.Generator().manual_seed(0),
+    }
     reference = pipe(PROMPTS, **kwargs).images
     everything = Schedule({"stack": "C" * STEPS, **{s.name: "C" * STEPS for s in sites}})
     with ditscope.apply(pipe, ditscope.PlanConfig(everything)):
@@ -99,12 +105,26 @@ def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
     assert torch.equal(pipe(PROMPTS, **kwargs).images, reference)
 
 
-@pytest.mark.parametrize("config, rows", [
-    (ditscope.FORAConfig(interval=3), {"transformer_blocks.0.attn1": "CRRCRRCR", "transformer_blocks.7.ff": "CRRCRRCR"}),
-    (ditscope.FORAConfig(interval=2, warmup=3, kinds=("mlp",)), {"transformer_blocks.2.ff": "CCCRCRCR"}),
-    (ditscope.DeltaDiTConfig(interval=2, blocks=0.25, boundary=0.5),  # early steps: the back 2 of 8 blocks
-     {"transformer_blocks.7": "CRCRCCCC", "transformer_blocks.0": "CCCCCRCR", "transformer_blocks.3": "C" * STEPS}),
-])
+@pytest.mark.parametrize(
+    "config, rows",
+    [
+        (
+            ditscope.FORAConfig(interval=3),
+            {"transformer_blocks.0.attn1": "CRRCRRCR", "transformer_blocks.7.ff": "CRRCRRCR"},
+        ),
+        (ditscope.FORAConfig(interval=2, warmup=3, kinds=("mlp",)), {"transformer_blocks.2.ff": "CCCRCRCR"}),
+        (
+            ditscope.DeltaDiTConfig(
+                interval=2, blocks=0.25, boundary=0.5
+            ),  # early steps: the back 2 of 8 blocks
+            {
+                "transformer_blocks.7": "CRCRCCCC",
+                "transformer_blocks.0": "CCCCCRCR",
+                "transformer_blocks.3": "C" * STEPS,
+            },
+        ),
+    ],
+)
 def test_static_methods_are_schedules_the_engine_looks_up(pipe, tmp_path, config, rows):
     """FORA and Delta-DiT are policies compiled to a Schedule: their table is readable, and running it as a
     plan is the method itself, image for image and count for count."""
@@ -113,17 +133,24 @@ def test_static_methods_are_schedules_the_engine_looks_up(pipe, tmp_path, config
         assert schedule.rows[unit] == row
     if isinstance(config, ditscope.FORAConfig) and "self" not in config.kinds:
         assert "transformer_blocks.2.attn1" not in schedule.rows  # kinds it does not cache always compute
-    counts = ["computed", "reused"] if isinstance(config, ditscope.FORAConfig) else ["blocks_computed", "blocks_reused"]
+    counts = (
+        ["computed", "reused"]
+        if isinstance(config, ditscope.FORAConfig)
+        else ["blocks_computed", "blocks_reused"]
+    )
     outputs = []
     for c in (config, ditscope.PlanConfig(Schedule.load(schedule.save(tmp_path / "p.plan.json")))):
         with ditscope.apply(pipe, c) as handle:
-            images = pipe(PROMPTS, num_inference_steps=STEPS, output_type="pt",
-                          generator=torch.Generator().manual_seed(0)).images
+            images = pipe(
+                PROMPTS,
+                num_inference_steps=STEPS,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+            ).images
         table = handle.stats().to_pandas()
         outputs.append((images, table[counts].values.tolist()))
     assert torch.equal(outputs[0][0], outputs[1][0])
     assert outputs[0][1] == outputs[1][1]
-
 
 
 def test_the_planner_tries_fora_own_schedules(pipe, calibration):
@@ -137,6 +164,7 @@ def test_the_planner_tries_fora_own_schedules(pipe, calibration):
         fora = ditscope.schedule_of(pipe, ditscope.FORAConfig(interval=n), STEPS).rows
         ours = _interval_schedule(cal, "sites", n, STEPS, warmup=1).rows
         assert {u: r for u, r in ours.items() if u in fora} == fora and set(fora) <= set(ours)
+
 
 def test_methods_that_decide_at_run_time_have_no_schedule(pipe):
     with pytest.raises(DitscopeError, match="decides at run time"):
@@ -155,9 +183,12 @@ def test_adaptive_plan_between_static_and_uncached(pipe):
     uncached images. In between, a row's images do not depend on its batch neighbour."""
     from ditscope.profiling.workload import generate
 
-    plan = Schedule({"stack": "CCRCRCRR", "transformer_blocks.2.attn1": "CRRCRRCR"},
-                    meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]})
-    run = lambda config, prompts=PROMPTS: generate(pipe, prompts, STEPS, batch_size=2) if config is None else _with(config, prompts)  # noqa: E731
+    plan = Schedule(
+        {"stack": "CCRCRCRR", "transformer_blocks.2.attn1": "CRRCRRCR"},
+        meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]},
+    )
+    def run(config, prompts=PROMPTS):
+        return generate(pipe, prompts, STEPS, batch_size=2) if config is None else _with(config, prompts)
 
     def _with(config, prompts):
         with ditscope.apply(pipe, config) as handle:
@@ -167,9 +198,13 @@ def test_adaptive_plan_between_static_and_uncached(pipe):
 
     with torch.inference_mode():
         uncached, static = run(None), run(ditscope.PlanConfig(plan))
-        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, signal="input", tolerance=1e9)), static)
+        assert torch.equal(
+            run(ditscope.PlanConfig(plan, adaptive=True, signal="input", tolerance=1e9)), static
+        )
         assert _with.summary["rows_forced"] == 0
-        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, signal="input", tolerance=1e-9)), uncached)
+        assert torch.equal(
+            run(ditscope.PlanConfig(plan, adaptive=True, signal="input", tolerance=1e-9)), uncached
+        )
         assert _with.summary["rows_forced"] > 0 and _with.summary["reused"] == 0
         both = run(ditscope.PlanConfig(plan, adaptive=True, signal="input"))
         alone = run(ditscope.PlanConfig(plan, adaptive=True, signal="input"), PROMPTS[:1])
@@ -177,7 +212,6 @@ def test_adaptive_plan_between_static_and_uncached(pipe):
     assert not torch.equal(both, static) and not torch.equal(both, uncached)
     with pytest.raises(DitscopeError, match="no calibrated signal"):
         ditscope.apply(pipe, ditscope.PlanConfig(Schedule({"stack": "CCR"}), adaptive=True))
-
 
 
 def test_rows_forced_to_compute_leave_what_the_plan_kept_as_it_was_computed(pipe, monkeypatch):
@@ -188,8 +222,10 @@ def test_rows_forced_to_compute_leave_what_the_plan_kept_as_it_was_computed(pipe
     from ditscope.cache.schedule import ScheduleMethod
     from ditscope.profiling.workload import generate
 
-    plan = Schedule({"stack": "CCFCFFCF", "transformer_blocks.1": "CCCCCCCC", "transformer_blocks.2.attn1": "CCFFCFFF"},
-                    meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]})
+    plan = Schedule(
+        {"stack": "CCFCFFCF", "transformer_blocks.1": "CCCCCCCC", "transformer_blocks.2.attn1": "CCFFCFFF"},
+        meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]},
+    )
     first_seen: dict = {}
     checks = []
 
@@ -212,15 +248,21 @@ def test_rows_forced_to_compute_leave_what_the_plan_kept_as_it_was_computed(pipe
         def spy(self, ctx, *args):
             check(ctx)
             return original(self, ctx, *args)
+
         return spy
 
     monkeypatch.setattr(ScheduleMethod, "block", spying("block"))
     monkeypatch.setattr(ScheduleMethod, "module", spying("module"))
-    with torch.inference_mode(), ditscope.apply(pipe, ditscope.PlanConfig(plan, adaptive=True, signal="input",
-                                                                          tolerance=0.5)) as handle:
+    with (
+        torch.inference_mode(),
+        ditscope.apply(
+            pipe, ditscope.PlanConfig(plan, adaptive=True, signal="input", tolerance=0.5)
+        ) as handle,
+    ):
         generate(pipe, PROMPTS, STEPS, batch_size=2)  # one pipeline call: the labels are this call's steps
         forced = handle.stats().summary()["rows_forced"]
     assert forced > 0 and checks  # rows were forced, and kept entries were read again after it
+
 
 def test_calibration_records_the_stack_change_an_output_signal_is_checked_against(calibration):
     from ditscope.planning.planner import stack_change
@@ -242,7 +284,9 @@ def test_adaptive_plan_on_the_output_signal(pipe):
 
     meta = {"stack_change": [[None, None]] + [[0.02, 0.04]] * 7}
     plan = Schedule({"stack": "CCRCRCRR"}, meta=meta)
-    forced_plan = Schedule({"stack": "CCCCCCCC"})  # full steps 1, 3 and 5 each decide for the run that follows
+    forced_plan = Schedule(
+        {"stack": "CCCCCCCC"}
+    )  # full steps 1, 3 and 5 each decide for the run that follows
 
     def run(config, prompts=PROMPTS):
         with ditscope.apply(pipe, config) as handle:
@@ -252,7 +296,9 @@ def test_adaptive_plan_on_the_output_signal(pipe):
 
     with torch.inference_mode():
         static = run(ditscope.PlanConfig(plan))
-        assert torch.equal(run(ditscope.PlanConfig(plan, adaptive=True, signal="output", tolerance=1e9)), static)
+        assert torch.equal(
+            run(ditscope.PlanConfig(plan, adaptive=True, signal="output", tolerance=1e9)), static
+        )
         assert run.summary["rows_forced"] == 0
         eager = run(ditscope.PlanConfig(plan, adaptive=True, signal="output", tolerance=1e-9))
         assert run.summary["rows_forced"] > 0
@@ -261,8 +307,12 @@ def test_adaptive_plan_on_the_output_signal(pipe):
         alone = run(ditscope.PlanConfig(plan, adaptive=True, signal="output"), PROMPTS[:1])
     assert (both[0] - alone[0]).abs().max() < 1e-4
     with pytest.raises(DitscopeError, match="no calibrated signal for signal='output'"):
-        ditscope.apply(pipe, ditscope.PlanConfig(Schedule({"stack": "CCR"}, meta={"signal": [[None, 1, 1]]}),
-                                                 adaptive=True, signal="output"))
+        ditscope.apply(
+            pipe,
+            ditscope.PlanConfig(
+                Schedule({"stack": "CCR"}, meta={"signal": [[None, 1, 1]]}), adaptive=True, signal="output"
+            ),
+        )
     with pytest.raises(DitscopeError, match="unknown adaptive signal"):
         ditscope.apply(pipe, ditscope.PlanConfig(plan, adaptive=True, signal="noise"))
 
@@ -277,7 +327,9 @@ def test_adaptive_output_signal_on_a_joint_attention_model():
     plan = Schedule({"stack": "CCRCRR"}, meta={"stack_change": [[None, None]] + [[1e-9, 1e-9]] * 5})
     with torch.inference_mode():
         uncached = generate(mm, PROMPTS, 6, batch_size=2)
-        with ditscope.apply(mm, ditscope.PlanConfig(plan, adaptive=True, signal="output", tolerance=1e-9)) as handle:
+        with ditscope.apply(
+            mm, ditscope.PlanConfig(plan, adaptive=True, signal="output", tolerance=1e-9)
+        ) as handle:
             eager = generate(mm, PROMPTS, 6, batch_size=2)
             forced = handle.stats().summary()["rows_forced"]
     assert forced > 0
@@ -288,7 +340,14 @@ def test_guidance_branches_are_told_apart_by_their_shared_input():
     from ditscope.cache.plan import same_input_groups
 
     latents = torch.randn(3, 16, 8)
-    assert same_input_groups(torch.cat([latents, latents]), 6).tolist() == [0, 1, 2, 0, 1, 2]  # CFG: [uncond; cond]
+    assert same_input_groups(torch.cat([latents, latents]), 6).tolist() == [
+        0,
+        1,
+        2,
+        0,
+        1,
+        2,
+    ]  # CFG: [uncond; cond]
     assert same_input_groups(latents, 3).tolist() == [0, 1, 2]
     frames = torch.randn(2, 4, 16, 8).flatten(0, 1)  # Latte-style: each sample's 4 frame rows fold onto it
     assert same_input_groups(torch.cat([frames, frames]), 4).tolist() == [0, 1, 0, 1]
@@ -316,18 +375,26 @@ def test_plans_resample_to_other_step_counts_or_refuse_when_strict():
             model(**inputs(1, 0), return_dict=False)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{", "corrupt or truncated"),
-    ('{"format": "ditscope-plan", "format_version": 99, "rows": {}}', "format version 99"),
-    ('{"format": "other"}', "not a ditscope plan"),
-    ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CX"}}', "unknown actions"),
-    # fields of the wrong type
-    ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": {"model": "x"}}',
-     "must be objects"),
-    ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": []}', "must be objects"),
-    ('{"format": "ditscope-plan", "format_version": 1, "steps": 5, "rows": {"stack": "CR"}}', "'steps'"),
-    ('{"format": "ditscope-plan", "format_version": 1, "rows": ["CR"]}', "'rows'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{", "corrupt or truncated"),
+        ('{"format": "ditscope-plan", "format_version": 99, "rows": {}}', "format version 99"),
+        ('{"format": "other"}', "not a ditscope plan"),
+        ('{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CX"}}', "unknown actions"),
+        # fields of the wrong type
+        (
+            '{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": {"model": "x"}}',
+            "must be objects",
+        ),
+        (
+            '{"format": "ditscope-plan", "format_version": 1, "rows": {"stack": "CR"}, "meta": []}',
+            "must be objects",
+        ),
+        ('{"format": "ditscope-plan", "format_version": 1, "steps": 5, "rows": {"stack": "CR"}}', "'steps'"),
+        ('{"format": "ditscope-plan", "format_version": 1, "rows": ["CR"]}', "'rows'"),
+    ],
+)
 def test_bad_plan_files_are_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.plan.json"
     path.write_text(text)
@@ -339,7 +406,8 @@ def test_a_damaged_plan_is_refused_by_its_checksum_and_one_without_loads(tmp_pat
     import json
 
     path = Schedule({"stack": "CCRCR", "transformer_blocks.0.attn1": "CRRCC"}, {"target": "psnr=30"}).save(
-        tmp_path / "p.plan.json")
+        tmp_path / "p.plan.json"
+    )
     assert Schedule.load(path).rows["stack"] == "CCRCR"
     path.write_text(path.read_text().replace('"CCRCR"', '"CRRRR"'))  # a flipped action: still a valid plan
     with pytest.raises(DitscopeError, match="does not match its checksum"):
@@ -359,7 +427,9 @@ def test_a_plan_for_another_model_is_refused():
     with pytest.raises(DitscopeError, match="another model"):
         ditscope.apply(build(), ditscope.PlanConfig(plan), num_inference_steps=3)
     with pytest.raises(DitscopeError, match="does not have"):
-        ditscope.apply(build(), ditscope.PlanConfig(Schedule({"blocks.99.attn": "CR"})), num_inference_steps=2)
+        ditscope.apply(
+            build(), ditscope.PlanConfig(Schedule({"blocks.99.attn": "CR"})), num_inference_steps=2
+        )
 
 
 @pytest.mark.parametrize("text", ["psnr", "psnr=abc", "lpips=3", "psnr=120", "speedup=0.5", "ssim=2"])
@@ -371,8 +441,11 @@ def test_bad_targets(text):
 def test_cli_plan_errors_are_one_line_and_leave_nothing(tmp_path):
     for args in (["--target", "psnr=500"], ["--target", "nonsense"], ["--granularity", "block"]):
         out = tmp_path / "x.plan.json"
-        r = subprocess.run([sys.executable, "-m", "ditscope", "plan", "tiny-pixart", *args, "--out", str(out)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "ditscope", "plan", "tiny-pixart", *args, "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
         assert not out.exists()
     bad = tmp_path / "t.plan.json"
@@ -389,7 +462,9 @@ def test_speed_targets_and_unreachable_ones(pipe, tmp_path):
             ditscope.plan(pipe, PROMPTS, "speedup=50", STEPS, batch_size=2, iterations=4)
         # a quality no cached plan reaches: the plan that computes everything holds it, but is no plan
         with pytest.raises(DitscopeError, match="no plan that saves any work reaches psnr=99"):
-            ditscope.plan(pipe, PROMPTS, "psnr=99", STEPS, batch_size=2, iterations=3, cost="flops", modes=("stack",))
+            ditscope.plan(
+                pipe, PROMPTS, "psnr=99", STEPS, batch_size=2, iterations=3, cost="flops", modes=("stack",)
+            )
 
 
 def test_damaged_calibration_files_in_the_work_folder_are_computed_again(pipe, tmp_path, one_thread):
@@ -397,12 +472,18 @@ def test_damaged_calibration_files_in_the_work_folder_are_computed_again(pipe, t
 
     said = []
     with torch.inference_mode():
-        first, reference, was_resumed = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        first, reference, was_resumed = _calibration(
+            pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append
+        )
         data = bytearray((tmp_path / "calibration.ditscope").read_bytes())
         data[-4] ^= 0x01
         (tmp_path / "calibration.ditscope").write_bytes(bytes(data))
-        again, reference_again, was_resumed_again = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
-        resumed, _, was_resumed_last = _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append)
+        again, reference_again, was_resumed_again = _calibration(
+            pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append
+        )
+        resumed, _, was_resumed_last = _calibration(
+            pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path, said.append
+        )
     assert "calibration: the work folder's files are damaged; computing them again" in said
     assert said[-1] == "calibration: resumed from the work folder"
     assert (was_resumed, was_resumed_again, was_resumed_last) == (False, False, True)
@@ -420,8 +501,15 @@ def test_plan_on_a_declared_layout_model_from_python():
     from ditscope.stats.quality import per_sample_psnr_ssim
 
     sampler = opensora_like.Sampler(opensora_like.build())
-    plan = ditscope.plan(sampler, PROMPTS, target="psnr=25", num_inference_steps=6, batch_size=2, iterations=3,
-                         layout=opensora_like.LAYOUT)
+    plan = ditscope.plan(
+        sampler,
+        PROMPTS,
+        target="psnr=25",
+        num_inference_steps=6,
+        batch_size=2,
+        iterations=3,
+        layout=opensora_like.LAYOUT,
+    )
     assert plan.meta["quality"]["psnr_lo"] >= 25 and plan.meta["predicted_speedup"] > 1
     _, blocks, sites, _ = layout_of(sampler.transformer, opensora_like.LAYOUT)
     assert set(plan.rows) <= {"stack"} | {b.name for b in blocks} | {s.name for s in sites}
@@ -458,18 +546,30 @@ def test_a_flops_cost_model_chooses_between_finalists_by_its_prediction_not_by_t
     candidates = [("stack", fast, {"psnr": 30.0}), ("sites", slow, {"psnr": 31.0})]
     predicted = {id(fast): 3.0, id(slow): 1.5}
     for lie in ((9.0, 1.0), (1.0, 9.0)):  # timings favouring one finalist, then the other
+
         def timed(schedules, lie=lie):
             return [lie[[id(c[1]) for c in candidates].index(id(s))] for s in schedules]
 
-        by_flops = _choose(candidates, Target.parse("psnr=25"), "flops", lambda s: predicted[id(s)], timed, print)
-        by_time = _choose(candidates, Target.parse("psnr=25"), "time", lambda s: predicted[id(s)], timed, print)
-        assert by_flops[1] is fast and by_flops[3] == lie[0]  # chosen by prediction, still timed for the record
+        by_flops = _choose(
+            candidates, Target.parse("psnr=25"), "flops", lambda s: predicted[id(s)], timed, print
+        )
+        by_time = _choose(
+            candidates, Target.parse("psnr=25"), "time", lambda s: predicted[id(s)], timed, print
+        )
+        assert (
+            by_flops[1] is fast and by_flops[3] == lie[0]
+        )  # chosen by prediction, still timed for the record
         assert by_time[1] is (fast if lie[0] > lie[1] else slow)
     # timings within the noise of each other are a tie, and the tie goes to the better finalist
-    tie = _choose(candidates, Target.parse("psnr=25"), "time", lambda s: predicted[id(s)], lambda ss: [2.0, 1.97], print)
+    tie = _choose(
+        candidates, Target.parse("psnr=25"), "time", lambda s: predicted[id(s)], lambda ss: [2.0, 1.97], print
+    )
     assert tie[1] is slow and tie[3] == 1.97
     # a speed target: the best quality among the finalists, whatever the timings
-    assert _choose(candidates, Target.parse("speedup=1.2"), "time", lambda s: 0, lambda ss: [1.0], print)[1] is slow
+    assert (
+        _choose(candidates, Target.parse("speedup=1.2"), "time", lambda s: 0, lambda ss: [1.0], print)[1]
+        is slow
+    )
 
 
 def test_the_price_scan_checks_no_plan_slower_than_one_that_held():
@@ -492,10 +592,14 @@ def test_the_price_scan_checks_no_plan_slower_than_one_that_held():
         assert min(p for p in checked if p in grid and p >= threshold) == fastest_on_grid
         assert not [p for p in checked if p > fastest_on_grid]  # nothing slower than it was run
         best = max(held, key=lambda h: h[0])
-        assert best[1] >= threshold and best[1] <= fastest_on_grid  # the bisection only refines towards faster
+        assert (
+            best[1] >= threshold and best[1] <= fastest_on_grid
+        )  # the bisection only refines towards faster
     # a speed target needs every plan fast enough (the best quality among them is chosen): no skipping
     checked = []
-    scan_prices(grid, lambda p: p, predicted, lambda p: checked.append(p) or True, False, 3, "test", lambda t: None)
+    scan_prices(
+        grid, lambda p: p, predicted, lambda p: checked.append(p) or True, False, 3, "test", lambda t: None
+    )
     assert checked == grid
 
 
@@ -514,12 +618,32 @@ def test_kept_evaluations_count_only_for_the_run_that_made_them(pipe, tmp_path):
         assert row["psnr"] == 100.0 and first.runs == 1
         again = Evaluations(pipe, PROMPTS, 4, 0, 2, None, reference, path)
         assert again.measure("s", lambda: lambda: None) == row and again.runs == 0  # resumed
-        for changed in (dict(prompts=["a green triangle", "a blue square on the left"], reference=other),
-                        dict(seed=1), dict(steps=5), dict(guidance_scale=2.0), dict(batch_size=1)):
-            args = {"prompts": PROMPTS, "steps": 4, "seed": 0, "batch_size": 2, "guidance_scale": None,
-                    "reference": reference, **changed}
-            stale = Evaluations(pipe, args["prompts"], args["steps"], args["seed"], args["batch_size"],
-                                args["guidance_scale"], args["reference"], path)
+        for changed in (
+            dict(prompts=["a green triangle", "a blue square on the left"], reference=other),
+            dict(seed=1),
+            dict(steps=5),
+            dict(guidance_scale=2.0),
+            dict(batch_size=1),
+        ):
+            args = {
+                "prompts": PROMPTS,
+                "steps": 4,
+                "seed": 0,
+                "batch_size": 2,
+                "guidance_scale": None,
+                "reference": reference,
+                **changed,
+            }
+            stale = Evaluations(
+                pipe,
+                args["prompts"],
+                args["steps"],
+                args["seed"],
+                args["batch_size"],
+                args["guidance_scale"],
+                args["reference"],
+                path,
+            )
             assert stale.done == {}, changed
 
 
@@ -583,7 +707,9 @@ def test_the_predicted_error_of_a_schedule_recomputed_from_the_calibration_by_ha
         return found
 
     expected = table("stack", "reuse", 2, 1) + table("stack", "reuse", 5, 1)  # each from the step before
-    expected += table(site, "reuse", 1, 1) + table(site, "reuse", 4, 1)  # from steps 0 and 3; 2 and 5 do not run
+    expected += table(site, "reuse", 1, 1) + table(
+        site, "reuse", 4, 1
+    )  # from steps 0 and 3; 2 and 5 do not run
     assert predicted_error(cal, ditscope.Plan(rows)) == pytest.approx(expected, rel=1e-9)
 
 
@@ -669,4 +795,7 @@ def test_kept_work_is_not_reused_for_other_weights_a_dtype_or_a_scheduler(pipe, 
         for _ in range(2):
             _calibration(pipe, pipe.transformer, PROMPTS, 4, 0, 2, None, tmp_path / "plan", said.append)
             _reference(pipe, PROMPTS, 4, 0, 2, None, tmp_path / "tune", said.append)
-    assert said[-2:] == ["calibration: resumed from the work folder", "reference: resumed from the work folder"]
+    assert said[-2:] == [
+        "calibration: resumed from the work folder",
+        "reference: resumed from the work folder",
+    ]

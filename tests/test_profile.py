@@ -35,7 +35,14 @@ def test_outputs_bit_identical_and_model_restored(default_pipe, prompts, call_kw
     def plain():
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         with torch.inference_mode():
-            pipe(prompts, num_inference_steps=STEPS, guidance_scale=4.5, generator=gens, output_type="latent", **call_kwargs)
+            pipe(
+                prompts,
+                num_inference_steps=STEPS,
+                guidance_scale=4.5,
+                generator=gens,
+                output_type="latent",
+                **call_kwargs,
+            )
 
     before = transformer_outputs(pipe, plain)
     during = transformer_outputs(pipe, lambda: run(pipe, prompts, call_kwargs, batch_size=len(prompts)))
@@ -83,7 +90,9 @@ def test_shards_merge_to_the_single_run(default_pipe, call_kwargs, one_thread):
     np.testing.assert_array_equal(merged.prompt_index, whole.prompt_index)
     np.testing.assert_array_equal(merged.values, whole.values)
     for field in ("mean", "std", "min", "max"):
-        np.testing.assert_allclose(getattr(merged.stats, field), getattr(whole.stats, field), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(
+            getattr(merged.stats, field), getattr(whole.stats, field), rtol=1e-6, atol=1e-12
+        )
     np.testing.assert_array_equal(merged.stats.count, whole.stats.count)
 
 
@@ -106,7 +115,9 @@ class CrashAfter:
             raise Crash
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(default_pipe, prompts, call_kwargs, tmp_path, one_thread):
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+    default_pipe, prompts, call_kwargs, tmp_path, one_thread
+):
     state = tmp_path / "state.partial"
     whole = run(default_pipe, prompts, call_kwargs)
     with pytest.raises(Crash):
@@ -125,7 +136,9 @@ def test_nan_in_activations_names_layer_and_step(call_kwargs, prompts):
     pipe = zoo.load(zoo.DEFAULT_MODEL)
     with torch.no_grad():
         pipe.transformer.transformer_blocks[2].attn1.to_k.weight[0, 0] = float("nan")
-    with pytest.raises(DitscopeError, match=r"NaN or inf in K of layer transformer_blocks\.2\.attn1 at step 0"):
+    with pytest.raises(
+        DitscopeError, match=r"NaN or inf in K of layer transformer_blocks\.2\.attn1 at step 0"
+    ):
         run(pipe, prompts[:1], call_kwargs)
 
 

@@ -15,7 +15,18 @@ import pytest
 
 from ditscope.errors import DitscopeError
 
-SMALL = ["--steps", "4", "--n-prompts", "2", "--test-prompts", "3", "--candidates", "steps,fora", "--target", "psnr=20"]
+SMALL = [
+    "--steps",
+    "4",
+    "--n-prompts",
+    "2",
+    "--test-prompts",
+    "3",
+    "--candidates",
+    "steps,fora",
+    "--target",
+    "psnr=20",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -84,8 +95,11 @@ def _table(stdout: str) -> dict:
     """name -> printed numbers of the scored rows."""
     rows = {}
     for line in stdout.splitlines():
-        m = re.match(r"\s*\d+\s+(\S+)\s+.*?\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
-                     r"(holds|misses)$", line)
+        m = re.match(
+            r"\s*\d+\s+(\S+)\s+.*?\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
+            r"(holds|misses)$",
+            line,
+        )
         if m:
             keys = ("speedup", "psnr", "psnr_lo", "psnr_p5", "ssim", "ssim_lo")
             rows[m[1]] = {**dict(zip(keys, map(float, m.groups()[1:7]))), "holds": m[8] == "holds"}
@@ -94,7 +108,8 @@ def _table(stdout: str) -> dict:
 
 # ------------------------------------------------------------------------------------------- tests
 def test_recommend_table_is_recomputed_from_the_saved_values_and_the_line_names_the_fastest_that_holds(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     import torch
 
     monkeypatch.chdir(tmp_path)
@@ -108,11 +123,23 @@ def test_recommend_table_is_recomputed_from_the_saved_values_and_the_line_names_
     for c in scored:
         psnr, ssim = c["per_sample"]["psnr"], c["per_sample"]["ssim"]
         assert len(psnr) == len(ssim) == 3
-        want[c["name"]] = w = {"speedup": saved["reference_flops"] / c["flops"], "psnr": sum(psnr) / 3,
-                               "psnr_lo": o_lower(psnr), "psnr_p5": o_percentile(psnr, 5), "ssim": sum(ssim) / 3,
-                               "ssim_lo": o_lower(ssim)}
+        want[c["name"]] = w = {
+            "speedup": saved["reference_flops"] / c["flops"],
+            "psnr": sum(psnr) / 3,
+            "psnr_lo": o_lower(psnr),
+            "psnr_p5": o_percentile(psnr, 5),
+            "ssim": sum(ssim) / 3,
+            "ssim_lo": o_lower(ssim),
+        }
         got = printed[c["name"]]
-        for key, digits in (("speedup", 2), ("psnr", 1), ("psnr_lo", 1), ("psnr_p5", 1), ("ssim", 3), ("ssim_lo", 3)):
+        for key, digits in (
+            ("speedup", 2),
+            ("psnr", 1),
+            ("psnr_lo", 1),
+            ("psnr_p5", 1),
+            ("ssim", 3),
+            ("ssim_lo", 3),
+        ):
             assert got[key] == pytest.approx(w[key], abs=0.5 * 10**-digits + 1e-9), (c["name"], key)
         assert got["holds"] == (w["psnr_lo"] >= 20)
     # the choice: the fastest candidate whose held-out lower end reaches the target
@@ -123,12 +150,24 @@ def test_recommend_table_is_recomputed_from_the_saved_values_and_the_line_names_
     assert use == saved["use"] and use.startswith("use: ")
     if best == "fora":
         assert use.startswith("use: --cache rec/tiny-pixart.fora.json --steps 4 ")
-        g = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--steps", "4", "--out", "g.png",
-                 "--cache", "rec/tiny-pixart.fora.json")
+        g = _cli(
+            "generate",
+            "tiny-pixart",
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "4",
+            "--out",
+            "g.png",
+            "--cache",
+            "rec/tiny-pixart.fora.json",
+        )
         assert g.exit_code == 0, g.output
     if best is not None:
         w = want[best]
-        assert use.endswith(f"{w['speedup']:.2f}x FLOPs, {w['psnr']:.1f} dB (lower {w['psnr_lo']:.1f}) on 3 held-out prompts")
+        assert use.endswith(
+            f"{w['speedup']:.2f}x FLOPs, {w['psnr']:.1f} dB (lower {w['psnr_lo']:.1f}) on 3 held-out prompts"
+        )
     # the per-prompt PSNR of the fewer-steps baseline is that of its images against the full-step ones
     steps = next(c for c in saved["candidates"] if c["name"] == "steps")
     if steps["status"] == "scored":
@@ -143,7 +182,9 @@ def test_recommend_table_is_recomputed_from_the_saved_values_and_the_line_names_
             fewer = generate(pipe, prompts, steps["steps"], guidance_scale=g).numpy()
         ours = [o_psnr(fewer[i], full[i]) for i in range(3)]
         assert steps["per_sample"]["psnr"] == pytest.approx(ours, abs=1e-3)
-    assert not any(p.name.startswith(".") for p in (tmp_path / "rec").iterdir())  # finished: no work folder left
+    assert not any(
+        p.name.startswith(".") for p in (tmp_path / "rec").iterdir()
+    )  # finished: no work folder left
 
 
 def test_the_choice_rule_on_constructed_rows():
@@ -153,12 +194,27 @@ def test_the_choice_rule_on_constructed_rows():
     psnr35 = Target.parse("psnr=35")
 
     def row(name, speedup, lo, status="scored", ssim_lo=0.9):
-        return {"name": name, "status": status, "speedup": speedup, "psnr_lo": lo, "ssim_lo": ssim_lo,
-                "holds": lo >= 35, "note": ""}
+        return {
+            "name": name,
+            "status": status,
+            "speedup": speedup,
+            "psnr_lo": lo,
+            "ssim_lo": ssim_lo,
+            "holds": lo >= 35,
+            "note": "",
+        }
 
-    rows = [row("slow", 1.5, 40), row("fast-miss", 4.0, 34.9), row("fast", 2.8, 35.0), row("mid", 2.2, 38),
-            {"name": "toca", "status": "unreachable", "note": "x"}, {"name": "pab", "status": "skipped", "note": "y"}]
-    assert choose(rows, psnr35)["name"] == "fast"  # the fastest that holds; a faster one that misses is not chosen
+    rows = [
+        row("slow", 1.5, 40),
+        row("fast-miss", 4.0, 34.9),
+        row("fast", 2.8, 35.0),
+        row("mid", 2.2, 38),
+        {"name": "toca", "status": "unreachable", "note": "x"},
+        {"name": "pab", "status": "skipped", "note": "y"},
+    ]
+    assert (
+        choose(rows, psnr35)["name"] == "fast"
+    )  # the fastest that holds; a faster one that misses is not chosen
     assert [r["name"] for r in ranked(rows, psnr35)] == ["fast", "mid", "slow", "fast-miss", "toca", "pab"]
     # equal speed: the higher lower end wins
     assert choose([row("a", 2.0, 36), row("b", 2.0, 37)], psnr35)["name"] == "b"
@@ -170,24 +226,30 @@ def test_the_choice_rule_on_constructed_rows():
     # fewer steps wins as a step count, with no config file
     fewer = {**row("steps", 2.5, 36), "psnr": 37.04, "ssim": 0.95}
     rec = Recommendation(psnr35, 20, [fewer], [{"name": "steps", "steps": 8}], 1.0, 8, 16, fewer)
-    assert rec.use_line(None, False) == "use: --steps 8 (no cache)   2.50x FLOPs, 37.0 dB (lower 36.0) on 16 held-out prompts"
+    assert (
+        rec.use_line(None, False)
+        == "use: --steps 8 (no cache)   2.50x FLOPs, 37.0 dB (lower 36.0) on 16 held-out prompts"
+    )
     # an SSIM target decides on the SSIM lower end
     ssim = Target.parse("ssim=0.95")
     assert choose([row("a", 3.0, 50, ssim_lo=0.94), row("b", 2.0, 30, ssim_lo=0.96)], ssim)["name"] == "b"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--target", "psnr"], "unknown target"),
-    (["--target", "speedup=2"], "recommend keeps a quality target"),
-    (["--target", "psnr=500"], "unreachable"),
-    (["--budget", "0"], "longer than 0"),
-    (["--budget", "ten minutes"], "use a duration such as 10m"),
-    (["--budget", "-5m"], "use a duration such as 10m"),
-    (["--candidates", "fora,bogus"], "unknown candidate 'bogus'"),
-    (["--candidates", "fora,fora"], "listed twice"),
-    (["--steps", "1"], "--steps must be at least 2"),
-    (["--test-seed", "7000"], "must differ from --prompt-seed"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--target", "psnr"], "unknown target"),
+        (["--target", "speedup=2"], "recommend keeps a quality target"),
+        (["--target", "psnr=500"], "unreachable"),
+        (["--budget", "0"], "longer than 0"),
+        (["--budget", "ten minutes"], "use a duration such as 10m"),
+        (["--budget", "-5m"], "use a duration such as 10m"),
+        (["--candidates", "fora,bogus"], "unknown candidate 'bogus'"),
+        (["--candidates", "fora,fora"], "listed twice"),
+        (["--steps", "1"], "--steps must be at least 2"),
+        (["--test-seed", "7000"], "must differ from --prompt-seed"),
+    ],
+)
 def test_bad_input_is_one_line_before_the_model_loads(tmp_path, monkeypatch, args, message):
     from ditscope import zoo
 
@@ -205,7 +267,14 @@ def test_bad_input_is_one_line_before_the_model_loads(tmp_path, monkeypatch, arg
 def test_budget_parsing():
     from ditscope.bench.recommend import parse_budget
 
-    assert [parse_budget(t) for t in ("10m", "90s", "1h", "600", "1.5m", " 2M ")] == [600, 90, 3600, 600, 90, 120]
+    assert [parse_budget(t) for t in ("10m", "90s", "1h", "600", "1.5m", " 2M ")] == [
+        600,
+        90,
+        3600,
+        600,
+        90,
+        120,
+    ]
     with pytest.raises(DitscopeError):
         parse_budget("10 minutes")
 
@@ -247,7 +316,10 @@ def test_a_closed_time_box_names_what_it_skipped_and_keeps_the_work(tmp_path, mo
     r = _cli("recommend", "tiny-pixart", *SMALL, "--budget", "0.01s", "--out", "rec")
     assert r.exit_code == 0, r.output
     assert "not finished in the time box (0.01s): steps, fora; run the same command again" in r.stdout
-    assert r.stdout.strip().splitlines()[-1] == "use: no cache (no candidate held psnr=20 on the 3 held-out prompts)"
+    assert (
+        r.stdout.strip().splitlines()[-1]
+        == "use: no cache (no candidate held psnr=20 on the 3 held-out prompts)"
+    )
     work = [p for p in (tmp_path / "rec").iterdir() if p.name.endswith(".work")]
     assert len(work) == 1 and (work[0] / "test_reference.json").exists()  # kept for the rerun
 
@@ -256,15 +328,31 @@ def test_generate_compare_prints_the_psnr_and_ssim_of_the_two_saved_images(tmp_p
     from PIL import Image
 
     monkeypatch.chdir(tmp_path)
-    r = _cli("generate", "tiny-pixart", "--prompt", "a large red circle on the left on a grey background",
-             "--steps", "4", "--cache", "fora", "--compare", "--out", "x.png")
+    r = _cli(
+        "generate",
+        "tiny-pixart",
+        "--prompt",
+        "a large red circle on the left on a grey background",
+        "--steps",
+        "4",
+        "--cache",
+        "fora",
+        "--compare",
+        "--out",
+        "x.png",
+    )
     assert r.exit_code == 0, r.output
     line = r.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"fora: ([\d.]+) s against ([\d.]+) s uncached \(([\d.]+)x\), PSNR ([\d.]+) dB, "
-                     r"SSIM ([\d.]+) against the uncached image", line)
+    m = re.fullmatch(
+        r"fora: ([\d.]+) s against ([\d.]+) s uncached \(([\d.]+)x\), PSNR ([\d.]+) dB, "
+        r"SSIM ([\d.]+) against the uncached image",
+        line,
+    )
     assert m, line
-    cached, uncached = (np.asarray(Image.open(tmp_path / f).convert("RGB"), np.float64).transpose(2, 0, 1) / 255
-                        for f in ("x.png", "x.uncached.png"))
+    cached, uncached = (
+        np.asarray(Image.open(tmp_path / f).convert("RGB"), np.float64).transpose(2, 0, 1) / 255
+        for f in ("x.png", "x.uncached.png")
+    )
     assert float(m[4]) == pytest.approx(o_psnr(cached, uncached), abs=0.05 + 1e-9)
     assert float(m[5]) == pytest.approx(o_ssim(cached, uncached), abs=0.0005 + 1e-6)
     # the seconds are printed rounded: the speedup lies between the ratios their rounding allows
@@ -281,6 +369,7 @@ def test_generate_compare_needs_a_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     monkeypatch.chdir(tmp_path)
     r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--compare", "--out", "x.png")
-    assert r.exit_code == 2 and r.stderr.strip() == ("error: --compare needs --cache METHOD: it compares a cached run "
-                                                     "with the uncached one")
+    assert r.exit_code == 2 and r.stderr.strip() == (
+        "error: --compare needs --cache METHOD: it compares a cached run with the uncached one"
+    )
     assert not list(tmp_path.iterdir())

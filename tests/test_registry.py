@@ -42,8 +42,15 @@ class ReuseMLPMethod(CacheMethod):
 
 @pytest.fixture
 def registered():
-    register("reuse-mlp", ReuseMLPConfig, ReuseMLPMethod, "MLP outputs reused on odd steps",
-             grid=[{"every": 2}, {"every": 3}], exact={"every": 1}, aggressive={"every": 2})
+    register(
+        "reuse-mlp",
+        ReuseMLPConfig,
+        ReuseMLPMethod,
+        "MLP outputs reused on odd steps",
+        grid=[{"every": 2}, {"every": 3}],
+        exact={"every": 1},
+        aggressive={"every": 2},
+    )
     yield
     unregister("reuse-mlp")
 
@@ -57,7 +64,9 @@ def pipe():
 
 def test_every_method_registers_its_test_settings():
     for entry in REGISTRY.values():
-        assert entry.exact is not None and entry.aggressive is not None, f"{entry.name}: register exact= and aggressive="
+        assert entry.exact is not None and entry.aggressive is not None, (
+            f"{entry.name}: register exact= and aggressive="
+        )
 
 
 def test_a_registered_method_gets_the_invariant_tests_from_its_registration(registered):
@@ -81,8 +90,9 @@ def test_a_registered_method_runs_everywhere_a_built_in_one_does(registered, pip
     prompt = "a large red circle on the left on a grey background"
 
     def image(**kw):
-        return pipe(prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                    output_type="pt").images
+        return pipe(
+            prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
 
     before = image()
     with ditscope.apply(pipe, ReuseMLPConfig(every=1)):  # every step is a compute step
@@ -93,9 +103,20 @@ def test_a_registered_method_runs_everywhere_a_built_in_one_does(registered, pip
     assert not torch.equal(cached, before) and stats["reused"].sum() > 0
     assert torch.equal(image(), before)  # removed: the model is as before
 
-    rows = run_bench(pipe, expand(["reuse-mlp"], load_grid("default"), STEPS),
-                     BenchInputs(model="tiny-pixart", prompts=[prompt], seeds=[0], steps=STEPS, guidance_scale=4.5,
-                                 batch_size=1, repeats=1), tmp_path)
+    rows = run_bench(
+        pipe,
+        expand(["reuse-mlp"], load_grid("default"), STEPS),
+        BenchInputs(
+            model="tiny-pixart",
+            prompts=[prompt],
+            seeds=[0],
+            steps=STEPS,
+            guidance_scale=4.5,
+            batch_size=1,
+            repeats=1,
+        ),
+        tmp_path,
+    )
     assert [r["label"] for r in rows] == ["none", "reuse-mlp every=2", "reuse-mlp every=3"]
     assert rows[1]["psnr"] < 100 and rows[1]["flops"] < rows[0]["flops"]
 
@@ -106,7 +127,16 @@ def test_the_cli_lists_registered_methods(registered):
     result = CliRunner().invoke(app, ["generate", "--help"])
     assert all(name in " ".join(result.output.split()) for name in ("toca", "teacache"))
     # the help text is made when the CLI module is imported: methods are listed from the registry then
-    assert list(REGISTRY)[:8] == ["toca", "duca", "fora", "pab", "taylorseer", "delta-dit", "fbcache", "teacache"]
+    assert list(REGISTRY)[:8] == [
+        "toca",
+        "duca",
+        "fora",
+        "pab",
+        "taylorseer",
+        "delta-dit",
+        "fbcache",
+        "teacache",
+    ]
 
 
 def test_a_name_cannot_be_taken_twice(registered):

@@ -25,8 +25,12 @@ def test_an_eval_process_stopped_by_a_signal_resumes_to_the_same_result(tmp_path
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **hold)
     state_dir = tmp_path / "state"
     stopped = [*ARGS, "--state-dir", str(state_dir), "--json", str(tmp_path / "resumed.json")]
-    proc = subprocess.Popen([sys.executable, "-m", "ditscope", *stopped], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ditscope", *stopped],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not Path(hold["DITSCOPE_HOLD_FILE"]).exists():
         time.sleep(0.02)
@@ -39,4 +43,6 @@ def test_an_eval_process_stopped_by_a_signal_resumes_to_the_same_result(tmp_path
     assert not state_dir.exists()  # the finished evaluation leaves no state
     straight = [*ARGS, "--state-dir", str(tmp_path / "s2"), "--json", str(tmp_path / "straight.json")]
     assert runner.invoke(app, straight).exit_code == 0
-    assert json.loads((tmp_path / "resumed.json").read_text()) == json.loads((tmp_path / "straight.json").read_text())
+    assert json.loads((tmp_path / "resumed.json").read_text()) == json.loads(
+        (tmp_path / "straight.json").read_text()
+    )

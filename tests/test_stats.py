@@ -74,14 +74,22 @@ def test_reduce_sums_on_the_layouts_attention_hands_over():
                     got = reduce_sums(x, prev, segments, scratch).double()
                     for j, (a, b) in enumerate(segments):
                         xs, ps = x[:, :, a:b].double(), prev[:, :, a:b].double()
-                        want = torch.stack([(xs - ps).abs().sum((1, 2, 3)), xs.abs().sum((1, 2, 3)),
-                                            ((xs - ps) ** 2).sum((1, 2, 3)), (xs**2).sum((1, 2, 3))])
+                        want = torch.stack(
+                            [
+                                (xs - ps).abs().sum((1, 2, 3)),
+                                xs.abs().sum((1, 2, 3)),
+                                ((xs - ps) ** 2).sum((1, 2, 3)),
+                                (xs**2).sum((1, 2, 3)),
+                            ]
+                        )
                         torch.testing.assert_close(got[:, :, j], want, rtol=1e-5, atol=1e-5)
 
 
 def test_identical_and_zero_tensors_have_zero_distance():
     sums = np.zeros((4, 1))
-    np.testing.assert_array_equal(metrics_from_sums(sums, np.zeros(1), np.zeros(1), np.ones(1)), [[0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(
+        metrics_from_sums(sums, np.zeros(1), np.zeros(1), np.ones(1)), [[0.0, 0.0, 0.0]]
+    )
 
 
 def test_bootstrap_interval_holds_the_mean_narrows_with_samples_and_is_exact_when_nothing_varies():

@@ -31,9 +31,11 @@ def test_pearson_ignores_missing_layers():
 def study_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     prompts = root / "p.txt"
-    prompts.write_text("a large red circle on the left on a grey background\n"
-                       "a small blue square at the top on a black background\n"
-                       "a large green triangle on the right on a white background\n")
+    prompts.write_text(
+        "a large red circle on the left on a grey background\n"
+        "a small blue square at the top on a black background\n"
+        "a large green triangle on the right on a white background\n"
+    )
     out = root / "out"
     import torch
 
@@ -41,12 +43,25 @@ def study_dir(tmp_path_factory):
     torch.set_num_threads(1)  # bit-identical profiles: what test_an_interrupted_study_... compares with
     # the prompts study on more prompts than tiny-pixart has attention layers (16): the case that crashed
     many = root / "many.txt"
-    assert runner.invoke(app, ["zoo", "prompts", "--n", "18", "--seed", "11", "--out", str(many)]).exit_code == 0
-    for args in (["steps", "tiny-pixart", "--steps", "4,8"], ["scheduler", "tiny-pixart", "--schedulers", "dpm,ddim",
-                 "--steps", "6"], ["prompts", "tiny-pixart", "--steps", "5", "--bootstrap", "200", "--prompts", str(many)],
-                 ["models", "tiny-pixart", "random-pixart"]):
-        result = runner.invoke(app, ["study", *args, *([] if "--prompts" in args else ["--prompts", str(prompts)]),
-                                     "--out", str(out)])
+    assert (
+        runner.invoke(app, ["zoo", "prompts", "--n", "18", "--seed", "11", "--out", str(many)]).exit_code == 0
+    )
+    for args in (
+        ["steps", "tiny-pixart", "--steps", "4,8"],
+        ["scheduler", "tiny-pixart", "--schedulers", "dpm,ddim", "--steps", "6"],
+        ["prompts", "tiny-pixart", "--steps", "5", "--bootstrap", "200", "--prompts", str(many)],
+        ["models", "tiny-pixart", "random-pixart"],
+    ):
+        result = runner.invoke(
+            app,
+            [
+                "study",
+                *args,
+                *([] if "--prompts" in args else ["--prompts", str(prompts)]),
+                "--out",
+                str(out),
+            ],
+        )
         assert result.exit_code == 0, result.output
     torch.set_num_threads(threads)
     return out
@@ -60,13 +75,28 @@ def test_steps_study_result_and_reuse(study_dir):
     # a rerun reuses the saved profiles: they are not rewritten
     files = sorted((study_dir / "profiles" / "tiny-pixart").glob("steps-*/profile.ditscope"))
     before = [f.stat().st_mtime_ns for f in files]
-    again = runner.invoke(app, ["study", "steps", "tiny-pixart", "--steps", "4,8", "--prompts",
-                                str(study_dir.parent / "p.txt"), "--out", str(study_dir)])
+    again = runner.invoke(
+        app,
+        [
+            "study",
+            "steps",
+            "tiny-pixart",
+            "--steps",
+            "4,8",
+            "--prompts",
+            str(study_dir.parent / "p.txt"),
+            "--out",
+            str(study_dir),
+        ],
+    )
     assert again.exit_code == 0, again.output
     assert [f.stat().st_mtime_ns for f in files] == before
     # the report says which model and scheduler it measured
     html = (study_dir / "steps" / "tiny-pixart" / "report.html").read_text()
-    assert "model tiny-pixart; 4: 4 steps, DPMSolverMultistepScheduler; 8: 8 steps, DPMSolverMultistepScheduler" in html
+    assert (
+        "model tiny-pixart; 4: 4 steps, DPMSolverMultistepScheduler; 8: 8 steps, DPMSolverMultistepScheduler"
+        in html
+    )
     assert "model None" not in html
 
 
@@ -103,16 +133,34 @@ def test_models_study_sets_within_model_r_beside_cross_model(study_dir):
     assert "Across models" in result["verdict"] and "within models" in result["verdict"]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="chromium is not installed (.ci/run installs it)"
+)
 @pytest.mark.parametrize("report", ["steps/tiny-pixart", "scheduler/tiny-pixart", "prompts", "models"])
 def test_report_renders_in_headless_chromium(study_dir, report, tmp_path):
     from PIL import Image
 
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1400", f"--screenshot={shot}",
-                    (study_dir / report / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1100,1400",
+            f"--screenshot={shot}",
+            (study_dir / report / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert pixels.std() > 10  # not a blank page
     # the embedded figures rendered: many distinct colours, not just text on white
@@ -122,7 +170,9 @@ def test_report_renders_in_headless_chromium(study_dir, report, tmp_path):
 def test_bad_study_input(tmp_path):
     bad = runner.invoke(app, ["study", "steps", "tiny-pixart", "--steps", "10", "--out", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "at least two" in bad.output
-    bad = runner.invoke(app, ["study", "scheduler", "tiny-pixart", "--schedulers", "dpm,nosuch", "--out", str(tmp_path / "o")])
+    bad = runner.invoke(
+        app, ["study", "scheduler", "tiny-pixart", "--schedulers", "dpm,nosuch", "--out", str(tmp_path / "o")]
+    )
     assert bad.exit_code == 2 and "unknown scheduler" in bad.output
     bad = runner.invoke(app, ["study", "models", "tiny-pixart", "--out", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "at least 2" in bad.output
@@ -139,8 +189,9 @@ def test_zoo_prompts_writes_generator_captions(tmp_path):
     assert again.read_text() == out.read_text()
 
 
-def test_an_interrupted_study_resumes_to_the_uninterrupted_result(study_dir, tmp_path, monkeypatch, capsys,
-                                                                   one_thread):
+def test_an_interrupted_study_resumes_to_the_uninterrupted_result(
+    study_dir, tmp_path, monkeypatch, capsys, one_thread
+):
     """Ctrl-C right after the study's first saved prompt: exit 130, the state is kept, and the rerun's
     result (every number of result.json) is the uninterrupted study's (study_dir's, single-threaded)."""
     from ditscope.cli.main import main
@@ -148,8 +199,19 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_result(study_dir, tmp
 
     def study(out):
         with pytest.raises(SystemExit) as exit_info:
-            main(["study", "steps", "tiny-pixart", "--steps", "4,8", "--prompts", str(study_dir.parent / "p.txt"),
-                  "--out", str(out)])
+            main(
+                [
+                    "study",
+                    "steps",
+                    "tiny-pixart",
+                    "--steps",
+                    "4,8",
+                    "--prompts",
+                    str(study_dir.parent / "p.txt"),
+                    "--out",
+                    str(out),
+                ]
+            )
         return exit_info.value.code, capsys.readouterr().err
 
     real_save, saved = artifact.Profile.save, []
@@ -162,7 +224,11 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_result(study_dir, tmp
 
     monkeypatch.setattr(artifact.Profile, "save", save_then_ctrl_c)
     code, err = study(tmp_path / "out")
-    assert code == 130 and "interrupted: 1 of 3 prompts are saved in" in err and "run the same command again" in err
+    assert (
+        code == 130
+        and "interrupted: 1 of 3 prompts are saved in" in err
+        and "run the same command again" in err
+    )
     assert str(saved[0]).endswith(".partial") and saved[0].exists()
     code, err = study(tmp_path / "out")
     assert code == 0 and "resuming" in err and "1 of 3 prompts already profiled" in err
@@ -172,8 +238,9 @@ def test_an_interrupted_study_resumes_to_the_uninterrupted_result(study_dir, tmp
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_a_study_process_stopped_by_a_signal_resumes_to_the_uninterrupted_result(study_dir, tmp_path, sig, capsys,
-                                                                                one_thread):
+def test_a_study_process_stopped_by_a_signal_resumes_to_the_uninterrupted_result(
+    study_dir, tmp_path, sig, capsys, one_thread
+):
     """The study in its own process, stopped once its first profile state is saved: the rerun's result.json is
     the uninterrupted study's."""
     import os
@@ -184,16 +251,33 @@ def test_a_study_process_stopped_by_a_signal_resumes_to_the_uninterrupted_result
 
     from ditscope.cli.main import main
 
-    args = ["study", "steps", "tiny-pixart", "--steps", "4,8", "--prompts", str(study_dir.parent / "p.txt"),
-            "--out", str(tmp_path / "out")]
+    args = [
+        "study",
+        "steps",
+        "tiny-pixart",
+        "--steps",
+        "4,8",
+        "--prompts",
+        str(study_dir.parent / "p.txt"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     from ditscope.holds import held_env
 
     hold = held_env(tmp_path, "profile state saved")  # held right after the first saved batch of a profile
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **hold)
-    proc = subprocess.Popen([sys.executable, "-m", "ditscope", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ditscope", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (tmp_path / hold["DITSCOPE_HOLD_FILE"]).exists():
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not (tmp_path / hold["DITSCOPE_HOLD_FILE"]).exists()
+    ):
         time.sleep(0.02)
     proc.send_signal(getattr(signal, sig))
     proc.wait()

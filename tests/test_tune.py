@@ -32,8 +32,17 @@ def _psnr_with(pipe, config, reference):
 def test_tuned_threshold_is_the_most_aggressive_that_holds(pipe, tmp_path):
     with torch.inference_mode():
         reference = generate(pipe, PROMPTS, STEPS, batch_size=3)
-        result = tune(pipe, "fbcache", PROMPTS, "psnr=30", STEPS, batch_size=3, assurance="mean", iterations=8,
-                      work_dir=tmp_path / "w")
+        result = tune(
+            pipe,
+            "fbcache",
+            PROMPTS,
+            "psnr=30",
+            STEPS,
+            batch_size=3,
+            assurance="mean",
+            iterations=8,
+            work_dir=tmp_path / "w",
+        )
     value = result.options["threshold"]
     assert result.method == "fbcache" and result.meta["knob"] == "threshold"
     # the fitted setting holds on the calibration prompts, measured again from scratch
@@ -53,8 +62,18 @@ def test_tuned_threshold_is_the_most_aggressive_that_holds(pipe, tmp_path):
         Tuned.load(tmp_path / "d.json")
     # resumable: a rerun with the same work folder evaluates nothing new
     with torch.inference_mode():
-        rerun = tune(pipe, "fbcache", PROMPTS, "psnr=30", STEPS, batch_size=3, assurance="mean", iterations=8,
-                     work_dir=tmp_path / "w", progress=seen.append)
+        rerun = tune(
+            pipe,
+            "fbcache",
+            PROMPTS,
+            "psnr=30",
+            STEPS,
+            batch_size=3,
+            assurance="mean",
+            iterations=8,
+            work_dir=tmp_path / "w",
+            progress=seen.append,
+        )
     assert rerun.options == result.options
     assert "reference: resumed from the work folder" in seen
 
@@ -88,8 +107,9 @@ def test_a_preset_supplies_the_fixed_options(pipe):
     assert defaults["preset"] == "dit" and defaults["ratio"] == 0.07 and defaults["interval"] == 4
     assert knob.mild == pytest.approx(0.007) and knob.aggressive == pytest.approx(0.7)
     with torch.inference_mode():
-        result = tune(pipe, "toca", PROMPTS, "psnr=20", STEPS, batch_size=3, assurance="mean",
-                      options={"preset": "dit"})
+        result = tune(
+            pipe, "toca", PROMPTS, "psnr=20", STEPS, batch_size=3, assurance="mean", options={"preset": "dit"}
+        )
     assert result.options["preset"] == "dit"
     assert result.config() == ditscope.ToCaConfig.dit(interval=result.options["interval"])
     with pytest.raises(DitscopeError, match="has no preset 'pixartt'"):
@@ -103,7 +123,9 @@ def test_knobs_and_bad_requests():
     assert knob_of("diffusers-magcache")[0].name == "threshold"
     assert knob_of("toca", "interval")[0].integer
     k = Knob("t", 0.01, 1.0, log=True)
-    assert k.at(0) == pytest.approx(0.01) and k.at(1) == pytest.approx(1.0) and k.at(0.5) == pytest.approx(0.1)
+    assert (
+        k.at(0) == pytest.approx(0.01) and k.at(1) == pytest.approx(1.0) and k.at(0.5) == pytest.approx(0.1)
+    )
     assert Knob("n", 2, 5, integer=True).values() == [2, 3, 4, 5]
     with pytest.raises(DitscopeError, match="no knob to tune; fit it with ditscope plan"):
         knob_of("plan")
@@ -117,12 +139,18 @@ def test_knobs_and_bad_requests():
         tune(None, "fbcache", PROMPTS, "flops=2", STEPS)
 
 
-@pytest.mark.parametrize("body,message", [
-    ("{", "not a tuned config"),
-    (json.dumps({"format": "ditscope-tuned", "version": 99, "method": "fora", "options": {}}), "version 99"),
-    (json.dumps({"format": "ditscope-tuned", "version": 1, "method": "fora"}), "damaged"),
-    (json.dumps({"something": 1}), "not a tuned config"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("{", "not a tuned config"),
+        (
+            json.dumps({"format": "ditscope-tuned", "version": 99, "method": "fora", "options": {}}),
+            "version 99",
+        ),
+        (json.dumps({"format": "ditscope-tuned", "version": 1, "method": "fora"}), "damaged"),
+        (json.dumps({"something": 1}), "not a tuned config"),
+    ],
+)
 def test_bad_tuned_files(tmp_path, body, message):
     path = tmp_path / "x.json"
     path.write_text(body)
@@ -138,17 +166,20 @@ def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--method", "plan"], "no knob to tune"),
-    (["--method", "nope"], "unknown method"),
-    (["--target", "flops=2"], "flops= is for ditscope plan"),
-    (["--target", "psnr"], "unknown target"),
-    (["--knob", "warmupp"], "has no option 'warmupp'"),
-    (["--steps", "1"], "--steps must be at least 2"),
-    (["--out", "{tmp}"], "is a folder"),
-    (["--cache-opt", "threshold"], "is not key=value"),
-    (["--method", "toca", "--cache-opt", "preset=pixartt"], "has no preset 'pixartt'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "plan"], "no knob to tune"),
+        (["--method", "nope"], "unknown method"),
+        (["--target", "flops=2"], "flops= is for ditscope plan"),
+        (["--target", "psnr"], "unknown target"),
+        (["--knob", "warmupp"], "has no option 'warmupp'"),
+        (["--steps", "1"], "--steps must be at least 2"),
+        (["--out", "{tmp}"], "is a folder"),
+        (["--cache-opt", "threshold"], "is not key=value"),
+        (["--method", "toca", "--cache-opt", "preset=pixartt"], "has no preset 'pixartt'"),
+    ],
+)
 def test_cli_tune_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     before = set(tmp_path.iterdir())
@@ -160,21 +191,71 @@ def test_cli_tune_bad_input_is_one_line(tmp_path, monkeypatch, args, message):
 
 def test_cli_tune_writes_a_config_generate_takes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = _cli("tune", "tiny-pixart", "--method", "fora", "--target", "psnr=20", "--steps", "6", "--n-prompts", "2",
-             "--out", "f.json")
+    r = _cli(
+        "tune",
+        "tiny-pixart",
+        "--method",
+        "fora",
+        "--target",
+        "psnr=20",
+        "--steps",
+        "6",
+        "--n-prompts",
+        "2",
+        "--out",
+        "f.json",
+    )
     assert r.exit_code == 0, r.output
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the work folder is gone
     fitted = json.loads((tmp_path / "f.json").read_text())
     assert fitted["method"] == "fora" and fitted["meta"]["quality"]["psnr_lo"] >= 20
     assert fitted["meta"]["model_signature"]["class"] == "PixArtTransformer2DModel"  # what it runs on
-    r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--steps", "6", "--out", "x.png", "--cache", "f.json")
+    r = _cli(
+        "generate",
+        "tiny-pixart",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "6",
+        "--out",
+        "x.png",
+        "--cache",
+        "f.json",
+    )
     assert r.exit_code == 0 and r.stdout.startswith("fora:"), r.output
-    (tmp_path / "peer.json").write_text(json.dumps({"format": "ditscope-tuned", "version": 1,
-                                                    "method": "diffusers-fbcache", "options": {"threshold": 0.1}}))
+    (tmp_path / "peer.json").write_text(
+        json.dumps(
+            {
+                "format": "ditscope-tuned",
+                "version": 1,
+                "method": "diffusers-fbcache",
+                "options": {"threshold": 0.1},
+            }
+        )
+    )
     # a fitted list option (TeaCache's polynomial) reaches the config whole
-    (tmp_path / "tea.json").write_text(json.dumps({"format": "ditscope-tuned", "version": 1, "method": "teacache",
-                                                   "options": {"threshold": 0.2, "coefficients": [2.0, -1.0, 0.5]}}))
-    r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--steps", "6", "--out", "t.png", "--cache", "tea.json")
+    (tmp_path / "tea.json").write_text(
+        json.dumps(
+            {
+                "format": "ditscope-tuned",
+                "version": 1,
+                "method": "teacache",
+                "options": {"threshold": 0.2, "coefficients": [2.0, -1.0, 0.5]},
+            }
+        )
+    )
+    r = _cli(
+        "generate",
+        "tiny-pixart",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "6",
+        "--out",
+        "t.png",
+        "--cache",
+        "tea.json",
+    )
     assert r.exit_code == 0 and r.stdout.startswith("teacache:"), r.output
     r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--out", "y.png", "--cache", "peer.json")
     assert r.exit_code == 2 and "is a peer" in r.stderr and not (tmp_path / "y.png").exists()
@@ -184,7 +265,9 @@ def test_cli_tune_a_peer_that_is_not_installed(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cache_dit" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "cache_dit" else real(name, *a)
+    )
     monkeypatch.chdir(tmp_path)
     r = _cli("tune", "tiny-pixart", "--method", "cachedit-dbcache")
     assert r.exit_code == 2 and "needs the cache_dit package" in r.stderr and not list(tmp_path.iterdir())
@@ -195,7 +278,9 @@ def test_a_bench_setting_that_failed_to_tune_says_where_it_is_recorded(tmp_path)
     from ditscope.bench.runner import BenchInputs, tuned
 
     setting = Setting("ditscope", "fbcache", {"tune": "psnr=60"})
-    inputs = BenchInputs("tiny-pixart", ["a red circle"], [0], STEPS, None, 1, 0, calibration=["a blue square"])
+    inputs = BenchInputs(
+        "tiny-pixart", ["a red circle"], [0], STEPS, None, 1, 0, calibration=["a blue square"]
+    )
     failed = tmp_path / "tuned" / f"{setting.key}.failed"
     failed.parent.mkdir()
     failed.write_text("fbcache cannot reach psnr=60 on these prompts")
@@ -212,8 +297,11 @@ def test_a_tuned_config_runs_on_the_model_it_was_tuned_on_only():
     pixart, sd3 = FAMILIES["PixArtTransformer2DModel"][0](), FAMILIES["SD3Transformer2DModel"][0]()
     tuned = Tuned("fora", {"interval": 3}, {"model": "tiny-pixart", "model_signature": _signature(pixart)})
     assert tuned.config(pixart) == ditscope.FORAConfig(interval=3)
-    with pytest.raises(DitscopeError, match=r"tuned on tiny-pixart \(PixArtTransformer2DModel, config \w+\), not on this "
-                                            r"model \(SD3Transformer2DModel\); tune it for this one with ditscope tune"):
+    with pytest.raises(
+        DitscopeError,
+        match=r"tuned on tiny-pixart \(PixArtTransformer2DModel, config \w+\), not on this "
+        r"model \(SD3Transformer2DModel\); tune it for this one with ditscope tune",
+    ):
         tuned.config(sd3)
     # a file from before tuned configs carried the signature runs anywhere, unchecked
     assert Tuned("fora", {"interval": 3}).config(sd3) == ditscope.FORAConfig(interval=3)
@@ -228,10 +316,18 @@ def test_cli_generate_refuses_a_config_tuned_on_another_model(tmp_path, monkeypa
 
     from ditscope.cli import generate as generate_command
 
-    Tuned("fora", {"interval": 3}, {"model": "tiny-mmdit", "model_signature": {
-        "class": "SD3Transformer2DModel", "config_hash": "0123456789abcdef"}}).save(tmp_path / "t.json")
+    Tuned(
+        "fora",
+        {"interval": 3},
+        {
+            "model": "tiny-mmdit",
+            "model_signature": {"class": "SD3Transformer2DModel", "config_hash": "0123456789abcdef"},
+        },
+    ).save(tmp_path / "t.json")
     # the model it is run on: whichever loads, the check needs only its transformer
-    monkeypatch.setattr(generate_command, "load_model", lambda *a: (FAMILIES["PixArtTransformer2DModel"][0](), None))
+    monkeypatch.setattr(
+        generate_command, "load_model", lambda *a: (FAMILIES["PixArtTransformer2DModel"][0](), None)
+    )
     monkeypatch.chdir(tmp_path)
     r = _cli("generate", "tiny-pixart", "--prompt", "a red circle", "--cache", "t.json")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
@@ -239,14 +335,26 @@ def test_cli_generate_refuses_a_config_tuned_on_another_model(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--method", "fbcach"], "unknown method 'fbcach'; did you mean fbcache?"),
-    (["--method", "toca", "--knob", "ratio", "--cache-opt", "interval=abc"], "toca option interval expects"),
-    (["--method", "toca", "--knob", "ratio", "--cache-opt", "interval=0"], "ToCa needs interval >= 1"),
-    (["--method", "fbcache", "--cache-opt", "warmupp=2"], "has no option 'warmupp'; did you mean warmup?"),
-    (["--method", "fbcache", "--cache-opt", "threshold=0.1"], "is the knob being tuned"),
-    (["--method", "diffusers-fbcache", "--cache-opt", "treshold=0.1"], "has no option 'treshold'; did you mean threshold?"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "fbcach"], "unknown method 'fbcach'; did you mean fbcache?"),
+        (
+            ["--method", "toca", "--knob", "ratio", "--cache-opt", "interval=abc"],
+            "toca option interval expects",
+        ),
+        (["--method", "toca", "--knob", "ratio", "--cache-opt", "interval=0"], "ToCa needs interval >= 1"),
+        (
+            ["--method", "fbcache", "--cache-opt", "warmupp=2"],
+            "has no option 'warmupp'; did you mean warmup?",
+        ),
+        (["--method", "fbcache", "--cache-opt", "threshold=0.1"], "is the knob being tuned"),
+        (
+            ["--method", "diffusers-fbcache", "--cache-opt", "treshold=0.1"],
+            "has no option 'treshold'; did you mean threshold?",
+        ),
+    ],
+)
 def test_cli_tune_refuses_bad_options_before_the_model_loads(tmp_path, monkeypatch, args, message):
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")
@@ -279,8 +387,18 @@ def test_an_option_knob_is_oriented_by_what_it_does(pipe):
 
     with torch.inference_mode():
         assert work(0.03) < work(0.3) < work(1.0) < 1.0  # executed FLOPs over uncached, counted
-        result = tune(pipe, "toca", PROMPTS, "psnr=15", STEPS, batch_size=3, assurance="mean",
-                      options={"interval": 3}, knob="ratio", iterations=4)
+        result = tune(
+            pipe,
+            "toca",
+            PROMPTS,
+            "psnr=15",
+            STEPS,
+            batch_size=3,
+            assurance="mean",
+            options={"interval": 3},
+            knob="ratio",
+            iterations=4,
+        )
     # searched from ratio 1 (mild) towards 0.03 (aggressive): the first value tried is the mild end
     assert result.meta["trace"][0]["ratio"] == 1.0
     assert result.options["ratio"] < 1.0
@@ -293,15 +411,19 @@ def test_tune_on_a_declared_layout_model_from_python():
 
     sampler = opensora_like.Sampler(opensora_like.build())
     prompts = ["a red circle", "a blue square on the left"]
-    result = tune(sampler, "fora", prompts, "psnr=20", 6, batch_size=2, assurance="mean",
-                  layout=opensora_like.LAYOUT)
+    result = tune(
+        sampler, "fora", prompts, "psnr=20", 6, batch_size=2, assurance="mean", layout=opensora_like.LAYOUT
+    )
     assert result.meta["quality"]["psnr"] >= 20 and result.options["interval"] >= 2
     reference = generate(sampler, prompts, 6, batch_size=2)
-    with ditscope.apply(sampler, result.config(), num_inference_steps=6, layout=opensora_like.LAYOUT) as handle:
+    with ditscope.apply(
+        sampler, result.config(), num_inference_steps=6, layout=opensora_like.LAYOUT
+    ) as handle:
         cached = generate(sampler, prompts, 6, batch_size=2)
         assert handle.stats().summary()["reused"] > 0
-    assert statistics_mean(per_sample_psnr_ssim(cached, reference)[0]) == pytest.approx(result.meta["quality"]["psnr"],
-                                                                                          abs=1e-3)
+    assert statistics_mean(per_sample_psnr_ssim(cached, reference)[0]) == pytest.approx(
+        result.meta["quality"]["psnr"], abs=1e-3
+    )
     with pytest.raises(DitscopeError, match="layout="):
         tune(sampler, "fora", prompts, "psnr=20", 6, batch_size=2)
 
@@ -310,10 +432,17 @@ def statistics_mean(values):
     return sum(values) / len(values)
 
 
-@pytest.mark.parametrize(("method", "knob", "fixed"), [
-    ("smoothcache", "alpha", {}),
-    ("tgate", "gate_step", {"sp_interval": 1}),  # self-attention computed before the gate: 8 steps are few
-])
+@pytest.mark.parametrize(
+    ("method", "knob", "fixed"),
+    [
+        ("smoothcache", "alpha", {}),
+        (
+            "tgate",
+            "gate_step",
+            {"sp_interval": 1},
+        ),  # self-attention computed before the gate: 8 steps are few
+    ],
+)
 def test_peer_knobs_of_smoothcache_and_tgate_are_fitted(pipe, monkeypatch, method, knob, fixed):
     """SmoothCache's alpha and T-GATE's gate step are fitted like every knob; SmoothCache calibrates once, on
     the prompts tune fits on (every alpha tried reuses that calibration)."""
@@ -328,12 +457,23 @@ def test_peer_knobs_of_smoothcache_and_tgate_are_fitted(pipe, monkeypatch, metho
             images = run()
             calibrated.append(len(images))
             return images
+
         return real(transformer, counted, *args)
 
     monkeypatch.setattr(smoothcache_peers, "calibration", spy)
     with torch.inference_mode():
-        result = tune(pipe, method, PROMPTS, "psnr=30", STEPS, batch_size=3, assurance="mean", iterations=6, timed=False,
-                      options=fixed)
+        result = tune(
+            pipe,
+            method,
+            PROMPTS,
+            "psnr=30",
+            STEPS,
+            batch_size=3,
+            assurance="mean",
+            iterations=6,
+            timed=False,
+            options=fixed,
+        )
     value = result.options[knob]
     trace = {t[knob]: t["psnr"] for t in result.meta["trace"]}
     assert result.meta["knob"] == knob and trace[value] >= 30 and len(trace) >= 2

@@ -16,7 +16,9 @@ from ditscope.zoo import data, evaluator
 from ditscope.zoo.pipeline import ShapesPipeline
 from ditscope.zoo.train import build
 
-needs_evaluator = pytest.mark.skipif(not evaluator.WEIGHTS.is_file(), reason="evaluator weights not shipped yet")
+needs_evaluator = pytest.mark.skipif(
+    not evaluator.WEIGHTS.is_file(), reason="evaluator weights not shipped yet"
+)
 
 
 def test_data_is_deterministic_and_captions_describe_the_image():
@@ -86,8 +88,10 @@ def test_class_conditional_prompts():
     pipe = build("tiny-dit")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.class_labels(["red circle", 5, "blue triangle"]) == [
-        data.class_label(data.Obj("circle", "red", "small", 4)), 5,
-        data.class_label(data.Obj("triangle", "blue", "small", 4))]
+        data.class_label(data.Obj("circle", "red", "small", 4)),
+        5,
+        data.class_label(data.Obj("triangle", "blue", "small", 4)),
+    ]
     with pytest.raises(DitscopeError, match="class index"):
         pipe.class_labels(["a dragon"])
     with pytest.raises(DitscopeError, match="0..17"):
@@ -158,15 +162,30 @@ def test_cli_generate_and_zoo_list(tmp_path):
     listed = runner.invoke(app, ["zoo", "list"])
     assert listed.exit_code == 0 and "random-pixart" in listed.stdout
     out = tmp_path / "img.png"
-    result = runner.invoke(app, ["generate", "random-pixart", "--prompt", "a red circle in the center on a grey background",
-                                 "--out", str(out), "--steps", "2", "--upscale", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "random-pixart",
+            "--prompt",
+            "a red circle in the center on a grey background",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--upscale",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     from PIL import Image
 
     assert Image.open(out).size == (128, 128)  # random-pixart decodes 64 px through its VAE
     bad = runner.invoke(app, ["generate", "tiny-nothing", "--prompt", "x", "--out", str(tmp_path / "x.png")])
     assert bad.exit_code == 2 and "unknown model" in bad.stderr
-    bad_ext = runner.invoke(app, ["generate", "random-pixart", "--prompt", "x", "--out", str(tmp_path / "x.txt")])
+    bad_ext = runner.invoke(
+        app, ["generate", "random-pixart", "--prompt", "x", "--out", str(tmp_path / "x.txt")]
+    )
     assert bad_ext.exit_code == 2 and "image file" in bad_ext.stderr
 
 
@@ -186,7 +205,9 @@ def test_every_recipe_trains_and_its_folder_loads(name, tmp_path):
     assert a.shape == ((1, 8, 3, 32, 32) if name == "tiny-latte" else (1, 3, 32, 32))
     # diffusers' convention: a video pipeline returns `.frames`, an image pipeline `.images`
     out = pipe([prompt], num_inference_steps=2, generator=gens(1), output_type="pil")
-    assert hasattr(out, "frames") == (name == "tiny-latte") and hasattr(out, "images") == (name != "tiny-latte")
+    assert hasattr(out, "frames") == (name == "tiny-latte") and hasattr(out, "images") == (
+        name != "tiny-latte"
+    )
     if name == "tiny-latte":
         assert len(out.frames) == 1 and len(out.frames[0]) == 8 and out.frames[0][0].size == (32, 32)
 
@@ -203,8 +224,12 @@ def test_tiny_latte_starts_as_tiny_pixart_drawing_each_frame():
     t = torch.tensor([999, 300])
     with torch.no_grad():
         text, _ = pixart.encode_prompt(["a small red circle moving up on a grey background", ""], "cpu")
-        want = pixart.transformer(x, encoder_hidden_states=text, timestep=t,
-                                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        want = pixart.transformer(
+            x,
+            encoder_hidden_states=text,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
         got = latte.transformer(x[:, :, None], encoder_hidden_states=text, timestep=t).sample[:, :, 0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -315,27 +340,52 @@ def test_an_interrupted_evaluation_resumes_to_the_unbroken_result(untrained_pixa
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate(untrained_pixart, **settings, progress=stop_in_second_batch, state_path=state,
-                           state_key={"model": "x"})
+        evaluation.evaluate(
+            untrained_pixart,
+            **settings,
+            progress=stop_in_second_batch,
+            state_path=state,
+            state_key={"model": "x"},
+        )
     assert len(torch.load(state, weights_only=True)["images"]) == 1
     seen = []
-    resumed = evaluation.evaluate(untrained_pixart, **settings, progress=seen.append, state_path=state,
-                                 state_key={"model": "x"})
+    resumed = evaluation.evaluate(
+        untrained_pixart, **settings, progress=seen.append, state_path=state, state_key={"model": "x"}
+    )
     assert resumed == unbroken and not state.exists()
     assert seen[0] == 2 and sum(seen) == pytest.approx(4)  # the kept samples count at once, then per step
     # a state made with other settings is never mixed in
     done.clear()
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate(untrained_pixart, **settings, progress=stop_in_second_batch, state_path=state,
-                           state_key={"model": "x"})
+        evaluation.evaluate(
+            untrained_pixart,
+            **settings,
+            progress=stop_in_second_batch,
+            state_path=state,
+            state_key={"model": "x"},
+        )
     with pytest.raises(DitscopeError, match="other settings .*model: saved 'x', now 'y'"):
         evaluation.evaluate(untrained_pixart, **settings, state_path=state, state_key={"model": "y"})
 
 
 def test_cli_eval_shows_progress_and_leaves_no_state_behind(tmp_path):
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(app, ["eval", "tiny-pixart", "--random-init", "--n", "2", "--steps", "2",
-                                      "--json", str(out), "--state-dir", str(tmp_path / "state")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "tiny-pixart",
+            "--random-init",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--json",
+            str(out),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "evaluating tiny-pixart" in result.stderr and "frechet" in result.stdout
     assert set(json.loads(out.read_text())) >= {"shape", "color", "frechet", "n"}

@@ -69,9 +69,17 @@ def _steps(step, latent_step, text_step):
 def build_dit():
     torch.manual_seed(0)
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=1000,
-        activation_fn="gelu-approximate", attention_bias=True,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        norm_type="ada_norm_zero",
+        num_embeds_ada_norm=1000,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
     ).eval()
 
 
@@ -88,10 +96,22 @@ def inputs_dit(B, step, text_step=None, latent_step=None):
 def build_pixart():
     torch.manual_seed(0)
     return PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False, caption_channels=32,
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
+        caption_channels=32,
     ).eval()
 
 
@@ -109,9 +129,19 @@ def inputs_pixart(B, step, text_step=None, latent_step=None):
 def build_sd3():
     torch.manual_seed(0)
     return SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32,
-        out_channels=4, pos_embed_max_size=16, dual_attention_layers=(), qk_norm=None,
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(),
+        qk_norm=None,
     ).eval()
 
 
@@ -129,8 +159,15 @@ def inputs_sd3(B, step, text_step=None, latent_step=None):
 def build_flux():
     torch.manual_seed(0)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
     ).eval()
 
@@ -153,9 +190,20 @@ def inputs_flux(B, step, text_step=None, latent_step=None):
 def build_cogvideox():
     torch.manual_seed(0)
     return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=4,
-        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        patch_size_t=None, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=4,
+        text_embed_dim=16,
+        num_layers=2,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        patch_size_t=None,
+        temporal_compression_ratio=4,
+        max_text_seq_length=TEXT_LEN,
         use_rotary_positional_embeddings=False,
     ).eval()
 
@@ -173,10 +221,22 @@ def inputs_cogvideox(B, step, text_step=None, latent_step=None):
 def build_latte():
     torch.manual_seed(0)
     return LatteTransformer3DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=16, video_length=3,
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=16,
+        video_length=3,
     ).eval()
 
 
@@ -194,9 +254,18 @@ def inputs_latte(B, step, text_step=None, latent_step=None):
 def build_mochi():
     torch.manual_seed(0)
     return MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
-        in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
-        activation_fn="swiglu", max_sequence_length=TEXT_LEN,
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=4,
+        out_channels=None,
+        qk_norm="rms_norm",
+        text_embed_dim=16,
+        time_embed_dim=4,
+        activation_fn="swiglu",
+        max_sequence_length=TEXT_LEN,
     ).eval()
 
 
@@ -224,9 +293,20 @@ def inputs_mochi(B, step, text_step=None, latent_step=None):
 def build_hunyuanvideo():
     torch.manual_seed(0)
     return HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
-        num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None,
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+        image_condition_type=None,
     ).eval()
 
 
@@ -246,9 +326,18 @@ def inputs_hunyuanvideo(B, step, text_step=None, latent_step=None):
 def build_wan():
     torch.manual_seed(0)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
     ).eval()
 
 
@@ -265,8 +354,15 @@ def inputs_wan(B, step, text_step=None, latent_step=None):
 def build_qwenimage():
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
     ).eval()
 
 

@@ -44,7 +44,9 @@ class Run:
     def __init__(self, args):
         self.args = args
         self.device = args.device
-        self.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+        self.dtype = getattr(
+            torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        )
         self.cuda = self.device.startswith("cuda")
         self.start = time.perf_counter()
         self.deadline = self.start + args.budget_s
@@ -157,35 +159,81 @@ def measure_profiling(arch: Arch, model, inputs, run: Run, rows: list, steps: in
     rows += [
         dict(measure="plain_seconds", value=f"{t_plain:.4f}", unit="s", steps=steps, note=f"median of {n}"),
         dict(measure="recorded_seconds", value=f"{t_rec:.4f}", unit="s", steps=steps, note=f"median of {n}"),
-        dict(measure="profiling_time_ratio", value=f"{t_rec / t_plain:.4f}", unit="x", steps=steps,
-             note="ditscope.record on / off; bar on a GPU: <= 1.03"),
-        dict(measure="kept_bytes_one_step", value=kept, unit="B", steps=steps,
-             note="previous step's K, V, A kept by the recorder"),
+        dict(
+            measure="profiling_time_ratio",
+            value=f"{t_rec / t_plain:.4f}",
+            unit="x",
+            steps=steps,
+            note="ditscope.record on / off; bar on a GPU: <= 1.03",
+        ),
+        dict(
+            measure="kept_bytes_one_step",
+            value=kept,
+            unit="B",
+            steps=steps,
+            note="previous step's K, V, A kept by the recorder",
+        ),
     ]
     if run.cuda:
-        rows += [dict(measure="profiling_extra_peak_bytes", value=extra, unit="B", steps=steps,
-                      note="peak device memory of the recorded loop minus the plain loop's"),
-                 dict(measure="profiling_extra_over_kept", value=f"{extra / max(kept, 1):.4f}", unit="x", steps=steps,
-                      note="bar: <= 1.10 (one step's kept tensors + 10%)")]
+        rows += [
+            dict(
+                measure="profiling_extra_peak_bytes",
+                value=extra,
+                unit="B",
+                steps=steps,
+                note="peak device memory of the recorded loop minus the plain loop's",
+            ),
+            dict(
+                measure="profiling_extra_over_kept",
+                value=f"{extra / max(kept, 1):.4f}",
+                unit="x",
+                steps=steps,
+                note="bar: <= 1.10 (one step's kept tensors + 10%)",
+            ),
+        ]
     # layers: cross-attention ones have K/V on text tokens only and A on image tokens only
     streams: dict[tuple[int, str], set] = {}
     for layer, target, stream, _branch in sample_.values:
         streams.setdefault((layer, target), set()).add(stream)
-    cross = [i for i in range(len(layer_names))
-             if streams.get((i, "k")) == {TEXT} and streams.get((i, "a")) == {IMAGE}]
+    cross = [
+        i
+        for i in range(len(layer_names))
+        if streams.get((i, "k")) == {TEXT} and streams.get((i, "a")) == {IMAGE}
+    ]
     self_layers = len(layer_names) - len(cross)
     expected = arch.paper_layers if run.args.size == "full" else None
-    verdict = "" if expected is None else ("matches the paper" if self_layers == expected else
-                                           f"paper Table 1 says {expected}")
-    rows += [dict(measure="attention_layers_captured", value=len(layer_names), unit="layers", steps=steps,
-                  note=f"{len(cross)} of them cross-attention"),
-             dict(measure="self_attention_layers_captured", value=self_layers, unit="layers", steps=steps,
-                  note=verdict),
-             dict(measure="paper_attention_layers", value=arch.paper_layers if arch.paper_layers else "", unit="layers",
-                  note="paper Table 1" if arch.paper_layers else "not in the paper")]
-    run.say(f"{arch.name}: {len(layer_names)} attention layers captured ({self_layers} self-attention; "
-            f"paper {arch.paper_layers}); ratio {t_rec / t_plain:.3f}; kept {kept / 2**20:.1f} MiB"
-            + (f", extra peak {extra / 2**20:.1f} MiB" if run.cuda else ""))
+    verdict = (
+        ""
+        if expected is None
+        else ("matches the paper" if self_layers == expected else f"paper Table 1 says {expected}")
+    )
+    rows += [
+        dict(
+            measure="attention_layers_captured",
+            value=len(layer_names),
+            unit="layers",
+            steps=steps,
+            note=f"{len(cross)} of them cross-attention",
+        ),
+        dict(
+            measure="self_attention_layers_captured",
+            value=self_layers,
+            unit="layers",
+            steps=steps,
+            note=verdict,
+        ),
+        dict(
+            measure="paper_attention_layers",
+            value=arch.paper_layers if arch.paper_layers else "",
+            unit="layers",
+            note="paper Table 1" if arch.paper_layers else "not in the paper",
+        ),
+    ]
+    run.say(
+        f"{arch.name}: {len(layer_names)} attention layers captured ({self_layers} self-attention; "
+        f"paper {arch.paper_layers}); ratio {t_rec / t_plain:.3f}; kept {kept / 2**20:.1f} MiB"
+        + (f", extra peak {extra / 2**20:.1f} MiB" if run.cuda else "")
+    )
     sample_.layer_names = layer_names
     return sample_
 
@@ -205,7 +253,11 @@ def profile_schedule(model, sample_, steps: int):
     change = np.full((len(blocks), prof_steps), np.nan)
     for b, block in enumerate(blocks):
         layers = [i for i, n in enumerate(names) if n.startswith(block.name + ".")]
-        vals = [v[:, :, 1].mean(0) for (layer, target, _, _), v in sample_.values.items() if target == "a" and layer in layers]
+        vals = [
+            v[:, :, 1].mean(0)
+            for (layer, target, _, _), v in sample_.values.items()
+            if target == "a" and layer in layers
+        ]
         if vals:
             change[b, 1:] = np.mean(vals, axis=0)
     # resample the profile's steps onto the run's steps (the redundancy pattern is stable across counts)
@@ -216,7 +268,9 @@ def profile_schedule(model, sample_, steps: int):
     for b, block in enumerate(blocks):
         row, run_length = ["C"], 0
         for s in range(1, steps):
-            reuse = not np.isnan(change[b, s]) and change[b, s] <= threshold and run_length < 2 and s < steps - 1
+            reuse = (
+                not np.isnan(change[b, s]) and change[b, s] <= threshold and run_length < 2 and s < steps - 1
+            )
             row.append("R" if reuse else "C")
             run_length = run_length + 1 if reuse else 0
         for site in block.sites:
@@ -233,9 +287,16 @@ def measure_caches(arch: Arch, model, inputs, run: Run, rows: list, steps: int, 
         "plan": lambda: ditscope.PlanConfig(profile_schedule(model, sample_, steps)),
     }
     base, _ = timed(lambda: sample(model, inputs, steps, run), run)
-    rows.append(dict(measure="none_seconds", value=f"{base:.4f}", unit="s", steps=steps,
-                     note=f"no cache; model default {arch.steps} steps" + ("" if steps == arch.steps else
-                                                                            f", run with {steps} to fit the window")))
+    rows.append(
+        dict(
+            measure="none_seconds",
+            value=f"{base:.4f}",
+            unit="s",
+            steps=steps,
+            note=f"no cache; model default {arch.steps} steps"
+            + ("" if steps == arch.steps else f", run with {steps} to fit the window"),
+        )
+    )
     run.say(f"{arch.name}: no cache {base:.3f}s ({steps} steps)")
     for name, make in methods.items():
         if run.left() < 3 * base:
@@ -256,10 +317,20 @@ def measure_caches(arch: Arch, model, inputs, run: Run, rows: list, steps: int, 
             rows += [
                 dict(measure=f"{name}_seconds", value=f"{seconds:.4f}", unit="s", steps=steps),
                 dict(measure=f"{name}_wall_speedup", value=f"{wall:.4f}", unit="x", steps=steps),
-                dict(measure=f"{name}_flops_speedup", value=f"{flops_speedup:.4f}", unit="x", steps=steps,
-                     note="executed FLOPs (torch.utils.flop_counter), scoring included"),
-                dict(measure=f"{name}_wall_over_flops", value=f"{wall / flops_speedup:.4f}", unit="x", steps=steps,
-                     note="bar for ToCa on PixArt: >= 0.9" if name == "toca" else ""),
+                dict(
+                    measure=f"{name}_flops_speedup",
+                    value=f"{flops_speedup:.4f}",
+                    unit="x",
+                    steps=steps,
+                    note="executed FLOPs (torch.utils.flop_counter), scoring included",
+                ),
+                dict(
+                    measure=f"{name}_wall_over_flops",
+                    value=f"{wall / flops_speedup:.4f}",
+                    unit="x",
+                    steps=steps,
+                    note="bar for ToCa on PixArt: >= 0.9" if name == "toca" else "",
+                ),
             ]
             run.say(f"{arch.name}: {name} {seconds:.3f}s, wall {wall:.2f}x, FLOPs {flops_speedup:.2f}x")
         except Exception as e:  # noqa: BLE001  (a method that fails on one model must not stop the run)
@@ -288,16 +359,30 @@ def measure_compiled(arch: Arch, model, inputs, run: Run, rows: list, steps: int
             out = sample(model, inputs, steps, run)
         diff = float((out.float() - eager.float()).abs().max())
         rows += [
-            dict(measure="compiled_compile_seconds", value=f"{first - base:.2f}", unit="s", steps=steps,
-                 note=f"{len(blocks)} blocks, backend {run.args.compile_backend}: first run minus a compiled run"),
+            dict(
+                measure="compiled_compile_seconds",
+                value=f"{first - base:.2f}",
+                unit="s",
+                steps=steps,
+                note=f"{len(blocks)} blocks, backend {run.args.compile_backend}: first run minus a compiled run",
+            ),
             dict(measure="compiled_none_seconds", value=f"{base:.4f}", unit="s", steps=steps),
             dict(measure="compiled_fora_seconds", value=f"{seconds:.4f}", unit="s", steps=steps),
-            dict(measure="compiled_fora_wall_speedup", value=f"{base / seconds:.4f}", unit="x", steps=steps,
-                 note="over compiled, uncached"),
-            dict(measure="compiled_fora_max_diff", value=f"{diff:.3g}", steps=steps, note="against FORA eager"),
+            dict(
+                measure="compiled_fora_wall_speedup",
+                value=f"{base / seconds:.4f}",
+                unit="x",
+                steps=steps,
+                note="over compiled, uncached",
+            ),
+            dict(
+                measure="compiled_fora_max_diff", value=f"{diff:.3g}", steps=steps, note="against FORA eager"
+            ),
         ]
-        run.say(f"{arch.name}: compiled {base:.3f}s, compiled FORA {seconds:.3f}s ({base / seconds:.2f}x), "
-                f"max difference to eager FORA {diff:.2g}")
+        run.say(
+            f"{arch.name}: compiled {base:.3f}s, compiled FORA {seconds:.3f}s ({base / seconds:.2f}x), "
+            f"max difference to eager FORA {diff:.2g}"
+        )
     finally:
         for block in blocks:
             block._compiled_call_impl = None  # eager again
@@ -310,8 +395,14 @@ def measure_arch(arch: Arch, run: Run) -> list[dict]:
     model, inputs = build(arch, run)
     run.sync()
     params = sum(p.numel() for p in model.parameters())
-    rows.append(dict(measure="build_seconds", value=f"{time.perf_counter() - t:.3f}", unit="s",
-                     note=f"{params / 1e9:.3f} B parameters; {arch.shape if full else 'tiny config'}"))
+    rows.append(
+        dict(
+            measure="build_seconds",
+            value=f"{time.perf_counter() - t:.3f}",
+            unit="s",
+            note=f"{params / 1e9:.3f} B parameters; {arch.shape if full else 'tiny config'}",
+        )
+    )
     run.say(f"{arch.name}: built {params / 1e9:.3f} B parameters in {time.perf_counter() - t:.1f}s")
     prof_steps = arch.profile_steps if full else run.args.tiny_steps
     cache_steps = (run.args.cache_steps or arch.cache_steps) if full else run.args.tiny_steps
@@ -357,14 +448,22 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
     ap.add_argument("--archs", default=",".join(a.name for a in ARCHS), help="comma-separated, in order")
-    ap.add_argument("--budget-s", type=float, default=510.0,
-                    help="no new architecture starts after this many seconds (default 510: a 9-minute run)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=510.0,
+        help="no new architecture starts after this many seconds (default 510: a 9-minute run)",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="plain / recorded alternations for the overhead")
     ap.add_argument("--cache-steps", type=int, default=None, help="override every architecture's cache steps")
     ap.add_argument("--tiny-steps", type=int, default=4, help="steps of every loop with --size tiny")
     ap.add_argument("--no-cache", action="store_true", help="profiling and layer counts only")
-    ap.add_argument("--compile-archs", default="pixart", help="architectures also measured compiled per block")
-    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
+    ap.add_argument(
+        "--compile-archs", default="pixart", help="architectures also measured compiled per block"
+    )
+    ap.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)"
+    )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.archs.split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
@@ -376,14 +475,25 @@ def main(argv=None):
     import ditscope
 
     gpu = torch.cuda.get_device_name() if run.cuda else "cpu"
-    run.say(f"torch {torch.__version__}, diffusers {diffusers.__version__}, ditscope {ditscope.__version__}, "
-            f"{gpu}, {run.dtype}, size {args.size}, budget {args.budget_s:.0f}s, out {run.csv}")
+    run.say(
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, ditscope {ditscope.__version__}, "
+        f"{gpu}, {run.dtype}, size {args.size}, budget {args.budget_s:.0f}s, out {run.csv}"
+    )
     base = dict(size=args.size, device=gpu, dtype=str(run.dtype).removeprefix("torch."))
     for name in names:
         arch = BY_NAME[name]
         if run.left() <= 0:
-            run.write([dict(base, arch=name, measure="skipped", value="time budget",
-                            note=f"{run.elapsed():.0f}s elapsed of {args.budget_s:.0f}s")])
+            run.write(
+                [
+                    dict(
+                        base,
+                        arch=name,
+                        measure="skipped",
+                        value="time budget",
+                        note=f"{run.elapsed():.0f}s elapsed of {args.budget_s:.0f}s",
+                    )
+                ]
+            )
             run.say(f"{name}: skipped (time budget)")
             continue
         t = time.perf_counter()
@@ -391,7 +501,9 @@ def main(argv=None):
             rows = measure_arch(arch, run)
         except Exception as e:  # noqa: BLE001  (an architecture that fails must not stop the others)
             traceback.print_exc()
-            rows = [dict(measure="error", value="error", note=f"{type(e).__name__}: {e}".replace("\n", " ")[:300])]
+            rows = [
+                dict(measure="error", value="error", note=f"{type(e).__name__}: {e}".replace("\n", " ")[:300])
+            ]
             if run.cuda:
                 torch.cuda.empty_cache()
         seconds = time.perf_counter() - t

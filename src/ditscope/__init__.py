@@ -1,16 +1,16 @@
 """ditscope: measure where a diffusion transformer repeats itself across denoising steps.
 
-    profile = ditscope.profile(pipe, prompts, num_inference_steps=20, seed=0)
-    profile.to_pandas(); profile.plot("figures/"); profile.save("p.ditscope")
+profile = ditscope.profile(pipe, prompts, num_inference_steps=20, seed=0)
+profile.to_pandas(); profile.plot("figures/"); profile.save("p.ditscope")
 
-    with ditscope.record(model, attention="MyAttention") as rec:   # any model that calls SDPA
-        for prompt in prompts:
-            my_sampling_loop(model, prompt)
-            rec.next_sample()
-    profile = rec.profile()
+with ditscope.record(model, attention="MyAttention") as rec:   # any model that calls SDPA
+    for prompt in prompts:
+        my_sampling_loop(model, prompt)
+        rec.next_sample()
+profile = rec.profile()
 
-    handle = ditscope.apply(pipe, ditscope.ToCaConfig())   # token-wise caching, and seven more methods
-    image = pipe(prompt).images[0]; print(handle.stats()); handle.remove()
+handle = ditscope.apply(pipe, ditscope.ToCaConfig())   # token-wise caching, and seven more methods
+image = pipe(prompt).images[0]; print(handle.stats()); handle.remove()
 """
 
 from . import zoo  # noqa: E402  (ditscope.zoo.load(...) with a plain `import ditscope`)
@@ -73,6 +73,28 @@ def record(model, attention=None, **kwargs) -> Recorder:
 
 
 __all__ = [
-    "Blocks", "Child", "DeltaDiTConfig", "DitscopeError", "DuCaConfig", "FBCacheConfig", "FORAConfig", "PABConfig", "Plan", "PlanConfig", "Profile", "Recorder", "Schedule", "schedule_of",
-    "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "Tuned", "__version__", "apply", "profile", "record", "tune", "zoo",
+    "Blocks",
+    "Child",
+    "DeltaDiTConfig",
+    "DitscopeError",
+    "DuCaConfig",
+    "FBCacheConfig",
+    "FORAConfig",
+    "PABConfig",
+    "Plan",
+    "PlanConfig",
+    "Profile",
+    "Recorder",
+    "Schedule",
+    "schedule_of",
+    "TaylorSeerConfig",
+    "TeaCacheConfig",
+    "ToCaConfig",
+    "Tuned",
+    "__version__",
+    "apply",
+    "profile",
+    "record",
+    "tune",
+    "zoo",
 ]

@@ -28,6 +28,8 @@ from .versioned import FileFormat
 
 FORMAT = "ditscope-profile"
 FORMAT_VERSION = 2  # 2: with a checksum (format 1 files have none and load unverified)
+
+
 # The step axis, one convention for all of ditscope: sampling steps are numbered 0 .. T-1 in sampling order (the
 # engine's clock, plans' rows, a calibration's measurements). A profile holds what changed into each step from
 # steps before it, so step 0 has no entry: its T-1 columns are steps 1 .. T-1, and `profile_column` is the one
@@ -37,13 +39,33 @@ def profile_column(step):
     return step - 1
 
 
-PROFILE_FILE = FileFormat("profile", FORMAT, FORMAT_VERSION, ".ditscope", "ditscope profile",
-                          "profile again or restore a copy", reads_older=True, checksum_from=2, unversioned=0)
+PROFILE_FILE = FileFormat(
+    "profile",
+    FORMAT,
+    FORMAT_VERSION,
+    ".ditscope",
+    "ditscope profile",
+    "profile again or restore a copy",
+    reads_older=True,
+    checksum_from=2,
+    unversioned=0,
+)
 TARGET_ORDER = ("q", "k", "v", "a", "out")
 # Metadata that must agree for two profiles to be merged (everything that changes the numbers).
 RUN_FIELDS = (
-    "model", "model_config_hash", "scheduler", "scheduler_config_hash", "num_inference_steps", "dtype",
-    "seed", "prompts_hash", "n_prompts_total", "guidance_scale", "batch_size", "targets", "storage_dtype",
+    "model",
+    "model_config_hash",
+    "scheduler",
+    "scheduler_config_hash",
+    "num_inference_steps",
+    "dtype",
+    "seed",
+    "prompts_hash",
+    "n_prompts_total",
+    "guidance_scale",
+    "batch_size",
+    "targets",
+    "storage_dtype",
     "outputs",
 )
 
@@ -105,14 +127,18 @@ class Profile:
         """Combine profiles of disjoint prompts of the same run (shards, or resumed parts)."""
         if self.run_fields() != other.run_fields():
             diff = [k for k in RUN_FIELDS if self.meta.get(k) != other.meta.get(k)]
-            raise DitscopeError(f"cannot merge profiles of different runs (they differ in: {', '.join(diff)})")
+            raise DitscopeError(
+                f"cannot merge profiles of different runs (they differ in: {', '.join(diff)})"
+            )
         if self.keys != other.keys or self.layer_names != other.layer_names:
             raise DitscopeError("cannot merge profiles with different layers, targets, streams or branches")
         if len(self.timesteps) != len(other.timesteps) or not np.allclose(self.timesteps, other.timesteps):
             raise DitscopeError("cannot merge profiles with different timesteps")
         overlap = np.intersect1d(self.prompt_index, other.prompt_index)
         if overlap.size:
-            raise DitscopeError(f"cannot merge: prompt {int(overlap[0])} is in both profiles (same shard twice?)")
+            raise DitscopeError(
+                f"cannot merge: prompt {int(overlap[0])} is in both profiles (same shard twice?)"
+            )
         index = np.concatenate([self.prompt_index, other.prompt_index])
         order = np.argsort(index, kind="stable")
         meta = dict(self.meta)
@@ -173,7 +199,9 @@ class Profile:
             raise DitscopeError(f"{path} is corrupt: missing or malformed field {e}") from None
         prof = cls(**fields)
         expected = (prof.n_prompts, len(prof.keys), prof.n_steps - 1, len(prof.metrics))
-        if prof.values.shape != expected or any(a.shape != expected[1:] for a in prof.stats.as_dict().values()):
+        if prof.values.shape != expected or any(
+            a.shape != expected[1:] for a in prof.stats.as_dict().values()
+        ):
             raise DitscopeError(f"{path} is corrupt: array shapes do not match its header")
         return prof
 
@@ -183,7 +211,9 @@ class Profile:
         import pandas as pd
 
         K, S, M = self.stats.shape
-        k_idx, s_idx, m_idx = (a.ravel() for a in np.meshgrid(np.arange(K), np.arange(S), np.arange(M), indexing="ij"))
+        k_idx, s_idx, m_idx = (
+            a.ravel() for a in np.meshgrid(np.arange(K), np.arange(S), np.arange(M), indexing="ij")
+        )
         keys = np.array(self.keys, dtype=object)
         layers = keys[:, 0].astype(int)
         return pd.DataFrame(
@@ -233,7 +263,9 @@ class Profile:
                 rows[layer] = i
         return rows
 
-    def grid(self, target: str, stream: str, branch: str, metric: str = "l1", stat: str = "mean") -> np.ndarray:
+    def grid(
+        self, target: str, stream: str, branch: str, metric: str = "l1", stat: str = "mean"
+    ) -> np.ndarray:
         """(layers, steps-1) array of a statistic; NaN where a layer has no such key (see `key_rows`)."""
         m = self.metrics.index(metric)
         arr = self.stats.cov if stat == "cov" else self.stats.std if stat == "std" else self.stats.mean
@@ -300,12 +332,20 @@ def _parse_header(header: dict, tensors: dict) -> dict:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
     def is_key(k):
-        return (isinstance(k, list) and len(k) == 4 and isinstance(k[0], int) and not isinstance(k[0], bool)
-                and all(isinstance(x, str) for x in k[1:]))
+        return (
+            isinstance(k, list)
+            and len(k) == 4
+            and isinstance(k[0], int)
+            and not isinstance(k[0], bool)
+            and all(isinstance(x, str) for x in k[1:])
+        )
 
     layer_names = parsed("layer_names", strings, "a list of names")
-    keys = parsed("keys", lambda v: isinstance(v, list) and all(is_key(k) and 0 <= k[0] < len(layer_names) for k in v),
-                  "a list of [layer, target, stream, branch]")
+    keys = parsed(
+        "keys",
+        lambda v: isinstance(v, list) and all(is_key(k) and 0 <= k[0] < len(layer_names) for k in v),
+        "a list of [layer, target, stream, branch]",
+    )
     metrics = parsed("metrics", lambda v: strings(v) and len(v) > 0, "a list of metric names")
     meta = parsed("meta", lambda v: isinstance(v, dict), "an object")
     kinds = {"values": "f", "prompt_index": "iu", "timesteps": "fiu", **{f"stats.{n}": "fiu" for n in FIELDS}}

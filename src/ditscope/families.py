@@ -101,14 +101,18 @@ class Blocks:
             except TypeError:
                 raise DitscopeError(f"block layout: module {m!r} is not (name, kind, stream)") from None
             if child.kind not in KINDS or child.stream not in (IMAGE, TEXT, JOINT):
-                raise DitscopeError(f"block layout: module {child.name!r} has kind {child.kind!r} and stream "
-                                    f"{child.stream!r}; kinds are {', '.join(KINDS)}, streams image, text, joint")
+                raise DitscopeError(
+                    f"block layout: module {child.name!r} has kind {child.kind!r} and stream "
+                    f"{child.stream!r}; kinds are {', '.join(KINDS)}, streams image, text, joint"
+                )
             children.append(child)
         object.__setattr__(self, "modules", tuple(children))
         roles = set(self.args) | set(self.returns) | {r for _, rs in self.list_returns for r in rs}
         if not roles <= {"hidden", "encoder"} or "hidden" not in self.returns:
-            raise DitscopeError(f"block layout: args and returns are roles 'hidden' and 'encoder' (returns must "
-                                f"include 'hidden'), not {sorted(roles)}")
+            raise DitscopeError(
+                f"block layout: args and returns are roles 'hidden' and 'encoder' (returns must "
+                f"include 'hidden'), not {sorted(roles)}"
+            )
 
     def returns_of(self, list_name: str) -> tuple[str, ...]:
         """What the blocks of one list return."""
@@ -156,57 +160,110 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "DiTTransformer2DModel": Family("dit", cfg_batched=("cond", "uncond"),
-                                    blocks=Blocks(("transformer_blocks",), modules=_BASIC)),
+    "DiTTransformer2DModel": Family(
+        "dit", cfg_batched=("cond", "uncond"), blocks=Blocks(("transformer_blocks",), modules=_BASIC)
+    ),
     "PixArtTransformer2DModel": Family("pixart", blocks=Blocks(("transformer_blocks",), modules=_BASIC)),
     "SD3Transformer2DModel": Family(
-        "sd3", joint_order=(IMAGE, TEXT),
-        blocks=Blocks(("transformer_blocks",), args=("hidden", "encoder"), returns=("encoder", "hidden"),
-                      modules=(("attn", SELF, JOINT), ("attn2", SELF, IMAGE), ("ff", MLP, IMAGE),
-                               ("ff_context", MLP, TEXT))),
+        "sd3",
+        joint_order=(IMAGE, TEXT),
+        blocks=Blocks(
+            ("transformer_blocks",),
+            args=("hidden", "encoder"),
+            returns=("encoder", "hidden"),
+            modules=(
+                ("attn", SELF, JOINT),
+                ("attn2", SELF, IMAGE),
+                ("ff", MLP, IMAGE),
+                ("ff_context", MLP, TEXT),
+            ),
+        ),
     ),
     "FluxTransformer2DModel": Family(
-        "flux", joint_order=(TEXT, IMAGE), single_stream=r"single_transformer_blocks",
-        blocks=Blocks(("transformer_blocks", "single_transformer_blocks"), args=("hidden", "encoder"),
-                      returns=("encoder", "hidden"),
-                      modules=(("attn", SELF, JOINT), ("ff", MLP, IMAGE), ("ff_context", MLP, TEXT),
-                               ("proj_mlp", MLP, JOINT))),
+        "flux",
+        joint_order=(TEXT, IMAGE),
+        single_stream=r"single_transformer_blocks",
+        blocks=Blocks(
+            ("transformer_blocks", "single_transformer_blocks"),
+            args=("hidden", "encoder"),
+            returns=("encoder", "hidden"),
+            modules=(
+                ("attn", SELF, JOINT),
+                ("ff", MLP, IMAGE),
+                ("ff_context", MLP, TEXT),
+                ("proj_mlp", MLP, JOINT),
+            ),
+        ),
     ),
     "CogVideoXTransformer3DModel": Family(
-        "cogvideox", joint_order=(TEXT, IMAGE),
-        blocks=Blocks(("transformer_blocks",), args=("hidden", "encoder"), returns=("hidden", "encoder"),
-                      modules=(("attn1", SELF, JOINT), ("ff", MLP, JOINT))),
+        "cogvideox",
+        joint_order=(TEXT, IMAGE),
+        blocks=Blocks(
+            ("transformer_blocks",),
+            args=("hidden", "encoder"),
+            returns=("hidden", "encoder"),
+            modules=(("attn1", SELF, JOINT), ("ff", MLP, JOINT)),
+        ),
     ),
     "LatteTransformer3DModel": Family(
         "latte",
-        blocks=Blocks(("transformer_blocks", "temporal_transformer_blocks"), parallel=True, modules=_BASIC,
-                      temporal_lists=("temporal_transformer_blocks",)),
+        blocks=Blocks(
+            ("transformer_blocks", "temporal_transformer_blocks"),
+            parallel=True,
+            modules=_BASIC,
+            temporal_lists=("temporal_transformer_blocks",),
+        ),
     ),
     "MochiTransformer3DModel": Family(
-        "mochi", joint_order=(IMAGE, TEXT),
-        blocks=Blocks(("transformer_blocks",), args=("hidden", "encoder"), returns=("hidden", "encoder"),
-                      modules=(("attn1", SELF, JOINT), ("ff", MLP, IMAGE), ("ff_context", MLP, TEXT))),
+        "mochi",
+        joint_order=(IMAGE, TEXT),
+        blocks=Blocks(
+            ("transformer_blocks",),
+            args=("hidden", "encoder"),
+            returns=("hidden", "encoder"),
+            modules=(("attn1", SELF, JOINT), ("ff", MLP, IMAGE), ("ff_context", MLP, TEXT)),
+        ),
     ),
     # double-stream blocks, then single-stream ones (which split the joined sequence again before returning);
     # the token refiner (context_embedder) is not a trunk block
     "HunyuanVideoTransformer3DModel": Family(
-        "hunyuanvideo", joint_order=(IMAGE, TEXT), exclude=(r"context_embedder",),
-        blocks=Blocks(("transformer_blocks", "single_transformer_blocks"), args=("hidden", "encoder"),
-                      returns=("hidden", "encoder"),
-                      modules=(("attn", SELF, JOINT), ("ff", MLP, IMAGE), ("ff_context", MLP, TEXT),
-                               ("proj_mlp", MLP, JOINT))),
+        "hunyuanvideo",
+        joint_order=(IMAGE, TEXT),
+        exclude=(r"context_embedder",),
+        blocks=Blocks(
+            ("transformer_blocks", "single_transformer_blocks"),
+            args=("hidden", "encoder"),
+            returns=("hidden", "encoder"),
+            modules=(
+                ("attn", SELF, JOINT),
+                ("ff", MLP, IMAGE),
+                ("ff_context", MLP, TEXT),
+                ("proj_mlp", MLP, JOINT),
+            ),
+        ),
     ),
     # attn1 applies rotary embeddings to the whole sequence inside: no token subset of it (Child.tokenwise)
     "WanTransformer3DModel": Family(
         "wan",
-        blocks=Blocks(("blocks",), args=("hidden", "encoder"),
-                      modules=(Child("attn1", SELF, IMAGE, tokenwise=False), ("attn2", CROSS, IMAGE),
-                               ("ffn", MLP, IMAGE))),
+        blocks=Blocks(
+            ("blocks",),
+            args=("hidden", "encoder"),
+            modules=(
+                Child("attn1", SELF, IMAGE, tokenwise=False),
+                ("attn2", CROSS, IMAGE),
+                ("ffn", MLP, IMAGE),
+            ),
+        ),
     ),
     "QwenImageTransformer2DModel": Family(
-        "qwenimage", joint_order=(TEXT, IMAGE),
-        blocks=Blocks(("transformer_blocks",), args=("hidden", "encoder"), returns=("encoder", "hidden"),
-                      modules=(("attn", SELF, JOINT), ("img_mlp", MLP, IMAGE), ("txt_mlp", MLP, TEXT))),
+        "qwenimage",
+        joint_order=(TEXT, IMAGE),
+        blocks=Blocks(
+            ("transformer_blocks",),
+            args=("hidden", "encoder"),
+            returns=("encoder", "hidden"),
+            modules=(("attn", SELF, JOINT), ("img_mlp", MLP, IMAGE), ("txt_mlp", MLP, TEXT)),
+        ),
     ),
 }
 

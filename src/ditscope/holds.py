@@ -26,5 +26,8 @@ def hold(point: str) -> None:
 
 def held_env(tmp_dir, point: str, after: int = 1) -> dict:
     """The environment that holds a child process at `point` (tests): marker file in `tmp_dir`."""
-    return {"DITSCOPE_HOLD_AT": point, "DITSCOPE_HOLD_AFTER": str(after),
-            "DITSCOPE_HOLD_FILE": str(Path(tmp_dir) / f"held-{point.replace(' ', '-')}")}
+    return {
+        "DITSCOPE_HOLD_AT": point,
+        "DITSCOPE_HOLD_AFTER": str(after),
+        "DITSCOPE_HOLD_FILE": str(Path(tmp_dir) / f"held-{point.replace(' ', '-')}"),
+    }

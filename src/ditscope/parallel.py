@@ -28,7 +28,11 @@ def split_inputs(model: torch.nn.Module) -> set[str]:
     names = set()
     for entry in (getattr(model, "_cp_plan", None) or {}).values():
         if isinstance(entry, dict):
-            names |= {k for k, how in entry.items() if isinstance(k, str) and type(how).__name__ == "ContextParallelInput"}
+            names |= {
+                k
+                for k, how in entry.items()
+                if isinstance(k, str) and type(how).__name__ == "ContextParallelInput"
+            }
     return names
 
 

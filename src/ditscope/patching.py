@@ -43,8 +43,10 @@ class Patches:
             obj, attr, own, ours = self._stack[-1]
             now = vars(obj).get(attr, _ABSENT) if hasattr(obj, "__dict__") else getattr(obj, attr, _ABSENT)
             if now is not ours:
-                raise DitscopeError(f"{_name(obj)}.{attr} was replaced by someone else after ditscope wrapped it; "
-                                    "undo that first (exit wrappers in the reverse order of entering them)")
+                raise DitscopeError(
+                    f"{_name(obj)}.{attr} was replaced by someone else after ditscope wrapped it; "
+                    "undo that first (exit wrappers in the reverse order of entering them)"
+                )
             self._stack.pop()
             if own is _ABSENT:
                 delattr(obj, attr)

@@ -44,7 +44,9 @@ def step_ticks(first: int, last: int, max_ticks: int = 12) -> list[int]:
         return []
     if last - first + 1 <= max_ticks:
         return list(range(first, last + 1))
-    stride = next(k * 10**e for e in range(20) for k in (1, 2, 5) if (last - first) / (k * 10**e) + 1 <= max_ticks)
+    stride = next(
+        k * 10**e for e in range(20) for k in (1, 2, 5) if (last - first) / (k * 10**e) + 1 <= max_ticks
+    )
     if stride <= 2:
         return list(range(first, last + 1, stride))
     ticks = list(range(-(-first // stride) * stride, last + 1, stride))
@@ -109,7 +111,8 @@ def layers_figure(profile, metric="l1", stream=None, branch=None) -> Figure:
         f"{profile.meta.get('model', '')}: {metric} distance between consecutive steps "
         f"({_stream_label(stream)}, {branch} branch, {profile.n_prompts} prompts)\n"
         f"line: arithmetic mean over prompts; band: geometric mean \u00f7/\u00d7 geometric std over prompts "
-        f"(zero distances left out)", fontsize=9,
+        f"(zero distances left out)",
+        fontsize=9,
     )
     fig.supxlabel("diffusion step s (sampling order; distance from step s-1 to s)", fontsize=8)
     return fig
@@ -119,12 +122,21 @@ def heatmap_figure(profile, target, metric="l1", stream=None, branch=None) -> Fi
     view = profile.default_view()
     stream, branch = stream or view["stream"], branch or view["branch"]
     grid = profile.grid(target, stream, branch, metric)
-    fig = Figure(figsize=(max(4.0, 0.25 * grid.shape[1] + 2), max(3.0, 0.18 * grid.shape[0] + 1.5)), layout="constrained")
+    fig = Figure(
+        figsize=(max(4.0, 0.25 * grid.shape[1] + 2), max(3.0, 0.18 * grid.shape[0] + 1.5)),
+        layout="constrained",
+    )
     ax = fig.subplots()
     positive = grid[np.isfinite(grid) & (grid > 0)]
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
-    img = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap="viridis", norm=norm, interpolation="nearest",
-                    extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] - 0.5, -0.5))
+    img = ax.imshow(
+        np.where(grid > 0, grid, np.nan),
+        aspect="auto",
+        cmap="viridis",
+        norm=norm,
+        interpolation="nearest",
+        extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] - 0.5, -0.5),
+    )
     fig.colorbar(img, ax=ax, label=f"{metric} (log)")
     ax.set_xticks(step_ticks(1, grid.shape[1], 25))  # column j is step j+1 (the change from step j)
     ax.set_yticks(step_ticks(0, grid.shape[0] - 1, 20))
@@ -136,14 +148,23 @@ def heatmap_figure(profile, target, metric="l1", stream=None, branch=None) -> Fi
 
 def cov_figure(table, metric="l1") -> Figure:
     cols = list(table.columns)
-    cells = [[f"{v:.1%}" if isinstance(v, float) and np.isfinite(v) else ("-" if isinstance(v, float) else str(v))
-              for v in row] for row in table.itertuples(index=False)]
+    cells = [
+        [
+            f"{v:.1%}"
+            if isinstance(v, float) and np.isfinite(v)
+            else ("-" if isinstance(v, float) else str(v))
+            for v in row
+        ]
+        for row in table.itertuples(index=False)
+    ]
     fig = Figure(figsize=(1.3 * len(cols), 0.35 * (len(cells) + 2)), layout="constrained")
     ax = fig.subplots()
     ax.axis("off")
     ax.table(cellText=cells, colLabels=cols, loc="center").scale(1, 1.3)
-    ax.set_title(f"coefficient of variation over prompts of the {metric} distance (mean over layers and steps)",
-                 fontsize=8)
+    ax.set_title(
+        f"coefficient of variation over prompts of the {metric} distance (mean over layers and steps)",
+        fontsize=8,
+    )
     return fig
 
 
@@ -153,7 +174,9 @@ def plot_profile(profile, out_dir, formats=("png", "svg"), metric="l1") -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = _save(layers_figure(profile, metric), out_dir, f"layers_{metric}", formats)
     for target in profile.options("target"):
-        paths += _save(heatmap_figure(profile, target, metric), out_dir, f"heatmap_{target}_{metric}", formats)
+        paths += _save(
+            heatmap_figure(profile, target, metric), out_dir, f"heatmap_{target}_{metric}", formats
+        )
     table = profile.cov_table(metric)
     csv = out_dir / f"cov_table_{metric}.csv"
     table.to_csv(csv, index=False)

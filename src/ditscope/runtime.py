@@ -58,7 +58,9 @@ def parse_scheduler(text: str):
     known = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
     unknown = [k for k in overrides if k not in known]
     if unknown:
-        raise DitscopeError(f"{cls.__name__} has no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
+        raise DitscopeError(
+            f"{cls.__name__} has no option {unknown[0]!r}; its options: {', '.join(sorted(known))}"
+        )
     return cls, overrides
 
 
@@ -89,8 +91,10 @@ def configure_scheduler(pipe, spec: str | None, steps: int) -> None:
     name = spec or type(scheduler).__name__
     trained = getattr(scheduler.config, "num_train_timesteps", None)
     if isinstance(trained, int) and steps >= trained:
-        raise DitscopeError(f"--steps {steps} is at or beyond the {trained} timesteps {type(scheduler).__name__} was "
-                            f"trained with; use fewer than {trained} steps")
+        raise DitscopeError(
+            f"--steps {steps} is at or beyond the {trained} timesteps {type(scheduler).__name__} was "
+            f"trained with; use fewer than {trained} steps"
+        )
     # a dry run on a copy; schedulers that shift by resolution need a shift (mu) to set timesteps at all
     dynamic = {"mu": 0.0} if getattr(scheduler.config, "use_dynamic_shifting", False) else {}
     try:
@@ -138,8 +142,15 @@ def progress_bar(unit: str):
     if not console.is_terminal:
         return PlainProgress(unit)
     return quiet_on_error(Progress)(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(), console=console)
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 def progress_status(description: str):
@@ -202,7 +213,9 @@ class PlainProgress(_Plain):
         self.tasks: list[dict] = []
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_) -> int:
-        self.tasks.append({"description": description, "total": total, "completed": completed, "started": self.clock()})
+        self.tasks.append(
+            {"description": description, "total": total, "completed": completed, "started": self.clock()}
+        )
         return len(self.tasks) - 1
 
     def update(self, task: int, *, total=None, completed=None, advance=None, description=None, **_) -> None:
@@ -221,8 +234,10 @@ class PlainProgress(_Plain):
         for t in self.tasks:
             done, total = int(t["completed"]), t["total"]
             elapsed = self.clock() - t["started"]
-            line = f"{t['description']}: {done}/{int(total) if total is not None else '?'} {self.unit}, " \
-                   f"{_clock_text(elapsed)} elapsed"
+            line = (
+                f"{t['description']}: {done}/{int(total) if total is not None else '?'} {self.unit}, "
+                f"{_clock_text(elapsed)} elapsed"
+            )
             if total is not None and 0 < done < total:
                 line += f", ETA {_clock_text(elapsed * (total - done) / done)}"
             out.append(line)

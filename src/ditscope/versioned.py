@@ -70,8 +70,10 @@ class FileFormat:
         try:
             body = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DitscopeError(f"{path} is not a {self.kind}: it is corrupt or truncated (not JSON: "
-                                f"{e.__class__.__name__}); {self.again}") from None
+            raise DitscopeError(
+                f"{path} is not a {self.kind}: it is corrupt or truncated (not JSON: "
+                f"{e.__class__.__name__}); {self.again}"
+            ) from None
         except OSError as e:
             raise DitscopeError(f"cannot read {self.kind} {path}: {e.strerror or e}") from None
         if not isinstance(body, dict):
@@ -81,7 +83,9 @@ class FileFormat:
 
     def foreign(self, path) -> DitscopeError:
         noun = self.format.removeprefix("ditscope-")
-        return DitscopeError(f"{path} is not a {self.kind} (not a ditscope {noun} file: {self.writer} writes those)")
+        return DitscopeError(
+            f"{path} is not a {self.kind} (not a ditscope {noun} file: {self.writer} writes those)"
+        )
 
     def check(self, path, header: dict, checksum: Callable[[], str]) -> int:
         """Check a file's format, version and checksum (`checksum()` computes what it should be); its version."""
@@ -89,19 +93,29 @@ class FileFormat:
             raise self.foreign(path)
         raw = header.get(self.version_key, self.unversioned)
         try:
-            version = int(raw) if not isinstance(raw, bool) and (isinstance(raw, int) or str(raw).isdigit()) else None
+            version = (
+                int(raw)
+                if not isinstance(raw, bool) and (isinstance(raw, int) or str(raw).isdigit())
+                else None
+            )
         except ValueError:
             version = None
         if version is None:
             raise DitscopeError(f"{path} is corrupt: its format version ({raw!r}) is not a number")
         if version > self.version:
-            raise DitscopeError(f"{path} has format version {version}: written by a newer ditscope (this one reads "
-                                f"version <= {self.version}); upgrade ditscope")
+            raise DitscopeError(
+                f"{path} has format version {version}: written by a newer ditscope (this one reads "
+                f"version <= {self.version}); upgrade ditscope"
+            )
         if version < self.version and not self.reads_older:
-            raise DitscopeError(f"{path} has format version {version}; this ditscope reads version {self.version}: "
-                                f"{self.again}")
+            raise DitscopeError(
+                f"{path} has format version {version}; this ditscope reads version {self.version}: "
+                f"{self.again}"
+            )
         required = self.checksum_from is not None and version >= self.checksum_from
         if (required or "checksum" in header) and header.get("checksum") != checksum():
             edited = f" (or {self.edited})" if self.edited else ""
-            raise DitscopeError(f"{path} does not match its checksum: it is damaged or was edited; {self.again}{edited}")
+            raise DitscopeError(
+                f"{path} does not match its checksum: it is damaged or was edited; {self.again}{edited}"
+            )
         return version

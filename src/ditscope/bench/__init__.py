@@ -11,5 +11,17 @@ from .grid import PRESETS, Method, Setting, expand, load_grid, methods
 from .report import QUALITY_BARS, best_at_bars, table, write_outputs
 from .runner import BenchInputs, run_bench
 
-__all__ = ["PRESETS", "QUALITY_BARS", "BenchInputs", "Method", "Setting", "best_at_bars", "expand", "load_grid",
-           "methods", "run_bench", "table", "write_outputs"]
+__all__ = [
+    "PRESETS",
+    "QUALITY_BARS",
+    "BenchInputs",
+    "Method",
+    "Setting",
+    "best_at_bars",
+    "expand",
+    "load_grid",
+    "methods",
+    "run_bench",
+    "table",
+    "write_outputs",
+]

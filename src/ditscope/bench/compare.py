@@ -20,8 +20,12 @@ def as_tensor(image) -> torch.Tensor:
     import numpy as np
 
     frames = image if isinstance(image, list) else [image]
-    x = torch.stack([torch.from_numpy(np.asarray(f.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                     for f in frames])
+    x = torch.stack(
+        [
+            torch.from_numpy(np.asarray(f.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+            for f in frames
+        ]
+    )
     return x.unsqueeze(0) if isinstance(image, list) else x
 
 
@@ -40,8 +44,10 @@ class Comparison:
         return self.uncached_seconds / self.seconds
 
     def line(self) -> str:
-        return (f"{self.method}: {self.seconds:.2f} s against {self.uncached_seconds:.2f} s uncached "
-                f"({self.speedup:.2f}x), PSNR {self.psnr:.1f} dB, SSIM {self.ssim:.3f} against the uncached image")
+        return (
+            f"{self.method}: {self.seconds:.2f} s against {self.uncached_seconds:.2f} s uncached "
+            f"({self.speedup:.2f}x), PSNR {self.psnr:.1f} dB, SSIM {self.ssim:.3f} against the uncached image"
+        )
 
 
 def compare(method: str, image, seconds: float, reference, uncached_seconds: float) -> Comparison:

@@ -12,9 +12,19 @@ from ..holds import hold
 from ..zoo.evaluator import AttributeNet, evaluation_prompts, frechet_to_real, load_evaluator, score
 
 
-def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: float = 4.5, seed: int = 1000,
-             max_objects: int = 1, batch: int = 32, net: AttributeNet | None = None, progress=None,
-             state_path: Path | None = None, state_key: dict | None = None) -> dict:
+def evaluate(
+    pipe,
+    n: int = 256,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.5,
+    seed: int = 1000,
+    max_objects: int = 1,
+    batch: int = 32,
+    net: AttributeNet | None = None,
+    progress=None,
+    state_path: Path | None = None,
+    state_key: dict | None = None,
+) -> dict:
     """Generate n images (or videos) from generator prompts; score them against the prompts and real renders.
 
     `progress(x)` is called after every denoising step with the share of a sample it finished (a batch
@@ -28,8 +38,14 @@ def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: 
     scenes, prompts = evaluation_prompts(pipe, n, seed, max_objects)
     rank, world = data_parallel(pipe)  # under torchrun each rank makes its share (and keeps its own state)
     mine = share(n, rank, world)
-    key = {"n": n, "steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
-           "max_objects": max_objects, **(state_key or {})}
+    key = {
+        "n": n,
+        "steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "max_objects": max_objects,
+        **(state_key or {}),
+    }
     if world > 1:
         key["share"] = f"{rank}/{world}"
     state_path = rank_state(state_path, pipe)
@@ -46,8 +62,12 @@ def evaluate(pipe, n: int = 256, num_inference_steps: int = 20, guidance_scale: 
             hold("eval state saved")
 
     work = Workload(prompts, num_inference_steps, (seed,), batch, guidance_scale)
-    work.run(pipe, items=mine[done:], after_batch=saved,
-             on_step=(lambda b: progress(len(b) / num_inference_steps)) if progress is not None else None)
+    work.run(
+        pipe,
+        items=mine[done:],
+        after_batch=saved,
+        on_step=(lambda b: progress(len(b) / num_inference_steps)) if progress is not None else None,
+    )
     generated = torch.cat([part for rank_images in gather(images, world) for part in rank_images])
     result = score(net, generated, scenes, pipe.is_class_conditional)
     result["frechet"] = frechet_to_real(net, generated, scenes)
@@ -78,8 +98,13 @@ def _resume(state_path: Path | None, key: dict) -> list[torch.Tensor]:
     except Exception:  # a truncated file cannot happen (atomic replace), but a foreign one can
         raise DitscopeError(f"{state_path} is not an evaluation state; delete it to start over") from None
     if state.get("key") != key:
-        diff = ", ".join(f"{k}: saved {state.get('key', {}).get(k)!r}, now {v!r}" for k, v in key.items()
-                         if state.get("key", {}).get(k) != v)
-        raise DitscopeError(f"{state_path} holds an evaluation with other settings ({diff}); "
-                            "rerun with those settings or delete it to start over")
+        diff = ", ".join(
+            f"{k}: saved {state.get('key', {}).get(k)!r}, now {v!r}"
+            for k, v in key.items()
+            if state.get("key", {}).get(k) != v
+        )
+        raise DitscopeError(
+            f"{state_path} holds an evaluation with other settings ({diff}); "
+            "rerun with those settings or delete it to start over"
+        )
     return list(state["images"])

@@ -65,7 +65,9 @@ class Method:
     `peers.apply_peer`; its options, grid and knob in `peers.PEERS[name]`)."""
 
     name: str
-    system: str  # "ditscope", "baseline", or the peer's own system ("diffusers", "cache-dit", "smoothcache", ...)
+    system: (
+        str  # "ditscope", "baseline", or the peer's own system ("diffusers", "cache-dit", "smoothcache", ...)
+    )
     peer: bool = False
 
 
@@ -106,8 +108,9 @@ def load_grid(grid: str) -> dict[str, list]:
         return {**ours, **{m: [g[0], g[-1]] for m, g in PEER_GRIDS.items()}}
     path = Path(grid)
     if not path.is_file():
-        raise DitscopeError(f"--grid {grid!r} is neither a preset ({', '.join(['default', 'compact', *PRESETS])}) "
-                            "nor a file")
+        raise DitscopeError(
+            f"--grid {grid!r} is neither a preset ({', '.join(['default', 'compact', *PRESETS])}) nor a file"
+        )
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -117,7 +120,9 @@ def load_grid(grid: str) -> dict[str, list]:
         else:
             raw = json.loads(text)
     except Exception as e:  # noqa: BLE001 (any parse failure is the user's file)
-        raise DitscopeError(f"--grid {grid}: cannot parse it ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise DitscopeError(
+            f"--grid {grid}: cannot parse it ({type(e).__name__}: {e})".splitlines()[0]
+        ) from None
     if not isinstance(raw, dict):
         raise DitscopeError(f"--grid {grid}: expected a mapping of method -> settings")
     if not raw:
@@ -125,13 +130,17 @@ def load_grid(grid: str) -> dict[str, list]:
     out = {}
     for method, spec in raw.items():
         if spec in ([], {}):
-            raise DitscopeError(f"--grid {grid}: {method!r} has no settings; give at least one ({{}} is its default)")
+            raise DitscopeError(
+                f"--grid {grid}: {method!r} has no settings; give at least one ({{}} is its default)"
+            )
         if isinstance(spec, dict):  # {option: [values]} -> cartesian product
             keys = list(spec)
             values = [v if isinstance(v, list) else [v] for v in spec.values()]
             empty = [k for k, v in zip(keys, values) if not v]
             if empty:
-                raise DitscopeError(f"--grid {grid}: {method} option {empty[0]!r} has an empty list of values")
+                raise DitscopeError(
+                    f"--grid {grid}: {method} option {empty[0]!r} has an empty list of values"
+                )
             out[method] = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
         elif isinstance(spec, list):
             out[method] = spec
@@ -148,13 +157,17 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
         entry = method_of(method)
         system = entry.system
         if method == FEWER_STEPS:
-            counts = grid.get(FEWER_STEPS) or sorted({max(2, round(f * model_steps)) for f in FEWER_STEPS_FRACTIONS})
+            counts = grid.get(FEWER_STEPS) or sorted(
+                {max(2, round(f * model_steps)) for f in FEWER_STEPS_FRACTIONS}
+            )
             for n in counts:
                 if not isinstance(n, int) or n < 2:
                     raise DitscopeError(f"the fewer-steps baseline needs step counts >= 2, not {n!r}")
                 if n >= model_steps:
-                    raise DitscopeError(f"the fewer-steps baseline runs fewer than the bench's {model_steps} steps, "
-                                        f"not {n}; give smaller step counts or more --steps")
+                    raise DitscopeError(
+                        f"the fewer-steps baseline runs fewer than the bench's {model_steps} steps, "
+                        f"not {n}; give smaller step counts or more --steps"
+                    )
                 settings.append(Setting(system, FEWER_STEPS, steps=n))
             continue
         options = grid.get(method)
@@ -173,7 +186,9 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
                 if Target.parse(opts["tune"]).kind == "flops":
                     raise DitscopeError(f"{method} tune={opts['tune']}: tune psnr=, ssim= or speedup=")
                 knob_of(method)
-            elif system == "ditscope" and method == "plan" and "target" in opts:  # planned on calibration prompts
+            elif (
+                system == "ditscope" and method == "plan" and "target" in opts
+            ):  # planned on calibration prompts
                 from ..planning.planner import Target
 
                 Target.parse(opts["target"])
@@ -187,5 +202,3 @@ def expand(methods: list[str] | None, grid: dict[str, list], model_steps: int) -
                 _resolve_options(method, opts)
             settings.append(Setting(system, method, dict(opts)))
     return settings
-
-

@@ -70,8 +70,10 @@ def parse_budget(text: str) -> float:
 def check_target(text: str) -> Target:
     goal = Target.parse(text)
     if not goal.quality:
-        raise DitscopeError(f"--target {text!r}: recommend keeps a quality target (psnr=DB or ssim=S) and finds the "
-                            "fastest setting that holds it; for a speed target use ditscope tune or plan")
+        raise DitscopeError(
+            f"--target {text!r}: recommend keeps a quality target (psnr=DB or ssim=S) and finds the "
+            "fastest setting that holds it; for a speed target use ditscope tune or plan"
+        )
     return goal
 
 
@@ -88,7 +90,9 @@ def check_candidates(names) -> list[str]:
             from .peers import PEERS
 
             peer = " (peers run in ditscope bench; generate cannot apply them)" if name in PEERS else ""
-            raise DitscopeError(f"unknown candidate {name!r}{peer}; choose from {', '.join([FEWER_STEPS, PLAN, *fitted])}")
+            raise DitscopeError(
+                f"unknown candidate {name!r}{peer}; choose from {', '.join([FEWER_STEPS, PLAN, *fitted])}"
+            )
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise DitscopeError(f"candidate {dup[0]!r} is listed twice")
@@ -105,15 +109,26 @@ def summarize(record: dict, reference_flops: float | None, goal: Target) -> dict
     """One table row from a candidate's saved record: speedup (uncached FLOPs over its FLOPs), mean PSNR and
     SSIM over the held-out prompts with the lower ends of their 95% intervals, the 5th-percentile PSNR, and
     whether the target holds (the lower end of the target's metric reaches it)."""
-    row = {"name": record["name"], "setting": record.get("setting", ""), "status": record["status"],
-           "note": record.get("note", "")}
+    row = {
+        "name": record["name"],
+        "setting": record.get("setting", ""),
+        "status": record["status"],
+        "note": record.get("note", ""),
+    }
     if record["status"] != "scored":
         return row
     psnr, ssim = record["per_sample"]["psnr"], record["per_sample"]["ssim"]
     p_mean, p_lo, _ = mean_interval(psnr)
     s_mean, s_lo, _ = mean_interval(ssim)
-    row.update(speedup=reference_flops / record["flops"], psnr=p_mean, psnr_lo=p_lo,
-               psnr_p5=float(np.percentile(psnr, 5)), ssim=s_mean, ssim_lo=s_lo, n=len(psnr))
+    row.update(
+        speedup=reference_flops / record["flops"],
+        psnr=p_mean,
+        psnr_lo=p_lo,
+        psnr_p5=float(np.percentile(psnr, 5)),
+        ssim=s_mean,
+        ssim_lo=s_lo,
+        n=len(psnr),
+    )
     row["holds"] = bool(row[goal.kind + "_lo"] >= goal.value)
     return row
 
@@ -160,13 +175,17 @@ class Recommendation:
 
     def table(self) -> list[str]:
         """The ranked table as text lines (what the command prints)."""
-        lines = [f"{'#':>2}  {'method':<10} {'setting':<30} {'speedup':>8} {'PSNR':>6} {'lower':>6} {'p5':>6} "
-                 f"{'SSIM':>6} {'lower':>6}  held-out"]
+        lines = [
+            f"{'#':>2}  {'method':<10} {'setting':<30} {'speedup':>8} {'PSNR':>6} {'lower':>6} {'p5':>6} "
+            f"{'SSIM':>6} {'lower':>6}  held-out"
+        ]
         for i, r in enumerate(self.rows, 1):
             if r["status"] == "scored":
-                lines.append(f"{i:>2}  {r['name']:<10} {r['setting'][:30]:<30} {r['speedup']:>7.2f}x {r['psnr']:>6.1f} "
-                             f"{r['psnr_lo']:>6.1f} {r['psnr_p5']:>6.1f} {r['ssim']:>6.3f} {r['ssim_lo']:>6.3f}  "
-                             f"{'holds' if r['holds'] else 'misses'}")
+                lines.append(
+                    f"{i:>2}  {r['name']:<10} {r['setting'][:30]:<30} {r['speedup']:>7.2f}x {r['psnr']:>6.1f} "
+                    f"{r['psnr_lo']:>6.1f} {r['psnr_p5']:>6.1f} {r['ssim']:>6.3f} {r['ssim_lo']:>6.3f}  "
+                    f"{'holds' if r['holds'] else 'misses'}"
+                )
             else:
                 lines.append(f"{'-':>2}  {r['name']:<10} {r['note']}")
         return lines
@@ -177,8 +196,11 @@ class Recommendation:
         if self.chosen is None:
             return f"use: no cache (no candidate held {self.goal} on the {n})"
         r = self.chosen
-        quality = (f"{r['psnr']:.1f} dB (lower {r['psnr_lo']:.1f})" if self.goal.kind == "psnr"
-                   else f"SSIM {r['ssim']:.3f} (lower {r['ssim_lo']:.3f})")
+        quality = (
+            f"{r['psnr']:.1f} dB (lower {r['psnr_lo']:.1f})"
+            if self.goal.kind == "psnr"
+            else f"SSIM {r['ssim']:.3f} (lower {r['ssim_lo']:.3f})"
+        )
         tail = f"{r['speedup']:.2f}x FLOPs, {quality} on {n}"
         if r["name"] == FEWER_STEPS:
             return f"use: --steps {self.record(FEWER_STEPS)['steps']} (no cache)   {tail}"
@@ -196,7 +218,9 @@ def config_name(model: str, chosen: dict | None) -> str | None:
     return f"{stem}.plan.json" if chosen["name"] == PLAN else f"{stem}.{chosen['name']}.json"
 
 
-def write_result(rec: Recommendation, out: Path, model: str, steps_flag: bool, extra: dict | None = None) -> tuple[str, Path, Path | None]:
+def write_result(
+    rec: Recommendation, out: Path, model: str, steps_flag: bool, extra: dict | None = None
+) -> tuple[str, Path, Path | None]:
     """Write the winning config (a plan file or a tuned config) and OUT/MODEL.recommend.json (the table, every
     candidate's per-prompt values, the answer); returns (the use line, the result file, the config file)."""
     from ..cache.schedule_data import Schedule
@@ -206,25 +230,52 @@ def write_result(rec: Recommendation, out: Path, model: str, steps_flag: bool, e
     name = config_name(model, rec.chosen)
     config = out / name if name else None
     if config is not None:
-        source = Path(rec.work or ".") / rec.record(rec.chosen["name"])["config"]  # kept relative to the work folder
+        source = (
+            Path(rec.work or ".") / rec.record(rec.chosen["name"])["config"]
+        )  # kept relative to the work folder
         (Schedule.load(source) if rec.chosen["name"] == PLAN else Tuned.load(source)).save(config)
     line = rec.use_line(config, steps_flag)
-    body = {"format": FORMAT, "version": VERSION, "model": model, "target": str(rec.goal), "steps": rec.steps,
-            "speed": "executed FLOPs against the uncached model", "reference_flops": rec.reference_flops,
-            "n_calibration": rec.n_calibration, "n_test": rec.n_test, **(extra or {}),
-            "table": rec.rows, "chosen": rec.chosen["name"] if rec.chosen else None, "use": line,
-            "config": str(config) if config else None, "skipped": rec.skipped, "seconds": round(rec.seconds, 1),
-            "candidates": [{k: v for k, v in r.items() if k != "config"} for r in rec.records]}
+    body = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model,
+        "target": str(rec.goal),
+        "steps": rec.steps,
+        "speed": "executed FLOPs against the uncached model",
+        "reference_flops": rec.reference_flops,
+        "n_calibration": rec.n_calibration,
+        "n_test": rec.n_test,
+        **(extra or {}),
+        "table": rec.rows,
+        "chosen": rec.chosen["name"] if rec.chosen else None,
+        "use": line,
+        "config": str(config) if config else None,
+        "skipped": rec.skipped,
+        "seconds": round(rec.seconds, 1),
+        "candidates": [{k: v for k, v in r.items() if k != "config"} for r in rec.records],
+    }
     result = out / f"{Path(model).name}.recommend.json"
     write_text_atomic(result, json.dumps(body, indent=1, default=str) + "\n")
     return line, result, config
 
 
 # ------------------------------------------------------------------------------------------- the run
-def recommend(pipe, calibration: list, test: list, target: str = DEFAULT_TARGET, num_inference_steps: int = 20,
-              candidates=CANDIDATES, budget: float = 600.0, batch_size: int = 8, guidance_scale=None,
-              work_dir=None, progress=None, advance=None, started: float | None = None,
-              clock=time.monotonic) -> Recommendation:
+def recommend(
+    pipe,
+    calibration: list,
+    test: list,
+    target: str = DEFAULT_TARGET,
+    num_inference_steps: int = 20,
+    candidates=CANDIDATES,
+    budget: float = 600.0,
+    batch_size: int = 8,
+    guidance_scale=None,
+    work_dir=None,
+    progress=None,
+    advance=None,
+    started: float | None = None,
+    clock=time.monotonic,
+) -> Recommendation:
     """Fit every candidate to `target` on `calibration`, score it on `test` against the uncached model at
     `num_inference_steps`, and rank them (module docstring). `budget`: seconds from `started` (default: now).
     `progress(text)` reports each evaluation, `advance(done, total)` each finished part (the two references
@@ -246,8 +297,15 @@ def recommend(pipe, calibration: list, test: list, target: str = DEFAULT_TARGET,
     work = Path(work_dir) if work_dir is not None else Path(".")
     (work / "candidates").mkdir(parents=True, exist_ok=True)  # one record per finished candidate
     total = len(names) + 1
-    inputs = BenchInputs(model="", prompts=list(test), seeds=[0], steps=num_inference_steps,
-                         guidance_scale=guidance_scale, batch_size=batch_size, repeats=0)
+    inputs = BenchInputs(
+        model="",
+        prompts=list(test),
+        seeds=[0],
+        steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        repeats=0,
+    )
 
     # the uncached images of the held-out prompts at the full step count, and their FLOPs
     ref_json, ref_file = work / "test_reference.json", work / "test_reference.safetensors"
@@ -266,7 +324,9 @@ def recommend(pipe, calibration: list, test: list, target: str = DEFAULT_TARGET,
         write_text_atomic(ref_json, json.dumps(meta))
     tick(1, total)
     score_seconds = meta["seconds"]  # what scoring one candidate costs at most (an uncached pass over `test`)
-    calib_seconds = score_seconds * len(calibration) / len(test)  # one uncached pass over the calibration prompts
+    calib_seconds = (
+        score_seconds * len(calibration) / len(test)
+    )  # one uncached pass over the calibration prompts
 
     records, skipped = [], []
     for done, name in enumerate(names, 2):
@@ -290,11 +350,17 @@ def recommend(pipe, calibration: list, test: list, target: str = DEFAULT_TARGET,
                 raise OutOfBudget
 
         try:
-            record = _fit(pipe, name, calibration, goal, num_inference_steps, batch_size, guidance_scale, work,
-                          watch)
+            record = _fit(
+                pipe, name, calibration, goal, num_inference_steps, batch_size, guidance_scale, work, watch
+            )
         except OutOfBudget:
-            records.append({"name": name, "status": "skipped",
-                            "note": "stopped while fitting: the time box ran out (its work is kept)"})
+            records.append(
+                {
+                    "name": name,
+                    "status": "skipped",
+                    "note": "stopped while fitting: the time box ran out (its work is kept)",
+                }
+            )
             skipped.append(name)
             tick(done, total)
             continue
@@ -303,19 +369,42 @@ def recommend(pipe, calibration: list, test: list, target: str = DEFAULT_TARGET,
         if record["status"] == "fitted":
             say(f"{name}: scoring on {len(test)} held-out prompts")
             row = run_setting(pipe, record.pop("run"), inputs, reference, None, None, None)
-            record.update(status="scored", flops=row["flops"], per_sample={k: row["per_sample"][k]
-                                                                            for k in ("psnr", "ssim")})
+            record.update(
+                status="scored",
+                flops=row["flops"],
+                per_sample={k: row["per_sample"][k] for k in ("psnr", "ssim")},
+            )
         write_text_atomic(path, json.dumps(record, default=str))
         records.append(record)
         tick(done, total)
 
     rows = ranked([summarize(r, meta["flops"], goal) for r in records], goal)
-    return Recommendation(goal, num_inference_steps, rows, records, meta["flops"], len(calibration), len(test),
-                          choose(rows, goal), skipped, work, clock() - t0)
+    return Recommendation(
+        goal,
+        num_inference_steps,
+        rows,
+        records,
+        meta["flops"],
+        len(calibration),
+        len(test),
+        choose(rows, goal),
+        skipped,
+        work,
+        clock() - t0,
+    )
 
 
-def _fit(pipe, name: str, calibration: list, goal: Target, steps: int, batch_size: int, guidance_scale, work: Path,
-         say) -> dict:
+def _fit(
+    pipe,
+    name: str,
+    calibration: list,
+    goal: Target,
+    steps: int,
+    batch_size: int,
+    guidance_scale,
+    work: Path,
+    say,
+) -> dict:
     """Fit candidate `name` on the calibration prompts: a record with its setting, the Setting that runs it
     (`run`), and for plans and tuned methods the config file kept in the work folder."""
     from .grid import FEWER_STEPS as BENCH_FEWER_STEPS
@@ -324,29 +413,67 @@ def _fit(pipe, name: str, calibration: list, goal: Target, steps: int, batch_siz
     fit_work = work / "fit"  # the tuned methods and the fewer-steps fit share the calibration reference
     if name == FEWER_STEPS:
         k, row = _fit_steps(pipe, calibration, goal, steps, batch_size, guidance_scale, fit_work, say)
-        return {"name": name, "status": "fitted", "setting": f"{k} of {steps} steps", "steps": k,
-                "fit": _rounded(row), "run": Setting("baseline", BENCH_FEWER_STEPS, steps=k)}
+        return {
+            "name": name,
+            "status": "fitted",
+            "setting": f"{k} of {steps} steps",
+            "steps": k,
+            "fit": _rounded(row),
+            "run": Setting("baseline", BENCH_FEWER_STEPS, steps=k),
+        }
     if name == PLAN:
         from ..planning.planner import plan
 
-        schedule = plan(pipe, calibration, str(goal), steps, batch_size=batch_size, guidance_scale=guidance_scale,
-                        cost="flops", iterations=PLAN_ITERATIONS, work_dir=work / "plan.work", progress=say)
+        schedule = plan(
+            pipe,
+            calibration,
+            str(goal),
+            steps,
+            batch_size=batch_size,
+            guidance_scale=guidance_scale,
+            cost="flops",
+            iterations=PLAN_ITERATIONS,
+            work_dir=work / "plan.work",
+            progress=say,
+        )
         config = schedule.save(work / "configs" / f"{PLAN}.plan.json")
         setting = _plan_setting(schedule)
-        return {"name": name, "status": "fitted", "setting": setting, "config": str(config.relative_to(work)),
-                "fit": schedule.meta["quality"], "run": Setting("ditscope", PLAN, {"path": str(config)})}
+        return {
+            "name": name,
+            "status": "fitted",
+            "setting": setting,
+            "config": str(config.relative_to(work)),
+            "fit": schedule.meta["quality"],
+            "run": Setting("ditscope", PLAN, {"path": str(config)}),
+        }
     from .tune import tune
 
-    tuned = tune(pipe, name, calibration, str(goal), steps, batch_size=batch_size, guidance_scale=guidance_scale,
-                 work_dir=fit_work, progress=say, timed=False)
+    tuned = tune(
+        pipe,
+        name,
+        calibration,
+        str(goal),
+        steps,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
+        work_dir=fit_work,
+        progress=say,
+        timed=False,
+    )
     config = work / "configs" / f"{name}.tuned.json"
     config.parent.mkdir(parents=True, exist_ok=True)
     tuned.save(config)
     value = tuned.meta["value"]
     setting = f"{tuned.meta['knob']}={value if isinstance(value, int) else f'{value:.4g}'}"
-    return {"name": name, "status": "fitted", "setting": setting, "options": tuned.options,
-            "config": str(config.relative_to(work)), "fit": tuned.meta["quality"],
-            "run": Setting("ditscope", name, dict(tuned.options))}
+    return {
+        "name": name,
+        "status": "fitted",
+        "setting": setting,
+        "options": tuned.options,
+        "config": str(config.relative_to(work)),
+        "fit": tuned.meta["quality"],
+        "run": Setting("ditscope", name, dict(tuned.options)),
+    }
 
 
 def _fit_steps(pipe, calibration, goal: Target, steps: int, batch_size: int, guidance_scale, work: Path, say):
@@ -359,12 +486,15 @@ def _fit_steps(pipe, calibration, goal: Target, steps: int, batch_size: int, gui
     reference = _reference(pipe, calibration, steps, 0, batch_size, guidance_scale, work, say)
 
     def measure(k: int) -> dict:
-        evaluations = Evaluations(pipe, calibration, k, 0, batch_size, guidance_scale, reference,
-                                  work / "evaluations.jsonl")
-        row = evaluations.measure(json.dumps([FEWER_STEPS, k]), lambda: (lambda: None))
+        evaluations = Evaluations(
+            pipe, calibration, k, 0, batch_size, guidance_scale, reference, work / "evaluations.jsonl"
+        )
+        row = evaluations.measure(json.dumps([FEWER_STEPS, k]), lambda: lambda: None)
         ok = row[goal.kind + "_lo"] >= goal.value
-        say(f"{k} steps: PSNR {row['psnr']:.2f} dB (lower {row['psnr_lo']:.2f}), SSIM {row['ssim']:.3f}: "
-            f"{'holds' if ok else 'misses'}")
+        say(
+            f"{k} steps: PSNR {row['psnr']:.2f} dB (lower {row['psnr_lo']:.2f}), SSIM {row['ssim']:.3f}: "
+            f"{'holds' if ok else 'misses'}"
+        )
         return row | {"holds": ok}
 
     lo, hi, rows = 1, steps, {}
@@ -376,8 +506,10 @@ def _fit_steps(pipe, calibration, goal: Target, steps: int, batch_size: int, gui
         if steps - 1 < 2:
             raise DitscopeError(f"no step count between 2 and {steps - 1} to try")
         row = rows[steps - 1]
-        raise DitscopeError(f"{steps - 1} steps miss {goal} on the calibration prompts (PSNR {row['psnr']:.2f} dB, "
-                            f"lower {row['psnr_lo']:.2f})")
+        raise DitscopeError(
+            f"{steps - 1} steps miss {goal} on the calibration prompts (PSNR {row['psnr']:.2f} dB, "
+            f"lower {row['psnr_lo']:.2f})"
+        )
     return hi, rows[hi]
 
 

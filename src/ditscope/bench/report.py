@@ -18,7 +18,14 @@ QUALITY_BARS = (("near-lossless", 30.0, 1.0), ("good", 25.0, 3.0))
 # A bar is decided only on this many samples: below it one changed attribute moves the accuracy by
 # more than the near-lossless bar allows, and the intervals are too wide to tell methods apart.
 MIN_SAMPLES = {"image": 64, "video": 24}
-MARKERS = {"baseline": "s", "ditscope": "o", "diffusers": "^", "cache-dit": "D", "smoothcache": "v", "t-gate": "P"}
+MARKERS = {
+    "baseline": "s",
+    "ditscope": "o",
+    "diffusers": "^",
+    "cache-dit": "D",
+    "smoothcache": "v",
+    "t-gate": "P",
+}
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
@@ -121,24 +128,46 @@ def _with_interval(row, col: str, fmt: str) -> str:
 def markdown(df: pd.DataFrame, title: str) -> str:
     """The full results table and the best-at-bars table, as markdown; intervals are 95% bootstrap over samples."""
     shown = pd.DataFrame(index=df.index)
-    formats = (("system", "{}"), ("label", "{}"), ("seconds", "{:.2f}"), ("speedup", "{:.2f}x"),
-               ("flops_speedup", "{:.2f}x"), ("psnr", "{:.1f}"), ("psnr_p5", "{:.1f}"), ("ssim", "{:.3f}"),
-               ("lpips", "{:.3f}"), ("accuracy", "{:.1%}"), ("accuracy_drop", "{:+.1f}"), ("all", "{:.1%}"),
-               ("all_drop", "{:+.1f}"), ("frechet", "{:.3f}"), ("note", "{}"))
+    formats = (
+        ("system", "{}"),
+        ("label", "{}"),
+        ("seconds", "{:.2f}"),
+        ("speedup", "{:.2f}x"),
+        ("flops_speedup", "{:.2f}x"),
+        ("psnr", "{:.1f}"),
+        ("psnr_p5", "{:.1f}"),
+        ("ssim", "{:.3f}"),
+        ("lpips", "{:.3f}"),
+        ("accuracy", "{:.1%}"),
+        ("accuracy_drop", "{:+.1f}"),
+        ("all", "{:.1%}"),
+        ("all_drop", "{:+.1f}"),
+        ("frechet", "{:.3f}"),
+        ("note", "{}"),
+    )
     timed = _speed(df) == "wall-clock"
     for col, fmt in formats:
         if col in df and (timed or col not in ("seconds", "speedup")):
             shown[col] = ["" if _missing(r[col]) else _with_interval(r, col, fmt) for _, r in df.iterrows()]
     shown = shown.fillna("")
     n = int(df["n_images"].max()) if "n_images" in df and df["n_images"].notna().any() else 0
-    lines = [f"## {title}", "", f"Quality over {n} samples; [low, high] = 95% bootstrap interval of the mean over "
-             "samples, paired with the uncached sample of the same prompt and seed; psnr_p5 = the 5th-percentile "
-             "sample's PSNR; drops in points (positive = worse than uncached)."
-             + ("" if timed else " Not timed (--repeats 0): speeds are executed FLOPs."), "", _md(shown), "",
-             f"Best {_speed(df)} speedup per method at each quality bar "
-             "(near-lossless: PSNR >= 30 dB against uncached and attribute accuracy within 1 point; "
-             f"good: PSNR >= 25 dB, within 3 points; decided on at least {min_samples(df)} samples):", "",
-             _md(best_at_bars(df)), ""]
+    lines = [
+        f"## {title}",
+        "",
+        f"Quality over {n} samples; [low, high] = 95% bootstrap interval of the mean over "
+        "samples, paired with the uncached sample of the same prompt and seed; psnr_p5 = the 5th-percentile "
+        "sample's PSNR; drops in points (positive = worse than uncached)."
+        + ("" if timed else " Not timed (--repeats 0): speeds are executed FLOPs."),
+        "",
+        _md(shown),
+        "",
+        f"Best {_speed(df)} speedup per method at each quality bar "
+        "(near-lossless: PSNR >= 30 dB against uncached and attribute accuracy within 1 point; "
+        f"good: PSNR >= 25 dB, within 3 points; decided on at least {min_samples(df)} samples):",
+        "",
+        _md(best_at_bars(df)),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -157,16 +186,28 @@ def summary(df: pd.DataFrame, title: str = "", width: int = SUMMARY_WIDTH) -> st
     from rich.table import Table
 
     timed = _speed(df) == "wall-clock"
-    columns = (("speedup" if timed else "flops_speedup", f"{'' if timed else 'FLOPs '}speedup", "{:.2f}x"),
-               ("psnr", "PSNR [95%]", "{:.1f}"), ("psnr_p5", "p5 PSNR", "{:.1f}"), ("ssim", "SSIM", "{:.3f}"),
-               ("accuracy_drop", "acc. drop", "{:+.1f}"))
+    columns = (
+        ("speedup" if timed else "flops_speedup", f"{'' if timed else 'FLOPs '}speedup", "{:.2f}x"),
+        ("psnr", "PSNR [95%]", "{:.1f}"),
+        ("psnr_p5", "p5 PSNR", "{:.1f}"),
+        ("ssim", "SSIM", "{:.3f}"),
+        ("accuracy_drop", "acc. drop", "{:+.1f}"),
+    )
     columns = [c for c in columns if c[0] in df]
-    lpips = {part for note in df.get("note", pd.Series(dtype=object)).dropna()
-             for part in str(note).split("; ") if part.startswith("LPIPS skipped")}
-    notes = ["; ".join(p for p in str(n).split("; ") if p and p not in lpips) if not _missing(n) else ""
-             for n in df.get("note", pd.Series([""] * len(df), index=df.index))]
+    lpips = {
+        part
+        for note in df.get("note", pd.Series(dtype=object)).dropna()
+        for part in str(note).split("; ")
+        if part.startswith("LPIPS skipped")
+    }
+    notes = [
+        "; ".join(p for p in str(n).split("; ") if p and p not in lpips) if not _missing(n) else ""
+        for n in df.get("note", pd.Series([""] * len(df), index=df.index))
+    ]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("method and setting", overflow="fold", min_width=24)  # what wraps when the width is short
+    table.add_column(
+        "method and setting", overflow="fold", min_width=24
+    )  # what wraps when the width is short
     for _, header, _ in columns:
         table.add_column(header, justify="right", no_wrap=True)
     said = []  # (setting, note): after the table, where a note has the width to be read
@@ -184,8 +225,12 @@ def summary(df: pd.DataFrame, title: str = "", width: int = SUMMARY_WIDTH) -> st
                 cells.append(fmt.format(value))
         table.add_row(*cells)
     best = best_at_bars(df)
-    bars = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"best {_speed(df)} speedup at each quality bar",
-                 title_justify="left")
+    bars = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title=f"best {_speed(df)} speedup at each quality bar",
+        title_justify="left",
+    )
     best = best.drop(columns=["system"], errors="ignore")  # the method names its system
     for col in best.columns:
         bars.add_column(str(col), overflow="fold")
@@ -196,14 +241,20 @@ def summary(df: pd.DataFrame, title: str = "", width: int = SUMMARY_WIDTH) -> st
     if title:
         console.print(title, markup=False)
     console.print(table)
-    console.print(f"PSNR and SSIM against the uncached images over {n} samples; [low, high] = 95% interval of the mean; "
-                  "p5 = the 5th-percentile sample's PSNR; acc. drop in points (positive = worse).", markup=False)
+    console.print(
+        f"PSNR and SSIM against the uncached images over {n} samples; [low, high] = 95% interval of the mean; "
+        "p5 = the 5th-percentile sample's PSNR; acc. drop in points (positive = worse).",
+        markup=False,
+    )
     for line in said:
         console.print(f"note: {line}", markup=False)
     if not best.empty:
         console.print(bars)
-        console.print("near-lossless: PSNR >= 30 dB and accuracy within 1 point; good: PSNR >= 25 dB, within 3 "
-                      f"points; decided on at least {min_samples(df)} samples.", markup=False)
+        console.print(
+            "near-lossless: PSNR >= 30 dB and accuracy within 1 point; good: PSNR >= 25 dB, within 3 "
+            f"points; decided on at least {min_samples(df)} samples.",
+            markup=False,
+        )
     for part in sorted(lpips):
         console.print(f"{part} (every setting).", markup=False)
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
@@ -236,13 +287,32 @@ def pareto_plot(df: pd.DataFrame, path: Path, title: str):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, method in enumerate(methods):
         g = ran[ran["method"] == method]
-        ax.scatter(g["psnr"], g["speedup"], marker=MARKERS.get(g["system"].iloc[0], "o"), s=45,
-                   color=colors[i % len(colors)], label=f"{method} ({g['system'].iloc[0]})", zorder=3)
+        ax.scatter(
+            g["psnr"],
+            g["speedup"],
+            marker=MARKERS.get(g["system"].iloc[0], "o"),
+            s=45,
+            color=colors[i % len(colors)],
+            label=f"{method} ({g['system'].iloc[0]})",
+            zorder=3,
+        )
         if "psnr_lo" in g:  # the 95% interval of the mean PSNR over samples
-            err = np.stack([(g["psnr"] - g["psnr_lo"]).fillna(0).clip(lower=0),
-                            (g["psnr_hi"] - g["psnr"]).fillna(0).clip(lower=0)])
-            ax.errorbar(g["psnr"], g["speedup"], xerr=err, fmt="none", ecolor=colors[i % len(colors)],
-                        elinewidth=0.8, alpha=0.6, zorder=2)
+            err = np.stack(
+                [
+                    (g["psnr"] - g["psnr_lo"]).fillna(0).clip(lower=0),
+                    (g["psnr_hi"] - g["psnr"]).fillna(0).clip(lower=0),
+                ]
+            )
+            ax.errorbar(
+                g["psnr"],
+                g["speedup"],
+                xerr=err,
+                fmt="none",
+                ecolor=colors[i % len(colors)],
+                elinewidth=0.8,
+                alpha=0.6,
+                zorder=2,
+            )
     # the frontier: settings that no other setting beats on both speed and quality
     pts = ran.sort_values("psnr", ascending=False)
     front, best = [], -math.inf
@@ -298,8 +368,15 @@ def image_grid(df: pd.DataFrame, image_dir: Path, path: Path, prompts: list, n_p
                 # wrapped, so long peer labels do not run into their neighbours' titles
                 ax.set_title(textwrap.fill(label, 22) + speed, fontsize=6)
     for i in range(n):
-        axes[i][0].text(-0.1, 0.5, textwrap.fill(str(prompts[i]), 28), transform=axes[i][0].transAxes,
-                        fontsize=5, ha="right", va="center")
+        axes[i][0].text(
+            -0.1,
+            0.5,
+            textwrap.fill(str(prompts[i]), 28),
+            transform=axes[i][0].transAxes,
+            fontsize=5,
+            ha="right",
+            va="center",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -308,8 +385,12 @@ def image_grid(df: pd.DataFrame, image_dir: Path, path: Path, prompts: list, n_p
 def write_outputs(rows: list[dict], out: Path, title: str, prompts: list) -> pd.DataFrame:
     """results.csv, results.md, pareto.png/svg and grid.png under `out`."""
     df = table(rows)
-    dropped = ("seconds_all", "per_sample") + (() if _speed(df) == "wall-clock" else ("speedup",))  # FLOPs only
-    export = df.drop(columns=[c for c in dropped if c in df])  # results.jsonl keeps the per-pass and per-sample values
+    dropped = ("seconds_all", "per_sample") + (
+        () if _speed(df) == "wall-clock" else ("speedup",)
+    )  # FLOPs only
+    export = df.drop(
+        columns=[c for c in dropped if c in df]
+    )  # results.jsonl keeps the per-pass and per-sample values
     with atomic_path(out / "results.csv") as tmp:
         export.to_csv(tmp, index=False)
     write_text_atomic(out / "results.md", markdown(df, title))

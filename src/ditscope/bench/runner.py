@@ -53,11 +53,21 @@ class BenchInputs:
     identity: dict | None = None  # the pipeline's weights, dtype and scheduler (calibrate.pipeline_identity)
 
     def meta(self) -> dict:
-        meta = {"model": self.model, "prompts": [str(p) for p in self.prompts], "prompt_seed": self.prompt_seed,
-                "seeds": self.seeds, "steps": self.steps, "guidance_scale": self.guidance_scale,
-                "batch_size": self.batch_size, "repeats": self.repeats, "identity": self.identity}
+        meta = {
+            "model": self.model,
+            "prompts": [str(p) for p in self.prompts],
+            "prompt_seed": self.prompt_seed,
+            "seeds": self.seeds,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "batch_size": self.batch_size,
+            "repeats": self.repeats,
+            "identity": self.identity,
+        }
         if self.calibration:
-            meta.update(calibration=[str(p) for p in self.calibration], calibration_seed=self.calibration_seed)
+            meta.update(
+                calibration=[str(p) for p in self.calibration], calibration_seed=self.calibration_seed
+            )
         return meta
 
     def workload(self) -> Workload:
@@ -94,7 +104,9 @@ def prompt_quality(images: torch.Tensor, inputs: BenchInputs, evaluator_net) -> 
     out = {k: acc[k] for k in (*ATTRIBUTES, "all") if k in acc}
     scored = [k for k in ATTRIBUTES if k in acc]
     out["accuracy"] = sum(acc[k] for k in scored) / len(scored)
-    out["frechet"] = evaluator.frechet_to_real(evaluator_net, images, scenes) if len(images) >= 2 else math.nan
+    out["frechet"] = (
+        evaluator.frechet_to_real(evaluator_net, images, scenes) if len(images) >= 2 else math.nan
+    )
     hits = evaluator.sample_hits(evaluator_net, images, scenes, inputs.class_conditional)
     # a sample's part in `accuracy`: the attributes read per object (pooled over objects) count its share of them
     # right times its objects over the mean objects per sample, so that the mean over samples is `accuracy` itself
@@ -115,7 +127,9 @@ RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(PlanConfig) if f.name not
 
 def plan_setting(setting: Setting) -> Setting:
     """The setting that makes the plan `setting` runs: settings that differ only in how it runs share it."""
-    return Setting(setting.system, setting.method, {k: v for k, v in setting.options.items() if k not in RUN_OPTIONS})
+    return Setting(
+        setting.system, setting.method, {k: v for k, v in setting.options.items() if k not in RUN_OPTIONS}
+    )
 
 
 def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
@@ -131,8 +145,16 @@ def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
     if _saved(path):
         return Schedule.load(path)
     opts = {k: v for k, v in making.options.items() if k != "target"}
-    schedule = plan(pipe, inputs.calibration, making.options["target"], inputs.steps, batch_size=inputs.batch_size,
-                    guidance_scale=inputs.guidance_scale, work_dir=path.with_suffix(".work") if path else None, **opts)
+    schedule = plan(
+        pipe,
+        inputs.calibration,
+        making.options["target"],
+        inputs.steps,
+        batch_size=inputs.batch_size,
+        guidance_scale=inputs.guidance_scale,
+        work_dir=path.with_suffix(".work") if path else None,
+        **opts,
+    )
     if path is not None and writes():
         import shutil
 
@@ -159,9 +181,17 @@ def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
         raise DitscopeError(f"{failed.read_text().strip()} (recorded in {failed}; delete it to search again)")
     fixed = {k: v for k, v in setting.options.items() if k != "tune"}
     try:
-        result = tune(pipe, setting.method, inputs.calibration, setting.options["tune"], inputs.steps,
-                      batch_size=inputs.batch_size, guidance_scale=inputs.guidance_scale, options=fixed,
-                      work_dir=path.with_suffix(".work") if path else None)
+        result = tune(
+            pipe,
+            setting.method,
+            inputs.calibration,
+            setting.options["tune"],
+            inputs.steps,
+            batch_size=inputs.batch_size,
+            guidance_scale=inputs.guidance_scale,
+            options=fixed,
+            work_dir=path.with_suffix(".work") if path else None,
+        )
     except DitscopeError as e:
         if failed is not None and writes():  # the search may fail before it made OUT/tuned/
             failed.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +235,9 @@ def applied(pipe, setting: Setting, inputs: BenchInputs, out: Path | None = None
     def run_once():
         return inputs.workload().call(pipe, [0])
 
-    return inputs.steps, apply_peer(setting.method, pipe, options, inputs.steps, run_once, calibration_run(pipe, inputs))
+    return inputs.steps, apply_peer(
+        setting.method, pipe, options, inputs.steps, run_once, calibration_run(pipe, inputs)
+    )
 
 
 def calibration_run(pipe, inputs: BenchInputs):
@@ -218,14 +250,28 @@ def calibration_run(pipe, inputs: BenchInputs):
     def calibrate():
         return generate(pipe, inputs.calibration, inputs.steps, 0, inputs.batch_size, inputs.guidance_scale)
 
-    calibrate.key = json.dumps(["bench", [str(p) for p in inputs.calibration], inputs.steps, inputs.batch_size,
-                                inputs.guidance_scale])
+    calibrate.key = json.dumps(
+        [
+            "bench",
+            [str(p) for p in inputs.calibration],
+            inputs.steps,
+            inputs.batch_size,
+            inputs.guidance_scale,
+        ]
+    )
     return calibrate
 
 
 # ------------------------------------------------------------------------------------------ run
-def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, evaluator_net=None,
-              progress=None, log=print) -> list[dict]:
+def run_bench(
+    pipe,
+    settings: list[Setting],
+    inputs: BenchInputs,
+    out: Path,
+    evaluator_net=None,
+    progress=None,
+    log=print,
+) -> list[dict]:
     """Run every setting not already in `out/results.jsonl`; return all rows (old and new).
 
     Under torchrun the ranks share the samples of every setting (profiling/workload.py) and the first rank
@@ -258,8 +304,14 @@ def run_bench(pipe, settings: list[Setting], inputs: BenchInputs, out: Path, eva
             images = None
         else:
             images = row.pop("_images")
-        row.update(key=setting.key, system=setting.system, method=setting.method, label=setting.label,
-                   options=json.dumps(setting.options, sort_keys=True), steps=setting.steps or inputs.steps)
+        row.update(
+            key=setting.key,
+            system=setting.system,
+            method=setting.method,
+            label=setting.label,
+            options=json.dumps(setting.options, sort_keys=True),
+            steps=setting.steps or inputs.steps,
+        )
         if images is not None:
             if writes():
                 with atomic_path(path) as tmp:
@@ -306,8 +358,16 @@ class _Skip(Exception):
     pass
 
 
-def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluator_net, lpips, lpips_note,
-                out: Path | None = None) -> dict:
+def run_setting(
+    pipe,
+    setting: Setting,
+    inputs: BenchInputs,
+    reference,
+    evaluator_net,
+    lpips,
+    lpips_note,
+    out: Path | None = None,
+) -> dict:
     from .peers import PeerUnavailable
 
     try:
@@ -330,12 +390,20 @@ def run_setting(pipe, setting: Setting, inputs: BenchInputs, reference, evaluato
         work = inputs.workload()
         with flop_counter() as counter:  # the scored images, their FLOPs, and the warm-up
             images = work.run(pipe, steps)
-        flops = float(sum(gather(counter.get_total_flops(), data_parallel(pipe)[1])))  # torchrun: every rank's share
+        flops = float(
+            sum(gather(counter.get_total_flops(), data_parallel(pipe)[1]))
+        )  # torchrun: every rank's share
         times = from_first(work.seconds(pipe, inputs.repeats, steps))
     finally:
         remove()
-    row = {"seconds": statistics.median(times) if times else None, "seconds_all": times, "flops": flops,
-           "n_images": len(images), "video": images.dim() == 5, "_images": images}
+    row = {
+        "seconds": statistics.median(times) if times else None,
+        "seconds_all": times,
+        "flops": flops,
+        "n_images": len(images),
+        "video": images.dim() == 5,
+        "_images": images,
+    }
     if setting.method == BASELINE:
         reference = images
     per_sample = {}  # the values behind every quality mean, for the report's paired intervals
@@ -374,4 +442,3 @@ def read_rows(out: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut by a kill: that setting reruns
             continue
     return rows
-

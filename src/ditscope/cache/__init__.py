@@ -25,6 +25,7 @@ from .teacache import TeaCacheConfig
 from .plan import PlanConfig
 from .schedule import schedule_of
 from .schedule_data import Schedule
+
 # isort: on
 from .engine import CacheHandle
 from .registry import REGISTRY, ConfigsByName, Registered, check_fields, for_config, register
@@ -32,8 +33,13 @@ from .registry import REGISTRY, ConfigsByName, Registered, check_fields, for_con
 CONFIGS = ConfigsByName()  # name -> config class, live: a method registered later appears here too
 
 
-def apply(pipe_or_transformer, config, num_inference_steps: int | None = None, count_flops: bool = False,
-          layout=None) -> CacheHandle:
+def apply(
+    pipe_or_transformer,
+    config,
+    num_inference_steps: int | None = None,
+    count_flops: bool = False,
+    layout=None,
+) -> CacheHandle:
     """Apply a cache method to a diffusers pipeline (or its transformer). Returns a `CacheHandle`:
     `handle.stats()`, `handle.remove()`, or use it as a context manager.
 
@@ -45,7 +51,9 @@ def apply(pipe_or_transformer, config, num_inference_steps: int | None = None, c
     entry = for_config(config)
     if entry is None or isinstance(config, type):
         known = ", ".join(e.config.__name__ for e in REGISTRY.values())
-        raise DitscopeError(f"{getattr(config, '__name__', type(config).__name__)} is not a cache config; use one of {known}")
+        raise DitscopeError(
+            f"{getattr(config, '__name__', type(config).__name__)} is not a cache config; use one of {known}"
+        )
     return CacheHandle(pipe_or_transformer, entry.method(config), num_inference_steps, count_flops, layout)
 
 
@@ -56,8 +64,9 @@ def config_from_options(name: str, options: list[str] | None = None):
 
     cls = CONFIGS.get(name.lower())
     if cls is None:
-        raise DitscopeError(f"unknown cache method {name!r}{closest(name.lower(), CONFIGS)} (methods: "
-                            f"{', '.join(CONFIGS)})")
+        raise DitscopeError(
+            f"unknown cache method {name!r}{closest(name.lower(), CONFIGS)} (methods: {', '.join(CONFIGS)})"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     preset = None
@@ -70,8 +79,9 @@ def config_from_options(name: str, options: list[str] | None = None):
             preset = raw.strip()
             continue
         if key not in fields:
-            raise DitscopeError(f"{cls.__name__} has no option {key!r}{closest(key, fields)} (options: "
-                                f"{', '.join(fields)})")
+            raise DitscopeError(
+                f"{cls.__name__} has no option {key!r}{closest(key, fields)} (options: {', '.join(fields)})"
+            )
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -79,8 +89,14 @@ def config_from_options(name: str, options: list[str] | None = None):
         if isinstance(value, list):
             value = tuple(value)
         default = _default(fields[key])
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if isinstance(default, float) else (
-            isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)))
+        ok = (
+            (isinstance(value, (int, float)) and not isinstance(value, bool))
+            if isinstance(default, float)
+            else (
+                isinstance(value, type(default))
+                and not (isinstance(value, bool) and not isinstance(default, bool))
+            )
+        )
         if default is not None and not ok:
             raise DitscopeError(f"{name} option {key} expects a {type(default).__name__}, not {raw!r}")
         values[key] = float(value) if isinstance(default, float) else value
@@ -113,6 +129,24 @@ def _default(f):
     return None
 
 
-__all__ = ["CONFIGS", "REGISTRY", "CacheHandle", "DeltaDiTConfig", "DuCaConfig", "FBCacheConfig", "FORAConfig",
-           "PABConfig", "PlanConfig", "Registered", "Schedule", "TaylorSeerConfig", "TeaCacheConfig", "ToCaConfig", "apply", "config_from_options", "option_strings",
-           "register", "schedule_of"]
+__all__ = [
+    "CONFIGS",
+    "REGISTRY",
+    "CacheHandle",
+    "DeltaDiTConfig",
+    "DuCaConfig",
+    "FBCacheConfig",
+    "FORAConfig",
+    "PABConfig",
+    "PlanConfig",
+    "Registered",
+    "Schedule",
+    "TaylorSeerConfig",
+    "TeaCacheConfig",
+    "ToCaConfig",
+    "apply",
+    "config_from_options",
+    "option_strings",
+    "register",
+    "schedule_of",
+]

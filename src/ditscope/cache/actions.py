@@ -48,8 +48,19 @@ def run_block(ctx: Context, bsite: BlockSite, run, args, kwargs, reuse_rows: tor
     if bool(reuse_rows.all()):
         ctx.record["blocks_reused"] += 1
         return pack_outputs(bsite, reused)
-    outputs = block_outputs(bsite, run_rows(ctx, run, args, kwargs, ~reuse_rows, pack_outputs(bsite, reused),
-                                            inputs["hidden"].shape[0], bsite.name))
+    outputs = block_outputs(
+        bsite,
+        run_rows(
+            ctx,
+            run,
+            args,
+            kwargs,
+            ~reuse_rows,
+            pack_outputs(bsite, reused),
+            inputs["hidden"].shape[0],
+            bsite.name,
+        ),
+    )
     new_res = residuals(inputs, outputs)
     merged_res = {}
     for name, r in new_res.items():

@@ -65,8 +65,15 @@ class Clock:
 class Context:
     """Where the model is: generation, step, call slot; plus per-slot method state and statistics."""
 
-    def __init__(self, family: Family, layout: Blocks, blocks: list[BlockSite], sites: list[Site], depths: int,
-                 clock: Clock | None = None):
+    def __init__(
+        self,
+        family: Family,
+        layout: Blocks,
+        blocks: list[BlockSite],
+        sites: list[Site],
+        depths: int,
+        clock: Clock | None = None,
+    ):
         self.family, self.layout, self.blocks, self.sites, self.depths = family, layout, blocks, sites, depths
         self.clock = clock or Clock()
         self.generation = -1
@@ -92,7 +99,9 @@ class Context:
     step = property(lambda self: self.clock.step)
     call = property(lambda self: self.clock.call)
     timestep = property(lambda self: self.clock.timestep)
-    num_steps = property(lambda self: self.clock.num_steps, lambda self, v: setattr(self.clock, "num_steps", v))
+    num_steps = property(
+        lambda self: self.clock.num_steps, lambda self, v: setattr(self.clock, "num_steps", v)
+    )
     schedule = property(lambda self: self.clock.schedule)
 
     @property
@@ -113,16 +122,33 @@ class Context:
         return self.timestep
 
     def begin_call(self, timestep, rows: int):
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else (float(timestep) if timestep is not None else None)
+        t = (
+            float(timestep.flatten()[0])
+            if torch.is_tensor(timestep)
+            else (float(timestep) if timestep is not None else None)
+        )
         self.clock.tick(t)
         if self.generation != self.clock.generation:
             self.generation = self.clock.generation
             self._slots.clear()
             self.records = []
         self.rows = rows
-        self.record = {"step": self.step, "call": self.call, "timestep": self.timestep, "computed": 0, "reused": 0,
-                       "partial": 0, "predicted": 0, "whole": 0, "tokens": 0, "tokens_total": 0,
-                       "blocks_computed": 0, "blocks_reused": 0, "flops": None, "score_flops": 0}
+        self.record = {
+            "step": self.step,
+            "call": self.call,
+            "timestep": self.timestep,
+            "computed": 0,
+            "reused": 0,
+            "partial": 0,
+            "predicted": 0,
+            "whole": 0,
+            "tokens": 0,
+            "tokens_total": 0,
+            "blocks_computed": 0,
+            "blocks_reused": 0,
+            "flops": None,
+            "score_flops": 0,
+        }
         if self.prefix:
             self.record["model"] = self.prefix.rstrip(".")
         self.records.append(self.record)
@@ -132,7 +158,13 @@ class Context:
         self.notes.setdefault(unit, text)
 
     def count(self, action: str, tokens: int, tokens_total: int):
-        key = {COMPUTE: "computed", REUSE: "reused", PARTIAL: "partial", PREDICT: "predicted", WHOLE: "whole"}[action]
+        key = {
+            COMPUTE: "computed",
+            REUSE: "reused",
+            PARTIAL: "partial",
+            PREDICT: "predicted",
+            WHOLE: "whole",
+        }[action]
         self.record[key] += 1
         self.record["tokens"] += tokens
         self.record["tokens_total"] += tokens_total

@@ -52,9 +52,14 @@ class DeltaDiTMethod(ScheduleMethod):
         return {b.name: "".join(action(b.depth, t) for t in range(steps)) for b in ctx.blocks}
 
 
-register("delta-dit", DeltaDiTConfig, DeltaDiTMethod, "block residuals of the back (early steps) or front (late steps) blocks",
-         grid=[{}, {"interval": 3}],
-         compact=[{}],
-         knob=Knob("interval", 2, 10, integer=True),
-         exact={"interval": 1},
-         aggressive={})
+register(
+    "delta-dit",
+    DeltaDiTConfig,
+    DeltaDiTMethod,
+    "block residuals of the back (early steps) or front (late steps) blocks",
+    grid=[{}, {"interval": 3}],
+    compact=[{}],
+    knob=Knob("interval", 2, 10, integer=True),
+    exact={"interval": 1},
+    aggressive={},
+)

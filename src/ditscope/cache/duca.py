@@ -33,9 +33,14 @@ class DuCaMethod(ToCaMethod):
         return kinds
 
 
-register("duca", DuCaConfig, DuCaMethod, "ToCa's partial steps alternating with plain reuse steps, kv-norm score",
-         grid=[{"interval": 3}, {}, {"interval": 6}],
-         compact=[{"interval": 3}],
-         knob=Knob("interval", 2, 10, integer=True),  # ratio: --knob ratio
-         exact={"interval": 1},
-         aggressive={})
+register(
+    "duca",
+    DuCaConfig,
+    DuCaMethod,
+    "ToCa's partial steps alternating with plain reuse steps, kv-norm score",
+    grid=[{"interval": 3}, {}, {"interval": 6}],
+    compact=[{"interval": 3}],
+    knob=Knob("interval", 2, 10, integer=True),  # ratio: --knob ratio
+    exact={"interval": 1},
+    aggressive={},
+)

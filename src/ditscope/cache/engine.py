@@ -39,8 +39,9 @@ from .tap import AttentionTap
 from .tensors import hidden_arg
 
 
-def contexts_of(found: list[tuple[str, torch.nn.Module]], layout: Blocks | None = None,
-                clock: Clock | None = None) -> list[Context]:
+def contexts_of(
+    found: list[tuple[str, torch.nn.Module]], layout: Blocks | None = None, clock: Clock | None = None
+) -> list[Context]:
     """One Context per transformer of `find_transformers` (a second one's units named `transformer_2.*`), on
     one clock, each knowing the unit names of them all (a plan names every transformer's units)."""
     clock = clock or Clock()
@@ -64,20 +65,35 @@ class CacheHandle:
     its own method instance and caches, on one step axis; the second one's units are named `transformer_2.*`.
     """
 
-    def __init__(self, target, method: CacheMethod, num_inference_steps: int | None = None, count_flops: bool = False,
-                 layout: Blocks | None = None):
-        if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
-                                                or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise DitscopeError(f"num_inference_steps must be a whole number >= 1, not {num_inference_steps!r}")
+    def __init__(
+        self,
+        target,
+        method: CacheMethod,
+        num_inference_steps: int | None = None,
+        count_flops: bool = False,
+        layout: Blocks | None = None,
+    ):
+        if num_inference_steps is not None and (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
+            raise DitscopeError(
+                f"num_inference_steps must be a whole number >= 1, not {num_inference_steps!r}"
+            )
         found, self.pipe = find_transformers(target)
         for _, model in found:
             if getattr(model, "_ditscope_cache", None) is not None:
-                raise DitscopeError("a ditscope cache is already applied to this model; call handle.remove() first")
+                raise DitscopeError(
+                    "a ditscope cache is already applied to this model; call handle.remove() first"
+                )
         clock = Clock()
         clock.num_steps = num_inference_steps if num_inference_steps is not None else method.default_steps()
         self.transformers = [model for _, model in found]
         self.contexts = contexts_of(found, layout, clock)
-        self.methods = [method if i == 0 else copy.copy(method) for i in range(len(found))]  # per-model tables
+        self.methods = [
+            method if i == 0 else copy.copy(method) for i in range(len(found))
+        ]  # per-model tables
         for (name, _), ctx, m in zip(found, self.contexts, self.methods):
             ctx.run_layout = run_layout(getattr(self.pipe, name) if self.pipe is not None else target)
             ctx.flop_counting = count_flops
@@ -112,8 +128,10 @@ class CacheHandle:
         t_name = ctx.layout.timestep
         t_pos = timestep_argument(orig_model, t_name) if t_name else None
         if t_name and t_pos is None and not takes_any_keyword(orig_model):
-            raise DitscopeError(f"{type(model).__name__}.forward has no argument {t_name!r} (layout timestep=); "
-                                "name its timestep argument, or timestep=None if every call is the next step")
+            raise DitscopeError(
+                f"{type(model).__name__}.forward has no argument {t_name!r} (layout timestep=); "
+                "name its timestep argument, or timestep=None if every call is the next step"
+            )
 
         def model_forward(*args, **kwargs):
             hidden = hidden_arg(args, kwargs, hidden_name)
@@ -126,7 +144,7 @@ class CacheHandle:
                 counter = flop_counter()
             ctx.in_forward = True
             try:
-                with tap, (counter or contextlib.nullcontext()):
+                with tap, counter or contextlib.nullcontext():
                     out = orig_model(*args, **kwargs)
             finally:
                 ctx.in_forward = False
@@ -149,7 +167,9 @@ class CacheHandle:
             if method.uses_modules:
                 for site in bsite.sites:
                     owner, attr = forward_owner(site.module)
-                    self._patches.set(owner, attr, self._module_forward(ctx, method, site, getattr(owner, attr)))
+                    self._patches.set(
+                        owner, attr, self._module_forward(ctx, method, site, getattr(owner, attr))
+                    )
         model._ditscope_cache = self
 
     @staticmethod
@@ -200,8 +220,12 @@ class CacheHandle:
 
         records = sorted((r for c in self.contexts for r in c.records), key=lambda r: (r["step"], r["call"]))
         notes = {u: t for c in self.contexts for u, t in c.notes.items()}
-        return CacheStats(type(self.method).__name__.removesuffix("Method"), records,
-                          [s for c in self.contexts for s in c.sites], notes)
+        return CacheStats(
+            type(self.method).__name__.removesuffix("Method"),
+            records,
+            [s for c in self.contexts for s in c.sites],
+            notes,
+        )
 
     def __enter__(self):
         return self

@@ -58,16 +58,25 @@ class FBCacheMethod(CacheMethod):
         if skip is None:
             st["first_residual"] = residual
         else:  # rows that compute the rest refresh their reference
-            keep = rows_mask(ctx, skip, residual.shape[0]).to(residual.device).view(-1, *[1] * (residual.dim() - 1))
+            keep = (
+                rows_mask(ctx, skip, residual.shape[0])
+                .to(residual.device)
+                .view(-1, *[1] * (residual.dim() - 1))
+            )
             st["first_residual"] = torch.where(keep, prev, residual)
         st["skip"] = skip
         ctx.record["blocks_computed"] += 1
         return out
 
 
-register("fbcache", FBCacheConfig, FBCacheMethod, "all blocks after the first, skipped when the first block's residual changed little",
-         grid=[{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
-         compact=[{"threshold": 0.05}, {"threshold": 0.2}, {"threshold": 0.2, "per_sample": False}],
-         knob=Knob("threshold", 0.005, 1.0, log=True),
-         exact={"threshold": 0.0},
-         aggressive={"threshold": 1e9})
+register(
+    "fbcache",
+    FBCacheConfig,
+    FBCacheMethod,
+    "all blocks after the first, skipped when the first block's residual changed little",
+    grid=[{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
+    compact=[{"threshold": 0.05}, {"threshold": 0.2}, {"threshold": 0.2, "per_sample": False}],
+    knob=Knob("threshold", 0.005, 1.0, log=True),
+    exact={"threshold": 0.0},
+    aggressive={"threshold": 1e9},
+)

@@ -43,9 +43,14 @@ class FORAMethod(ScheduleMethod):
         return {site.name: row for site in ctx.sites if site.kind in c.kinds}
 
 
-register("fora", FORAConfig, FORAMethod, "every attention and MLP output, recomputed every N steps",
-         grid=[{"interval": 2}, {}, {"interval": 4}],
-         compact=[{"interval": 2}, {}],
-         knob=Knob("interval", 2, 10, integer=True),
-         exact={"interval": 1},
-         aggressive={})
+register(
+    "fora",
+    FORAConfig,
+    FORAMethod,
+    "every attention and MLP output, recomputed every N steps",
+    grid=[{"interval": 2}, {}, {"interval": 4}],
+    compact=[{"interval": 2}, {}],
+    knob=Knob("interval", 2, 10, integer=True),
+    exact={"interval": 1},
+    aggressive={},
+)

@@ -31,8 +31,14 @@ def block_of(name: str, units=None) -> str | None:
     if unit_kind(name) != "module":
         return None
     parts = name.split(".")
-    return next((".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)
-                 if parts[k - 1].isdigit() and (units is None or ".".join(parts[:k]) in units)), None)
+    return next(
+        (
+            ".".join(parts[:k])
+            for k in range(len(parts) - 1, 0, -1)
+            if parts[k - 1].isdigit() and (units is None or ".".join(parts[:k]) in units)
+        ),
+        None,
+    )
 
 
 @dataclass
@@ -59,9 +65,10 @@ class BlockSite:
     module: torch.nn.Module
     sites: list[Site] = field(default_factory=list)
     args: tuple[str, ...] = ("hidden",)  # roles of the leading positional arguments
-    names: dict = field(default_factory=lambda: {"hidden": "hidden_states", "encoder": "encoder_hidden_states"})
+    names: dict = field(
+        default_factory=lambda: {"hidden": "hidden_states", "encoder": "encoder_hidden_states"}
+    )
     returns: tuple[str, ...] = ("hidden",)  # what the block returns, in order
-
 
 
 def find_transformers(pipe_or_model) -> tuple[list[tuple[str, torch.nn.Module]], object | None]:
@@ -116,7 +123,9 @@ def _resolve(model: torch.nn.Module, path: str):
     return obj
 
 
-def layout_of(model: torch.nn.Module, layout: Blocks | None = None, prefix: str = "") -> tuple[Family, list[BlockSite], list[Site], int]:
+def layout_of(
+    model: torch.nn.Module, layout: Blocks | None = None, prefix: str = ""
+) -> tuple[Family, list[BlockSite], list[Site], int]:
     """The blocks and cached modules of a transformer, from the family table or a declared `layout`.
     `prefix` goes in front of every unit name (a pipeline's second transformer)."""
     name = type(model).__name__
@@ -128,8 +137,10 @@ def layout_of(model: torch.nn.Module, layout: Blocks | None = None, prefix: str 
         raise DitscopeError(f"layout must be a ditscope.Blocks, not {type(layout).__name__}")
     if layout is None:
         supported = ", ".join(k for k, f in FAMILIES.items() if f.blocks is not None)
-        raise DitscopeError(f"caching is not supported yet: {name} (supported: {supported}); for another "
-                            "PyTorch DiT declare its blocks: ditscope.apply(model, config, layout=ditscope.Blocks(...))")
+        raise DitscopeError(
+            f"caching is not supported yet: {name} (supported: {supported}); for another "
+            "PyTorch DiT declare its blocks: ditscope.apply(model, config, layout=ditscope.Blocks(...))"
+        )
     blocks: list[BlockSite] = []
     sites: list[Site] = []
     offset = 0
@@ -137,23 +148,41 @@ def layout_of(model: torch.nn.Module, layout: Blocks | None = None, prefix: str 
         mlist = _resolve(model, list_name)
         if mlist is None:
             if declared:
-                raise DitscopeError(f"{name} has no block list {list_name!r} (layout lists: {', '.join(layout.lists)})")
+                raise DitscopeError(
+                    f"{name} has no block list {list_name!r} (layout lists: {', '.join(layout.lists)})"
+                )
             continue
         if not isinstance(mlist, (torch.nn.ModuleList, torch.nn.Sequential)):
             raise DitscopeError(f"{name}.{list_name} is a {type(mlist).__name__}, not a ModuleList of blocks")
         for i, block in enumerate(mlist):
             depth = i if layout.parallel else offset + i
             names = {"hidden": argument_name(block.forward, layout.hidden), "encoder": layout.encoder}
-            bsite = BlockSite(len(blocks), f"{prefix}{list_name}.{i}", depth, block, args=layout.args, names=names,
-                              returns=layout.returns_of(list_name))
+            bsite = BlockSite(
+                len(blocks),
+                f"{prefix}{list_name}.{i}",
+                depth,
+                block,
+                args=layout.args,
+                names=names,
+                returns=layout.returns_of(list_name),
+            )
             for child in layout.modules:
                 module = getattr(block, child.name, None)
                 if module is None:
                     continue
                 kind = TEMPORAL if list_name in layout.temporal_lists and child.kind == "self" else child.kind
-                site = Site(len(sites), f"{prefix}{list_name}.{i}.{child.name}", kind, child.stream, bsite.index,
-                            depth, module, hidden=argument_name(module.forward, layout.hidden),
-                            tokenwise=child.tokenwise, kv=child.kv)
+                site = Site(
+                    len(sites),
+                    f"{prefix}{list_name}.{i}.{child.name}",
+                    kind,
+                    child.stream,
+                    bsite.index,
+                    depth,
+                    module,
+                    hidden=argument_name(module.forward, layout.hidden),
+                    tokenwise=child.tokenwise,
+                    kv=child.kv,
+                )
                 bsite.sites.append(site)
                 sites.append(site)
             blocks.append(bsite)
@@ -163,7 +192,8 @@ def layout_of(model: torch.nn.Module, layout: Blocks | None = None, prefix: str 
     if declared:  # a typo in a declared child name would otherwise cache nothing, silently
         missing = [c.name for c in layout.modules if not any(s.name.endswith("." + c.name) for s in sites)]
         if missing:
-            raise DitscopeError(f"no block of {name} has a child module {missing[0]!r} (declared in layout.modules)")
+            raise DitscopeError(
+                f"no block of {name} has a child module {missing[0]!r} (declared in layout.modules)"
+            )
     depths = max(b.depth for b in blocks) + 1
     return family, blocks, sites, depths
-

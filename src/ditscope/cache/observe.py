@@ -60,16 +60,22 @@ class Calibrator(CacheMethod):
         self.keep = max(max_lag, 2 * forecast_lag)
         self.n_prompts = 1
         self.prompt_offset = 0
-        self.errors: dict = defaultdict(lambda: defaultdict(float))  # (unit, target, metric) -> {(prompt, step): value}
+        self.errors: dict = defaultdict(
+            lambda: defaultdict(float)
+        )  # (unit, target, metric) -> {(prompt, step): value}
         self.seconds: dict[str, list[float]] = defaultdict(list)
         self.flops: dict[str, float] = {}
         self.count_flops = False
         self.history: dict = {}  # (call, unit) -> {step: [tensors]}
-        self.signal: dict = defaultdict(float)  # (prompt, step) -> the adaptive plan's live signal (see `watch`)
+        self.signal: dict = defaultdict(
+            float
+        )  # (prompt, step) -> the adaptive plan's live signal (see `watch`)
 
     def _prompt_of_rows(self, ctx: Context) -> np.ndarray:
         if ctx.rows % self.n_prompts:
-            raise DitscopeError(f"calibration: {ctx.rows} model rows do not fold onto {self.n_prompts} prompts")
+            raise DitscopeError(
+                f"calibration: {ctx.rows} model rows do not fold onto {self.n_prompts} prompts"
+            )
         return np.arange(ctx.rows) % self.n_prompts + self.prompt_offset
 
     def _measure(self, ctx: Context, unit: str, xs: list[torch.Tensor], stream_abs: torch.Tensor) -> dict:
@@ -88,14 +94,21 @@ class Calibrator(CacheMethod):
         for k in range(1, self.forecast_lag + 1):
             if step - k in hist and step - 2 * k in hist:
                 served[f"forecast@{k}"] = [2 * a - b for a, b in zip(hist[step - k], hist[step - 2 * k])]
-        raw = {target: row_abs_sums([x - y for x, y in zip(xs, ys)], ctx.rows) for target, ys in served.items()}
-        if ctx.sequence_group is not None:  # context parallelism: each rank holds its tokens' part of every sum
+        raw = {
+            target: row_abs_sums([x - y for x, y in zip(xs, ys)], ctx.rows) for target, ys in served.items()
+        }
+        if (
+            ctx.sequence_group is not None
+        ):  # context parallelism: each rank holds its tokens' part of every sum
             cur_abs, *errs = _whole(ctx, [cur_abs, *raw.values()])
             raw = dict(zip(raw, errs, strict=True))
             numel *= dist.get_world_size(ctx.sequence_group)
         for target, err in raw.items():
-            for metric, value in (("l1", err / max(numel, 1.0)), ("rel_l1", err / cur_abs.clamp_min(1e-12)),
-                                  ("inject", err / stream_abs.clamp_min(1e-12))):
+            for metric, value in (
+                ("l1", err / max(numel, 1.0)),
+                ("rel_l1", err / cur_abs.clamp_min(1e-12)),
+                ("inject", err / stream_abs.clamp_min(1e-12)),
+            ):
                 self._add(unit, target, metric, prompts, step, value / branches)
         hist[step] = [x.detach().clone() for x in xs]
         for old in [s for s in hist if s <= step - self.keep]:
@@ -148,8 +161,11 @@ class Calibrator(CacheMethod):
         if self.seconds.get(bsite.name):  # the block's time without the measuring done inside it
             self.seconds[bsite.name][-1] -= ctx.state["observing"]
         outputs = block_outputs(bsite, out)
-        res = [o - inputs[n] for n, o in outputs.items()
-               if o is not None and inputs.get(n) is not None and o.shape == inputs[n].shape]
+        res = [
+            o - inputs[n]
+            for n, o in outputs.items()
+            if o is not None and inputs.get(n) is not None and o.shape == inputs[n].shape
+        ]
         raw = self._measure(ctx, bsite.name, res, in_abs)
         stack = ctx.state.setdefault("stack", {"err": {}, "abs": None})
         for target, err in raw.items():
@@ -192,7 +208,9 @@ class Calibrator(CacheMethod):
         prompts = self._prompt_of_rows(ctx)
         branches = ctx.rows // self.n_prompts
         for target, err in stack["err"].items():
-            self._add(STACK, target, "inject", prompts, ctx.step, err / stack["abs"].clamp_min(1e-12) / branches)
+            self._add(
+                STACK, target, "inject", prompts, ctx.step, err / stack["abs"].clamp_min(1e-12) / branches
+            )
 
 
 def _sync():
@@ -229,6 +247,8 @@ class TeaCacheProbe(CacheMethod):
         if bsite.index == len(ctx.blocks) - 1:
             y = block_outputs(bsite, out)["hidden"].detach().clone()
             if st.get("y") is not None and st.get("x_change") is not None:
-                self.pairs.extend(zip(st["x_change"].tolist(), relative_change(ctx, y, st["y"]).cpu().tolist()))
+                self.pairs.extend(
+                    zip(st["x_change"].tolist(), relative_change(ctx, y, st["y"]).cpu().tolist())
+                )
             st["y"] = y
         return out

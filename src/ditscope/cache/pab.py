@@ -44,15 +44,25 @@ class PABMethod(CacheMethod):
             raise DitscopeError("PAB intervals must be >= 1")
         for name in ("spatial_range", "temporal_range", "cross_range"):
             span = getattr(c, name)
-            ok = (isinstance(span, (tuple, list)) and len(span) == 2
-                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1000 for v in span))
+            ok = (
+                isinstance(span, (tuple, list))
+                and len(span) == 2
+                and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1000 for v in span
+                )
+            )
             if not ok or span[0] > span[1]:
-                raise DitscopeError(f"PAB {name} must be (low, high) timesteps with 0 <= low <= high <= 1000, not {span!r}")
+                raise DitscopeError(
+                    f"PAB {name} must be (low, high) timesteps with 0 <= low <= high <= 1000, not {span!r}"
+                )
 
     def module(self, ctx: Context, site: Site, run, args, kwargs):
         c = self.config
-        rule = {SELF: (c.spatial_interval, c.spatial_range), TEMPORAL: (c.temporal_interval, c.temporal_range),
-                CROSS: (c.cross_interval, c.cross_range)}.get(site.kind)
+        rule = {
+            SELF: (c.spatial_interval, c.spatial_range),
+            TEMPORAL: (c.temporal_interval, c.temporal_range),
+            CROSS: (c.cross_interval, c.cross_range),
+        }.get(site.kind)
         full = True
         t = ctx.scheduler_timestep
         if rule is not None and t is not None:
@@ -65,9 +75,14 @@ class PABMethod(CacheMethod):
         return cached_module(ctx, site, run, args, kwargs, full=full)
 
 
-register("pab", PABConfig, PABMethod, "attention outputs broadcast over a timestep range, per kind",
-         grid=[{}, {"spatial_interval": 3, "cross_interval": 8}],
-         compact=[{}],
-         knob=Knob("spatial_interval", 2, 10, integer=True),
-         exact={"spatial_interval": 1, "temporal_interval": 1, "cross_interval": 1},
-         aggressive={"spatial_range": (0, 1000), "temporal_range": (0, 1000), "cross_range": (0, 1000)})
+register(
+    "pab",
+    PABConfig,
+    PABMethod,
+    "attention outputs broadcast over a timestep range, per kind",
+    grid=[{}, {"spatial_interval": 3, "cross_interval": 8}],
+    compact=[{}],
+    knob=Knob("spatial_interval", 2, 10, integer=True),
+    exact={"spatial_interval": 1, "temporal_interval": 1, "cross_interval": 1},
+    aggressive={"spatial_range": (0, 1000), "temporal_range": (0, 1000), "cross_range": (0, 1000)},
+)

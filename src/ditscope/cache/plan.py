@@ -64,11 +64,16 @@ class PlanConfig:
         source = self.plan if isinstance(self.plan, (str, Path)) and str(self.plan) else self.path
         if source:
             return Schedule.load(source)
-        raise DitscopeError("the plan method needs a plan: PlanConfig(plan) or --cache-opt path=PLAN.json "
-                            "(make one with ditscope plan)")
+        raise DitscopeError(
+            "the plan method needs a plan: PlanConfig(plan) or --cache-opt path=PLAN.json "
+            "(make one with ditscope plan)"
+        )
 
 
-SIGNALS = {"input": "signal", "output": "stack_change"}  # an adaptive signal -> the plan's calibrated record of it
+SIGNALS = {
+    "input": "signal",
+    "output": "stack_change",
+}  # an adaptive signal -> the plan's calibrated record of it
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(PlanConfig)}
 
 
@@ -78,23 +83,37 @@ class PlanMethod(ScheduleMethod):
     def check(self):
         self.base = self.config.schedule()  # a missing or damaged plan file fails before a model loads
         if not self.config.tolerance > 0 or self.config.tolerance == float("inf"):  # nan fails the first test
-            raise DitscopeError(f"PlanConfig tolerance must be a finite number > 0, not {self.config.tolerance}")
-        adaptive_only = [f for f in ("signal", "tolerance", "per_sample") if getattr(self.config, f) != _DEFAULTS[f]]
+            raise DitscopeError(
+                f"PlanConfig tolerance must be a finite number > 0, not {self.config.tolerance}"
+            )
+        adaptive_only = [
+            f for f in ("signal", "tolerance", "per_sample") if getattr(self.config, f) != _DEFAULTS[f]
+        ]
         if adaptive_only and not self.config.adaptive:  # it would be ignored
-            raise DitscopeError(f"PlanConfig {adaptive_only[0]} applies to an adaptive plan: add adaptive=true or drop it")
+            raise DitscopeError(
+                f"PlanConfig {adaptive_only[0]} applies to an adaptive plan: add adaptive=true or drop it"
+            )
         if self.config.adaptive:
             if self.config.signal not in SIGNALS:
-                raise DitscopeError(f"unknown adaptive signal {self.config.signal!r}; use {' or '.join(SIGNALS)}")
+                raise DitscopeError(
+                    f"unknown adaptive signal {self.config.signal!r}; use {' or '.join(SIGNALS)}"
+                )
             if not self.base.meta.get(SIGNALS[self.config.signal]):
-                raise DitscopeError(f"this plan carries no calibrated signal for signal={self.config.signal!r} (made "
-                                    "by hand or by an older ditscope); make it again with ditscope plan to run it "
-                                    "adaptively")
+                raise DitscopeError(
+                    f"this plan carries no calibrated signal for signal={self.config.signal!r} (made "
+                    "by hand or by an older ditscope); make it again with ditscope plan to run it "
+                    "adaptively"
+                )
             for name in SIGNALS.values():  # the calibrated records a plan carries: numbers, or None at step 0
                 record = self.base.meta.get(name) or []
-                values = [v for row in record for v in (row if isinstance(row, list) else [row]) if v is not None]
+                values = [
+                    v for row in record for v in (row if isinstance(row, list) else [row]) if v is not None
+                ]
                 if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
-                    raise DitscopeError(f"the plan's calibrated {name} holds a value that is not a finite number >= 0: "
-                                        "the file is damaged; make the plan again")
+                    raise DitscopeError(
+                        f"the plan's calibrated {name} holds a value that is not a finite number >= 0: "
+                        "the file is damaged; make the plan again"
+                    )
 
     def validate(self, ctx: Context):
         super().validate(ctx)  # check(): the plan and the adaptive options
@@ -102,30 +121,49 @@ class PlanMethod(ScheduleMethod):
         self.observes = self.adaptive and self.config.signal == "output"
         expected = self.base.meta.get("model")
         if expected and ctx.model is not None and not ctx.prefix and expected != model_signature(ctx.model):
-            raise DitscopeError(f"the plan was made for another model ({expected.get('class')}, config "
-                                f"{expected.get('config_hash')}); make a plan for this one with ditscope plan")
+            raise DitscopeError(
+                f"the plan was made for another model ({expected.get('class')}, config "
+                f"{expected.get('config_hash')}); make a plan for this one with ditscope plan"
+            )
         # units of a pipeline's other transformer (transformer_2.*) are that one's to run
         names = ctx.unit_names | {s.name for s in ctx.sites} | {b.name for b in ctx.blocks}
         names |= {STACK} | {n.split(".", 1)[0] + "." + STACK for n in names if n.startswith("transformer_2.")}
         unknown = [u for u in self.base.rows if u not in names]
         if unknown:
-            raise DitscopeError(f"the plan names units this model does not have ({unknown[0]}, ...): it was made "
-                                "for another model")
+            raise DitscopeError(
+                f"the plan names units this model does not have ({unknown[0]}, ...): it was made "
+                "for another model"
+            )
         made_for = self.base.meta.get("scheduler")
-        if made_for and ctx.scheduler and made_for != ctx.scheduler:  # plans do not transfer across schedulers
+        if (
+            made_for and ctx.scheduler and made_for != ctx.scheduler
+        ):  # plans do not transfer across schedulers
             if self.config.strict:
-                raise DitscopeError(f"the plan was made under {made_for}, not {ctx.scheduler} (strict=True); plan again")
-            warnings.warn(f"ditscope: plan made under {made_for} runs under {ctx.scheduler}: plans measured much worse "
-                          "across schedulers (docs/FINDINGS.md); plan again for this one", DitscopeWarning, stacklevel=2)
+                raise DitscopeError(
+                    f"the plan was made under {made_for}, not {ctx.scheduler} (strict=True); plan again"
+                )
+            warnings.warn(
+                f"ditscope: plan made under {made_for} runs under {ctx.scheduler}: plans measured much worse "
+                "across schedulers (docs/FINDINGS.md); plan again for this one",
+                DitscopeWarning,
+                stacklevel=2,
+            )
         made_in = {k: v for k, v in (self.base.meta.get("layout") or {}).items() if k in MODEL_LAYOUT}
         runs_in = {k: v for k, v in ctx.run_layout.items() if k in made_in}
-        if made_in and not ctx.prefix and made_in != runs_in:  # its costs (the finalists' times) were measured there
+        if (
+            made_in and not ctx.prefix and made_in != runs_in
+        ):  # its costs (the finalists' times) were measured there
             if self.config.strict:
-                raise DitscopeError(f"the plan was made with {_layout_text(made_in)}, not {_layout_text(runs_in)} "
-                                    "(strict=True); plan again in this layout")
-            warnings.warn(f"ditscope: plan made with {_layout_text(made_in)} runs with {_layout_text(runs_in)}: its "
-                          "costs were measured there; plan again in this layout for its speed", DitscopeWarning,
-                          stacklevel=2)
+                raise DitscopeError(
+                    f"the plan was made with {_layout_text(made_in)}, not {_layout_text(runs_in)} "
+                    "(strict=True); plan again in this layout"
+                )
+            warnings.warn(
+                f"ditscope: plan made with {_layout_text(made_in)} runs with {_layout_text(runs_in)}: its "
+                "costs were measured there; plan again in this layout for its speed",
+                DitscopeWarning,
+                stacklevel=2,
+            )
         self._limits: dict[int, list] = {}
         self._full: dict[int, list] = {}
 
@@ -134,7 +172,9 @@ class PlanMethod(ScheduleMethod):
         steps = ctx.num_steps
         if steps not in self._full:
             sites, blocks, _, _ = self.table(ctx)
-            self._full[steps] = [all(r[t] == "C" for r in (*sites.values(), *blocks.values())) for t in range(steps)]
+            self._full[steps] = [
+                all(r[t] == "C" for r in (*sites.values(), *blocks.values())) for t in range(steps)
+            ]
         return self._full[steps]
 
     def limits(self, ctx: Context) -> list:
@@ -171,7 +211,11 @@ class PlanMethod(ScheduleMethod):
         prev = st.get("watch_input")
         st["watch_input"] = x.detach().clone()
         if prev is None or prev.shape != x.shape or limit is None:  # a full step: every row computes anyway
-            st["watch_sum"], st["forced"], st["force"] = torch.zeros(ctx.rows, dtype=torch.float64), None, None
+            st["watch_sum"], st["forced"], st["force"] = (
+                torch.zeros(ctx.rows, dtype=torch.float64),
+                None,
+                None,
+            )
             return
         total = st["watch_sum"] + relative_change(ctx, x, prev).double().cpu()
         force = total > limit
@@ -207,12 +251,17 @@ class PlanMethod(ScheduleMethod):
             st["output_change"] = (None, None)
             return
         # a stream a block does not return (SD3's last block drops the text stream) has no residual
-        diff = [res[n] - last[n] for n in res
-                if res[n] is not None and last.get(n) is not None and res[n].shape == last[n].shape]
+        diff = [
+            res[n] - last[n]
+            for n in res
+            if res[n] is not None and last.get(n) is not None and res[n].shape == last[n].shape
+        ]
         st["output_change"] = (ctx.step - last_step, total + row_abs_sums(diff, ctx.rows, ctx.sequence_group))
         if bsite.index != ctx.blocks[-1].index:
             return
-        stream = row_abs_sums([t for t in inputs.values() if t is not None], ctx.rows, ctx.sequence_group).clamp_min(1e-12)
+        stream = row_abs_sums(
+            [t for t in inputs.values() if t is not None], ctx.rows, ctx.sequence_group
+        ).clamp_min(1e-12)
         limit = self.output_limit(ctx, ctx.step, ctx.step - last_step)
         if limit is None:
             return
@@ -247,15 +296,27 @@ class PlanMethod(ScheduleMethod):
             return self.base
         if self.config.strict:
             raise DitscopeError(f"the plan was made for {self.base.steps} steps, not {steps} (strict=True)")
-        fewer = ("; a resampled step computes if any planned step it stands for did, so the plan keeps its quality "
-                 f"(measured at half the steps on the zoo) but not its speed: plan again at {steps} steps for that"
-                 ) if steps < self.base.steps else ""
-        warnings.warn(f"ditscope: plan made for {self.base.steps} steps resampled to {steps}{fewer}", DitscopeWarning,
-                      stacklevel=2)
+        fewer = (
+            (
+                "; a resampled step computes if any planned step it stands for did, so the plan keeps its quality "
+                f"(measured at half the steps on the zoo) but not its speed: plan again at {steps} steps for that"
+            )
+            if steps < self.base.steps
+            else ""
+        )
+        warnings.warn(
+            f"ditscope: plan made for {self.base.steps} steps resampled to {steps}{fewer}",
+            DitscopeWarning,
+            stacklevel=2,
+        )
         return self.base.at(steps)
 
 
-MODEL_LAYOUT = ("ulysses_degree", "ring_degree", "compiled")  # how the model runs (data parallel ranks do not change it)
+MODEL_LAYOUT = (
+    "ulysses_degree",
+    "ring_degree",
+    "compiled",
+)  # how the model runs (data parallel ranks do not change it)
 
 
 def _layout_text(layout: dict) -> str:
@@ -265,8 +326,12 @@ def _layout_text(layout: dict) -> str:
 def same_input_groups(x: torch.Tensor, rows: int, group=None) -> torch.Tensor:
     """Per model row, the index of the first row with the same input: a sample's guidance branches (a
     pipeline repeats the latents for each branch) share one, different samples do not."""
-    fingerprint = agree(torch.stack([row_abs_sums([x], rows),
-                                     x.detach().double().flatten(1).sum(1).cpu().reshape(rows, -1).sum(1)], 1), group)
+    fingerprint = agree(
+        torch.stack(
+            [row_abs_sums([x], rows), x.detach().double().flatten(1).sum(1).cpu().reshape(rows, -1).sum(1)], 1
+        ),
+        group,
+    )
     first = torch.arange(rows)
     for i in range(rows):
         same = (fingerprint == fingerprint[i]).all(1).nonzero()
@@ -288,7 +353,9 @@ def _resampled_signal(signal: list, steps: int) -> list[list[float]]:
             continue
         known = ~np.isnan(values)
         src = np.arange(n)[known] / max(1, n - 1)
-        new = np.interp(np.arange(steps) / max(1, steps - 1), src, values[known]) * (n - 1) / max(1, steps - 1)
+        new = (
+            np.interp(np.arange(steps) / max(1, steps - 1), src, values[known]) * (n - 1) / max(1, steps - 1)
+        )
         new[0] = 0.0
         out.append(new.tolist())
     return out
@@ -307,9 +374,14 @@ def _test_plan(site_row, stack_row):
     return build
 
 
-register("plan", PlanConfig, PlanMethod, "a measured plan (ditscope plan): per step and module compute, reuse or forecast",
-         grid=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}, {"target": "speedup=3"}],
-         compact=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}],
-         exact=_test_plan(lambda steps: "C" * steps, lambda steps: "C" * steps),
-         # module sites reuse and forecast, the whole stack skipped at two steps (8 steps; resampled to others)
-         aggressive=_test_plan(lambda steps: "CCRFCRFC", lambda steps: "CCCCRCCR"))
+register(
+    "plan",
+    PlanConfig,
+    PlanMethod,
+    "a measured plan (ditscope plan): per step and module compute, reuse or forecast",
+    grid=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}, {"target": "speedup=3"}],
+    compact=[{"target": "psnr=30"}, {"target": "psnr=35"}, {"target": "psnr=40"}],
+    exact=_test_plan(lambda steps: "C" * steps, lambda steps: "C" * steps),
+    # module sites reuse and forecast, the whole stack skipped at two steps (8 steps; resampled to others)
+    aggressive=_test_plan(lambda steps: "CCRFCRFC", lambda steps: "CCCCRCCR"),
+)

@@ -48,8 +48,12 @@ class Registered:
     config: type  # the config dataclass a user builds
     method: type  # the CacheMethod that executes it
     summary: str  # one line: what it caches
-    grid: tuple[dict, ...] = ({},)  # the bench's default grid: near-lossless to aggressive, around the paper setting
-    compact: tuple[dict, ...] = ({},)  # the compact grid: the mildest and the most aggressive of those, and variants
+    grid: tuple[dict, ...] = (
+        {},
+    )  # the bench's default grid: near-lossless to aggressive, around the paper setting
+    compact: tuple[dict, ...] = (
+        {},
+    )  # the compact grid: the mildest and the most aggressive of those, and variants
     knob: Knob | None = None  # what `ditscope tune` fits (None: nothing to fit, e.g. a plan)
     # the tests' settings: options, or a function (model, steps, layout) -> config for a method whose config
     # depends on the model (a plan names its units)
@@ -60,22 +64,37 @@ class Registered:
         """The config of the `exact` or `aggressive` setting (for `model`, at `steps` steps, where it needs one)."""
         setting = getattr(self, which)
         if setting is None:
-            raise DitscopeError(f"cache method {self.name!r} registers no {which} setting; pass {which}= to register")
+            raise DitscopeError(
+                f"cache method {self.name!r} registers no {which} setting; pass {which}= to register"
+            )
         return setting(model, steps, layout) if callable(setting) else self.config(**setting)
 
 
 REGISTRY: dict[str, Registered] = {}
 
 
-def register(name: str, config: type, method: type, summary: str, grid=({},), compact=None,
-             knob: Knob | None = None, exact=None, aggressive=None) -> Registered:
+def register(
+    name: str,
+    config: type,
+    method: type,
+    summary: str,
+    grid=({},),
+    compact=None,
+    knob: Knob | None = None,
+    exact=None,
+    aggressive=None,
+) -> Registered:
     """Add a cache method; `compact` defaults to the first and last settings of `grid`. `exact` and `aggressive`
     (options, or a function (model, steps, layout) -> config) are what the invariant tests run it with."""
     known = REGISTRY.get(name)
     if known is not None and (known.config is not config or known.method is not method):
         raise DitscopeError(f"cache method name {name!r} is already taken by {known.config.__name__}")
     grid = tuple(grid)
-    compact = tuple(compact) if compact is not None else tuple(dict(g) for g in {0: grid[0], len(grid) - 1: grid[-1]}.values())
+    compact = (
+        tuple(compact)
+        if compact is not None
+        else tuple(dict(g) for g in {0: grid[0], len(grid) - 1: grid[-1]}.values())
+    )
     entry = Registered(name, config, method, summary, grid, compact, knob, exact, aggressive)
     REGISTRY[name] = entry
     return entry
@@ -102,16 +121,27 @@ def check_fields(config) -> None:
             default = f.default_factory()
         value = getattr(config, f.name)
         if isinstance(value, (tuple, list)) and value and all(isinstance(v, (int, float)) for v in value):
-            if not all(math.isfinite(v) for v in value):  # polynomial coefficients, step lists: finite, any sign
+            if not all(
+                math.isfinite(v) for v in value
+            ):  # polynomial coefficients, step lists: finite, any sign
                 raise DitscopeError(f"{name}.{f.name} must hold finite numbers, not {value!r}")
-        if isinstance(default, dict) and isinstance(value, dict):  # per-kind factors: known kinds, numbers >= 0
+        if isinstance(default, dict) and isinstance(
+            value, dict
+        ):  # per-kind factors: known kinds, numbers >= 0
             unknown = [k for k in value if default and k not in default]
             if unknown:
-                raise DitscopeError(f"{name}.{f.name} has no entry {unknown[0]!r}; use {', '.join(map(str, default))}")
-            bad = [(k, v) for k, v in value.items() if not isinstance(v, (int, float)) or isinstance(v, bool)
-                   or not math.isfinite(v) or v < 0]
+                raise DitscopeError(
+                    f"{name}.{f.name} has no entry {unknown[0]!r}; use {', '.join(map(str, default))}"
+                )
+            bad = [
+                (k, v)
+                for k, v in value.items()
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
+            ]
             if bad:
-                raise DitscopeError(f"{name}.{f.name}[{bad[0][0]!r}] must be a finite number >= 0, not {bad[0][1]!r}")
+                raise DitscopeError(
+                    f"{name}.{f.name}[{bad[0][0]!r}] must be a finite number >= 0, not {bad[0][1]!r}"
+                )
             continue
         if default is None or value is None:
             continue

@@ -14,8 +14,16 @@ from .method import CacheMethod
 from .schedule_data import ACTIONS, FORMAT, FORMAT_VERSION, STACK, Schedule, model_signature
 from .tensors import add_residuals, block_inputs, block_outputs, hidden_arg, pack_outputs, residuals
 
-__all__ = ["ACTIONS", "FORMAT", "FORMAT_VERSION", "STACK", "Schedule", "ScheduleMethod", "model_signature",
-           "schedule_of"]
+__all__ = [
+    "ACTIONS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STACK",
+    "Schedule",
+    "ScheduleMethod",
+    "model_signature",
+    "schedule_of",
+]
 
 
 class ScheduleMethod(CacheMethod):
@@ -55,8 +63,10 @@ class ScheduleMethod(CacheMethod):
             keep_block = {i: _keeps(r) for i, r in blocks.items()}
             # a site does not run where its block is served whole: skip those steps when deciding what to keep
             block_of = {s.index: s.block for s in ctx.sites}
-            keep_site = {i: _keeps("".join("-" if blocks[block_of[i]][t] == "R" else a for t, a in enumerate(r)))
-                         for i, r in sites.items()}
+            keep_site = {
+                i: _keeps("".join("-" if blocks[block_of[i]][t] == "R" else a for t, a in enumerate(r)))
+                for i, r in sites.items()
+            }
             self._tables[steps] = (sites, blocks, keep_site, keep_block)
         return self._tables[steps]
 
@@ -81,8 +91,16 @@ class ScheduleMethod(CacheMethod):
             # adaptive: the rows over their limit compute (on their own); the others keep what the plan serves them.
             # What is kept stays as computed at step s1: the forced rows compute every step up to the plan's next
             # full step, and a fresh row kept under s1's label would give the next forecast a wrong slope
-            out = run_rows(ctx, run, args, kwargs, force, pack_outputs(bsite, served), inputs["hidden"].shape[0],
-                           bsite.name)
+            out = run_rows(
+                ctx,
+                run,
+                args,
+                kwargs,
+                force,
+                pack_outputs(bsite, served),
+                inputs["hidden"].shape[0],
+                bsite.name,
+            )
             ctx.record["blocks_computed"] += 1
             return out
         ctx.record["blocks_computed"] += 1
@@ -132,7 +150,7 @@ def _keeps(row: str) -> list[bool]:
     `-` marks steps where the unit does not run."""
     out = []
     for s, a in enumerate(row):
-        nxt = next((b for b in row[s + 1:] if b != "-"), "C")
+        nxt = next((b for b in row[s + 1 :] if b != "-"), "C")
         out.append(a == "C" and nxt != "C")
     # forecasting needs the compute before the last one as well: keep every compute when a row forecasts
     if "F" in row:
@@ -150,8 +168,10 @@ def schedule_of(target, config, steps: int, layout=None) -> Schedule:
     if entry is None or isinstance(config, type):
         raise DitscopeError(f"{getattr(config, '__name__', type(config).__name__)} is not a cache config")
     if not issubclass(entry.method, ScheduleMethod):
-        raise DitscopeError(f"{entry.name} decides at run time from what the model computes; it has no fixed "
-                            "schedule to show (FORA, Delta-DiT and plans have one)")
+        raise DitscopeError(
+            f"{entry.name} decides at run time from what the model computes; it has no fixed "
+            "schedule to show (FORA, Delta-DiT and plans have one)"
+        )
     found, _ = find_transformers(target)
     rows = {}
     for ctx in contexts_of(found, layout):

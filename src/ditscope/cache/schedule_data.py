@@ -39,8 +39,15 @@ from .layout import STACK, unit_kind
 
 FORMAT = "ditscope-plan"
 FORMAT_VERSION = 1
-PLAN_FILE = FileFormat("plan file", FORMAT, FORMAT_VERSION, ".plan.json", "ditscope plan", "make it again with ditscope plan",
-                       edited="delete its checksum line to run a hand-edited plan")
+PLAN_FILE = FileFormat(
+    "plan file",
+    FORMAT,
+    FORMAT_VERSION,
+    ".plan.json",
+    "ditscope plan",
+    "make it again with ditscope plan",
+    edited="delete its checksum line to run a hand-edited plan",
+)
 ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
 
 
@@ -49,7 +56,9 @@ def model_signature(model: torch.nn.Module) -> dict:
     config's private entries (`_name_or_path`: where it was loaded from; `_diffusers_version`) are left out: a
     plan made in one checkout or with one diffusers release holds in another."""
     config = getattr(model, "config", None)
-    public = {k: v for k, v in (dict(config) if config is not None else {}).items() if not str(k).startswith("_")}
+    public = {
+        k: v for k, v in (dict(config) if config is not None else {}).items() if not str(k).startswith("_")
+    }
     text = json.dumps(public, sort_keys=True, default=str)
     return {"class": type(model).__name__, "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
@@ -78,19 +87,27 @@ class Schedule:
 
     def __post_init__(self):
         if not isinstance(self.rows, dict) or not self.rows:
-            raise DitscopeError("a schedule needs at least one row (unit -> actions per step); an empty one would run "
-                                "uncached while claiming a plan")
+            raise DitscopeError(
+                "a schedule needs at least one row (unit -> actions per step); an empty one would run "
+                "uncached while claiming a plan"
+            )
         for unit, row in self.rows.items():
             if not isinstance(unit, str) or not isinstance(row, str) or not row:
-                raise DitscopeError(f"schedule row {unit!r} must be a non-empty string of C / R / F, one per step "
-                                    f"(got {row!r})")
+                raise DitscopeError(
+                    f"schedule row {unit!r} must be a non-empty string of C / R / F, one per step "
+                    f"(got {row!r})"
+                )
         lengths = {len(r) for r in self.rows.values()}
         if len(lengths) > 1:
-            raise DitscopeError(f"a schedule's rows must all have one action per step (lengths {sorted(lengths)})")
+            raise DitscopeError(
+                f"a schedule's rows must all have one action per step (lengths {sorted(lengths)})"
+            )
         for unit, row in self.rows.items():
             bad = set(row) - set(ACTIONS)
             if bad:
-                raise DitscopeError(f"schedule row {unit!r} has unknown actions {''.join(sorted(bad))!r} (use C, R, F)")
+                raise DitscopeError(
+                    f"schedule row {unit!r} has unknown actions {''.join(sorted(bad))!r} (use C, R, F)"
+                )
             if row and row[0] != "C":
                 raise DitscopeError(f"schedule row {unit!r} must compute at step 0")
 
@@ -114,28 +131,38 @@ class Schedule:
             rows = {u: "C" + "".join(r[i] for i in src[1:]) for u, r in self.rows.items()}
         else:
             spans = [range(a + 1, b + 1) for a, b in zip(src, src[1:])]
-            rows = {u: "C" + "".join(_merged(r[i] for i in span) for span in spans) for u, r in self.rows.items()}
+            rows = {
+                u: "C" + "".join(_merged(r[i] for i in span) for span in spans) for u, r in self.rows.items()
+            }
         return Schedule(rows, {**self.meta, "resampled_from": self.steps})
 
     def fraction(self, action: str = "C") -> float:
         """Share of (module site, step) cells with this action, on the steps the stack runs (a stack-skipped
         step runs no module; blocks reused on their own are not taken out)."""
         stack = self.rows.get(STACK, "C" * self.steps)
-        cells = [c for u, r in self.rows.items() if unit_kind(u) == "module"
-                 for c, s in zip(r, stack) if s != "R"]
+        cells = [
+            c for u, r in self.rows.items() if unit_kind(u) == "module" for c, s in zip(r, stack) if s != "R"
+        ]
         return sum(c == action for c in cells) / max(1, len(cells))
 
     # ------------------------------------------------------------------------------ persistence
     def to_json(self) -> dict:
-        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "steps": self.steps, "meta": self.meta,
-                "rows": self.rows}
+        body = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "steps": self.steps,
+            "meta": self.meta,
+            "rows": self.rows,
+        }
         return {**body, "checksum": json_checksum(json.loads(json.dumps(body)))}
 
     def save(self, path) -> Path:
         """Write the plan file atomically (versioned JSON, one row per unit)."""
         path = Path(path)
         if path.is_dir():
-            raise DitscopeError(f"plan path {path} is a folder; give a file name such as {path / 'model.plan.json'}")
+            raise DitscopeError(
+                f"plan path {path} is a folder; give a file name such as {path / 'model.plan.json'}"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_text_atomic(path, json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n")
 
@@ -145,16 +172,24 @@ class Schedule:
         rows, meta = raw.get("rows"), raw.get("meta", {})
         if not isinstance(rows, dict) or not all(isinstance(r, str) for r in rows.values()):
             raise DitscopeError(f"plan file {path} is corrupt: 'rows' must map unit names to action strings")
-        if not isinstance(meta, dict) or any(not isinstance(meta.get(k, {}), dict) for k in ("model", "quality", "calibration")):
-            raise DitscopeError(f"plan file {path} is corrupt: 'meta' and its model, quality and calibration entries "
-                                "must be objects")
+        if not isinstance(meta, dict) or any(
+            not isinstance(meta.get(k, {}), dict) for k in ("model", "quality", "calibration")
+        ):
+            raise DitscopeError(
+                f"plan file {path} is corrupt: 'meta' and its model, quality and calibration entries "
+                "must be objects"
+            )
         if "steps" in raw and rows and raw["steps"] != len(next(iter(rows.values()))):
-            raise DitscopeError(f"plan file {path} is corrupt: its rows do not have 'steps' ({raw['steps']!r}) actions")
+            raise DitscopeError(
+                f"plan file {path} is corrupt: its rows do not have 'steps' ({raw['steps']!r}) actions"
+            )
         return cls(rows, meta)
 
     def __repr__(self) -> str:
-        return (f"Schedule({len(self.rows)} units x {self.steps} steps, {self.fraction('C'):.0%} of module cells "
-                f"computed, stack skipped at {self.rows.get(STACK, '').count('R')} steps)")
+        return (
+            f"Schedule({len(self.rows)} units x {self.steps} steps, {self.fraction('C'):.0%} of module cells "
+            f"computed, stack skipped at {self.rows.get(STACK, '').count('R')} steps)"
+        )
 
 
 def _merged(actions) -> str:

@@ -69,7 +69,11 @@ def spatial_uniformity(score: torch.Tensor, grid: int, bonus: float) -> torch.Te
     if bonus == 0 or grid <= 1 or side * side != n or side % grid:
         return score
     cells = side // grid
-    s = score.reshape(rows, cells, grid, cells, grid).permute(0, 1, 3, 2, 4).reshape(rows, cells * cells, grid * grid)
+    s = (
+        score.reshape(rows, cells, grid, cells, grid)
+        .permute(0, 1, 3, 2, 4)
+        .reshape(rows, cells * cells, grid * grid)
+    )
     boost = torch.ones_like(s).scatter_(-1, s.argmax(-1, keepdim=True), 1 + bonus)
     s = (s * boost).reshape(rows, cells, cells, grid, grid).permute(0, 1, 3, 2, 4)
     return s.reshape(rows, n)

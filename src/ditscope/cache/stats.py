@@ -11,7 +11,9 @@ class CacheStats:
     method: str
     records: list[dict]
     sites: list
-    notes: dict[str, str] = field(default_factory=dict)  # unit -> what the method could not do there and did instead
+    notes: dict[str, str] = field(
+        default_factory=dict
+    )  # unit -> what the method could not do there and did instead
 
     def to_pandas(self):
         import pandas as pd
@@ -43,7 +45,17 @@ class CacheStats:
         return None if not full or done is None else done / (full * self.steps)
 
     def summary(self) -> dict:
-        keys = ("computed", "reused", "partial", "predicted", "whole", "blocks_computed", "blocks_reused", "tokens", "tokens_total")
+        keys = (
+            "computed",
+            "reused",
+            "partial",
+            "predicted",
+            "whole",
+            "blocks_computed",
+            "blocks_reused",
+            "tokens",
+            "tokens_total",
+        )
         total = {k: sum(r[k] for r in self.records) for k in keys}
         total["rows_forced"] = sum(r.get("rows_forced", 0) for r in self.records)  # adaptive plans
         total["steps"] = self.steps
@@ -60,14 +72,20 @@ class CacheStats:
         for r in self.records:
             tok = f"{r['tokens'] / r['tokens_total']:.0%}" if r["tokens_total"] else "-"
             fl = f"{r['flops'] / 1e9:8.3f}" if r["flops"] is not None else "       -"
-            lines.append(f"{r['step']:5d} {r['call']:4d}  {r['computed']:8d} {r['reused']:6d} {r['partial']:7d} "
-                         f"{r['predicted']:9d}  {tok:>17}  {r['blocks_computed']:4d}/{r['blocks_reused']:<4d}  {fl}")
+            lines.append(
+                f"{r['step']:5d} {r['call']:4d}  {r['computed']:8d} {r['reused']:6d} {r['partial']:7d} "
+                f"{r['predicted']:9d}  {tok:>17}  {r['blocks_computed']:4d}/{r['blocks_reused']:<4d}  {fl}"
+            )
         s = self.summary()
         if s["whole"]:
-            lines.append(f"{s['whole']} partial recomputes ran whole: a token subset of these modules is not exact")
+            lines.append(
+                f"{s['whole']} partial recomputes ran whole: a token subset of these modules is not exact"
+            )
         for unit, text in self.notes.items():
             lines.append(f"  {unit}: {text}")
         if s["flops_ratio"]:
-            lines.append(f"executed FLOPs {s['flops'] / 1e9:.3f} G = {s['flops_ratio']:.3f} of full "
-                         f"({s['speedup_flops']:.2f}x fewer)")
+            lines.append(
+                f"executed FLOPs {s['flops'] / 1e9:.3f} G = {s['flops_ratio']:.3f} of full "
+                f"({s['speedup_flops']:.2f}x fewer)"
+            )
         return "\n".join(lines)

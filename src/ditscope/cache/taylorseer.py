@@ -89,9 +89,14 @@ class TaylorSeerMethod(CacheMethod):
             return _map(forecast, *kept["diffs"])
 
 
-register("taylorseer", TaylorSeerConfig, TaylorSeerMethod, "module outputs forecast by a Taylor series in the step",
-         grid=[{"interval": 2}, {"interval": 3}, {}],
-         compact=[{"interval": 2}, {}],
-         knob=Knob("interval", 2, 10, integer=True),
-         exact={"interval": 1},
-         aggressive={})
+register(
+    "taylorseer",
+    TaylorSeerConfig,
+    TaylorSeerMethod,
+    "module outputs forecast by a Taylor series in the step",
+    grid=[{"interval": 2}, {"interval": 3}, {}],
+    compact=[{"interval": 2}, {}],
+    knob=Knob("interval", 2, 10, integer=True),
+    exact={"interval": 1},
+    aggressive={},
+)

@@ -73,7 +73,9 @@ class TeaCacheMethod(CacheMethod):
     def validate(self, ctx: Context):
         super().validate(ctx)
         if not ctx.blocks[0].sites:
-            raise DitscopeError("TeaCache: the first block has no attention module to read its modulated input from")
+            raise DitscopeError(
+                "TeaCache: the first block has no attention module to read its modulated input from"
+            )
 
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
         if bsite.index == 0:
@@ -99,9 +101,14 @@ class TeaCacheMethod(CacheMethod):
         st["skip"] = skip
 
 
-register("teacache", TeaCacheConfig, TeaCacheMethod, "the whole block stack, skipped while the accumulated rescaled input change is small",
-         grid=[{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
-         compact=[{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}],
-         knob=Knob("threshold", 0.01, 3.0, log=True),
-         exact={"threshold": 0.0},
-         aggressive={"threshold": 1e9})
+register(
+    "teacache",
+    TeaCacheConfig,
+    TeaCacheMethod,
+    "the whole block stack, skipped while the accumulated rescaled input change is small",
+    grid=[{"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
+    compact=[{"threshold": 0.1}, {"threshold": 0.4}, {"threshold": 0.2, "per_sample": False}],
+    knob=Knob("threshold", 0.01, 3.0, log=True),
+    exact={"threshold": 0.0},
+    aggressive={"threshold": 1e9},
+)

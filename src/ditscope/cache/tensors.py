@@ -16,7 +16,9 @@ def hidden_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.
     return kwargs[name] if name in kwargs else args[0]
 
 
-def with_hidden(args: tuple, kwargs: dict, x: torch.Tensor, name: str = "hidden_states") -> tuple[tuple, dict]:
+def with_hidden(
+    args: tuple, kwargs: dict, x: torch.Tensor, name: str = "hidden_states"
+) -> tuple[tuple, dict]:
     if name in kwargs:
         return args, {**kwargs, name: x}
     return (x, *args[1:]), kwargs
@@ -47,7 +49,10 @@ def pack_outputs(bsite: BlockSite | Blocks, outs: dict):
 
 def residuals(inputs: dict, outputs: dict) -> dict:
     """What a block adds to each of its streams."""
-    return {n: (o - inputs[n] if o is not None and inputs.get(n) is not None else None) for n, o in outputs.items()}
+    return {
+        n: (o - inputs[n] if o is not None and inputs.get(n) is not None else None)
+        for n, o in outputs.items()
+    }
 
 
 def add_residuals(inputs: dict, res: dict) -> dict:
@@ -98,13 +103,17 @@ def per_sample_mean(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     return per_row.reshape(ctx.rows, -1).mean(1)
 
 
-def relative_change(ctx: Context, x: torch.Tensor, prev: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
+def relative_change(
+    ctx: Context, x: torch.Tensor, prev: torch.Tensor, per_sample: bool = True
+) -> torch.Tensor:
     """`mean|x - prev| / mean|prev|` per model row, or the batch's mean of it on every row (per_sample=False:
     one decision for the whole batch, as diffusers' caches make it). Under context parallelism, the ratio of
     the sums over the whole sequence, the same on every rank."""
     if ctx.sequence_group is not None:
-        sums = agree(torch.stack([row_abs_sums([x - prev], ctx.rows), row_abs_sums([prev], ctx.rows)], 1),
-                     ctx.sequence_group)
+        sums = agree(
+            torch.stack([row_abs_sums([x - prev], ctx.rows), row_abs_sums([prev], ctx.rows)], 1),
+            ctx.sequence_group,
+        )
         change = (sums[:, 0] / sums[:, 1].clamp_min(1e-300)).float().to(x.device)
     else:
         change = per_sample_mean(ctx, (x - prev).abs()) / per_sample_mean(ctx, prev.abs()).clamp_min(1e-12)

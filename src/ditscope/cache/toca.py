@@ -79,9 +79,17 @@ class ToCaConfig:
     @classmethod
     def dit(cls, **overrides) -> ToCaConfig:
         """The released DiT setting: R0 0.07, N 4, w_t 0.4, w_l 0.8, MLP x2.5, s1 + s3 + s4 (b 0.6, g 2)."""
-        base = cls(ratio=0.07, interval=4, schedule="dit", step_weight=0.4, layer_weight=0.8,
-                   module_factors={SELF: 0.0, CROSS: 0.0, MLP: 2.5, TEMPORAL: 0.0}, score="self_attention",
-                   uniform_bonus=0.6, uniform_grid=2)
+        base = cls(
+            ratio=0.07,
+            interval=4,
+            schedule="dit",
+            step_weight=0.4,
+            layer_weight=0.8,
+            module_factors={SELF: 0.0, CROSS: 0.0, MLP: 2.5, TEMPORAL: 0.0},
+            score="self_attention",
+            uniform_bonus=0.6,
+            uniform_grid=2,
+        )
         return replace(base, **overrides)
 
 
@@ -95,8 +103,10 @@ class ToCaMethod(CacheMethod):
         if c.schedule not in SCHEDULES:
             raise DitscopeError(f"unknown ToCa schedule {c.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if c.interval < 1 or c.warmup < 0 or not 0 <= c.ratio <= 1:
-            raise DitscopeError(f"ToCa needs interval >= 1, warmup >= 0 and 0 <= ratio <= 1 (got interval "
-                                f"{c.interval}, warmup {c.warmup}, ratio {c.ratio})")
+            raise DitscopeError(
+                f"ToCa needs interval >= 1, warmup >= 0 and 0 <= ratio <= 1 (got interval "
+                f"{c.interval}, warmup {c.warmup}, ratio {c.ratio})"
+            )
 
     def validate(self, ctx: Context):
         super().validate(ctx)
@@ -183,23 +193,31 @@ class ToCaMethod(CacheMethod):
         found = ctx.state.setdefault("score", {})
         if ctx.split == "ulysses+ring" and kind != "kv_norm":
             found[site.block] = None
-            ctx.note(site.name, "attention split by Ulysses and ring at once: tokens unscored (score=kv_norm is)")
+            ctx.note(
+                site.name, "attention split by Ulysses and ring at once: tokens unscored (score=kv_norm is)"
+            )
             return
         gathered = q.shape[2] != self._tokens_in.get(site.index) and ctx.split != "ring"
-        if gathered and cross and kind != "kv_norm":  # an entropy of the head-mean map does not add over heads
+        if (
+            gathered and cross and kind != "kv_norm"
+        ):  # an entropy of the head-mean map does not add over heads
             found[site.block] = None
             ctx.note(site.name, "cross-attention split over heads: tokens unscored under context parallelism")
             return
         if ctx.split == "ring" and not cross and kind != "kv_norm":  # this rank's queries, its own keys only
             if mask is not None:
                 found[site.block] = None
-                ctx.note(site.name, "masked self-attention split by ring: tokens unscored under context parallelism")
+                ctx.note(
+                    site.name,
+                    "masked self-attention split by ring: tokens unscored under context parallelism",
+                )
                 return
             # a key's column sum needs every key (the softmax's denominator): this rank's queries against all
             # keys, then the sums added over the ranks' queries
             world = dist.get_world_size(group)
-            raw = scores.self_attention_influence(q, _gather_tokens(k, group, world, dim=2), None, scale,
-                                                  normalize=False)
+            raw = scores.self_attention_influence(
+                q, _gather_tokens(k, group, world, dim=2), None, scale, normalize=False
+            )
             found[site.block] = agree(raw, group).float().to(raw.device)
             return
         if kind == "kv_norm":
@@ -231,8 +249,11 @@ class ToCaMethod(CacheMethod):
             base = torch.zeros(rows, n * world, device=device)
         else:  # every rank's attention sequence, in rank order: each rank's tokens from its part
             parts = [joint_slice(ctx, site, part, n) for part in finish(found).chunk(world, dim=-1)]
-            base = (torch.cat(parts, -1) if all(p is not None and p.shape[-1] == n for p in parts)
-                    else torch.zeros(rows, n * world, device=device))
+            base = (
+                torch.cat(parts, -1)
+                if all(p is not None and p.shape[-1] == n for p in parts)
+                else torch.zeros(rows, n * world, device=device)
+            )
         return self._with_age_and_spread(site, base, _gather_tokens(st["age"][site.index], group, world))
 
     def _split_choice(self, ctx: Context, site: Site, x, n: int, k: int):
@@ -245,12 +266,14 @@ class ToCaMethod(CacheMethod):
         rows = x.shape[0]
         top = self._split_scores(ctx, site, rows, n, x.device).topk(k, dim=1, sorted=False).indices
         chosen_all = torch.zeros(rows, n * world, dtype=torch.bool, device=x.device).scatter_(1, top, True)
-        chosen = chosen_all[:, me * n:(me + 1) * n]
+        chosen = chosen_all[:, me * n : (me + 1) * n]
         count = torch.tensor([int(chosen.sum(1).max())])
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
         if int(count) == 0:
             return None, None
-        idx = chosen.float().topk(int(count), dim=1, sorted=False).indices  # the chosen tokens first, then padding
+        idx = (
+            chosen.float().topk(int(count), dim=1, sorted=False).indices
+        )  # the chosen tokens first, then padding
         return idx, chosen.gather(1, idx)
 
     def token_scores(self, ctx: Context, site: Site, rows: int, n: int, device) -> torch.Tensor:
@@ -263,7 +286,11 @@ class ToCaMethod(CacheMethod):
                 # only the stream at the front of the joint order has a known place in every sample's sequence
                 first = site.stream == ctx.family.joint_order[0]
                 found = [joint_slice(ctx, site, row[None], n) if first else None for row in found[1:]]
-                found = torch.cat(found) if found and all(f is not None and f.shape[-1] == n for f in found) else None
+                found = (
+                    torch.cat(found)
+                    if found and all(f is not None and f.shape[-1] == n for f in found)
+                    else None
+                )
                 base = found
             else:
                 base = joint_slice(ctx, site, found, n) if found is not None else None
@@ -277,8 +304,11 @@ class ToCaMethod(CacheMethod):
         native: flash, sage, ...)."""
         found = ctx.state.get("score", {})
         if site.block not in found and self.config.score != "random":
-            ctx.note(site.name, "no attention score came (the attention does not call torch's "
-                     "scaled_dot_product_attention: use diffusers' native backend): tokens chosen by age alone")
+            ctx.note(
+                site.name,
+                "no attention score came (the attention does not call torch's "
+                "scaled_dot_product_attention: use diffusers' native backend): tokens chosen by age alone",
+            )
         return found.get(site.block)
 
     def _with_age_and_spread(self, site: Site, base: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
@@ -309,7 +339,9 @@ class ToCaMethod(CacheMethod):
         if k >= total:
             return self._compute(ctx, site, run, args, kwargs, n)
         why = whole_only(site) or (None if torch.is_tensor(cache) else "its output is not one tensor")
-        if why:  # asked for a token subset it cannot give: compute it whole (quality kept, saving lost) and say so
+        if (
+            why
+        ):  # asked for a token subset it cannot give: compute it whole (quality kept, saving lost) and say so
             ctx.note(site.name, f"token subset asked for, computed whole: {why}")
             return self._compute(ctx, site, run, args, kwargs, n, action=WHOLE)
         keep = None  # one process: every token it runs is a chosen one
@@ -388,9 +420,14 @@ def joint_slice(ctx: Context, site: Site, score: torch.Tensor, n_tokens: int) ->
     return score[..., other:]
 
 
-register("toca", ToCaConfig, ToCaMethod, "per module (self-attn, cross-attn, MLP): recompute the top-scored tokens, reuse the rest",
-         grid=[{"interval": 2, "ratio": 0.3}, {}, {"interval": 4}, {"interval": 5, "ratio": 0.2}],
-         compact=[{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}],
-         knob=Knob("interval", 2, 10, integer=True),  # ratio: --knob ratio
-         exact={"interval": 1, "schedule": "fixed"},
-         aggressive={})
+register(
+    "toca",
+    ToCaConfig,
+    ToCaMethod,
+    "per module (self-attn, cross-attn, MLP): recompute the top-scored tokens, reuse the rest",
+    grid=[{"interval": 2, "ratio": 0.3}, {}, {"interval": 4}, {"interval": 5, "ratio": 0.2}],
+    compact=[{"interval": 2, "ratio": 0.3}, {}, {"preset": "dit"}],
+    knob=Knob("interval", 2, 10, integer=True),  # ratio: --knob ratio
+    exact={"interval": 1, "schedule": "fixed"},
+    aggressive={},
+)

@@ -89,7 +89,9 @@ def find_attention_modules(model: torch.nn.Module, attention=None, family: Famil
         found = [(n, m) for n, m in model.named_modules() if n and matches(n, m)]
     found = [(n, m) for n, m in found if not family.excludes(n)]
     if not found:
-        what = "modules with a .processor attribute" if attention is None else f"modules matching {attention!r}"
+        what = (
+            "modules with a .processor attribute" if attention is None else f"modules matching {attention!r}"
+        )
         raise DitscopeError(
             f"no attention layer found in {type(model).__name__} (looked for {what}); "
             "name the attention modules with attention='ClassName' or a module-name pattern"
@@ -155,7 +157,9 @@ class Recorder:
             try:
                 extra = find_attention_modules(model, outputs, self.family)
             except DitscopeError:
-                raise DitscopeError(f"no module matches outputs={outputs!r} in {type(model).__name__}") from None
+                raise DitscopeError(
+                    f"no module matches outputs={outputs!r} in {type(model).__name__}"
+                ) from None
             self._layers += [_Layer(-1, n, m, False, output_only=True) for n, m in extra if n not in taken]
         self.layer_names: list[str] = []  # in first-execution order; index = layer index
         self._handles: list = []
@@ -169,7 +173,9 @@ class Recorder:
     # ----------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> Recorder:
         for layer in self._layers:
-            self._handles.append(layer.module.register_forward_pre_hook(self._layer_pre(layer), with_kwargs=True))
+            self._handles.append(
+                layer.module.register_forward_pre_hook(self._layer_pre(layer), with_kwargs=True)
+            )
             self._handles.append(layer.module.register_forward_hook(self._layer_post(layer)))
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._model_post))
@@ -217,7 +223,9 @@ class Recorder:
         if self._pending:
             self.end_step()
         if not self._steps:
-            raise DitscopeError("no step was recorded for this sample; did the model run inside the recorder?")
+            raise DitscopeError(
+                "no step was recorded for this sample; did the model run inside the recorder?"
+            )
         if len(self._steps) < 2:
             raise DitscopeError("a sample needs at least 2 steps to measure a step-to-step distance")
         keys = list(self._steps[1].keys())
@@ -227,7 +235,10 @@ class Recorder:
                 values[key] = np.stack([step[key] for step in self._steps[1:]], axis=1).astype(np.float32)
             except KeyError:
                 raise DitscopeError(f"layer {self.layer_names[key[0]]} did not run at every step") from None
-        timesteps = [float(torch.as_tensor(t).flatten()[0]) if t is not None else float(i) for i, t in enumerate(self._timesteps)]
+        timesteps = [
+            float(torch.as_tensor(t).flatten()[0]) if t is not None else float(i)
+            for i, t in enumerate(self._timesteps)
+        ]
         n_prompts = next(iter(values.values())).shape[0]
         sample = Sample(values, timesteps, n_prompts)
         self._samples.append(sample)
@@ -264,7 +275,9 @@ class Recorder:
             self._step_timestep = read_timestep(args, kwargs, self._timestep_position)
             if isinstance(self._step_timestep, torch.Tensor):
                 self._step_timestep = self._step_timestep.detach().flatten()[:1].clone()  # read at sample end
-        self._branch_of_call = self._branches_for(hidden.shape[0] if isinstance(hidden, torch.Tensor) else None)
+        self._branch_of_call = self._branches_for(
+            hidden.shape[0] if isinstance(hidden, torch.Tensor) else None
+        )
         self._calls_this_step += 1
 
     def _model_post(self, module, args, output):
@@ -344,11 +357,16 @@ class Recorder:
                 if target == "out":
                     continue
                 x = tensors[target]
-                if self._gathered(layer, query.shape[2]):  # this rank's heads over every rank's tokens in turn
+                if self._gathered(
+                    layer, query.shape[2]
+                ):  # this rank's heads over every rank's tokens in turn
                     n, sq, sk = self._ulysses, query.shape[2], key.shape[2]
                     part = (sq if target in ("q", "a") else sk) // n
-                    streams = [(name, r * part + a, r * part + b) for r in range(n)
-                               for name, a, b in self._streams(layer, sq // n, sk // n, target)]
+                    streams = [
+                        (name, r * part + a, r * part + b)
+                        for r in range(n)
+                        for name, a, b in self._streams(layer, sq // n, sk // n, target)
+                    ]
                 else:
                     streams = self._streams(layer, query.shape[2], key.shape[2], target)
                 reduced[target] = self._reduce(layer, call, target, x, streams)
@@ -368,7 +386,9 @@ class Recorder:
         [(stream, start, end)]."""
         n = sq if target in ("q", "a") else sk
         hid, txt = layer.hidden_len, layer.text_len
-        model_text = self._text_len // self._ulysses if self._text_len else None  # the text in one rank's part
+        model_text = (
+            self._text_len // self._ulysses if self._text_len else None
+        )  # the text in one rank's part
         joint_text = None
         if txt is not None and sq == sk and hid < sq <= hid + txt:
             joint_text = sq - hid  # joint attention (Mochi keeps only each sample's valid text tokens)
@@ -406,7 +426,9 @@ class Recorder:
         names = list(dict.fromkeys(s for s, _, _ in streams))
         if len(names) < len(streams):  # a stream in several ranges (Ulysses: one per rank): their sums added
             where = [names.index(s) for s, _, _ in streams]
-            sums = sums.new_zeros(*sums.shape[:2], len(names)).index_add_(2, torch.tensor(where, device=sums.device), sums)
+            sums = sums.new_zeros(*sums.shape[:2], len(names)).index_add_(
+                2, torch.tensor(where, device=sums.device), sums
+            )
             numel = np.bincount(where, weights=numel, minlength=len(names))
         return sums, numel, names
 
@@ -426,17 +448,35 @@ class Recorder:
     def _reduce_written(self, layer: _Layer, output):
         """What an output-only module writes into the stream: a block's residual (output minus the input
         of the same shape), an MLP's output; image and text parts as streams."""
-        parts = [p for p in (output if isinstance(output, tuple) else (output,)) if isinstance(p, torch.Tensor)]
+        parts = [
+            p for p in (output if isinstance(output, tuple) else (output,)) if isinstance(p, torch.Tensor)
+        ]
         written = []
         for part in parts:
             same = next((x for x in layer.inputs if x.shape == part.shape), None)
-            if same is None and self._group is not None:  # the sequence split at this module: this rank's part
-                same = next((_my_part(x, self._group) for x in layer.inputs if x.dim() == part.dim() >= 3
-                             and x.shape[1] == self._ulysses * part.shape[1] and x.shape[2:] == part.shape[2:]), None)
+            if (
+                same is None and self._group is not None
+            ):  # the sequence split at this module: this rank's part
+                same = next(
+                    (
+                        _my_part(x, self._group)
+                        for x in layer.inputs
+                        if x.dim() == part.dim() >= 3
+                        and x.shape[1] == self._ulysses * part.shape[1]
+                        and x.shape[2:] == part.shape[2:]
+                    ),
+                    None,
+                )
             written.append(part - same if same is not None else part)
         image = [w for w in written if w.dim() >= 3 and w.shape[1] == layer.hidden_len] or written[:1]
-        text = [w for w in written if w is not image[0] and w.dim() == image[0].dim()
-                and w.shape[-1] == image[0].shape[-1] and w.shape[0] == image[0].shape[0]][:1]
+        text = [
+            w
+            for w in written
+            if w is not image[0]
+            and w.dim() == image[0].dim()
+            and w.shape[-1] == image[0].shape[-1]
+            and w.shape[0] == image[0].shape[0]
+        ][:1]
         x = image[0] if image[0].dim() >= 3 else image[0].unsqueeze(1)
         streams = [(IMAGE, 0, x.shape[1])]
         if text:
@@ -454,7 +494,9 @@ class Recorder:
         for target, items in by_target.items():
             streams = items[0][2]
             if any(it[2] != streams for it in items):
-                raise DitscopeError(f"layer {layer.name}: attention calls of one step disagree on token streams")
+                raise DitscopeError(
+                    f"layer {layer.name}: attention calls of one step disagree on token streams"
+                )
             sums = torch.cat([it[0] for it in items], dim=1)  # (4, N, streams)
             numel = np.concatenate([np.broadcast_to(it[1], (it[0].shape[1], len(streams))) for it in items])
             n_entries = sums.shape[1]
@@ -476,14 +518,18 @@ class Recorder:
     def end_step(self, timestep=None):
         """Finish a step: one device-to-host transfer, then distances against the previous step."""
         if timestep is not None:
-            self._step_timestep = timestep.detach().flatten()[:1].clone() if torch.is_tensor(timestep) else timestep
+            self._step_timestep = (
+                timestep.detach().flatten()[:1].clone() if torch.is_tensor(timestep) else timestep
+            )
         if not self._pending:
             self._calls_this_step = 0
             return
         host = torch.cat([s for _, s, _ in self._pending], dim=1).cpu().numpy().astype(np.float64)  # the sync
         if self._group is not None:  # each rank holds its heads' or tokens' part of every sum: add them up
             host, numels = _added_over(self._group, host, [numel for _, _, numel in self._pending])
-            self._pending = [(key, dev, numel) for (key, dev, _), numel in zip(self._pending, numels, strict=True)]
+            self._pending = [
+                (key, dev, numel) for (key, dev, _), numel in zip(self._pending, numels, strict=True)
+            ]
         step = len(self._steps)
         values: dict[Key, np.ndarray] = {}
         col = 0
@@ -498,7 +544,9 @@ class Recorder:
                     f"({stream} tokens, {branch} branch); check the model's dtype and inputs"
                 )
             if key in values:
-                raise DitscopeError(f"layer {self.layer_names[key[0]]} ran twice in one step for the {key[3]} branch")
+                raise DitscopeError(
+                    f"layer {self.layer_names[key[0]]} ran twice in one step for the {key[3]} branch"
+                )
             prev = self._host_prev.get(key)
             if prev is not None:
                 values[key] = metrics_from_sums(sums, prev[0], prev[1], numel)
@@ -529,8 +577,10 @@ def _sequence_split(model: torch.nn.Module):
         return None, 1
     layout = run_layout(model)
     if layout["ring_degree"] > 1:
-        raise DitscopeError("profiling a transformer split by ring attention is not supported (its attention "
-                            "output exists only in parts): profile it unsplit, or split by ulysses_degree")
+        raise DitscopeError(
+            "profiling a transformer split by ring attention is not supported (its attention "
+            "output exists only in parts): profile it unsplit, or split by ulysses_degree"
+        )
     return group, layout["ulysses_degree"]
 
 
@@ -557,18 +607,24 @@ def output_sites(model: torch.nn.Module, which: str) -> list[str]:
     recorded by its residual), or both ("mlp,blocks"), from the family table's block layout."""
     layout = family_of(model).blocks
     if layout is None:
-        raise DitscopeError(f"{type(model).__name__} has no block layout in the family table: name its modules "
-                            "with outputs='pattern'")
+        raise DitscopeError(
+            f"{type(model).__name__} has no block layout in the family table: name its modules "
+            "with outputs='pattern'"
+        )
     wanted = {w.strip() for w in which.split(",") if w.strip()}
     unknown = wanted - {"mlp", "blocks"}
     if unknown or not wanted:
-        raise DitscopeError(f"unknown output sites {sorted(unknown) or which!r}; use mlp, blocks or mlp,blocks")
+        raise DitscopeError(
+            f"unknown output sites {sorted(unknown) or which!r}; use mlp, blocks or mlp,blocks"
+        )
     patterns = []
     for name in layout.lists:
         if "blocks" in wanted:
             patterns.append(rf"{re.escape(name)}\.\d+")
         if "mlp" in wanted:
-            patterns += [rf"{re.escape(name)}\.\d+\.{re.escape(m.name)}" for m in layout.modules if m.kind == "mlp"]
+            patterns += [
+                rf"{re.escape(name)}\.\d+\.{re.escape(m.name)}" for m in layout.modules if m.kind == "mlp"
+            ]
     return patterns
 
 

@@ -29,8 +29,12 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                                   help="print the version and exit")] = False):
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+):
     """Measure step-to-step redundancy in diffusion transformers."""
 
 
@@ -54,7 +58,7 @@ def _fail(message: str) -> typer.Exit:
 
 def user_errors(fn):
     """Turn a DitscopeError into one line on stderr and exit code 2, and Ctrl-C into exit code 130 (what
-was kept is said where it is kept, e.g. by `profile`)."""
+    was kept is said where it is kept, e.g. by `profile`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -81,6 +85,10 @@ def library_warnings():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    ours = [w for w in caught if issubclass(w.category, DitscopeWarning) or PACKAGE in Path(w.filename).resolve().parents]
+    ours = [
+        w
+        for w in caught
+        if issubclass(w.category, DitscopeWarning) or PACKAGE in Path(w.filename).resolve().parents
+    ]
     for message in dict.fromkeys(str(w.message).removeprefix("ditscope: ") for w in ours):
         print(f"warning: {message}", file=sys.stderr)

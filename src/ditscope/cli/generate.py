@@ -20,23 +20,40 @@ def generate(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
     prompt: Annotated[str, typer.Option(help="text prompt (tiny-dit: a class index or '<colour> <shape>')")],
-    out: Annotated[Path | None, typer.Option(help="image file to write (.png, .jpg, .gif, .webp; default "
-                                              "MODEL.png, or MODEL.gif for a video model)")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="image file to write (.png, .jpg, .gif, .webp; default "
+            "MODEL.png, or MODEL.gif for a video model)"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
-    guidance_scale: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="guidance scale (default: the model's)")
+    ] = None,
     upscale: Annotated[int, typer.Option(help="nearest-neighbour enlargement of the saved image")] = 1,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
-    cache: Annotated[str | None, typer.Option(help=f"cache method ({', '.join(CONFIGS)}) or a config written by "
-                                               "ditscope tune (FILE.json)")] = None,
-    cache_opt: Annotated[list[str] | None, typer.Option(help="cache option key=value (repeatable; preset=dit "
-                                                        "picks a preset)")] = None,
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            help=f"cache method ({', '.join(CONFIGS)}) or a config written by ditscope tune (FILE.json)"
+        ),
+    ] = None,
+    cache_opt: Annotated[
+        list[str] | None, typer.Option(help="cache option key=value (repeatable; preset=dit picks a preset)")
+    ] = None,
     cache_stats: Annotated[bool, typer.Option(help="print what the cache did per step, with FLOPs")] = False,
-    compare: Annotated[bool, typer.Option(help="also run uncached with the same seed (first, after a 2-step warm-up), "
-                                          "save it as OUT.uncached.png and print both times, the speedup, and the "
-                                          "cached image's PSNR / SSIM against it (--cache-stats slows the cached "
-                                          "run: it counts FLOPs)")] = False,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            help="also run uncached with the same seed (first, after a 2-step warm-up), "
+            "save it as OUT.uncached.png and print both times, the speedup, and the "
+            "cached image's PSNR / SSIM against it (--cache-stats slows the cached "
+            "run: it counts FLOPs)"
+        ),
+    ] = False,
 ):
     """Generate one image from a prompt, optionally with a cache method."""
     import torch
@@ -88,8 +105,16 @@ def generate(
     kwargs = dict(entry.call_kwargs) if entry else {}
 
     def run(n: int = steps):
-        return samples(pipe(prompt, num_inference_steps=n, guidance_scale=guidance,
-                            generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs))[0]
+        return samples(
+            pipe(
+                prompt,
+                num_inference_steps=n,
+                guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pil",
+                **kwargs,
+            )
+        )[0]
 
     with library_warnings():
         if compare:  # the uncached run first, same seed: the image and time the cached run is held against
@@ -109,8 +134,10 @@ def generate(
             print(stats)
         else:
             s = stats.summary()
-            print(f"{cache}: {s['computed']} modules computed, {s['reused'] + s['predicted']} reused or predicted, "
-                  f"{s['partial']} partial, {s['blocks_reused']} blocks reused")
+            print(
+                f"{cache}: {s['computed']} modules computed, {s['reused'] + s['predicted']} reused or predicted, "
+                f"{s['partial']} partial, {s['blocks_reused']} blocks reused"
+            )
     out = out or Path(f"{Path(model).name}.{'gif' if isinstance(image, list) else 'png'}")
     save_image(image, out, upscale)
     print(f"wrote {out}")

@@ -21,31 +21,60 @@ from .common import app, user_errors
 @user_errors
 def profile(
     model: Annotated[str | None, typer.Argument(help="zoo name, local diffusers folder, or hub id")] = None,
-    prompts: Annotated[Path | None, typer.Option(help=".txt (a line each), .jsonl or .csv; default: built-in prompts")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help=".txt (a line each), .jsonl or .csv; default: built-in prompts")
+    ] = None,
     column: Annotated[str | None, typer.Option(help="column of a .csv/.jsonl prompts file")] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="diffusers scheduler class name or alias (ddim, dpm, flow-euler, ...)")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="diffusers scheduler class name or alias (ddim, dpm, flow-euler, ...)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="base seed; prompt i uses seed + i")] = 0,
     out: Annotated[Path | None, typer.Option(help="output folder (default: runs/<model>)")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 1,
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    guidance_scale: Annotated[float | None, typer.Option(help="classifier-free guidance scale (default: the model's)")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="classifier-free guidance scale (default: the model's)")
+    ] = None,
     targets: Annotated[str, typer.Option(help="comma list from q,k,v,a,out")] = "k,v,a",
     storage_dtype: Annotated[str | None, typer.Option(help="dtype of the kept previous-step tensors")] = None,
     offload: Annotated[bool, typer.Option(help="keep previous-step tensors on the CPU")] = False,
-    shard: Annotated[str | None, typer.Option(help="i/n: profile the i-th of n contiguous parts of the prompts (merge shards later)")] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="i/n: profile the i-th of n contiguous parts of the prompts (merge shards later)"),
+    ] = None,
     plot: Annotated[bool, typer.Option(help="write figures")] = True,
-    outputs: Annotated[str | None, typer.Option(help="also record output-only sites (target out): mlp, blocks "
-                                                "(their residuals), mlp,blocks, or a module-name pattern")] = None,
+    outputs: Annotated[
+        str | None,
+        typer.Option(
+            help="also record output-only sites (target out): mlp, blocks "
+            "(their residuals), mlp,blocks, or a module-name pattern"
+        ),
+    ] = None,
 ):
     """Profile step-to-step redundancy of a DiT over prompts; writes OUT/profile.ditscope and figures."""
     from ..profiling.job import profile_model
 
     result, path = profile_model(
-        model=model, prompts=prompts, column=column, steps=steps, scheduler=scheduler, seed=seed, out=out,
-        batch_size=batch_size, dtype=dtype, device=device, guidance_scale=guidance_scale, targets=targets,
-        storage_dtype=storage_dtype, offload=offload, shard=shard, progress=lambda: progress_bar("steps"),
+        model=model,
+        prompts=prompts,
+        column=column,
+        steps=steps,
+        scheduler=scheduler,
+        seed=seed,
+        out=out,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        guidance_scale=guidance_scale,
+        targets=targets,
+        storage_dtype=storage_dtype,
+        offload=offload,
+        shard=shard,
+        progress=lambda: progress_bar("steps"),
         outputs=outputs,
     )
     if result is None:  # a torchrun rank other than 0
@@ -74,7 +103,11 @@ def _print_summary(prof) -> None:
     )
     view = prof.default_view()
     targets = prof.options("target")
-    streams = "image tokens; text K/V in cross-attention" if view["stream"] == "auto" else f"{view['stream']} tokens"
+    streams = (
+        "image tokens; text K/V in cross-attention"
+        if view["stream"] == "auto"
+        else f"{view['stream']} tokens"
+    )
     table = Table(title=f"mean L1 distance over steps ({streams}, {view['branch']} branch)")
     table.add_column("layer", justify="right")
     table.add_column("name", overflow="fold")
@@ -83,7 +116,9 @@ def _print_summary(prof) -> None:
         table.add_column(t.upper(), justify="right")
     table.add_column("most redundant step", justify="right")
     for layer in range(prof.n_layers):
-        means = [np.nanmean(grids[t][layer]) if np.isfinite(grids[t][layer]).any() else np.nan for t in targets]
+        means = [
+            np.nanmean(grids[t][layer]) if np.isfinite(grids[t][layer]).any() else np.nan for t in targets
+        ]
         row = grids[targets[-1]][layer]
         best = str(int(np.nanargmin(row)) + 1) if np.isfinite(row).any() else "-"
         table.add_row(str(layer), prof.layer_names[layer], *[f"{m:.3g}" for m in means], best)
@@ -93,7 +128,14 @@ def _print_summary(prof) -> None:
     for col in cov.columns:
         cov_table.add_column(str(col))
     for row in cov.itertuples(index=False):
-        cov_table.add_row(*[f"{v:.1%}" if isinstance(v, float) and np.isfinite(v) else ("-" if isinstance(v, float) else str(v)) for v in row])
+        cov_table.add_row(
+            *[
+                f"{v:.1%}"
+                if isinstance(v, float) and np.isfinite(v)
+                else ("-" if isinstance(v, float) else str(v))
+                for v in row
+            ]
+        )
     console.print(cov_table)
 
 

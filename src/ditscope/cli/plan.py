@@ -31,25 +31,58 @@ CALIBRATION_SEED = 7000  # zoo models: calibration prompts are drawn apart from 
 @user_errors
 def plan(
     model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
-    target: Annotated[str | None, typer.Option(help="psnr=DB, ssim=S (on the calibration prompts), psnr_p5=DB (their worst images: "
-                                                "the 5th percentile), speedup=X or flops=X "
-                                                "[default: psnr=35]")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="psnr=DB, ssim=S (on the calibration prompts), psnr_p5=DB (their worst images: "
+            "the 5th percentile), speedup=X or flops=X "
+            "[default: psnr=35]"
+        ),
+    ] = None,
     speedup: Annotated[float | None, typer.Option(help="shorthand for --target speedup=X")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
-    n_prompts: Annotated[int | None, typer.Option(help="calibration prompts drawn for zoo models, or the first N of "
-                                                  "--prompts [default: 8; a file: up to 8]")] = None,
-    prompt_seed: Annotated[int | None, typer.Option(help="zoo models: seed of the drawn calibration prompts "
-                                                    f"[default: {CALIBRATION_SEED}]")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")
+    ] = None,
+    n_prompts: Annotated[
+        int | None,
+        typer.Option(
+            help="calibration prompts drawn for zoo models, or the first N of "
+            "--prompts [default: 8; a file: up to 8]"
+        ),
+    ] = None,
+    prompt_seed: Annotated[
+        int | None,
+        typer.Option(help=f"zoo models: seed of the drawn calibration prompts [default: {CALIBRATION_SEED}]"),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 8,
-    granularity: Annotated[str, typer.Option(help="step (one row for every module), kind (per module kind) or site (per module of every block)")] = "step",
-    cost: Annotated[str, typer.Option(help="cost model: time (measured; the finalists are timed), flops (counted: the choice does "
-                                         "not depend on a busy machine's timings) or uniform")] = "time",
-    modes: Annotated[str, typer.Option(help="what the search may cache, comma list of both (stack and modules), "
-                                          "stack, sites; fewer modes plan faster (video models)")] = "both,stack,sites",
-    iterations: Annotated[int, typer.Option(help="prices tried per search line before bisecting; fewer plan faster, "
-                                               "with less choice")] = 8,
+    granularity: Annotated[
+        str,
+        typer.Option(
+            help="step (one row for every module), kind (per module kind) or site (per module of every block)"
+        ),
+    ] = "step",
+    cost: Annotated[
+        str,
+        typer.Option(
+            help="cost model: time (measured; the finalists are timed), flops (counted: the choice does "
+            "not depend on a busy machine's timings) or uniform"
+        ),
+    ] = "time",
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="what the search may cache, comma list of both (stack and modules), "
+            "stack, sites; fewer modes plan faster (video models)"
+        ),
+    ] = "both,stack,sites",
+    iterations: Annotated[
+        int,
+        typer.Option(
+            help="prices tried per search line before bisecting; fewer plan faster, with less choice"
+        ),
+    ] = 8,
     out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -59,9 +92,14 @@ def plan(
 
     from ..planning.planner import GRANULARITIES, MODES, Target
     from ..planning.planner import plan as make_plan
+
     if target is not None and speedup is not None:
-        raise DitscopeError(f"--target {target} and --speedup {speedup:g} both say what to plan for; give one")
-    goal = Target.parse(f"speedup={speedup}" if speedup is not None else target if target is not None else "psnr=35")
+        raise DitscopeError(
+            f"--target {target} and --speedup {speedup:g} both say what to plan for; give one"
+        )
+    goal = Target.parse(
+        f"speedup={speedup}" if speedup is not None else target if target is not None else "psnr=35"
+    )
     if granularity not in GRANULARITIES:
         raise DitscopeError(f"--granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
     if (n_prompts is not None and n_prompts < 1) or batch_size < 1:
@@ -76,8 +114,9 @@ def plan(
         raise DitscopeError(f"--iterations must be at least 3, not {iterations}")
     out = out or Path("plans") / f"{Path(model).name}.plan.json"
     prompt_seed = seed_of_prompts(prompts, prompt_seed)
-    pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.plan.json", prompts, n_prompts,
-                                                           prompt_seed, steps, guidance_scale, device, dtype)
+    pipe, prompt_list, n_steps, guidance = calibration_run(
+        model, out, "model.plan.json", prompts, n_prompts, prompt_seed, steps, guidance_scale, device, dtype
+    )
     made = missing_folders(out.parent)  # removed again if the run is refused
     work = out.parent / f".{out.name}.work"  # calibration and evaluations: a rerun resumes from them
     from rich.console import Console
@@ -88,11 +127,24 @@ def plan(
         print(f"resuming from {work}: {kept_work(work)} (reused where they match this run)", file=sys.stderr)
     with progress_status("planning") if first else nullcontext(_Silent()) as status, torch.inference_mode():
         try:
-            result = make_plan(pipe, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
-                               modes=mode_list, granularity=granularity, cost=cost, iterations=iterations, work_dir=work,
-                               progress=lambda text: status.update(f"planning: {text}"),
-                               log=console.print if first else None)
-        except DitscopeError:  # a target no plan reaches: nothing is left (an interrupt keeps the work to resume)
+            result = make_plan(
+                pipe,
+                prompt_list,
+                str(goal),
+                n_steps,
+                batch_size=batch_size,
+                guidance_scale=guidance,
+                modes=mode_list,
+                granularity=granularity,
+                cost=cost,
+                iterations=iterations,
+                work_dir=work,
+                progress=lambda text: status.update(f"planning: {text}"),
+                log=console.print if first else None,
+            )
+        except (
+            DitscopeError
+        ):  # a target no plan reaches: nothing is left (an interrupt keeps the work to resume)
             barrier()
             if first:
                 shutil.rmtree(work, ignore_errors=True)
@@ -100,7 +152,10 @@ def plan(
             raise
         except KeyboardInterrupt:
             if first:
-                print(f"interrupted: {kept_work(work)} kept in {work}; rerun the same command to resume", file=sys.stderr)
+                print(
+                    f"interrupted: {kept_work(work)} kept in {work}; rerun the same command to resume",
+                    file=sys.stderr,
+                )
             raise
     result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None
     barrier()  # every rank is done with the work folder
@@ -141,12 +196,25 @@ DEFAULT_PROMPTS = 8  # calibration prompts when --n-prompts is not given
 def seed_of_prompts(prompts: Path | None, prompt_seed: int | None, default: int = CALIBRATION_SEED) -> int:
     """The seed zoo prompts are drawn with; refused beside a prompt file (it would be ignored)."""
     if prompts is not None and prompt_seed is not None:
-        raise DitscopeError(f"--prompt-seed draws zoo prompts; it does not apply to the prompts of {prompts}: drop it")
+        raise DitscopeError(
+            f"--prompt-seed draws zoo prompts; it does not apply to the prompts of {prompts}: drop it"
+        )
     return default if prompt_seed is None else prompt_seed
 
 
-def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n_prompts: int | None, prompt_seed: int,
-                    steps: int | None, guidance_scale: float | None, device: str, dtype: str, distributed: bool = True):
+def calibration_run(
+    model: str,
+    out: Path,
+    example: str,
+    prompts: Path | None,
+    n_prompts: int | None,
+    prompt_seed: int,
+    steps: int | None,
+    guidance_scale: float | None,
+    device: str,
+    dtype: str,
+    distributed: bool = True,
+):
     """What `plan` and `tune` both fit on: checks the output file, loads the model, and gives (pipe,
     calibration prompts, steps, guidance). Zoo models draw their prompts with `prompt_seed`; others need
     a prompt file. `example` is the file name suggested when `out` is a folder. `distributed`: under torchrun,
@@ -165,14 +233,18 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
     if prompts is not None:
         prompt_list = load_prompts(prompts)
         if n_prompts is not None and n_prompts > len(prompt_list):
-            raise DitscopeError(f"--n-prompts {n_prompts} but {prompts} holds {len(prompt_list)} prompts; ask for at "
-                                f"most {len(prompt_list)} or add prompts to the file")
+            raise DitscopeError(
+                f"--n-prompts {n_prompts} but {prompts} holds {len(prompt_list)} prompts; ask for at "
+                f"most {len(prompt_list)} or add prompts to the file"
+            )
         prompt_list = prompt_list[: n_prompts or DEFAULT_PROMPTS]
     n_prompts = n_prompts or DEFAULT_PROMPTS
     entry = zoo.ZOO.get(model)
     n_steps = steps or (entry.steps if entry else 20)
     dev = pick_device(device)
-    _, world, dev = join_ranks(dev) if distributed else (0, 1, dev)  # the ranks share the prompts (workload.py)
+    _, world, dev = (
+        join_ranks(dev) if distributed else (0, 1, dev)
+    )  # the ranks share the prompts (workload.py)
     pipe = zoo.load_pipeline(model, dtype=torch_dtype(dtype, dev), device=dev)
     configure_scheduler(pipe, None, n_steps)
     pipe.set_progress_bar_config(disable=True)
@@ -182,6 +254,8 @@ def calibration_run(model: str, out: Path, example: str, prompts: Path | None, n
         _, prompt_list = evaluator.evaluation_prompts(pipe, n_prompts, seed=prompt_seed)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
     if world > len(prompt_list):
-        raise DitscopeError(f"{world} ranks share {len(prompt_list)} calibration prompts: give at least one per rank "
-                            f"(--n-prompts {world} or more), or launch fewer ranks")
+        raise DitscopeError(
+            f"{world} ranks share {len(prompt_list)} calibration prompts: give at least one per rank "
+            f"(--n-prompts {world} or more), or launch fewer ranks"
+        )
     return pipe, prompt_list, n_steps, guidance

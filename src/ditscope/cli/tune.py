@@ -23,22 +23,45 @@ from .plan import CALIBRATION_SEED, calibration_run, kept_work, seed_of_prompts
 @user_errors
 def tune(
     model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")] = "tiny-pixart",
-    method: Annotated[str, typer.Option(help="a ditscope method (fbcache, teacache, toca, fora...) or a peer "
-                                       "(diffusers-magcache, cachedit-dbcache...)")] = "fbcache",
-    target: Annotated[str, typer.Option(help="psnr=DB or ssim=S (on the calibration prompts), psnr_p5=DB (their "
-                                            "worst images: the 5th percentile), or speedup=X")] = "psnr=35",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="a ditscope method (fbcache, teacache, toca, fora...) or a peer "
+            "(diffusers-magcache, cachedit-dbcache...)"
+        ),
+    ] = "fbcache",
+    target: Annotated[
+        str,
+        typer.Option(
+            help="psnr=DB or ssim=S (on the calibration prompts), psnr_p5=DB (their "
+            "worst images: the 5th percentile), or speedup=X"
+        ),
+    ] = "psnr=35",
     knob: Annotated[str | None, typer.Option(help="the option to fit (default: the method's knob)")] = None,
-    cache_opt: Annotated[list[str] | None, typer.Option(help="options held fixed, key=value (repeatable)")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")] = None,
-    n_prompts: Annotated[int | None, typer.Option(help="calibration prompts drawn for zoo models, or the first N of "
-                                                  "--prompts [default: 8; a file: up to 8]")] = None,
-    prompt_seed: Annotated[int | None, typer.Option(help="zoo models: seed of the drawn calibration prompts "
-                                                    f"[default: {CALIBRATION_SEED}]")] = None,
+    cache_opt: Annotated[
+        list[str] | None, typer.Option(help="options held fixed, key=value (repeatable)")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="calibration prompts (.txt, .jsonl, .csv); zoo models draw them")
+    ] = None,
+    n_prompts: Annotated[
+        int | None,
+        typer.Option(
+            help="calibration prompts drawn for zoo models, or the first N of "
+            "--prompts [default: 8; a file: up to 8]"
+        ),
+    ] = None,
+    prompt_seed: Annotated[
+        int | None,
+        typer.Option(help=f"zoo models: seed of the drawn calibration prompts [default: {CALIBRATION_SEED}]"),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 8,
-    assurance: Annotated[str, typer.Option(help="lower: the 95% interval's lower end must reach a quality target; "
-                                           "mean: the mean")] = "lower",
+    assurance: Annotated[
+        str,
+        typer.Option(help="lower: the 95% interval's lower end must reach a quality target; mean: the mean"),
+    ] = "lower",
     out: Annotated[Path | None, typer.Option(help="fitted config (default tuned/MODEL.METHOD.json)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -74,8 +97,9 @@ def tune(
     _check_peer(method)
     out = out or Path("tuned") / f"{Path(model).name}.{method}.json"
     prompt_seed = seed_of_prompts(prompts, prompt_seed)
-    pipe, prompt_list, n_steps, guidance = calibration_run(model, out, "model.method.json", prompts, n_prompts,
-                                                           prompt_seed, steps, guidance_scale, device, dtype)
+    pipe, prompt_list, n_steps, guidance = calibration_run(
+        model, out, "model.method.json", prompts, n_prompts, prompt_seed, steps, guidance_scale, device, dtype
+    )
     made = missing_folders(out.parent)  # removed again if the run is refused
     work = out.parent / f".{out.name}.work"  # reference images and evaluations: a rerun resumes from them
     from rich.console import Console
@@ -85,10 +109,23 @@ def tune(
         print(f"resuming from {work}: {kept_work(work)} (reused where they match this run)", file=sys.stderr)
     with torch.inference_mode():
         try:
-            result = fit(pipe, method, prompt_list, str(goal), n_steps, batch_size=batch_size, guidance_scale=guidance,
-                         options=fixed, knob=knob, assurance=assurance, work_dir=work,
-                         progress=lambda text: writes() and console.print(f"tune: {text}", highlight=False))
-        except DitscopeError:  # a target it cannot reach: nothing is left (an interrupt keeps the work to resume)
+            result = fit(
+                pipe,
+                method,
+                prompt_list,
+                str(goal),
+                n_steps,
+                batch_size=batch_size,
+                guidance_scale=guidance,
+                options=fixed,
+                knob=knob,
+                assurance=assurance,
+                work_dir=work,
+                progress=lambda text: writes() and console.print(f"tune: {text}", highlight=False),
+            )
+        except (
+            DitscopeError
+        ):  # a target it cannot reach: nothing is left (an interrupt keeps the work to resume)
             barrier()
             if writes():
                 shutil.rmtree(work, ignore_errors=True)
@@ -96,7 +133,10 @@ def tune(
             raise
         except KeyboardInterrupt:
             if writes():
-                print(f"interrupted: {kept_work(work)} kept in {work}; rerun the same command to resume", file=sys.stderr)
+                print(
+                    f"interrupted: {kept_work(work)} kept in {work}; rerun the same command to resume",
+                    file=sys.stderr,
+                )
             raise
     result.meta["model"] = model
     result.meta["calibration"]["prompt_seed"] = prompt_seed if prompts is None else None
@@ -107,10 +147,14 @@ def tune(
     shutil.rmtree(work, ignore_errors=True)
     m = result.meta
     print(f"wrote {out}")
-    print(f"  {m['knob']} = {m['value']:.4g}   PSNR {m['quality']['psnr']:.2f} dB (95% lower {m['quality']['psnr_lo']:.2f}), "
-          f"SSIM {m['quality']['ssim']:.3f}, measured {m['measured_speedup']:.2f}x on the calibration prompts")
+    print(
+        f"  {m['knob']} = {m['value']:.4g}   PSNR {m['quality']['psnr']:.2f} dB (95% lower {m['quality']['psnr_lo']:.2f}), "
+        f"SSIM {m['quality']['ssim']:.3f}, measured {m['measured_speedup']:.2f}x on the calibration prompts"
+    )
     if "teacache_fit" in m:
-        print(f"  teacache polynomial R^2 {m['teacache_fit']['r2']:.3f} over {m['teacache_fit']['points']} step pairs")
+        print(
+            f"  teacache polynomial R^2 {m['teacache_fit']['r2']:.3f} over {m['teacache_fit']['points']} step pairs"
+        )
 
 
 def _check_peer(method: str) -> None:

@@ -37,8 +37,15 @@ def load_model(model: str, device: str, dtype: str):
 @user_errors
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
-    n: Annotated[int, typer.Option("--n", "--samples", help="number of generated images (--samples: the same, "
-                                   "for torchrun, whose own options --n abbreviates)")] = 256,
+    n: Annotated[
+        int,
+        typer.Option(
+            "--n",
+            "--samples",
+            help="number of generated images (--samples: the same, "
+            "for torchrun, whose own options --n abbreviates)",
+        ),
+    ] = 256,
     steps: Annotated[int | None, typer.Option()] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
     objects: Annotated[int, typer.Option(help="objects per prompt: 1, or up to 2")] = 1,
@@ -46,8 +53,12 @@ def eval_cmd(
     random_init: Annotated[bool, typer.Option(help="evaluate the same architecture untrained")] = False,
     device: Annotated[str, typer.Option()] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the results as JSON")] = None,
-    state_dir: Annotated[Path, typer.Option(help="where unfinished evaluations keep their samples; rerunning "
-                                            "the same command continues one")] = Path("runs/eval"),
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            help="where unfinished evaluations keep their samples; rerunning the same command continues one"
+        ),
+    ] = Path("runs/eval"),
 ):
     """Score a model's images against their prompts (attribute accuracy) and real renders (Fréchet)."""
     import contextlib
@@ -74,8 +85,12 @@ def eval_cmd(
 
     rank, world, device = join_ranks(pick_device(device))  # torchrun: the ranks share the samples
     if world > n:
-        raise DitscopeError(f"{world} ranks share --n {n} samples: give at least one per rank, or launch fewer ranks")
-    manifest = Path(model) / "manifest.json"  # a trained folder names its recipe, whose steps and guidance it takes
+        raise DitscopeError(
+            f"{world} ranks share --n {n} samples: give at least one per rank, or launch fewer ranks"
+        )
+    manifest = (
+        Path(model) / "manifest.json"
+    )  # a trained folder names its recipe, whose steps and guidance it takes
     recipe = json.loads(manifest.read_text())["name"] if manifest.is_file() else model
     if random_init:
         pipe, entry = build(recipe), zoo.ZOO.get(recipe)
@@ -96,10 +111,18 @@ def eval_cmd(
     try:
         with progress_bar("samples") if rank == 0 else contextlib.nullcontext(None) as bar:
             task = bar.add_task(f"evaluating {model}", total=n) if bar is not None else None
-            result = evaluation.evaluate(pipe, n=n, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                        max_objects=objects, net=net,
-                                        progress=(lambda k: bar.advance(task, k)) if bar is not None else None,
-                                        state_path=state, state_key=key)
+            result = evaluation.evaluate(
+                pipe,
+                n=n,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                seed=seed,
+                max_objects=objects,
+                net=net,
+                progress=(lambda k: bar.advance(task, k)) if bar is not None else None,
+                state_path=state,
+                state_key=key,
+            )
     except KeyboardInterrupt:
         mine = evaluation.rank_state(state, pipe)
         kept = f"the samples made so far are kept in {mine}" if mine.is_file() else "no samples were kept yet"
@@ -114,7 +137,9 @@ def eval_cmd(
         state_dir.rmdir()  # only if no other unfinished evaluation is kept there
     if rank > 0:  # the first rank reports and writes
         return
-    table = Table(title=f"{model}{' (random init)' if random_init else ''}: {n} images, {steps} steps, guidance {guidance}")
+    table = Table(
+        title=f"{model}{' (random init)' if random_init else ''}: {n} images, {steps} steps, guidance {guidance}"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("chance", justify="right")
@@ -147,9 +172,16 @@ def zoo_train(
     batch: Annotated[int, typer.Option()] = 32,
     lr: Annotated[float, typer.Option()] = 1e-3,
     seed: Annotated[int, typer.Option()] = 0,
-    lr_decay: Annotated[float, typer.Option(help="fraction of --steps at the end over which lr falls linearly to 0")] = 0.0,
-    init: Annotated[str | None, typer.Option(help="start from these weights: a zoo name or pipeline folder "
-                                             "(tiny-latte: tiny-pixart by default)")] = None,
+    lr_decay: Annotated[
+        float, typer.Option(help="fraction of --steps at the end over which lr falls linearly to 0")
+    ] = 0.0,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="start from these weights: a zoo name or pipeline folder "
+            "(tiny-latte: tiny-pixart by default)"
+        ),
+    ] = None,
 ):
     """Train a zoo model (resumes from OUT/train_state.pt if present)."""
     from ..zoo import evaluator, train
@@ -165,9 +197,21 @@ def zoo_train(
         print(f"wrote {out / 'attribute_net.safetensors'}")
         return
     if name not in train.RECIPES:
-        raise DitscopeError(f"no training recipe for {name!r}; choose {', '.join(train.RECIPES)} or evaluator")
-    train.train(name, out, steps=steps, minutes=minutes, batch=batch, lr=lr, seed=seed, ema_decay=0.995, lr_decay=lr_decay,
-                init=init)
+        raise DitscopeError(
+            f"no training recipe for {name!r}; choose {', '.join(train.RECIPES)} or evaluator"
+        )
+    train.train(
+        name,
+        out,
+        steps=steps,
+        minutes=minutes,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        ema_decay=0.995,
+        lr_decay=lr_decay,
+        init=init,
+    )
 
 
 @zoo_app.command("prompts")

@@ -44,13 +44,27 @@ def pipeline_identity(pipe) -> dict:
     from ..cache.layout import find_transformer
 
     scheduler = getattr(pipe, "scheduler", None)
-    config = {k: v for k, v in dict(getattr(scheduler, "config", None) or {}).items() if not str(k).startswith("_")}
-    return {"weights": weights_fingerprint(find_transformer(pipe)[0]),
-            "scheduler": f"{type(scheduler).__name__} {sha256_of(json.loads(json.dumps(config, default=str)))[:16]}"}
+    config = {
+        k: v for k, v in dict(getattr(scheduler, "config", None) or {}).items() if not str(k).startswith("_")
+    }
+    return {
+        "weights": weights_fingerprint(find_transformer(pipe)[0]),
+        "scheduler": f"{type(scheduler).__name__} {sha256_of(json.loads(json.dumps(config, default=str)))[:16]}",
+    }
 
 
-def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
-              max_lag: int = 10, forecast_lag: int = 3, progress=None, layout=None) -> tuple[Profile, torch.Tensor]:
+def calibrate(
+    pipe,
+    prompts: list,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    guidance_scale=None,
+    max_lag: int = 10,
+    forecast_lag: int = 3,
+    progress=None,
+    layout=None,
+) -> tuple[Profile, torch.Tensor]:
     """Measure every unit's reuse / forecast error and its cost on `prompts` with the uncached model.
 
     Returns the calibration profile and the uncached images (the reference a plan is checked against).
@@ -77,13 +91,23 @@ def calibrate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 
         handle.remove()
     _merge_ranks(observer, data_parallel(pipe)[1])
     profile = _to_profile(observer, ctx, len(prompts), steps, max_lag, forecast_lag)
-    profile.meta.update(model=type(transformer).__name__, model_signature=model_signature(transformer),
-                        scheduler=type(getattr(pipe, "scheduler", None)).__name__, num_inference_steps=steps,
-                        seed=seed, prompts_hash=sha256_of([str(p) for p in prompts]), n_prompts_total=len(prompts),
-                        guidance_scale=guidance_scale, batch_size=batch_size, kind="calibration",
-                        identity=pipeline_identity(pipe),
-                        units=_units(ctx), seconds={u: statistics.median(v) for u, v in observer.seconds.items()},
-                        flops=observer.flops, signal=_signal(observer, len(prompts), steps))
+    profile.meta.update(
+        model=type(transformer).__name__,
+        model_signature=model_signature(transformer),
+        scheduler=type(getattr(pipe, "scheduler", None)).__name__,
+        num_inference_steps=steps,
+        seed=seed,
+        prompts_hash=sha256_of([str(p) for p in prompts]),
+        n_prompts_total=len(prompts),
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        kind="calibration",
+        identity=pipeline_identity(pipe),
+        units=_units(ctx),
+        seconds={u: statistics.median(v) for u, v in observer.seconds.items()},
+        flops=observer.flops,
+        signal=_signal(observer, len(prompts), steps),
+    )
     return profile, images
 
 
@@ -97,8 +121,9 @@ def _merge_ranks(observer: Calibrator, world: int):
         return
     errors: dict = {}
     signal: dict = {}
-    for part_errors, part_signal in gather(({k: dict(v) for k, v in observer.errors.items()}, dict(observer.signal)),
-                                           world):
+    for part_errors, part_signal in gather(
+        ({k: dict(v) for k, v in observer.errors.items()}, dict(observer.signal)), world
+    ):
         for key, values in part_errors.items():
             errors.setdefault(key, {}).update(values)
         signal.update(part_signal)
@@ -121,9 +146,13 @@ def _units(ctx: Context) -> dict:
     return units
 
 
-def _to_profile(observer: Calibrator, ctx: Context, n_prompts: int, steps: int, max_lag: int, forecast_lag: int) -> Profile:
+def _to_profile(
+    observer: Calibrator, ctx: Context, n_prompts: int, steps: int, max_lag: int, forecast_lag: int
+) -> Profile:
     names = list(_units(ctx))
-    targets = [f"reuse@{k}" for k in range(1, max_lag + 1)] + [f"forecast@{k}" for k in range(1, forecast_lag + 1)]
+    targets = [f"reuse@{k}" for k in range(1, max_lag + 1)] + [
+        f"forecast@{k}" for k in range(1, forecast_lag + 1)
+    ]
     keys = []
     for i, name in enumerate(names):
         for target in targets:
@@ -136,5 +165,13 @@ def _to_profile(observer: Calibrator, ctx: Context, n_prompts: int, steps: int, 
                 if step >= 1:
                     values[p, ki, profile_column(step), mi] = v
     schedule = [float(t) for t in (ctx.schedule or range(steps))]
-    return Profile(keys=keys, layer_names=names, timesteps=schedule, prompt_index=np.arange(n_prompts),
-                   values=values, stats=RunningStats.of(values), meta={}, metrics=METRICS)
+    return Profile(
+        keys=keys,
+        layer_names=names,
+        timesteps=schedule,
+        prompt_index=np.arange(n_prompts),
+        values=values,
+        stats=RunningStats.of(values),
+        meta={},
+        metrics=METRICS,
+    )

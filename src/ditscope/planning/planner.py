@@ -55,15 +55,24 @@ class Target:
         kind, sep, raw = str(text).partition("=")
         kind = kind.strip().lower()
         if not sep or kind not in TARGETS:
-            raise DitscopeError(f"unknown target {text!r}; use one of psnr=DB, ssim=S, psnr_p5=DB, speedup=X, flops=X")
+            raise DitscopeError(
+                f"unknown target {text!r}; use one of psnr=DB, ssim=S, psnr_p5=DB, speedup=X, flops=X"
+            )
         try:
             value = float(raw)
         except ValueError:
             raise DitscopeError(f"target {text!r}: {raw!r} is not a number") from None
-        limits = {"psnr": (0, 100), "psnr_p5": (0, 100), "ssim": (0, 1), "speedup": (1, math.inf),
-                  "flops": (1, math.inf)}[kind]
+        limits = {
+            "psnr": (0, 100),
+            "psnr_p5": (0, 100),
+            "ssim": (0, 1),
+            "speedup": (1, math.inf),
+            "flops": (1, math.inf),
+        }[kind]
         if not limits[0] < value <= limits[1] or not math.isfinite(value):
-            raise DitscopeError(f"target {text!r} is unreachable: {kind} must be in ({limits[0]}, {limits[1]}]")
+            raise DitscopeError(
+                f"target {text!r} is unreachable: {kind} must be in ({limits[0]}, {limits[1]}]"
+            )
         return cls(kind, value)
 
     @property
@@ -86,7 +95,9 @@ def check_calibration(prompts, batch_size, what: str) -> None:
     """The calibration prompts are a list of at least one prompt (a lone string is not: its characters would
     be the prompts) and the batch size an integer >= 1."""
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
-        raise DitscopeError(f"{what} takes a list of calibration prompts, not {type(prompts).__name__}: pass [prompt]")
+        raise DitscopeError(
+            f"{what} takes a list of calibration prompts, not {type(prompts).__name__}: pass [prompt]"
+        )
     if len(prompts) < 1:
         raise DitscopeError(f"{what} needs at least one calibration prompt")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -96,20 +107,48 @@ def check_calibration(prompts, batch_size, what: str) -> None:
 class Evaluations:
     """Quality of schedules on the calibration prompts, run once each (and kept on disk to resume)."""
 
-    def __init__(self, pipe, prompts, steps, seed, batch_size, guidance_scale, reference, path: Path | None, layout=None):
+    def __init__(
+        self,
+        pipe,
+        prompts,
+        steps,
+        seed,
+        batch_size,
+        guidance_scale,
+        reference,
+        path: Path | None,
+        layout=None,
+    ):
         self.pipe, self.prompts, self.steps, self.seed, self.layout = pipe, prompts, steps, seed, layout
-        self.batch_size, self.guidance_scale, self.reference, self.path = batch_size, guidance_scale, reference, path
+        self.batch_size, self.guidance_scale, self.reference, self.path = (
+            batch_size,
+            guidance_scale,
+            reference,
+            path,
+        )
         self.done: dict[str, dict] = {}
         # a kept row holds only where everything that made it is the same: the images it was compared with (they
         # stand for the model, prompts, seeds, steps, scheduler and guidance), and how the run was batched
-        self.stamp = sha256_of({"reference": hashlib.sha256(reference.detach().cpu().contiguous().numpy().tobytes())
-                                .hexdigest(), "prompts": [str(p) for p in prompts], "steps": steps, "seed": seed,
-                                "batch_size": batch_size, "guidance_scale": guidance_scale, "layout": repr(layout)})
+        self.stamp = sha256_of(
+            {
+                "reference": hashlib.sha256(
+                    reference.detach().cpu().contiguous().numpy().tobytes()
+                ).hexdigest(),
+                "prompts": [str(p) for p in prompts],
+                "steps": steps,
+                "seed": seed,
+                "batch_size": batch_size,
+                "guidance_scale": guidance_scale,
+                "layout": repr(layout),
+            }
+        )
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
                 try:
                     row = json.loads(line)
-                    if "psnr_p5" in row and row.get("stamp") == self.stamp:  # another run's rows: not this one's
+                    if (
+                        "psnr_p5" in row and row.get("stamp") == self.stamp
+                    ):  # another run's rows: not this one's
                         self.done[row["key"]] = row
                 except (json.JSONDecodeError, KeyError, AttributeError):
                     continue
@@ -125,7 +164,9 @@ class Evaluations:
         from ..cache import apply
 
         self.checked[self.key(schedule)] = schedule
-        return self.measure(self.key(schedule), lambda: apply(self.pipe, PlanConfig(schedule), layout=self.layout).remove)
+        return self.measure(
+            self.key(schedule), lambda: apply(self.pipe, PlanConfig(schedule), layout=self.layout).remove
+        )
 
     def measure(self, key: str, applied, timed: bool = False) -> dict:
         """Quality of the images made while `applied()` is in force (it applies a cache and returns its
@@ -133,14 +174,23 @@ class Evaluations:
         if key not in self.done or (timed and "speedup" not in self.done[key]):
             remove = applied()
             try:
-                images = generate(self.pipe, self.prompts, self.steps, self.seed, self.batch_size, self.guidance_scale)
+                images = generate(
+                    self.pipe, self.prompts, self.steps, self.seed, self.batch_size, self.guidance_scale
+                )
                 seconds = self.seconds_per_run() if timed else None
             finally:
                 remove()
             psnr, ssim = per_sample_psnr_ssim(images, self.reference)
-            row = {"key": key, "stamp": self.stamp, "psnr": statistics.fmean(psnr), "psnr_lo": mean_interval(psnr)[1], "psnr_min": min(psnr),
-                   "psnr_p5": float(np.percentile(psnr, 5)),
-                   "ssim": statistics.fmean(ssim), "ssim_lo": mean_interval(ssim)[1]}
+            row = {
+                "key": key,
+                "stamp": self.stamp,
+                "psnr": statistics.fmean(psnr),
+                "psnr_lo": mean_interval(psnr)[1],
+                "psnr_min": min(psnr),
+                "psnr_p5": float(np.percentile(psnr, 5)),
+                "ssim": statistics.fmean(ssim),
+                "ssim_lo": mean_interval(ssim)[1],
+            }
             if timed:
                 row["speedup"] = self.plain_seconds() / seconds
             self.done[key] = row
@@ -155,7 +205,9 @@ class Evaluations:
     def seconds_per_run(self) -> float:
         """Median seconds of the first batch of prompts, as the pipeline stands now."""
         first = self.prompts[: self.batch_size]
-        return median_seconds(lambda: generate(self.pipe, first, self.steps, self.seed, self.batch_size, self.guidance_scale))
+        return median_seconds(
+            lambda: generate(self.pipe, first, self.steps, self.seed, self.batch_size, self.guidance_scale)
+        )
 
     def plain_seconds(self) -> float:
         if self._plain is None:
@@ -163,10 +215,24 @@ class Evaluations:
         return self._plain
 
 
-def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int = 20, seed: int = 0,
-         batch_size: int = 8, guidance_scale=None, modes: tuple[str, ...] = MODES, granularity: str = "step",
-         cost: str = "time", iterations: int = 8, assurance: str = "lower", work_dir=None, progress=None,
-         log=None, layout=None) -> Schedule:
+def plan(
+    pipe,
+    prompts: list,
+    target: str = "psnr=35",
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 8,
+    guidance_scale=None,
+    modes: tuple[str, ...] = MODES,
+    granularity: str = "step",
+    cost: str = "time",
+    iterations: int = 8,
+    assurance: str = "lower",
+    work_dir=None,
+    progress=None,
+    log=None,
+    layout=None,
+) -> Schedule:
     """Plan the cache of `pipe` from its measured redundancy on `prompts` so that `target` holds.
 
     Returns a `Schedule` (save it with `.save(path)`, run it with `ditscope.apply(pipe, PlanConfig(plan))`).
@@ -187,7 +253,9 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         raise DitscopeError(f"unknown granularity {granularity!r}; use {', '.join(GRANULARITIES)}")
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
-        raise DitscopeError(f"unknown planning mode {bad[0] if bad else '(none)'}; choose from {', '.join(MODES)}")
+        raise DitscopeError(
+            f"unknown planning mode {bad[0] if bad else '(none)'}; choose from {', '.join(MODES)}"
+        )
     check_calibration(prompts, batch_size, "planning")
     if assurance not in ("lower", "mean"):
         raise DitscopeError(f"unknown assurance {assurance!r}; use lower or mean")
@@ -203,8 +271,9 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         work.mkdir(parents=True, exist_ok=True)
 
     # 1. calibration (resumed from the work folder when it matches)
-    cal, reference, resumed = _calibration(pipe, transformer, prompts, num_inference_steps, seed, batch_size,
-                                           guidance_scale, work, say, layout)
+    cal, reference, resumed = _calibration(
+        pipe, transformer, prompts, num_inference_steps, seed, batch_size, guidance_scale, work, say, layout
+    )
     # the plain model's step time on this machine, for the cost model (one pass, warmed up by the calibration run
     # unless that was read from the work folder; the measured speedup is timed again at the end, with the finalists)
     first = prompts[:batch_size]
@@ -213,19 +282,39 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         return generate(pipe, first, num_inference_steps, seed, batch_size, guidance_scale)
 
     plain_seconds = median_seconds(plain_run, repeats=1, warmup=resumed)
-    costs = costs_from(cal, plain_seconds / num_inference_steps, uniform=cost == "uniform", flops=cost == "flops"
-                       or goal.kind == "flops")
+    costs = costs_from(
+        cal,
+        plain_seconds / num_inference_steps,
+        uniform=cost == "uniform",
+        flops=cost == "flops" or goal.kind == "flops",
+    )
     unit = price_scale(cal, costs)
-    evaluate = Evaluations(pipe, prompts, num_inference_steps, seed, batch_size, guidance_scale, reference,
-                           work / "evaluations.jsonl" if work else None, layout)
+    evaluate = Evaluations(
+        pipe,
+        prompts,
+        num_inference_steps,
+        seed,
+        batch_size,
+        guidance_scale,
+        reference,
+        work / "evaluations.jsonl" if work else None,
+        layout,
+    )
     full_cost = costs.step * num_inference_steps
 
     def schedule_at(stack: float | None, sites: float | None) -> Schedule:
         """The schedule at log prices for the stack and the sites (None: that level is not cached)."""
-        mode = "both" if stack is not None and sites is not None else "stack" if stack is not None else "sites"
-        return compile_schedule(cal, costs, unit * 10 ** (stack if stack is not None else 0.0), mode,
-                                granularity=granularity,
-                                site_price=unit * 10**sites if sites is not None else None)
+        mode = (
+            "both" if stack is not None and sites is not None else "stack" if stack is not None else "sites"
+        )
+        return compile_schedule(
+            cal,
+            costs,
+            unit * 10 ** (stack if stack is not None else 0.0),
+            mode,
+            granularity=granularity,
+            site_price=unit * 10**sites if sites is not None else None,
+        )
 
     def predicted(schedule: Schedule) -> float:
         return full_cost / max(costs.of(schedule, num_inference_steps), 1e-12)
@@ -255,13 +344,18 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     # beat the other at fewer computed steps: benchmarks/RESULTS.md)
     for mode in ("stack", "sites"):
         if mode in lines:
-            fixed = [(n, w, _interval_schedule(cal, mode, n, num_inference_steps, w)) for n in range(2, 7)
-                     for w in (1, 2)]
+            fixed = [
+                (n, w, _interval_schedule(cal, mode, n, num_inference_steps, w))
+                for n in range(2, 7)
+                for w in (1, 2)
+            ]
             if goal.quality:
                 fixed.sort(key=lambda f: -predicted(f[2]))
             for n, warmup, s in fixed:
                 if holds(s):
-                    say(f"{mode}: one step in {n} computed after {warmup} full holds, predicted {predicted(s):.2f}x")
+                    say(
+                        f"{mode}: one step in {n} computed after {warmup} full holds, predicted {predicted(s):.2f}x"
+                    )
                     described[id(s)] = f"fixed: one step in {n} after {warmup} full"
                     lines[mode].append((predicted(s), math.nan, s))
                     if goal.quality:
@@ -271,8 +365,11 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         # the sites go on top of stack plans a little more careful than the fastest that held (their grid
         # neighbours stand in for plans the scan did not check, being predicted slower than one that held)
         held_at = [p for _, p, _ in lines["stack"] if not math.isnan(p)]
-        stack_prices = (sorted(held_at + [p for p in grid if held_at and p > max(held_at)])[1:4] if goal.quality
-                        else grid[1:4])
+        stack_prices = (
+            sorted(held_at + [p for p in grid if held_at and p > max(held_at)])[1:4]
+            if goal.quality
+            else grid[1:4]
+        )
         for ps in stack_prices:
             lines["both"] += scan(lambda p, ps=ps: schedule_at(ps, p), f"stack 10^{ps:+.2f} + sites")
     candidates = []
@@ -296,17 +393,22 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
                 candidates.append((mode, interval, evaluate(interval)))
     if not candidates:
         reach = max(predicted(schedule_at(lo, lo)), predicted(schedule_at(lo, None)))
-        raise DitscopeError(f"no plan reaches {goal} on these prompts (the fastest plan predicts {reach:.2f}x); "
-                            "ask for less")
+        raise DitscopeError(
+            f"no plan reaches {goal} on these prompts (the fastest plan predicts {reach:.2f}x); ask for less"
+        )
 
     if goal.quality:  # a mode whose plan computes everything holds any target: it is no plan
         candidates = [c for c in candidates if predicted(c[1]) > 1 + 1e-9]
         if not candidates:
-            raise DitscopeError(f"no plan that saves any work reaches {goal} on these prompts (only computing "
-                                "everything does); ask for less")
+            raise DitscopeError(
+                f"no plan that saves any work reaches {goal} on these prompts (only computing "
+                "everything does); ask for less"
+            )
 
     def runner(schedule: Schedule):
-        return lambda: _run_plan(pipe, schedule, first, num_inference_steps, seed, batch_size, guidance_scale, layout)
+        return lambda: _run_plan(
+            pipe, schedule, first, num_inference_steps, seed, batch_size, guidance_scale, layout
+        )
 
     # the finalists are timed in interleaved rounds with the plain model, not each on its own: a machine whose
     # speed drifts moves plain and cached runs alike. Every one already ran in the evaluations, so no warm-up pass.
@@ -320,10 +422,17 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
     mode, chosen, quality, measured_speedup = _choose(candidates, goal, cost, predicted, speedups_of, say)
     # every finalist with its prediction and timing, so that a plan that lost to a schedule a user knows (FORA's)
     # can be traced to the check or to the timing that decided it
-    finalists = [{"mode": m, "schedule": described.get(id(s), "searched"),
-                  "predicted_speedup": round(predicted(s), 3),
-                  "measured_speedup": round(timed[id(s)], 3) if id(s) in timed else None,
-                  "psnr": round(q["psnr"], 4), "kept": s is chosen} for m, s, q in candidates]
+    finalists = [
+        {
+            "mode": m,
+            "schedule": described.get(id(s), "searched"),
+            "predicted_speedup": round(predicted(s), 3),
+            "measured_speedup": round(timed[id(s)], 3) if id(s) in timed else None,
+            "psnr": round(q["psnr"], 4),
+            "kept": s is chosen,
+        }
+        for m, s, q in candidates
+    ]
     chosen.meta = {
         "model": model_signature(transformer),
         "pipeline": type(pipe).__name__,
@@ -335,8 +444,13 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         "cost_model": cost,
         "assurance": assurance,
         "layout": run_layout(getattr(pipe, "transformer", transformer)),  # where the costs were measured
-        "calibration": {"n_prompts": len(prompts), "prompts_hash": sha256_of([str(p) for p in prompts]),
-                        "seed": seed, "guidance_scale": guidance_scale, "batch_size": batch_size},
+        "calibration": {
+            "n_prompts": len(prompts),
+            "prompts_hash": sha256_of([str(p) for p in prompts]),
+            "seed": seed,
+            "guidance_scale": guidance_scale,
+            "batch_size": batch_size,
+        },
         "quality": {k: round(v, 4) for k, v in quality.items() if k not in ("key", "stamp")},
         "predicted_speedup": round(predicted(chosen), 3),
         "measured_speedup": round(measured_speedup, 3),
@@ -346,19 +460,24 @@ def plan(pipe, prompts: list, target: str = "psnr=35", num_inference_steps: int 
         "planning_seconds": round(time.perf_counter() - started, 1),
         "finalists": finalists,
         # what PlanConfig(adaptive=True) compares the live signal with: per calibration prompt and step
-        "signal": [[None if v is None else float(f"{v:.6g}") for v in row] for row in cal.meta.get("signal", [])],
+        "signal": [
+            [None if v is None else float(f"{v:.6g}") for v in row] for row in cal.meta.get("signal", [])
+        ],
         # what PlanConfig(adaptive=True, signal="output") compares with: per step and lag k, the most any
         # calibration prompt's stack output changed from step t-k to t
         "stack_change": stack_change(cal),
     }
     if log:
-        log(f"plan: {mode}, {chosen.meta['predicted_speedup']:.2f}x predicted, {chosen.meta['measured_speedup']:.2f}x "
-            f"measured, PSNR {quality['psnr']:.1f} dB on the calibration prompts")
+        log(
+            f"plan: {mode}, {chosen.meta['predicted_speedup']:.2f}x predicted, {chosen.meta['measured_speedup']:.2f}x "
+            f"measured, PSNR {quality['psnr']:.1f} dB on the calibration prompts"
+        )
     return chosen
 
 
-def scan_prices(grid: list, make, predicted, holds, quality: bool, bisections: int, label: str, say
-                ) -> list[tuple[float, float, Schedule]]:
+def scan_prices(
+    grid: list, make, predicted, holds, quality: bool, bisections: int, label: str, say
+) -> list[tuple[float, float, Schedule]]:
     """(predicted speedup, log price, schedule) of the prices on `grid` (ascending: cheapest error first, so
     fastest first) whose plan holds, refined by bisection next to the fastest that held.
 
@@ -390,7 +509,9 @@ def scan_prices(grid: list, make, predicted, holds, quality: bool, bisections: i
     return held
 
 
-TIMING_TIE = 0.05  # finalists' measured speedups this close (relative) count as equal: within two timing rounds' noise
+TIMING_TIE = (
+    0.05  # finalists' measured speedups this close (relative) count as equal: within two timing rounds' noise
+)
 
 
 def _choose(candidates: list, goal: Target, cost: str, predicted, speedups_of, say) -> tuple:
@@ -460,8 +581,11 @@ def _checks(cal, evaluate: Evaluations) -> dict:
     more predicted error, less PSNR; None with fewer than three checks or no spread)."""
     from scipy.stats import spearmanr
 
-    pairs = [[round(predicted_error(cal, s), 6), round(evaluate.done[k]["psnr"], 4)] for k, s in evaluate.checked.items()
-             if k in evaluate.done]
+    pairs = [
+        [round(predicted_error(cal, s), 6), round(evaluate.done[k]["psnr"], 4)]
+        for k, s in evaluate.checked.items()
+        if k in evaluate.done
+    ]
     rho = None
     if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
         rho = round(float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic), 4)
@@ -483,14 +607,25 @@ def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:
     return [min(base) / min(t) for t in times]
 
 
-def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say,
-                 layout=None):
+def _calibration(
+    pipe, transformer, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say, layout=None
+):
     from safetensors.torch import load_file, save_file
 
-    expected = {"model_signature": model_signature(transformer), "num_inference_steps": steps, "seed": seed,
-                "prompts_hash": sha256_of([str(p) for p in prompts]), "guidance_scale": guidance_scale,
-                "batch_size": batch_size, "identity": pipeline_identity(pipe)}
-    if work is not None and (work / "calibration.ditscope").exists() and (work / "reference.safetensors").exists():
+    expected = {
+        "model_signature": model_signature(transformer),
+        "num_inference_steps": steps,
+        "seed": seed,
+        "prompts_hash": sha256_of([str(p) for p in prompts]),
+        "guidance_scale": guidance_scale,
+        "batch_size": batch_size,
+        "identity": pipeline_identity(pipe),
+    }
+    if (
+        work is not None
+        and (work / "calibration.ditscope").exists()
+        and (work / "reference.safetensors").exists()
+    ):
         try:
             cal = Profile.load(work / "calibration.ditscope")
             reference = load_file(str(work / "reference.safetensors"))["images"]
@@ -501,8 +636,16 @@ def _calibration(pipe, transformer, prompts, steps, seed, batch_size, guidance_s
             say("calibration: resumed from the work folder")
             return cal, reference, True
     say(f"calibration: {len(prompts)} prompts x {steps} steps")
-    cal, reference = calibrate(pipe, prompts, steps, seed, batch_size, guidance_scale, layout=layout,
-                               progress=lambda done, total: say(f"calibration: {done}/{total} prompts"))
+    cal, reference = calibrate(
+        pipe,
+        prompts,
+        steps,
+        seed,
+        batch_size,
+        guidance_scale,
+        layout=layout,
+        progress=lambda done, total: say(f"calibration: {done}/{total} prompts"),
+    )
     cal.meta = json.loads(json.dumps(cal.meta, default=str))
     if work is not None and writes():
         with atomic_path(work / "reference.safetensors") as tmp:

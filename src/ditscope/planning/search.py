@@ -55,7 +55,9 @@ class Costs:
         return total
 
 
-def costs_from(cal: Profile, step_seconds: float | None = None, uniform: bool = False, flops: bool = False) -> Costs:
+def costs_from(
+    cal: Profile, step_seconds: float | None = None, uniform: bool = False, flops: bool = False
+) -> Costs:
     """The cost model of a calibration: measured seconds per unit (or FLOPs, or 1 per site: `uniform`)."""
     units = cal.meta["units"]
     sites = {u: v for u, v in units.items() if v["kind"] not in ("block", "stack")}
@@ -67,8 +69,10 @@ def costs_from(cal: Profile, step_seconds: float | None = None, uniform: bool = 
         block_extra = {b: 0.0 for b in blocks}
         fixed = 0.0
     else:
-        block_extra = {b: max(0.0, float(measured.get(b, 0.0)) - sum(c for u, c in site.items() if site_block[u] == b))
-                       for b in blocks}
+        block_extra = {
+            b: max(0.0, float(measured.get(b, 0.0)) - sum(c for u, c in site.items() if site_block[u] == b))
+            for b in blocks
+        }
         inside = sum(site.values()) + sum(block_extra.values())
         fixed = max(0.0, (step_seconds or inside) - inside)
     return Costs(site, block_extra, fixed, site_block)
@@ -91,7 +95,9 @@ def error_tables(cal: Profile, metric: str = "inject") -> dict[str, dict[str, np
     return out
 
 
-def plan_row(reuse: np.ndarray, forecast: np.ndarray | None, cost: float, price: float, active: list[bool]) -> str:
+def plan_row(
+    reuse: np.ndarray, forecast: np.ndarray | None, cost: float, price: float, active: list[bool]
+) -> str:
     """One unit's actions over the steps: the DP described in the module docstring.
 
     `active[t]` is False where the unit does not run at step t (the stack skipped it): no cost, no error,
@@ -133,9 +139,17 @@ def plan_row(reuse: np.ndarray, forecast: np.ndarray | None, cost: float, price:
     return "".join(a if active[t] else "C" for t, a in enumerate(row))
 
 
-def compile_schedule(cal: Profile, costs: Costs, price: float | None, mode: str = "both", stack_weight: float = 1.0,
-                     granularity: str = "site", forecast: bool = True, site_price: float | None = None,
-                     stack_forecast: bool = False) -> Schedule:
+def compile_schedule(
+    cal: Profile,
+    costs: Costs,
+    price: float | None,
+    mode: str = "both",
+    stack_weight: float = 1.0,
+    granularity: str = "site",
+    forecast: bool = True,
+    site_price: float | None = None,
+    stack_forecast: bool = False,
+) -> Schedule:
     """The schedule at one price of error. `granularity`: "site" plans a row per module of every block;
     "kind" one row per module kind (every block's self-attention alike, SmoothCache's granularity), from
     the kind's mean error; "step" one row for every module (FORA's granularity, with measured steps).
@@ -150,8 +164,13 @@ def compile_schedule(cal: Profile, costs: Costs, price: float | None, mode: str 
     if mode in ("both", "stack") and STACK in tables:
         blocks_cost = costs.step - costs.fixed
         fc = tables[STACK].get("forecast") if stack_forecast else None
-        row = plan_row(tables[STACK]["reuse"] * stack_weight, None if fc is None else fc * stack_weight, blocks_cost,
-                       price, active)
+        row = plan_row(
+            tables[STACK]["reuse"] * stack_weight,
+            None if fc is None else fc * stack_weight,
+            blocks_cost,
+            price,
+            active,
+        )
         rows[STACK] = row
         active = [a == "C" for a in row]
     if mode in ("both", "sites"):
@@ -163,7 +182,9 @@ def compile_schedule(cal: Profile, costs: Costs, price: float | None, mode: str 
             for members in kinds.values():
                 reuse = np.mean([tables[u]["reuse"] for u in members], axis=0)
                 fc = np.mean([tables[u]["forecast"] for u in members], axis=0) if forecast else None
-                row = plan_row(reuse, fc, sum(costs.site[u] for u in members), site_price * len(members), active)
+                row = plan_row(
+                    reuse, fc, sum(costs.site[u] for u in members), site_price * len(members), active
+                )
                 rows.update({u: row for u in members})
         else:
             for u, cost in costs.site.items():

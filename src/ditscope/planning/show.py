@@ -15,13 +15,28 @@ CODES = {"C": 0, "F": 1, "R": 2}
 def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
     m = plan.meta
     modules = any(unit_kind(u) == "module" for u in plan.rows)
-    rows = [("units x steps", f"{len(plan.rows)} x {plan.steps}"),
-            ("module cells computed", f"{plan.fraction('C'):.0%} (forecast {plan.fraction('F'):.0%}, "
-                                      f"reused {plan.fraction('R'):.0%}) of the steps the stack runs"
-             if modules else "all (no module rows) on the steps the stack runs"),
-            ("stack skipped at", f"{plan.rows.get(STACK, '').count('R')} of {plan.steps} steps")]
-    for key in ("target", "mode", "granularity", "cost_model", "predicted_speedup", "measured_speedup",
-                "num_inference_steps", "scheduler", "planning_seconds"):
+    rows = [
+        ("units x steps", f"{len(plan.rows)} x {plan.steps}"),
+        (
+            "module cells computed",
+            f"{plan.fraction('C'):.0%} (forecast {plan.fraction('F'):.0%}, "
+            f"reused {plan.fraction('R'):.0%}) of the steps the stack runs"
+            if modules
+            else "all (no module rows) on the steps the stack runs",
+        ),
+        ("stack skipped at", f"{plan.rows.get(STACK, '').count('R')} of {plan.steps} steps"),
+    ]
+    for key in (
+        "target",
+        "mode",
+        "granularity",
+        "cost_model",
+        "predicted_speedup",
+        "measured_speedup",
+        "num_inference_steps",
+        "scheduler",
+        "planning_seconds",
+    ):
         if key in m:
             rows.append((key.replace("_", " "), str(m[key])))
     if "model" in m:
@@ -30,24 +45,43 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
         rows.append(("calibration quality", ", ".join(f"{k} {v}" for k, v in m["quality"].items())))
     if "calibration" in m:
         c = m["calibration"]
-        rows.append(("calibration prompts", f"{c.get('n_prompts')} (hash {c.get('prompts_hash')}, seed {c.get('seed')})"))
+        rows.append(
+            (
+                "calibration prompts",
+                f"{c.get('n_prompts')} (hash {c.get('prompts_hash')}, seed {c.get('seed')})",
+            )
+        )
     for f in m.get("finalists", []):  # what the kept plan was timed against (plans made since 2026-12-04)
         measured = "not timed" if f.get("measured_speedup") is None else f"{f['measured_speedup']}x measured"
-        rows.append(("finalist" + (" (kept)" if f.get("kept") else ""),
-                     f"{f.get('mode')} {f.get('schedule')}: {f.get('predicted_speedup')}x predicted, {measured}, "
-                     f"PSNR {f.get('psnr')}"))
-    if "checks" in m:  # how well the calibrated errors ranked the end-to-end checks (plans made since 2026-12-05)
+        rows.append(
+            (
+                "finalist" + (" (kept)" if f.get("kept") else ""),
+                f"{f.get('mode')} {f.get('schedule')}: {f.get('predicted_speedup')}x predicted, {measured}, "
+                f"PSNR {f.get('psnr')}",
+            )
+        )
+    if (
+        "checks" in m
+    ):  # how well the calibrated errors ranked the end-to-end checks (plans made since 2026-12-05)
         rho = m["checks"].get("rank_correlation")
-        rows.append(("checks", f"{m['checks'].get('count')} end-to-end; predicted error against PSNR: Spearman "
-                               f"{'n/a' if rho is None else rho}"))
+        rows.append(
+            (
+                "checks",
+                f"{m['checks'].get('count')} end-to-end; predicted error against PSNR: Spearman "
+                f"{'n/a' if rho is None else rho}",
+            )
+        )
     return rows
 
 
 # categories of a heatmap cell: a unit's own action, or a unit that does not run at that step because
 # its stack (or, for a module, its block) is served whole from kept or forecast residuals
 NOT_RUN_STACK, NOT_RUN_BLOCK = 3, 4
-CATEGORIES = {**{CODES[a]: name for a, name in ACTIONS.items()}, NOT_RUN_STACK: "not run: stack reused/forecast",
-              NOT_RUN_BLOCK: "not run: block reused/forecast"}
+CATEGORIES = {
+    **{CODES[a]: name for a, name in ACTIONS.items()},
+    NOT_RUN_STACK: "not run: stack reused/forecast",
+    NOT_RUN_BLOCK: "not run: block reused/forecast",
+}
 COLORS = {0: "#3b6fb6", 1: "#f2b134", 2: "#dddddd", NOT_RUN_STACK: "#ffffff", NOT_RUN_BLOCK: "#ffffff"}
 HATCHES = {NOT_RUN_STACK: "////", NOT_RUN_BLOCK: "\\\\"}
 
@@ -67,7 +101,9 @@ def cell_categories(plan: Schedule) -> np.ndarray:
     from its residual, so neither the blocks nor their modules run; `NOT_RUN_BLOCK`: a module whose block's
     own row reuses or forecasts at that step (the block is served whole; its modules do not run)."""
     units = list(plan.rows)
-    out = np.array([[CODES[a] for a in plan.rows[u]] for u in units], dtype=int).reshape(len(units), plan.steps)
+    out = np.array([[CODES[a] for a in plan.rows[u]] for u in units], dtype=int).reshape(
+        len(units), plan.steps
+    )
     for i, u in enumerate(units):
         if _is_stack(u):
             continue
@@ -102,7 +138,9 @@ def heatmap_figure(plan: Schedule):
     for cat, hatch in HATCHES.items():
         cells = [Rectangle((t - 0.5, i - 0.5), 1, 1) for i, t in zip(*np.nonzero(grid == cat))]
         if cells:
-            ax.add_collection(PatchCollection(cells, facecolor="none", edgecolor="#9a9a9a", hatch=hatch, lw=0))
+            ax.add_collection(
+                PatchCollection(cells, facecolor="none", edgecolor="#9a9a9a", hatch=hatch, lw=0)
+            )
     ax.set_yticks(range(len(units)), units, fontsize=7)
     ax.set_xticks(step_ticks(0, plan.steps - 1, 40))
     ax.tick_params(axis="x", labelsize=7)
@@ -110,8 +148,10 @@ def heatmap_figure(plan: Schedule):
     title = f"plan: {plan.meta.get('target', '')} {plan.meta.get('model', {}).get('class', '')}".strip()
     ax.set_title(title, fontsize=9)
     shown = [c for c in sorted(CATEGORIES) if c < NOT_RUN_STACK or c in present]
-    handles = [Patch(facecolor=COLORS[c], edgecolor="#9a9a9a" if c in HATCHES else COLORS[c], hatch=HATCHES.get(c))
-               for c in shown]
+    handles = [
+        Patch(facecolor=COLORS[c], edgecolor="#9a9a9a" if c in HATCHES else COLORS[c], hatch=HATCHES.get(c))
+        for c in shown
+    ]
     ax.legend(handles, [CATEGORIES[c] for c in shown], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     fig.tight_layout()
     return fig

@@ -29,11 +29,25 @@ from .runner import profile as run_profile
 from .runner import run_metadata, shard_indices
 
 
-def profile_model(model: str | None = None, prompts: Path | None = None, column: str | None = None,
-                  steps: int | None = None, scheduler: str | None = None, seed: int = 0, out: Path | None = None,
-                  batch_size: int = 1, dtype: str = "auto", device: str = "auto", guidance_scale: float | None = None,
-                  targets: str = "k,v,a", storage_dtype: str | None = None, offload: bool = False,
-                  shard: str | None = None, progress=None, outputs: str | None = None) -> tuple[Profile | None, Path | None]:
+def profile_model(
+    model: str | None = None,
+    prompts: Path | None = None,
+    column: str | None = None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    seed: int = 0,
+    out: Path | None = None,
+    batch_size: int = 1,
+    dtype: str = "auto",
+    device: str = "auto",
+    guidance_scale: float | None = None,
+    targets: str = "k,v,a",
+    storage_dtype: str | None = None,
+    offload: bool = False,
+    shard: str | None = None,
+    progress=None,
+    outputs: str | None = None,
+) -> tuple[Profile | None, Path | None]:
     """Profile `model` (a zoo name, local diffusers folder or hub id; default the zoo's default) over
     `prompts` (a prompt file; default the built-in prompts) and save it under `out`.
 
@@ -46,7 +60,9 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
     zoo.check_model(model)
     entry = zoo.ZOO.get(model)
     steps = steps if steps is not None else (entry.steps if entry else 20)
-    guidance_scale = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    guidance_scale = (
+        guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
+    )
     if steps < 2:
         raise DitscopeError(f"--steps must be at least 2 to measure step-to-step distances (got {steps})")
     if batch_size < 1:
@@ -59,8 +75,10 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
         raise DitscopeError(f"--targets {targets!r}: choose a comma list from {','.join(TARGETS)}")
     prompt_list = load_prompts(prompts, column) if prompts is not None else zoo.builtin_prompts()
     if shard_arg is not None and shard_arg[0] >= len(prompt_list):
-        raise DitscopeError(f"--shard {shard}: shard {shard_arg[0]} has no prompts (only {len(prompt_list)} prompts); "
-                            f"use at most {len(prompt_list)} shards")
+        raise DitscopeError(
+            f"--shard {shard}: shard {shard_arg[0]} has no prompts (only {len(prompt_list)} prompts); "
+            f"use at most {len(prompt_list)} shards"
+        )
     out = out or Path("runs") / Path(model).name.replace("/", "_")
     check_writable_dir(out)
     dev = pick_device(device)
@@ -80,13 +98,23 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
     created_state = not state.exists()
     if final.exists() and part is None:
         done = Profile.load(final)
-        meta = run_metadata(pipe, prompt_list, model_id=model, num_inference_steps=steps, seed=seed,
-                            guidance_scale=guidance_scale, batch_size=batch_size, targets=target_list,
-                            storage_dtype=store_dt)
+        meta = run_metadata(
+            pipe,
+            prompt_list,
+            model_id=model,
+            num_inference_steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+            targets=target_list,
+            storage_dtype=store_dt,
+        )
         differs = [k for k in RUN_FIELDS if done.meta.get(k) != meta.get(k)]
         if differs:
-            raise DitscopeError(f"{final} holds a finished profile of different arguments (differs in: "
-                                f"{', '.join(differs)}); use another --out")
+            raise DitscopeError(
+                f"{final} holds a finished profile of different arguments (differs in: "
+                f"{', '.join(differs)}); use another --out"
+            )
         if rank == 0:
             print(f"{final} is already complete; nothing to compute", file=sys.stderr)
         return (done, final) if rank == 0 else (None, None)
@@ -100,10 +128,22 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
         out.mkdir(parents=True, exist_ok=True)
         with progress() if progress is not None and rank == 0 else nullcontext() as bar:
             result = run_profile(
-                pipe, prompt_list, num_inference_steps=steps, seed=seed, guidance_scale=guidance_scale,
-                batch_size=batch_size, targets=target_list, storage_dtype=store_dt, offload=offload,
-                state_path=state, shard=shard_arg, progress=bar, model_id=model,
-                call_kwargs=entry.call_kwargs if entry else None, outputs=outputs, on_resume=resuming,
+                pipe,
+                prompt_list,
+                num_inference_steps=steps,
+                seed=seed,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                targets=target_list,
+                storage_dtype=store_dt,
+                offload=offload,
+                state_path=state,
+                shard=shard_arg,
+                progress=bar,
+                model_id=model,
+                call_kwargs=entry.call_kwargs if entry else None,
+                outputs=outputs,
+                on_resume=resuming,
             )
     except DitscopeError:
         if created_dir:
@@ -113,8 +153,11 @@ def profile_model(model: str | None = None, prompts: Path | None = None, column:
         raise
     except KeyboardInterrupt:  # Ctrl-C: say what was kept and how to go on
         if state.exists():
-            print(f"interrupted: {_saved_prompts(state)} of {len(mine)} prompts are saved in {state}; run the same "
-                  "command again to resume", file=sys.stderr)
+            print(
+                f"interrupted: {_saved_prompts(state)} of {len(mine)} prompts are saved in {state}; run the same "
+                "command again to resume",
+                file=sys.stderr,
+            )
         else:
             if created_dir:
                 shutil.rmtree(out, ignore_errors=True)

@@ -26,7 +26,9 @@ def load_prompts(path, column: str | None = None) -> list[str]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DitscopeError(f"prompts file {path} is not UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8") from None
+        raise DitscopeError(
+            f"prompts file {path} is not UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8"
+        ) from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = _jsonl(text, path, column)
@@ -48,7 +50,9 @@ def _pick(record: dict, column: str | None, where: str) -> str:
             if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise DitscopeError(f"{where}: {name!r} is {json.dumps(value)}, not a prompt (a string)")
             return str(value).strip()
-    raise DitscopeError(f"{where} has no column {' or '.join(repr(n) for n in names)}; choose one with --column")
+    raise DitscopeError(
+        f"{where} has no column {' or '.join(repr(n) for n in names)}; choose one with --column"
+    )
 
 
 def _jsonl(text: str, path: Path, column: str | None) -> list[str]:
@@ -61,8 +65,10 @@ def _jsonl(text: str, path: Path, column: str | None) -> list[str]:
         except json.JSONDecodeError:
             raise DitscopeError(f"{path} line {n} is not valid JSON") from None
         if not isinstance(item, (str, dict)):
-            raise DitscopeError(f"{path} line {n} is {type(item).__name__} {line.strip()[:40]}, not a prompt: "
-                                "write a string or an object with a prompt field")
+            raise DitscopeError(
+                f"{path} line {n} is {type(item).__name__} {line.strip()[:40]}, not a prompt: "
+                "write a string or an object with a prompt field"
+            )
         prompts.append(item.strip() if isinstance(item, str) else _pick(item, column, f"{path} line {n}"))
     return prompts
 

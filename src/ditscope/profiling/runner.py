@@ -31,8 +31,9 @@ def config_dict(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def run_metadata(pipe, prompts, *, model_id, num_inference_steps, seed, guidance_scale, batch_size, targets,
-                 storage_dtype) -> dict:
+def run_metadata(
+    pipe, prompts, *, model_id, num_inference_steps, seed, guidance_scale, batch_size, targets, storage_dtype
+) -> dict:
     transformer = pipe.transformer
     scheduler_config = config_dict(pipe.scheduler.config)
     return {
@@ -76,8 +77,9 @@ def load_state(state_path, meta: dict, shard: str) -> Profile | None:
     try:
         state = Profile.load(state_path)
     except DitscopeError as e:
-        raise DitscopeError(f"the saved state of an interrupted run is unusable ({e}); delete {state_path} to start "
-                            "over") from None
+        raise DitscopeError(
+            f"the saved state of an interrupted run is unusable ({e}); delete {state_path} to start over"
+        ) from None
     differs = [k for k in RUN_FIELDS if state.meta.get(k) != meta.get(k)]
     if state.meta.get("shard") != shard:
         differs.append("shard")
@@ -92,6 +94,7 @@ def load_state(state_path, meta: dict, shard: str) -> Profile | None:
 @contextlib.contextmanager
 def _steps_end_at_scheduler(scheduler, rec: Recorder):
     """Mark the end of each denoising step where every diffusers pipeline marks it: scheduler.step."""
+
     def ending_the_step(original):
         def step(model_output, timestep, *args, **kwargs):
             rec.end_step(timestep)
@@ -143,19 +146,32 @@ def profile(
         on_resume: called as on_resume(done, total) when a saved state is resumed (prompts of this shard).
     """
     if num_inference_steps < 2:
-        raise DitscopeError(f"--steps must be at least 2 to measure step-to-step distances (got {num_inference_steps})")
+        raise DitscopeError(
+            f"--steps must be at least 2 to measure step-to-step distances (got {num_inference_steps})"
+        )
     if not prompts:
         raise DitscopeError("no prompts given")
     if batch_size < 1:
         raise DitscopeError(f"--batch-size must be at least 1 (got {batch_size})")
     if not hasattr(pipe, "transformer") or pipe.transformer is None:
-        raise DitscopeError(f"{type(pipe).__name__} has no transformer; ditscope profiles diffusion transformers")
-    dist = dist_shard() if data_parallel(pipe)[1] > 1 else None  # a model split over the ranks runs every prompt
+        raise DitscopeError(
+            f"{type(pipe).__name__} has no transformer; ditscope profiles diffusion transformers"
+        )
+    dist = (
+        dist_shard() if data_parallel(pipe)[1] > 1 else None
+    )  # a model split over the ranks runs every prompt
     shard = shard or dist or (0, 1)
     shard_name = f"{shard[0]}/{shard[1]}"
     meta = run_metadata(
-        pipe, prompts, model_id=model_id, num_inference_steps=num_inference_steps, seed=seed,
-        guidance_scale=guidance_scale, batch_size=batch_size, targets=targets, storage_dtype=storage_dtype,
+        pipe,
+        prompts,
+        model_id=model_id,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        targets=targets,
+        storage_dtype=storage_dtype,
     )
     meta["shard"] = shard_name
     if isinstance(outputs, str) and set(outputs.replace(" ", "").split(",")) <= {"mlp", "blocks"}:
@@ -171,21 +187,38 @@ def profile(
         if on_resume is not None:
             on_resume(sum(i in finished for i in todo), len(todo))
         todo = [i for i in todo if i not in finished]
-    task = progress.add_task("profiling", total=len(todo) * num_inference_steps) if progress is not None else None
+    task = (
+        progress.add_task("profiling", total=len(todo) * num_inference_steps)
+        if progress is not None
+        else None
+    )
 
     family = family_of(pipe.transformer)
     rec = Recorder(
-        pipe.transformer, attention=attention, targets=targets, storage_dtype=storage_dtype, offload=offload,
-        step_on="external", batched_branches=getattr(pipe, "cfg_batched_branches", family.cfg_batched),
-        separate_branches=family.cfg_separate, outputs=outputs,
+        pipe.transformer,
+        attention=attention,
+        targets=targets,
+        storage_dtype=storage_dtype,
+        offload=offload,
+        step_on="external",
+        batched_branches=getattr(pipe, "cfg_batched_branches", family.cfg_batched),
+        separate_branches=family.cfg_separate,
+        outputs=outputs,
         on_step=(lambda _: progress.advance(task)) if progress is not None else None,
     )
     if done is not None:
         rec.number_layers(done.layer_names)  # keep layer numbering identical across resumes
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    work = Workload(prompts, num_inference_steps, (seed,), batch_size, guidance_scale, dict(call_kwargs or {}),
-                    pipeline_prompt_kwargs)
+    work = Workload(
+        prompts,
+        num_inference_steps,
+        (seed,),
+        batch_size,
+        guidance_scale,
+        dict(call_kwargs or {}),
+        pipeline_prompt_kwargs,
+    )
     parts = [done]  # the profile so far
 
     def record(batch, _):
@@ -198,11 +231,18 @@ def profile(
             hold("profile state saved")
 
     with torch.inference_mode(), rec, _steps_end_at_scheduler(pipe.scheduler, rec):
-        work.run(pipe, items=todo, output_type="latent", after_batch=record,
-                 before_batch=lambda batch: setattr(rec, "prompts_per_sample", len(batch)))
+        work.run(
+            pipe,
+            items=todo,
+            output_type="latent",
+            after_batch=record,
+            before_batch=lambda batch: setattr(rec, "prompts_per_sample", len(batch)),
+        )
     result = parts[0]
     if result is None:
-        raise DitscopeError(f"shard {shard_name} has no prompts (only {len(prompts)} prompts for {shard[1]} shards)")
+        raise DitscopeError(
+            f"shard {shard_name} has no prompts (only {len(prompts)} prompts for {shard[1]} shards)"
+        )
     result.meta.update({"timesteps": result.timesteps, "n_prompts": result.n_prompts})
     if dist is not None and shard == dist:
         result = _gather_to_rank0(result)

@@ -23,7 +23,9 @@ import torch
 
 from ..parallel import launched, sequence_group
 
-SEED_STRIDE = 100_003  # a prime above any prompt count: seed s's samples never share a generator with seed s+1's
+SEED_STRIDE = (
+    100_003  # a prime above any prompt count: seed s's samples never share a generator with seed s+1's
+)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -75,16 +77,31 @@ class Workload:
         """One pipeline call on the samples `batch`."""
         n = len(self.prompts)
         prompts = [self.prompts[k % n] for k in batch]
-        kwargs = {"num_inference_steps": steps or self.steps, "output_type": "pt", **self.call_kwargs, **extra,
-                  "generator": [torch.Generator().manual_seed(sample_seed(self.seeds[k // n], k % n)) for k in batch]}
+        kwargs = {
+            "num_inference_steps": steps or self.steps,
+            "output_type": "pt",
+            **self.call_kwargs,
+            **extra,
+            "generator": [
+                torch.Generator().manual_seed(sample_seed(self.seeds[k // n], k % n)) for k in batch
+            ],
+        }
         if self.guidance_scale is not None:
             kwargs["guidance_scale"] = self.guidance_scale
         if self.prompt_kwargs is not None:
             return pipe(**self.prompt_kwargs(pipe, prompts), **kwargs)
         return pipe(prompts, **kwargs)
 
-    def run(self, pipe, steps: int | None = None, items=None, before_batch=None, after_batch=None, on_step=None,
-            **extra) -> torch.Tensor | None:
+    def run(
+        self,
+        pipe,
+        steps: int | None = None,
+        items=None,
+        before_batch=None,
+        after_batch=None,
+        on_step=None,
+        **extra,
+    ) -> torch.Tensor | None:
         """The outputs (images or videos in [0, 1], on the CPU) of `items` (default: every sample, shared over
         the ranks of a torchrun launch and gathered on every rank), in order.
 
@@ -104,7 +121,9 @@ class Workload:
             if before_batch is not None:
                 before_batch(batch)
             if on_step is not None:
-                extra["callback_on_step_end"] = lambda _pipe, _i, _t, tensors, b=batch: (on_step(b), tensors)[1]
+                extra["callback_on_step_end"] = lambda _pipe, _i, _t, tensors, b=batch: (on_step(b), tensors)[
+                    1
+                ]
             got = samples(self.call(pipe, batch, steps, **extra))
             got = torch.as_tensor(got).float().cpu() if keep else None
             if keep:
@@ -145,8 +164,16 @@ def median_seconds(fn, repeats: int = 3, warmup: bool = True) -> float:
     return from_first(statistics.median(timed(fn)[1] for _ in range(repeats)))
 
 
-def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8, guidance_scale=None,
-             before_batch=None, after_batch=None) -> torch.Tensor:
+def generate(
+    pipe,
+    prompts: list,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    guidance_scale=None,
+    before_batch=None,
+    after_batch=None,
+) -> torch.Tensor:
     """Every prompt once (generator seeded `sample_seed(seed, i)`), images (or videos) in [0, 1], shared over
     the ranks of a torchrun launch. `before_batch(start, n)` gets the batch's place among the prompts,
     `after_batch(done, total)` this rank's progress."""
@@ -157,7 +184,9 @@ def generate(pipe, prompts: list, steps: int, seed: int = 0, batch_size: int = 8
     return work.run(
         pipe,
         before_batch=(lambda b: before_batch(b[0], len(b))) if before_batch is not None else None,
-        after_batch=(lambda b, _: (done.append(len(b)), after_batch(sum(done), total))) if after_batch else None,
+        after_batch=(lambda b, _: (done.append(len(b)), after_batch(sum(done), total)))
+        if after_batch
+        else None,
     )
 
 

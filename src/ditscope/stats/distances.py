@@ -113,7 +113,9 @@ def _zeros(scratch: dict | None, x: torch.Tensor) -> torch.Tensor:
     return scratch[key]
 
 
-def metrics_from_sums(sums: np.ndarray, prev_abs: np.ndarray, prev_sq: np.ndarray, numel: np.ndarray) -> np.ndarray:
+def metrics_from_sums(
+    sums: np.ndarray, prev_abs: np.ndarray, prev_sq: np.ndarray, numel: np.ndarray
+) -> np.ndarray:
     """(absdiff, _, sqdiff, sq) of step t plus step t-1's sum|X| and sum X^2 -> (..., 3) metrics.
 
     0/0 is defined as 0 (two all-zero tensors are identical); a zero denominator with a nonzero

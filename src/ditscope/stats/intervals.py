@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def mean_interval(values, level: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def mean_interval(
+    values, level: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): the mean of `values` and its percentile-bootstrap `level` interval.
 
     Constant values (no cached image changed: every difference 0) get the degenerate interval [v, v];
@@ -24,7 +26,13 @@ def mean_interval(values, level: float = 0.95, n_resamples: int = 2000, seed: in
         return (mean, mean, mean)
     from scipy.stats import bootstrap
 
-    ci = bootstrap((x,), np.mean, confidence_level=level, n_resamples=n_resamples, method="percentile",
-                   random_state=np.random.default_rng(seed), vectorized=True).confidence_interval
+    ci = bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+        vectorized=True,
+    ).confidence_interval
     return (mean, float(ci.low), float(ci.high))
-

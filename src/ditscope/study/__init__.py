@@ -7,5 +7,13 @@ writes the HTML, `runner.py` ties them to profiles (reused when already saved).
 from .analysis import change_point, compare, cov_over_prompts, cross_model, log_map
 from .runner import study_models, study_prompts, study_variants
 
-__all__ = ["change_point", "compare", "cov_over_prompts", "cross_model", "log_map", "study_models", "study_prompts",
-           "study_variants"]
+__all__ = [
+    "change_point",
+    "compare",
+    "cov_over_prompts",
+    "cross_model",
+    "log_map",
+    "study_models",
+    "study_prompts",
+    "study_variants",
+]

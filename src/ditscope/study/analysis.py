@@ -28,7 +28,9 @@ def log_map(profile: Profile, target: str, metric: str = "l1", points: int = AXI
     grid = np.log10(np.clip(grid, 1e-12, None))
     src = np.linspace(0, 1, grid.shape[1])
     dst = np.linspace(0, 1, points)
-    return np.stack([np.interp(dst, src, row) if np.isfinite(row).all() else np.full(points, np.nan) for row in grid])
+    return np.stack(
+        [np.interp(dst, src, row) if np.isfinite(row).all() else np.full(points, np.nan) for row in grid]
+    )
 
 
 def resample_depth(m: np.ndarray, points: int = DEPTH_POINTS) -> np.ndarray:
@@ -73,7 +75,10 @@ def compare(profiles: dict[str, Profile], targets=("k", "v", "a"), metric: str =
     "r": mean overall r over pairs and targets, "maps": {name: {target: (layers, points) log map}}}.
     """
     names = list(profiles)
-    maps = {n: {t: log_map(p, t, metric) for t in targets if t in p.options("target")} for n, p in profiles.items()}
+    maps = {
+        n: {t: log_map(p, t, metric) for t in targets if t in p.options("target")}
+        for n, p in profiles.items()
+    }
     pairs = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -81,18 +86,33 @@ def compare(profiles: dict[str, Profile], targets=("k", "v", "a"), metric: str =
                 if t not in maps[b] or maps[a][t].shape != maps[b][t].shape:
                     continue
                 layer_r = [pearson(x, y) for x, y in zip(maps[a][t], maps[b][t])]
-                pairs.append({"a": a, "b": b, "target": t, "overall_r": pearson(maps[a][t], maps[b][t]),
-                              "layer_r": layer_r, "mean_layer_r": float(np.nanmean(layer_r))})
+                pairs.append(
+                    {
+                        "a": a,
+                        "b": b,
+                        "target": t,
+                        "overall_r": pearson(maps[a][t], maps[b][t]),
+                        "layer_r": layer_r,
+                        "mean_layer_r": float(np.nanmean(layer_r)),
+                    }
+                )
     cps = {n: {t: change_point(np.nanmean(m, axis=0)) for t, m in ms.items()} for n, ms in maps.items()}
     rs = [p["overall_r"] for p in pairs if np.isfinite(p["overall_r"])]
-    return {"pairs": pairs, "change_points": cps, "r": float(np.mean(rs)) if rs else float("nan"), "maps": maps}
+    return {
+        "pairs": pairs,
+        "change_points": cps,
+        "r": float(np.mean(rs)) if rs else float("nan"),
+        "maps": maps,
+    }
 
 
 def cross_model(profiles: dict[str, Profile], targets=("k", "v", "a"), metric: str = "l1") -> dict:
     """Across models: correlation matrix of depth-resampled layer x step maps, averaged over targets."""
     names = list(profiles)
-    maps = {n: {t: resample_depth(log_map(p, t, metric)) for t in targets if t in p.options("target")}
-            for n, p in profiles.items()}
+    maps = {
+        n: {t: resample_depth(log_map(p, t, metric)) for t in targets if t in p.options("target")}
+        for n, p in profiles.items()
+    }
     mat = np.eye(len(names))
     for i, a in enumerate(names):
         for j, b in enumerate(names):
@@ -100,11 +120,17 @@ def cross_model(profiles: dict[str, Profile], targets=("k", "v", "a"), metric: s
                 rs = [pearson(maps[a][t], maps[b][t]) for t in maps[a] if t in maps[b]]
                 mat[i, j] = mat[j, i] = float(np.nanmean(rs)) if rs else np.nan
     off = mat[~np.eye(len(names), dtype=bool)]
-    return {"names": names, "matrix": mat, "r": float(np.nanmean(off)) if off.size else float("nan"),
-            "curves": {n: {t: m.mean(0) for t, m in ms.items()} for n, ms in maps.items()}}
+    return {
+        "names": names,
+        "matrix": mat,
+        "r": float(np.nanmean(off)) if off.size else float("nan"),
+        "curves": {n: {t: m.mean(0) for t, m in ms.items()} for n, ms in maps.items()},
+    }
 
 
-def cov_over_prompts(profile: Profile, metric: str = "l1", n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+def cov_over_prompts(
+    profile: Profile, metric: str = "l1", n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
     """The paper's Table 2 with a bootstrap CI: per target, the CoV over prompts averaged over layers and
     steps (image stream, cond branch), and its BCa interval over prompt resamples.
 
@@ -136,7 +162,9 @@ def cov_over_prompts(profile: Profile, metric: str = "l1", n_boot: int = 1000, s
     return out
 
 
-def bca_interval(estimate: float, boots: np.ndarray, jack: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+def bca_interval(
+    estimate: float, boots: np.ndarray, jack: np.ndarray, level: float = 0.95
+) -> tuple[float, float]:
     """Efron's bias-corrected and accelerated bootstrap interval from the resampled statistics `boots`
     and the leave-one-out statistics `jack`."""
     from scipy.stats import norm

@@ -41,21 +41,32 @@ def table_html(rows: list[dict], floatfmt: str = "{:.3f}") -> str:
         cells = []
         for c in cols:
             v = r.get(c)
-            text = floatfmt.format(v) if isinstance(v, (float, np.floating)) and np.isfinite(v) else (
-                "-" if isinstance(v, (float, np.floating)) else str(v))
+            text = (
+                floatfmt.format(v)
+                if isinstance(v, (float, np.floating)) and np.isfinite(v)
+                else ("-" if isinstance(v, (float, np.floating)) else str(v))
+            )
             cells.append(f"<td>{html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def write_report(path: Path, title: str, verdict: str, sections: list[tuple[str, str]], meta: str = "",
-                 holds: bool | None = None) -> Path:
+def write_report(
+    path: Path,
+    title: str,
+    verdict: str,
+    sections: list[tuple[str, str]],
+    meta: str = "",
+    holds: bool | None = None,
+) -> Path:
     """`sections`: (heading, html) pairs; figures are <img> tags from `figure_png`. The verdict box is green
     when the finding holds, red when it fails, blue when the study decides nothing. Written atomically."""
     kind = {True: " holds", False: " fails", None: ""}[holds]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class='verdict{kind}'>{html.escape(verdict)}</p>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<p class='verdict{kind}'>{html.escape(verdict)}</p>",
+    ]
     if meta:
         parts.append(f"<p class='meta'>{html.escape(meta)}</p>")
     for heading, body in sections:
@@ -107,7 +118,9 @@ def layers_figure(maps: dict[str, np.ndarray], target: str, title: str, max_laye
     cols = max(1, min(n_layers, max(4, math.ceil(math.sqrt(n_layers)))))
     rows = max(1, -(-n_layers // cols))
     width = min(3.0, 18.0 / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 0.75 * width * rows + 0.6), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width * cols, 0.75 * width * rows + 0.6), squeeze=False, sharex=True
+    )
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
         if i >= n_layers:
@@ -136,8 +149,15 @@ def matrix_figure(names: list[str], mat: np.ndarray, title: str):
     ax.set_yticks(range(len(names)), names, fontsize=8)
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if abs(mat[i, j]) > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{mat[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if abs(mat[i, j]) > 0.5 else "black",
+            )
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -31,7 +31,9 @@ def _trained(name: str):
 
         folder = ASSETS / name
         if not (folder / "model_index.json").is_file():
-            raise DitscopeError(f"zoo model {name} has no weights in {folder}; train it with `ditscope zoo train {name}`")
+            raise DitscopeError(
+                f"zoo model {name} has no weights in {folder}; train it with `ditscope zoo train {name}`"
+            )
         with quiet_loading():
             pipe = ShapesPipeline.from_pretrained(str(folder))
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
@@ -69,9 +71,15 @@ ZOO: dict[str, ZooEntry] = {
         description="PixArt-alpha-shaped, random weights (8 blocks, 256 tokens, T5 text encoder)",
         steps=20,
         guidance_scale=4.5,
-        call_kwargs={"max_sequence_length": builtin.MAX_TEXT_TOKENS, "clean_caption": False, "use_resolution_binning": False},
+        call_kwargs={
+            "max_sequence_length": builtin.MAX_TEXT_TOKENS,
+            "clean_caption": False,
+            "use_resolution_binning": False,
+        },
     ),
 }
+
+
 def available(name: str) -> bool:
     """Whether a zoo model can be built here (trained models need their shipped weights)."""
     return name in ZOO and (name.startswith("random-") or (ASSETS / name / "model_index.json").is_file())
@@ -133,7 +141,9 @@ def check_model(model: str) -> str:
         if not (path / "model_index.json").is_file():
             raise DitscopeError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
         if not (path / "transformer").is_dir():
-            raise DitscopeError(f"{model} has no transformer/ folder; ditscope profiles diffusion transformers")
+            raise DitscopeError(
+                f"{model} has no transformer/ folder; ditscope profiles diffusion transformers"
+            )
         return "folder"
     if model.count("/") == 1 and not model.startswith((".", "/")):
         import os
@@ -146,8 +156,10 @@ def check_model(model: str) -> str:
             except Exception:  # an id huggingface_hub refuses
                 cached = None
             if not isinstance(cached, str):
-                raise DitscopeError(f"cannot load model {model!r} (HF_HUB_OFFLINE is set and it is not in the local "
-                                    "cache); check the id, or download it first")
+                raise DitscopeError(
+                    f"cannot load model {model!r} (HF_HUB_OFFLINE is set and it is not in the local "
+                    "cache); check the id, or download it first"
+                )
         return "hub"
     raise DitscopeError(
         f"unknown model {model!r}: not a zoo name ({', '.join(ZOO)}), a local folder, or a hub id (org/name)"
@@ -169,8 +181,10 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
                 with quiet_loading():
                     pipe = ShapesPipeline.from_pretrained(source)
             except Exception as e:  # a damaged model_index.json, config or weights file
-                raise DitscopeError(f"cannot load model {model!r}: {_reason(e)}; its files are damaged or incomplete "
-                                    "(save or copy the folder again)") from None
+                raise DitscopeError(
+                    f"cannot load model {model!r}: {_reason(e)}; its files are damaged or incomplete "
+                    "(save or copy the folder again)"
+                ) from None
             return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)).to(device)
     import inspect
 
@@ -180,9 +194,15 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
     takes_dtype = "dtype" in inspect.getsource(DiffusionPipeline.from_pretrained)
     try:
         with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(source, **{"dtype" if takes_dtype else "torch_dtype": dtype})
+            pipe = DiffusionPipeline.from_pretrained(
+                source, **{"dtype" if takes_dtype else "torch_dtype": dtype}
+            )
     except Exception as e:
-        raise DitscopeError(f"cannot load model {model!r} ({_reason(e)}); check the id, or download it first") from None
+        raise DitscopeError(
+            f"cannot load model {model!r} ({_reason(e)}); check the id, or download it first"
+        ) from None
     if getattr(pipe, "transformer", None) is None:
-        raise DitscopeError(f"{model} ({type(pipe).__name__}) has no transformer; ditscope profiles diffusion transformers")
+        raise DitscopeError(
+            f"{model} ({type(pipe).__name__}) has no transformer; ditscope profiles diffusion transformers"
+        )
     return pipe.to(device)

@@ -30,7 +30,11 @@ def word_tokenizer(vocab=VOCAB, max_length: int = MAX_TEXT_TOKENS):
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>", model_max_length=max_length
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        eos_token="</s>",
+        model_max_length=max_length,
     )
 
 
@@ -47,19 +51,46 @@ def random_pixart(seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
     text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                 pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+        T5Config(
+            vocab_size=len(VOCAB),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+        )
     )
     transformer = PixArtTransformer2DModel(
-        sample_size=32, num_layers=8, patch_size=2, attention_head_dim=32, num_attention_heads=2, in_channels=4,
-        out_channels=8, cross_attention_dim=64, caption_channels=32, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+        sample_size=32,
+        num_layers=8,
+        patch_size=2,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=64,
+        caption_channels=32,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
     )
     scheduler = DPMSolverMultistepScheduler()
     pipe = PixArtAlphaPipeline(

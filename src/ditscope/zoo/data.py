@@ -31,8 +31,17 @@ COLORS = {
 BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "grey": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
 SIZES = {"small": 0.24, "large": 0.34}  # object diameter as a fraction of the image side
 # 3 x 3 grid cells, row-major: caption phrase of each cell
-CELLS = ("at the top left", "at the top", "at the top right", "on the left", "in the center", "on the right",
-         "at the bottom left", "at the bottom", "at the bottom right")
+CELLS = (
+    "at the top left",
+    "at the top",
+    "at the top right",
+    "on the left",
+    "in the center",
+    "on the right",
+    "at the bottom left",
+    "at the bottom",
+    "at the bottom right",
+)
 CORNERS = (0, 2, 6, 8)
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 SUPERSAMPLE = 4
@@ -67,7 +76,8 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 2) -> Scene:
     n = 1 if max_objects == 1 else int(rng.integers(1, max_objects + 1))
     cells = [int(rng.integers(9))] if n == 1 else [int(c) for c in rng.choice(CORNERS, size=n, replace=False)]
     objects = tuple(
-        Obj(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES))), c) for c in cells
+        Obj(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES))), c)
+        for c in cells
     )
     return Scene(objects, str(rng.choice(list(BACKGROUNDS))))
 
@@ -128,7 +138,9 @@ def dataset(n: int, seed: int, size: int = 32, max_objects: int = 2) -> tuple[np
     return np.stack([render(s, size) for s in scenes]), scenes
 
 
-def video_dataset(n: int, seed: int, frames: int = VIDEO_FRAMES, size: int = 32) -> tuple[np.ndarray, list[Scene]]:
+def video_dataset(
+    n: int, seed: int, frames: int = VIDEO_FRAMES, size: int = 32
+) -> tuple[np.ndarray, list[Scene]]:
     rng = np.random.default_rng(seed)
     scenes = [sample_video_scene(rng) for _ in range(n)]
     return np.stack([render_video(s, frames, size) for s in scenes]), scenes

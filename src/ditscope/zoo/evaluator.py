@@ -38,11 +38,22 @@ class AttributeNet(nn.Module):
         super().__init__()
 
         def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.GELU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.GELU(),
+            )
 
-        self.body = nn.Sequential(block(3, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
-                                  block(2 * width, self.num_features))
+        self.body = nn.Sequential(
+            block(3, width),
+            nn.MaxPool2d(2),
+            block(width, 2 * width),
+            nn.MaxPool2d(2),
+            block(2 * width, self.num_features),
+        )
         self.cell_head = nn.Conv2d(self.num_features, (N_SHAPES + 1) + N_COLORS + N_SIZES, 1)
         self.bg_head = nn.Linear(self.num_features, N_BG)
 
@@ -51,8 +62,13 @@ class AttributeNet(nn.Module):
         cells = self.cell_head(F.adaptive_avg_pool2d(fmap, 3)).flatten(2).transpose(1, 2)  # (B, 9, K)
         feats = fmap.mean((2, 3))
         s, c = N_SHAPES + 1, N_COLORS
-        return {"shape": cells[..., :s], "color": cells[..., s : s + c], "size": cells[..., s + c :],
-                "background": self.bg_head(feats), "features": feats}
+        return {
+            "shape": cells[..., :s],
+            "color": cells[..., s : s + c],
+            "size": cells[..., s + c :],
+            "background": self.bg_head(feats),
+            "features": feats,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features only: what torchmetrics' FID calls with images in [0, 1]."""
@@ -89,8 +105,10 @@ def train_evaluator(steps: int = 1500, batch: int = 64, seed: int = 0, log=print
         x = (x + 0.02 * torch.randn_like(x)).clamp(0, 1)  # generated images are never perfectly clean
         y = targets(scenes)
         out = net.heads(x)
-        loss = sum(F.cross_entropy(out[k].reshape(-1, out[k].shape[-1]), y[k].reshape(-1), ignore_index=IGNORE)
-                   for k in ("shape", "color", "size", "background"))
+        loss = sum(
+            F.cross_entropy(out[k].reshape(-1, out[k].shape[-1]), y[k].reshape(-1), ignore_index=IGNORE)
+            for k in ("shape", "color", "size", "background")
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -109,7 +127,9 @@ def predict(net: AttributeNet, images: torch.Tensor, batch: int = 256) -> dict[s
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def attribute_hits(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]) -> dict[str, np.ndarray]:
+def attribute_hits(
+    net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene]
+) -> dict[str, np.ndarray]:
     """Hits of each attribute per object asked for (shape, colour, size, position), and per image
     (background; `all`: every object right, nothing extra, background right)."""
     pred = predict(net, images)
@@ -151,12 +171,16 @@ def video_accuracy(net: AttributeNet, videos: torch.Tensor, scenes: list[data.Sc
 
 def _video_hits(net: AttributeNet, videos: torch.Tensor, scenes: list[data.Scene]) -> dict[str, np.ndarray]:
     hits = attribute_hits(net, middle_frame(videos), scenes)
-    hits["motion"] = np.array([motion_direction(v.float().numpy()) == s.direction for v, s in zip(videos, scenes)], float)
+    hits["motion"] = np.array(
+        [motion_direction(v.float().numpy()) == s.direction for v, s in zip(videos, scenes)], float
+    )
     hits["all"] = hits["all"] * hits["motion"]
     return hits
 
 
-def score(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene], class_conditional: bool = False) -> dict:
+def score(
+    net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene], class_conditional: bool = False
+) -> dict:
     """The accuracy that fits the model: per class (tiny-dit), per video (tiny-latte), per attribute (text)."""
     if class_conditional:
         return class_accuracy(net, images, scenes)
@@ -165,8 +189,9 @@ def score(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene], cla
     return attribute_accuracy(net, images, scenes)
 
 
-def sample_hits(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene],
-                class_conditional: bool = False) -> dict[str, np.ndarray]:
+def sample_hits(
+    net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene], class_conditional: bool = False
+) -> dict[str, np.ndarray]:
     """Per sample (image or video), each attribute's share of its objects read right, and `all` (0 or 1):
     the unit of a paired comparison (a cached image against the uncached one of the same prompt and
     seed). With one object per prompt their means are `score`'s numbers."""
@@ -175,7 +200,10 @@ def sample_hits(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene
     hits = _video_hits(net, images, scenes) if images.dim() == 5 else attribute_hits(net, images, scenes)
     bounds = np.cumsum([len(s.objects) for s in scenes])[:-1]
     per_object = ("shape", "color", "size", "position")
-    return {k: (np.array([h.mean() for h in np.split(v, bounds)]) if k in per_object else v) for k, v in hits.items()}
+    return {
+        k: (np.array([h.mean() for h in np.split(v, bounds)]) if k in per_object else v)
+        for k, v in hits.items()
+    }
 
 
 def frechet_to_real(net: AttributeNet, generated: torch.Tensor, scenes: list[data.Scene]) -> float:
@@ -208,7 +236,9 @@ def frechet_distance(net: AttributeNet, generated: torch.Tensor, real: torch.Ten
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # every image is here: under torchrun torchmetrics would otherwise gather every rank's copy of them too
-    fid = FrechetInceptionDistance(feature=net, normalize=True, reset_real_features=True, sync_on_compute=False)
+    fid = FrechetInceptionDistance(
+        feature=net, normalize=True, reset_real_features=True, sync_on_compute=False
+    )
     fid.update(real.float().clamp(0, 1), real=True)
     fid.update(generated.float().clamp(0, 1), real=False)
     return float(fid.compute())
@@ -219,8 +249,10 @@ def psnr_ssim(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     a, b = a.float().clamp(0, 1), b.float().clamp(0, 1)
-    return (float(peak_signal_noise_ratio(a, b, data_range=1.0)),
-            float(structural_similarity_index_measure(a, b, data_range=1.0)))
+    return (
+        float(peak_signal_noise_ratio(a, b, data_range=1.0)),
+        float(structural_similarity_index_measure(a, b, data_range=1.0)),
+    )
 
 
 WEIGHTS = Path(__file__).parent / "assets" / "evaluator" / "attribute_net.safetensors"
@@ -232,7 +264,9 @@ def load_evaluator(path: Path = WEIGHTS) -> AttributeNet:
     from ..errors import DitscopeError
 
     if not path.is_file():
-        raise DitscopeError(f"evaluator weights {path} are missing; train them with `ditscope zoo train evaluator`")
+        raise DitscopeError(
+            f"evaluator weights {path} are missing; train them with `ditscope zoo train evaluator`"
+        )
     net = AttributeNet()
     net.load_state_dict(load_file(str(path)))
     return net.eval()
@@ -283,8 +317,18 @@ def _class_hits(net: AttributeNet, images: torch.Tensor, scenes: list[data.Scene
     want_shape = np.array([data.SHAPES.index(s.objects[0].shape) for s in scenes])
     want_color = np.array([list(data.COLORS).index(s.objects[0].color) for s in scenes])
     shape_ok, color_ok = shape == want_shape, color == want_color
-    return {"shape": shape_ok.astype(float), "color": color_ok.astype(float), "all": (shape_ok & color_ok).astype(float)}
+    return {
+        "shape": shape_ok.astype(float),
+        "color": color_ok.astype(float),
+        "all": (shape_ok & color_ok).astype(float),
+    }
 
 
-CHANCE = {"shape": 1 / N_SHAPES, "color": 1 / N_COLORS, "size": 1 / N_SIZES, "position": None,
-          "background": 1 / N_BG, "motion": 1 / len(data.DIRECTIONS)}
+CHANCE = {
+    "shape": 1 / N_SHAPES,
+    "color": 1 / N_COLORS,
+    "size": 1 / N_SIZES,
+    "position": None,
+    "background": 1 / N_BG,
+    "motion": 1 / len(data.DIRECTIONS),
+}

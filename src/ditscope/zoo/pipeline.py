@@ -42,7 +42,9 @@ class ShapesPipeline(DiffusionPipeline):
 
     def __init__(self, transformer, scheduler, tokenizer=None, text_encoder=None):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder)
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder
+        )
 
     # ------------------------------------------------------------------------------ conditioning
     @property
@@ -52,14 +54,22 @@ class ShapesPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states (B, T, C) and mask (B, T). Unknown words become [UNK] (with a warning)."""
         unk = self.tokenizer.unk_token_id
-        batch = self.tokenizer([p.lower() for p in prompts], padding="max_length", truncation=True,
-                               max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        batch = self.tokenizer(
+            [p.lower() for p in prompts],
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        )
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         if (ids == unk).any():
             vocab = self.tokenizer.get_vocab()
             unknown = sorted({w for p in prompts for w in p.lower().split() if w not in vocab})
-            warnings.warn(f"words outside the model's vocabulary are read as [UNK]: {', '.join(unknown)}",
-                          DitscopeWarning, stacklevel=3)
+            warnings.warn(
+                f"words outside the model's vocabulary are read as [UNK]: {', '.join(unknown)}",
+                DitscopeWarning,
+                stacklevel=3,
+            )
         states = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         return states, mask
 
@@ -72,9 +82,13 @@ class ShapesPipeline(DiffusionPipeline):
                 labels.append(int(p))
                 continue
             try:
-                scene = parse_caption(str(p) if " on a " in str(p) else f"a small {p} in the center on a grey background")
+                scene = parse_caption(
+                    str(p) if " on a " in str(p) else f"a small {p} in the center on a grey background"
+                )
             except (ValueError, IndexError):
-                raise DitscopeError(f"tiny-dit takes a class index or '<colour> <shape>' (e.g. 'red circle'), not {p!r}") from None
+                raise DitscopeError(
+                    f"tiny-dit takes a class index or '<colour> <shape>' (e.g. 'red circle'), not {p!r}"
+                ) from None
             labels.append(class_label(scene.objects[0]))
         n = self.transformer.config.num_embeds_ada_norm
         if any(not 0 <= label < n for label in labels):
@@ -86,7 +100,9 @@ class ShapesPipeline(DiffusionPipeline):
         if self.is_class_conditional:
             labels = torch.tensor(self.class_labels(prompts), device=device)
             if cfg:  # the null class is the last embedding row
-                labels = torch.cat([torch.full_like(labels, self.transformer.config.num_embeds_ada_norm), labels])
+                labels = torch.cat(
+                    [torch.full_like(labels, self.transformer.config.num_embeds_ada_norm), labels]
+                )
             return {"class_labels": labels}
         states, mask = self.encode_prompt(list(prompts), device)
         if cfg:
@@ -95,7 +111,9 @@ class ShapesPipeline(DiffusionPipeline):
         if name == "SD3Transformer2DModel":
             pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             return {"encoder_hidden_states": states, "pooled_projections": pooled}
-        if name == "LatteTransformer3DModel":  # Latte hands its mask to every frame unrepeated: no mask, as LattePipeline
+        if (
+            name == "LatteTransformer3DModel"
+        ):  # Latte hands its mask to every frame unrepeated: no mask, as LattePipeline
             return {"encoder_hidden_states": states, "enable_temporal_attentions": True}
         kwargs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
         if name == "PixArtTransformer2DModel":
@@ -118,16 +136,26 @@ class ShapesPipeline(DiffusionPipeline):
         return out[:, : x.shape[1]]
 
     @torch.no_grad()
-    def __call__(self, prompt, num_inference_steps: int = 20, guidance_scale: float = 4.5, generator=None,
-                 output_type: str = "pil", negative_prompt: str = "", return_dict: bool = True,
-                 callback_on_step_end=None):
+    def __call__(
+        self,
+        prompt,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.5,
+        generator=None,
+        output_type: str = "pil",
+        negative_prompt: str = "",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+    ):
         if output_type not in ("pil", "np", "pt", "latent"):
             raise DitscopeError(f"output_type must be pil, np, pt or latent, not {output_type!r}")
         prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         device = self._execution_device
         cfg = guidance_scale > 1
         cond = self._conditioning(prompts, negative_prompt, cfg, device)
-        x = randn_tensor(self.sample_shape(len(prompts)), generator=generator, device=device, dtype=self.transformer.dtype)
+        x = randn_tensor(
+            self.sample_shape(len(prompts)), generator=generator, device=device, dtype=self.transformer.dtype
+        )
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):

@@ -43,9 +43,20 @@ def text_tokenizer():
 def text_encoder(vocab_size: int, d_model: int = 64):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
-                                   num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=2,
-                                   decoder_start_token_id=0))
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=16,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=4,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 RECIPES = ("tiny-pixart", "tiny-dit", "tiny-mmdit", "tiny-latte")
@@ -80,10 +91,22 @@ def _build(name: str, seed: int):
     if name == "tiny-pixart":
         tok = text_tokenizer()
         transformer = PixArtTransformer2DModel(
-            sample_size=32, num_layers=8, patch_size=2, in_channels=3, out_channels=3, attention_head_dim=32,
-            num_attention_heads=4, cross_attention_dim=128, caption_channels=64, attention_bias=True,
-            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+            sample_size=32,
+            num_layers=8,
+            patch_size=2,
+            in_channels=3,
+            out_channels=3,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            cross_attention_dim=128,
+            caption_channels=64,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            use_additional_conditions=False,
         )
         # Pixel space with a cosine schedule: alpha_bar at t=999 is 2e-9, so the first x0 estimate amplifies
         # the noise-prediction error ~2e4x; dynamic thresholding (Imagen) keeps x0 in [-1, 1].
@@ -92,9 +115,17 @@ def _build(name: str, seed: int):
     if name == "tiny-dit":
         n_classes = len(data.SHAPES) * len(data.COLORS)
         transformer = DiTTransformer2DModel(
-            sample_size=32, num_layers=8, patch_size=2, in_channels=3, out_channels=3, attention_head_dim=32,
-            num_attention_heads=4, norm_type="ada_norm_zero", num_embeds_ada_norm=n_classes,
-            activation_fn="gelu-approximate", attention_bias=True,
+            sample_size=32,
+            num_layers=8,
+            patch_size=2,
+            in_channels=3,
+            out_channels=3,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            norm_type="ada_norm_zero",
+            num_embeds_ada_norm=n_classes,
+            activation_fn="gelu-approximate",
+            attention_bias=True,
         )
         return ShapesPipeline(transformer, DDIMScheduler(**betas, clip_sample=True))
     if name == "tiny-mmdit":
@@ -102,21 +133,47 @@ def _build(name: str, seed: int):
         # SD3's joint attention (text and image tokens in one sequence), qk RMS-norm as in SD3.5, trained
         # with rectified flow and sampled with the flow-matching Euler scheduler as SD3 and FLUX are.
         transformer = SD3Transformer2DModel(
-            sample_size=32, patch_size=2, in_channels=3, out_channels=3, num_layers=8, attention_head_dim=32,
-            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
-            pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(),
+            sample_size=32,
+            patch_size=2,
+            in_channels=3,
+            out_channels=3,
+            num_layers=8,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            caption_projection_dim=128,
+            pooled_projection_dim=64,
+            pos_embed_max_size=16,
+            qk_norm="rms_norm",
+            dual_attention_layers=(),
         )
-        return ShapesPipeline(transformer, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
-                              tok, text_encoder(len(tok.get_vocab())))
+        return ShapesPipeline(
+            transformer,
+            FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+            tok,
+            text_encoder(len(tok.get_vocab())),
+        )
     if name == "tiny-latte":
         tok = text_tokenizer()
         # Latte: PixArt's blocks, alternating spatial (per frame) and temporal (per token position) ones.
         # tiny-pixart's width, so that training can start from its weights (see `warm_start`).
         transformer = LatteTransformer3DModel(
-            sample_size=32, num_layers=8, patch_size=2, in_channels=3, out_channels=3, attention_head_dim=32,
-            num_attention_heads=4, cross_attention_dim=128, caption_channels=64, attention_bias=True,
-            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6, video_length=data.VIDEO_FRAMES,
+            sample_size=32,
+            num_layers=8,
+            patch_size=2,
+            in_channels=3,
+            out_channels=3,
+            attention_head_dim=32,
+            num_attention_heads=4,
+            cross_attention_dim=128,
+            caption_channels=64,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            video_length=data.VIDEO_FRAMES,
         )
         scheduler = DPMSolverMultistepScheduler(**betas, thresholding=True, sample_max_value=1.0)
         return ShapesPipeline(transformer, scheduler, tok, text_encoder(len(tok.get_vocab())))
@@ -144,7 +201,9 @@ def warm_start(pipe, source: str) -> None:
             pipe.text_encoder.load_state_dict(src.text_encoder.state_dict())
         missing, unexpected = pipe.transformer.load_state_dict(src.transformer.state_dict(), strict=False)
     except RuntimeError as e:  # torch's size-mismatch report: a different architecture
-        raise DitscopeError(f"{cannot}: the weights do not fit ({str(e).splitlines()[-1].strip()[:160]})") from None
+        raise DitscopeError(
+            f"{cannot}: the weights do not fit ({str(e).splitlines()[-1].strip()[:160]})"
+        ) from None
     if unexpected or any(not k.startswith("temporal_transformer_blocks.") for k in missing):
         raise DitscopeError(f"{cannot}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
@@ -174,16 +233,28 @@ def training_prompts(name: str, scenes: list[data.Scene], rng: np.random.Generat
 
 
 # ------------------------------------------------------------------------------------- training
-def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = None, batch: int = 64,
-          lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999, lr_decay: float = 0.0, init: str | None = None,
-          log=print) -> dict:
+def train(
+    name: str,
+    out: Path,
+    steps: int = 100_000,
+    minutes: float | None = None,
+    batch: int = 64,
+    lr: float = 5e-4,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    lr_decay: float = 0.0,
+    init: str | None = None,
+    log=print,
+) -> dict:
     """Train `name`, checkpointing to `out/train_state.pt` every few minutes; resumes from it.
 
     The learning rate warms up over 500 steps; with `lr_decay` > 0 it then falls linearly to zero over
     the last `lr_decay` fraction of `steps` (a fixed-step schedule, so `--steps N` still reproduces a run).
     `init` (a zoo name or pipeline folder) starts from those weights; tiny-latte defaults to tiny-pixart."""
     if not 0.0 <= lr_decay < 1.0:
-        raise DitscopeError(f"lr_decay must be in [0, 1), got {lr_decay}: the fraction of steps over which lr falls to 0")
+        raise DitscopeError(
+            f"lr_decay must be in [0, 1), got {lr_decay}: the fraction of steps over which lr falls to 0"
+        )
     out = Path(out)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores this process may use (taskset-aware)
     pipe = build(name, seed)
@@ -221,7 +292,9 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
         x0, scenes = training_batch(name, batch, rng)
         prompts = training_prompts(name, scenes, rng)
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        torch.manual_seed(int(rng.integers(2**31)))  # in-model randomness (DiT's label dropout) is per step too
+        torch.manual_seed(
+            int(rng.integers(2**31))
+        )  # in-model randomness (DiT's label dropout) is per step too
         noise = torch.randn(x0.shape, generator=g)
         if flow:  # rectified flow: x_t = (1 - s) x0 + s noise, the model predicts the velocity noise - x0
             sigma = torch.rand(batch, generator=g)
@@ -261,10 +334,20 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
     for m, e in zip(trainable, ema):
         m.load_state_dict(e.state_dict())
         m.eval()
-    manifest = {"name": name, "seed": seed, "data_seed": seed, "steps": step, "batch": batch, "lr": lr,
-                "ema_decay": ema_decay, "lr_decay": lr_decay, "minutes": round((time.time() - start) / 60, 1),
-                "threads": torch.get_num_threads(), "device": "cpu",
-                "init": init or "random"}
+    manifest = {
+        "name": name,
+        "seed": seed,
+        "data_seed": seed,
+        "steps": step,
+        "batch": batch,
+        "lr": lr,
+        "ema_decay": ema_decay,
+        "lr_decay": lr_decay,
+        "minutes": round((time.time() - start) / 60, 1),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "init": init or "random",
+    }
     pipe.save_pretrained(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log(f"saved {name} to {out} after {step} steps")
@@ -273,5 +356,13 @@ def train(name: str, out: Path, steps: int = 100_000, minutes: float | None = No
 
 def _save_state(path: Path, models, ema, opt, step, elapsed):
     with atomic_path(path) as tmp:
-        torch.save({"models": [m.state_dict() for m in models], "ema": [e.state_dict() for e in ema],
-                    "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, tmp)
+        torch.save(
+            {
+                "models": [m.state_dict() for m in models],
+                "ema": [e.state_dict() for e in ema],
+                "opt": opt.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+            },
+            tmp,
+        )

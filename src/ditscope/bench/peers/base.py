@@ -61,8 +61,14 @@ def register_peer(peer: Peer) -> Peer:
     return peer
 
 
-def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
-               run_once: Callable[[], object], calibrate: Callable[[], object] | None = None) -> Callable[[], None]:
+def apply_peer(
+    name: str,
+    pipe,
+    options: dict,
+    num_inference_steps: int,
+    run_once: Callable[[], object],
+    calibrate: Callable[[], object] | None = None,
+) -> Callable[[], None]:
     """Apply peer `name` with `options` (override its defaults) to `pipe`. `run_once()` runs the pipeline once on
     a calibration prompt (MagCache uses it); `calibrate()` runs it, uncached, over all the calibration prompts
     (peers with `calibrates`, SmoothCache, fit on it; None: `run_once`; a `calibrate.key` naming what it runs
@@ -87,7 +93,9 @@ def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
     except (DitscopeError, PeerUnavailable, torch.cuda.OutOfMemoryError):
         raise
     except Exception as e:
-        raise PeerUnavailable(f"{name} does not run on {type(transformer).__name__}: {type(e).__name__}: {one_line(e)}") from None
+        raise PeerUnavailable(
+            f"{name} does not run on {type(transformer).__name__}: {type(e).__name__}: {one_line(e)}"
+        ) from None
     try:  # fail here, not an hour into a benchmark: some peers apply to a model they cannot run on
         run_once()
     except torch.cuda.OutOfMemoryError:
@@ -95,7 +103,9 @@ def apply_peer(name: str, pipe, options: dict, num_inference_steps: int,
         raise
     except Exception as e:
         remove()
-        raise PeerUnavailable(f"{name} does not run on {type(transformer).__name__}: {type(e).__name__}: {one_line(e)}") from None
+        raise PeerUnavailable(
+            f"{name} does not run on {type(transformer).__name__}: {type(e).__name__}: {one_line(e)}"
+        ) from None
     return remove
 
 
@@ -117,8 +127,10 @@ def _resolve_options(name: str, options: dict | None) -> dict:
         raise DitscopeError(f"options for {name} must be a dict, not {type(options).__name__}")
     unknown = sorted(set(options) - set(PEERS[name].defaults))
     if unknown:
-        raise DitscopeError(f"unknown option{'s' if len(unknown) > 1 else ''} for {name}: {', '.join(map(str, unknown))}; "
-                            f"valid: {', '.join(PEERS[name].defaults)}")
+        raise DitscopeError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} for {name}: {', '.join(map(str, unknown))}; "
+            f"valid: {', '.join(PEERS[name].defaults)}"
+        )
     opts = {**copy.deepcopy(PEERS[name].defaults), **options}
     for key, value in options.items():
         default = PEERS[name].defaults[key]

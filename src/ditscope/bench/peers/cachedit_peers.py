@@ -66,8 +66,10 @@ class _CacheDitLogs:
 def _snapshot(objs) -> list[tuple[object, dict, dict]]:
     """Instance attributes of `objs` and, for modules, their submodule table in order. (Not parameters or
     buffers: cache-dit adds none, and `pipe.to(device)` while a peer is on legitimately replaces buffers.)"""
-    return [(o, dict(vars(o)), {"_modules": list(o._modules.items())} if isinstance(o, torch.nn.Module) else {})
-            for o in objs]
+    return [
+        (o, dict(vars(o)), {"_modules": list(o._modules.items())} if isinstance(o, torch.nn.Module) else {})
+        for o in objs
+    ]
 
 
 def _restore_snapshot(snapshot) -> None:
@@ -98,8 +100,10 @@ def _apply_cachedit(pipe, opts, steps, run_once, taylorseer: bool):
     model = type(transformer).__name__
     recipe = _recipe(transformer)
     if recipe is None:
-        raise PeerUnavailable(f"cache-dit DBCache is not adapted to {model} here: its block layout in families.py is "
-                              "missing, has several block lists, or has no cache-dit forward pattern")
+        raise PeerUnavailable(
+            f"cache-dit DBCache is not adapted to {model} here: its block layout in families.py is "
+            "missing, has several block lists, or has no cache-dit forward pattern"
+        )
     names, patterns, functor_name = recipe
     block_lists = [getattr(transformer, n) for n in names]
     blocks = [b for bl in block_lists for b in bl]
@@ -110,12 +114,17 @@ def _apply_cachedit(pipe, opts, steps, run_once, taylorseer: bool):
     encoder_calibrator = opts.pop("enable_encoder_calibrator", False)
     shortest = min(len(bl) for bl in block_lists)  # cache-dit takes Fn / Bn in each list
     if opts["Fn_compute_blocks"] + opts["Bn_compute_blocks"] > shortest:
-        raise DitscopeError(f"{name}: Fn_compute_blocks + Bn_compute_blocks must be at most the model's {shortest} blocks"
-                            + (" per list" if len(block_lists) > 1 else ""))
+        raise DitscopeError(
+            f"{name}: Fn_compute_blocks + Bn_compute_blocks must be at most the model's {shortest} blocks"
+            + (" per list" if len(block_lists) > 1 else "")
+        )
     try:
         cache_config = DBCacheConfig(**opts, num_inference_steps=steps, enable_separate_cfg=False)
-        calibrator = (TaylorSeerCalibratorConfig(taylorseer_order=order, enable_encoder_calibrator=encoder_calibrator)
-                      if taylorseer else None)
+        calibrator = (
+            TaylorSeerCalibratorConfig(taylorseer_order=order, enable_encoder_calibrator=encoder_calibrator)
+            if taylorseer
+            else None
+        )
     except (TypeError, ValueError) as e:
         raise config_error(name, e) from None
     functor = None
@@ -129,7 +138,9 @@ def _apply_cachedit(pipe, opts, steps, run_once, taylorseer: bool):
     # restoring them could undo what the caller changed meanwhile, e.g. set_progress_bar_config)
     pipe_cls = type(pipe)
     snapshot = _snapshot([transformer, *block_lists, *blocks])
-    cls_saved = {k: vars(pipe_cls)[k] for k in ("__call__", "_is_cached", "_original_call") if k in vars(pipe_cls)}
+    cls_saved = {
+        k: vars(pipe_cls)[k] for k in ("__call__", "_is_cached", "_original_call") if k in vars(pipe_cls)
+    }
     logs = _CacheDitLogs()
     logs.quiet()
 
@@ -143,11 +154,20 @@ def _apply_cachedit(pipe, opts, steps, run_once, taylorseer: bool):
 
     try:
         one = len(names) == 1  # several lists (Flux, HunyuanVideo): cache-dit takes lists of each
-        adapter = BlockAdapter(pipe=pipe, transformer=transformer, blocks=block_lists[0] if one else block_lists,
-                               blocks_name=names[0] if one else names,
-                               forward_pattern=(getattr(ForwardPattern, patterns[0]) if one
-                                                else [getattr(ForwardPattern, p) for p in patterns]),
-                               patch_functor=functor, check_forward_pattern=True, has_separate_cfg=False)
+        adapter = BlockAdapter(
+            pipe=pipe,
+            transformer=transformer,
+            blocks=block_lists[0] if one else block_lists,
+            blocks_name=names[0] if one else names,
+            forward_pattern=(
+                getattr(ForwardPattern, patterns[0])
+                if one
+                else [getattr(ForwardPattern, p) for p in patterns]
+            ),
+            patch_functor=functor,
+            check_forward_pattern=True,
+            has_separate_cfg=False,
+        )
         adapter = cache_dit.enable_cache(adapter, cache_config=cache_config, calibrator_config=calibrator)
     except Exception as e:
         with contextlib.suppress(Exception):
@@ -190,33 +210,39 @@ _DBCACHE_DEFAULTS = {  # num_inference_steps is the benchmark's; guidance is bat
 }
 
 
-register_peer(Peer(
-    "cachedit-dbcache", "cache-dit",
-    "cache-dit DBCache: compute the first Fn (and last Bn) blocks, reuse the middle blocks' residual when it barely changed",
-    defaults=_DBCACHE_DEFAULTS,
-    grid=[  # near-lossless to aggressive
-        {"residual_diff_threshold": 0.06},
-        {"residual_diff_threshold": 0.1},
-        {"residual_diff_threshold": 0.2, "max_warmup_steps": 2},
-    ],
-    apply=_apply_dbcache,
-    knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
-    package="cache_dit",
-))
+register_peer(
+    Peer(
+        "cachedit-dbcache",
+        "cache-dit",
+        "cache-dit DBCache: compute the first Fn (and last Bn) blocks, reuse the middle blocks' residual when it barely changed",
+        defaults=_DBCACHE_DEFAULTS,
+        grid=[  # near-lossless to aggressive
+            {"residual_diff_threshold": 0.06},
+            {"residual_diff_threshold": 0.1},
+            {"residual_diff_threshold": 0.2, "max_warmup_steps": 2},
+        ],
+        apply=_apply_dbcache,
+        knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
+        package="cache_dit",
+    )
+)
 
-register_peer(Peer(
-    "cachedit-dbcache-taylorseer", "cache-dit",
-    "cache-dit DBCache with its TaylorSeer calibrator forecasting the cached residual",
-    # the text stream's forecast off, as cache-dit's own config loader has it (load_configs.py); on, cache-dit
-    # 1.5.3 fails on blocks that return no text stream (SD3's last): set_Bn_encoder_buffer drops the None,
-    # then get_Bn_encoder_buffer asks the calibrator for a state it never got (taylorseer.py: "not found")
-    defaults={**_DBCACHE_DEFAULTS, "taylorseer_order": 1, "enable_encoder_calibrator": False},
-    grid=[  # near-lossless to aggressive
-        {"residual_diff_threshold": 0.1},
-        {"residual_diff_threshold": 0.15},
-        {"residual_diff_threshold": 0.25, "max_warmup_steps": 2},
-    ],
-    apply=_apply_dbcache_taylorseer,
-    knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
-    package="cache_dit",
-))
+register_peer(
+    Peer(
+        "cachedit-dbcache-taylorseer",
+        "cache-dit",
+        "cache-dit DBCache with its TaylorSeer calibrator forecasting the cached residual",
+        # the text stream's forecast off, as cache-dit's own config loader has it (load_configs.py); on, cache-dit
+        # 1.5.3 fails on blocks that return no text stream (SD3's last): set_Bn_encoder_buffer drops the None,
+        # then get_Bn_encoder_buffer asks the calibrator for a state it never got (taylorseer.py: "not found")
+        defaults={**_DBCACHE_DEFAULTS, "taylorseer_order": 1, "enable_encoder_calibrator": False},
+        grid=[  # near-lossless to aggressive
+            {"residual_diff_threshold": 0.1},
+            {"residual_diff_threshold": 0.15},
+            {"residual_diff_threshold": 0.25, "max_warmup_steps": 2},
+        ],
+        apply=_apply_dbcache_taylorseer,
+        knob=Knob("residual_diff_threshold", 0.01, 3.0, log=True),
+        package="cache_dit",
+    )
+)

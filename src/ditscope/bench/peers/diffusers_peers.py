@@ -64,12 +64,14 @@ class _PipelineGlue:
                 self.timestep = self._read_timestep(args, kwargs)
                 with CacheMixin.cache_context(transformer, self.name):
                     return inner(*args, **kwargs)
+
             return forward
 
         def set_timesteps_wrapper(inner):
             def set_timesteps(*args, **kwargs):
                 CacheMixin._reset_stateful_cache(transformer)
                 return inner(*args, **kwargs)
+
             return set_timesteps
 
         self._patches.wrap(transformer, "forward", forward_wrapper)
@@ -94,15 +96,19 @@ def _restore_forward(module: torch.nn.Module, own) -> None:
     current = vars(module).get("forward")
     if current is None or current is own:
         return
-    if getattr(current, "__self__", None) is module and getattr(current, "__func__", None) is type(module).forward:
+    if (
+        getattr(current, "__self__", None) is module
+        and getattr(current, "__func__", None) is type(module).forward
+    ):
         if own is _ABSENT:
             del module.forward
         else:
             module.forward = own
 
 
-def _apply_diffusers_cache(pipe, label: str, make_config: Callable[[_PipelineGlue], object],
-                           apply_fn: Callable) -> Callable[[], None]:
+def _apply_diffusers_cache(
+    pipe, label: str, make_config: Callable[[_PipelineGlue], object], apply_fn: Callable
+) -> Callable[[], None]:
     """Enable a diffusers cache `config` with the glue the pipeline lacks; returns remove().
 
     Transformers with diffusers' CacheMixin (Flux, Latte, Wan, ...) get `transformer.enable_cache(config)` and
@@ -115,7 +121,9 @@ def _apply_diffusers_cache(pipe, label: str, make_config: Callable[[_PipelineGlu
     transformer = pipe.transformer
     model = type(transformer).__name__
     if getattr(transformer, "_cache_config", None) is not None:
-        raise PeerUnavailable(f"a diffusers cache ({type(transformer._cache_config).__name__}) is already enabled on {model}")
+        raise PeerUnavailable(
+            f"a diffusers cache ({type(transformer._cache_config).__name__}) is already enabled on {model}"
+        )
     had_registry = _registries(transformer)
     own_config = vars(transformer).get("_cache_config", _ABSENT)
     own_forwards = {id(m): vars(m).get("forward", _ABSENT) for m in transformer.modules()}
@@ -143,12 +151,16 @@ def _apply_diffusers_cache(pipe, label: str, make_config: Callable[[_PipelineGlu
             HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
             transformer._cache_config = config
     except Exception as e:
-        transformer._cache_config = config  # so disable_cache removes whatever was registered before the failure
+        transformer._cache_config = (
+            config  # so disable_cache removes whatever was registered before the failure
+        )
         cleanup()
         raise PeerUnavailable(f"diffusers {label} does not support {model}: {one_line(e)}") from None
     if _count_hooks(transformer) == hooks_before:
         cleanup()
-        raise PeerUnavailable(f"diffusers {label} does not support {model}: no layer of it matches the cache's patterns")
+        raise PeerUnavailable(
+            f"diffusers {label} does not support {model}: no layer of it matches the cache's patterns"
+        )
     glue.install()
     CacheMixin._reset_stateful_cache(transformer)
     removed = False
@@ -173,7 +185,9 @@ def _apply_pab(pipe, opts, steps, run_once):
             raise config_error("diffusers-pab", e) from None
 
     if all(opts[k] is None for k in opts if k.endswith("block_skip_range")):
-        raise DitscopeError("diffusers-pab needs one of spatial/cross/temporal_attention_block_skip_range set")
+        raise DitscopeError(
+            "diffusers-pab needs one of spatial/cross/temporal_attention_block_skip_range set"
+        )
     return _apply_diffusers_cache(pipe, "PyramidAttentionBroadcast", make, apply_pyramid_attention_broadcast)
 
 
@@ -196,7 +210,9 @@ def _apply_fastercache(pipe, opts, steps, run_once):
     if opts["tensor_format"] is None:
         opts["tensor_format"] = "BCFHW" if "3D" in type(pipe.transformer).__name__ else "BCHW"
     if opts["tensor_format"] not in ("BCFHW", "BFCHW", "BCHW"):
-        raise DitscopeError(f"diffusers-fastercache tensor_format must be BCFHW, BFCHW or BCHW, not {opts['tensor_format']!r}")
+        raise DitscopeError(
+            f"diffusers-fastercache tensor_format must be BCFHW, BFCHW or BCHW, not {opts['tensor_format']!r}"
+        )
 
     # the batched [uncond, cond] inputs FasterCache splits to skip the uncond half: diffusers' list, plus the
     # conditioning DiT (class_labels) and SD3 (pooled_projections) also batch, as their users would add
@@ -204,9 +220,12 @@ def _apply_fastercache(pipe, opts, steps, run_once):
 
     def make(context):
         try:
-            return FasterCacheConfig(**opts, attention_weight_callback=lambda _module: weight,
-                                     current_timestep_callback=context.current_timestep,
-                                     _unconditional_conditional_input_kwargs_identifiers=split)
+            return FasterCacheConfig(
+                **opts,
+                attention_weight_callback=lambda _module: weight,
+                current_timestep_callback=context.current_timestep,
+                _unconditional_conditional_input_kwargs_identifiers=split,
+            )
         except (TypeError, ValueError) as e:
             raise config_error("diffusers-fastercache", e) from None
 
@@ -214,8 +233,15 @@ def _apply_fastercache(pipe, opts, steps, run_once):
         return _apply_diffusers_cache(pipe, "FasterCache", make, apply_faster_cache)
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_TAYLORSEER_DEFAULT_IDENTIFIERS = [r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.(attn\d*|ff|ff_context)"]
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_TAYLORSEER_DEFAULT_IDENTIFIERS = [
+    r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.(attn\d*|ff|ff_context)"
+]
 
 
 def _apply_taylorseer(pipe, opts, steps, run_once):
@@ -225,9 +251,15 @@ def _apply_taylorseer(pipe, opts, steps, run_once):
     dtype = opts["taylor_factors_dtype"]
     if isinstance(dtype, str):
         if dtype.removeprefix("torch.") not in _DTYPES:
-            raise DitscopeError(f"diffusers-taylorseer taylor_factors_dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
+            raise DitscopeError(
+                f"diffusers-taylorseer taylor_factors_dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}"
+            )
         opts["taylor_factors_dtype"] = _DTYPES[dtype.removeprefix("torch.")]
-    if opts["cache_identifiers"] is None and opts["skip_predict_identifiers"] is None and not opts["use_lite_mode"]:
+    if (
+        opts["cache_identifiers"] is None
+        and opts["skip_predict_identifiers"] is None
+        and not opts["use_lite_mode"]
+    ):
         opts["cache_identifiers"] = list(_TAYLORSEER_DEFAULT_IDENTIFIERS)
     try:
         config = TaylorSeerCacheConfig(**opts)
@@ -248,8 +280,12 @@ def _calibrate_magcache(pipe, steps: int, run_once) -> list[float]:
     cached = _MAG_RATIOS.get(pipe.transformer, {}).get(key)
     if cached is not None:
         return list(cached)
-    remove = _apply_diffusers_cache(pipe, "MagCache", lambda context: MagCacheConfig(calibrate=True, num_inference_steps=steps),
-                                    apply_mag_cache)
+    remove = _apply_diffusers_cache(
+        pipe,
+        "MagCache",
+        lambda context: MagCacheConfig(calibrate=True, num_inference_steps=steps),
+        apply_mag_cache,
+    )
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
@@ -269,8 +305,10 @@ def _calibrate_magcache(pipe, steps: int, run_once) -> list[float]:
         sys.stdout.write("\n".join(rest) + "\n")
     if not ratios or len(ratios) != steps:
         got = "no ratios" if not ratios else f"{len(ratios)} ratios"
-        raise PeerUnavailable(f"diffusers MagCache calibration gave {got} for {steps} steps: run_once must run the "
-                              f"pipeline once with num_inference_steps={steps}")
+        raise PeerUnavailable(
+            f"diffusers MagCache calibration gave {got} for {steps} steps: run_once must run the "
+            f"pipeline once with num_inference_steps={steps}"
+        )
     _MAG_RATIOS.setdefault(pipe.transformer, {})[key] = list(ratios)
     return ratios
 
@@ -282,115 +320,146 @@ def _apply_magcache(pipe, opts, steps, run_once):
     if ratios is None:
         ratios = _calibrate_magcache(pipe, steps, run_once)
     try:
-        config = MagCacheConfig(threshold=opts["threshold"], max_skip_steps=opts["max_skip_steps"],
-                                retention_ratio=opts["retention_ratio"], num_inference_steps=steps,
-                                mag_ratios=torch.as_tensor(ratios, dtype=torch.float32))
+        config = MagCacheConfig(
+            threshold=opts["threshold"],
+            max_skip_steps=opts["max_skip_steps"],
+            retention_ratio=opts["retention_ratio"],
+            num_inference_steps=steps,
+            mag_ratios=torch.as_tensor(ratios, dtype=torch.float32),
+        )
     except (TypeError, ValueError, RuntimeError) as e:
         raise config_error("diffusers-magcache", e) from None
     return _apply_diffusers_cache(pipe, "MagCache", lambda context: config, apply_mag_cache)
 
 
-register_peer(Peer(
-    "diffusers-pab", "diffusers",
-    "diffusers Pyramid Attention Broadcast: reuse self-/cross-attention outputs every N steps in a timestep window",
-    defaults={
-    "spatial_attention_block_skip_range": 2,
-    "cross_attention_block_skip_range": None,
-    "temporal_attention_block_skip_range": None,
-    "spatial_attention_timestep_skip_range": (100, 800),
-    "cross_attention_timestep_skip_range": (100, 800),
-    "temporal_attention_timestep_skip_range": (100, 800),
-},
-    grid=[  # near-lossless to aggressive
-        {"spatial_attention_block_skip_range": 2},
-        {"spatial_attention_block_skip_range": 2, "cross_attention_block_skip_range": 4},
-        {"spatial_attention_block_skip_range": 3, "cross_attention_block_skip_range": 6,
-         "spatial_attention_timestep_skip_range": (0, 1000), "cross_attention_timestep_skip_range": (0, 1000)},
-    ],
-    apply=_apply_pab,
-    nullable=frozenset({"spatial_attention_block_skip_range"}),
-    knob=Knob("spatial_attention_block_skip_range", 2, 10, integer=True),
-))
+register_peer(
+    Peer(
+        "diffusers-pab",
+        "diffusers",
+        "diffusers Pyramid Attention Broadcast: reuse self-/cross-attention outputs every N steps in a timestep window",
+        defaults={
+            "spatial_attention_block_skip_range": 2,
+            "cross_attention_block_skip_range": None,
+            "temporal_attention_block_skip_range": None,
+            "spatial_attention_timestep_skip_range": (100, 800),
+            "cross_attention_timestep_skip_range": (100, 800),
+            "temporal_attention_timestep_skip_range": (100, 800),
+        },
+        grid=[  # near-lossless to aggressive
+            {"spatial_attention_block_skip_range": 2},
+            {"spatial_attention_block_skip_range": 2, "cross_attention_block_skip_range": 4},
+            {
+                "spatial_attention_block_skip_range": 3,
+                "cross_attention_block_skip_range": 6,
+                "spatial_attention_timestep_skip_range": (0, 1000),
+                "cross_attention_timestep_skip_range": (0, 1000),
+            },
+        ],
+        apply=_apply_pab,
+        nullable=frozenset({"spatial_attention_block_skip_range"}),
+        knob=Knob("spatial_attention_block_skip_range", 2, 10, integer=True),
+    )
+)
 
 
-register_peer(Peer(
-    "diffusers-fbcache", "diffusers",
-    "diffusers First Block Cache: skip the remaining blocks when the first block's residual barely changed",
-    defaults={"threshold": 0.05},
-    grid=[{"threshold": 0.08}, {"threshold": 0.15}, {"threshold": 0.3}],
-    apply=_apply_fbcache,
-    knob=Knob("threshold", 0.005, 1.0, log=True),
-))
+register_peer(
+    Peer(
+        "diffusers-fbcache",
+        "diffusers",
+        "diffusers First Block Cache: skip the remaining blocks when the first block's residual barely changed",
+        defaults={"threshold": 0.05},
+        grid=[{"threshold": 0.08}, {"threshold": 0.15}, {"threshold": 0.3}],
+        apply=_apply_fbcache,
+        knob=Knob("threshold", 0.005, 1.0, log=True),
+    )
+)
 
 
-register_peer(Peer(
-    "diffusers-fastercache", "diffusers",
-    "diffusers FasterCache: extrapolate self-attention between steps and approximate the uncond branch (CFG-Cache)",
-    defaults={
-    "spatial_attention_block_skip_range": 2,
-    "spatial_attention_timestep_skip_range": (-1, 681),
-    "unconditional_batch_skip_range": 5,
-    "unconditional_batch_timestep_skip_range": (-1, 641),
-    "low_frequency_weight_update_timestep_range": (99, 901),
-    "high_frequency_weight_update_timestep_range": (-1, 301),
-    "alpha_low_frequency": 1.1,
-    "alpha_high_frequency": 1.1,
-    "attention_weight": 0.5,  # -> attention_weight_callback=lambda _: attention_weight
-    "tensor_format": None,  # None: BCFHW for video transformers, BCHW otherwise
-    "is_guidance_distilled": False,
-},
-    grid=[  # near-lossless to aggressive (rows: the uncond half is skipped, not the call)
-        {"spatial_attention_block_skip_range": 2, "unconditional_batch_skip_range": 3},
-        {"spatial_attention_block_skip_range": 2, "unconditional_batch_skip_range": 3,
-         "spatial_attention_timestep_skip_range": (-1, 901), "unconditional_batch_timestep_skip_range": (-1, 801)},
-        {"spatial_attention_block_skip_range": 3, "unconditional_batch_skip_range": 5,
-         "spatial_attention_timestep_skip_range": (-1, 901), "unconditional_batch_timestep_skip_range": (-1, 801)},
-    ],
-    apply=_apply_fastercache,
-    nullable=frozenset({"spatial_attention_block_skip_range"}),
-    knob=Knob("spatial_attention_block_skip_range", 2, 10, integer=True),
-))
+register_peer(
+    Peer(
+        "diffusers-fastercache",
+        "diffusers",
+        "diffusers FasterCache: extrapolate self-attention between steps and approximate the uncond branch (CFG-Cache)",
+        defaults={
+            "spatial_attention_block_skip_range": 2,
+            "spatial_attention_timestep_skip_range": (-1, 681),
+            "unconditional_batch_skip_range": 5,
+            "unconditional_batch_timestep_skip_range": (-1, 641),
+            "low_frequency_weight_update_timestep_range": (99, 901),
+            "high_frequency_weight_update_timestep_range": (-1, 301),
+            "alpha_low_frequency": 1.1,
+            "alpha_high_frequency": 1.1,
+            "attention_weight": 0.5,  # -> attention_weight_callback=lambda _: attention_weight
+            "tensor_format": None,  # None: BCFHW for video transformers, BCHW otherwise
+            "is_guidance_distilled": False,
+        },
+        grid=[  # near-lossless to aggressive (rows: the uncond half is skipped, not the call)
+            {"spatial_attention_block_skip_range": 2, "unconditional_batch_skip_range": 3},
+            {
+                "spatial_attention_block_skip_range": 2,
+                "unconditional_batch_skip_range": 3,
+                "spatial_attention_timestep_skip_range": (-1, 901),
+                "unconditional_batch_timestep_skip_range": (-1, 801),
+            },
+            {
+                "spatial_attention_block_skip_range": 3,
+                "unconditional_batch_skip_range": 5,
+                "spatial_attention_timestep_skip_range": (-1, 901),
+                "unconditional_batch_timestep_skip_range": (-1, 801),
+            },
+        ],
+        apply=_apply_fastercache,
+        nullable=frozenset({"spatial_attention_block_skip_range"}),
+        knob=Knob("spatial_attention_block_skip_range", 2, 10, integer=True),
+    )
+)
 
 
-register_peer(Peer(
-    "diffusers-taylorseer", "diffusers",
-    "diffusers TaylorSeer: forecast attention/feed-forward outputs with a Taylor series between full steps",
-    defaults={
-    "cache_interval": 5,
-    "disable_cache_before_step": 3,
-    "disable_cache_after_step": None,
-    "max_order": 1,
-    "taylor_factors_dtype": "float32",
-    # None: every block's attention and feed-forward modules (what the TaylorSeer paper caches);
-    # diffusers' own default patterns only match modules named exactly "attn", i.e. none in PixArt.
-    "cache_identifiers": None,
-    "skip_predict_identifiers": None,
-    "use_lite_mode": False,
-},
-    grid=[  # near-lossless to aggressive
-        {"cache_interval": 2, "disable_cache_before_step": 5},
-        {"cache_interval": 3, "disable_cache_before_step": 5},
-        {"cache_interval": 4, "disable_cache_before_step": 4},
-    ],
-    apply=_apply_taylorseer,
-    knob=Knob("cache_interval", 2, 10, integer=True),
-))
+register_peer(
+    Peer(
+        "diffusers-taylorseer",
+        "diffusers",
+        "diffusers TaylorSeer: forecast attention/feed-forward outputs with a Taylor series between full steps",
+        defaults={
+            "cache_interval": 5,
+            "disable_cache_before_step": 3,
+            "disable_cache_after_step": None,
+            "max_order": 1,
+            "taylor_factors_dtype": "float32",
+            # None: every block's attention and feed-forward modules (what the TaylorSeer paper caches);
+            # diffusers' own default patterns only match modules named exactly "attn", i.e. none in PixArt.
+            "cache_identifiers": None,
+            "skip_predict_identifiers": None,
+            "use_lite_mode": False,
+        },
+        grid=[  # near-lossless to aggressive
+            {"cache_interval": 2, "disable_cache_before_step": 5},
+            {"cache_interval": 3, "disable_cache_before_step": 5},
+            {"cache_interval": 4, "disable_cache_before_step": 4},
+        ],
+        apply=_apply_taylorseer,
+        knob=Knob("cache_interval", 2, 10, integer=True),
+    )
+)
 
 
-register_peer(Peer(
-    "diffusers-magcache", "diffusers",
-    "diffusers MagCache: skip steps while the calibrated residual-magnitude ratios say the error stays small",
-    defaults={
-    "threshold": 0.06,
-    "max_skip_steps": 3,
-    "retention_ratio": 0.2,
-    "mag_ratios": None,  # None: calibrate with run_once()
-},
-    grid=[  # near-lossless to aggressive
-        {"threshold": 0.01, "max_skip_steps": 1},
-        {"threshold": 0.03, "max_skip_steps": 2},
-        {"threshold": 0.12, "max_skip_steps": 4},
-    ],
-    apply=_apply_magcache,
-    knob=Knob("threshold", 0.01, 3.0, log=True),
-))
+register_peer(
+    Peer(
+        "diffusers-magcache",
+        "diffusers",
+        "diffusers MagCache: skip steps while the calibrated residual-magnitude ratios say the error stays small",
+        defaults={
+            "threshold": 0.06,
+            "max_skip_steps": 3,
+            "retention_ratio": 0.2,
+            "mag_ratios": None,  # None: calibrate with run_once()
+        },
+        grid=[  # near-lossless to aggressive
+            {"threshold": 0.01, "max_skip_steps": 1},
+            {"threshold": 0.03, "max_skip_steps": 2},
+            {"threshold": 0.12, "max_skip_steps": 4},
+        ],
+        apply=_apply_magcache,
+        knob=Knob("threshold", 0.01, 3.0, log=True),
+    )
+)

@@ -91,8 +91,9 @@ def relative_l1(current: torch.Tensor, earlier: torch.Tensor) -> float:
     return float((current - earlier).abs().sum() / current.abs().sum().clamp_min(1e-30))
 
 
-def calibration(transformer, run: Callable[[], object], steps: int, components: list[str],
-                lookahead: int) -> dict[str, list[list[float | None]]]:
+def calibration(
+    transformer, run: Callable[[], object], steps: int, components: list[str], lookahead: int
+) -> dict[str, list[list[float | None]]]:
     """Run `run()` (the uncached pipeline over the calibration prompts) and return, per component type
     (`component_type(list, name)`), errors[t][k - 1]: the relative L1 error of its output at step t against
     step t - k, averaged over the list's blocks and the pipeline calls (None where t < k)."""
@@ -118,6 +119,7 @@ def calibration(transformer, run: Callable[[], object], steps: int, components: 
                 sums[kind][t][k - 1] += relative_l1(y, earlier)
                 counts[kind][t][k - 1] += 1
             history[key] = [y.clone(), *history[key]][:lookahead]
+
         return hook
 
     handles = []
@@ -133,15 +135,24 @@ def calibration(transformer, run: Callable[[], object], steps: int, components: 
             h.remove()
     odd = sorted({n for n in calls.values() if n == 0 or n % steps})
     if odd:
-        raise PeerUnavailable(f"SmoothCache calibration: a component ran {odd[0]} times, not a multiple of "
-                              f"{steps} steps (one transformer call per step is needed: guidance batched)")
-    return {k: [[sums[k][t][j] / counts[k][t][j] if counts[k][t][j] else None for j in range(lookahead)]
-                for t in range(steps)] for k in kinds}
+        raise PeerUnavailable(
+            f"SmoothCache calibration: a component ran {odd[0]} times, not a multiple of "
+            f"{steps} steps (one transformer call per step is needed: guidance batched)"
+        )
+    return {
+        k: [
+            [sums[k][t][j] / counts[k][t][j] if counts[k][t][j] else None for j in range(lookahead)]
+            for t in range(steps)
+        ]
+        for k in kinds
+    }
 
 
 def _unsupported(transformer, components: list[str]) -> str:
-    return (f"SmoothCache wraps {', '.join(components)} of diffusers BasicTransformerBlocks (DiT, PixArt, Latte); "
-            f"{type(transformer).__name__} has none")
+    return (
+        f"SmoothCache wraps {', '.join(components)} of diffusers BasicTransformerBlocks (DiT, PixArt, Latte); "
+        f"{type(transformer).__name__} has none"
+    )
 
 
 def schedule_from_errors(errors: list[list[float | None]], alpha: float) -> list[int]:
@@ -206,9 +217,15 @@ def _apply_smoothcache(pipe, opts, steps, run_once, calibrate):
     own = {id(m): vars(m).get("forward") for m in transformer.modules()}
     # one helper per block list (its schedule keys are component names only: Latte's spatial and temporal
     # attention get their own schedules), each over a ModuleList of that list's blocks
-    helpers = [smooth_cache_helper.SmoothCacheHelper(
-        model=torch.nn.ModuleList(blocks), block_classes=BasicTransformerBlock, components_to_wrap=list(have),
-        schedule={c: schedule[component_type(lst, c)] for c in have}) for lst, (blocks, have) in lists.items()]
+    helpers = [
+        smooth_cache_helper.SmoothCacheHelper(
+            model=torch.nn.ModuleList(blocks),
+            block_classes=BasicTransformerBlock,
+            components_to_wrap=list(have),
+            schedule={c: schedule[component_type(lst, c)] for c in have},
+        )
+        for lst, (blocks, have) in lists.items()
+    ]
     patches = Patches()
     own_print = vars(smooth_cache_helper).get("print", _ABSENT)
     smooth_cache_helper.print = _quiet  # the runtime prints on every wrapped call
@@ -218,6 +235,7 @@ def _apply_smoothcache(pipe, opts, steps, run_once, calibrate):
             for helper in helpers:
                 helper.reset_state()
             return inner(*args, **kwargs)
+
         return set_timesteps
 
     def cleanup():
@@ -225,7 +243,9 @@ def _apply_smoothcache(pipe, opts, steps, run_once, calibrate):
             for helper in helpers:
                 helper.disable()
         finally:
-            for m in transformer.modules():  # disable() leaves the original bound forward as an instance attribute
+            for m in (
+                transformer.modules()
+            ):  # disable() leaves the original bound forward as an instance attribute
                 if "forward" in vars(m) and own.get(id(m)) is None:
                     del m.forward
             patches.restore()
@@ -256,14 +276,17 @@ def _apply_smoothcache(pipe, opts, steps, run_once, calibrate):
     return remove
 
 
-register_peer(Peer(
-    "smoothcache", "smoothcache",
-    "SmoothCache: per component type (attention, cross-attention, feed-forward) x step reuse, calibrated greedily "
-    "under an error threshold alpha",
-    defaults={"alpha": 0.15, "lookahead": 3, "components": COMPONENTS},
-    grid=[{"alpha": 0.08}, {"alpha": 0.15}, {"alpha": 0.3}],  # tiny-pixart, 20 steps: 38 / 33 / 28 dB
-    apply=_apply_smoothcache,
-    knob=Knob("alpha", 0.01, 1.0, log=True),
-    package="SmoothCache",
-    calibrates=True,
-))
+register_peer(
+    Peer(
+        "smoothcache",
+        "smoothcache",
+        "SmoothCache: per component type (attention, cross-attention, feed-forward) x step reuse, calibrated greedily "
+        "under an error threshold alpha",
+        defaults={"alpha": 0.15, "lookahead": 3, "components": COMPONENTS},
+        grid=[{"alpha": 0.08}, {"alpha": 0.15}, {"alpha": 0.3}],  # tiny-pixart, 20 steps: 38 / 33 / 28 dB
+        apply=_apply_smoothcache,
+        knob=Knob("alpha", 0.01, 1.0, log=True),
+        package="SmoothCache",
+        calibrates=True,
+    )
+)

@@ -118,24 +118,35 @@ def _apply_tgate(pipe, opts, steps, run_once):
             x = hidden(args, kwargs)
             if state["cfg"] is None:  # the loop's first call: is guidance batched into it?
                 n = x.shape[0] if torch.is_tensor(x) and x.dim() else 1
-                state["cfg"] = n % 2 == 0 and torch.equal(x[: n // 2], x[n // 2:])
+                state["cfg"] = n % 2 == 0 and torch.equal(x[: n // 2], x[n // 2 :])
             step = state["step"]
             state["step"] += 1
-            ca, sa, keep_shape = tgate_scheduler(cur_step=step, gate_step=opts["gate_step"],
-                                                 sp_interval=opts["sp_interval"], fi_interval=opts["fi_interval"],
-                                                 warm_up=opts["warm_up"])
-            register_forward(transformer, "Attention", ca_kward=ca, sa_kward=sa,
-                             keep_shape=keep_shape if state["cfg"] else True)
+            ca, sa, keep_shape = tgate_scheduler(
+                cur_step=step,
+                gate_step=opts["gate_step"],
+                sp_interval=opts["sp_interval"],
+                fi_interval=opts["fi_interval"],
+                warm_up=opts["warm_up"],
+            )
+            register_forward(
+                transformer,
+                "Attention",
+                ca_kward=ca,
+                sa_kward=sa,
+                keep_shape=keep_shape if state["cfg"] else True,
+            )
             if state["cfg"] and step >= opts["gate_step"]:  # guidance dropped: the uncond branch alone
                 n = x.shape[0]
                 return _double(inner(*_halve(args, n), **_halve(kwargs, n)))
             return inner(*args, **kwargs)
+
         return forward
 
     def set_timesteps_wrapper(inner):
         def set_timesteps(*args, **kwargs):
             reset()
             return inner(*args, **kwargs)
+
         return set_timesteps
 
     patches.wrap(transformer, "forward", forward_wrapper)
@@ -161,13 +172,20 @@ def _apply_tgate(pipe, opts, steps, run_once):
     return remove
 
 
-register_peer(Peer(
-    "tgate", "t-gate",
-    "T-GATE: cross-attention cached after a gate step (guidance dropped there), self-attention cached on intervals",
-    # the package's defaults (gate_step=10 of its 25 PixArt steps)
-    defaults={"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2},
-    grid=[{"gate_step": 14}, {"gate_step": 10}, {"gate_step": 6}],  # tiny-pixart, 20 steps: 32 / 30 / 28 dB
-    apply=_apply_tgate,
-    knob=Knob("gate_step", 16, 2, integer=True),
-    package="tgate",
-))
+register_peer(
+    Peer(
+        "tgate",
+        "t-gate",
+        "T-GATE: cross-attention cached after a gate step (guidance dropped there), self-attention cached on intervals",
+        # the package's defaults (gate_step=10 of its 25 PixArt steps)
+        defaults={"gate_step": 10, "sp_interval": 5, "fi_interval": 1, "warm_up": 2},
+        grid=[
+            {"gate_step": 14},
+            {"gate_step": 10},
+            {"gate_step": 6},
+        ],  # tiny-pixart, 20 steps: 32 / 30 / 28 dB
+        apply=_apply_tgate,
+        knob=Knob("gate_step", 16, 2, integer=True),
+        package="tgate",
+    )
+)
