@@ -187,6 +187,7 @@ def test_adaptive_plan_between_static_and_uncached(pipe):
         {"stack": "CCRCRCRR", "transformer_blocks.2.attn1": "CRRCRRCR"},
         meta={"signal": [[None] + [0.05] * 7, [None] + [0.08] * 7]},
     )
+
     def run(config, prompts=PROMPTS):
         return generate(pipe, prompts, STEPS, batch_size=2) if config is None else _with(config, prompts)
 
