@@ -23,30 +23,7 @@ HERE = Path(__file__).parent
 )  # joint attention split at the model; cross-attention, split at the first block
 def test_every_method_under_context_parallelism_decides_alike_on_every_rank(family, split_by, tmp_path):
     out = tmp_path / family
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    try:  # a hang (ranks deciding differently) fails here instead of stalling CI
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                str(HERE / "cp_worker.py"),
-                str(out),
-                family,
-                split_by,
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(
-            f"2-rank run did not finish in 300 s (a collective waiting on a rank that skipped?): {e.stdout}"
-        )
+    done = _torchrun([str(HERE / "cp_worker.py"), str(out), family, split_by])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
     assert set(ranks[0]) == set(REGISTRY) - {"plan"}
@@ -69,29 +46,7 @@ def test_profiling_a_model_split_by_ulysses_measures_what_one_process_measures(f
     sums added over the ranks give the one-process distances, for every layer, target and token stream. The
     same for what a plan's calibration measures (a text every rank holds whole, Wan's, is not added up)."""
     out = tmp_path / family
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                str(HERE / "cp_worker.py"),
-                str(out),
-                family,
-                "ulysses",
-                "profile",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-rank profile did not finish in 300 s: {e.stdout}")
+    done = _torchrun([str(HERE / "cp_worker.py"), str(out), family, "ulysses", "profile"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for r in (0, 1):
         found = json.loads(Path(f"{out}.rank{r}.json").read_text())
@@ -168,29 +123,7 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
     ]
     one = CliRunner().invoke(app, [*args, "--out", "one.plan.json"])
     assert one.exit_code == 0, one.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    try:
-        two = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "-m",
-                "ditscope",
-                *args,
-                "--out",
-                "two.plan.json",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-rank plan did not finish in 300 s: {e.stdout}")
+    two = _torchrun(["-m", "ditscope", *args, "--out", "two.plan.json"])
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     a, b = (json.loads(Path(f).read_text()) for f in ("one.plan.json", "two.plan.json"))
     assert a["rows"] == b["rows"] and a["meta"]["predicted_speedup"] > 1.2  # a plan that saves work
@@ -231,35 +164,8 @@ def test_a_plan_run_in_another_layout_warns_or_is_refused():
 def test_bad_input_under_torchrun_is_one_line_on_every_rank_and_no_rank_waits(tmp_path):
     """Fewer calibration prompts than ranks: each rank refuses before any work (exit 2 each), no rank is left
     waiting in a collective, nothing is written."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "-m",
-                "ditscope",
-                "plan",
-                "tiny-pixart",
-                "--n-prompts",
-                "1",
-                "--steps",
-                "4",
-                "--out",
-                str(tmp_path / "p.plan.json"),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            cwd=tmp_path,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("a rank was left waiting")
+    args = ["plan", "tiny-pixart", "--n-prompts", "1", "--steps", "4", "--out", str(tmp_path / "p.plan.json")]
+    done = _two_ranks(args, tmp_path, timeout=240)
     message = "error: 2 ranks share 1 calibration prompts: give at least one per rank"
     assert done.stderr.count(message) == 2, done.stderr[-3000:]
     assert (
@@ -271,30 +177,22 @@ def test_bad_input_under_torchrun_is_one_line_on_every_rank_and_no_rank_waits(tm
     assert list(tmp_path.iterdir()) == []
 
 
-def _two_ranks(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 -m ditscope ARGS`; a hang fails the test instead of stalling it."""
+def _torchrun(program: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 PROGRAM` on CPU ranks; a hang (a rank left waiting in a
+    collective) fails the test instead of stalling CI."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     try:
         return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "-m",
-                "ditscope",
-                *args,
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=cwd,
+            [*launcher, *program], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
         )
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2 ranks did not finish {args[0]} in {timeout} s (a rank left waiting?): {e.stdout}")
+        pytest.fail(f"2 ranks did not finish {program[:3]} in {timeout} s (a rank left waiting?): {e.stdout}")
+
+
+def _two_ranks(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m ditscope ARGS`."""
+    return _torchrun(["-m", "ditscope", *args], cwd, timeout)
 
 
 def _one_process(args: list[str]):
