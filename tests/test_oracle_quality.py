@@ -650,7 +650,7 @@ def _capture(monkeypatch):
     both score through it). Timings are not under test here: every timed run is skipped and takes 1 s."""
     from ditscope.planning import planner
 
-    monkeypatch.setattr(planner, "_timed", lambda fn, repeats=3, warmup=True: 1.0)
+    monkeypatch.setattr(planner, "median_seconds", lambda fn, repeats=3, warmup=True: 1.0)
 
     seen: dict[str, tuple] = {}
     current: list[str] = []
@@ -679,6 +679,7 @@ def expected_calibration(images, reference) -> dict:
         "psnr": o_mean(psnr),
         "psnr_lo": o_bootstrap_replica(psnr)[0],
         "psnr_min": min(psnr),
+        "psnr_p5": o_percentile(psnr, 5),
         "ssim": o_mean(ssim),
         "ssim_lo": o_bootstrap_replica(ssim)[0],
     }
@@ -714,7 +715,9 @@ def test_tune_calibration_quality_matches_the_oracle(pixart, monkeypatch, one_th
     for entry in result.meta["trace"]:
         key = json.dumps(["fora", {"interval": entry["interval"]}], sort_keys=True)
         check_rounded({k: v for k, v in entry.items() if k != "interval"}, expected[key], f"trace {entry}")
-    pattern = re.compile(r"fora interval=(\d+): PSNR ([\d.]+) dB \(lower ([\d.]+)\), SSIM ([\d.]+)")
+    pattern = re.compile(
+        r"fora interval=(\d+): PSNR ([\d.]+) dB \(lower ([\d.]+), worst images ([\d.]+)\), SSIM ([\d.]+)"
+    )
     printed = [pattern.search(line) for line in lines]
     printed = [m for m in printed if m]
     assert printed
@@ -723,8 +726,9 @@ def test_tune_calibration_quality_matches_the_oracle(pixart, monkeypatch, one_th
         assert (
             abs(float(m[2]) - want["psnr"]) <= 0.005 + 1e-4
             and abs(float(m[3]) - want["psnr_lo"]) <= 0.005 + 1e-4
+            and abs(float(m[4]) - want["psnr_p5"]) <= 0.005 + 1e-4
         )
-        assert abs(float(m[4]) - want["ssim"]) <= 0.0005 + 1e-4
+        assert abs(float(m[5]) - want["ssim"]) <= 0.0005 + 1e-4
 
 
 def test_plan_quality_and_finalists_match_the_oracle(pixart, monkeypatch, one_thread):
