@@ -324,3 +324,11 @@ def pick_device(name: str) -> str:
     if name.startswith("cuda:") and int(name.split(":")[1]) >= torch.cuda.device_count():
         raise DitscopeError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a clock read after it counts it."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..errors import DitscopeError
 from ..parallel import agree
+from ..runtime import synchronize
 from .context import Context
 from .flops import flop_counter
 from .layout import BlockSite, Site, unit_kind
@@ -126,10 +127,10 @@ class Calibrator(CacheMethod):
                 out = run(*args, **kwargs)
             self.flops[unit] = float(counter.get_total_flops())
             return out
-        _sync()
+        synchronize()
         start = time.perf_counter()
         out = run(*args, **kwargs)
-        _sync()
+        synchronize()
         self.seconds[unit].append(time.perf_counter() - start)
         return out
 
@@ -193,14 +194,14 @@ class Calibrator(CacheMethod):
 
     def before_call(self, ctx: Context):
         if not ctx.prefix:  # the stack is timed and measured on the (first) transformer the profile describes
-            _sync()
+            synchronize()
             self.started = time.perf_counter()
 
     def after_call(self, ctx: Context, out):
         """The stack: its blocks' residual errors summed, over the stream at the last block."""
         if ctx.prefix:
             return
-        _sync()
+        synchronize()
         self.seconds[STACK].append(time.perf_counter() - self.started)
         stack = ctx.state.pop("stack", None)
         if not stack or stack["abs"] is None:
@@ -211,11 +212,6 @@ class Calibrator(CacheMethod):
             self._add(
                 STACK, target, "inject", prompts, ctx.step, err / stack["abs"].clamp_min(1e-12) / branches
             )
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class TeaCacheProbe(CacheMethod):

@@ -55,12 +55,17 @@ def model_signature(model: torch.nn.Module) -> dict:
     """What a plan must match: the transformer's class and a hash of its config (its weights may differ). The
     config's private entries (`_name_or_path`: where it was loaded from; `_diffusers_version`) are left out: a
     plan made in one checkout or with one diffusers release holds in another."""
-    config = getattr(model, "config", None)
+    return {"class": type(model).__name__, "config_hash": config_hash(model)}
+
+
+def config_hash(owner) -> str:
+    """A hash of `owner.config` (a diffusers model's or scheduler's) without its private entries."""
+    config = getattr(owner, "config", None)
     public = {
         k: v for k, v in (dict(config) if config is not None else {}).items() if not str(k).startswith("_")
     }
     text = json.dumps(public, sort_keys=True, default=str)
-    return {"class": type(model).__name__, "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -18,6 +18,7 @@ from ..runtime import (
     torch_dtype,
 )
 from .common import app, user_errors
+from .plan import seed_of_prompts
 
 
 @app.command()
@@ -99,11 +100,7 @@ def bench(
         raise DitscopeError("--prompts, --seeds and --batch-size must be at least 1")
     if repeats < 0:
         raise DitscopeError(f"--repeats must be 0 (not timed: FLOPs only) or more, got {repeats}")
-    if prompt_file is not None and prompt_seed is not None:
-        raise DitscopeError(
-            f"--prompt-seed draws zoo prompts; it does not apply to the prompts of {prompt_file}: drop it"
-        )
-    prompt_seed = 3000 if prompt_seed is None else prompt_seed
+    prompt_seed = seed_of_prompts(prompt_file, prompt_seed, default=3000)
     if prompt_seed < 0:
         raise DitscopeError(f"--prompt-seed must be 0 or more, got {prompt_seed}")
     if calibration_seed < 0:

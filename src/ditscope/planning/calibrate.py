@@ -19,7 +19,6 @@ seconds (median per call, this machine) and FLOPs of each unit in its metadata.
 
 from __future__ import annotations
 
-import json
 import statistics
 
 import numpy as np
@@ -29,7 +28,7 @@ from ..artifact import Profile, profile_column, sha256_of
 from ..cache.context import Context
 from ..cache.engine import CacheHandle
 from ..cache.observe import Calibrator
-from ..cache.schedule_data import STACK, model_signature, weights_fingerprint
+from ..cache.schedule_data import STACK, config_hash, model_signature, weights_fingerprint
 from ..errors import DitscopeError
 from ..parallel import launched
 from ..profiling.workload import data_parallel, from_first, gather, generate
@@ -44,12 +43,9 @@ def pipeline_identity(pipe) -> dict:
     from ..cache.layout import find_transformer
 
     scheduler = getattr(pipe, "scheduler", None)
-    config = {
-        k: v for k, v in dict(getattr(scheduler, "config", None) or {}).items() if not str(k).startswith("_")
-    }
     return {
         "weights": weights_fingerprint(find_transformer(pipe)[0]),
-        "scheduler": f"{type(scheduler).__name__} {sha256_of(json.loads(json.dumps(config, default=str)))[:16]}",
+        "scheduler": f"{type(scheduler).__name__} {config_hash(scheduler)}",
     }
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..parallel import launched, sequence_group
+from ..runtime import synchronize
 
 SEED_STRIDE = (
     100_003  # a prime above any prompt count: seed s's samples never share a generator with seed s+1's
@@ -36,12 +37,6 @@ def sample_seed(seed: int, index: int) -> int:
 def samples(output):
     """What a pipeline call produced: `.frames` of a video pipeline, else `.images`."""
     return output.frames if hasattr(output, "frames") else output.images
-
-
-def synchronize():
-    """Wait for queued GPU work, so that a clock read after it counts it."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 @dataclass
