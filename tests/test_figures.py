@@ -28,7 +28,8 @@ from ditscope.study import report
 METRICS = ("l1", "rel_l1", "cos")
 TARGETS = ("k", "v", "a")
 N_PROMPTS, N_LAYERS, N_STEPS = 5, 3, 8  # 7 distances (steps 1..7)
-NOT_RUN_STACK, NOT_RUN_BLOCK = 3, 4  # the plan heatmap's categories past compute 0, forecast 1, reuse 2
+# the plan heatmap's categories past compute 0, linear forecast 1, reuse 2, Taylor forecast 3, fitted forecast 4
+NOT_RUN_STACK, NOT_RUN_BLOCK = 5, 6
 
 
 def build_profile(seed: int = 0) -> Profile:
@@ -90,7 +91,7 @@ def oracle_categories(rows: dict[str, str]) -> list[list[int]]:
     """Per unit and step what runs, after the engine (ScheduleMethod.table): a block is served whole where
     the stack row of its transformer says R or F (else its own row decides), and a module runs only where
     its block runs."""
-    code = {"C": 0, "F": 1, "R": 2}
+    code = {"C": 0, "F": 1, "R": 2, "T": 3, "L": 4}
     out = []
     for unit, row in rows.items():
         line = []
@@ -103,9 +104,9 @@ def oracle_categories(rows: dict[str, str]) -> list[list[int]]:
         for t, action in enumerate(row):
             if is_stack:
                 line.append(code[action])
-            elif stack is not None and stack[t] in "RF":
+            elif stack is not None and stack[t] != "C":
                 line.append(NOT_RUN_STACK)
-            elif block in rows and rows[block][t] in "RF":
+            elif block in rows and rows[block][t] != "C":
                 line.append(NOT_RUN_BLOCK)
             else:
                 line.append(code[action])
@@ -116,10 +117,14 @@ def oracle_categories(rows: dict[str, str]) -> list[list[int]]:
 def test_cell_categories_by_hand():
     assert (show.NOT_RUN_STACK, show.NOT_RUN_BLOCK) == (NOT_RUN_STACK, NOT_RUN_BLOCK)
     plan = Schedule(
-        {"stack": "CCRCFC", "transformer_blocks.0.attn1": "CFCRCC", "transformer_blocks.0.ff": "CCCCCR"}
+        {"stack": "CCRCFC", "transformer_blocks.0.attn1": "CFCRCT", "transformer_blocks.0.ff": "CCCCCL"}
     )
-    r, f, c, s = 2, 1, 0, NOT_RUN_STACK
-    assert show.cell_categories(plan).tolist() == [[c, c, r, c, f, c], [c, f, s, r, s, c], [c, c, s, c, s, r]]
+    r, f, c, s, t, fit = 2, 1, 0, NOT_RUN_STACK, 3, 4
+    assert show.cell_categories(plan).tolist() == [
+        [c, c, r, c, f, c],
+        [c, f, s, r, s, t],
+        [c, c, s, c, s, fit],
+    ]
 
 
 def test_cell_categories_oracle_and_drawn_grid(tmp_path):
@@ -137,7 +142,7 @@ def test_cell_categories_oracle_and_drawn_grid(tmp_path):
         "transformer_2.blocks.1",
         "transformer_2.blocks.1.attn1",
     ]
-    rows = {u: "C" + "".join(rng.choice(list("CCRF"), steps - 1)) for u in units}
+    rows = {u: "C" + "".join(rng.choice(list("CCRFTL"), steps - 1)) for u in units}
     rows["stack"] = "CCRCFCCRC"  # both served kinds at known steps
     rows["transformer_2.stack"] = "CCCCCRCCC"
     plan = Schedule(rows, {"target": "psnr=40", "model": {"class": "Hand"}})
@@ -147,7 +152,7 @@ def test_cell_categories_oracle_and_drawn_grid(tmp_path):
     assert got.tolist() == expected.tolist()
     assert (got[:, 2] == NOT_RUN_STACK)[1:6].all() and (got[:, 4] == NOT_RUN_STACK)[1:6].all()
     assert (got[7:, 5] == NOT_RUN_STACK).all()  # transformer 2 follows its own stack row only
-    assert got[0].tolist() == [{"C": 0, "F": 1, "R": 2}[a] for a in rows["stack"]]
+    assert got[0].tolist() == [{"C": 0, "F": 1, "R": 2, "T": 3, "L": 4}[a] for a in rows["stack"]]
 
     fig = show.heatmap_figure(plan)
     ax = fig.axes[0]
@@ -155,7 +160,12 @@ def test_cell_categories_oracle_and_drawn_grid(tmp_path):
     hatched = sum(len(col.get_paths()) for col in ax.collections if isinstance(col, PatchCollection))
     assert hatched == int(np.isin(expected, (NOT_RUN_STACK, NOT_RUN_BLOCK)).sum())
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend[:3] == ["compute", "forecast", "reuse"]
+    assert legend[:3] == ["compute", "forecast (linear)", "reuse"]
+    for code, name in (
+        (3, "forecast (Taylor, second order)"),
+        (4, "forecast (fitted)"),
+    ):  # drawn where present
+        assert (name in legend) == bool((expected == code).any())
     assert "not run: stack reused/forecast" in legend
     assert ("not run: block reused/forecast" in legend) == bool((expected == NOT_RUN_BLOCK).any())
     assert list(ax.get_xticks()) == list(range(steps))  # every step, counted from 0 as the plan does

@@ -61,10 +61,10 @@ def test_dp_row_is_the_cheapest_path():
     """Three steps, lag-1 error 1 and lag-2 error 10: with price 1 and cost 5, reuse once then compute."""
     reuse = np.full((4, 3), np.inf)
     reuse[1:, 1], reuse[2:, 2] = 1.0, 10.0
-    assert plan_row(reuse, None, 5.0, 1.0, [True] * 4) == "CRCR"
-    assert plan_row(reuse, None, 5.0, 100.0, [True] * 4) == "CCCC"
+    assert plan_row({"R": reuse}, 5.0, 1.0, [True] * 4) == "CRCR"
+    assert plan_row({"R": reuse}, 5.0, 100.0, [True] * 4) == "CCCC"
     # step 1 does not run (the stack skips it): step 2 is two steps from the compute, too costly to serve
-    assert plan_row(reuse, None, 5.0, 1.0, [True, False, True, True]) == "CCCR"
+    assert plan_row({"R": reuse}, 5.0, 1.0, [True, False, True, True]) == "CCCR"
 
 
 def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
@@ -123,21 +123,24 @@ def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
                 "transformer_blocks.3": "C" * STEPS,
             },
         ),
+        (  # FORA's schedule with a second-order Taylor forecast: a plan's T
+            ditscope.TaylorSeerConfig(interval=3, order=2, warmup=1),
+            {"transformer_blocks.0.attn1": "CTTCTTCT", "transformer_blocks.7.ff": "CTTCTTCT"},
+        ),
     ],
 )
 def test_static_methods_are_schedules_the_engine_looks_up(pipe, tmp_path, config, rows):
-    """FORA and Delta-DiT are policies compiled to a Schedule: their table is readable, and running it as a
-    plan is the method itself, image for image and count for count."""
+    """FORA, Delta-DiT and TaylorSeer are policies compiled to a Schedule: their table is readable, and running
+    it as a plan is the method itself, image for image and count for count."""
     schedule = ditscope.schedule_of(pipe, config, STEPS)
     for unit, row in rows.items():
         assert schedule.rows[unit] == row
     if isinstance(config, ditscope.FORAConfig) and "self" not in config.kinds:
         assert "transformer_blocks.2.attn1" not in schedule.rows  # kinds it does not cache always compute
-    counts = (
-        ["computed", "reused"]
-        if isinstance(config, ditscope.FORAConfig)
-        else ["blocks_computed", "blocks_reused"]
-    )
+    counts = {
+        ditscope.FORAConfig: ["computed", "reused"],
+        ditscope.TaylorSeerConfig: ["computed", "predicted"],
+    }.get(type(config), ["blocks_computed", "blocks_reused"])
     outputs = []
     for c in (config, ditscope.PlanConfig(Schedule.load(schedule.save(tmp_path / "p.plan.json")))):
         with ditscope.apply(pipe, c) as handle:
@@ -800,3 +803,67 @@ def test_kept_work_is_not_reused_for_other_weights_a_dtype_or_a_scheduler(pipe, 
         "calibration: resumed from the work folder",
         "reference: resumed from the work folder",
     ]
+
+
+def test_the_calibrated_forecasts_and_the_fitted_one_recomputed_from_the_raw_outputs(pipe):
+    """Each predictor's calibrated error at one module (mean absolute error per prompt, the mean over its
+    guidance branches) recomputed from the module's outputs captured at every step: reuse, the linear and the
+    second-order forecast by their formulas; the fitted forecast's weights by least squares over every
+    prompt, and its error from the weights fitted on the other prompts, scaled from the nearest measured
+    predictor by the root of their squared errors' ratio (calibrate.py). Three prompts, 7 steps, two
+    branches, and a module output of 256 tokens x 128 features: no two axes alike."""
+    prompts = [*PROMPTS, "a green triangle at the top"]
+    steps, n = 7, len(prompts)
+    module = pipe.transformer.transformer_blocks[0].attn1
+    outputs = []
+    hook = module.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().double().clone()))
+    try:
+        with torch.inference_mode():
+            cal, _ = calibrate(pipe, prompts, steps, batch_size=3, max_lag=2, forecast_lag=1)
+    finally:
+        hook.remove()
+    assert len(outputs) == steps and outputs[0].shape[0] == 2 * n  # one call per step, both branches batched
+    site, metric = "transformer_blocks.0.attn1", cal.metrics.index("l1")
+
+    def calibrated(target, p, t):
+        for i, (layer, tgt, _, _) in enumerate(cal.keys):
+            if cal.layer_names[layer] == site and tgt == target:
+                return float(cal.values[p, i, t - 1, metric])
+        raise KeyError(target)
+
+    def rows_of(p):  # the model rows of prompt p: its guidance branches
+        return [r for r in range(2 * n) if r % n == p]
+
+    def dot(a, b):
+        return float((a * b).sum())
+
+    for t in range(3, steps):  # three computes one step apart exist from step 3
+        y, y1, y2, y3 = (outputs[t - j] for j in range(4))
+        parts = {}  # prompt -> (r, d1, d2) per branch row
+        for p in range(n):
+            parts[p] = [(y[r] - y1[r], y1[r] - y2[r], y2[r] - y3[r]) for r in rows_of(p)]
+
+        def fit(ps, parts=parts):
+            g11 = sum(dot(d1, d1) for p in ps for _, d1, _ in parts[p])
+            g12 = sum(dot(d1, d2) for p in ps for _, d1, d2 in parts[p])
+            g22 = sum(dot(d2, d2) for p in ps for _, _, d2 in parts[p])
+            b1 = sum(dot(r, d1) for p in ps for r, d1, _ in parts[p])
+            b2 = sum(dot(r, d2) for p in ps for r, _, d2 in parts[p])
+            det = g11 * g22 - g12 * g12
+            return ((b1 * g22 - b2 * g12) / det, (b2 * g11 - b1 * g12) / det)
+
+        w = fit(range(n))
+        assert cal.meta["fitted_weights"][site][str(t)]["1"] == pytest.approx(list(w), rel=1e-4, abs=1e-6)
+        for p in range(n):
+            mae = {}
+            sse = {}
+            for name, (w1, w2) in {"reuse": (0, 0), "forecast": (1, 0), "taylor2": (1.5, -0.5)}.items():
+                errs = [(r - w1 * d1 - w2 * d2) for r, d1, d2 in parts[p]]
+                mae[name] = sum(float(e.abs().mean()) for e in errs) / len(errs)
+                sse[name] = sum(float((e * e).sum()) for e in errs)
+                assert calibrated(f"{name}@1", p, t) == pytest.approx(mae[name], rel=1e-4)
+            w1, w2 = fit([q for q in range(n) if q != p])
+            own = sum(float(((r - w1 * d1 - w2 * d2) ** 2).sum()) for r, d1, d2 in parts[p])
+            nearest = min(sse, key=sse.get)
+            expected = mae[nearest] * (own / sse[nearest]) ** 0.5
+            assert calibrated("fitted@1", p, t) == pytest.approx(expected, rel=1e-3)

@@ -1,9 +1,9 @@
 """The actions a cache method can take at a site, apart from the policies that choose them.
 
 A method is a policy: per (step, site) it chooses an action. Static policies (FORA, Delta-DiT, a plan) say
-their whole table up front and `schedule.ScheduleMethod` looks it up; policies that decide from what the
-model computes (FBCache, TeaCache, PAB's live timestep, ToCa) call these functions per call; TaylorSeer
-keeps its own, since its forecasts go beyond the Schedule's first-order `F`.
+their whole table up front and `schedule.ScheduleMethod` looks it up (TaylorSeer too: FORA's table with a
+Taylor predictor); policies that decide from what the model computes (FBCache, TeaCache, PAB's live
+timestep, ToCa) call these functions per call.
 - module sites: compute and keep the output, or serve the kept one (`cached_module`);
 - block sites: compute and keep the block's residual per stream, or add the kept residual (`run_block`).
   The sum of the per-block residuals of a run of blocks is the run's residual, so reusing every block
@@ -11,9 +11,9 @@ keeps its own, since its forecasts go beyond the Schedule's first-order `F`.
   blocks reshape the sequence in between (Latte's spatial and temporal blocks). Decisions can differ
   per batch row: rows that reuse take input + residual, rows that compute take the block's output, and
   the block runs only when some row computes, on those rows alone (`run_rows`).
-- a first-order forecast from the last two computed outputs (`forecast`, a Schedule's `F`);
+- what a served unit is made of (reuse, a Taylor or a fitted forecast) is a predictor (`predictors.py`);
 - the fixed-interval rule most policies start from (`full_step`: FORA, Delta-DiT, TaylorSeer, the planner).
-TaylorSeer's higher-order forecasts and ToCa's partial recompute keep their state in their own files.
+ToCa's partial recompute keeps its state in its own file.
 """
 
 from __future__ import annotations
@@ -126,16 +126,6 @@ def cached_module(ctx: Context, site: Site, run, args, kwargs, full: bool):
         return out
     ctx.count(REUSE, 0, tokens)
     return cache[site.index]
-
-
-def forecast(last, before, ratio: float):
-    """First-order Taylor forecast in the step: last + ratio * (last - before), over a tensor or a tuple of
-    them (`ratio`: steps ahead of the last compute, over the steps between the last two computes)."""
-    if isinstance(last, tuple):
-        return tuple(forecast(a, b, ratio) for a, b in zip(last, before))
-    if last is None:
-        return None
-    return torch.lerp(last, before, -ratio)
 
 
 def full_step(step: int, interval: int, warmup: int) -> bool:

@@ -23,6 +23,7 @@ from .context import Context
 from .flops import flop_counter
 from .layout import BlockSite, Site, unit_kind
 from .method import CacheMethod
+from .predictors import GRAM, LINEAR, TAYLOR2, gram_sums
 from .schedule_data import STACK
 from .teacache import modulated_input
 from .tensors import block_inputs, block_outputs, relative_change, row_abs_sums
@@ -58,12 +59,14 @@ class Calibrator(CacheMethod):
     def __init__(self, max_lag: int, forecast_lag: int):
         super().__init__(None)
         self.max_lag, self.forecast_lag = max_lag, forecast_lag
-        self.keep = max(max_lag, 2 * forecast_lag)
+        self.keep = max(max_lag, 3 * forecast_lag)
         self.n_prompts = 1
         self.prompt_offset = 0
         self.errors: dict = defaultdict(
             lambda: defaultdict(float)
         )  # (unit, target, metric) -> {(prompt, step): value}
+        # (unit, lag) -> {(prompt, step): the fitted predictor's sums (predictors.GRAM), over the prompt's rows}
+        self.gram: dict = defaultdict(dict)
         self.seconds: dict[str, list[float]] = defaultdict(list)
         self.flops: dict[str, float] = {}
         self.count_flops = False
@@ -92,18 +95,32 @@ class Calibrator(CacheMethod):
         for k in range(1, self.max_lag + 1):
             if step - k in hist:
                 served[f"reuse@{k}"] = hist[step - k]
-        for k in range(1, self.forecast_lag + 1):
-            if step - k in hist and step - 2 * k in hist:
-                served[f"forecast@{k}"] = [2 * a - b for a, b in zip(hist[step - k], hist[step - 2 * k])]
+        grams = {}
+        for k in range(1, self.forecast_lag + 1):  # forecasts from computes k steps apart, k steps ahead
+            past = [(step - j * k, hist[step - j * k]) for j in (3, 2, 1) if step - j * k in hist]
+            if len(past) >= 2:
+                served[f"forecast@{k}"] = list(LINEAR([(s, tuple(v)) for s, v in past[-2:]], step))
+            if len(past) == 3:
+                served[f"taylor2@{k}"] = list(TAYLOR2([(s, tuple(v)) for s, v in past], step))
+                grams[k] = gram_sums(xs, *(v for _, v in reversed(past)), rows=ctx.rows)
         raw = {
             target: row_abs_sums([x - y for x, y in zip(xs, ys)], ctx.rows) for target, ys in served.items()
         }
         if (
             ctx.sequence_group is not None
         ):  # context parallelism: each rank holds its tokens' part of every sum
-            cur_abs, *errs = _whole(ctx, [cur_abs, *raw.values()])
-            raw = dict(zip(raw, errs, strict=True))
+            sums = [cur_abs, *raw.values(), *(g for gram in grams.values() for g in gram.unbind(1))]
+            cur_abs, *errs = _whole(ctx, sums)
+            raw = dict(zip(raw, errs[: len(raw)], strict=True))
+            width = len(GRAM)
+            parts = errs[len(raw) :]
+            grams = {k: torch.stack(parts[i * width : (i + 1) * width], 1) for i, k in enumerate(grams)}
             numel *= dist.get_world_size(ctx.sequence_group)
+        for k, gram in grams.items():
+            acc = self.gram[(unit, k)]
+            for p, values in zip(prompts, gram.double().cpu().numpy()):
+                key = (int(p), step)
+                acc[key] = acc.get(key, 0) + values
         for target, err in raw.items():
             for metric, value in (
                 ("l1", err / max(numel, 1.0)),

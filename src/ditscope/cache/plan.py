@@ -86,6 +86,17 @@ class PlanMethod(ScheduleMethod):
             raise DitscopeError(
                 f"PlanConfig tolerance must be a finite number > 0, not {self.config.tolerance}"
             )
+        for unit, steps in (self.base.meta.get("weights") or {}).items():  # the fitted forecasts' weights
+            for w in steps.values() if isinstance(steps, dict) else [None]:
+                if not (
+                    isinstance(w, list)
+                    and len(w) == 2
+                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in w)
+                ):
+                    raise DitscopeError(
+                        f"the plan's fitted weights for {unit} are not pairs of finite numbers: the file is "
+                        "damaged; make the plan again"
+                    )
         adaptive_only = [
             f for f in ("signal", "tolerance", "per_sample") if getattr(self.config, f) != _DEFAULTS[f]
         ]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import DitscopeError
-from .actions import forecast, run_rows
+from .actions import run_rows
 from .context import COMPUTE, PREDICT, REUSE, Context
 from .engine import contexts_of
 from .layout import BlockSite, Site, find_transformers
 from .method import CacheMethod
+from .predictors import BY_ACTION, Predictor
 from .schedule_data import ACTIONS, FORMAT, FORMAT_VERSION, STACK, Schedule, model_signature
 from .tensors import add_residuals, block_inputs, block_outputs, hidden_arg, pack_outputs, residuals
 
@@ -41,6 +42,7 @@ class ScheduleMethod(CacheMethod):
     def validate(self, ctx: Context):
         super().validate(ctx)
         self._tables: dict[int, tuple] = {}
+        self._units: dict[int, tuple] = {}  # per step count: (computes kept, fitted weights) per unit
 
     def rows(self, ctx: Context, steps: int) -> dict[str, str]:
         """The action rows (unit name -> one of C / R / F per step) at `steps` steps on `ctx`'s units."""
@@ -68,7 +70,26 @@ class ScheduleMethod(CacheMethod):
                 for i, r in sites.items()
             }
             self._tables[steps] = (sites, blocks, keep_site, keep_block)
+            # how many computes each unit keeps: the most its row's predictors read
+            names = {s.index: s.name for s in ctx.sites} | {b.index + _BLOCK: b.name for b in ctx.blocks}
+            rows = {**sites, **{i + _BLOCK: r for i, r in blocks.items()}}
+            depth = {
+                i: max([1, *(self.predictor(a).values for a in set(r) - {"C"})]) for i, r in rows.items()
+            }
+            weights = {i: (schedule.meta.get("weights") or {}).get(names[i], {}) for i in rows}
+            self._units[steps] = (depth, weights)
         return self._tables[steps]
+
+    def predictor(self, action: str) -> Predictor:
+        """The predictor behind a serving action of the rows (TaylorSeer's `T` is its own order)."""
+        return BY_ACTION[action]
+
+    def serve(self, ctx: Context, unit: int, action: str, history: list):
+        """A served unit's value at this step, from its kept computes by the action's predictor."""
+        predictor = self.predictor(action)
+        with torch.no_grad():
+            weights = self._units[ctx.num_steps][1][unit].get(str(ctx.step))
+            return predictor(history, ctx.step, weights), predictor.forecasts(history)
 
     def block(self, ctx: Context, bsite: BlockSite, run, args, kwargs):
         _, blocks, _, keep_block = self.table(ctx)
@@ -79,11 +100,7 @@ class ScheduleMethod(CacheMethod):
             self.watch(ctx, inputs["hidden"])
         force = ctx.state.get("force")
         if action != "C" and history:
-            (s0, r0), (s1, r1) = history[0], history[-1]
-            if action == "F" and s1 > s0:  # first-order Taylor forecast of the block's residual
-                res = {n: forecast(r1[n], r0[n], (ctx.step - s1) / (s1 - s0)) for n in r1}
-            else:
-                res = r1
+            res, _ = self.serve(ctx, bsite.index + _BLOCK, action, history)
             served = add_residuals(inputs, res)
             if force is None:
                 ctx.record["blocks_reused"] += 1
@@ -110,7 +127,8 @@ class ScheduleMethod(CacheMethod):
             if self.observes:
                 self.observe(ctx, bsite, inputs, res)
             if keep:
-                ctx.state["kept_residuals"][bsite.index] = [*(history or [])[-1:], (ctx.step, res)]
+                depth = self._units[ctx.num_steps][0][bsite.index + _BLOCK]
+                ctx.state["kept_residuals"][bsite.index] = [*(history or []), (ctx.step, res)][-depth:]
         return out
 
     def observe(self, ctx: Context, bsite: BlockSite, inputs: dict, res: dict):
@@ -126,23 +144,21 @@ class ScheduleMethod(CacheMethod):
         if action == "C" or history is None:
             out = run(*args, **kwargs)
             if keep_site[site.index][ctx.step]:
-                previous = history[-1:] if history else []
-                kept[site.index] = [*previous, (ctx.step, out)]
+                depth = self._units[ctx.num_steps][0][site.index]
+                kept[site.index] = [*(history or []), (ctx.step, out)][-depth:]
             ctx.count(COMPUTE, tokens, tokens)
             return out
         force = ctx.state.get("force")
-        if action == "R" or len(history) < 2:
-            served = history[-1][1]
-        else:
-            (s0, y0), (s1, y1) = history
-            with torch.no_grad():
-                served = forecast(y1, y0, (ctx.step - s1) / (s1 - s0))
+        served, forecast = self.serve(ctx, site.index, action, history)
         if force is None:
-            ctx.count(REUSE if action == "R" or len(history) < 2 else PREDICT, 0, tokens)
+            ctx.count(PREDICT if forecast else REUSE, 0, tokens)
             return served
         ctx.count(COMPUTE, tokens, tokens)
         # adaptive: rows over their limit compute (on their own); what is kept stays as computed (see block())
         return run_rows(ctx, run, args, kwargs, force, served, x.shape[0], site.name)
+
+
+_BLOCK = 1 << 20  # blocks' keys beside the sites' in the per-unit tables (site and block indices overlap)
 
 
 def _keeps(row: str) -> list[bool]:
@@ -152,8 +168,8 @@ def _keeps(row: str) -> list[bool]:
     for s, a in enumerate(row):
         nxt = next((b for b in row[s + 1 :] if b != "-"), "C")
         out.append(a == "C" and nxt != "C")
-    # forecasting needs the compute before the last one as well: keep every compute when a row forecasts
-    if "F" in row:
+    # forecasting needs the computes before the last one as well: keep every compute when a row forecasts
+    if set(row) - {"C", "R", "-"}:
         out = [a == "C" for a in row]
     return out
 

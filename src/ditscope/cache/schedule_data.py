@@ -5,7 +5,9 @@ It is the per-site generalisation of cache-dit's step mask, and what `ditscope p
 plan into. Units are named as the engine names them (`ditscope.cache.layout.layout_of`):
 
 - a module site, e.g. `transformer_blocks.3.attn1`: `C` compute (and keep), `R` reuse the kept output,
-  `F` forecast it from its last two computed outputs (first-order Taylor in the step);
+  `F` forecast it from its last two computed outputs (first-order Taylor in the step), `T` from its last
+  three (second order), `L` with weights fitted on the calibration trajectories (the plan's `weights`:
+  unit -> step -> (w1, w2); `predictors.py` says what each computes);
 - a block, e.g. `transformer_blocks.3`: `C` run it, `R` add its kept residual instead, `F` add its
   forecast residual;
 - `stack`: `R` serves every block from its kept residual at that step (the whole stack skipped), `F`
@@ -48,7 +50,13 @@ PLAN_FILE = FileFormat(
     "make it again with ditscope plan",
     edited="delete its checksum line to run a hand-edited plan",
 )
-ACTIONS = {"C": "compute", "R": "reuse", "F": "forecast"}
+ACTIONS = {
+    "C": "compute",
+    "R": "reuse",
+    "F": "forecast (linear)",
+    "T": "forecast (Taylor, second order)",
+    "L": "forecast (fitted)",
+}
 
 
 def model_signature(model: torch.nn.Module) -> dict:
@@ -99,7 +107,7 @@ class Schedule:
         for unit, row in self.rows.items():
             if not isinstance(unit, str) or not isinstance(row, str) or not row:
                 raise DitscopeError(
-                    f"schedule row {unit!r} must be a non-empty string of C / R / F, one per step "
+                    f"schedule row {unit!r} must be a non-empty string of {' / '.join(ACTIONS)}, one per step "
                     f"(got {row!r})"
                 )
         lengths = {len(r) for r in self.rows.values()}
@@ -111,7 +119,7 @@ class Schedule:
             bad = set(row) - set(ACTIONS)
             if bad:
                 raise DitscopeError(
-                    f"schedule row {unit!r} has unknown actions {''.join(sorted(bad))!r} (use C, R, F)"
+                    f"schedule row {unit!r} has unknown actions {''.join(sorted(bad))!r} (use {', '.join(ACTIONS)})"
                 )
             if row and row[0] != "C":
                 raise DitscopeError(f"schedule row {unit!r} must compute at step 0")
@@ -126,7 +134,8 @@ class Schedule:
         To more steps each new step takes the action of the nearest planned one. To fewer, each new step
         stands for the planned steps since the previous new one and computes if any of them did (else
         forecasts if any did, else reuses): picking the nearest would alias a periodic plan (every other
-        step computed, halved, can land on the served steps only)."""
+        step computed, halved, can land on the served steps only). A fitted forecast (`L`) becomes the
+        linear one: its weights were fitted for the planned steps."""
         if steps == self.steps or not self.rows:
             return self
         if steps < 1:
@@ -139,7 +148,9 @@ class Schedule:
             rows = {
                 u: "C" + "".join(_merged(r[i] for i in span) for span in spans) for u, r in self.rows.items()
             }
-        return Schedule(rows, {**self.meta, "resampled_from": self.steps})
+        rows = {u: r.replace("L", "F") for u, r in rows.items()}
+        meta = {k: v for k, v in self.meta.items() if k != "weights"}
+        return Schedule(rows, {**meta, "resampled_from": self.steps})
 
     def fraction(self, action: str = "C") -> float:
         """Share of (module site, step) cells with this action, on the steps the stack runs (a stack-skipped
@@ -198,6 +209,9 @@ class Schedule:
 
 
 def _merged(actions) -> str:
-    """One action for planned steps merged into one: compute if any computes, else forecast if any does."""
+    """One action for planned steps merged into one: compute if any computes, else forecast if any does (the
+    second-order forecast where all do, else the linear one)."""
     actions = set(actions)
-    return "C" if "C" in actions else "F" if "F" in actions else "R"
+    if "C" in actions:
+        return "C"
+    return "T" if actions == {"T"} else "F" if actions - {"R"} else "R"

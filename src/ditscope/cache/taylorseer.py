@@ -1,21 +1,18 @@
-"""TaylorSeer (Liu et al., 2025): forecast features instead of reusing them. Full steps keep finite
-differences of each module's output; the steps between predict it with a Taylor series in the number
-of steps since the last full one."""
+"""TaylorSeer (Liu et al., 2025): forecast features instead of reusing them. Full steps compute every
+module; the steps between predict its output with a Taylor series in the number of steps since the last
+full one, finite differences of the last computes standing for the derivatives: FORA's schedule plus a
+predictor (`predictors.Taylor`), which plans use too."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-
-import torch
 
 from ..errors import DitscopeError
 from .actions import full_step
-from .context import COMPUTE, PREDICT, Context
-from .layout import Site
-from .method import CacheMethod
+from .context import Context
+from .predictors import Predictor, Taylor
 from .registry import Knob, register
-from .tensors import hidden_arg
+from .schedule import ScheduleMethod
 
 
 @dataclass
@@ -45,48 +42,24 @@ class TaylorSeerConfig:
         return replace(cls(interval=6, order=1, warmup=3), **overrides)
 
 
-def _map(fn, *trees):
-    first = trees[0]
-    if isinstance(first, tuple):
-        return tuple(_map(fn, *parts) for parts in zip(*trees))
-    return None if first is None else fn(*trees)
+class TaylorSeerMethod(ScheduleMethod):
+    """FORA's schedule with a Taylor predictor: every module computes on full steps and is forecast between
+    them by a Taylor series of the configured order (`predictors.Taylor`)."""
 
-
-class TaylorSeerMethod(CacheMethod):
-    uses_modules = True
+    uses_blocks = False
 
     def check(self):
         c = self.config
         if c.interval < 1 or c.order < 0:
             raise DitscopeError("TaylorSeer needs interval >= 1 and order >= 0")
 
-    def module(self, ctx: Context, site: Site, run, args, kwargs):
-        c, st = self.config, ctx.state.setdefault("taylor", {})
-        x = hidden_arg(args, kwargs, site.hidden)
-        tokens = x.shape[0] * x.shape[1] if x.dim() >= 3 else 0
-        kept = st.get(site.index)
-        if full_step(ctx.step, c.interval, c.warmup) or kept is None:
-            out = run(*args, **kwargs)
-            diffs = [out]
-            if kept is not None:
-                gap = ctx.step - kept["step"]
-                for i in range(min(c.order, len(kept["diffs"]))):
-                    diffs.append(_map(lambda a, b: (a - b) / gap, diffs[i], kept["diffs"][i]))
-            st[site.index] = {"step": ctx.step, "diffs": diffs}
-            ctx.count(COMPUTE, tokens, tokens)
-            return out
-        k = ctx.step - kept["step"]
-        coefs = [k**i / math.factorial(i) for i in range(len(kept["diffs"]))]
+    def rows(self, ctx: Context, steps: int) -> dict[str, str]:
+        c = self.config
+        row = "".join("C" if full_step(t, c.interval, c.warmup) else "T" for t in range(steps))
+        return {site.name: row for site in ctx.sites}
 
-        def forecast(*ds):
-            pred = ds[0].clone()
-            for coef, d in zip(coefs[1:], ds[1:]):
-                pred.add_(d, alpha=coef)
-            return pred
-
-        ctx.count(PREDICT, 0, tokens)
-        with torch.no_grad():
-            return _map(forecast, *kept["diffs"])
+    def predictor(self, action: str) -> Predictor:
+        return Taylor(self.config.order) if action == "T" else super().predictor(action)
 
 
 register(

@@ -63,6 +63,13 @@ def plan(
             help="step (one row for every module), kind (per module kind) or site (per module of every block)"
         ),
     ] = "step",
+    predictors: Annotated[
+        str,
+        typer.Option(
+            help="what a served module may be made of, letters of R (reuse), F (linear forecast), T (Taylor, "
+            "second order), L (fitted on the calibration); the search chooses per module and step"
+        ),
+    ] = "RFTL",
     cost: Annotated[
         str,
         typer.Option(
@@ -112,6 +119,10 @@ def plan(
         raise DitscopeError(f"--modes takes a comma list of {', '.join(MODES)}, not {modes!r}")
     if iterations < 3:
         raise DitscopeError(f"--iterations must be at least 3, not {iterations}")
+    if not predictors or set(predictors) - set("RFTL"):
+        raise DitscopeError(
+            f"--predictors takes letters of RFTL (R reuse, F linear, T Taylor, L fitted), not {predictors!r}"
+        )
     out = out or Path("plans") / f"{Path(model).name}.plan.json"
     prompt_seed = seed_of_prompts(prompts, prompt_seed)
     pipe, prompt_list, n_steps, guidance = calibration_run(
@@ -136,6 +147,7 @@ def plan(
                 guidance_scale=guidance,
                 modes=mode_list,
                 granularity=granularity,
+                predictors=predictors,
                 cost=cost,
                 iterations=iterations,
                 work_dir=work,

@@ -8,18 +8,26 @@ block stack) it measures, per prompt,
 
     reuse@k     |x_t - x_{t-k}|                    serving u's output from step t-k   (k = 1 .. max_lag)
     forecast@k  |x_t - (2 x_{t-k} - x_{t-2k})|     a first-order Taylor forecast from steps t-k and t-2k
+    taylor2@k   |x_t - Taylor-2(x_{t-k}, x_{t-2k}, x_{t-3k})|   the second-order forecast
+    fitted@k    the fitted forecast (predictors.Fitted), weights fitted per unit, step and lag on the other
+                calibration prompts (leave one out): its error is the measured error of the predictor
+                nearest to it in squared error, times the root of their squared errors' ratio (the fit
+                minimises squared error; the sums it needs are kept, the outputs are not)
 
 with three metrics: `l1` (mean absolute error), `rel_l1` (over sum|x_t|) and `inject`, the error over
 the magnitude of the residual stream the unit writes into (the block's input), which is what makes
 errors of different units comparable. The stack's error is the sum of its blocks' residual errors over
 the stream at the last block. The result is a `Profile` (same artifact as `ditscope profile`: layers are
-the units, targets `reuse@k` / `forecast@k`, step s = 1 .. T-1 in the step axis), with the measured
-seconds (median per call, this machine) and FLOPs of each unit in its metadata.
+the units, targets `reuse@k` / `forecast@k` / `taylor2@k` / `fitted@k`, step s = 1 .. T-1 in the step
+axis), with the measured seconds (median per call, this machine) and FLOPs of each unit, and the fitted
+predictor's weights fitted on every calibration prompt (what a plan runs), in its metadata.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -28,6 +36,7 @@ from ..artifact import Profile, profile_column, sha256_of
 from ..cache.context import Context
 from ..cache.engine import CacheHandle
 from ..cache.observe import Calibrator
+from ..cache.predictors import WEIGHTS_OF, fitted_weights, squared_error
 from ..cache.schedule_data import STACK, config_hash, model_signature, weights_fingerprint
 from ..errors import DitscopeError
 from ..parallel import launched
@@ -86,6 +95,7 @@ def calibrate(
     finally:
         handle.remove()
     _merge_ranks(observer, data_parallel(pipe)[1])
+    weights = fit_forecasts(observer)
     profile = _to_profile(observer, ctx, len(prompts), steps, max_lag, forecast_lag)
     profile.meta.update(
         model=type(transformer).__name__,
@@ -103,8 +113,46 @@ def calibrate(
         seconds={u: statistics.median(v) for u, v in observer.seconds.items()},
         flops=observer.flops,
         signal=_signal(observer, len(prompts), steps),
+        fitted_weights=weights,
     )
     return profile, images
+
+
+MEASURED = {
+    "reuse": "reuse",
+    "linear": "forecast",
+    "taylor2": "taylor2",
+}  # predictor -> its calibration target
+
+
+def fit_forecasts(observer: Calibrator) -> dict:
+    """The fitted predictor of every unit, step and lag: records its error per prompt (`fitted@k`, with the
+    weights fitted on the other prompts) beside the measured ones, and returns its weights fitted on every
+    prompt, unit -> step -> lag -> [w1, w2] (keys as text: the calibration's metadata is JSON)."""
+    weights: dict = {}
+    for (unit, k), sums in sorted(observer.gram.items()):
+        for step in sorted({s for _, s in sums}):
+            own = {p: np.asarray(v, dtype=np.float64) for (p, s), v in sums.items() if s == step}
+            total = sum(own.values())
+            fit = fitted_weights(total)
+            if fit is not None:
+                weights.setdefault(unit, {}).setdefault(str(step), {})[str(k)] = [
+                    float(f"{w:.6g}") for w in fit
+                ]
+            for p, mine in own.items():
+                others = fitted_weights(total - mine)
+                if others is None:
+                    continue
+                squared = {name: squared_error(mine, WEIGHTS_OF[name]) for name in MEASURED}
+                nearest = min(squared, key=squared.get)
+                ratio = math.sqrt(max(squared_error(mine, others), 0.0) / max(squared[nearest], 1e-30))
+                for metric in METRICS:
+                    measured = observer.errors.get((unit, f"{MEASURED[nearest]}@{k}", metric), {}).get(
+                        (p, step)
+                    )
+                    if measured is not None:
+                        observer.errors[(unit, f"fitted@{k}", metric)][(p, step)] = measured * ratio
+    return weights
 
 
 def _merge_ranks(observer: Calibrator, world: int):
@@ -117,13 +165,22 @@ def _merge_ranks(observer: Calibrator, world: int):
         return
     errors: dict = {}
     signal: dict = {}
-    for part_errors, part_signal in gather(
-        ({k: dict(v) for k, v in observer.errors.items()}, dict(observer.signal)), world
+    grams: dict = {}
+    for part_errors, part_signal, part_grams in gather(
+        (
+            {k: dict(v) for k, v in observer.errors.items()},
+            dict(observer.signal),
+            {k: dict(v) for k, v in observer.gram.items()},
+        ),
+        world,
     ):
         for key, values in part_errors.items():
             errors.setdefault(key, {}).update(values)
+        for key, values in part_grams.items():
+            grams.setdefault(key, {}).update(values)
         signal.update(part_signal)
-    observer.errors, observer.signal = errors, signal
+    observer.errors, observer.signal = defaultdict(lambda: defaultdict(float), errors), signal
+    observer.gram = defaultdict(dict, grams)
     observer.seconds, observer.flops = from_first((dict(observer.seconds), observer.flops))
 
 
@@ -147,7 +204,7 @@ def _to_profile(
 ) -> Profile:
     names = list(_units(ctx))
     targets = [f"reuse@{k}" for k in range(1, max_lag + 1)] + [
-        f"forecast@{k}" for k in range(1, forecast_lag + 1)
+        f"{kind}@{k}" for kind in ("forecast", "taylor2", "fitted") for k in range(1, forecast_lag + 1)
     ]
     keys = []
     for i, name in enumerate(names):

@@ -38,7 +38,7 @@ from ..profiling.workload import generate, median_seconds, writes
 from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
 from .calibrate import calibrate, pipeline_identity
-from .search import MODES, compile_schedule, costs_from, predicted_error, price_scale
+from .search import MODES, PREDICTORS, compile_schedule, costs_from, predicted_error, price_scale
 
 TARGETS = ("psnr", "ssim", "psnr_p5", "speedup", "flops")  # psnr_p5: the worst images' (5th percentile) PSNR
 GRANULARITIES = ("step", "kind", "site")
@@ -232,6 +232,7 @@ def plan(
     progress=None,
     log=None,
     layout=None,
+    predictors: str = PREDICTORS,
 ) -> Schedule:
     """Plan the cache of `pipe` from its measured redundancy on `prompts` so that `target` holds.
 
@@ -245,6 +246,8 @@ def plan(
     ("mean"). `progress(text)` is called as the planning advances. `layout`: the declared block layout
     of a model outside the family table (`pipe` is then any callable with the pipeline call convention
     and a `.transformer`; see the README's "Any PyTorch DiT"); run the plan with the same layout.
+    `predictors`: what a served module may be made of (R reuse, F linear forecast, T second-order Taylor,
+    L fitted; cache/predictors.py), chosen per module and step by the search; R is always allowed.
     """
     goal = Target.parse(target)
     if cost not in ("time", "flops", "uniform"):
@@ -257,6 +260,11 @@ def plan(
             f"unknown planning mode {bad[0] if bad else '(none)'}; choose from {', '.join(MODES)}"
         )
     check_calibration(prompts, batch_size, "planning")
+    if not isinstance(predictors, str) or set(predictors) - set(PREDICTORS):
+        raise DitscopeError(
+            f"unknown predictors {predictors!r}; use letters of {PREDICTORS} (R reuse, F linear, T Taylor, "
+            "L fitted)"
+        )
     if assurance not in ("lower", "mean"):
         raise DitscopeError(f"unknown assurance {assurance!r}; use lower or mean")
     if not isinstance(iterations, int) or iterations < 3:
@@ -314,6 +322,7 @@ def plan(
             mode,
             granularity=granularity,
             site_price=unit * 10**sites if sites is not None else None,
+            predictors=predictors,
         )
 
     def predicted(schedule: Schedule) -> float:
@@ -433,6 +442,7 @@ def plan(
         }
         for m, s, q in candidates
     ]
+    weights = chosen.meta.get("weights")  # the fitted forecasts' (search.compile_schedule)
     chosen.meta = {
         "model": model_signature(transformer),
         "pipeline": type(pipe).__name__,
@@ -441,6 +451,7 @@ def plan(
         "target": str(goal),
         "mode": mode,
         "granularity": granularity,
+        "predictors": "R" + "".join(a for a in predictors if a != "R"),
         "cost_model": cost,
         "assurance": assurance,
         "layout": run_layout(getattr(pipe, "transformer", transformer)),  # where the costs were measured
@@ -467,6 +478,8 @@ def plan(
         # calibration prompt's stack output changed from step t-k to t
         "stack_change": stack_change(cal),
     }
+    if weights:
+        chosen.meta["weights"] = weights
     if log:
         log(
             f"plan: {mode}, {chosen.meta['predicted_speedup']:.2f}x predicted, {chosen.meta['measured_speedup']:.2f}x "

@@ -1,10 +1,10 @@
 """The search: from a calibration profile to a `Schedule`, for a given price of error.
 
 Each unit's choice over the steps is a shortest path. For a unit with cost c (seconds, measured) and
-calibrated errors E_reuse(t, k), E_forecast(t, k) (serving step t from the compute at step t-k), the
-plan minimises
+calibrated errors E_a(t, k) of serving step t from the compute at step t-k with each predictor a (reuse
+`R`, linear `F`, second-order Taylor `T`, fitted `L`: cache/predictors.py), the plan minimises
 
-    sum over steps it computes of c  +  lambda * sum over steps it serves of w * E(t, k)
+    sum over steps it computes of c  +  lambda * sum over steps it serves of w * min_a E_a(t, k)
 
 by dynamic programming over (step, last computed step): O(T * K) per unit. The error of a run of
 cached steps is measured, not modelled: E(t, k) is the distance to the compute k steps back, so errors
@@ -78,16 +78,20 @@ def costs_from(
     return Costs(site, block_extra, fixed, site_block)
 
 
+TARGETS = {"reuse": "R", "forecast": "F", "taylor2": "T", "fitted": "L"}  # calibration target -> action
+PREDICTORS = "".join(TARGETS.values())  # every serving action the search may choose
+
+
 def error_tables(cal: Profile, metric: str = "inject") -> dict[str, dict[str, np.ndarray]]:
-    """unit -> {"reuse": (T, K+1), "forecast": (T, K+1)} mean error of serving step t from step t-k (inf where
-    not measured)."""
+    """unit -> {action: (T, K+1)}: the mean error of serving step t from step t-k with the action's predictor
+    (R, F, T, L), inf where not measured."""
     T = cal.n_steps
     m = cal.metrics.index(metric)
     lags = {t: int(t.partition("@")[2]) for t in cal.options("target")}
     K = max(lags.values())
     out: dict[str, dict[str, np.ndarray]] = {}
     for ki, (layer, target, _, _) in enumerate(cal.keys):
-        kind, k = target.partition("@")[0], lags[target]
+        kind, k = TARGETS[target.partition("@")[0]], lags[target]
         table = out.setdefault(cal.layer_names[layer], {}).setdefault(kind, np.full((T, K + 1), np.inf))
         col = cal.stats.mean[ki, :, m]
         steps = np.arange(1, T)  # a profile has no column for step 0 (artifact.profile_column)
@@ -95,14 +99,16 @@ def error_tables(cal: Profile, metric: str = "inject") -> dict[str, dict[str, np
     return out
 
 
-def plan_row(
-    reuse: np.ndarray, forecast: np.ndarray | None, cost: float, price: float, active: list[bool]
-) -> str:
-    """One unit's actions over the steps: the DP described in the module docstring.
+def plan_row(served: dict[str, np.ndarray], cost: float, price: float, active: list[bool]) -> str:
+    """One unit's actions over the steps: the DP described in the module docstring. `served`: action -> its
+    (T, K+1) error table; `R` must be among them (the forecasts read computes before the last one: `F` from
+    the second compute on, `T` and `L` from the third, else they fall back at run time).
 
     `active[t]` is False where the unit does not run at step t (the stack skipped it): no cost, no error,
     and the step counts towards the lag since its last compute."""
+    reuse = served["R"]
     T, K1 = reuse.shape
+    forecasts = [(a, table, 1 if a == "F" else 2) for a, table in served.items() if a != "R"]
     INF = math.inf
     # best[c] = cost so far with the last compute at step c; back[t][c] = (action, previous last compute)
     best = {0: cost}
@@ -119,8 +125,9 @@ def plan_row(
             if k >= K1:
                 continue
             err, action = reuse[t, k], "R"
-            if forecast is not None and c >= 1 and k < forecast.shape[1] and forecast[t, k] < err:
-                err, action = forecast[t, k], "F"
+            for a, table, first in forecasts:
+                if c >= first and k < table.shape[1] and table[t, k] < err:
+                    err, action = table[t, k], a
             if not math.isfinite(err):
                 continue
             total = value + price * err
@@ -149,28 +156,30 @@ def compile_schedule(
     forecast: bool = True,
     site_price: float | None = None,
     stack_forecast: bool = False,
+    predictors: str = PREDICTORS,
 ) -> Schedule:
     """The schedule at one price of error. `granularity`: "site" plans a row per module of every block;
     "kind" one row per module kind (every block's self-attention alike, SmoothCache's granularity), from
     the kind's mean error; "step" one row for every module (FORA's granularity, with measured steps).
-    `site_price` prices the module sites apart from the stack (default: `price`). `stack_forecast` lets a
-    skipped step forecast the blocks' residuals instead of reusing them (off: measured worse end to end on
-    the zoo models, where the calibrated forecast error under-predicts the damage)."""
+    `site_price` prices the module sites apart from the stack (default: `price`). `predictors`: the serving
+    actions the modules may take (R reuse, F linear, T second-order Taylor, L fitted; `forecast=False` is
+    reuse alone). `stack_forecast` lets a skipped step forecast the blocks' residuals linearly instead of
+    reusing them (off: measured worse end to end on the zoo models, where the calibrated forecast error
+    under-predicts the damage). A schedule whose modules take the fitted forecast carries its weights."""
     T = cal.n_steps
     site_price = price if site_price is None else site_price
     tables = error_tables(cal)
+    allowed = "R" + ("".join(a for a in predictors if a != "R") if forecast else "")
+
+    def served(table: dict, weight: float = 1.0) -> dict:
+        return {a: t * weight for a, t in table.items() if a in allowed}
+
     rows: dict[str, str] = {}
     active = [True] * T
     if mode in ("both", "stack") and STACK in tables:
         blocks_cost = costs.step - costs.fixed
-        fc = tables[STACK].get("forecast") if stack_forecast else None
-        row = plan_row(
-            tables[STACK]["reuse"] * stack_weight,
-            None if fc is None else fc * stack_weight,
-            blocks_cost,
-            price,
-            active,
-        )
+        stack = {a: t for a, t in tables[STACK].items() if a in ("RF" if stack_forecast else "R")}
+        row = plan_row({a: t * stack_weight for a, t in stack.items()}, blocks_cost, price, active)
         rows[STACK] = row
         active = [a == "C" for a in row]
     if mode in ("both", "sites"):
@@ -180,48 +189,59 @@ def compile_schedule(
             for u in costs.site:
                 kinds.setdefault(units[u]["kind"] if granularity == "kind" else "all", []).append(u)
             for members in kinds.values():
-                reuse = np.mean([tables[u]["reuse"] for u in members], axis=0)
-                fc = np.mean([tables[u]["forecast"] for u in members], axis=0) if forecast else None
+                mean = {a: np.mean([tables[u][a] for u in members], axis=0) for a in tables[members[0]]}
                 row = plan_row(
-                    reuse, fc, sum(costs.site[u] for u in members), site_price * len(members), active
+                    served(mean), sum(costs.site[u] for u in members), site_price * len(members), active
                 )
                 rows.update({u: row for u in members})
         else:
             for u, cost in costs.site.items():
-                fc = tables[u].get("forecast") if forecast else None
-                rows[u] = plan_row(tables[u]["reuse"], fc, cost, site_price, active)
+                rows[u] = plan_row(served(tables[u]), cost, site_price, active)
     rows = {u: r for u, r in rows.items() if set(r) != {"C"}}
-    return Schedule(rows or {STACK: "C" * T})
+    schedule = Schedule(rows or {STACK: "C" * T})
+    fitted = cal.meta.get("fitted_weights") or {}
+    weights: dict = {}
+    for unit, t, action, k in served_steps(schedule, T):
+        if action == "L" and str(k) in fitted.get(unit, {}).get(str(t), {}):
+            weights.setdefault(unit, {})[str(t)] = fitted[unit][str(t)][str(k)]
+    if weights:
+        schedule.meta["weights"] = weights
+    return schedule
 
 
-def predicted_error(cal: Profile, schedule: Schedule) -> float:
-    """The end-to-end error a schedule is predicted to inject: the calibrated error of every served step of
-    every unit, summed (the quantity the search trades against cost). A unit does not run where the stack
-    is served, and such steps count towards its lag since its last compute."""
-    tables = error_tables(cal)
-    stack = schedule.rows.get(STACK, "C" * cal.n_steps)
+def served_steps(schedule: Schedule, steps: int):
+    """(unit, step, action, lag) of every step a unit is served, the lag counted from its last compute. A unit
+    does not run where the stack is served, and such steps count towards its lag."""
+    stack = schedule.rows.get(STACK, "C" * steps)
     runs = [a == "C" for a in stack]
-    total = 0.0
     for unit, row in schedule.rows.items():
-        table = tables.get(unit)
-        if table is None:
-            continue
         last = 0
         for t, action in enumerate(row):
             if unit != STACK and not runs[t]:
                 continue
             if action == "C":
                 last = t
-            elif t - last < table["reuse"].shape[1]:
-                value = table["forecast" if action == "F" else "reuse"][t, t - last]
-                total += float(value) if np.isfinite(value) else 0.0
+            else:
+                yield unit, t, action, t - last
+
+
+def predicted_error(cal: Profile, schedule: Schedule) -> float:
+    """The end-to-end error a schedule is predicted to inject: the calibrated error of every served step of
+    every unit with its action's predictor, summed (the quantity the search trades against cost)."""
+    tables = error_tables(cal)
+    total = 0.0
+    for unit, t, action, k in served_steps(schedule, cal.n_steps):
+        table = tables.get(unit, {}).get(action)
+        if table is not None and k < table.shape[1]:
+            value = table[t, k]
+            total += float(value) if np.isfinite(value) else 0.0
     return total
 
 
 def price_scale(cal: Profile, costs: Costs) -> float:
     """A price that makes one unit of typical error worth one typical unit cost (the bisection's centre)."""
     tables = error_tables(cal)
-    errs = [t["reuse"][1:, 1] for t in tables.values()]
+    errs = [t["R"][1:, 1] for t in tables.values()]
     typical_err = float(np.median(np.concatenate(errs)[np.isfinite(np.concatenate(errs))])) or 1e-6
     typical_cost = float(np.median(list(costs.site.values()))) or 1e-6
     return typical_cost / typical_err

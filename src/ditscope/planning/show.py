@@ -9,7 +9,7 @@ import numpy as np
 from ..cache.layout import block_of, unit_kind
 from ..cache.schedule_data import ACTIONS, STACK, Schedule
 
-CODES = {"C": 0, "F": 1, "R": 2}
+CODES = {"C": 0, "F": 1, "R": 2, "T": 3, "L": 4}
 
 
 def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
@@ -19,7 +19,8 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
         ("units x steps", f"{len(plan.rows)} x {plan.steps}"),
         (
             "module cells computed",
-            f"{plan.fraction('C'):.0%} (forecast {plan.fraction('F'):.0%}, "
+            f"{plan.fraction('C'):.0%} (forecast {sum(plan.fraction(a) for a in 'FTL'):.0%}: linear "
+            f"{plan.fraction('F'):.0%}, Taylor {plan.fraction('T'):.0%}, fitted {plan.fraction('L'):.0%}; "
             f"reused {plan.fraction('R'):.0%}) of the steps the stack runs"
             if modules
             else "all (no module rows) on the steps the stack runs",
@@ -76,13 +77,21 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
 
 # categories of a heatmap cell: a unit's own action, or a unit that does not run at that step because
 # its stack (or, for a module, its block) is served whole from kept or forecast residuals
-NOT_RUN_STACK, NOT_RUN_BLOCK = 3, 4
+NOT_RUN_STACK, NOT_RUN_BLOCK = 5, 6
 CATEGORIES = {
     **{CODES[a]: name for a, name in ACTIONS.items()},
     NOT_RUN_STACK: "not run: stack reused/forecast",
     NOT_RUN_BLOCK: "not run: block reused/forecast",
 }
-COLORS = {0: "#3b6fb6", 1: "#f2b134", 2: "#dddddd", NOT_RUN_STACK: "#ffffff", NOT_RUN_BLOCK: "#ffffff"}
+COLORS = {
+    0: "#3b6fb6",
+    1: "#f2b134",
+    2: "#dddddd",
+    3: "#d9622b",
+    4: "#8c5fb0",
+    NOT_RUN_STACK: "#ffffff",
+    NOT_RUN_BLOCK: "#ffffff",
+}
 HATCHES = {NOT_RUN_STACK: "////", NOT_RUN_BLOCK: "\\\\"}
 
 
@@ -95,11 +104,12 @@ def _is_stack(unit: str) -> bool:
 
 def cell_categories(plan: Schedule) -> np.ndarray:
     """(units, steps) ints, rows in `plan.rows` order: what each unit does at each step, as the engine runs
-    it (`ScheduleMethod.table`). 0 / 1 / 2: it computes / forecasts / reuses (its own action);
-    `NOT_RUN_STACK`: a unit other than a stack row at a step where its stack row (`stack`, or
-    `transformer_2.stack` for a pipeline's second transformer) reuses or forecasts: every block is served
-    from its residual, so neither the blocks nor their modules run; `NOT_RUN_BLOCK`: a module whose block's
-    own row reuses or forecasts at that step (the block is served whole; its modules do not run)."""
+        it (`ScheduleMethod.table`). 0 / 1 / 2 / 3 / 4: it computes / forecasts linearly / reuses / forecasts
+    by second-order Taylor / by the fitted forecast (its own action, `CODES`);
+        `NOT_RUN_STACK`: a unit other than a stack row at a step where its stack row (`stack`, or
+        `transformer_2.stack` for a pipeline's second transformer) reuses or forecasts: every block is served
+        from its residual, so neither the blocks nor their modules run; `NOT_RUN_BLOCK`: a module whose block's
+        own row reuses or forecasts at that step (the block is served whole; its modules do not run)."""
     units = list(plan.rows)
     out = np.array([[CODES[a] for a in plan.rows[u]] for u in units], dtype=int).reshape(
         len(units), plan.steps
@@ -147,7 +157,7 @@ def heatmap_figure(plan: Schedule):
     ax.set_xlabel("step (sampling order, from 0)")
     title = f"plan: {plan.meta.get('target', '')} {plan.meta.get('model', {}).get('class', '')}".strip()
     ax.set_title(title, fontsize=9)
-    shown = [c for c in sorted(CATEGORIES) if c < NOT_RUN_STACK or c in present]
+    shown = [c for c in sorted(CATEGORIES) if c < 3 or c in present]  # compute, forecast, reuse always
     handles = [
         Patch(facecolor=COLORS[c], edgecolor="#9a9a9a" if c in HATCHES else COLORS[c], hatch=HATCHES.get(c))
         for c in shown
