@@ -198,10 +198,15 @@ def compile_schedule(
             for u, cost in costs.site.items():
                 rows[u] = plan_row(served(tables[u]), cost, site_price, active)
     rows = {u: r for u, r in rows.items() if set(r) != {"C"}}
-    schedule = Schedule(rows or {STACK: "C" * T})
+    return with_weights(Schedule(rows or {STACK: "C" * T}), cal)
+
+
+def with_weights(schedule: Schedule, cal: Profile) -> Schedule:
+    """`schedule` with the calibration's fitted weights for every step a unit takes the fitted forecast (`L`),
+    at the lag the schedule serves it from (a step without fitted weights forecasts linearly)."""
     fitted = cal.meta.get("fitted_weights") or {}
     weights: dict = {}
-    for unit, t, action, k in served_steps(schedule, T):
+    for unit, t, action, k in served_steps(schedule, cal.n_steps):
         if action == "L" and str(k) in fitted.get(unit, {}).get(str(t), {}):
             weights.setdefault(unit, {})[str(t)] = fitted[unit][str(t)][str(k)]
     if weights:
