@@ -32,21 +32,29 @@ def test_taylor_series_from_finite_differences_written_out():
 
 
 def test_the_fitted_forecast_and_its_special_cases():
+    """The Taylor terms scaled by the weights: at computes 1, 4, 6 served at step 9 (k = 3), y + w1 k d1 +
+    w2 k^2 / 2 d2 with d1, d2 written out as in the Taylor test."""
     y1, y2, y3, _ = values()
-    history = [(0, y3), (1, y2), (2, y1)]
-    assert torch.allclose(FITTED(history, 3, (0.7, -0.2)), y1 + 0.7 * (y1 - y2) - 0.2 * (y2 - y3), atol=1e-12)
-    assert torch.allclose(FITTED(history, 3, (0.0, 0.0)), y1, atol=1e-12)  # reuse
-    assert torch.allclose(FITTED(history, 3, (1.0, 0.0)), 2 * y1 - y2, atol=1e-12)  # linear, even gaps
-    assert torch.allclose(FITTED(history, 3, (1.5, -0.5)), Taylor(2)(history, 3), atol=1e-12)
-    assert torch.allclose(FITTED(history, 3, None), 2 * y1 - y2, atol=1e-12)  # no weights: linear
-    pair = FITTED([(0, (y3, None)), (1, (y2, None)), (2, (y1, None))], 3, (0.5, 0.5))  # a module's tuple
-    assert pair[1] is None and torch.allclose(pair[0], y1 + 0.5 * (y1 - y2) + 0.5 * (y2 - y3), atol=1e-12)
+    history = [(1, y3), (4, y2), (6, y1)]
+    d1 = (y1 - y2) / 2
+    d2 = (d1 - (y2 - y3) / 3) / 2
+    expected = y1 + 0.7 * 3 * d1 - 0.2 * 9 / 2 * d2
+    assert torch.allclose(FITTED(history, 9, (0.7, -0.2)), expected, rtol=0, atol=1e-12)
+    assert torch.allclose(FITTED(history, 9, (0.0, 0.0)), y1, rtol=0, atol=1e-12)  # reuse
+    assert torch.allclose(FITTED(history, 9, (1.0, 0.0)), LINEAR(history, 9), rtol=0, atol=1e-12)
+    assert torch.allclose(FITTED(history, 9, (1.0, 1.0)), Taylor(2)(history, 9), rtol=0, atol=1e-12)
+    assert torch.allclose(FITTED(history, 9, None), Taylor(2)(history, 9), rtol=0, atol=1e-12)
+    # two computes: the first weight on the linear term
+    assert torch.allclose(FITTED(history[1:], 9, (0.5, 9.0)), y1 + 0.5 * 3 * d1, rtol=0, atol=1e-12)
+    pair = FITTED([(1, (y3, None)), (4, (y2, None)), (6, (y1, None))], 9, (0.7, -0.2))  # a module's tuple
+    assert pair[1] is None and torch.allclose(pair[0], expected, rtol=0, atol=1e-12)
 
 
 def test_a_plan_serves_a_module_by_its_fitted_weights():
     """A plan whose module computes steps 0-3 and takes the fitted forecast at step 4 with weights (0.6, -0.3):
     what the module hands on at step 4 (the engine serves it through the module's call, so a forward hook
-    sees it) is y3 + 0.6 (y3 - y2) - 0.3 (y2 - y1) of its outputs at steps 1-3 in the uncached run."""
+    sees it) is y3 + 0.6 (y3 - y2) - 0.3 / 2 (y3 - 2 y2 + y1) of its outputs at steps 1-3 in the uncached
+    run (one step ahead of computes one step apart)."""
     pipe = zoo.load("tiny-pixart")
     pipe.set_progress_bar_config(disable=True)
     site, steps = "transformer_blocks.1.attn1", 6
@@ -75,7 +83,7 @@ def test_a_plan_serves_a_module_by_its_fitted_weights():
     assert len(plain) == len(cached) == steps
     for t in range(4):
         assert torch.equal(cached[t], plain[t])
-    expected = plain[3] + 0.6 * (plain[3] - plain[2]) - 0.3 * (plain[2] - plain[1])
+    expected = plain[3] + 0.6 * (plain[3] - plain[2]) - 0.3 / 2 * (plain[3] - 2 * plain[2] + plain[1])
     assert torch.allclose(cached[4], expected, rtol=0, atol=1e-5) and not torch.allclose(cached[4], plain[4])
     assert handle.stats().summary()["predicted"] == 1  # one module at one step
 

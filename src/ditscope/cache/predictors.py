@@ -10,10 +10,10 @@ a tuple of them or a dict of them, with None where a module returns nothing), an
 - `Taylor(order)`: a Taylor series in the step, with finite differences of the last order + 1 computes
   standing for the derivatives (TaylorSeer; order 1 is the linear forecast, a plan's `F`; order 2 a
   plan's `T`);
-- `Fitted`: y1 + w1 (y1 - y2) + w2 (y2 - y3) over the last three computes, with weights fitted per unit,
-  step and lag on the calibration trajectories (L2P's learned linear combination of past features; a
-  plan's `L`, its weights in the plan). Reuse is (0, 0), the linear forecast (1, 0) and second-order
-  Taylor (1.5, -0.5), at evenly spaced computes.
+- `Fitted`: the second-order Taylor series with each term scaled by a weight, y + w1 k d_1 + w2 k^2/2 d_2,
+  fitted per unit, step and lag on the calibration trajectories (L2P's learned linear combination of past
+  features, in units that hold at any spacing of the computes; a plan's `L`, its weights in the plan).
+  Reuse is (0, 0), the linear forecast (1, 0) and the second-order one (1, 1).
 
 A predictor given fewer computes than it reads falls back to the highest order they allow.
 """
@@ -70,9 +70,13 @@ class Taylor(Predictor):
         if len(kept) == 1:
             return kept[-1][1]
         (s0, y0), (s1, y1) = kept[-2], kept[-1]
-        if len(kept) == 2:  # the linear forecast, in one kernel: y1 + k / gap (y1 - y0)
+        if len(kept) == 2 and weights is None:  # the linear forecast, in one kernel: y1 + k / gap (y1 - y0)
             ratio = (step - s1) / (s1 - s0)
             return tree_map(lambda a, b: torch.lerp(a, b, -ratio), y1, y0)
+        return self.series(kept, step, weights)
+
+    def series(self, kept: list, step: int, scale=None):
+        """sum_i scale_i d_i k^i / i! over the differences of `kept` (scale_0 = 1; None: every scale 1)."""
         # the differences at each compute, built up as TaylorSeer builds them compute by compute
         diffs = [kept[0][1]]
         for (s_prev, _), (s, y) in zip(kept, kept[1:]):
@@ -82,42 +86,51 @@ class Taylor(Predictor):
                 new.append(tree_map(lambda a, b, gap=gap: (a - b) / gap, new[-1], d))
             diffs = new
         k = step - kept[-1][0]
-        coefs = [k**i / math.factorial(i) for i in range(len(diffs))]
+        scale = [1.0, *(scale or [1.0] * self.order)]
+        coefs = [w * k**i / math.factorial(i) for i, w in zip(range(len(diffs)), scale)]
 
-        def series(*ds):
+        def add(*ds):
             out = ds[0].clone()
             for coef, d in zip(coefs[1:], ds[1:]):
                 out.add_(d, alpha=coef)
             return out
 
-        return tree_map(series, *diffs)
+        return tree_map(add, *diffs)
 
 
-class Fitted(Predictor):
-    """y1 + w1 (y1 - y2) + w2 (y2 - y3) over the last three computes, `weights` = (w1, w2) fitted on the
-    calibration trajectories. Without weights, or with fewer computes, the linear forecast."""
+class Fitted(Taylor):
+    """The second-order Taylor forecast with each term scaled by a weight fitted on the calibration
+    trajectories: y + w1 k d_1 + w2 k^2 / 2 d_2 (`Taylor` says what the d_i are). In units of the Taylor terms
+    the weights hold at any spacing of the computes (fitted where they are k apart, served k ahead). (0, 0)
+    is reuse, (1, 0) the linear forecast, (1, 1) the second-order one. Without weights: the second-order
+    forecast; with fewer computes, the highest order they allow."""
 
     name = "fitted"
-    values = 3
+
+    def __init__(self):
+        super().__init__(2)
+        self.name = "fitted"
 
     def __call__(self, history, step, weights=None):
-        if weights is None or len(history) < 3:
-            return LINEAR(history, step)
-        w1, w2 = (float(w) for w in weights)
-        (_, y3), (_, y2), (_, y1) = history[-3:]
-        return tree_map(lambda a, b, c: a + w1 * (a - b) + w2 * (b - c), y1, y2, y3)
+        kept = history[-self.values :]
+        if len(kept) == 1:
+            return kept[-1][1]
+        return self.series(
+            kept, step, None if weights is None else [float(w) for w in weights][: len(kept) - 1]
+        )
 
 
 REUSE, LINEAR, TAYLOR2, FITTED = Reuse(), Taylor(1), Taylor(2), Fitted()
 # a Schedule's serving actions -> their predictors (C computes)
 BY_ACTION: dict[str, Predictor] = {"R": REUSE, "F": LINEAR, "T": TAYLOR2, "L": FITTED}
 # the fitted predictor's weights for the predictors measured beside it, at evenly spaced computes
-WEIGHTS_OF = {"reuse": (0.0, 0.0), "linear": (1.0, 0.0), "taylor2": (1.5, -0.5)}
+WEIGHTS_OF = {"reuse": (0.0, 0.0), "linear": (1.0, 0.0), "taylor2": (1.0, 1.0)}
 
 
 # ---------------------------------------------------------------------------------- fitting `Fitted`
-# The fit regresses r = y - y1 (what reuse gets wrong) on d1 = y1 - y2 and d2 = y2 - y3: least squares over
-# every element of the calibration's outputs. Its sums, per model row, in this order:
+# The fit regresses r = y - y1 (what reuse gets wrong) on the Taylor terms at computes k apart served k ahead,
+# k d_1 = y1 - y2 and k^2/2 d_2 = (y1 - 2 y2 + y3) / 2: least squares over every element of the calibration's
+# outputs. Its sums, per model row, in this order (d1, d2 standing for the two terms):
 GRAM = ("rr", "rd1", "rd2", "d1d1", "d1d2", "d2d2")
 
 
@@ -128,7 +141,7 @@ def gram_sums(y, y1, y2, y3, rows: int) -> torch.Tensor:
     for a, b, c, d in zip(y, y1, y2, y3):
         if a is None:
             continue
-        x = torch.stack([a - b, b - c, c - d]).detach().float().flatten(2)  # (3, n, F)
+        x = torch.stack([a - b, b - c, (b - 2 * c + d) / 2]).detach().float().flatten(2)  # (3, n, F)
         x = x.reshape(3, rows, -1).transpose(0, 1)  # (rows, 3, F*n/rows)
         total += torch.bmm(x, x.transpose(1, 2)).double().cpu()
     i, j = torch.triu_indices(3, 3)
@@ -146,7 +159,7 @@ def fitted_weights(sums) -> tuple[float, float] | None:
 
 
 def squared_error(sums, weights) -> float:
-    """sum (r - w1 d1 - w2 d2)^2 from the fit's sums: what predicting with `weights` gets wrong, squared."""
+    """sum (r - w1 d1 - w2 d2)^2 from the fit's sums: what forecasting with `weights` gets wrong, squared."""
     rr, rd1, rd2, d11, d12, d22 = (float(v) for v in sums)
     w1, w2 = weights
     return rr - 2 * (w1 * rd1 + w2 * rd2) + w1 * w1 * d11 + 2 * w1 * w2 * d12 + w2 * w2 * d22

@@ -44,6 +44,9 @@ from ..profiling.workload import data_parallel, from_first, gather, generate
 from ..stats.running import RunningStats
 
 METRICS = ("l1", "rel_l1", "inject")
+# what a calibration measures; a work folder's calibration of another version is measured again
+# (2: the second-order and the fitted forecasts)
+VERSION = 2
 
 
 def pipeline_identity(pipe) -> dict:
@@ -108,6 +111,7 @@ def calibrate(
         guidance_scale=guidance_scale,
         batch_size=batch_size,
         kind="calibration",
+        calibration_version=VERSION,
         identity=pipeline_identity(pipe),
         units=_units(ctx),
         seconds={u: statistics.median(v) for u, v in observer.seconds.items()},

@@ -37,6 +37,7 @@ from ..parallel import run_layout
 from ..profiling.workload import generate, median_seconds, writes
 from ..stats.intervals import mean_interval
 from ..stats.quality import per_sample_psnr_ssim
+from .calibrate import VERSION as CALIBRATION_VERSION
 from .calibrate import calibrate, pipeline_identity
 from .search import MODES, PREDICTORS, compile_schedule, costs_from, predicted_error, price_scale
 
@@ -633,6 +634,7 @@ def _calibration(
         "guidance_scale": guidance_scale,
         "batch_size": batch_size,
         "identity": pipeline_identity(pipe),
+        "calibration_version": CALIBRATION_VERSION,
     }
     if (
         work is not None
