@@ -26,7 +26,8 @@ from ..runtime import (
 )
 from .prompts import load_prompts
 from .runner import profile as run_profile
-from .runner import run_metadata, shard_indices
+from .runner import run_metadata
+from .workload import share
 
 
 def profile_model(
@@ -118,7 +119,7 @@ def profile_model(
         if rank == 0:
             print(f"{final} is already complete; nothing to compute", file=sys.stderr)
         return (done, final) if rank == 0 else (None, None)
-    mine = shard_indices(len(prompt_list), part) if part else range(len(prompt_list))
+    mine = share(len(prompt_list), *part) if part else range(len(prompt_list))
 
     def resuming(done: int, total: int):
         if rank == 0:

@@ -58,11 +58,6 @@ def run_metadata(
     }
 
 
-def shard_indices(n: int, shard: tuple[int, int]) -> range:
-    """Shard i of `count`'s prompts: a contiguous part (profiling/workload.py's `share`)."""
-    return share(n, *shard)
-
-
 def dist_shard() -> tuple[int, int] | None:
     """(rank, world) when running under an initialised torch.distributed group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -181,7 +176,7 @@ def profile(
     if outputs:
         meta["outputs"] = [outputs] if isinstance(outputs, str) else list(outputs)
     done = load_state(state_path, meta, shard_name)
-    todo = shard_indices(len(prompts), shard)
+    todo = share(len(prompts), *shard)
     if done is not None:
         finished = set(done.prompt_index.tolist())
         if on_resume is not None:

@@ -1,0 +1,104 @@
+"""Whether a plan keeps its promise on prompts it never saw, and what planning costs: for each target, plan on
+calibration prompts (zoo seed 7000) with the default settings, then score the plan on test prompts (seed 3000)
+against the uncached model.
+
+    python benchmarks/plan_promises.py tiny-pixart --targets psnr=30,psnr=35,psnr=40 --test-prompts 32
+
+Per target: the checks run and the planning seconds (this machine; say whether it was quiet), the calibration
+PSNR (mean, the lower end of its 95% interval, 5th percentile) and the test PSNR (mean, 5th percentile), and
+the FLOPs and measured speedups the plan records. Plans are kept in runs/promises/MODEL/ (a stopped run
+resumes: a target whose plan file exists is not planned again); the table goes to
+benchmarks/results/promises/MODEL.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ditscope
+from ditscope import Schedule
+from ditscope.planning.planner import plan
+from ditscope.profiling.workload import generate
+from ditscope.stats.quality import per_sample_psnr_ssim
+from ditscope.zoo import evaluator
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default="tiny-pixart")
+    ap.add_argument("--targets", default="psnr=30,psnr=35,psnr=40")
+    ap.add_argument("--calibration-prompts", type=int, default=8)
+    ap.add_argument("--test-prompts", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--cost", default="time")
+    args = ap.parse_args()
+    pipe = ditscope.zoo.load(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    entry = ditscope.zoo.ZOO[args.model]
+    steps, guidance, batch = entry.steps, entry.guidance_scale, args.batch_size
+    calib = evaluator.evaluation_prompts(pipe, args.calibration_prompts, seed=7000)[1]
+    test = evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000)[1]
+    folder = Path("runs/promises") / args.model
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with torch.inference_mode():
+        for target in args.targets.split(","):
+            path = folder / f"{target.replace('=', '')}.plan.json"
+            if not path.exists():
+                started = time.perf_counter()
+                p = plan(
+                    pipe,
+                    calib,
+                    target,
+                    steps,
+                    batch_size=batch,
+                    guidance_scale=guidance,
+                    cost=args.cost,
+                    work_dir=folder / f"{target.replace('=', '')}.work",
+                    progress=lambda text: print(f"  {text}", flush=True),
+                )
+                p.meta["benchmark_planning_seconds"] = round(time.perf_counter() - started, 1)
+                p.save(path)
+            rows.append((target, Schedule.load(path)))
+        reference = generate(pipe, test, steps, guidance_scale=guidance, batch_size=batch)
+        lines = [
+            f"# Plans on unseen prompts: {args.model}",
+            "",
+            f"Planned on {len(calib)} calibration prompts (seed 7000), scored on {len(test)} test prompts "
+            f"(seed 3000), {steps} steps, cost model {args.cost}.",
+            "",
+            "| target | checks | planning s | calib mean / lower / p5 | test mean / p5 | test - target (mean) "
+            "| FLOPs or predicted speedup | measured speedup (planning) | served |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for target, p in rows:
+            with ditscope.apply(pipe, ditscope.PlanConfig(p)):
+                images = generate(pipe, test, steps, guidance_scale=guidance, batch_size=batch)
+            psnr, _ = per_sample_psnr_ssim(images, reference)
+            mean, p5 = statistics.fmean(psnr), float(np.percentile(psnr, 5))
+            q, m = p.meta["quality"], p.meta
+            kind, value = target.split("=")
+            shortfall = (p5 if kind == "psnr_p5" else mean) - float(value)
+            served = ", ".join(f"{a} {p.fraction(a):.0%}" for a in "RFTL" if p.fraction(a) > 0) or "-"
+            stack = p.rows.get("stack", "")
+            served += f"; stack skipped {stack.count('R')}/{p.steps}" if stack.count("R") else ""
+            lines.append(
+                f"| {target} | {m['evaluations']} | {m.get('benchmark_planning_seconds', m['planning_seconds']):.0f} "
+                f"| {q['psnr']:.1f} / {q['psnr_lo']:.1f} / {q['psnr_p5']:.1f} | {mean:.1f} / {p5:.1f} "
+                f"| {shortfall:+.1f} | {m['predicted_speedup']:.2f}x | {m['measured_speedup']:.2f}x | {served} |"
+            )
+            print(lines[-1], flush=True)
+    out = Path(__file__).parent / "results" / "promises" / f"{args.model}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
