@@ -99,7 +99,7 @@ def main():
                     mean,
                     p5,
                     p.meta["predicted_speedup"],
-                    f"{p.meta['evaluations']} checks, {seconds:.0f} s",
+                    f"{p.meta['checks']['count']} checks, {seconds:.0f} s",
                 )
             )
             print(rows[-1], flush=True)

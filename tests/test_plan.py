@@ -869,3 +869,41 @@ def test_the_calibrated_forecasts_and_the_fitted_one_recomputed_from_the_raw_out
             nearest = min(sse, key=sse.get)
             expected = mae[nearest] * (own / sse[nearest]) ** 0.5
             assert calibrated("fitted@1", p, t) == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_search_chooses_among_the_allowed_predictors_and_carries_the_fitted_weights(calibration):
+    """Per served step the search takes the allowed predictor of least calibrated error; a schedule whose
+    modules take the fitted forecast carries, for each such step, the calibration's weights at the lag the
+    step is served from (counted here by hand from the rows: steps the stack serves count, the module does
+    not run there)."""
+    from ditscope.planning.search import error_tables, price_scale
+
+    cal, _ = calibration
+    costs = costs_from(cal, None)
+    tables = error_tables(cal)
+    price = price_scale(cal, costs) * 0.3
+    for allowed in ("R", "RF", "RFTL"):
+        s = compile_schedule(cal, costs, price=price, mode="sites", granularity="site", predictors=allowed)
+        used = set("".join(r for u, r in s.rows.items() if u != "stack")) - {"C"}
+        assert used and used <= set(allowed)
+        assert ("weights" in s.meta) == ("L" in used)
+    s = compile_schedule(cal, costs, price=price, mode="sites", granularity="site", predictors="RFTL")
+    fitted = cal.meta["fitted_weights"]
+    for unit, row in s.rows.items():
+        last = 0
+        for t, action in enumerate(row):
+            if action == "C":
+                last = t
+                continue
+            k = t - last
+            # the action is the least calibrated error among those measured at (t, k), forecasts needing
+            # two computes (F) or three (T, L) before t
+            options = {"R": tables[unit]["R"][t, k]}
+            if last >= 1:
+                options["F"] = tables[unit]["F"][t, k]
+            if last >= 2:
+                options.update(T=tables[unit]["T"][t, k], L=tables[unit]["L"][t, k])
+            finite = {a: v for a, v in options.items() if np.isfinite(v)}
+            assert finite[action] == min(finite.values())
+            if action == "L":
+                assert s.meta["weights"][unit][str(t)] == fitted[unit][str(t)][str(k)]
