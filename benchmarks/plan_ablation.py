@@ -12,19 +12,18 @@ variants timed in this one run). Results go to benchmarks/results/n64/MODEL/plan
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import zoo_split
 
 import ditscope
 from ditscope.planning.planner import plan
 from ditscope.profiling.workload import generate
 from ditscope.stats.quality import per_sample_psnr_ssim
-from ditscope.zoo import evaluator
 
 VARIANTS = {
     "default (time costs, step rows, stack + modules)": {},
@@ -46,20 +45,13 @@ def timed(fn, repeats: int) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model", nargs="?", default="tiny-pixart")
-    ap.add_argument("--target", default="psnr=30")
-    ap.add_argument("--calibration-prompts", type=int, default=8)
-    ap.add_argument("--test-prompts", type=int, default=32)
+    ap = zoo_split.arguments(__doc__)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    pipe = ditscope.zoo.load(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    entry = ditscope.zoo.ZOO[args.model]
-    steps, guidance = entry.steps, entry.guidance_scale
-    calib = evaluator.evaluation_prompts(pipe, args.calibration_prompts, seed=7000)[1]
-    test = evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000)[1]
+    split = zoo_split.load(args)
+    pipe, steps, guidance = split.pipe, split.steps, split.guidance
+    calib, test = split.calibration, split.test
     rows = []
     with torch.inference_mode():
         reference = generate(pipe, test, steps, guidance_scale=guidance, batch_size=16)

@@ -13,37 +13,30 @@ benchmarks/results/promises/MODEL.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import zoo_split
 
 import ditscope
 from ditscope import Schedule
 from ditscope.planning.planner import plan
 from ditscope.profiling.workload import generate
 from ditscope.stats.quality import per_sample_psnr_ssim
-from ditscope.zoo import evaluator
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model", nargs="?", default="tiny-pixart")
+    ap = zoo_split.arguments(__doc__, target=None)
     ap.add_argument("--targets", default="psnr=30,psnr=35,psnr=40")
-    ap.add_argument("--calibration-prompts", type=int, default=8)
-    ap.add_argument("--test-prompts", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cost", default="time")
     args = ap.parse_args()
-    pipe = ditscope.zoo.load(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    entry = ditscope.zoo.ZOO[args.model]
-    steps, guidance, batch = entry.steps, entry.guidance_scale, args.batch_size
-    calib = evaluator.evaluation_prompts(pipe, args.calibration_prompts, seed=7000)[1]
-    test = evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000)[1]
+    split = zoo_split.load(args)
+    pipe, steps, guidance, batch = split.pipe, split.steps, split.guidance, args.batch_size
+    calib, test = split.calibration, split.test
     folder = Path("runs/promises") / args.model
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

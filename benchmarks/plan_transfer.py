@@ -12,12 +12,12 @@ Results go to benchmarks/results/n64/MODEL/plan_transfer_TARGET.md (and into doc
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import zoo_split
 
 import ditscope
 from ditscope import PlanConfig, Schedule
@@ -25,28 +25,21 @@ from ditscope.planning.planner import plan
 from ditscope.profiling.workload import generate
 from ditscope.runtime import parse_scheduler
 from ditscope.stats.quality import per_sample_psnr_ssim
-from ditscope.zoo import evaluator
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model", nargs="?", default="tiny-pixart")
-    ap.add_argument("--target", default="psnr=30")
-    ap.add_argument("--calibration-prompts", type=int, default=8)
-    ap.add_argument("--test-prompts", type=int, default=32)
+    ap = zoo_split.arguments(__doc__)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", default="10,30", help="other step counts")
     ap.add_argument("--schedulers", default="ddim", help="other schedulers (at the model's step count)")
     ap.add_argument("--work", type=Path, default=Path("runs/plan_transfer"))
     args = ap.parse_args()
-    pipe = ditscope.zoo.load(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    entry = ditscope.zoo.ZOO[args.model]
+    split = zoo_split.load(args)
+    pipe, entry = split.pipe, ditscope.zoo.ZOO[args.model]
     base_steps, guidance, bs = entry.steps, entry.guidance_scale, args.batch_size
     default_scheduler = pipe.scheduler
     args.work.mkdir(parents=True, exist_ok=True)
-    _, calib = evaluator.evaluation_prompts(pipe, args.calibration_prompts, seed=7000)
-    _, test = evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000)
+    calib, test = split.calibration, split.test
     tag = args.target.replace("=", "")
 
     def set_scheduler(name):

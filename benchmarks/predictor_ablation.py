@@ -15,13 +15,13 @@ keeps the calibration and every check, so a stopped run resumes.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import zoo_split
 
 import ditscope
 from ditscope import Profile, Schedule
@@ -30,7 +30,6 @@ from ditscope.planning.planner import plan
 from ditscope.planning.search import costs_from, with_weights
 from ditscope.profiling.workload import generate
 from ditscope.stats.quality import per_sample_psnr_ssim
-from ditscope.zoo import evaluator
 
 PLANS = ("R", "RF", "RFT", "RFL", "RFTL")
 
@@ -43,20 +42,13 @@ def fora_rows(cal: Profile, interval: int, action: str) -> Schedule:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model", nargs="?", default="tiny-pixart")
-    ap.add_argument("--target", default="psnr=30")
-    ap.add_argument("--calibration-prompts", type=int, default=8)
-    ap.add_argument("--test-prompts", type=int, default=32)
+    ap = zoo_split.arguments(__doc__)
     ap.add_argument("--intervals", default="2,3,4")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
-    pipe = ditscope.zoo.load(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    entry = ditscope.zoo.ZOO[args.model]
-    steps, guidance, batch = entry.steps, entry.guidance_scale, args.batch_size
-    calib = evaluator.evaluation_prompts(pipe, args.calibration_prompts, seed=7000)[1]
-    test = evaluator.evaluation_prompts(pipe, args.test_prompts, seed=3000)[1]
+    split = zoo_split.load(args)
+    pipe, steps, guidance, batch = split.pipe, split.steps, split.guidance, args.batch_size
+    calib, test = split.calibration, split.test
     work = Path("runs/predictor_ablation") / args.model
     rows = []
     with torch.inference_mode():
