@@ -116,10 +116,15 @@ def calibrated(model, inputs_of) -> dict:
                 model(**uneven(inputs_of(2, step), step), return_dict=False)
     finally:
         handle.remove()
-    return {
+    errors = {
         "/".join(key): [[p, s, v] for (p, s), v in sorted(values.items())]
         for key, values in observer.errors.items()
     }
+    grams = {  # the fitted forecast's sums (sums of products of two tensors, added over the ranks too)
+        f"{unit}/gram@{k}": [[p, s, *v.tolist()] for (p, s), v in sorted(values.items())]
+        for (unit, k), values in observer.gram.items()
+    }
+    return {**errors, **grams}
 
 
 def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):

@@ -23,7 +23,7 @@ from .context import Context
 from .flops import flop_counter
 from .layout import BlockSite, Site, unit_kind
 from .method import CacheMethod
-from .predictors import GRAM, LINEAR, TAYLOR2, gram_sums
+from .predictors import GRAM, gram_sums
 from .schedule_data import STACK
 from .teacache import modulated_input
 from .tensors import block_inputs, block_outputs, relative_change, row_abs_sums
@@ -91,21 +91,25 @@ class Calibrator(CacheMethod):
         branches = ctx.rows // self.n_prompts
         cur_abs = row_abs_sums(xs, ctx.rows)
         numel = _numel_per_row(xs, ctx.rows)
-        served = {}
+        wrong = {}  # target -> what serving the unit that way gets wrong, per tensor of xs
         for k in range(1, self.max_lag + 1):
             if step - k in hist:
-                served[f"reuse@{k}"] = hist[step - k]
+                wrong[f"reuse@{k}"] = [x - y for x, y in zip(xs, hist[step - k])]
         grams = {}
-        for k in range(1, self.forecast_lag + 1):  # forecasts from computes k steps apart, k steps ahead
-            past = [(step - j * k, hist[step - j * k]) for j in (3, 2, 1) if step - j * k in hist]
-            if len(past) >= 2:
-                served[f"forecast@{k}"] = list(LINEAR([(s, tuple(v)) for s, v in past[-2:]], step))
-            if len(past) == 3:
-                served[f"taylor2@{k}"] = list(TAYLOR2([(s, tuple(v)) for s, v in past], step))
-                grams[k] = gram_sums(xs, *(v for _, v in reversed(past)), rows=ctx.rows)
-        raw = {
-            target: row_abs_sums([x - y for x, y in zip(xs, ys)], ctx.rows) for target, ys in served.items()
-        }
+        # the forecasts from computes k steps apart, k steps ahead: reuse's error less the Taylor terms each
+        # predictor adds (predictors.WEIGHTS_OF; at even spacing the terms are y1 - y2 and (y1 - 2 y2 + y3) / 2)
+        for k in range(1, self.forecast_lag + 1):
+            if step - k not in hist or step - 2 * k not in hist:
+                continue
+            y1, y2 = hist[step - k], hist[step - 2 * k]
+            r = wrong.get(f"reuse@{k}") or [x - y for x, y in zip(xs, y1)]
+            first = [a - b for a, b in zip(y1, y2)]
+            wrong[f"forecast@{k}"] = [e - t for e, t in zip(r, first)]
+            if step - 3 * k in hist:
+                second = [(t - b).add_(c).mul_(0.5) for t, b, c in zip(first, y2, hist[step - 3 * k])]
+                wrong[f"taylor2@{k}"] = [e - t for e, t in zip(wrong[f"forecast@{k}"], second)]
+                grams[k] = gram_sums(r, first, second, rows=ctx.rows)
+        raw = {target: row_abs_sums(errs, ctx.rows) for target, errs in wrong.items()}
         if (
             ctx.sequence_group is not None
         ):  # context parallelism: each rank holds its tokens' part of every sum

@@ -134,18 +134,15 @@ WEIGHTS_OF = {"reuse": (0.0, 0.0), "linear": (1.0, 0.0), "taylor2": (1.0, 1.0)}
 GRAM = ("rr", "rd1", "rd2", "d1d1", "d1d2", "d2d2")
 
 
-def gram_sums(y, y1, y2, y3, rows: int) -> torch.Tensor:
-    """The fit's sums (GRAM) per model row, (rows, 6) float64, over lists of tensors (a unit's outputs now and
-    at its last three computes, newest first) whose first dim folds onto the rows."""
-    total = torch.zeros(rows, 3, 3, dtype=torch.float64)
-    for a, b, c, d in zip(y, y1, y2, y3):
-        if a is None:
-            continue
-        x = torch.stack([a - b, b - c, (b - 2 * c + d) / 2]).detach().float().flatten(2)  # (3, n, F)
-        x = x.reshape(3, rows, -1).transpose(0, 1)  # (rows, 3, F*n/rows)
-        total += torch.bmm(x, x.transpose(1, 2)).double().cpu()
-    i, j = torch.triu_indices(3, 3)
-    return total[:, i, j]
+def gram_sums(r, first, second, rows: int) -> torch.Tensor:
+    """The fit's sums (GRAM) per model row, (rows, 6) float64, over lists of tensors whose first dim folds onto
+    the rows: what reuse gets wrong, and the two Taylor terms."""
+    total = torch.zeros(rows, len(GRAM), dtype=torch.float64)
+    for parts in zip(r, first, second):
+        a, b, c = (t.detach().float().reshape(rows, 1, -1) for t in parts)  # views: one row per batch row
+        pairs = ((a, a), (a, b), (a, c), (b, b), (b, c), (c, c))  # GRAM's order
+        total += torch.cat([torch.bmm(u, v.transpose(1, 2)).flatten(1) for u, v in pairs], 1).double().cpu()
+    return total
 
 
 def fitted_weights(sums) -> tuple[float, float] | None:
