@@ -33,7 +33,7 @@ from scipy.stats import spearmanr
 import ditscope
 from ditscope import PlanConfig, Schedule
 from ditscope.cache.plan import _resampled_signal
-from ditscope.cache.schedule import STACK
+from ditscope.cache.schedule_data import STACK
 from ditscope.planning.planner import _calibration, stack_change
 from ditscope.profiling.artifact import sha256_of
 from ditscope.profiling.workload import generate

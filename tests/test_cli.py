@@ -442,7 +442,7 @@ def _bad_input_files(tmp_path):
     """The files the bad-input cases name as {placeholders}."""
     import json
 
-    from ditscope.cache.schedule import Schedule
+    from ditscope.cache.schedule_data import Schedule
     from ditscope.capture.recorder import Sample
 
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -964,7 +964,7 @@ def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_
 
 
 def test_show_on_a_plan_it_cannot_write_beside_shows_it_without_a_figure(tmp_path, monkeypatch):
-    from ditscope.cache.schedule import Schedule
+    from ditscope.cache.schedule_data import Schedule
     from ditscope.planning import show
 
     plan = Schedule({"stack": "CCRCR"}).save(tmp_path / "a.plan.json")

@@ -19,7 +19,7 @@ import pytest
 from matplotlib.collections import PatchCollection
 
 from ditscope import Profile
-from ditscope.cache.schedule import Schedule
+from ditscope.cache.schedule_data import Schedule
 from ditscope.planning import show
 from ditscope.profiling import plots
 from ditscope.stats.running import RunningStats

@@ -425,7 +425,7 @@ def test_a_damaged_plan_is_refused_by_its_checksum_and_one_without_loads(tmp_pat
 def test_a_plan_for_another_model_is_refused():
     build, _ = TINY["PixArtTransformer2DModel"]
     other, _ = TINY["DiTTransformer2DModel"]
-    from ditscope.cache.schedule import model_signature
+    from ditscope.cache.schedule_data import model_signature
 
     plan = Schedule({"stack": "CCR"}, meta={"model": model_signature(other())})
     with pytest.raises(DitscopeError, match="another model"):
@@ -654,7 +654,7 @@ def test_kept_evaluations_count_only_for_the_run_that_made_them(pipe, tmp_path):
 def test_the_model_signature_holds_wherever_the_model_was_loaded_from():
     """The signature hashed the config's `_name_or_path` (the checkout's folder): the shipped plans were refused
     in every other clone, and a plan made on one machine on every other."""
-    from ditscope.cache.schedule import model_signature
+    from ditscope.cache.schedule_data import model_signature
 
     model = TINY["PixArtTransformer2DModel"][0]()
     here = model_signature(model)

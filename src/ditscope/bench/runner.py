@@ -135,7 +135,7 @@ def plan_setting(setting: Setting) -> Setting:
 def planned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
     """The plan of a `plan target=...` setting, fitted on the calibration prompts (kept in OUT/plans/; settings
     that differ only in how the plan runs, e.g. adaptive, share it)."""
-    from ..cache.schedule import Schedule
+    from ..cache.schedule_data import Schedule
     from ..planning.planner import plan
 
     if not inputs.calibration:

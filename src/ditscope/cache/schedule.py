@@ -12,19 +12,10 @@ from .engine import contexts_of
 from .layout import BlockSite, Site, find_transformers
 from .method import CacheMethod
 from .predictors import BY_ACTION, Predictor
-from .schedule_data import ACTIONS, FORMAT, FORMAT_VERSION, STACK, Schedule, model_signature
+from .schedule_data import STACK, Schedule, model_signature
 from .tensors import add_residuals, block_inputs, block_outputs, hidden_arg, pack_outputs, residuals
 
-__all__ = [
-    "ACTIONS",
-    "FORMAT",
-    "FORMAT_VERSION",
-    "STACK",
-    "Schedule",
-    "ScheduleMethod",
-    "model_signature",
-    "schedule_of",
-]
+__all__ = ["ScheduleMethod", "schedule_of"]
 
 
 class ScheduleMethod(CacheMethod):

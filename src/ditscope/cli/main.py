@@ -150,7 +150,7 @@ def show(path: Annotated[Path, typer.Argument(help="a .ditscope profile or a .pl
         hint = f"pass {inside[0]}" if inside else "pass a .ditscope profile or a .plan.json plan file"
         raise DitscopeError(f"{path} is a folder; {hint}")
     if path.suffix == ".json":
-        from ..cache.schedule import Schedule
+        from ..cache.schedule_data import Schedule
         from ..planning.show import heatmap, summary_rows
 
         plan = Schedule.load(path)
