@@ -80,9 +80,17 @@ def plan(
     iterations: Annotated[
         int,
         typer.Option(
-            help="prices tried per search line before bisecting; fewer plan faster, with less choice"
+            help="speed targets (speedup=, flops=): prices tried per search line; quality targets check "
+            "at most --max-checks plans instead"
         ),
     ] = 8,
+    max_checks: Annotated[
+        int,
+        typer.Option(
+            help="quality targets: end-to-end checks per plan at most (each is one run of the calibration "
+            "prompts); fewer plan faster, with less choice"
+        ),
+    ] = 10,
     out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -112,6 +120,8 @@ def plan(
         raise DitscopeError(f"--modes takes a comma list of {', '.join(MODES)}, not {modes!r}")
     if iterations < 3:
         raise DitscopeError(f"--iterations must be at least 3, not {iterations}")
+    if max_checks < 1:
+        raise DitscopeError(f"--max-checks must be at least 1, not {max_checks}")
     out = out or Path("plans") / f"{Path(model).name}.plan.json"
     prompt_seed = seed_of_prompts(prompts, prompt_seed)
     pipe, prompt_list, n_steps, guidance = calibration_run(
@@ -138,6 +148,7 @@ def plan(
                 granularity=granularity,
                 cost=cost,
                 iterations=iterations,
+                max_checks=max_checks,
                 work_dir=work,
                 progress=lambda text: status.update(f"planning: {text}"),
                 log=console.print if first else None,
