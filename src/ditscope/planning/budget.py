@@ -14,13 +14,15 @@ checks with Spearman -0.7 (tiny-pixart, psnr=30). The slope, the intercept and t
 prior by pseudo-observations, so that the model is defined from the first check on: one check fixes the
 intercept and its group's offset half way, two or more the slope.
 
-The loop checks the fastest candidate the model predicts to hold (the prediction at least the target plus
-MARGIN x the model's spread); where none is, the remaining candidate with the best predicted quality. After each
-check it refits, and drops the candidates no faster than the fastest one that held in their group (only the
-fastest held counts), those predicted more than CROSS_GROUP times slower than the fastest held of any group
-(the finalists are timed, and the cost model's cross-mode predictions were 4-20% off: benchmarks/RESULTS.md),
-and those predicted FAR x spread or more below the target (quality is not monotone in the predicted error, so
-a candidate only a little below stays in play). It stops when no candidate is left, or at the budget.
+The loop checks the candidate with the largest expected gain: the chance that it holds (normal, around the
+model's prediction with its spread) times how much faster it is predicted than what it has to beat (the
+fastest held in its group, or the fastest held in any group / CROSS_GROUP). After each check it refits, and
+drops the candidates no faster than the fastest one that held in their group (only the fastest held counts),
+those predicted more than CROSS_GROUP times slower than the fastest held of any group (the finalists are
+timed, and the cost model's cross-mode predictions were 4-20% off: benchmarks/RESULTS.md), and those
+predicted FAR x spread or more below the target (quality is not monotone in the predicted error, so a
+candidate only a little below stays in play). A group with no check yet has GROUP_SPREAD more spread. It
+stops when no candidate is left, or at the budget.
 
 Quality is fitted on the scale the target is checked on: dB of PSNR (the mean, its lower bound or the 5th
 percentile, whichever the target tests), and for SSIM -10 log10(1 - SSIM), its "dB".
@@ -47,7 +49,6 @@ PRIOR_OFFSETS = {"stack": 0.0, "stack fixed": 2.0, "both": 0.0, "sites": 10.0, "
 GROUP_SPREAD = 5.0  # dB: how far a group with no check yet may be from its prior offset
 WEIGHT_SPREAD = 2.0  # ... the spread's: two residuals of PRIOR_SPREAD
 SPREAD_FLOOR = 1.0  # dB: the model is never trusted closer than this
-MARGIN = 0.5  # spreads above the target: predicted to hold
 FAR = 2.5  # spreads below the target: predicted to fail, dropped
 CROSS_GROUP = (
     1.3  # a candidate predicted this many times slower than the fastest held one cannot win the timing
@@ -187,11 +188,14 @@ def budgeted_search(candidates: list, check, target: float, max_checks: int, say
 
     alive = [c for c in candidates if in_play(c)]
     while alive and len(results) < max_checks:
-        likely = [c for c in alive if fit.predict(c) >= target + MARGIN * fit.uncertainty(c)]
-        if likely:
-            pick = max(likely, key=lambda c: (c.speedup, fit.predict(c)))
-        else:
-            pick = max(alive, key=lambda c: (fit.predict(c), c.speedup))
+        floor = max(1.0, max(best.values(), default=0.0) / CROSS_GROUP)
+
+        def gain(c: Candidate, fit: Fit = fit, floor: float = floor) -> float:
+            # the chance it holds x how much faster it is than what it must beat
+            chance = 0.5 * math.erfc((target - fit.predict(c)) / (fit.uncertainty(c) * math.sqrt(2)))
+            return chance * (c.speedup - max(best.get(c.group, 0.0), floor))
+
+        pick = max(alive, key=lambda c: (gain(c), c.speedup))
         guess = fit.predict(pick)
         ok, quality, row = check(pick)
         results[pick.key] = (ok, quality, row)
