@@ -914,7 +914,7 @@ def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_
     an uninterrupted run writes."""
     out = tmp_path / "p.json"
     args = (
-        ["plan", "tiny-pixart", "--target", "psnr=20", "--cost", "flops", "--max-checks", "4"]
+        ["plan", "tiny-pixart", "--target", "psnr=20", "--cost", "flops"]
         if command == "plan"
         else ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=20"]
     )

@@ -62,8 +62,6 @@ SMALL = {
         "2",
         "--iterations",
         "3",
-        "--max-checks",
-        "4",
     ],  # fewer steps: no plan that saves work holds psnr=30
     ("bench",): [
         "--steps",

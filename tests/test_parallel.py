@@ -118,8 +118,8 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
         "3",
         "--cost",
         "flops",
-        "--max-checks",
-        "4",
+        "--iterations",
+        "3",
     ]
     one = CliRunner().invoke(app, [*args, "--out", "one.plan.json"])
     assert one.exit_code == 0, one.output
