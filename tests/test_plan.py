@@ -85,6 +85,12 @@ def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
     from ditscope.planning.show import summary_rows
 
     assert sum(key == "finalist (kept)" for key, _ in summary_rows(again)) == 1
+    # the budgeted search is on record: checks within the budget, and the fitted model
+    assert plan.meta["search"]["checks"] == plan.meta["evaluations"] <= plan.meta["search"]["max_checks"] == 6
+    search = dict(summary_rows(again))["search"]
+    assert (
+        search.startswith(f"{plan.meta['search']['checks']} of at most 6 checks") and "psnr_lo = " in search
+    )
 
 
 def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
@@ -848,6 +854,16 @@ def test_a_plan_records_how_well_its_calibrated_errors_ranked_its_checks(pipe, t
     rho = cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
     assert checks["rank_correlation"] == pytest.approx(rho, abs=1e-4)
     assert checks["rank_correlation"] < 0  # more predicted error, less PSNR
+    # the model's own ranking of the checks, each predicted by the model fitted on the others
+    from ditscope.planning.budget import fit_quality
+
+    points = [tuple(p) for p in fit["points"]]
+    held_out = [fit_quality(points[:i] + points[i + 1 :]).value(g, e) for i, (g, e, _) in enumerate(points)]
+    a, b = ranks(held_out), ranks([q for _, _, q in points])
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    rho = cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+    assert fit["held_out_rank_correlation"] == pytest.approx(rho, abs=2e-3)
 
 
 def transformer_copy(pipe):

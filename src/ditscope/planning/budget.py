@@ -98,6 +98,7 @@ class Fit:
         return math.sqrt(self.spread**2 + GROUP_SPREAD**2)
 
     def as_meta(self) -> dict:
+        rho = held_out_rank_correlation(self.points)
         return {
             "model": "quality = intercept + offset[group] + slope * log10(predicted error)",
             "intercept": round(self.intercept, 4),
@@ -105,6 +106,8 @@ class Fit:
             "offsets": {g: round(v, 4) for g, v in sorted(self.offsets.items())},
             "spread": round(self.spread, 4),
             "count": len(self.points),
+            # Spearman of each check's measured quality and the model's prediction fitted without it
+            "held_out_rank_correlation": None if rho is None else round(rho, 4),
             "points": [[g, float(f"{e:.6g}"), round(q, 4)] for g, e, q in self.points],
         }
 
@@ -143,6 +146,21 @@ def fit_quality(points: list) -> Fit:
         math.sqrt((WEIGHT_SPREAD * PRIOR_SPREAD**2 + squares) / (WEIGHT_SPREAD + len(points))),
     )
     return fitted
+
+
+def held_out_rank_correlation(points: list) -> float | None:
+    """How well the model ranks checks it was not fitted on: Spearman's rank correlation between each check's
+    measured quality and the model's prediction for it fitted on the other checks (leave one out); None with
+    fewer than three checks or no spread."""
+    from scipy.stats import spearmanr
+
+    if len(points) < 3:
+        return None
+    predicted = [fit_quality(points[:i] + points[i + 1 :]).value(g, e) for i, (g, e, _) in enumerate(points)]
+    measured = [q for _, _, q in points]
+    if len(set(predicted)) < 2 or len(set(measured)) < 2:
+        return None
+    return float(spearmanr(predicted, measured).statistic)
 
 
 def _solve(a: list, b: list) -> list:
