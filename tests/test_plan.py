@@ -689,6 +689,25 @@ def test_the_quality_model_is_the_least_squares_fit_recomputed_by_hand():
             (budget.WEIGHT_SPREAD * budget.PRIOR_SPREAD**2 + squares) / (budget.WEIGHT_SPREAD + n)
         )
         assert fit.spread == pytest.approx(max(budget.SPREAD_FLOOR, pooled), rel=1e-9)
+    # the coefficients themselves, recomputed by coordinate descent on the same penalised sum of squares: each
+    # parameter in turn set to the value that minimises it with the others held (a convex quadratic: this
+    # converges to its one minimum)
+    groups = sorted({g for g, _, _ in points})
+    a, b = 0.0, 0.0
+    o = {g: 0.0 for g in groups}
+    xs = [(g, math.log10(e), q) for g, e, q in points]
+    for _ in range(20000):
+        num = budget.WEIGHT_INTERCEPT * budget.PRIOR_INTERCEPT + sum(q - o[g] - b * x for g, x, q in xs)
+        a = num / (budget.WEIGHT_INTERCEPT + len(xs))
+        num = budget.WEIGHT_SLOPE * budget.PRIOR_SLOPE + sum((q - a - o[g]) * x for g, x, q in xs)
+        b = num / (budget.WEIGHT_SLOPE + sum(x * x for _, x, _ in xs))
+        for h in groups:
+            mine = [(x, q) for g, x, q in xs if g == h]
+            num = budget.WEIGHT_OFFSET * budget.PRIOR_OFFSETS[h] + sum(q - a - b * x for x, q in mine)
+            o[h] = num / (budget.WEIGHT_OFFSET + len(mine))
+    fit = budget.fit_quality(points)
+    assert fit.intercept == pytest.approx(a, abs=1e-6) and fit.slope == pytest.approx(b, abs=1e-6)
+    assert all(fit.offsets[h] == pytest.approx(o[h], abs=1e-6) for h in groups)
     # no check yet: the priors
     empty = budget.fit_quality([])
     assert (empty.intercept, empty.slope) == pytest.approx((budget.PRIOR_INTERCEPT, budget.PRIOR_SLOPE))
