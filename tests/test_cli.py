@@ -213,6 +213,8 @@ MORE_BAD_INPUTS = [
     (["plan", "tiny-pixart", "--granularity", "nope"], "--granularity"),
     (["plan", "tiny-pixart", "--modes", "stack,blocks"], "--modes takes a comma list"),
     (["plan", "tiny-pixart", "--iterations", "2"], "--iterations must be at least 3"),
+    (["plan", "tiny-pixart", "--max-checks", "0"], "--max-checks must be at least 1"),
+    (["plan", "tiny-pixart", "--max-checks", "-3"], "--max-checks must be at least 1"),
     (["plan", "tiny-pixart", "--target", "lpips=3"], "lpips"),
     (["plan", "tiny-pixart", "--out", "{folder}"], "is a folder"),
     (["plan", "tiny-pixart", "--steps", "5000", "--out", "{folder}/p.plan.json"], "at or beyond"),
@@ -912,7 +914,7 @@ def test_plan_and_tune_stopped_after_their_first_saved_evaluation_resume_to_the_
     an uninterrupted run writes."""
     out = tmp_path / "p.json"
     args = (
-        ["plan", "tiny-pixart", "--target", "psnr=20", "--cost", "flops", "--iterations", "3"]
+        ["plan", "tiny-pixart", "--target", "psnr=20", "--cost", "flops"]
         if command == "plan"
         else ["tune", "tiny-pixart", "--method", "fora", "--target", "psnr=20"]
     )

@@ -755,7 +755,7 @@ def test_plan_quality_and_finalists_match_the_oracle(pixart, monkeypatch, one_th
             "psnr=20",
             CAL_STEPS,
             batch_size=4,
-            iterations=3,
+            max_checks=6,
             cost="flops",
             modes=("stack", "sites"),
             progress=lines.append,

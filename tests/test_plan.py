@@ -70,7 +70,7 @@ def test_dp_row_is_the_cheapest_path():
 def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
     with torch.inference_mode():
         plan = ditscope.plan(
-            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, iterations=4, work_dir=tmp_path / "w"
+            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, max_checks=6, work_dir=tmp_path / "w"
         )
     assert plan.meta["quality"]["psnr"] >= 28
     assert plan.meta["model"]["class"] == "PixArtTransformer2DModel"
@@ -85,6 +85,12 @@ def test_plan_meets_its_target_on_the_calibration_prompts(pipe, tmp_path):
     from ditscope.planning.show import summary_rows
 
     assert sum(key == "finalist (kept)" for key, _ in summary_rows(again)) == 1
+    # the budgeted search is on record: checks within the budget, and the fitted model
+    assert plan.meta["search"]["checks"] == plan.meta["evaluations"] <= plan.meta["search"]["max_checks"] == 6
+    search = dict(summary_rows(again))["search"]
+    assert (
+        search.startswith(f"{plan.meta['search']['checks']} of at most 6 checks") and "psnr_lo = " in search
+    )
 
 
 def test_compute_everything_plan_is_bit_identical_and_remove_restores(pipe):
@@ -464,11 +470,21 @@ def test_speed_targets_and_unreachable_ones(pipe, tmp_path):
         assert fast.meta["predicted_speedup"] >= 1.5
         with pytest.raises(DitscopeError, match="no plan reaches speedup=50"):
             ditscope.plan(pipe, PROMPTS, "speedup=50", STEPS, batch_size=2, iterations=4)
-        # a quality no cached plan reaches: the plan that computes everything holds it, but is no plan
-        with pytest.raises(DitscopeError, match="no plan that saves any work reaches psnr=99"):
-            ditscope.plan(
-                pipe, PROMPTS, "psnr=99", STEPS, batch_size=2, iterations=3, cost="flops", modes=("stack",)
-            )
+        # a quality no cached plan reaches: the plan that computes everything holds it, but is no plan; the
+        # search says so, or that its checks ran out with plans left that it could not rule out
+        for max_checks in (1, 4):
+            with pytest.raises(
+                DitscopeError, match="no plan (that saves any work reaches|held) psnr=99"
+            ) as e:
+                ditscope.plan(
+                    pipe, PROMPTS, "psnr=99", STEPS, batch_size=2, max_checks=max_checks, modes=("stack",)
+                )
+            assert "\n" not in str(e.value)
+            if "held" in str(e.value):
+                assert "raise --max-checks" in str(e.value)
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(DitscopeError, match="max_checks >= 1"):
+                ditscope.plan(pipe, PROMPTS, "psnr=30", STEPS, batch_size=2, max_checks=bad)
 
 
 def test_damaged_calibration_files_in_the_work_folder_are_computed_again(pipe, tmp_path, one_thread):
@@ -511,7 +527,7 @@ def test_plan_on_a_declared_layout_model_from_python():
         target="psnr=25",
         num_inference_steps=6,
         batch_size=2,
-        iterations=3,
+        max_checks=6,
         layout=opensora_like.LAYOUT,
     )
     assert plan.meta["quality"]["psnr_lo"] >= 25 and plan.meta["predicted_speedup"] > 1
@@ -576,35 +592,141 @@ def test_a_flops_cost_model_chooses_between_finalists_by_its_prediction_not_by_t
     )
 
 
-def test_the_price_scan_checks_no_plan_slower_than_one_that_held():
-    """End-to-end checks of careful plans cost nearly an uncached run each; with a quality target only the
-    fastest plan that holds is kept, so the scan must skip the plans predicted slower than a held one, and
-    still find the same fastest plan as checking the whole grid."""
-    from ditscope.planning.planner import scan_prices
+def _fake_problem(noise: float = 0.0):
+    """Candidates whose measured quality is known: per group, schedules from careful (slow, little predicted error)
+    to fast, quality = 40 + the group's offset - 15 log10(predicted error) (+ a deterministic wobble: quality is
+    not monotone in the predicted error)."""
+    import math
 
-    grid = [0.0, 1.0, 2.0, 3.0, 4.0]  # log prices, cheapest error first; the plan "is" its price here
-    predicted = lambda p: 10.0 - p  # noqa: E731  (a higher price of error: a slower plan)
-    for threshold in (2.5, 0.0, 3.7):
+    from ditscope.planning.budget import Candidate
+
+    offsets = {"stack": 0.0, "stack fixed": 3.0, "sites": 8.0, "both": -1.0}
+    candidates, truth = [], {}
+    for group, offset in offsets.items():
+        mode, _, fixed = group.partition(" ")
+        n = 10 if fixed else 30
+        for i in range(n):
+            error = 10 ** (-0.5 + 2.0 * i / (n - 1))
+            speedup = 1.2 + 3.0 * i / (n - 1) + (0.1 if group == "both" else 0.0)
+            quality = 40 + offset - 15 * math.log10(error) + noise * math.sin(7 * i + len(group))
+            key = f"{group}/{i}"
+            candidates.append(Candidate(mode, Schedule({"stack": "C"}), speedup, error, key, fixed or None))
+            truth[key] = quality
+    return candidates, truth
+
+
+def test_the_budgeted_search_checks_at_most_max_checks_and_no_plan_slower_than_one_held_in_its_group():
+    """End-to-end checks cost a run of the calibration prompts each: the search runs at most max_checks of them,
+    and once a plan of a group held it checks no plan of that group predicted slower (only its fastest counts)."""
+    from ditscope.planning.budget import budgeted_search
+
+    for max_checks in (1, 2, 5, 10, 25):
+        candidates, truth = _fake_problem(noise=1.5)
         checked = []
 
-        def holds(p, threshold=threshold, checked=checked):
-            checked.append(p)
-            return p >= threshold
+        def check(c, checked=checked, truth=truth):
+            checked.append(c)
+            return truth[c.key] >= 30, truth[c.key], {}
 
-        held = scan_prices(grid, lambda p: p, predicted, holds, True, 3, "test", lambda text: None)
-        fastest_on_grid = min(p for p in grid if p >= threshold)
-        assert min(p for p in checked if p in grid and p >= threshold) == fastest_on_grid
-        assert not [p for p in checked if p > fastest_on_grid]  # nothing slower than it was run
-        best = max(held, key=lambda h: h[0])
-        assert (
-            best[1] >= threshold and best[1] <= fastest_on_grid
-        )  # the bisection only refines towards faster
-    # a speed target needs every plan fast enough (the best quality among them is chosen): no skipping
+        outcome = budgeted_search(candidates, check, 30.0, max_checks, lambda text: None)
+        assert len(checked) == outcome.checks <= max_checks
+        assert len({c.key for c in checked}) == len(checked)  # no schedule twice
+        for i, c in enumerate(checked):  # nothing checked after a plan of its group at least as fast held
+            earlier = [d for d in checked[:i] if d.group == c.group and truth[d.key] >= 30]
+            assert all(c.speedup > d.speedup for d in earlier)
+
+
+def test_the_budgeted_search_keeps_the_plan_a_full_search_keeps_on_a_fake_problem():
+    """Where the truth is known, 10 checks find the fastest plan that holds, in the same group as checking every
+    candidate does, among 100 candidates; and with a wobble of 1.5 dB on the quality, one as fast within 10%."""
+    from ditscope.planning.budget import budgeted_search
+
+    for noise, slack in ((0.0, 1.0), (1.5, 0.9)):
+        candidates, truth = _fake_problem(noise)
+        best = max((c for c in candidates if truth[c.key] >= 30), key=lambda c: c.speedup)
+        outcome = budgeted_search(
+            candidates, lambda c, truth=truth: (truth[c.key] >= 30, truth[c.key], {}), 30.0, 10, print
+        )
+        found = max((c for c, _ in outcome.held), key=lambda c: c.speedup)
+        assert outcome.checks <= 10 and truth[found.key] >= 30
+        assert found.speedup >= slack * best.speedup
+        if not noise:
+            assert found.key == best.key
+
+
+def test_the_quality_model_is_the_least_squares_fit_recomputed_by_hand():
+    """The model of the measured quality on the predicted error: the penalised least squares of the checks
+    (quality = intercept + offset[group] + slope * log10(error), the priors as pseudo-observations) has a zero
+    gradient at the recorded coefficients, the gradient written out here term by term with plain loops; and its
+    spread is the pooled RMS of the residuals, recomputed the same way."""
+    import math
+
+    from ditscope.planning import budget
+
+    points = [
+        ("stack", 2.4, 35.1),
+        ("stack", 4.8, 28.1),
+        ("stack", 3.7, 31.1),
+        ("sites fixed", 40.0, 30.6),
+        ("sites fixed", 35.5, 28.2),
+        ("both", 4.8, 30.1),
+    ]
+    for n in range(0, len(points) + 1):
+        fit = budget.fit_quality(points[:n])
+        a, b = fit.intercept, fit.slope
+        grad_a = budget.WEIGHT_INTERCEPT * (a - budget.PRIOR_INTERCEPT)
+        grad_b = budget.WEIGHT_SLOPE * (b - budget.PRIOR_SLOPE)
+        grad_o = {g: budget.WEIGHT_OFFSET * (o - budget.PRIOR_OFFSETS[g]) for g, o in fit.offsets.items()}
+        squares = 0.0
+        for group, error, quality in points[:n]:
+            x = math.log10(error)
+            residual = a + fit.offsets[group] + b * x - quality
+            grad_a += residual
+            grad_b += residual * x
+            grad_o[group] += residual
+            squares += residual**2
+        assert abs(grad_a) < 1e-7 and abs(grad_b) < 1e-7, n
+        assert all(abs(v) < 1e-7 for v in grad_o.values()), n
+        assert set(fit.offsets) == {g for g, _, _ in points[:n]}
+        pooled = math.sqrt(
+            (budget.WEIGHT_SPREAD * budget.PRIOR_SPREAD**2 + squares) / (budget.WEIGHT_SPREAD + n)
+        )
+        assert fit.spread == pytest.approx(max(budget.SPREAD_FLOOR, pooled), rel=1e-9)
+    # the coefficients themselves, recomputed by coordinate descent on the same penalised sum of squares: each
+    # parameter in turn set to the value that minimises it with the others held (a convex quadratic: this
+    # converges to its one minimum)
+    groups = sorted({g for g, _, _ in points})
+    a, b = 0.0, 0.0
+    o = {g: 0.0 for g in groups}
+    xs = [(g, math.log10(e), q) for g, e, q in points]
+    for _ in range(20000):
+        num = budget.WEIGHT_INTERCEPT * budget.PRIOR_INTERCEPT + sum(q - o[g] - b * x for g, x, q in xs)
+        a = num / (budget.WEIGHT_INTERCEPT + len(xs))
+        num = budget.WEIGHT_SLOPE * budget.PRIOR_SLOPE + sum((q - a - o[g]) * x for g, x, q in xs)
+        b = num / (budget.WEIGHT_SLOPE + sum(x * x for _, x, _ in xs))
+        for h in groups:
+            mine = [(x, q) for g, x, q in xs if g == h]
+            num = budget.WEIGHT_OFFSET * budget.PRIOR_OFFSETS[h] + sum(q - a - b * x for x, q in mine)
+            o[h] = num / (budget.WEIGHT_OFFSET + len(mine))
+    fit = budget.fit_quality(points)
+    assert fit.intercept == pytest.approx(a, abs=1e-6) and fit.slope == pytest.approx(b, abs=1e-6)
+    assert all(fit.offsets[h] == pytest.approx(o[h], abs=1e-6) for h in groups)
+    # no check yet: the priors
+    empty = budget.fit_quality([])
+    assert (empty.intercept, empty.slope) == pytest.approx((budget.PRIOR_INTERCEPT, budget.PRIOR_SLOPE))
+
+
+def test_a_speed_target_scans_every_price_of_its_grid():
+    """A speed target holds by the cost model's prediction: every plan on the grid fast enough is a choice (the
+    best measured quality among them wins), so the scan checks them all."""
+    from ditscope.planning.planner import scan_prices
+
+    grid = [0.0, 1.0, 2.0, 3.0, 4.0]
     checked = []
-    scan_prices(
-        grid, lambda p: p, predicted, lambda p: checked.append(p) or True, False, 3, "test", lambda t: None
+    held = scan_prices(
+        grid, lambda p: p, lambda p: 10.0 - p, lambda p: checked.append(p) or p < 3, "t", print
     )
-    assert checked == grid
+    assert checked == grid and [h[1] for h in held] == [0.0, 1.0, 2.0]
 
 
 def test_kept_evaluations_count_only_for_the_run_that_made_them(pipe, tmp_path):
@@ -675,7 +797,7 @@ def test_a_worst_image_target_holds_on_the_5th_percentile_recomputed_by_hand(pip
 
     prompts = [*PROMPTS, "a green triangle at the top", "a small yellow circle", "a large blue square"]
     with torch.inference_mode():
-        plan = ditscope.plan(pipe, prompts, "psnr_p5=24", STEPS, batch_size=2, iterations=3, cost="flops")
+        plan = ditscope.plan(pipe, prompts, "psnr_p5=24", STEPS, batch_size=2, max_checks=6, cost="flops")
         reference = generate(pipe, prompts, STEPS, batch_size=2)
         with ditscope.apply(pipe, ditscope.PlanConfig(plan)):
             cached = generate(pipe, prompts, STEPS, batch_size=2)
@@ -721,10 +843,19 @@ def test_a_plan_records_how_well_its_calibrated_errors_ranked_its_checks(pipe, t
     """Spearman's rank correlation between the checks' predicted errors and their measured PSNR, recomputed
     by hand from the pairs the plan records (average ranks for ties, then the Pearson correlation of ranks)."""
     with torch.inference_mode():
-        plan = ditscope.plan(pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, iterations=3, cost="flops")
+        plan = ditscope.plan(
+            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, cost="flops", assurance="mean", max_checks=6
+        )
     checks = plan.meta["checks"]
     pairs = checks["predicted_error_and_psnr"]
-    assert checks["count"] == len(pairs) == plan.meta["evaluations"] >= 3
+    assert checks["count"] == len(pairs) == plan.meta["evaluations"] == plan.meta["search"]["checks"]
+    assert 3 <= len(pairs) <= 6
+    # the quality model was fitted on these checks (a schedule two modes share is a point of each group)
+    fit = plan.meta["search"]["fit"]
+    assert {(round(e, 3), round(q, 2)) for _, e, q in fit["points"]} == {
+        (round(e, 3), round(q, 2)) for e, q in pairs
+    }
+    assert fit["count"] == len(fit["points"]) and fit["slope"] < 0
 
     def ranks(values):
         order = sorted(range(len(values)), key=lambda i: values[i])
@@ -745,6 +876,16 @@ def test_a_plan_records_how_well_its_calibrated_errors_ranked_its_checks(pipe, t
     rho = cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
     assert checks["rank_correlation"] == pytest.approx(rho, abs=1e-4)
     assert checks["rank_correlation"] < 0  # more predicted error, less PSNR
+    # the model's own ranking of the checks, each predicted by the model fitted on the others
+    from ditscope.planning.budget import fit_quality
+
+    points = [tuple(p) for p in fit["points"]]
+    held_out = [fit_quality(points[:i] + points[i + 1 :]).value(g, e) for i, (g, e, _) in enumerate(points)]
+    a, b = ranks(held_out), ranks([q for _, _, q in points])
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    rho = cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+    assert fit["held_out_rank_correlation"] == pytest.approx(rho, abs=2e-3)
 
 
 def transformer_copy(pipe):

@@ -47,7 +47,7 @@ PLAN = "plan"
 # cheap fits first: fewer steps (a bisection over step counts) and FORA (an integer knob) found the strongest
 # settings at psnr=35 on tiny-pixart (benchmarks/RESULTS.md); the plan's search costs the most; ToCa missed the target
 CANDIDATES = (FEWER_STEPS, "fora", PLAN, "teacache", "fbcache", "toca")
-PLAN_ITERATIONS = 4  # prices per search line (ditscope plan: 8): about half the end-to-end checks
+PLAN_MAX_CHECKS = 10  # end-to-end checks of the plan's search at most (ditscope plan's default)
 FORMAT, VERSION = "ditscope-recommend", 1
 
 
@@ -432,7 +432,7 @@ def _fit(
             batch_size=batch_size,
             guidance_scale=guidance_scale,
             cost="flops",
-            iterations=PLAN_ITERATIONS,
+            max_checks=PLAN_MAX_CHECKS,
             work_dir=work / "plan.work",
             progress=say,
         )

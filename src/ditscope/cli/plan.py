@@ -87,9 +87,17 @@ def plan(
     iterations: Annotated[
         int,
         typer.Option(
-            help="prices tried per search line before bisecting; fewer plan faster, with less choice"
+            help="speed targets (speedup=, flops=): prices tried per search line; quality targets check "
+            "at most --max-checks plans instead"
         ),
     ] = 8,
+    max_checks: Annotated[
+        int,
+        typer.Option(
+            help="quality targets: end-to-end checks per plan at most (each is one run of the calibration "
+            "prompts); fewer plan faster, with less choice"
+        ),
+    ] = 10,
     out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -123,6 +131,8 @@ def plan(
         raise DitscopeError(
             f"--predictors takes letters of RFTL (R reuse, F linear, T Taylor, L fitted), not {predictors!r}"
         )
+    if max_checks < 1:
+        raise DitscopeError(f"--max-checks must be at least 1, not {max_checks}")
     out = out or Path("plans") / f"{Path(model).name}.plan.json"
     prompt_seed = seed_of_prompts(prompts, prompt_seed)
     pipe, prompt_list, n_steps, guidance = calibration_run(
@@ -150,6 +160,7 @@ def plan(
                 predictors=predictors,
                 cost=cost,
                 iterations=iterations,
+                max_checks=max_checks,
                 work_dir=work,
                 progress=lambda text: status.update(f"planning: {text}"),
                 log=console.print if first else None,

@@ -3,10 +3,13 @@
 1. Calibrate on the calibration prompts with the uncached model (`calibrate.py`): every unit's error of
    being served from 1..K steps back or forecast, and its measured cost.
 2. For a price of error, compile the cheapest schedule (`search.py`).
-3. Run that schedule on the calibration prompts and compare its images with the uncached ones; move the
-   price by bisection (on its logarithm) until the target holds with the least computation. The search
-   runs for each mode (stack and sites, stack only, sites only); the best of each is timed on this machine
-   and the fastest measured is kept.
+3. Quality targets: compile the candidates without running them (each mode's schedules over a fine grid of
+   prices, and the fixed-interval ones), each with its predicted speedup and predicted error, and check at
+   most `max_checks` of them end to end (run on the calibration prompts, compared with the uncached images),
+   the fastest predicted to hold first, by a model of the measured quality on the predicted error fitted on
+   the checks already run (`budget.py`). Speed targets hold by the cost model's prediction: the prices are
+   scanned on a grid and bisected. The search runs for each mode (stack and sites, stack only, sites only);
+   the best of each is timed on this machine and the fastest measured is kept.
 
 Targets: `psnr=DB`, `ssim=S` (mean over the calibration prompts), `speedup=X` (predicted from the
 measured unit costs, then measured), `flops=X` (predicted from counted FLOPs). A planning run with a
@@ -229,6 +232,7 @@ def plan(
     cost: str = "time",
     iterations: int = 8,
     assurance: str = "lower",
+    max_checks: int = 10,
     work_dir=None,
     progress=None,
     log=None,
@@ -249,6 +253,8 @@ def plan(
     and a `.transformer`; see the README's "Any PyTorch DiT"); run the plan with the same layout.
     `predictors`: what a served module may be made of (R reuse, F linear forecast, T second-order Taylor,
     L fitted; cache/predictors.py), chosen per module and step by the search; R is always allowed.
+    `max_checks`: quality targets check at most this many candidate plans end to end (each one run of the
+    calibration prompts); `iterations`: speed targets scan this many prices per search line.
     """
     goal = Target.parse(target)
     if cost not in ("time", "flops", "uniform"):
@@ -270,6 +276,10 @@ def plan(
         raise DitscopeError(f"unknown assurance {assurance!r}; use lower or mean")
     if not isinstance(iterations, int) or iterations < 3:
         raise DitscopeError(f"planning needs iterations >= 3 (prices per search line), not {iterations!r}")
+    if not isinstance(max_checks, int) or isinstance(max_checks, bool) or max_checks < 1:
+        raise DitscopeError(
+            f"planning needs max_checks >= 1 (end-to-end checks per plan), not {max_checks!r}"
+        )
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"planning needs num_inference_steps >= 2, not {num_inference_steps!r}")
     say = progress or (lambda text: None)
@@ -334,54 +344,28 @@ def plan(
             return goal.met_by(evaluate(schedule), assurance)
         return predicted(schedule) >= goal.value
 
-    lo, hi = LOG_PRICE_RANGE
-    grid = [lo + (hi - lo) * i / (iterations - 1) for i in range(iterations)]
-
-    def scan(make, label: str) -> list[tuple[float, float, Schedule]]:
-        return scan_prices(grid, make, predicted, holds, goal.quality, max(2, iterations // 2), label, say)
-
-    # 2-3. the stack alone, the sites alone, then the sites on top of the stack plans that held with a margin
-    lines: dict[str, list] = {}
     described: dict[int, str] = {}  # the fixed-interval schedules that held, by id: what they are
-    if "stack" in modes or "both" in modes:
-        lines["stack"] = scan(lambda p: schedule_at(p, None), "stack")
-    if "sites" in modes:
-        lines["sites"] = scan(lambda p: schedule_at(None, p), "sites")
-    # the fixed-interval schedules (FORA's for the modules, a uniform step skip for the stack) compete too:
-    # the search keeps the measured plan only where it beats every one of them on the calibration prompts
-    # (with a quality target only the fastest one that holds counts, so they are checked from the fastest down).
-    # Both phases: after one full step or two; which steps compute matters as much as how many (one phase can
-    # beat the other at fewer computed steps: benchmarks/RESULTS.md)
-    for mode in ("stack", "sites"):
-        if mode in lines:
-            fixed = [
-                (n, w, _interval_schedule(cal, mode, n, num_inference_steps, w))
-                for n in range(2, 7)
-                for w in (1, 2)
-            ]
-            if goal.quality:
-                fixed.sort(key=lambda f: -predicted(f[2]))
-            for n, warmup, s in fixed:
-                if holds(s):
-                    say(
-                        f"{mode}: one step in {n} computed after {warmup} full holds, predicted {predicted(s):.2f}x"
-                    )
-                    described[id(s)] = f"fixed: one step in {n} after {warmup} full"
-                    lines[mode].append((predicted(s), math.nan, s))
-                    if goal.quality:
-                        break
-    if "both" in modes:
-        lines["both"] = []
-        # the sites go on top of stack plans a little more careful than the fastest that held (their grid
-        # neighbours stand in for plans the scan did not check, being predicted slower than one that held)
-        held_at = [p for _, p, _ in lines["stack"] if not math.isnan(p)]
-        stack_prices = (
-            sorted(held_at + [p for p in grid if held_at and p > max(held_at)])[1:4]
-            if goal.quality
-            else grid[1:4]
+    search_meta = None
+    if goal.quality:  # 2-3. candidates compiled without a check, at most max_checks of them checked
+        lines, search_meta = _budgeted(
+            cal,
+            modes,
+            schedule_at,
+            predicted,
+            evaluate,
+            goal,
+            assurance,
+            max_checks,
+            num_inference_steps,
+            say,
         )
-        for ps in stack_prices:
-            lines["both"] += scan(lambda p, ps=ps: schedule_at(ps, p), f"stack 10^{ps:+.2f} + sites")
+        for held in lines.values():
+            described.update({id(s): f"fixed: {label}" for _, label, s in held if label})
+        lines = {m: [(x, math.nan if label else 0.0, s) for x, label, s in held] for m, held in lines.items()}
+    else:
+        lines = _speed_lines(
+            cal, modes, schedule_at, predicted, holds, iterations, num_inference_steps, described, say
+        )
     candidates = []
     for mode in modes:
         held = lines.get(mode, [])
@@ -402,6 +386,7 @@ def plan(
             if interval is not best:
                 candidates.append((mode, interval, evaluate(interval)))
     if not candidates:
+        lo = LOG_PRICE_RANGE[0]
         reach = max(predicted(schedule_at(lo, lo)), predicted(schedule_at(lo, None)))
         raise DitscopeError(
             f"no plan reaches {goal} on these prompts (the fastest plan predicts {reach:.2f}x); ask for less"
@@ -481,6 +466,8 @@ def plan(
     }
     if weights:
         chosen.meta["weights"] = weights
+    if search_meta is not None:  # quality targets: the budgeted search's candidates, checks and fitted model
+        chosen.meta["search"] = search_meta
     if log:
         log(
             f"plan: {mode}, {chosen.meta['predicted_speedup']:.2f}x predicted, {chosen.meta['measured_speedup']:.2f}x "
@@ -489,37 +476,129 @@ def plan(
     return chosen
 
 
-def scan_prices(
-    grid: list, make, predicted, holds, quality: bool, bisections: int, label: str, say
-) -> list[tuple[float, float, Schedule]]:
-    """(predicted speedup, log price, schedule) of the prices on `grid` (ascending: cheapest error first, so
-    fastest first) whose plan holds, refined by bisection next to the fastest that held.
+FINE_PRICES = 41  # candidates' log prices over LOG_PRICE_RANGE for the stack alone and the sites alone
+FINE_PRICES_BOTH = 21  # per axis of "both": every stack price with every site price
 
-    Quality is not monotone in the price (a plan that reuses a whole step can beat one that reuses half of it),
-    hence a grid before the bisection. With a quality target only the fastest plan that holds is kept, so a plan
-    predicted no faster than one already held is not checked: those are the careful plans, whose end-to-end
-    checks run nearly at the uncached model's speed and made most of the planning time (tiny-latte)."""
+
+def _budgeted(cal, modes, schedule_at, predicted, evaluate, goal, assurance, max_checks, steps, say):
+    """Quality targets: every candidate compiled without a check (each mode's schedules over a fine price grid,
+    a 2-D one of stack price x site price for "both", and the fixed-interval schedules of the stack and of
+    the modules: FORA's), then at most `max_checks` of them checked end to end (`budget.budgeted_search`).
+    Gives per mode [(predicted speedup, fixed-interval label or None, schedule)] of the checks that held, and
+    the search's record for the plan's meta."""
+    from .budget import Candidate, budgeted_search, quality_scale
+
+    lo, hi = LOG_PRICE_RANGE
+
+    def prices(n: int) -> list[float]:
+        return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+    candidates: list[Candidate] = []
+    seen: set = set()
+
+    def add(mode: str, schedule: Schedule, fixed: str | None = None) -> None:
+        key, speedup = Evaluations.key(schedule), predicted(schedule)
+        if (mode, key) in seen or speedup <= 1 + 1e-9:  # a schedule twice, or one that computes everything
+            return
+        seen.add((mode, key))
+        candidates.append(Candidate(mode, schedule, speedup, predicted_error(cal, schedule), key, fixed))
+
+    # the fixed-interval schedules (FORA's for the modules, a uniform step skip for the stack) compete too, in
+    # both phases (after one full step or two: which steps compute matters as much as how many)
+    for mode in ("stack", "sites"):
+        if mode in modes:
+            for n in range(2, 7):
+                for warmup in (1, 2):
+                    fixed = f"one step in {n} after {warmup} full"
+                    add(mode, _interval_schedule(cal, mode, n, steps, warmup), fixed)
+    if "stack" in modes:
+        for p in prices(FINE_PRICES):
+            add("stack", schedule_at(p, None))
+    if "sites" in modes:
+        for p in prices(FINE_PRICES):
+            add("sites", schedule_at(None, p))
+    if "both" in modes:
+        for ps in prices(FINE_PRICES_BOTH):
+            for p in prices(FINE_PRICES_BOTH):
+                add("both", schedule_at(ps, p))
+    field = "psnr_p5" if goal.kind == "psnr_p5" else goal.kind + ("_lo" if assurance == "lower" else "")
+    say(f"{len(candidates)} candidates compiled; checking at most {max_checks}")
+
+    def check(c: Candidate):
+        row = evaluate(c.schedule)
+        return goal.met_by(row, assurance), quality_scale(goal.kind, row[field]), row
+
+    outcome = budgeted_search(candidates, check, quality_scale(goal.kind, goal.value), max_checks, say)
+    lines: dict[str, list] = {}
+    for c, _ in outcome.held:
+        lines.setdefault(c.mode, []).append((c.speedup, c.fixed, c.schedule))
+    if not lines:
+        best = "" if outcome.best_measured is None else f", the best measured {outcome.best_measured:.2f}"
+        if outcome.left:
+            raise DitscopeError(
+                f"no plan held {goal} in {outcome.checks} end-to-end checks ({outcome.left} candidates left "
+                f"untried{best}); raise --max-checks (max_checks) or ask for less"
+            )
+        raise DitscopeError(
+            f"no plan that saves any work reaches {goal} on these prompts ({outcome.checks} checked{best}); "
+            "ask for less"
+        )
+    record = {
+        "max_checks": max_checks,
+        "candidates": len(candidates),
+        "checks": outcome.checks,
+        "left_untried": outcome.left,
+        "fitted_on": field if not goal.kind.startswith("ssim") else f"-10 log10(1 - {field})",
+        "fit": outcome.fit.as_meta(),
+    }
+    return lines, record
+
+
+def _speed_lines(cal, modes, schedule_at, predicted, holds, iterations, steps, described, say) -> dict:
+    """Speed targets: per mode the plans on a grid of `iterations` log prices that are predicted fast enough
+    (no end-to-end check needed for them to hold; the best measured quality among them is chosen), the stack and
+    the sites alone, then the sites on top of three stack prices, and the fixed-interval schedules."""
+    lo, hi = LOG_PRICE_RANGE
+    grid = [lo + (hi - lo) * i / (iterations - 1) for i in range(iterations)]
+
+    def scan(make, label: str) -> list[tuple[float, float, Schedule]]:
+        return scan_prices(grid, make, predicted, holds, label, say)
+
+    lines: dict[str, list] = {}
+    if "stack" in modes or "both" in modes:
+        lines["stack"] = scan(lambda p: schedule_at(p, None), "stack")
+    if "sites" in modes:
+        lines["sites"] = scan(lambda p: schedule_at(None, p), "sites")
+    # the fixed-interval schedules (FORA's for the modules, a uniform step skip for the stack) compete too, in
+    # both phases: after one full step or two
+    for mode in ("stack", "sites"):
+        if mode in lines:
+            for n in range(2, 7):
+                for warmup in (1, 2):
+                    s = _interval_schedule(cal, mode, n, steps, warmup)
+                    if holds(s):
+                        say(
+                            f"{mode}: one step in {n} computed after {warmup} full is predicted {predicted(s):.2f}x"
+                        )
+                        described[id(s)] = f"fixed: one step in {n} after {warmup} full"
+                        lines[mode].append((predicted(s), math.nan, s))
+    if "both" in modes:
+        lines["both"] = []
+        for ps in grid[1:4]:  # the sites on top of three stack prices
+            lines["both"] += scan(lambda p, ps=ps: schedule_at(ps, p), f"stack 10^{ps:+.2f} + sites")
+    return lines
+
+
+def scan_prices(grid: list, make, predicted, holds, label: str, say) -> list[tuple[float, float, Schedule]]:
+    """(predicted speedup, log price, schedule) of the prices on `grid` whose plan holds a speed target (by the
+    cost model's prediction: no end-to-end check; every one is a choice, the best measured quality wins)."""
     held: list[tuple[float, float, Schedule]] = []
     for p in grid:
         s = make(p)
-        if quality and held and predicted(s) <= max(h[0] for h in held):
-            continue
         ok = holds(s)
         say(f"{label}: price 10^{p:+.2f}, predicted {predicted(s):.2f}x, {'holds' if ok else 'fails'}")
         if ok:
             held.append((predicted(s), p, s))
-    if held and quality:
-        _, p_ok, _ = max(held, key=lambda h: h[0])
-        width = grid[1] - grid[0] if len(grid) > 1 else 1.0
-        a, b = p_ok - width, p_ok
-        for _ in range(bisections):
-            mid = (a + b) / 2
-            s = make(mid)
-            if holds(s):
-                b = mid
-                held.append((predicted(s), mid, s))
-            else:
-                a = mid
     return held
 
 

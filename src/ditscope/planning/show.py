@@ -72,6 +72,21 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
                 f"{'n/a' if rho is None else rho}",
             )
         )
+    if isinstance(
+        m.get("search"), dict
+    ):  # the budgeted search of a quality target (plans made since 2026-12-06)
+        search, fit = m["search"], m["search"].get("fit", {})
+        offsets = ", ".join(f"{g} {v:+.1f}" for g, v in fit.get("offsets", {}).items())
+        rows.append(
+            (
+                "search",
+                f"{search.get('checks')} of at most {search.get('max_checks')} checks among "
+                f"{search.get('candidates')} candidates ({search.get('left_untried')} left untried); "
+                f"{search.get('fitted_on')} = {fit.get('intercept')} {fit.get('slope'):+} log10(predicted error)"
+                f" + offset ({offsets}), spread {fit.get('spread')} dB, held-out Spearman "
+                f"{fit.get('held_out_rank_correlation')}",
+            )
+        )
     return rows
 
 
