@@ -8,7 +8,7 @@ Per target: the checks run and the planning seconds (this machine; say whether i
 PSNR (mean, the lower end of its 95% interval, 5th percentile) and the test PSNR (mean, 5th percentile), and
 the FLOPs and measured speedups the plan records. Plans are kept in runs/promises/MODEL/ (a stopped run
 resumes: a target whose plan file exists is not planned again); the table goes to
-benchmarks/results/promises/MODEL.md.
+benchmarks/results/promises/MODEL.md (MODEL-calibrationN.md with --calibration-prompts N other than 8).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def main():
     split = zoo_split.load(args)
     pipe, steps, guidance, batch = split.pipe, split.steps, split.guidance, args.batch_size
     calib, test = split.calibration, split.test
-    folder = Path("runs/promises") / args.model
+    name = args.model + (f"-calibration{len(calib)}" if len(calib) != 8 else "")
+    folder = Path("runs/promises") / name
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     with torch.inference_mode():
@@ -67,7 +68,7 @@ def main():
             f"(seed 3000), {steps} steps, cost model {args.cost}.",
             "",
             "| target | checks | planning s | calib mean / lower / p5 | test mean / p5 | test - target (mean) "
-            "| FLOPs or predicted speedup | measured speedup (planning) | served |",
+            "| predicted speedup | measured speedup (planning) | served |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for target, p in rows:
@@ -87,7 +88,7 @@ def main():
                 f"| {shortfall:+.1f} | {m['predicted_speedup']:.2f}x | {m['measured_speedup']:.2f}x | {served} |"
             )
             print(lines[-1], flush=True)
-    out = Path(__file__).parent / "results" / "promises" / f"{args.model}.md"
+    out = Path(__file__).parent / "results" / "promises" / f"{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
