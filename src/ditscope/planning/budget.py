@@ -8,11 +8,13 @@ the predicted error,
     quality = intercept + offset[group] + slope * log10(predicted error),
 
 is fitted by least squares on the checks already run, each candidate group (mode, and whether the schedule is
-a fixed-interval one) with its own offset: on the zoo models a fixed-interval schedule of the modules held
-10 dB more than a searched one of the same predicted error, and across the groups the error alone ranked the
-checks with Spearman -0.7 (tiny-pixart, psnr=30). The slope, the intercept and the offsets are pulled towards a
-prior by pseudo-observations, so that the model is defined from the first check on: one check fixes the
-intercept and its group's offset half way, two or more the slope.
+a fixed-interval one) with its own offset: at the same predicted error the modules' plans held 7-16 dB more
+than the stack's (their error is a sum over many units) and FORA's schedules 2-6 dB more again; the error alone
+ranked every candidate with Spearman -0.81 (tiny-pixart) and -0.78 (tiny-mmdit), within one group -0.84 to
+-1.0, and the model fitted on one plan's 10 checks ranked them all with 0.86-0.94 (benchmarks/RESULTS.md).
+The intercept, the slope and the offsets are pulled towards priors by pseudo-observations, so that the model
+is defined from the first check on: a check moves the intercept and its group's offset most of the way to it,
+checks at two or more predicted errors set the slope.
 
 The loop checks the candidate with the largest expected gain: the chance that it holds (normal, around the
 model's prediction with its spread) times how much faster it is predicted than what it has to beat (the
@@ -39,23 +41,21 @@ from dataclasses import dataclass, field
 from ..cache.schedule_data import Schedule
 
 PRIOR_INTERCEPT = 40.0  # dB at predicted error 1 (zoo models' stack and searched plans: 34-44)
-PRIOR_SLOPE = -15.0  # dB per decade of predicted error (zoo models: -9 to -20)
+PRIOR_SLOPE = -15.0  # dB per decade of predicted error (zoo models, every candidate: -17 to -28 per group)
 PRIOR_SPREAD = 3.0  # dB: the spread assumed before the checks measure it
 WEIGHT_INTERCEPT = 0.25  # pseudo-observations of each prior: the intercept's counts only before any check
-WEIGHT_SLOPE = 0.5  # ... the slope's as one check half a decade either side of the data
+WEIGHT_SLOPE = 0.5  # ... the slope's as two checks half a decade either side of the data
 WEIGHT_OFFSET = 0.25  # ... a group's offset: a quarter of a check at its prior offset
+WEIGHT_SPREAD = 2.0  # ... the spread's: two residuals of PRIOR_SPREAD
 # the groups' offsets before any check, in dB over the stack's searched plans: the sum of the modules' errors
 # counts many units where the stack's is one, so at the same predicted error the modules' plans held 7-16 dB
 # more, and the fixed-interval ones 2-6 dB more again (tiny-pixart psnr=30 and 35, tiny-mmdit psnr=30: the
 # offsets fitted on every check of the price scan with one slope)
 PRIOR_OFFSETS = {"stack": 0.0, "stack fixed": 2.0, "both": 0.0, "sites": 10.0, "sites fixed": 16.0}
 GROUP_SPREAD = 5.0  # dB: how far a group with no check yet may be from its prior offset
-WEIGHT_SPREAD = 2.0  # ... the spread's: two residuals of PRIOR_SPREAD
 SPREAD_FLOOR = 1.0  # dB: the model is never trusted closer than this
 FAR = 2.5  # spreads below the target: predicted to fail, dropped
-CROSS_GROUP = (
-    1.3  # a candidate predicted this many times slower than the fastest held one cannot win the timing
-)
+CROSS_GROUP = 1.3  # a candidate predicted this many times slower than the fastest held cannot win the timing
 ERROR_FLOOR = 1e-6  # predicted errors below this count as this (a served step with no measured error)
 
 
