@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 from ..cache.schedule_data import Schedule
 
-PRIOR_INTERCEPT = 40.0  # dB at predicted error 1 (zoo models' stack and searched plans: 34-44)
+PRIOR_INTERCEPT = 40.0  # dB at predicted error 1 (zoo models' stack plans, every candidate: 41-50)
+PRIOR_INTERCEPT_SSIM = 20.0  # SSIM's "dB" there (15-25; its slope and offsets are PSNR's within 5 dB)
 PRIOR_SLOPE = -15.0  # dB per decade of predicted error (zoo models, every candidate: -17 to -28 per group)
 PRIOR_SPREAD = 3.0  # dB: the spread assumed before the checks measure it
 WEIGHT_INTERCEPT = 0.25  # pseudo-observations of each prior: the intercept's counts only before any check
@@ -82,6 +83,7 @@ class Fit:
     offsets: dict[str, float]
     spread: float
     points: list = field(default_factory=list)  # [group, predicted error, measured quality] fitted on
+    prior_intercept: float = PRIOR_INTERCEPT
 
     def value(self, group: str, error: float) -> float:
         """The predicted quality of a schedule of `group` with this predicted error."""
@@ -98,10 +100,11 @@ class Fit:
         return math.sqrt(self.spread**2 + GROUP_SPREAD**2)
 
     def as_meta(self) -> dict:
-        rho = held_out_rank_correlation(self.points)
+        rho = held_out_rank_correlation(self.points, self.prior_intercept)
         return {
             "model": "quality = intercept + offset[group] + slope * log10(predicted error)",
             "intercept": round(self.intercept, 4),
+            "prior_intercept": self.prior_intercept,
             "slope": round(self.slope, 4),
             "offsets": {g: round(v, 4) for g, v in sorted(self.offsets.items())},
             "spread": round(self.spread, 4),
@@ -112,6 +115,11 @@ class Fit:
         }
 
 
+def prior_intercept(kind: str) -> float:
+    """The intercept's prior on the scale a target of this kind is fitted on."""
+    return PRIOR_INTERCEPT_SSIM if kind.startswith("ssim") else PRIOR_INTERCEPT
+
+
 def quality_scale(kind: str, value: float) -> float:
     """A target's or check's value on the scale the model is fitted on: dB (SSIM: -10 log10(1 - SSIM))."""
     if kind.startswith("ssim"):
@@ -119,7 +127,7 @@ def quality_scale(kind: str, value: float) -> float:
     return value
 
 
-def fit_quality(points: list) -> Fit:
+def fit_quality(points: list, intercept: float = PRIOR_INTERCEPT) -> Fit:
     """The model fitted on `points` [(group, predicted error, measured quality)]: least squares with the priors
     as pseudo-observations (rows sqrt(w) * (prior - parameter) = 0), solved by its normal equations."""
     groups = sorted({g for g, _, _ in points})
@@ -129,7 +137,7 @@ def fit_quality(points: list) -> Fit:
         row = [1.0, math.log10(max(e, ERROR_FLOOR))] + [1.0 if g == h else 0.0 for h in groups]
         rows.append(row)
         targets.append(q)
-    priors = [(0, WEIGHT_INTERCEPT, PRIOR_INTERCEPT), (1, WEIGHT_SLOPE, PRIOR_SLOPE)]
+    priors = [(0, WEIGHT_INTERCEPT, intercept), (1, WEIGHT_SLOPE, PRIOR_SLOPE)]
     priors += [(2 + i, WEIGHT_OFFSET, PRIOR_OFFSETS.get(g, 0.0)) for i, g in enumerate(groups)]
     for j, w, value in priors:
         row = [0.0] * n_par
@@ -139,7 +147,9 @@ def fit_quality(points: list) -> Fit:
     ata = [[sum(r[i] * r[j] for r in rows) for j in range(n_par)] for i in range(n_par)]
     atb = [sum(r[i] * t for r, t in zip(rows, targets)) for i in range(n_par)]
     beta = _solve(ata, atb)
-    fitted = Fit(beta[0], beta[1], dict(zip(groups, beta[2:])), PRIOR_SPREAD, [list(p) for p in points])
+    fitted = Fit(
+        beta[0], beta[1], dict(zip(groups, beta[2:])), PRIOR_SPREAD, [list(p) for p in points], intercept
+    )
     squares = sum((q - fitted.value(g, e)) ** 2 for g, e, q in points)
     fitted.spread = max(
         SPREAD_FLOOR,
@@ -148,7 +158,7 @@ def fit_quality(points: list) -> Fit:
     return fitted
 
 
-def held_out_rank_correlation(points: list) -> float | None:
+def held_out_rank_correlation(points: list, intercept: float = PRIOR_INTERCEPT) -> float | None:
     """How well the model ranks checks it was not fitted on: Spearman's rank correlation between each check's
     measured quality and the model's prediction for it fitted on the other checks (leave one out); None with
     fewer than three checks or no spread."""
@@ -156,7 +166,9 @@ def held_out_rank_correlation(points: list) -> float | None:
 
     if len(points) < 3:
         return None
-    predicted = [fit_quality(points[:i] + points[i + 1 :]).value(g, e) for i, (g, e, _) in enumerate(points)]
+    predicted = [
+        fit_quality(points[:i] + points[i + 1 :], intercept).value(g, e) for i, (g, e, _) in enumerate(points)
+    ]
     measured = [q for _, _, q in points]
     if len(set(predicted)) < 2 or len(set(measured)) < 2:
         return None
@@ -189,15 +201,18 @@ class Outcome:
     best_measured: float | None  # the best measured quality of any check (on the fit's scale)
 
 
-def budgeted_search(candidates: list, check, target: float, max_checks: int, say) -> Outcome:
+def budgeted_search(
+    candidates: list, check, target: float, max_checks: int, say, intercept: float = PRIOR_INTERCEPT
+) -> Outcome:
     """Check at most `max_checks` of `candidates` (see the module docstring). `check(candidate)` runs it end to
-    end and gives (holds, measured quality on the fit's scale, row); `target` is on that scale too."""
+    end and gives (holds, measured quality on the fit's scale, row); `target` is on that scale too, and
+    `intercept` the intercept's prior."""
     results: dict[str, tuple[bool, float, dict]] = {}
     points: list = []
     best: dict[str, float] = {}  # group -> the fastest predicted speedup that held
     failed: dict[str, float] = {}  # searched groups -> the least predicted error of a check that failed
     held: list = []
-    fit = fit_quality(points)
+    fit = fit_quality(points, intercept)
 
     def in_play(c: Candidate) -> bool:
         fastest = max(best.values(), default=0.0)
@@ -230,7 +245,7 @@ def budgeted_search(candidates: list, check, target: float, max_checks: int, say
                     best[c.group] = max(best.get(c.group, 0.0), c.speedup)
                 elif not c.fixed:
                     failed[c.group] = min(failed.get(c.group, math.inf), c.error)
-        fit = fit_quality(points)
+        fit = fit_quality(points, intercept)
         alive = [c for c in candidates if in_play(c)]
         say(
             f"check {len(results)}/{max_checks}: {pick.group} {pick.fixed or 'searched'}, predicted "

@@ -472,7 +472,7 @@ def _budgeted(cal, modes, schedule_at, predicted, evaluate, goal, assurance, max
     the modules: FORA's), then at most `max_checks` of them checked end to end (`budget.budgeted_search`).
     Gives per mode [(predicted speedup, fixed-interval label or None, schedule)] of the checks that held, and
     the search's record for the plan's meta."""
-    from .budget import Candidate, budgeted_search, quality_scale
+    from .budget import Candidate, budgeted_search, prior_intercept, quality_scale
 
     lo, hi = LOG_PRICE_RANGE
 
@@ -514,7 +514,8 @@ def _budgeted(cal, modes, schedule_at, predicted, evaluate, goal, assurance, max
         row = evaluate(c.schedule)
         return goal.met_by(row, assurance), quality_scale(goal.kind, row[field]), row
 
-    outcome = budgeted_search(candidates, check, quality_scale(goal.kind, goal.value), max_checks, say)
+    target = quality_scale(goal.kind, goal.value)
+    outcome = budgeted_search(candidates, check, target, max_checks, say, prior_intercept(goal.kind))
     lines: dict[str, list] = {}
     for c, _ in outcome.held:
         lines.setdefault(c.mode, []).append((c.speedup, c.fixed, c.schedule))
