@@ -671,10 +671,11 @@ def test_the_quality_model_is_the_least_squares_fit_recomputed_by_hand():
         ("sites fixed", 35.5, 28.2),
         ("both", 4.8, 30.1),
     ]
-    for n in range(0, len(points) + 1):
-        fit = budget.fit_quality(points[:n])
+    cases = [(n, prior) for n in range(len(points) + 1) for prior in (budget.PRIOR_INTERCEPT, 20.0)]
+    for n, prior in cases:  # the intercept's prior: PSNR's, or SSIM's
+        fit = budget.fit_quality(points[:n], prior)
         a, b = fit.intercept, fit.slope
-        grad_a = budget.WEIGHT_INTERCEPT * (a - budget.PRIOR_INTERCEPT)
+        grad_a = budget.WEIGHT_INTERCEPT * (a - prior)
         grad_b = budget.WEIGHT_SLOPE * (b - budget.PRIOR_SLOPE)
         grad_o = {g: budget.WEIGHT_OFFSET * (o - budget.PRIOR_OFFSETS[g]) for g, o in fit.offsets.items()}
         squares = 0.0
@@ -880,7 +881,10 @@ def test_a_plan_records_how_well_its_calibrated_errors_ranked_its_checks(pipe, t
     from ditscope.planning.budget import fit_quality
 
     points = [tuple(p) for p in fit["points"]]
-    held_out = [fit_quality(points[:i] + points[i + 1 :]).value(g, e) for i, (g, e, _) in enumerate(points)]
+    prior = fit["prior_intercept"]
+    held_out = [
+        fit_quality(points[:i] + points[i + 1 :], prior).value(g, e) for i, (g, e, _) in enumerate(points)
+    ]
     a, b = ranks(held_out), ranks([q for _, _, q in points])
     ma, mb = sum(a) / len(a), sum(b) / len(b)
     cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))

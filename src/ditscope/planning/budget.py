@@ -8,11 +8,13 @@ the predicted error,
     quality = intercept + offset[group] + slope * log10(predicted error),
 
 is fitted by least squares on the checks already run, each candidate group (mode, and whether the schedule is
-a fixed-interval one) with its own offset: on the zoo models a fixed-interval schedule of the modules held
-10 dB more than a searched one of the same predicted error, and across the groups the error alone ranked the
-checks with Spearman -0.7 (tiny-pixart, psnr=30). The slope, the intercept and the offsets are pulled towards a
-prior by pseudo-observations, so that the model is defined from the first check on: one check fixes the
-intercept and its group's offset half way, two or more the slope.
+a fixed-interval one) with its own offset: at the same predicted error the modules' plans held 7-16 dB more
+than the stack's (their error is a sum over many units) and FORA's schedules 2-6 dB more again; the error alone
+ranked every candidate with Spearman -0.81 (tiny-pixart) and -0.78 (tiny-mmdit), within one group -0.84 to
+-1.0, and the model fitted on one plan's 10 checks ranked them all with 0.86-0.94 (benchmarks/RESULTS.md).
+The intercept, the slope and the offsets are pulled towards priors by pseudo-observations, so that the model
+is defined from the first check on: a check moves the intercept and its group's offset most of the way to it,
+checks at two or more predicted errors set the slope.
 
 The loop checks the candidate with the largest expected gain: the chance that it holds (normal, around the
 model's prediction with its spread) times how much faster it is predicted than what it has to beat (the
@@ -38,24 +40,23 @@ from dataclasses import dataclass, field
 
 from ..cache.schedule_data import Schedule
 
-PRIOR_INTERCEPT = 40.0  # dB at predicted error 1 (zoo models' stack and searched plans: 34-44)
-PRIOR_SLOPE = -15.0  # dB per decade of predicted error (zoo models: -9 to -20)
+PRIOR_INTERCEPT = 40.0  # dB at predicted error 1 (zoo models' stack plans, every candidate: 41-50)
+PRIOR_INTERCEPT_SSIM = 20.0  # SSIM's "dB" there (15-25; its slope and offsets are PSNR's within 5 dB)
+PRIOR_SLOPE = -15.0  # dB per decade of predicted error (zoo models, every candidate: -17 to -28 per group)
 PRIOR_SPREAD = 3.0  # dB: the spread assumed before the checks measure it
 WEIGHT_INTERCEPT = 0.25  # pseudo-observations of each prior: the intercept's counts only before any check
-WEIGHT_SLOPE = 0.5  # ... the slope's as one check half a decade either side of the data
+WEIGHT_SLOPE = 0.5  # ... the slope's as two checks half a decade either side of the data
 WEIGHT_OFFSET = 0.25  # ... a group's offset: a quarter of a check at its prior offset
+WEIGHT_SPREAD = 2.0  # ... the spread's: two residuals of PRIOR_SPREAD
 # the groups' offsets before any check, in dB over the stack's searched plans: the sum of the modules' errors
 # counts many units where the stack's is one, so at the same predicted error the modules' plans held 7-16 dB
 # more, and the fixed-interval ones 2-6 dB more again (tiny-pixart psnr=30 and 35, tiny-mmdit psnr=30: the
 # offsets fitted on every check of the price scan with one slope)
 PRIOR_OFFSETS = {"stack": 0.0, "stack fixed": 2.0, "both": 0.0, "sites": 10.0, "sites fixed": 16.0}
 GROUP_SPREAD = 5.0  # dB: how far a group with no check yet may be from its prior offset
-WEIGHT_SPREAD = 2.0  # ... the spread's: two residuals of PRIOR_SPREAD
 SPREAD_FLOOR = 1.0  # dB: the model is never trusted closer than this
 FAR = 2.5  # spreads below the target: predicted to fail, dropped
-CROSS_GROUP = (
-    1.3  # a candidate predicted this many times slower than the fastest held one cannot win the timing
-)
+CROSS_GROUP = 1.3  # a candidate predicted this many times slower than the fastest held cannot win the timing
 ERROR_FLOOR = 1e-6  # predicted errors below this count as this (a served step with no measured error)
 
 
@@ -82,6 +83,7 @@ class Fit:
     offsets: dict[str, float]
     spread: float
     points: list = field(default_factory=list)  # [group, predicted error, measured quality] fitted on
+    prior_intercept: float = PRIOR_INTERCEPT
 
     def value(self, group: str, error: float) -> float:
         """The predicted quality of a schedule of `group` with this predicted error."""
@@ -98,10 +100,11 @@ class Fit:
         return math.sqrt(self.spread**2 + GROUP_SPREAD**2)
 
     def as_meta(self) -> dict:
-        rho = held_out_rank_correlation(self.points)
+        rho = held_out_rank_correlation(self.points, self.prior_intercept)
         return {
             "model": "quality = intercept + offset[group] + slope * log10(predicted error)",
             "intercept": round(self.intercept, 4),
+            "prior_intercept": self.prior_intercept,
             "slope": round(self.slope, 4),
             "offsets": {g: round(v, 4) for g, v in sorted(self.offsets.items())},
             "spread": round(self.spread, 4),
@@ -112,6 +115,11 @@ class Fit:
         }
 
 
+def prior_intercept(kind: str) -> float:
+    """The intercept's prior on the scale a target of this kind is fitted on."""
+    return PRIOR_INTERCEPT_SSIM if kind.startswith("ssim") else PRIOR_INTERCEPT
+
+
 def quality_scale(kind: str, value: float) -> float:
     """A target's or check's value on the scale the model is fitted on: dB (SSIM: -10 log10(1 - SSIM))."""
     if kind.startswith("ssim"):
@@ -119,7 +127,7 @@ def quality_scale(kind: str, value: float) -> float:
     return value
 
 
-def fit_quality(points: list) -> Fit:
+def fit_quality(points: list, intercept: float = PRIOR_INTERCEPT) -> Fit:
     """The model fitted on `points` [(group, predicted error, measured quality)]: least squares with the priors
     as pseudo-observations (rows sqrt(w) * (prior - parameter) = 0), solved by its normal equations."""
     groups = sorted({g for g, _, _ in points})
@@ -129,7 +137,7 @@ def fit_quality(points: list) -> Fit:
         row = [1.0, math.log10(max(e, ERROR_FLOOR))] + [1.0 if g == h else 0.0 for h in groups]
         rows.append(row)
         targets.append(q)
-    priors = [(0, WEIGHT_INTERCEPT, PRIOR_INTERCEPT), (1, WEIGHT_SLOPE, PRIOR_SLOPE)]
+    priors = [(0, WEIGHT_INTERCEPT, intercept), (1, WEIGHT_SLOPE, PRIOR_SLOPE)]
     priors += [(2 + i, WEIGHT_OFFSET, PRIOR_OFFSETS.get(g, 0.0)) for i, g in enumerate(groups)]
     for j, w, value in priors:
         row = [0.0] * n_par
@@ -139,7 +147,9 @@ def fit_quality(points: list) -> Fit:
     ata = [[sum(r[i] * r[j] for r in rows) for j in range(n_par)] for i in range(n_par)]
     atb = [sum(r[i] * t for r, t in zip(rows, targets)) for i in range(n_par)]
     beta = _solve(ata, atb)
-    fitted = Fit(beta[0], beta[1], dict(zip(groups, beta[2:])), PRIOR_SPREAD, [list(p) for p in points])
+    fitted = Fit(
+        beta[0], beta[1], dict(zip(groups, beta[2:])), PRIOR_SPREAD, [list(p) for p in points], intercept
+    )
     squares = sum((q - fitted.value(g, e)) ** 2 for g, e, q in points)
     fitted.spread = max(
         SPREAD_FLOOR,
@@ -148,7 +158,7 @@ def fit_quality(points: list) -> Fit:
     return fitted
 
 
-def held_out_rank_correlation(points: list) -> float | None:
+def held_out_rank_correlation(points: list, intercept: float = PRIOR_INTERCEPT) -> float | None:
     """How well the model ranks checks it was not fitted on: Spearman's rank correlation between each check's
     measured quality and the model's prediction for it fitted on the other checks (leave one out); None with
     fewer than three checks or no spread."""
@@ -156,7 +166,9 @@ def held_out_rank_correlation(points: list) -> float | None:
 
     if len(points) < 3:
         return None
-    predicted = [fit_quality(points[:i] + points[i + 1 :]).value(g, e) for i, (g, e, _) in enumerate(points)]
+    predicted = [
+        fit_quality(points[:i] + points[i + 1 :], intercept).value(g, e) for i, (g, e, _) in enumerate(points)
+    ]
     measured = [q for _, _, q in points]
     if len(set(predicted)) < 2 or len(set(measured)) < 2:
         return None
@@ -189,15 +201,18 @@ class Outcome:
     best_measured: float | None  # the best measured quality of any check (on the fit's scale)
 
 
-def budgeted_search(candidates: list, check, target: float, max_checks: int, say) -> Outcome:
+def budgeted_search(
+    candidates: list, check, target: float, max_checks: int, say, intercept: float = PRIOR_INTERCEPT
+) -> Outcome:
     """Check at most `max_checks` of `candidates` (see the module docstring). `check(candidate)` runs it end to
-    end and gives (holds, measured quality on the fit's scale, row); `target` is on that scale too."""
+    end and gives (holds, measured quality on the fit's scale, row); `target` is on that scale too, and
+    `intercept` the intercept's prior."""
     results: dict[str, tuple[bool, float, dict]] = {}
     points: list = []
     best: dict[str, float] = {}  # group -> the fastest predicted speedup that held
     failed: dict[str, float] = {}  # searched groups -> the least predicted error of a check that failed
     held: list = []
-    fit = fit_quality(points)
+    fit = fit_quality(points, intercept)
 
     def in_play(c: Candidate) -> bool:
         fastest = max(best.values(), default=0.0)
@@ -230,7 +245,7 @@ def budgeted_search(candidates: list, check, target: float, max_checks: int, say
                     best[c.group] = max(best.get(c.group, 0.0), c.speedup)
                 elif not c.fixed:
                     failed[c.group] = min(failed.get(c.group, math.inf), c.error)
-        fit = fit_quality(points)
+        fit = fit_quality(points, intercept)
         alive = [c for c in candidates if in_play(c)]
         say(
             f"check {len(results)}/{max_checks}: {pick.group} {pick.fixed or 'searched'}, predicted "

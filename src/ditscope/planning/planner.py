@@ -6,10 +6,10 @@
 3. Quality targets: compile the candidates without running them (each mode's schedules over a fine grid of
    prices, and the fixed-interval ones), each with its predicted speedup and predicted error, and check at
    most `max_checks` of them end to end (run on the calibration prompts, compared with the uncached images),
-   the fastest predicted to hold first, by a model of the measured quality on the predicted error fitted on
-   the checks already run (`budget.py`). Speed targets hold by the cost model's prediction: the prices are
-   scanned on a grid and bisected. The search runs for each mode (stack and sites, stack only, sites only);
-   the best of each is timed on this machine and the fastest measured is kept.
+   ranked by their chance to hold times their speed gain under a model of the measured quality on the
+   predicted error, fitted on the checks already run (`budget.py`). Speed targets hold by the cost model's
+   prediction: `iterations` prices per search line are scanned. The search runs for each mode (stack and
+   sites, stack only, sites only); the best of each is timed on this machine and the fastest measured is kept.
 
 Targets: `psnr=DB`, `ssim=S` (mean over the calibration prompts), `speedup=X` (predicted from the
 measured unit costs, then measured), `flops=X` (predicted from counted FLOPs). A planning run with a
@@ -486,7 +486,7 @@ def _budgeted(cal, modes, schedule_at, predicted, evaluate, goal, assurance, max
     the modules: FORA's), then at most `max_checks` of them checked end to end (`budget.budgeted_search`).
     Gives per mode [(predicted speedup, fixed-interval label or None, schedule)] of the checks that held, and
     the search's record for the plan's meta."""
-    from .budget import Candidate, budgeted_search, quality_scale
+    from .budget import Candidate, budgeted_search, prior_intercept, quality_scale
 
     lo, hi = LOG_PRICE_RANGE
 
@@ -528,7 +528,8 @@ def _budgeted(cal, modes, schedule_at, predicted, evaluate, goal, assurance, max
         row = evaluate(c.schedule)
         return goal.met_by(row, assurance), quality_scale(goal.kind, row[field]), row
 
-    outcome = budgeted_search(candidates, check, quality_scale(goal.kind, goal.value), max_checks, say)
+    target = quality_scale(goal.kind, goal.value)
+    outcome = budgeted_search(candidates, check, target, max_checks, say, prior_intercept(goal.kind))
     lines: dict[str, list] = {}
     for c, _ in outcome.held:
         lines.setdefault(c.mode, []).append((c.speedup, c.fixed, c.schedule))
