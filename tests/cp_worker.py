@@ -156,6 +156,7 @@ def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):
             results["ring"] = str(e)
         with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
             json.dump(results, f)
+        dist.barrier()
         dist.destroy_process_group()
         return
     with torch.no_grad():
@@ -183,6 +184,7 @@ def main(out: str, family: str, split_by: str = "ulysses", what: str = "cache"):
         print(f"rank {dist.get_rank()} {name}: max diff {results[name]['max_diff']:.2e}", flush=True)
     with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(results, f)
+    dist.barrier()  # no rank tears its group down while another still talks to it
     dist.destroy_process_group()
 
 
