@@ -8,7 +8,8 @@ Per target: the checks run and the planning seconds (this machine; say whether i
 PSNR (mean, the lower end of its 95% interval, 5th percentile) and the test PSNR (mean, 5th percentile), and
 the FLOPs and measured speedups the plan records. Plans are kept in runs/promises/MODEL/ (a stopped run
 resumes: a target whose plan file exists is not planned again); the table goes to
-benchmarks/results/promises/MODEL.md (MODEL-calibrationN.md with --calibration-prompts N other than 8).
+benchmarks/results/promises/MODEL.md (MODEL-calibrationN.md with --calibration-prompts N other than 8; --tag
+TAG appends TAG to both names).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def main():
     ap.add_argument("--targets", default="psnr=30,psnr=35,psnr=40")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cost", default="time")
+    ap.add_argument("--tag", default="", help="appended to the folder and table names: a run of another version")
     args = ap.parse_args()
     split = zoo_split.load(args)
     pipe, steps, guidance, batch = split.pipe, split.steps, split.guidance, args.batch_size
     calib, test = split.calibration, split.test
-    name = args.model + (f"-calibration{len(calib)}" if len(calib) != 8 else "")
+    name = args.model + (f"-calibration{len(calib)}" if len(calib) != 8 else "") + args.tag
     folder = Path("runs/promises") / name
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -59,7 +59,11 @@ class TaylorSeerMethod(ScheduleMethod):
         return {site.name: row for site in ctx.sites}
 
     def predictor(self, action: str) -> Predictor:
-        return Taylor(self.config.order) if action == "T" else super().predictor(action)
+        if action != "T":
+            return super().predictor(action)
+        if getattr(self, "_taylor", None) is None:  # one per method: asked for at every served call
+            self._taylor = Taylor(self.config.order)
+        return self._taylor
 
 
 register(

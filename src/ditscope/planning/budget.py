@@ -7,8 +7,8 @@ the predicted error,
 
     quality = intercept + offset[group] + slope * log10(predicted error),
 
-is fitted by least squares on the checks already run, each candidate group (mode, and whether the schedule is
-a fixed-interval one) with its own offset: at the same predicted error the modules' plans held 7-16 dB more
+is fitted by least squares on the checks already run, each candidate group (mode, whether the schedule is
+a fixed-interval one, and whether it forecasts any served step) with its own offset: at the same predicted error the modules' plans held 7-16 dB more
 than the stack's (their error is a sum over many units) and FORA's schedules 2-6 dB more again; the error alone
 ranked every candidate with Spearman -0.81 (tiny-pixart) and -0.78 (tiny-mmdit), within one group -0.84 to
 -1.0, and the model fitted on one plan's 10 checks ranked them all with 0.86-0.94 (benchmarks/RESULTS.md).
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..cache.schedule_data import Schedule
 
@@ -53,6 +54,14 @@ WEIGHT_SPREAD = 2.0  # ... the spread's: two residuals of PRIOR_SPREAD
 # more, and the fixed-interval ones 2-6 dB more again (tiny-pixart psnr=30 and 35, tiny-mmdit psnr=30: the
 # offsets fitted on every check of the price scan with one slope)
 PRIOR_OFFSETS = {"stack": 0.0, "stack fixed": 2.0, "both": 0.0, "sites": 10.0, "sites fixed": 16.0}
+
+
+def prior_offset(group: str) -> float:
+    """A group's prior offset; a forecasting group starts at its reusing group's (the calibrated errors are
+    trusted until a check says otherwise)."""
+    return PRIOR_OFFSETS.get(group.removesuffix(" forecast"), 0.0)
+
+
 GROUP_SPREAD = 5.0  # dB: how far a group with no check yet may be from its prior offset
 SPREAD_FLOOR = 1.0  # dB: the model is never trusted closer than this
 FAR = 2.5  # spreads below the target: predicted to fail, dropped
@@ -69,9 +78,11 @@ class Candidate:
     key: str  # Evaluations.key: identical schedules share their check
     fixed: str | None = None  # the fixed-interval schedules: "one step in N after W full"
 
-    @property
+    @cached_property
     def group(self) -> str:
-        return self.mode + (" fixed" if self.fixed else "")
+        """The mode; "fixed" for a fixed-interval schedule; "forecast" when a served step is forecast."""
+        forecast = any(set(row) - {"C", "R"} for row in self.schedule.rows.values())
+        return self.mode + (" fixed" if self.fixed else "") + (" forecast" if forecast else "")
 
 
 @dataclass
@@ -87,7 +98,7 @@ class Fit:
 
     def value(self, group: str, error: float) -> float:
         """The predicted quality of a schedule of `group` with this predicted error."""
-        offset = self.offsets.get(group, PRIOR_OFFSETS.get(group, 0.0))
+        offset = self.offsets.get(group, prior_offset(group))
         return self.intercept + offset + self.slope * math.log10(max(error, ERROR_FLOOR))
 
     def predict(self, c: Candidate) -> float:
@@ -138,7 +149,7 @@ def fit_quality(points: list, intercept: float = PRIOR_INTERCEPT) -> Fit:
         rows.append(row)
         targets.append(q)
     priors = [(0, WEIGHT_INTERCEPT, intercept), (1, WEIGHT_SLOPE, PRIOR_SLOPE)]
-    priors += [(2 + i, WEIGHT_OFFSET, PRIOR_OFFSETS.get(g, 0.0)) for i, g in enumerate(groups)]
+    priors += [(2 + i, WEIGHT_OFFSET, prior_offset(g)) for i, g in enumerate(groups)]
     for j, w, value in priors:
         row = [0.0] * n_par
         row[j] = math.sqrt(w)
