@@ -328,7 +328,7 @@ def pareto_plot(df: pd.DataFrame, path: Path, title: str):
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("PSNR against the uncached image (dB, higher = closer; bars: 95% interval)")
     ax.set_ylabel(f"{_speed(df)} speedup")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=9)  # a bench's title runs past the axes
     ax.legend(fontsize=7, loc="best", ncols=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
