@@ -34,7 +34,9 @@ def main():
     ap.add_argument("--targets", default="psnr=30,psnr=35,psnr=40")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cost", default="time")
-    ap.add_argument("--tag", default="", help="appended to the folder and table names: a run of another version")
+    ap.add_argument(
+        "--tag", default="", help="appended to the folder and table names: a run of another version"
+    )
     args = ap.parse_args()
     split = zoo_split.load(args)
     pipe, steps, guidance, batch = split.pipe, split.steps, split.guidance, args.batch_size
