@@ -6,6 +6,7 @@ predictor (`predictors.Taylor`), which plans use too."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from ..errors import DitscopeError
 from .actions import full_step
@@ -58,12 +59,13 @@ class TaylorSeerMethod(ScheduleMethod):
         row = "".join("C" if full_step(t, c.interval, c.warmup) else "T" for t in range(steps))
         return {site.name: row for site in ctx.sites}
 
+    @cached_property
+    def taylor(self) -> Taylor:
+        """The configured order's predictor, made once: `predictor` is asked at every served call."""
+        return Taylor(self.config.order)
+
     def predictor(self, action: str) -> Predictor:
-        if action != "T":
-            return super().predictor(action)
-        if getattr(self, "_taylor", None) is None:  # one per method: asked for at every served call
-            self._taylor = Taylor(self.config.order)
-        return self._taylor
+        return self.taylor if action == "T" else super().predictor(action)
 
 
 register(

@@ -8,10 +8,11 @@ the predicted error,
     quality = intercept + offset[group] + slope * log10(predicted error),
 
 is fitted by least squares on the checks already run, each candidate group (mode, whether the schedule is
-a fixed-interval one, and whether it forecasts any served step) with its own offset: at the same predicted error the modules' plans held 7-16 dB more
-than the stack's (their error is a sum over many units) and FORA's schedules 2-6 dB more again; the error alone
-ranked every candidate with Spearman -0.81 (tiny-pixart) and -0.78 (tiny-mmdit), within one group -0.84 to
--1.0, and the model fitted on one plan's 10 checks ranked them all with 0.86-0.94 (benchmarks/RESULTS.md).
+a fixed-interval one, and whether it forecasts any served step) with its own offset: at the same predicted
+error the modules' plans held 7-16 dB more than the stack's (their error is a sum over many units) and FORA's
+schedules 2-6 dB more again; the error alone ranked every candidate with Spearman -0.81 (tiny-pixart) and
+-0.78 (tiny-mmdit), within one group -0.84 to -1.0, and the model fitted on one plan's 10 checks ranked them
+all with 0.86-0.94 (benchmarks/RESULTS.md).
 The intercept, the slope and the offsets are pulled towards priors by pseudo-observations, so that the model
 is defined from the first check on: a check moves the intercept and its group's offset most of the way to it,
 checks at two or more predicted errors set the slope.

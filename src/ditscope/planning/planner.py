@@ -493,7 +493,7 @@ def _budgeted(
     max_checks,
     steps,
     say,
-    predictors=PREDICTORS,
+    predictors,
 ):
     """Quality targets: every candidate compiled without a check (each mode's schedules over a fine price grid,
     a 2-D one of stack price x site price for "both", and the fixed-interval schedules of the stack and of
