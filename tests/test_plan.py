@@ -1086,3 +1086,54 @@ def test_the_search_chooses_among_the_allowed_predictors_and_carries_the_fitted_
             assert finite[action] == min(finite.values())
             if action == "L":
                 assert s.meta["weights"][unit][str(t)] == fitted[unit][str(t)][str(k)]
+
+
+def test_a_calibration_whose_kept_outputs_would_not_fit_runs_in_smaller_batches_and_measures_the_same(pipe):
+    """The measuring keeps every unit's outputs of the last steps, per prompt of the batch; past the memory
+    budget the calibration runs again in the batch that fits, and measures what one batch of all measures.
+    The bytes one step keeps are recomputed from the unit modules' outputs (forward hooks): the block residuals
+    and module outputs, plus the first block's input (the adaptive signal). Five prompts, 5 steps."""
+    prompts = [*PROMPTS, "a green triangle at the top", "a yellow circle", "a blue triangle on the right"]
+    steps, n, max_lag, forecast_lag = 5, len(prompts), 2, 1
+    with torch.inference_mode():
+        whole, images = calibrate(
+            pipe, prompts, steps, batch_size=n, max_lag=max_lag, forecast_lag=forecast_lag
+        )
+    assert whole.meta["calibration_batch"] == n
+    units = [u for u, v in whole.meta["units"].items() if v["kind"] != "stack"]
+    kept: dict[str, int] = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            if name not in kept:  # the first call: step 0, both guidance branches of all prompts in one call
+                kept[name] = out.numel() * out.element_size()
+                if name == "transformer_blocks.0":
+                    kept["signal"] = args[0].numel() * args[0].element_size()
+
+        return hook
+
+    hooks = [pipe.transformer.get_submodule(u).register_forward_hook(keep(u)) for u in units]
+    try:
+        with torch.inference_mode():
+            pipe(prompts, num_inference_steps=1, output_type="pt", guidance_scale=4.5)
+    finally:
+        for h in hooks:
+            h.remove()
+    per_prompt_step = sum(kept.values()) / n
+    steps_kept = min(max(max_lag, 3 * forecast_lag) + 1, steps)  # kept lags, plus the step being measured
+    budget = per_prompt_step * steps_kept * 2.5  # room for two prompts, not three
+    with torch.inference_mode():
+        small, small_images = calibrate(
+            pipe,
+            prompts,
+            steps,
+            batch_size=n,
+            max_lag=max_lag,
+            forecast_lag=forecast_lag,
+            memory_budget=budget,
+        )
+    assert small.meta["calibration_batch"] == 2 and small.meta["batch_size"] == n
+    assert torch.allclose(small_images, images, atol=1e-4)
+    measured = np.isfinite(whole.values)
+    assert (np.isfinite(small.values) == measured).all()
+    assert np.allclose(small.values[measured], whole.values[measured], rtol=1e-3, atol=1e-7)

@@ -74,6 +74,9 @@ class Calibrator(CacheMethod):
         self.signal: dict = defaultdict(
             float
         )  # (prompt, step) -> the adaptive plan's live signal (see `watch`)
+        # called once, at the first call of the second step, with the bytes one step's kept outputs take per
+        # prompt (what the history costs grows with the batch: calibrate() fits the batch to memory)
+        self.check_memory = None
 
     def _prompt_of_rows(self, ctx: Context) -> np.ndarray:
         if ctx.rows % self.n_prompts:
@@ -213,7 +216,17 @@ class Calibrator(CacheMethod):
         ctx.state["observing"] = ctx.state.get("observing", 0.0) + time.perf_counter() - start
         return out
 
+    def history_bytes(self) -> int:
+        """What the kept outputs (and the signal's last input) take now, in bytes."""
+        kept = [
+            v if torch.is_tensor(v) else [t for ts in v.values() for t in ts] for v in self.history.values()
+        ]
+        return sum(t.numel() * t.element_size() for t in _tensors(kept))
+
     def before_call(self, ctx: Context):
+        if self.check_memory is not None and ctx.step >= 1:
+            check, self.check_memory = self.check_memory, None
+            check(self.history_bytes() / self.n_prompts)
         if not ctx.prefix:  # the stack is timed and measured on the (first) transformer the profile describes
             synchronize()
             self.started = time.perf_counter()

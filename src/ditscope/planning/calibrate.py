@@ -41,6 +41,7 @@ from ..cache.schedule_data import STACK, config_hash, model_signature, weights_f
 from ..errors import DitscopeError
 from ..parallel import launched
 from ..profiling.workload import data_parallel, from_first, gather, generate
+from ..runtime import free_memory
 from ..stats.running import RunningStats
 
 METRICS = ("l1", "rel_l1", "inject")
@@ -72,31 +73,37 @@ def calibrate(
     forecast_lag: int = 3,
     progress=None,
     layout=None,
+    memory_budget: float | None = None,
 ) -> tuple[Profile, torch.Tensor]:
     """Measure every unit's reuse / forecast error and its cost on `prompts` with the uncached model.
 
     Returns the calibration profile and the uncached images (the reference a plan is checked against).
     `progress(done, total)` is called after each batch. `layout`: a declared block layout (`ditscope.Blocks`)
-    for a model outside the family table.
+    for a model outside the family table. The measuring keeps every unit's outputs of the last `max_lag`
+    steps, which grows with the batch: when that would take more than `memory_budget` bytes (default: a
+    third of the device's free memory), the calibration runs in smaller batches, and its metadata says
+    which (`calibration_batch`).
     """
     from ..cache.layout import find_transformer
 
     if len(prompts) < 1:
         raise DitscopeError("calibration needs at least one prompt")
     transformer, _ = find_transformer(pipe)
-    observer = Calibrator(max_lag, forecast_lag)
-    handle = CacheHandle(pipe, observer, num_inference_steps=steps, layout=layout)
-    ctx = handle.ctx
-
-    def before_batch(start, n):
-        observer.n_prompts, observer.prompt_offset = n, start
-        observer.history.clear()
-        observer.count_flops = start == 0
-
-    try:
-        images = generate(pipe, prompts, steps, seed, batch_size, guidance_scale, before_batch, progress)
-    finally:
-        handle.remove()
+    if memory_budget is None:
+        free = free_memory(next(transformer.parameters()).device)
+        memory_budget = free / 3 if free is not None else math.inf
+    batch = batch_size
+    while True:
+        observer = Calibrator(max_lag, forecast_lag)
+        if batch > 1:
+            observer.check_memory = _batch_check(batch, min(observer.keep + 1, steps), memory_budget)
+        try:
+            ctx, images = _observe(
+                pipe, observer, prompts, steps, seed, batch, guidance_scale, progress, layout
+            )
+            break
+        except _SmallerBatch as e:
+            batch = e.batch
     _merge_ranks(observer, data_parallel(pipe)[1])
     weights = fit_forecasts(observer)
     profile = _to_profile(observer, ctx, len(prompts), steps, max_lag, forecast_lag)
@@ -110,6 +117,7 @@ def calibrate(
         n_prompts_total=len(prompts),
         guidance_scale=guidance_scale,
         batch_size=batch_size,
+        calibration_batch=batch,
         kind="calibration",
         calibration_version=VERSION,
         identity=pipeline_identity(pipe),
@@ -120,6 +128,41 @@ def calibrate(
         fitted_weights=weights,
     )
     return profile, images
+
+
+def _observe(pipe, observer: Calibrator, prompts, steps, seed, batch, guidance_scale, progress, layout):
+    """One uncached run over `prompts` with `observer` on the engine's hooks: (the engine's context, images)."""
+    handle = CacheHandle(pipe, observer, num_inference_steps=steps, layout=layout)
+
+    def before_batch(start, n):
+        observer.n_prompts, observer.prompt_offset = n, start
+        observer.history.clear()
+        observer.count_flops = start == 0
+
+    try:
+        return handle.ctx, generate(pipe, prompts, steps, seed, batch, guidance_scale, before_batch, progress)
+    finally:
+        handle.remove()
+
+
+class _SmallerBatch(Exception):
+    """The calibration's kept outputs would not fit in memory at this batch: run again in batches of `batch`."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+
+def _batch_check(batch: int, steps_kept: int, budget: float):
+    """The Calibrator's memory check: how many prompts' kept outputs fit in `budget`, agreed by every rank (the
+    first rank's answer, so that all of them go on or start again together)."""
+
+    def check(bytes_per_prompt_step: float):
+        fits = int(budget // max(bytes_per_prompt_step * steps_kept, 1.0))
+        fits = from_first(max(1, min(batch, fits)))
+        if fits < batch:
+            raise _SmallerBatch(fits)
+
+    return check
 
 
 MEASURED = {

@@ -295,10 +295,16 @@ def plan(
     )
     # the plain model's step time on this machine, for the cost model (one pass, warmed up by the calibration run
     # unless that was read from the work folder; the measured speedup is timed again at the end, with the finalists)
-    first = prompts[:batch_size]
+    # timed at the calibration's batch, which the unit times were measured at (smaller where memory asked)
+    cal_batch = cal.meta.get("calibration_batch", batch_size)
+    if cal_batch < batch_size:
+        say(
+            f"calibration: ran in batches of {cal_batch}, as {batch_size} prompts' kept outputs would not fit in memory"
+        )
+    first = prompts[:cal_batch]
 
     def plain_run():
-        return generate(pipe, first, num_inference_steps, seed, batch_size, guidance_scale)
+        return generate(pipe, first, num_inference_steps, seed, cal_batch, guidance_scale)
 
     plain_seconds = median_seconds(plain_run, repeats=1, warmup=resumed)
     costs = costs_from(
