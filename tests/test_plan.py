@@ -11,6 +11,8 @@ from tiny import FAMILIES as TINY
 
 import ditscope
 from ditscope import DitscopeError, Schedule, zoo
+from ditscope.cache.observe import Calibrator
+from ditscope.planning import calibrate as calibration_module
 from ditscope.planning.calibrate import calibrate
 from ditscope.planning.planner import Target
 from ditscope.planning.search import compile_schedule, costs_from, plan_row
@@ -1088,7 +1090,9 @@ def test_the_search_chooses_among_the_allowed_predictors_and_carries_the_fitted_
                 assert s.meta["weights"][unit][str(t)] == fitted[unit][str(t)][str(k)]
 
 
-def test_a_calibration_whose_kept_outputs_would_not_fit_runs_in_smaller_batches_and_measures_the_same(pipe):
+def test_a_calibration_whose_kept_outputs_would_not_fit_runs_in_smaller_batches_and_measures_the_same(
+    pipe, monkeypatch
+):
     """The measuring keeps every unit's outputs of the last steps, per prompt of the batch; past the memory
     budget the calibration runs again in the batch that fits, and measures what one batch of all measures.
     The bytes one step keeps are recomputed from the unit modules' outputs (forward hooks): the block residuals
@@ -1122,6 +1126,14 @@ def test_a_calibration_whose_kept_outputs_would_not_fit_runs_in_smaller_batches_
     per_prompt_step = sum(kept.values()) / n
     steps_kept = min(max(max_lag, 3 * forecast_lag) + 1, steps)  # kept lags, plus the step being measured
     budget = per_prompt_step * steps_kept * 2.5  # room for two prompts, not three
+    observers = []
+
+    class Recorded(Calibrator):
+        def __init__(self, *args):
+            super().__init__(*args)
+            observers.append(self)
+
+    monkeypatch.setattr(calibration_module, "Calibrator", Recorded)
     with torch.inference_mode():
         small, small_images = calibrate(
             pipe,
@@ -1132,6 +1144,11 @@ def test_a_calibration_whose_kept_outputs_would_not_fit_runs_in_smaller_batches_
             forecast_lag=forecast_lag,
             memory_budget=budget,
         )
+    # the units are timed on the first batch only (batches of 2, 2, 1: another size would mix into the
+    # median), one call per step, less the first call each module spends counting its FLOPs
+    assert len(observers) == 2
+    assert len(observers[-1].seconds["transformer_blocks.0.attn1"]) == steps - 1
+    assert len(observers[-1].seconds["stack"]) == steps
     assert small.meta["calibration_batch"] == 2 and small.meta["batch_size"] == n
     assert torch.allclose(small_images, images, atol=1e-4)
     measured = np.isfinite(whole.values)

@@ -70,6 +70,8 @@ class Calibrator(CacheMethod):
         self.seconds: dict[str, list[float]] = defaultdict(list)
         self.flops: dict[str, float] = {}
         self.count_flops = False
+        # units are timed on the first batch only: batches of other sizes would mix into the median
+        self.timing = True
         self.history: dict = {}  # (call, unit) -> {step: [tensors]}
         self.signal: dict = defaultdict(
             float
@@ -151,6 +153,8 @@ class Calibrator(CacheMethod):
                 out = run(*args, **kwargs)
             self.flops[unit] = float(counter.get_total_flops())
             return out
+        if not self.timing:
+            return run(*args, **kwargs)
         synchronize()
         start = time.perf_counter()
         out = run(*args, **kwargs)
@@ -183,7 +187,9 @@ class Calibrator(CacheMethod):
         ctx.state.setdefault("stream_abs", {})[bsite.index] = streams
         ctx.state["observing"] = 0.0
         out = self._timed(bsite.name, run, args, kwargs)
-        if self.seconds.get(bsite.name):  # the block's time without the measuring done inside it
+        if self.timing and self.seconds.get(
+            bsite.name
+        ):  # the block's time without the measuring done inside it
             self.seconds[bsite.name][-1] -= ctx.state["observing"]
         outputs = block_outputs(bsite, out)
         res = [
@@ -227,7 +233,9 @@ class Calibrator(CacheMethod):
         if self.check_memory is not None and ctx.step >= 1:
             check, self.check_memory = self.check_memory, None
             check(self.history_bytes() / self.n_prompts)
-        if not ctx.prefix:  # the stack is timed and measured on the (first) transformer the profile describes
+        if (
+            self.timing and not ctx.prefix
+        ):  # the stack is timed and measured on the (first) transformer the profile describes
             synchronize()
             self.started = time.perf_counter()
 
@@ -235,8 +243,9 @@ class Calibrator(CacheMethod):
         """The stack: its blocks' residual errors summed, over the stream at the last block."""
         if ctx.prefix:
             return
-        synchronize()
-        self.seconds[STACK].append(time.perf_counter() - self.started)
+        if self.timing:
+            synchronize()
+            self.seconds[STACK].append(time.perf_counter() - self.started)
         stack = ctx.state.pop("stack", None)
         if not stack or stack["abs"] is None:
             return

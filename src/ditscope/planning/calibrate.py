@@ -137,7 +137,7 @@ def _observe(pipe, observer: Calibrator, prompts, steps, seed, batch, guidance_s
     def before_batch(start, n):
         observer.n_prompts, observer.prompt_offset = n, start
         observer.history.clear()
-        observer.count_flops = start == 0
+        observer.count_flops = observer.timing = start == 0
 
     try:
         return handle.ctx, generate(pipe, prompts, steps, seed, batch, guidance_scale, before_batch, progress)
