@@ -167,9 +167,9 @@ def test_bad_input_under_torchrun_is_one_line_on_every_rank_and_no_rank_waits(tm
     args = ["plan", "tiny-pixart", "--n-prompts", "1", "--steps", "4", "--out", str(tmp_path / "p.plan.json")]
     done = _two_ranks(args, tmp_path, timeout=240)
     message = "error: 2 ranks share 1 calibration prompts: give at least one per rank"
-    # every rank refuses on its own; torchrun stops the other as soon as one exits, so on a loaded machine the
-    # second rank's line can be cut off before it is written (one CI run: 1 of 2)
-    assert done.stderr.count(message) in (1, 2), done.stderr[-3000:]
+    # every rank refuses on its own, and waits for the others' lines before exiting (torchrun stops the other
+    # ranks as soon as one exits: without the wait a loaded CI run saw 1 line of 2)
+    assert done.stderr.count(message) == 2, done.stderr[-3000:]
     assert (
         done.stderr.count("exitcode: 2") == 2 or done.returncode != 0
     )  # torchrun reports each rank's exit 2

@@ -9,6 +9,12 @@ class DitscopeError(Exception):
     """A problem with the user's input or environment (not a bug in ditscope)."""
 
 
+class EveryRankError(DitscopeError):
+    """A problem every rank of a torchrun launch finds at the same point from the same input (fewer prompts
+    than ranks). torchrun stops the other ranks as soon as one exits, so the CLI has every rank print its
+    line before any of them exits."""
+
+
 class DitscopeWarning(UserWarning):
     """Something ditscope did differently from what was asked, and went on (a plan resampled to another step
     count, unknown prompt words). The CLI prints these as `warning: ...` lines and keeps other libraries' quiet."""

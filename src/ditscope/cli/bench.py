@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import DitscopeError
+from ..errors import DitscopeError, EveryRankError
 from ..runtime import (
     check_guidance,
     check_writable_dir,
@@ -190,7 +190,7 @@ def bench(
     )
 
     if world > len(prompt_list) * seeds:
-        raise DitscopeError(
+        raise EveryRankError(
             f"{world} ranks share {len(prompt_list) * seeds} samples (prompts x seeds): give at least "
             "one per rank, or launch fewer ranks"
         )

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from ..errors import DitscopeError, DitscopeWarning
+from ..errors import DitscopeError, DitscopeWarning, EveryRankError
+from ..parallel import wait_for_every_rank
 
 app = typer.Typer(
     add_completion=False,
@@ -51,8 +52,10 @@ def _no_flag_metavar() -> None:
 _no_flag_metavar()
 
 
-def _fail(message: str) -> typer.Exit:
-    print(f"error: {message}", file=sys.stderr)
+def _fail(message: str, every_rank: bool = False) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if every_rank:  # each rank has printed its line before any exits (errors.EveryRankError)
+        wait_for_every_rank()
     return typer.Exit(code=2)
 
 
@@ -65,7 +68,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DitscopeError as e:
-            raise _fail(str(e)) from None
+            raise _fail(str(e), isinstance(e, EveryRankError)) from None
         except KeyboardInterrupt:
             raise typer.Exit(code=130) from None
 

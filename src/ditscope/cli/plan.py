@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import DitscopeError
+from ..errors import DitscopeError, EveryRankError
 from ..files import missing_folders, remove_empty
 from ..profiling.job import join_ranks
 from ..profiling.workload import barrier, writes
@@ -277,7 +277,7 @@ def calibration_run(
         _, prompt_list = evaluator.evaluation_prompts(pipe, n_prompts, seed=prompt_seed)
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else None)
     if world > len(prompt_list):
-        raise DitscopeError(
+        raise EveryRankError(
             f"{world} ranks share {len(prompt_list)} calibration prompts: give at least one per rank "
             f"(--n-prompts {world} or more), or launch fewer ranks"
         )

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import DitscopeError
+from ..errors import DitscopeError, EveryRankError
 from ..files import write_text_atomic
 from ..runtime import (
     check_steps,
@@ -85,7 +85,7 @@ def eval_cmd(
 
     rank, world, device = join_ranks(pick_device(device))  # torchrun: the ranks share the samples
     if world > n:
-        raise DitscopeError(
+        raise EveryRankError(
             f"{world} ranks share --n {n} samples: give at least one per rank, or launch fewer ranks"
         )
     manifest = (
