@@ -532,3 +532,36 @@ def test_a_tune_setting_that_fails_before_its_search_started_is_recorded_not_a_t
     assert "num_inference_steps >= 2" in failed.read_text()
     with pytest.raises(DitscopeError, match="recorded in"):
         tuned(None, setting, inputs, tmp_path)
+
+
+def test_a_bench_of_a_plan_file_given_by_path_fits_nothing_and_says_no_calibration(tmp_path):
+    """A plan file run by path was made elsewhere: the bench draws no calibration prompts for it and its
+    title does not claim that plans were fitted on them."""
+    from ditscope import Schedule
+
+    plan_file = tmp_path / "p.plan.json"
+    Schedule({"stack": "C" * (STEPS - 1) + "R"}).save(plan_file)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"plan": [{"path": str(plan_file)}]}))
+    args = [
+        "bench",
+        "tiny-pixart",
+        "--grid",
+        str(grid),
+        "--prompts",
+        "2",
+        "--seeds",
+        "1",
+        "--steps",
+        str(STEPS),
+    ]
+    result = CliRunner().invoke(
+        app, [*args, "--repeats", "0", "--batch-size", "2", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    title = (tmp_path / "o" / "results.md").read_text().splitlines()[0]
+    assert (
+        title.startswith("## tiny-pixart: 2 prompts")
+        and "fitted on" not in title
+        and "calibration" not in title
+    )

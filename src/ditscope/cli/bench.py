@@ -158,9 +158,12 @@ def bench(
         net, drawn_with = evaluator.load_evaluator(), prompt_seed
     from ..bench.peers import PEERS
 
-    # fitted on calibration prompts: plans, tune= settings and peers that calibrate a schedule (SmoothCache)
+    # fitted on calibration prompts: plans made here (target=; not a plan file given by path), tune= settings and
+    # peers that calibrate a schedule (SmoothCache)
     uses_plan = any(
-        s.method == "plan" or "tune" in s.options or (s.method in PEERS and PEERS[s.method].calibrates)
+        (s.method == "plan" and "target" in s.options)
+        or "tune" in s.options
+        or (s.method in PEERS and PEERS[s.method].calibrates)
         for s in settings
     )
     if uses_plan and prompt_file is None:
