@@ -565,3 +565,21 @@ def test_a_bench_of_a_plan_file_given_by_path_fits_nothing_and_says_no_calibrati
         and "fitted on" not in title
         and "calibration" not in title
     )
+
+
+def test_a_bench_folder_of_other_inputs_is_refused_naming_what_differs_either_way(tmp_path):
+    """The refusal names every input that differs, those the new bench lacks as well as those it changes."""
+    from ditscope.bench.runner import _start
+
+    assert _start(tmp_path, inputs(calibration=["a red circle"], calibration_seed=7000)) is None
+    message = _start(tmp_path, inputs())  # no calibration prompts this time
+    assert (
+        message
+        == f"{tmp_path} holds a bench with other calibration, calibration_seed; use another --out or the same arguments"
+    )
+    assert (
+        _start(tmp_path, inputs(steps=STEPS + 1, calibration=["a red circle"], calibration_seed=7000)).count(
+            "steps"
+        )
+        == 1
+    )

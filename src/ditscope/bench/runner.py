@@ -334,10 +334,10 @@ def _start(out: Path, inputs: BenchInputs) -> str | None:
     if not meta_path.exists():
         write_text_atomic(meta_path, json.dumps(inputs.meta(), indent=2))
         return None
-    saved = json.loads(meta_path.read_text())
-    if saved == inputs.meta():
+    saved, meta = json.loads(meta_path.read_text()), inputs.meta()
+    if saved == meta:
         return None
-    changed = sorted(k for k in inputs.meta() if saved.get(k) != inputs.meta()[k])
+    changed = sorted(k for k in saved.keys() | meta.keys() if saved.get(k) != meta.get(k))
     return f"{out} holds a bench with other {', '.join(changed)}; use another --out or the same arguments"
 
 
