@@ -71,7 +71,7 @@ def main():
             f"Planned on {len(calib)} calibration prompts (seed 7000), scored on {len(test)} test prompts "
             f"(seed 3000), {steps} steps, cost model {args.cost}.",
             "",
-            "| target | checks | planning s | calib mean / lower / p5 | test mean / p5 | test - target (mean) "
+            "| target | checks | planning s | calib mean / lower / p5 | test mean / p5 | test - target (mean; p5 for psnr_p5=) "
             "| predicted speedup | measured speedup (planning) | served |",
             "|---|---|---|---|---|---|---|---|---|",
         ]

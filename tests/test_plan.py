@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1154,3 +1155,24 @@ def test_a_calibration_whose_kept_outputs_would_not_fit_runs_in_smaller_batches_
     measured = np.isfinite(whole.values)
     assert (np.isfinite(small.values) == measured).all()
     assert np.allclose(small.values[measured], whole.values[measured], rtol=1e-3, atol=1e-7)
+
+
+def test_the_memory_a_calibration_may_keep_is_the_machines_available_memory_shared_by_its_ranks(monkeypatch):
+    """free_memory('cpu') against /proc/meminfo read here by hand (MemAvailable, in kB), halved when torchrun
+    started two ranks on this machine; the two reads are apart in time, so within 2%."""
+    from ditscope.runtime import free_memory
+
+    if not Path("/proc/meminfo").exists():
+        pytest.skip("no /proc/meminfo on this system")
+
+    def available():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, value = line.split(":")
+            if name == "MemAvailable":
+                return int(value.strip().split(" ")[0]) * 1024
+        raise AssertionError("no MemAvailable line")
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert free_memory("cpu") == pytest.approx(available(), rel=0.02)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert free_memory("cpu") == pytest.approx(available() / 2, rel=0.02)

@@ -335,8 +335,9 @@ def synchronize() -> None:
 
 
 def free_memory(device) -> int | None:
-    """Bytes free on `device` now: the GPU's free memory, or the machine's available memory (Linux'
-    MemAvailable) for the CPU; None where that cannot be read."""
+    """Bytes free on `device` now: the GPU's free memory, or for the CPU this process's share of the machine's
+    available memory (Linux' MemAvailable over the ranks torchrun started on this machine); None where that
+    cannot be read."""
     import torch
 
     device = torch.device(device)
@@ -347,6 +348,7 @@ def free_memory(device) -> int | None:
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
+        available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
