@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import DitscopeError
 from ..files import atomic_path, write_text_atomic
 from ..planning.planner import Target
-from ..stats.intervals import mean_interval
+from ..stats.intervals import mean_interval, quantile_lower_bound
 
 DEFAULT_TARGET = "psnr=35"
 FEWER_STEPS = "steps"
@@ -125,17 +125,18 @@ def summarize(record: dict, reference_flops: float | None, goal: Target) -> dict
         psnr=p_mean,
         psnr_lo=p_lo,
         psnr_p5=float(np.percentile(psnr, 5)),
+        psnr_p5_lo=quantile_lower_bound(psnr),
         ssim=s_mean,
         ssim_lo=s_lo,
         n=len(psnr),
     )
-    row["holds"] = bool(row[goal.kind + "_lo"] >= goal.value)
+    row["holds"] = bool(row[goal.field()] >= goal.value)
     return row
 
 
 def choose(rows: list[dict], goal: Target) -> dict | None:
     """The fastest scored row that holds `goal` on the held-out prompts (ties: the higher lower end), or None."""
-    held = [r for r in rows if r["status"] == "scored" and r[goal.kind + "_lo"] >= goal.value]
+    held = [r for r in rows if r["status"] == "scored" and r[goal.field()] >= goal.value]
     if not held:
         return None
     return max(held, key=lambda r: (r["speedup"], r[goal.kind + "_lo"]))

@@ -34,8 +34,9 @@ def plan(
     target: Annotated[
         str | None,
         typer.Option(
-            help="psnr=DB, ssim=S (on the calibration prompts), psnr_p5=DB (their worst images: "
-            "the 5th percentile), speedup=X or flops=X "
+            help="psnr=DB, ssim=S (the lower end of their 95% interval on the calibration prompts), "
+            "psnr_p5=DB (their worst images: a 95% lower bound of the 5th percentile, the worst image "
+            "below 59 prompts), speedup=X or flops=X "
             "[default: psnr=35]"
         ),
     ] = None,
