@@ -59,14 +59,6 @@ def forward_owner(module: torch.nn.Module) -> tuple[object, str]:
     return module, "forward"
 
 
-def wait_for_every_rank() -> None:
-    """A barrier over the ranks of a torchrun launch (nothing in one process)."""
-    import torch.distributed as dist
-
-    if launched()[1] > 1:
-        dist.barrier()
-
-
 def launched() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) without one."""
     import torch.distributed as dist

@@ -139,7 +139,7 @@ def choose(rows: list[dict], goal: Target) -> dict | None:
     held = [r for r in rows if r["status"] == "scored" and r[goal.field()] >= goal.value]
     if not held:
         return None
-    return max(held, key=lambda r: (r["speedup"], r[goal.kind + "_lo"]))
+    return max(held, key=lambda r: (r["speedup"], r[goal.field()]))
 
 
 def ranked(rows: list[dict], goal: Target) -> list[dict]:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import DitscopeError, DitscopeWarning, EveryRankError
-from ..parallel import wait_for_every_rank
+from ..profiling.workload import barrier
 
 app = typer.Typer(
     add_completion=False,
@@ -55,7 +55,7 @@ _no_flag_metavar()
 def _fail(message: str, every_rank: bool = False) -> typer.Exit:
     print(f"error: {message}", file=sys.stderr, flush=True)
     if every_rank:  # each rank has printed its line before any exits (errors.EveryRankError)
-        wait_for_every_rank()
+        barrier()
     return typer.Exit(code=2)
 
 
