@@ -1182,3 +1182,104 @@ def test_the_memory_a_calibration_may_keep_is_the_machines_available_memory_shar
     assert free_memory("cpu") == pytest.approx(available(), rel=0.02)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert free_memory("cpu") == pytest.approx(available() / 2, rel=0.02)
+
+
+def test_a_check_times_its_first_batch_alone(pipe, monkeypatch):
+    """An end-to-end check records the seconds of its first batch (2 of 3 prompts here), on a clock that the
+    pipeline advances by 10 per image it makes: 20, not the 30 of the whole run."""
+    from ditscope.planning import planner
+    from ditscope.profiling.workload import generate
+
+    prompts = [*PROMPTS, "a green triangle"]
+    with torch.inference_mode():
+        reference = generate(pipe, prompts, STEPS, batch_size=2)
+    clock = [100.0]
+    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock[0])
+    call = type(pipe).__call__
+
+    def advancing(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        clock[0] += 10.0 * len(out.images)
+        return out
+
+    monkeypatch.setattr(type(pipe), "__call__", advancing)
+    evaluate = planner.Evaluations(pipe, prompts, STEPS, 0, 2, None, reference, None)
+    with torch.inference_mode():
+        row = evaluate(Schedule({"stack": "CCRCCRCC"}))
+    assert row["first_batch_seconds"] == 20.0
+    assert "first_batch_seconds" not in {k for k in row if k not in planner.NOT_QUALITY}
+
+
+def test_finalists_are_timed_by_their_checks_or_in_rounds_when_the_checks_were_not_timed(
+    pipe, tmp_path, monkeypatch
+):
+    """With the measured-time cost model the finalists' speedups are the plain first batch's seconds over each
+    one's check's first batch (no timing rounds); rows from a work folder that kept no timing are timed in
+    rounds instead."""
+    from ditscope.planning import planner
+
+    def no_rounds(plain, runs, rounds=2):
+        raise AssertionError("timing rounds ran although every finalist's check was timed")
+
+    monkeypatch.setattr(planner, "_speedups", no_rounds)
+    with torch.inference_mode():
+        plan = ditscope.plan(
+            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, cost="time", max_checks=4, work_dir=tmp_path
+        )
+    rows = {}
+    for line in (tmp_path / "evaluations.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["key"]] = row
+    plain = plan.meta["plain_seconds"]
+    kept = rows[planner.Evaluations.key(plan)]
+    # recorded rounded to 3 decimals, the plain seconds to 6 digits
+    assert plan.meta["measured_speedup"] == pytest.approx(plain / kept["first_batch_seconds"], abs=6e-4)
+    for finalist in plan.meta["finalists"]:  # each one's check: the row of its PSNR
+        checks = [r for r in rows.values() if round(r["psnr"], 4) == finalist["psnr"]]
+        assert any(
+            finalist["measured_speedup"] == pytest.approx(plain / r["first_batch_seconds"], abs=6e-4)
+            for r in checks
+        ), finalist
+    # the same plan from a work folder whose rows kept no timing: the finalists are timed in rounds
+    lines = [json.loads(line) for line in (tmp_path / "evaluations.jsonl").read_text().splitlines()]
+    (tmp_path / "evaluations.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "first_batch_seconds"}) + "\n" for r in lines)
+    )
+    rounds = []
+
+    def recorded(plain, runs, rounds_=2):
+        rounds.append(len(runs))
+        return [2.0] * len(runs)
+
+    monkeypatch.setattr(planner, "_speedups", recorded)
+    with torch.inference_mode():
+        again = ditscope.plan(
+            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, cost="time", max_checks=4, work_dir=tmp_path
+        )
+    assert rounds == [len(again.meta["finalists"])] and again.meta["measured_speedup"] == 2.0
+
+
+@pytest.mark.parametrize("model", ["tiny-latte", "tiny-dit"])
+def test_plan_and_tune_fit_on_the_zoo_models_own_count_of_calibration_prompts(model, tmp_path):
+    """Without --n-prompts the zoo's row says how many prompts to draw: 4 videos for tiny-latte, 8 images
+    otherwise; --n-prompts still decides when given."""
+    from ditscope.cli.plan import calibration_run
+
+    def drawn(n_prompts):
+        _, prompts, _, _ = calibration_run(
+            model,
+            tmp_path / "x.plan.json",
+            "x.plan.json",
+            None,
+            n_prompts,
+            7000,
+            2,
+            None,
+            "cpu",
+            "float32",
+            distributed=False,
+        )
+        return len(prompts)
+
+    assert drawn(None) == zoo.ZOO[model].calibration_prompts == (4 if model == "tiny-latte" else 8)
+    assert drawn(3) == 3

@@ -39,7 +39,7 @@ from ..cache.schedule_data import FORMAT as PLAN_FORMAT
 from ..errors import DitscopeError, closest
 from ..files import atomic_path, json_checksum, write_text_atomic
 from ..planning.calibrate import pipeline_identity
-from ..planning.planner import Evaluations, Target, check_calibration
+from ..planning.planner import NOT_QUALITY, Evaluations, Target, check_calibration
 from ..profiling.workload import Workload, data_parallel, from_first, gather, generate, writes
 from ..versioned import FileFormat
 
@@ -298,7 +298,7 @@ def tune(
         row = evaluations.measure(key, lambda: applier(opts), timed=timed)
         trace[key] = {
             the_knob.name: value,
-            **{k: round(v, 4) for k, v in row.items() if k not in ("key", "stamp")},
+            **{k: round(v, 4) for k, v in row.items() if k not in NOT_QUALITY or k == "speedup"},
         }
         return row
 
@@ -410,7 +410,7 @@ def tune(
                 "guidance_scale": guidance_scale,
                 "batch_size": batch_size,
             },
-            "quality": {k: round(v, 4) for k, v in final.items() if k not in ("key", "stamp", "speedup")},
+            "quality": {k: round(v, 4) for k, v in final.items() if k not in NOT_QUALITY},
             "measured_speedup": round(speed, 3) if speed is not None else None,
             "evaluations": len(trace),
             "trace": list(trace.values()),

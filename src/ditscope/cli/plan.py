@@ -48,7 +48,7 @@ def plan(
         int | None,
         typer.Option(
             help="calibration prompts drawn for zoo models, or the first N of "
-            "--prompts [default: 8; a file: up to 8]"
+            "--prompts [default: the zoo model's (8; tiny-latte: 4 videos); a file: up to 8]"
         ),
     ] = None,
     prompt_seed: Annotated[
@@ -253,6 +253,8 @@ def calibration_run(
     if out.is_dir():
         raise DitscopeError(f"--out {out} is a folder; give a file name such as {out / example}")
     check_writable_dir(out.parent)
+    entry = zoo.ZOO.get(model)
+    default = entry.calibration_prompts if entry else DEFAULT_PROMPTS
     prompt_list = None
     if prompts is not None:
         prompt_list = load_prompts(prompts)
@@ -261,9 +263,8 @@ def calibration_run(
                 f"--n-prompts {n_prompts} but {prompts} holds {len(prompt_list)} prompts; ask for at "
                 f"most {len(prompt_list)} or add prompts to the file"
             )
-        prompt_list = prompt_list[: n_prompts or DEFAULT_PROMPTS]
-    n_prompts = n_prompts or DEFAULT_PROMPTS
-    entry = zoo.ZOO.get(model)
+        prompt_list = prompt_list[: n_prompts or default]
+    n_prompts = n_prompts or default
     n_steps = steps or (entry.steps if entry else 20)
     dev = pick_device(device)
     _, world, dev = (

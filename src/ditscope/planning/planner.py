@@ -37,7 +37,16 @@ from ..errors import DitscopeError
 from ..files import atomic_path
 from ..holds import hold
 from ..parallel import run_layout
-from ..profiling.workload import generate, median_seconds, writes
+from ..profiling.workload import (
+    barrier,
+    data_parallel,
+    from_first,
+    generate,
+    median_seconds,
+    share,
+    writes,
+)
+from ..runtime import synchronize
 from ..stats.intervals import mean_interval, quantile_lower_bound
 from ..stats.quality import per_sample_psnr_ssim
 from .calibrate import VERSION as CALIBRATION_VERSION
@@ -112,6 +121,14 @@ def check_calibration(prompts, batch_size, what: str) -> None:
         raise DitscopeError(f"{what} needs batch_size >= 1, not {batch_size!r}")
 
 
+NOT_QUALITY = (
+    "key",
+    "stamp",
+    "speedup",
+    "first_batch_seconds",
+)  # an evaluation row's fields that are no quality
+
+
 class Evaluations:
     """Quality of schedules on the calibration prompts, run once each (and kept on disk to resume)."""
 
@@ -181,9 +198,26 @@ class Evaluations:
         remove function); with `timed`, also the measured speedup on the first batch."""
         if key not in self.done or (timed and "speedup" not in self.done[key]):
             remove = applied()
+            clock: list[
+                float
+            ] = []  # this rank's first batch: its start and end, the ranks in step as `timed` has them
+
+            def tick(*_):
+                if len(clock) < 2:
+                    barrier()
+                    synchronize()
+                    clock.append(time.perf_counter())
+
             try:
                 images = generate(
-                    self.pipe, self.prompts, self.steps, self.seed, self.batch_size, self.guidance_scale
+                    self.pipe,
+                    self.prompts,
+                    self.steps,
+                    self.seed,
+                    self.batch_size,
+                    self.guidance_scale,
+                    before_batch=tick,
+                    after_batch=tick,
                 )
                 seconds = self.seconds_per_run() if timed else None
             finally:
@@ -199,6 +233,8 @@ class Evaluations:
                 "psnr_p5_lo": quantile_lower_bound(psnr),
                 "ssim": statistics.fmean(ssim),
                 "ssim_lo": mean_interval(ssim)[1],
+                # one timed pass of the first batch, which the planner's finalists are compared by (no extra runs)
+                "first_batch_seconds": from_first(clock[1] - clock[0]),
             }
             if timed:
                 row["speedup"] = self.plain_seconds() / seconds
@@ -306,7 +342,10 @@ def plan(
         say(
             f"calibration: ran in batches of {cal_batch}, as {batch_size} prompts' kept outputs would not fit in memory"
         )
-    first = prompts[:cal_batch]
+    # each rank's share of these is one batch of the size its first calibration batch had, and its checks' first
+    world = data_parallel(pipe)[1]
+    first = prompts[: cal_batch * world]
+    own = len(share(len(prompts), 0, world))  # the first rank's prompts, whose timings every rank takes
 
     def plain_run():
         return generate(pipe, first, num_inference_steps, seed, cal_batch, guidance_scale)
@@ -418,12 +457,18 @@ def plan(
             pipe, schedule, first, num_inference_steps, seed, batch_size, guidance_scale, layout
         )
 
-    # the finalists are timed in interleaved rounds with the plain model, not each on its own: a machine whose
-    # speed drifts moves plain and cached runs alike. Every one already ran in the evaluations, so no warm-up pass.
+    # every finalist ran its first batch once in its check, timed there against the plain pass timed above on the
+    # same batch: no run of its own (on tiny-latte the finalists' timing rounds took 40% of the planning). Rows
+    # read from an older work folder, or checks batched unlike the plain pass (a calibration that ran in smaller
+    # batches), are timed in interleaved rounds with the plain model instead. Every one already ran, so no warm-up.
     timed: dict[int, float] = {}
 
     def speedups_of(schedules: list) -> list[float]:
-        speedups = _speedups(plain_run, [runner(s) for s in schedules])
+        rows = [evaluate(s) for s in schedules]
+        if min(cal_batch, own) == min(batch_size, own) and all("first_batch_seconds" in r for r in rows):
+            speedups = [plain_seconds / r["first_batch_seconds"] for r in rows]
+        else:
+            speedups = _speedups(plain_run, [runner(s) for s in schedules])
         timed.update({id(s): x for s, x in zip(schedules, speedups)})
         return speedups
 
@@ -461,9 +506,11 @@ def plan(
             "guidance_scale": guidance_scale,
             "batch_size": batch_size,
         },
-        "quality": {k: round(v, 4) for k, v in quality.items() if k not in ("key", "stamp")},
+        "quality": {k: round(v, 4) for k, v in quality.items() if k not in NOT_QUALITY},
         "predicted_speedup": round(predicted(chosen), 3),
         "measured_speedup": round(measured_speedup, 3),
+        # the uncached first batch's seconds (the first rank's), which the measured speedups are taken against
+        "plain_seconds": float(f"{plain_seconds:.6g}"),
         "computed_fraction": round(chosen.fraction("C"), 4),
         "evaluations": len(evaluate.done),
         "checks": _checks(cal, evaluate),
@@ -633,7 +680,7 @@ def scan_prices(grid: list, make, predicted, holds, label: str, say) -> list[tup
 
 
 TIMING_TIE = (
-    0.05  # finalists' measured speedups this close (relative) count as equal: within two timing rounds' noise
+    0.05  # finalists' measured speedups this close (relative) count as equal: within one timed pass's noise
 )
 
 

@@ -20,6 +20,7 @@ class ZooEntry:
     steps: int
     guidance_scale: float | None
     call_kwargs: dict = field(default_factory=dict)
+    calibration_prompts: int = 8  # what `plan` and `tune` fit on when --n-prompts is not given
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -65,6 +66,7 @@ ZOO: dict[str, ZooEntry] = {
         description="LatteTransformer3DModel trained here on moving shapes from tiny-pixart's weights (8 spatial + 8 temporal blocks, 8 frames)",
         steps=20,
         guidance_scale=4.5,
+        calibration_prompts=4,  # a video is 8 frames' work: 4 keep a plan within minutes on 2 cores
     ),
     "random-pixart": ZooEntry(
         build=lambda dtype: builtin.random_pixart(dtype=dtype),
