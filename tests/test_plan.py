@@ -1259,10 +1259,10 @@ def test_finalists_are_timed_by_their_checks_or_in_rounds_when_the_checks_were_n
     assert rounds == [len(again.meta["finalists"])] and again.meta["measured_speedup"] == 2.0
 
 
-@pytest.mark.parametrize("model", ["tiny-latte", "tiny-dit"])
-def test_plan_and_tune_fit_on_the_zoo_models_own_count_of_calibration_prompts(model, tmp_path):
-    """Without --n-prompts the zoo's row says how many prompts to draw: 4 videos for tiny-latte, 8 images
-    otherwise; --n-prompts still decides when given."""
+@pytest.mark.parametrize("model, count", [("tiny-latte", 8), ("tiny-dit", 24)])
+def test_plan_and_tune_fit_on_the_zoo_models_own_count_of_calibration_prompts(model, count, tmp_path):
+    """Without --n-prompts the zoo's row says how many prompts to draw: 8 videos for tiny-latte, 24 images for
+    the image models; --n-prompts still decides when given."""
     from ditscope.cli.plan import calibration_run
 
     def drawn(n_prompts):
@@ -1281,5 +1281,33 @@ def test_plan_and_tune_fit_on_the_zoo_models_own_count_of_calibration_prompts(mo
         )
         return len(prompts)
 
-    assert drawn(None) == zoo.ZOO[model].calibration_prompts == (4 if model == "tiny-latte" else 8)
+    assert drawn(None) == zoo.ZOO[model].calibration_prompts == count
     assert drawn(3) == 3
+
+
+def test_a_plan_whose_calibration_ran_in_smaller_batches_checks_and_times_in_those_batches(pipe, monkeypatch):
+    """A calibration that had to run in batches of one (no memory to spare) makes every later pass of the
+    planning run in batches of one too: the checks, and the plain pass they are timed against, so that the
+    finalists need no timing rounds of their own."""
+    from ditscope.planning import planner
+
+    monkeypatch.setattr(calibration_module, "free_memory", lambda device: 1.0)
+
+    def no_rounds(plain, runs, rounds=2):
+        raise AssertionError("timing rounds ran although every finalist's check was timed")
+
+    monkeypatch.setattr(planner, "_speedups", no_rounds)
+    sizes = []
+    call = type(pipe).__call__
+
+    def counting(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        sizes.append(len(out.images))
+        return out
+
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    with torch.inference_mode():
+        plan = ditscope.plan(pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, cost="time", max_checks=3)
+    assert plan.meta["calibration"]["calibration_batch"] == 1
+    assert plan.meta["calibration"]["batch_size"] == 2
+    assert sizes and set(sizes) == {1}

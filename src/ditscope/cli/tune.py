@@ -49,7 +49,7 @@ def tune(
         int | None,
         typer.Option(
             help="calibration prompts drawn for zoo models, or the first N of "
-            "--prompts [default: the zoo model's (8; tiny-latte: 4 videos); a file: up to 8]"
+            "--prompts [default: the zoo model's (24 images; tiny-latte: 8 videos); a file: up to 8]"
         ),
     ] = None,
     prompt_seed: Annotated[

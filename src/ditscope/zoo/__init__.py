@@ -48,25 +48,28 @@ ZOO: dict[str, ZooEntry] = {
         description="PixArtTransformer2DModel trained here on shapes captions (8 blocks, 256 tokens, T5 text encoder)",
         steps=20,
         guidance_scale=4.5,
+        calibration_prompts=24,  # 8 missed the hard prompts a plan then fails on (benchmarks/RESULTS.md)
     ),
     "tiny-dit": ZooEntry(
         build=_trained("tiny-dit"),
         description="DiTTransformer2DModel, class-conditional (shape x colour), trained here (8 blocks, 256 tokens)",
         steps=50,
         guidance_scale=1.5,  # DiT-XL/2's own setting; 4.0 oversaturates into fragments (lower colour accuracy)
+        calibration_prompts=24,  # 8 missed the hard prompts a plan then fails on (benchmarks/RESULTS.md)
     ),
     "tiny-mmdit": ZooEntry(
         build=_trained("tiny-mmdit"),
         description="SD3Transformer2DModel (joint attention) trained here with rectified flow (8 blocks, 256 tokens)",
         steps=28,
         guidance_scale=4.5,
+        calibration_prompts=24,  # 8 missed the hard prompts a plan then fails on (benchmarks/RESULTS.md)
     ),
     "tiny-latte": ZooEntry(
         build=_trained("tiny-latte"),
         description="LatteTransformer3DModel trained here on moving shapes from tiny-pixart's weights (8 spatial + 8 temporal blocks, 8 frames)",
         steps=20,
         guidance_scale=4.5,
-        calibration_prompts=4,  # a video is 8 frames' work: 4 keep a plan within minutes on 2 cores
+        calibration_prompts=8,  # 8 videos: 4 missed the hard ones a plan then fails on (benchmarks/RESULTS.md)
     ),
     "random-pixart": ZooEntry(
         build=lambda dtype: builtin.random_pixart(dtype=dtype),
