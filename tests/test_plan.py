@@ -1224,7 +1224,15 @@ def test_finalists_are_timed_by_their_checks_or_in_rounds_when_the_checks_were_n
     monkeypatch.setattr(planner, "_speedups", no_rounds)
     with torch.inference_mode():
         plan = ditscope.plan(
-            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, cost="time", max_checks=4, work_dir=tmp_path
+            pipe,
+            PROMPTS,
+            "psnr=28",
+            STEPS,
+            batch_size=2,
+            cost="time",
+            assurance="mean",
+            max_checks=6,
+            work_dir=tmp_path,
         )
     rows = {}
     for line in (tmp_path / "evaluations.jsonl").read_text().splitlines():
@@ -1254,7 +1262,15 @@ def test_finalists_are_timed_by_their_checks_or_in_rounds_when_the_checks_were_n
     monkeypatch.setattr(planner, "_speedups", recorded)
     with torch.inference_mode():
         again = ditscope.plan(
-            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, cost="time", max_checks=4, work_dir=tmp_path
+            pipe,
+            PROMPTS,
+            "psnr=28",
+            STEPS,
+            batch_size=2,
+            cost="time",
+            assurance="mean",
+            max_checks=6,
+            work_dir=tmp_path,
         )
     assert rounds == [len(again.meta["finalists"])] and again.meta["measured_speedup"] == 2.0
 
@@ -1307,7 +1323,9 @@ def test_a_plan_whose_calibration_ran_in_smaller_batches_checks_and_times_in_tho
 
     monkeypatch.setattr(type(pipe), "__call__", counting)
     with torch.inference_mode():
-        plan = ditscope.plan(pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, cost="time", max_checks=3)
+        plan = ditscope.plan(
+            pipe, PROMPTS, "psnr=28", STEPS, batch_size=2, cost="time", assurance="mean", max_checks=6
+        )
     assert plan.meta["calibration"]["calibration_batch"] == 1
     assert plan.meta["calibration"]["batch_size"] == 2
     assert sizes and set(sizes) == {1}
