@@ -1184,6 +1184,10 @@ def test_the_memory_a_calibration_may_keep_is_the_machines_available_memory_shar
     assert free_memory("cpu") == pytest.approx(available() / 2, rel=0.02)
 
 
+def _no_timing_rounds(plain, runs, rounds=2):
+    raise AssertionError("timing rounds ran although every finalist's check was timed")
+
+
 def test_a_check_times_its_first_batch_alone(pipe, monkeypatch):
     """An end-to-end check records the seconds of its first batch (2 of 3 prompts here), on a clock that the
     pipeline advances by 10 per image it makes: 20, not the 30 of the whole run."""
@@ -1218,26 +1222,26 @@ def test_finalists_are_timed_by_their_checks_or_in_rounds_when_the_checks_were_n
     rounds instead."""
     from ditscope.planning import planner
 
-    def no_rounds(plain, runs, rounds=2):
-        raise AssertionError("timing rounds ran although every finalist's check was timed")
+    monkeypatch.setattr(planner, "_speedups", _no_timing_rounds)
 
-    monkeypatch.setattr(planner, "_speedups", no_rounds)
-    with torch.inference_mode():
-        plan = ditscope.plan(
-            pipe,
-            PROMPTS,
-            "psnr=28",
-            STEPS,
-            batch_size=2,
-            cost="time",
-            assurance="mean",
-            max_checks=6,
-            work_dir=tmp_path,
-        )
-    rows = {}
-    for line in (tmp_path / "evaluations.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["key"]] = row
+    def planned():
+        with torch.inference_mode():
+            return ditscope.plan(
+                pipe,
+                PROMPTS,
+                "psnr=28",
+                STEPS,
+                batch_size=2,
+                cost="time",
+                assurance="mean",
+                max_checks=6,
+                work_dir=tmp_path,
+            )
+
+    plan = planned()
+    saved = tmp_path / "evaluations.jsonl"
+    lines = [json.loads(line) for line in saved.read_text().splitlines()]
+    rows = {row["key"]: row for row in lines}
     plain = plan.meta["plain_seconds"]
     kept = rows[planner.Evaluations.key(plan)]
     # recorded rounded to 3 decimals, the plain seconds to 6 digits
@@ -1249,8 +1253,7 @@ def test_finalists_are_timed_by_their_checks_or_in_rounds_when_the_checks_were_n
             for r in checks
         ), finalist
     # the same plan from a work folder whose rows kept no timing: the finalists are timed in rounds
-    lines = [json.loads(line) for line in (tmp_path / "evaluations.jsonl").read_text().splitlines()]
-    (tmp_path / "evaluations.jsonl").write_text(
+    saved.write_text(
         "".join(json.dumps({k: v for k, v in r.items() if k != "first_batch_seconds"}) + "\n" for r in lines)
     )
     rounds = []
@@ -1260,18 +1263,7 @@ def test_finalists_are_timed_by_their_checks_or_in_rounds_when_the_checks_were_n
         return [2.0] * len(runs)
 
     monkeypatch.setattr(planner, "_speedups", recorded)
-    with torch.inference_mode():
-        again = ditscope.plan(
-            pipe,
-            PROMPTS,
-            "psnr=28",
-            STEPS,
-            batch_size=2,
-            cost="time",
-            assurance="mean",
-            max_checks=6,
-            work_dir=tmp_path,
-        )
+    again = planned()
     assert rounds == [len(again.meta["finalists"])] and again.meta["measured_speedup"] == 2.0
 
 
@@ -1309,10 +1301,7 @@ def test_a_plan_whose_calibration_ran_in_smaller_batches_checks_and_times_in_tho
 
     monkeypatch.setattr(calibration_module, "free_memory", lambda device: 1.0)
 
-    def no_rounds(plain, runs, rounds=2):
-        raise AssertionError("timing rounds ran although every finalist's check was timed")
-
-    monkeypatch.setattr(planner, "_speedups", no_rounds)
+    monkeypatch.setattr(planner, "_speedups", _no_timing_rounds)
     sizes = []
     call = type(pipe).__call__
 

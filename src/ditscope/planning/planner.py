@@ -120,12 +120,8 @@ def check_calibration(prompts, batch_size, what: str) -> None:
         raise DitscopeError(f"{what} needs batch_size >= 1, not {batch_size!r}")
 
 
-NOT_QUALITY = (
-    "key",
-    "stamp",
-    "speedup",
-    "first_batch_seconds",
-)  # an evaluation row's fields that are no quality
+# an evaluation row's fields that are not a quality
+NOT_QUALITY = ("key", "stamp", "speedup", "first_batch_seconds")
 
 
 class Evaluations:
@@ -197,9 +193,8 @@ class Evaluations:
         remove function); with `timed`, also the measured speedup on the first batch."""
         if key not in self.done or (timed and "speedup" not in self.done[key]):
             remove = applied()
-            clock: list[
-                float
-            ] = []  # this rank's first batch: its start and end, the ranks in step as `timed` has them
+            # this rank's first batch: its start and end, the ranks in step as `timed` has them
+            clock: list[float] = []
 
             def tick(*_):
                 if len(clock) < 2:
@@ -342,7 +337,7 @@ def plan(
             f"calibration: ran in batches of {cal_batch}, as {batch_size} prompts' kept outputs would not fit in "
             "memory; the checks run in those batches too"
         )
-    # each rank's share of these is one batch of the size its first calibration batch had, and its checks' first
+    # each rank's share of these is one batch, of the size of its first calibration batch and its checks' first
     world = data_parallel(pipe)[1]
     first = prompts[: cal_batch * world]
 
@@ -458,8 +453,8 @@ def plan(
 
     # every finalist ran its first batch once in its check, timed there against the plain pass timed above on the
     # same batch: no run of its own (on tiny-latte the finalists' timing rounds took 40% of the planning). Rows
-    # read from an older work folder, or checks batched unlike the plain pass (a calibration that ran in smaller
-    # batches), are timed in interleaved rounds with the plain model instead. Every one already ran, so no warm-up.
+    # read from an older work folder, which kept no timing, are timed in interleaved rounds with the plain model
+    # instead. Every one already ran, so no warm-up.
     timed: dict[int, float] = {}
 
     def speedups_of(schedules: list) -> list[float]:
