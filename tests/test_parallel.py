@@ -101,7 +101,8 @@ def test_a_compiled_transformer_is_cached_like_the_eager_one(name, how):
 
 def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkeypatch):
     """`torchrun --nproc-per-node 2 -m ditscope plan` shares the calibration prompts over the ranks (each a share,
-    the images gathered) and writes the plan one process writes, with the layout it was made in."""
+    the images gathered) and writes the plan one process writes, with the layout it was made in; its checks
+    run on the same hardest prompts, shared over the ranks too."""
     from typer.testing import CliRunner
 
     from ditscope.cli.main import app
@@ -120,6 +121,8 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
         "flops",
         "--iterations",
         "3",
+        "--check-prompts",
+        "2",
     ]
     one = CliRunner().invoke(app, [*args, "--out", "one.plan.json"])
     assert one.exit_code == 0, one.output
@@ -127,6 +130,8 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     a, b = (json.loads(Path(f).read_text()) for f in ("one.plan.json", "two.plan.json"))
     assert a["rows"] == b["rows"] and a["meta"]["predicted_speedup"] > 1.2  # a plan that saves work
+    assert len(a["meta"]["calibration"]["check_prompts"]) == 2
+    assert a["meta"]["calibration"]["check_prompts"] == b["meta"]["calibration"]["check_prompts"]
     assert a["meta"]["layout"]["world_size"] == 1 and b["meta"]["layout"]["world_size"] == 2
     for key in ("psnr", "ssim"):
         assert abs(a["meta"]["quality"][key] - b["meta"]["quality"][key]) < 1e-3

@@ -1318,3 +1318,108 @@ def test_a_plan_whose_calibration_ran_in_smaller_batches_checks_and_times_in_tho
     assert plan.meta["calibration"]["calibration_batch"] == 1
     assert plan.meta["calibration"]["batch_size"] == 2
     assert sizes and set(sizes) == {1}
+
+
+def test_generating_some_prompts_makes_the_samples_a_run_of_every_prompt_makes(pipe):
+    """`generate(items=...)` runs only those prompts, each with its own seed: the same samples as the run of
+    every prompt at those indices (within float noise: the batches differ)."""
+    from ditscope.profiling.workload import generate
+
+    prompts = [*PROMPTS, "a green triangle", "a yellow star"]
+    with torch.inference_mode():
+        every = generate(pipe, prompts, STEPS, seed=5, batch_size=1)
+        some = generate(pipe, prompts, STEPS, seed=5, batch_size=2, items=[3, 1])
+    assert some.shape[0] == 2
+    torch.testing.assert_close(some[0], every[3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(some[1], every[1], atol=1e-5, rtol=0)
+
+
+def test_checks_after_the_first_run_on_the_prompts_it_found_hardest_recomputed_by_hand(
+    pipe, tmp_path, monkeypatch
+):
+    """With `check_prompts` the first check runs on every calibration prompt and the later ones on the ones it
+    found hardest: the plan records which, every check's statistics are over them, and the plan's quality is
+    the mean PSNR over them of its images against the uncached ones, computed here image by image from the
+    pixels. A rerun resumes the narrowing from the work folder."""
+    from ditscope.planning import planner
+    from ditscope.profiling.workload import generate
+
+    prompts = [*PROMPTS, "a green triangle", "a small yellow star"]
+    calls = []
+    call = type(pipe).__call__
+
+    def counting(self, prompt, *args, **kwargs):
+        calls.append(list(prompt))
+        return call(self, prompt, *args, **kwargs)
+
+    def planned():
+        with torch.inference_mode():
+            return ditscope.plan(
+                pipe,
+                prompts,
+                "psnr=28",
+                STEPS,
+                batch_size=4,
+                assurance="mean",
+                max_checks=4,
+                check_prompts=2,
+                work_dir=tmp_path,
+            )
+
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    monkeypatch.setattr(planner, "_speedups", _no_timing_rounds)
+    plan = planned()
+    monkeypatch.setattr(type(pipe), "__call__", call)
+    rows = [json.loads(line) for line in (tmp_path / "evaluations.jsonl").read_text().splitlines()]
+    first, later = rows[0], rows[1:]
+    assert first["ran_on"] is None and len(first["psnr_each"]) == 4 and later
+    # the two of lowest PSNR in the first check, by a plain scan
+    lowest = []
+    for _ in range(2):
+        best = None
+        for i, v in enumerate(first["psnr_each"]):
+            if i not in lowest and (best is None or v < first["psnr_each"][best]):
+                best = i
+        lowest.append(best)
+    checked = plan.meta["calibration"]["check_prompts"]
+    assert checked == sorted(lowest)
+    # calls: the calibration and the plain timing pass, the first check on all four, then only the two
+    assert calls[2] == prompts and all(c == [prompts[i] for i in checked] for c in calls[3:])
+    assert first["psnr"] == pytest.approx(sum(first["psnr_each"][i] for i in checked) / 2, abs=1e-4)
+    for row in later:
+        assert row["ran_on"] == checked and row["psnr"] == pytest.approx(sum(row["psnr_each"]) / 2, abs=1e-4)
+    with torch.inference_mode():
+        plain = generate(pipe, prompts, STEPS, batch_size=4)
+        with ditscope.apply(pipe, ditscope.PlanConfig(plan)):
+            cached = generate(pipe, prompts, STEPS, batch_size=4)
+    psnrs = []
+    for i in checked:
+        squared = 0.0
+        a, b = plain[i].double(), cached[i].double()
+        for c in range(a.shape[0]):
+            squared += float(((a[c] - b[c]) ** 2).sum())
+        psnrs.append(10 * np.log10(1.0 / (squared / a.numel())))
+    assert plan.meta["quality"]["psnr"] == pytest.approx(sum(psnrs) / len(psnrs), abs=0.05)
+    # the same run again: every check is read from the work folder, narrowed as before, and nothing runs
+    # but the plain timing pass
+    calls.clear()
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    again = planned()
+    assert again.rows == plan.rows and again.meta["calibration"]["check_prompts"] == checked
+    assert all(c == prompts[: len(c)] for c in calls)
+
+
+def test_the_zoo_decides_how_many_prompts_the_checks_run_on_unless_told(tmp_path):
+    """tiny-latte checks on the 4 hardest of its 8 videos; fewer calibration prompts than that, or a model
+    without a count, check on every one; a count given is used, and one outside 1..N is refused."""
+    from ditscope.cli.plan import checks_on
+
+    assert zoo.ZOO["tiny-latte"].check_prompts == 4
+    assert checks_on("tiny-latte", None, 8) == 4
+    assert checks_on("tiny-latte", None, 4) is None
+    assert checks_on("tiny-pixart", None, 24) is None
+    assert checks_on("tiny-pixart", 6, 24) == 6
+    with pytest.raises(DitscopeError, match="--check-prompts 9 must be between 1 and the 8"):
+        checks_on("tiny-latte", 9, 8)
+    with pytest.raises(DitscopeError, match="check_prompts must be between 1 and the 2"):
+        ditscope.plan(zoo.load("tiny-pixart"), PROMPTS, "psnr=30", STEPS, check_prompts=3)

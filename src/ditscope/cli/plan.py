@@ -99,6 +99,13 @@ def plan(
             "prompts); fewer plan faster, with less choice"
         ),
     ] = 10,
+    check_prompts: Annotated[
+        int | None,
+        typer.Option(
+            help="quality targets: the first check runs on every calibration prompt, the others on the N it "
+            "found hardest (lowest PSNR) [default: every one; tiny-latte: 4 of its 8 videos]"
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -139,6 +146,7 @@ def plan(
     pipe, prompt_list, n_steps, guidance = calibration_run(
         model, out, "model.plan.json", prompts, n_prompts, prompt_seed, steps, guidance_scale, device, dtype
     )
+    check_prompts = checks_on(model, check_prompts, len(prompt_list))
     made = missing_folders(out.parent)  # removed again if the run is refused
     work = out.parent / f".{out.name}.work"  # calibration and evaluations: a rerun resumes from them
     from rich.console import Console
@@ -162,6 +170,7 @@ def plan(
                 cost=cost,
                 iterations=iterations,
                 max_checks=max_checks,
+                check_prompts=check_prompts,
                 work_dir=work,
                 progress=lambda text: status.update(f"planning: {text}"),
                 log=console.print if first else None,
@@ -192,6 +201,22 @@ def plan(
 
     for key, value in summary_rows(result):
         print(f"  {key:24s} {value}")
+
+
+def checks_on(model: str, check_prompts: int | None, n_prompts: int) -> int | None:
+    """How many calibration prompts the checks run on: the given count (at most `n_prompts`), else the zoo
+    row's where there are more prompts than that, else every one (None)."""
+    from .. import zoo
+
+    if check_prompts is not None:
+        if not 1 <= check_prompts <= n_prompts:  # the ranks have joined: each says so (errors.EveryRankError)
+            raise EveryRankError(
+                f"--check-prompts {check_prompts} must be between 1 and the {n_prompts} calibration prompts"
+            )
+        return check_prompts
+    entry = zoo.ZOO.get(model)
+    default = entry.check_prompts if entry else None
+    return default if default is not None and default < n_prompts else None
 
 
 def kept_work(work: Path) -> str:

@@ -121,7 +121,7 @@ def check_calibration(prompts, batch_size, what: str) -> None:
 
 
 # an evaluation row's fields that are not a quality
-NOT_QUALITY = ("key", "stamp", "speedup", "first_batch_seconds")
+NOT_QUALITY = ("key", "stamp", "speedup", "first_batch_seconds", "ran_on", "psnr_each")
 
 
 class Evaluations:
@@ -138,8 +138,14 @@ class Evaluations:
         reference,
         path: Path | None,
         layout=None,
+        narrow_to: int | None = None,
     ):
+        """`reference`: the uncached images of every prompt. `narrow_to`: the first check runs on every prompt,
+        the later ones only on the `narrow_to` prompts it found hardest (lowest PSNR), and every check's
+        statistics are over those (default: every check on every prompt)."""
         self.pipe, self.prompts, self.steps, self.seed, self.layout = pipe, prompts, steps, seed, layout
+        self.narrow_to = narrow_to if narrow_to is not None and narrow_to < len(prompts) else None
+        self.items: list[int] | None = None  # the prompts the checks run on (None: every one)
         self.batch_size, self.guidance_scale, self.reference, self.path = (
             batch_size,
             guidance_scale,
@@ -161,6 +167,7 @@ class Evaluations:
                 "guidance_scale": guidance_scale,
                 "layout": repr(layout),
             }
+            | ({"narrow_to": self.narrow_to} if self.narrow_to is not None else {})
         )
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -170,7 +177,9 @@ class Evaluations:
                         "psnr_p5_lo" in row and row.get("stamp") == self.stamp
                     ):  # another run's rows: not this one's
                         self.done[row["key"]] = row
-                except (json.JSONDecodeError, KeyError, AttributeError):
+                        if self.narrow_to is not None and self.items is None:  # the first check's row
+                            self.items = self._hardest(row["psnr_each"])
+                except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
                     continue
         self.runs = 0
         self.checked: dict[str, Schedule] = {}  # the schedules asked for, by key
@@ -202,24 +211,27 @@ class Evaluations:
                     synchronize()
                     clock.append(time.perf_counter())
 
+            ran_on = self.items
             try:
-                images = generate(
-                    self.pipe,
-                    self.prompts,
-                    self.steps,
-                    self.seed,
-                    self.batch_size,
-                    self.guidance_scale,
-                    before_batch=tick,
-                    after_batch=tick,
-                )
+                images = self._generate(ran_on, before_batch=tick, after_batch=tick)
                 seconds = self.seconds_per_run() if timed else None
             finally:
                 remove()
-            psnr, ssim = per_sample_psnr_ssim(images, self.reference)
+            reference = self.reference if ran_on is None else self.reference[ran_on]
+            psnr_each, ssim_each = per_sample_psnr_ssim(images, reference)
+            kept_each = [
+                float(f"{v:.6g}") for v in psnr_each
+            ]  # as the row keeps them: a resumed run narrows alike
+            if self.narrow_to is not None and ran_on is None:
+                self.items = self._hardest(kept_each)
+            # the statistics are over the prompts the checks run on, this one's too when it ran on every prompt
+            where = range(len(psnr_each)) if ran_on is not None or self.items is None else self.items
+            psnr, ssim = [psnr_each[i] for i in where], [ssim_each[i] for i in where]
             row = {
                 "key": key,
                 "stamp": self.stamp,
+                "ran_on": ran_on,  # the prompts of psnr_each (None: every one)
+                "psnr_each": kept_each,
                 "psnr": statistics.fmean(psnr),
                 "psnr_lo": mean_interval(psnr)[1],
                 "psnr_min": min(psnr),
@@ -241,11 +253,27 @@ class Evaluations:
                     hold("evaluation saved")
         return self.done[key]
 
+    def _hardest(self, psnr_each: list[float]) -> list[int]:
+        """The `narrow_to` prompts of lowest PSNR (ties: the lower index), in index order."""
+        order = sorted(range(len(psnr_each)), key=lambda i: (psnr_each[i], i))
+        return sorted(order[: self.narrow_to])
+
     def seconds_per_run(self) -> float:
         """Median seconds of the first batch of prompts, as the pipeline stands now."""
-        first = self.prompts[: self.batch_size]
-        return median_seconds(
-            lambda: generate(self.pipe, first, self.steps, self.seed, self.batch_size, self.guidance_scale)
+        first = list(range(len(self.prompts)) if self.items is None else self.items)[: self.batch_size]
+        return median_seconds(lambda: self._generate(first))
+
+    def _generate(self, items, **callbacks):
+        """The images of the calibration prompts `items` (None: every one) as the pipeline stands now."""
+        return generate(
+            self.pipe,
+            self.prompts,
+            self.steps,
+            self.seed,
+            self.batch_size,
+            self.guidance_scale,
+            items=items,
+            **callbacks,
         )
 
     def plain_seconds(self) -> float:
@@ -273,6 +301,7 @@ def plan(
     log=None,
     layout=None,
     predictors: str = PREDICTORS,
+    check_prompts: int | None = None,
 ) -> Schedule:
     """Plan the cache of `pipe` from its measured redundancy on `prompts` so that `target` holds.
 
@@ -290,6 +319,9 @@ def plan(
     L fitted; cache/predictors.py), chosen per module and step by the search; R is always allowed.
     `max_checks`: quality targets check at most this many candidate plans end to end (each one run of the
     calibration prompts); `iterations`: speed targets scan this many prices per search line.
+    `check_prompts`: the first check runs on every calibration prompt, the later ones only on the
+    `check_prompts` it found hardest (lowest PSNR; default: every check on every prompt), and every check's
+    quality, the plan's too, is over those.
     """
     goal = Target.parse(target)
     if cost not in ("time", "flops", "uniform"):
@@ -314,6 +346,19 @@ def plan(
     if not isinstance(max_checks, int) or isinstance(max_checks, bool) or max_checks < 1:
         raise DitscopeError(
             f"planning needs max_checks >= 1 (end-to-end checks per plan), not {max_checks!r}"
+        )
+    if check_prompts is not None and (
+        not isinstance(check_prompts, int)
+        or isinstance(check_prompts, bool)
+        or not 1 <= check_prompts <= len(prompts)
+    ):
+        raise DitscopeError(
+            f"check_prompts must be between 1 and the {len(prompts)} calibration prompts, not {check_prompts!r}"
+        )
+    ranks = data_parallel(pipe)[1]
+    if check_prompts is not None and check_prompts < min(len(prompts), ranks):
+        raise DitscopeError(
+            f"{ranks} ranks share the checks' {check_prompts} prompts: give at least one per rank"
         )
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"planning needs num_inference_steps >= 2, not {num_inference_steps!r}")
@@ -362,7 +407,10 @@ def plan(
         reference,
         work / "evaluations.jsonl" if work else None,
         layout,
+        check_prompts,
     )
+    if check_prompts is not None and check_prompts < len(prompts):
+        say(f"checks: the first on every prompt, the others on the {check_prompts} it found hardest")
     full_cost = costs.step * num_inference_steps
 
     def schedule_at(stack: float | None, sites: float | None, allowed: str = predictors) -> Schedule:
@@ -500,6 +548,7 @@ def plan(
             "guidance_scale": guidance_scale,
             "batch_size": batch_size,
             "calibration_batch": cal_batch,  # smaller where the kept outputs would not fit in memory
+            "check_prompts": evaluate.items,  # the prompts the checks ran on after the first (None: every one)
         },
         "quality": {k: round(v, 4) for k, v in quality.items() if k not in NOT_QUALITY},
         "predicted_speedup": round(predicted(chosen), 3),

@@ -84,18 +84,34 @@ PREDICTORS = "".join(TARGETS.values())  # every serving action the search may ch
 
 def error_tables(cal: Profile, metric: str = "inject") -> dict[str, dict[str, np.ndarray]]:
     """unit -> {action: (T, K+1)}: the mean error of serving step t from step t-k with the action's predictor
-    (R, F, T, L), inf where not measured."""
+    (R, F, T, L), inf where not measured. Read-only, and built once per calibration: a plan compiles a
+    hundred schedules or more from the same tables."""
+    memo = cal.__dict__.setdefault("_error_tables", {})
+    key = (metric, id(cal.stats.mean))  # a profile whose statistics were replaced gets new tables
+    if key not in memo:
+        memo.clear()
+        memo[key] = _error_tables(cal, metric)
+    return memo[key]
+
+
+def _error_tables(cal: Profile, metric: str) -> dict[str, dict[str, np.ndarray]]:
     T = cal.n_steps
     m = cal.metrics.index(metric)
     lags = {t: int(t.partition("@")[2]) for t in cal.options("target")}
     K = max(lags.values())
     out: dict[str, dict[str, np.ndarray]] = {}
+    steps = np.arange(1, T)  # a profile has no column for step 0 (artifact.profile_column)
+    columns = profile_column(steps)
     for ki, (layer, target, _, _) in enumerate(cal.keys):
         kind, k = TARGETS[target.partition("@")[0]], lags[target]
-        table = out.setdefault(cal.layer_names[layer], {}).setdefault(kind, np.full((T, K + 1), np.inf))
+        tables = out.setdefault(cal.layer_names[layer], {})
+        if kind not in tables:
+            tables[kind] = np.full((T, K + 1), np.inf)
         col = cal.stats.mean[ki, :, m]
-        steps = np.arange(1, T)  # a profile has no column for step 0 (artifact.profile_column)
-        table[steps, k] = np.where(np.isfinite(col), col, np.inf)[profile_column(steps)]
+        tables[kind][steps, k] = np.where(np.isfinite(col), col, np.inf)[columns]
+    for tables in out.values():
+        for table in tables.values():
+            table.flags.writeable = False
     return out
 
 

@@ -42,14 +42,21 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
             rows.append((key.replace("_", " "), str(m[key])))
     if "model" in m:
         rows.append(("model", f"{m['model'].get('class')} (config {m['model'].get('config_hash')})"))
+    checked = (m.get("calibration") or {}).get("check_prompts")
     if "quality" in m:
-        rows.append(("calibration quality", ", ".join(f"{k} {v}" for k, v in m["quality"].items())))
+        on = f"on the {len(checked)} checked prompts: " if checked else ""
+        rows.append(("calibration quality", on + ", ".join(f"{k} {v}" for k, v in m["quality"].items())))
     if "calibration" in m:
         c = m["calibration"]
         rows.append(
             (
                 "calibration prompts",
-                f"{c.get('n_prompts')} (hash {c.get('prompts_hash')}, seed {c.get('seed')})",
+                f"{c.get('n_prompts')} (hash {c.get('prompts_hash')}, seed {c.get('seed')})"
+                + (
+                    f"; checks on the hardest {len(checked)}: {', '.join(map(str, checked))}"
+                    if checked
+                    else ""
+                ),
             )
         )
     for f in m.get("finalists", []):  # what the kept plan was timed against (plans made since 2026-12-04)

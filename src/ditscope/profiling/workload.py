@@ -168,21 +168,28 @@ def generate(
     guidance_scale=None,
     before_batch=None,
     after_batch=None,
+    items: list[int] | None = None,
 ) -> torch.Tensor:
     """Every prompt once (generator seeded `sample_seed(seed, i)`), images (or videos) in [0, 1], shared over
-    the ranks of a torchrun launch. `before_batch(start, n)` gets the batch's place among the prompts,
-    `after_batch(done, total)` this rank's progress."""
+    the ranks of a torchrun launch. `items`: only the prompts of these indices, in this order (each with its
+    own seed, so a sample is the one a run of every prompt makes). `before_batch(start, n)` gets the batch's
+    place among the prompts, `after_batch(done, total)` this rank's progress."""
     work = Workload(list(prompts), steps, (seed,), batch_size, guidance_scale)
     rank, world = data_parallel(pipe)
-    total = len(share(len(work), rank, world))
+    chosen = range(len(work)) if items is None else list(items)
+    mine = [chosen[i] for i in share(len(chosen), rank, world)]
     done = []
-    return work.run(
+    local = work.run(
         pipe,
+        items=mine,
         before_batch=(lambda b: before_batch(b[0], len(b))) if before_batch is not None else None,
-        after_batch=(lambda b, _: (done.append(len(b)), after_batch(sum(done), total)))
+        after_batch=(lambda b, _: (done.append(len(b)), after_batch(sum(done), len(mine))))
         if after_batch
         else None,
     )
+    if world == 1:
+        return local
+    return torch.cat([part for part in gather(local, world) if part is not None])
 
 
 # --------------------------------------------------------------------------------- sharing the ranks
