@@ -26,7 +26,7 @@ from .method import CacheMethod
 from .predictors import GRAM, gram_sums
 from .schedule_data import STACK
 from .teacache import modulated_input
-from .tensors import block_inputs, block_outputs, relative_change, row_abs_diff_sums, row_abs_sums
+from .tensors import block_inputs, block_outputs, relative_change, row_abs_sums
 
 
 def _tensors(x) -> list[torch.Tensor]:
@@ -73,7 +73,6 @@ class Calibrator(CacheMethod):
         # units are timed on the first batch only: batches of other sizes would mix into the median
         self.timing = True
         self.history: dict = {}  # (call, unit) -> {step: [tensors]}
-        self.buffers: dict = {}  # scratch space for the differences only summed (tensors.row_abs_diff_sums)
         self.signal: dict = defaultdict(
             float
         )  # (prompt, step) -> the adaptive plan's live signal (see `watch`)
@@ -99,12 +98,8 @@ class Calibrator(CacheMethod):
         numel = _numel_per_row(xs, ctx.rows)
         wrong = {}  # target -> what serving the unit that way gets wrong, per tensor of xs
         for k in range(1, self.max_lag + 1):
-            if (
-                step - k in hist and k <= self.forecast_lag
-            ):  # the forecasts below start from these differences
+            if step - k in hist:
                 wrong[f"reuse@{k}"] = [x - y for x, y in zip(xs, hist[step - k])]
-            elif step - k in hist:  # only their sums are needed
-                wrong[f"reuse@{k}"] = row_abs_diff_sums(xs, hist[step - k], ctx.rows, self.buffers)
         grams = {}
         # the forecasts from computes k steps apart, k steps ahead: reuse's error less the Taylor terms each
         # predictor adds (predictors.WEIGHTS_OF; at even spacing the terms are y1 - y2 and (y1 - 2 y2 + y3) / 2)
@@ -119,11 +114,7 @@ class Calibrator(CacheMethod):
                 second = [(t - b).add_(c).mul_(0.5) for t, b, c in zip(first, y2, hist[step - 3 * k])]
                 wrong[f"taylor2@{k}"] = [e - t for e, t in zip(wrong[f"forecast@{k}"], second)]
                 grams[k] = gram_sums(r, first, second, rows=ctx.rows)
-        # every difference above is a temporary: its sums may overwrite it
-        raw = {
-            target: errs if torch.is_tensor(errs) else row_abs_sums(errs, ctx.rows, scratch=True)
-            for target, errs in wrong.items()
-        }
+        raw = {target: row_abs_sums(errs, ctx.rows) for target, errs in wrong.items()}
         if (
             ctx.sequence_group is not None
         ):  # context parallelism: each rank holds its tokens' part of every sum

@@ -85,32 +85,14 @@ def take_rows(ctx: Context, tree, rows: torch.Tensor, block_rows: int):
     return tree
 
 
-def row_abs_sums(xs: list[torch.Tensor], rows: int, group=None, scratch: bool = False) -> torch.Tensor:
+def row_abs_sums(xs: list[torch.Tensor], rows: int, group=None) -> torch.Tensor:
     """sum|x| per model row over a list of tensors whose first dim folds onto the model's rows: (rows,) float64;
-    over the whole sequence when it is split over `group` (context parallelism). `scratch`: the tensors are
-    temporaries this may overwrite (one allocation less per tensor)."""
+    over the whole sequence when it is split over `group` (context parallelism)."""
     total = torch.zeros(rows, dtype=torch.float64)
     for x in xs:
-        x = x.detach().float()
-        per = (x.abs_() if scratch else x.abs()).flatten(1).sum(1).double().cpu()
+        per = x.detach().float().abs().flatten(1).sum(1).double().cpu()
         total += per.reshape(rows, -1).sum(1)
     return agree(total, group)
-
-
-def row_abs_diff_sums(
-    xs: list[torch.Tensor], ys: list[torch.Tensor], rows: int, buffers: dict
-) -> torch.Tensor:
-    """`row_abs_sums` of the differences xs - ys, written into `buffers` (kept by the caller, one per shape)
-    instead of new tensors: the same numbers, without two allocations per tensor."""
-    total = torch.zeros(rows, dtype=torch.float64)
-    for x, y in zip(xs, ys, strict=True):
-        key = (x.shape, x.dtype, x.device)
-        if key not in buffers:
-            buffers[key] = torch.empty_like(x)
-        diff = torch.sub(x.detach(), y, out=buffers[key]).float()
-        per = diff.abs_().flatten(1).sum(1).double().cpu()
-        total += per.reshape(rows, -1).sum(1)
-    return total
 
 
 def per_sample_mean(ctx: Context, x: torch.Tensor) -> torch.Tensor:
