@@ -173,7 +173,8 @@ def generate(
     """Every prompt once (generator seeded `sample_seed(seed, i)`), images (or videos) in [0, 1], shared over
     the ranks of a torchrun launch. `items`: only the prompts of these indices, in this order (each with its
     own seed, so a sample is the one a run of every prompt makes). `before_batch(start, n)` gets the batch's
-    place among the prompts, `after_batch(done, total)` this rank's progress."""
+    place among the prompts (its first prompt's index: with `items` a batch need not be contiguous),
+    `after_batch(done, total)` this rank's progress."""
     work = Workload(list(prompts), steps, (seed,), batch_size, guidance_scale)
     rank, world = data_parallel(pipe)
     chosen = range(len(work)) if items is None else list(items)
