@@ -219,9 +219,8 @@ class Evaluations:
                 remove()
             reference = self.reference if ran_on is None else self.reference[ran_on]
             psnr_each, ssim_each = per_sample_psnr_ssim(images, reference)
-            kept_each = [
-                float(f"{v:.6g}") for v in psnr_each
-            ]  # as the row keeps them: a resumed run narrows alike
+            # as the row keeps them, so that a resumed run narrows alike
+            kept_each = [float(f"{v:.6g}") for v in psnr_each]
             if self.narrow_to is not None and ran_on is None:
                 self.items = self._hardest(kept_each)
             # the statistics are over the prompts the checks run on, this one's too when it ran on every prompt
@@ -355,10 +354,10 @@ def plan(
         raise DitscopeError(
             f"check_prompts must be between 1 and the {len(prompts)} calibration prompts, not {check_prompts!r}"
         )
-    ranks = data_parallel(pipe)[1]
-    if check_prompts is not None and check_prompts < min(len(prompts), ranks):
+    world = data_parallel(pipe)[1]  # the ranks the prompts are shared over
+    if check_prompts is not None and check_prompts < min(len(prompts), world):
         raise DitscopeError(
-            f"{ranks} ranks share the checks' {check_prompts} prompts: give at least one per rank"
+            f"{world} ranks share the checks' {check_prompts} prompts: give at least one per rank"
         )
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"planning needs num_inference_steps >= 2, not {num_inference_steps!r}")
@@ -383,7 +382,6 @@ def plan(
             "memory; the checks run in those batches too"
         )
     # each rank's share of these is one batch, of the size of its first calibration batch and its checks' first
-    world = data_parallel(pipe)[1]
     first = prompts[: cal_batch * world]
 
     def plain_run():
@@ -409,7 +407,7 @@ def plan(
         layout,
         check_prompts,
     )
-    if check_prompts is not None and check_prompts < len(prompts):
+    if evaluate.narrow_to is not None:
         say(f"checks: the first on every prompt, the others on the {check_prompts} it found hardest")
     full_cost = costs.step * num_inference_steps
 

@@ -86,12 +86,11 @@ def error_tables(cal: Profile, metric: str = "inject") -> dict[str, dict[str, np
     """unit -> {action: (T, K+1)}: the mean error of serving step t from step t-k with the action's predictor
     (R, F, T, L), inf where not measured. Read-only, and built once per calibration: a plan compiles a
     hundred schedules or more from the same tables."""
-    memo = cal.__dict__.setdefault("_error_tables", {})
-    key = (metric, id(cal.stats.mean))  # a profile whose statistics were replaced gets new tables
-    if key not in memo:
-        memo.clear()
-        memo[key] = _error_tables(cal, metric)
-    return memo[key]
+    memo = cal.__dict__.get("_error_tables")
+    # kept with the statistics they were built from: a profile whose statistics were replaced gets new tables
+    if memo is None or memo[0] is not cal.stats.mean or memo[1] != metric:
+        memo = cal.__dict__["_error_tables"] = (cal.stats.mean, metric, _error_tables(cal, metric))
+    return memo[2]
 
 
 def _error_tables(cal: Profile, metric: str) -> dict[str, dict[str, np.ndarray]]:
