@@ -494,9 +494,10 @@ def test_every_peer_names_its_system_and_package():
 
 
 @needs_tiny_pixart
-def test_cli_bench_runs_smoothcache_and_tgate(tmp_path):
+def test_cli_bench_runs_smoothcache_and_tgate(tmp_path, monkeypatch):
     """`ditscope bench --methods smoothcache,tgate` through the CLI: each a row of its own system, calibrated on
-    the calibration prompts, in the compact grid."""
+    the calibration prompts (as many as the zoo row says, when not told), in the compact grid."""
+    import dataclasses
     import json
 
     from typer.testing import CliRunner
@@ -506,6 +507,9 @@ def test_cli_bench_runs_smoothcache_and_tgate(tmp_path):
 
     pytest.importorskip("SmoothCache")
     pytest.importorskip("tgate")
+    monkeypatch.setitem(
+        zoo.ZOO, "tiny-pixart", dataclasses.replace(zoo.ZOO["tiny-pixart"], calibration_prompts=2)
+    )
     compact = load_grid("compact")
     assert compact["smoothcache"] == [PEER_GRIDS["smoothcache"][0], PEER_GRIDS["smoothcache"][-1]]
     assert compact["tgate"] == [PEER_GRIDS["tgate"][0], PEER_GRIDS["tgate"][-1]]
@@ -529,8 +533,6 @@ def test_cli_bench_runs_smoothcache_and_tgate(tmp_path):
             "0",
             "--batch-size",
             "2",
-            "--calibration-prompts",
-            "2",
             "--out",
             str(out),
         ],
@@ -545,6 +547,7 @@ def test_cli_bench_runs_smoothcache_and_tgate(tmp_path):
         "tgate",
     ):  # the grid is set for 20 steps: at STEPS its aggressive end caches
         assert min(r["psnr"] for r in rows if r["method"] == method) < 100, method
+    # SmoothCache calibrated on the zoo row's count of prompts, as plan and tune draw
     assert len(json.loads((out / "bench.json").read_text())["calibration"]) == 2
 
 

@@ -18,7 +18,7 @@ from ..runtime import (
     torch_dtype,
 )
 from .common import app, user_errors
-from .plan import seed_of_prompts
+from .plan import DEFAULT_PROMPTS, seed_of_prompts
 
 
 @app.command()
@@ -65,12 +65,12 @@ def bench(
         ),
     ] = 1,
     calibration_prompts: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="calibration prompts for the plan method (zoo: drawn; "
-            "a prompt file: the ones after --prompts)"
+            help="calibration prompts for plans, tune= settings and SmoothCache (zoo: drawn, default the "
+            "model's zoo row, as plan and tune; a prompt file: the ones after --prompts, default 8)"
         ),
-    ] = 8,
+    ] = None,
     seeds: Annotated[int, typer.Option(help="seeds per prompt")] = 2,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
@@ -111,7 +111,7 @@ def bench(
         )
     if not 1 <= max_objects <= 4:
         raise DitscopeError(f"--max-objects must be 1 to 4 (objects per 32x32 image), got {max_objects}")
-    if calibration_prompts < 1:
+    if calibration_prompts is not None and calibration_prompts < 1:
         raise DitscopeError("--calibration-prompts must be at least 1")
     if steps is not None and steps < 2:
         raise DitscopeError("--steps must be at least 2")
@@ -121,6 +121,7 @@ def bench(
         raise DitscopeError(f"--methods {methods!r} names no method; give a comma list such as toca,fora")
     grid_spec = load_grid(grid)
     entry = zoo.ZOO.get(model)
+    calibration_prompts = calibration_prompts or (entry.calibration_prompts if entry else DEFAULT_PROMPTS)
     n_steps = steps or (entry.steps if entry else 20)
     settings = expand(method_list, grid_spec, n_steps)  # validates every method and option up front
     out = out or Path("runs") / "bench" / Path(model).name

@@ -204,15 +204,11 @@ def plan(
 
 
 def checks_on(model: str, check_prompts: int | None, n_prompts: int) -> int | None:
-    """How many calibration prompts the checks run on: the given count (at most `n_prompts`), else the zoo
-    row's where there are more prompts than that, else every one (None)."""
+    """How many calibration prompts the checks run on: the given count (`ditscope.plan` checks it), else the
+    zoo row's where there are more prompts than that, else every one (None)."""
     from .. import zoo
 
     if check_prompts is not None:
-        if not 1 <= check_prompts <= n_prompts:  # the ranks have joined: each says so (errors.EveryRankError)
-            raise EveryRankError(
-                f"--check-prompts {check_prompts} must be between 1 and the {n_prompts} calibration prompts"
-            )
         return check_prompts
     entry = zoo.ZOO.get(model)
     default = entry.check_prompts if entry else None

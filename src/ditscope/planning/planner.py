@@ -33,7 +33,7 @@ from ..cache.actions import full_step
 from ..cache.layout import find_transformer
 from ..cache.plan import PlanConfig
 from ..cache.schedule_data import STACK, Schedule, model_signature
-from ..errors import DitscopeError
+from ..errors import DitscopeError, EveryRankError
 from ..files import atomic_path
 from ..holds import hold
 from ..parallel import run_layout
@@ -351,12 +351,13 @@ def plan(
         or isinstance(check_prompts, bool)
         or not 1 <= check_prompts <= len(prompts)
     ):
-        raise DitscopeError(
-            f"check_prompts must be between 1 and the {len(prompts)} calibration prompts, not {check_prompts!r}"
+        raise EveryRankError(  # every rank finds it: each says so before torchrun stops them
+            f"check_prompts (--check-prompts) must be between 1 and the {len(prompts)} calibration prompts, "
+            f"not {check_prompts!r}"
         )
     world = data_parallel(pipe)[1]  # the ranks the prompts are shared over
     if check_prompts is not None and check_prompts < min(len(prompts), world):
-        raise DitscopeError(
+        raise EveryRankError(
             f"{world} ranks share the checks' {check_prompts} prompts: give at least one per rank"
         )
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
