@@ -373,8 +373,7 @@ def plan(
     cal, reference, resumed = _calibration(
         pipe, transformer, prompts, num_inference_steps, seed, batch_size, guidance_scale, work, say, layout
     )
-    # the plain model's step time on this machine, for the cost model (one pass, warmed up by the calibration run
-    # unless that was read from the work folder; the measured speedup is timed again at the end, with the finalists)
+    # the plain model's step time on this machine, for the cost model and the finalists' measured speedups
     # timed at the calibration's batch, which the unit times were measured at (smaller where memory asked)
     cal_batch = cal.meta.get("calibration_batch", batch_size)
     if cal_batch < batch_size:
@@ -388,7 +387,7 @@ def plan(
     def plain_run():
         return generate(pipe, first, num_inference_steps, seed, cal_batch, guidance_scale)
 
-    plain_seconds = median_seconds(plain_run, repeats=1, warmup=resumed)
+    plain_seconds = _plain_seconds(plain_run, work if resumed else None, work)
     costs = costs_from(
         cal,
         plain_seconds / num_inference_steps,
@@ -803,6 +802,28 @@ def _checks(cal, evaluate: Evaluations) -> dict:
     if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
         rho = round(float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic), 4)
     return {"count": len(pairs), "rank_correlation": rho, "predicted_error_and_psnr": pairs}
+
+
+def _plain_seconds(plain_run, read_from: Path | None, write_to: Path | None) -> float:
+    """The uncached first batch's seconds: read from the work folder of a resumed run (`read_from`), so that it
+    takes the decisions the interrupted one would have (the search's prices and the finalists' speedups scale
+    with it; re-timed, a resumed run planned a different schedule from the same checks), else timed in one pass
+    (warmed up by the calibration run) and kept in `write_to`."""
+    kept = read_from / "plain_seconds.json" if read_from is not None else None
+    seconds = None
+    if kept is not None and kept.exists():
+        try:
+            seconds = float(json.loads(kept.read_text())["seconds"])
+        except (ValueError, KeyError, TypeError):  # damaged: the work folder is a cache, so time it again
+            pass
+    seconds = from_first(seconds)  # every rank times, or none does
+    if seconds is not None:
+        return seconds
+    seconds = median_seconds(plain_run, repeats=1, warmup=read_from is not None)
+    if write_to is not None and writes():
+        with atomic_path(write_to / "plain_seconds.json") as tmp:
+            tmp.write_text(json.dumps({"seconds": seconds}))
+    return seconds
 
 
 def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:
