@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from ditscope import zoo
+from ditscope.bench.runner import samples_file
+from ditscope.files import load_images
 from ditscope.zoo import evaluator
 
 
@@ -31,7 +31,7 @@ def main():
     rows = [r for r in rows if not r.get("skipped")]
 
     def samples(row):
-        return load_file(args.folder / "images" / f"{row['key']}.safetensors")["images"].float()
+        return load_images(samples_file(args.folder, row["key"])).float()
 
     uncached = samples(next(r for r in rows if r["label"] == "none"))
     video = uncached.dim() == 5

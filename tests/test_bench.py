@@ -413,7 +413,8 @@ def test_a_bench_process_stopped_by_a_signal_resumes_to_the_same_rows(
     proc.wait()
     saved = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(saved) == 2, "the bench should die part-way"  # of three settings: baseline, fora x2
-    assert CliRunner().invoke(app, [*args, "--out", str(out)]).exit_code == 0
+    rerun = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert rerun.exit_code == 0, rerun.output
     resumed = {r["label"]: r for r in map(json.loads, results.read_text().splitlines())}
     assert list(resumed) == list(straight)
     for label, row in straight.items():

@@ -942,6 +942,18 @@ def transformer_copy(pipe):
     return copy.deepcopy(pipe.transformer)
 
 
+def test_the_weights_fingerprint_does_not_depend_on_the_thread_count(one_thread):
+    """Kept work is matched to the weights by their fingerprint; on two threads a float64 sum of three of
+    tiny-pixart's tensors differed in its last digit from one thread's, so a bench resumed on another thread
+    count refused its own folder. The integer sums agree."""
+    from ditscope.cache.schedule_data import weights_fingerprint
+
+    transformer = ditscope.zoo.load("tiny-pixart").transformer
+    one = weights_fingerprint(transformer)
+    torch.set_num_threads(2)
+    assert weights_fingerprint(transformer) == one
+
+
 def test_kept_work_is_not_reused_for_other_weights_a_dtype_or_a_scheduler(pipe, tmp_path, one_thread):
     """A work folder left by a run holds for a rerun only on the same weights, dtype and scheduler: a changed
     checkpoint, dtype or scheduler config computes the calibration (plan) and the reference (tune) again."""

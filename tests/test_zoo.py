@@ -195,8 +195,11 @@ def test_every_recipe_trains_and_its_folder_loads(name, tmp_path):
     """Two optimizer steps of each recipe; the folder written is a pipeline that generates deterministically."""
     from ditscope.zoo import train
 
+    threads = torch.get_num_threads()
     manifest = train.train(name, tmp_path / name, steps=2, batch=2, log=lambda *_: None)
     assert manifest["steps"] == 2 and manifest["name"] == name
+    # training runs on every core and gives the caller its thread count back (it leaked into later tests)
+    assert torch.get_num_threads() == threads
     pipe = zoo.load_pipeline(str(tmp_path / name))
     pipe.set_progress_bar_config(disable=True)
     prompt = 3 if pipe.is_class_conditional else "a small red circle moving up on a grey background"

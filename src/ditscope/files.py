@@ -72,3 +72,19 @@ def remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def save_images(path: str | Path, images) -> None:
+    """Samples (a tensor: images or videos) as a safetensors file under the key "images", written atomically:
+    the uncached reference of a plan, tune or recommend run and a bench setting's samples."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"images": images.contiguous()}, str(tmp))
+
+
+def load_images(path: str | Path):
+    """The samples `save_images` wrote to `path`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["images"]

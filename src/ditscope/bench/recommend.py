@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DitscopeError
-from ..files import atomic_path, write_text_atomic
+from ..files import load_images, save_images, write_text_atomic
 from ..planning.planner import Target
 from ..stats.intervals import mean_interval, quantile_lower_bound
 
@@ -281,8 +281,6 @@ def recommend(
     `num_inference_steps`, and rank them (module docstring). `budget`: seconds from `started` (default: now).
     `progress(text)` reports each evaluation, `advance(done, total)` each finished part (the two references
     and each candidate). `work_dir` keeps everything finished: the same call resumes."""
-    from safetensors.torch import load_file, save_file
-
     from .grid import BASELINE, Setting
     from .runner import BenchInputs, run_setting
 
@@ -312,7 +310,7 @@ def recommend(
     ref_json, ref_file = work / "test_reference.json", work / "test_reference.safetensors"
     if ref_json.exists() and ref_file.exists():
         meta = json.loads(ref_json.read_text())
-        reference = load_file(str(ref_file))["images"]
+        reference = load_images(ref_file)
         say("held-out reference: resumed from the work folder")
     else:
         say(f"held-out reference: {len(test)} prompts x {num_inference_steps} steps, uncached")
@@ -320,8 +318,7 @@ def recommend(
         row = run_setting(pipe, Setting("baseline", BASELINE), inputs, None, None, None, None)
         reference = row["_images"]
         meta = {"flops": row["flops"], "seconds": clock() - start}
-        with atomic_path(ref_file) as tmp:
-            save_file({"images": reference.contiguous()}, str(tmp))
+        save_images(ref_file, reference)
         write_text_atomic(ref_json, json.dumps(meta))
     tick(1, total)
     score_seconds = meta["seconds"]  # what scoring one candidate costs at most (an uncached pass over `test`)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..files import atomic_path, write_text_atomic
+from ..files import atomic_path, load_images, write_text_atomic
 from ..stats import mean_interval
 from .grid import BASELINE
+from .runner import samples_file
 
 # (name, PSNR floor in dB, allowed attribute-accuracy drop in points)
 QUALITY_BARS = (("near-lossless", 30.0, 1.0), ("good", 25.0, 3.0))
@@ -337,13 +338,12 @@ def pareto_plot(df: pd.DataFrame, path: Path, title: str):
     plt.close(fig)
 
 
-def image_grid(df: pd.DataFrame, image_dir: Path, path: Path, prompts: list, n_prompts: int = 4):
+def image_grid(df: pd.DataFrame, out: Path, path: Path, prompts: list, n_prompts: int = 4):
     """The first prompts (first seed) under the uncached run and each method's fastest good setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from safetensors.torch import load_file
 
     picks = [df[df["method"] == BASELINE].iloc[0]]
     ran = df[df["method"] != BASELINE].dropna(subset=["speedup"])
@@ -353,8 +353,8 @@ def image_grid(df: pd.DataFrame, image_dir: Path, path: Path, prompts: list, n_p
     n = min(n_prompts, len(prompts))
     fig, axes = plt.subplots(n, len(picks), figsize=(1.6 * len(picks), 1.7 * n + 0.6), squeeze=False)
     for j, row in enumerate(picks):
-        file = image_dir / f"{row['key']}.safetensors"
-        images = load_file(str(file))["images"] if file.exists() else None
+        file = samples_file(out, row["key"])
+        images = load_images(file) if file.exists() else None
         for i in range(n):
             ax = axes[i][j]
             ax.axis("off")
@@ -396,5 +396,5 @@ def write_outputs(rows: list[dict], out: Path, title: str, prompts: list) -> pd.
     write_text_atomic(out / "results.md", markdown(df, title))
     if "speedup" in df and "psnr" in df:
         pareto_plot(df, out / "pareto", title)
-        image_grid(df, out / "images", out / "grid.png", prompts)
+        image_grid(df, out, out / "grid.png", prompts)
     return df

@@ -23,7 +23,7 @@ import torch
 
 from ..cache.plan import PlanConfig
 from ..errors import DitscopeError
-from ..files import atomic_path, write_text_atomic
+from ..files import load_images, save_images, write_text_atomic
 from ..holds import hold
 from ..profiling.workload import Workload, barrier, data_parallel, from_first, gather, writes
 from ..stats.quality import as_frames, per_sample_psnr_ssim
@@ -206,6 +206,11 @@ def tuned(pipe, setting: Setting, inputs: BenchInputs, out: Path | None):
     return result
 
 
+def samples_file(out: Path, key: str) -> Path:
+    """Where a bench in `out` keeps the samples of the setting `key` (files.save_images)."""
+    return Path(out) / "images" / f"{key}.safetensors"
+
+
 def _saved(path: Path | None) -> bool:
     """Whether `path` was saved by an earlier run, as the first rank sees it (under torchrun every rank must
     take the same branch, and a rank that looks after the first rank wrote it would not)."""
@@ -276,8 +281,6 @@ def run_bench(
 
     Under torchrun the ranks share the samples of every setting (profiling/workload.py) and the first rank
     scores and writes them; every rank returns the same rows."""
-    from safetensors.torch import load_file, save_file
-
     problem = from_first(_start(out, inputs) if writes() else None)
     if problem:
         raise DitscopeError(problem)
@@ -286,13 +289,12 @@ def run_bench(
     if kept:
         log(f"resuming {out}: {kept} of {len(settings)} settings already measured")
     lpips, lpips_note = lpips_metric()
-    image_dir = out / "images"
     reference = None
     for setting in settings:
-        path = image_dir / f"{setting.key}.safetensors"
+        path = samples_file(out, setting.key)
         if setting.key in rows and _saved(path):
             if setting.method == BASELINE:
-                reference = from_first(load_file(str(path))["images"] if writes() else None)
+                reference = from_first(load_images(path) if writes() else None)
             if progress:
                 progress(setting, rows[setting.key])
             continue
@@ -314,8 +316,7 @@ def run_bench(
         )
         if images is not None:
             if writes():
-                with atomic_path(path) as tmp:
-                    save_file({"images": images.contiguous()}, str(tmp))
+                save_images(path, images)
             if setting.method == BASELINE:
                 reference = images
         append_row(out, row)

@@ -37,7 +37,7 @@ from ..cache.observe import TeaCacheProbe
 from ..cache.registry import REGISTRY, Knob
 from ..cache.schedule_data import FORMAT as PLAN_FORMAT
 from ..errors import DitscopeError, closest
-from ..files import atomic_path, json_checksum, write_text_atomic
+from ..files import json_checksum, load_images, save_images, write_text_atomic
 from ..planning.calibrate import pipeline_identity
 from ..planning.planner import NOT_QUALITY, Evaluations, Target, check_calibration
 from ..profiling.workload import Workload, data_parallel, from_first, gather, generate, writes
@@ -499,8 +499,6 @@ def _reference(
     pipe, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say
 ) -> torch.Tensor:
     """The uncached images of the calibration prompts (kept in the work folder, with what made them)."""
-    from safetensors.torch import load_file, save_file
-
     stamp = json.dumps(
         {
             "prompts": [str(p) for p in prompts],
@@ -514,12 +512,11 @@ def _reference(
     if work is not None and (work / "reference.safetensors").exists() and (work / "reference.json").exists():
         if (work / "reference.json").read_text() == stamp:
             say("reference: resumed from the work folder")
-            return load_file(str(work / "reference.safetensors"))["images"]
+            return load_images(work / "reference.safetensors")
     say(f"reference: {len(prompts)} prompts x {steps} steps, uncached")
     images = generate(pipe, prompts, steps, seed, batch_size, guidance_scale)
     if work is not None and writes():
-        with atomic_path(work / "reference.safetensors") as tmp:
-            save_file({"images": images.contiguous()}, str(tmp))
+        save_images(work / "reference.safetensors", images)
         write_text_atomic(work / "reference.json", stamp)
     return images
 

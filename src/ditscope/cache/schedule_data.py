@@ -76,17 +76,22 @@ def config_hash(owner) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A hash of what makes a model's outputs beyond its config: every parameter's and buffer's name, dtype,
-    shape and sums (one reduction per tensor, on its device; not the bytes). Work kept from a run (uncached
-    images, a calibration) holds for another run only if this matches: another checkpoint or dtype makes
-    other images."""
+    shape and two sums of its values' bit patterns read as integers (the patterns and their squares, modulo
+    2^64; one reduction each, on its device; not the bytes). Work kept from a run (uncached images, a
+    calibration) holds for another run only if this matches: another checkpoint or dtype makes other images.
+    Integer sums are exact in any order, so the hash does not depend on how many threads reduce a tensor: a
+    float64 sum's last digits did, and a run resumed with another thread count refused its own work."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            total = torch.sum(t, dtype=torch.float64) if t.is_floating_point() else t.sum()
-            size = torch.sum(t.abs(), dtype=torch.float64) if t.is_floating_point() else total
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{float(total):.17g}|{float(size):.17g}".encode())
+            bits = t.detach().reshape(-1).view(_SAME_SIZE_INTEGER[t.element_size()]).to(torch.int64)
+            total, squares = int(bits.sum()), int((bits * bits).sum())
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{total}|{squares}".encode())
     return h.hexdigest()[:16]
 
 

@@ -34,7 +34,7 @@ from ..cache.layout import find_transformer
 from ..cache.plan import PlanConfig
 from ..cache.schedule_data import STACK, Schedule, model_signature
 from ..errors import DitscopeError, EveryRankError
-from ..files import atomic_path
+from ..files import atomic_path, load_images, save_images
 from ..holds import hold
 from ..parallel import run_layout
 from ..profiling.workload import (
@@ -844,8 +844,6 @@ def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:
 def _calibration(
     pipe, transformer, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say, layout=None
 ):
-    from safetensors.torch import load_file, save_file
-
     expected = {
         "model_signature": model_signature(transformer),
         "num_inference_steps": steps,
@@ -863,7 +861,7 @@ def _calibration(
     ):
         try:
             cal = Profile.load(work / "calibration.ditscope")
-            reference = load_file(str(work / "reference.safetensors"))["images"]
+            reference = load_images(work / "reference.safetensors")
         except Exception:  # damaged (checksum, a cut file): the work folder is a cache, so compute it again
             say("calibration: the work folder's files are damaged; computing them again")
             cal = None
@@ -883,7 +881,6 @@ def _calibration(
     )
     cal.meta = json.loads(json.dumps(cal.meta, default=str))
     if work is not None and writes():
-        with atomic_path(work / "reference.safetensors") as tmp:
-            save_file({"images": reference.contiguous()}, str(tmp))
+        save_images(work / "reference.safetensors", reference)
         cal.save(work / "calibration.ditscope")
     return cal, reference, False

@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,19 @@ def training_prompts(name: str, scenes: list[data.Scene], rng: np.random.Generat
 
 
 # ------------------------------------------------------------------------------------- training
+@contextmanager
+def _every_core():
+    """Torch on all the cores this process may use (taskset-aware), and back to its count after: the count
+    leaked into the caller's later runs, and a float64 sum over a tensor depends on it in its last digits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@_every_core()
 def train(
     name: str,
     out: Path,
@@ -256,7 +270,6 @@ def train(
             f"lr_decay must be in [0, 1), got {lr_decay}: the fraction of steps over which lr falls to 0"
         )
     out = Path(out)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # all cores this process may use (taskset-aware)
     pipe = build(name, seed)
     ckpt = out / "train_state.pt"
     init = init or WARM_START.get(name)
