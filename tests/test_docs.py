@@ -4,7 +4,8 @@ The fenced `bash` and `python` blocks of README.md and docs/**/*.md are extracte
 another in a scratch folder per document (later blocks use what earlier ones wrote, as a reader's would).
 What changes between the page and the run is in the tables below, and only that: placeholders a reader fills
 in (MODEL, coco.txt, a hub id) become a zoo model and small files, and options are appended that make a run
-small (fewer steps and prompts; the last value of an option wins). A command that matches no rule fails the
+small (fewer steps and prompts; the last value of an option wins). A `torchrun` line runs its ditscope command
+in this process (its launch on two ranks is tests/test_parallel.py's). A command that matches no rule fails the
 test, so a README that drifts, or a new command nobody made runnable, fails CI.
 """
 
@@ -33,6 +34,7 @@ DOCUMENTS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "doc
 NOT_RUN = {
     "pip install torch==2.13.0 -e .[test]": "the install: CI runs it (.ci/run)",
     "python -m pytest": "this is the test suite",
+    "ditscope profile": "the main job: tests/test_cli.py runs it as written (no arguments) and checks its files",
 }
 
 # Placeholders a reader replaces -> what the test uses (whole words only).
@@ -206,15 +208,21 @@ def run_command(words: list[str], where: str) -> None:
                 run_ditscope([w if w != shard else f"{i}/{count}" for w in words], where)
         else:
             run_ditscope(words, where)
-    elif words[0] == "torchrun":  # two CPU ranks (gloo) for the page's GPUs
-        module = words.index("-m")
-        launcher = [w if w != "8" else "2" for w in words[:module]]
-        rest = small(words[module + 2 :])
-        run_process(
-            [sys.executable, "-m", "torch.distributed.run", *launcher[1:], "-m", "ditscope", *rest],
-            where,
-            timeout=240,
+    elif words[0] == "torchrun":
+        # torchrun's own parser reads the line (it refuses, e.g., `--n` after the module as ambiguous with its
+        # options), and the ditscope command runs here in one process: the same commands launched on two CPU
+        # ranks (gloo) are tests/test_parallel.py's and tests/test_cli.py's, which also check that two ranks
+        # give what one process gives (launching them here cost 70 s of a 20-minute CI)
+        from torch.distributed.run import get_args_parser
+
+        try:
+            launch = get_args_parser().parse_args(words[1:])
+        except SystemExit:
+            raise AssertionError(f"{where}: torchrun refuses `{text}`") from None
+        assert launch.module and launch.training_script == "ditscope", (
+            f"{where}: `{text}` does not run ditscope"
         )
+        run_ditscope(small(launch.training_script_args), where)
     elif words[0] == "python" and words[1].startswith("benchmarks/"):
         script = REPO / words[1]
         args = [
@@ -289,6 +297,11 @@ def test_extraction_and_rules_on_a_made_up_page(tmp_path):
         small(["frobnicate", "x"])
     with pytest.raises(AssertionError, match="add a rule"):
         run_command(["curl", "x"], "page.md:3")
+    # torchrun's parser reads a shown launch: `--n` after the module is ambiguous with its own options
+    with pytest.raises(AssertionError, match="torchrun refuses"):
+        run_command(
+            shlex.split("torchrun --nproc-per-node 2 -m ditscope eval tiny-pixart --n 8"), "page.md:4"
+        )
 
 
 @pytest.mark.parametrize("document", DOCUMENTS)
