@@ -212,7 +212,7 @@ def run_command(words: list[str], where: str) -> None:
         # torchrun's own parser reads the line (it refuses, e.g., `--n` after the module as ambiguous with its
         # options), and the ditscope command runs here in one process: the same commands launched on two CPU
         # ranks (gloo) are tests/test_parallel.py's and tests/test_cli.py's, which also check that two ranks
-        # give what one process gives (launching them here cost 70 s of a 20-minute CI)
+        # give what one process gives
         from torch.distributed.run import get_args_parser
 
         try:

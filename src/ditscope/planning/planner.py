@@ -34,7 +34,7 @@ from ..cache.layout import find_transformer
 from ..cache.plan import PlanConfig
 from ..cache.schedule_data import STACK, Schedule, model_signature
 from ..errors import DitscopeError, EveryRankError
-from ..files import atomic_path, load_images, save_images
+from ..files import load_images, save_images, write_text_atomic
 from ..holds import hold
 from ..parallel import run_layout
 from ..profiling.workload import (
@@ -808,7 +808,7 @@ def _plain_seconds(plain_run, read_from: Path | None, write_to: Path | None) -> 
     """The uncached first batch's seconds: read from the work folder of a resumed run (`read_from`), so that it
     takes the decisions the interrupted one would have (the search's prices and the finalists' speedups scale
     with it; re-timed, a resumed run planned a different schedule from the same checks), else timed in one pass
-    (warmed up by the calibration run) and kept in `write_to`."""
+    (after the calibration's run, or a warm-up pass where the calibration was read) and kept in `write_to`."""
     kept = read_from / "plain_seconds.json" if read_from is not None else None
     seconds = None
     if kept is not None and kept.exists():
@@ -821,8 +821,7 @@ def _plain_seconds(plain_run, read_from: Path | None, write_to: Path | None) -> 
         return seconds
     seconds = median_seconds(plain_run, repeats=1, warmup=read_from is not None)
     if write_to is not None and writes():
-        with atomic_path(write_to / "plain_seconds.json") as tmp:
-            tmp.write_text(json.dumps({"seconds": seconds}))
+        write_text_atomic(write_to / "plain_seconds.json", json.dumps({"seconds": seconds}))
     return seconds
 
 
