@@ -584,3 +584,8 @@ def test_a_bench_folder_of_other_inputs_is_refused_naming_what_differs_either_wa
         )
         == 1
     )
+    # what no argument sets is named for what it is
+    other_weights = {"weights": "0", "scheduler": "DPMSolverMultistepScheduler 0"}
+    assert "other identity (weights, dtype or scheduler);" in _start(
+        tmp_path, inputs(calibration=["a red circle"], calibration_seed=7000, identity=other_weights)
+    )

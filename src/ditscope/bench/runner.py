@@ -339,7 +339,9 @@ def _start(out: Path, inputs: BenchInputs) -> str | None:
     if saved == meta:
         return None
     changed = sorted(k for k in saved.keys() | meta.keys() if saved.get(k) != meta.get(k))
-    return f"{out} holds a bench with other {', '.join(changed)}; use another --out or the same arguments"
+    # the identity is what no argument sets: the weights (their fingerprint), dtype and scheduler
+    named = [k if k != "identity" else "identity (weights, dtype or scheduler)" for k in changed]
+    return f"{out} holds a bench with other {', '.join(named)}; use another --out or the same arguments"
 
 
 def _retime_baseline(pipe, settings, inputs: BenchInputs, out: Path, rows: dict):
