@@ -222,7 +222,13 @@ def test_the_choice_rule_on_constructed_rows():
     none = [row("x", 3.0, 30), {"name": "y", "status": "unreachable", "note": ""}]
     assert choose(none, psnr35) is None
     rec = Recommendation(psnr35, 20, none, [], 1.0, 8, 16, None)
-    assert rec.use_line(None, False) == "use: no cache (no candidate held psnr=35 on the 16 held-out prompts)"
+    assert (
+        rec.use_line(None, False)
+        == "use: no cache (no candidate that saves work held psnr=35 on the 16 held-out prompts)"
+    )
+    # one that holds by computing everything (1.00x FLOPs) is no cache either; a faster one that holds wins
+    assert choose([row("everything", 1.0, 100)], psnr35) is None
+    assert choose([row("everything", 1.0, 100), row("some", 1.01, 36)], psnr35)["name"] == "some"
     # fewer steps wins as a step count, with no config file
     fewer = {**row("steps", 2.5, 36), "psnr": 37.04, "ssim": 0.95}
     rec = Recommendation(psnr35, 20, [fewer], [{"name": "steps", "steps": 8}], 1.0, 8, 16, fewer)
@@ -318,7 +324,7 @@ def test_a_closed_time_box_names_what_it_skipped_and_keeps_the_work(tmp_path, mo
     assert "not finished in the time box (0.01s): steps, fora; run the same command again" in r.stdout
     assert (
         r.stdout.strip().splitlines()[-1]
-        == "use: no cache (no candidate held psnr=20 on the 3 held-out prompts)"
+        == "use: no cache (no candidate that saves work held psnr=20 on the 3 held-out prompts)"
     )
     work = [p for p in (tmp_path / "rec").iterdir() if p.name.endswith(".work")]
     assert len(work) == 1 and (work[0] / "test_reference.json").exists()  # kept for the rerun

@@ -223,6 +223,27 @@ def test_cli_tune_writes_a_config_generate_takes(tmp_path, monkeypatch):
         "f.json",
     )
     assert r.exit_code == 0 and r.stdout.startswith("fora:"), r.output
+    assert "warning" not in r.stderr
+    # without --steps it runs at the 6 steps it was tuned at (the same module counts); at another count it warns
+    default = _cli(
+        "generate", "tiny-pixart", "--prompt", "a red circle", "--out", "x.png", "--cache", "f.json"
+    )
+    assert default.exit_code == 0 and "warning" not in default.stderr, default.output
+    assert default.stdout.splitlines()[0] == r.stdout.splitlines()[0]
+    other = _cli(
+        "generate",
+        "tiny-pixart",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "4",
+        "--out",
+        "x.png",
+        "--cache",
+        "f.json",
+    )
+    assert other.exit_code == 0 and other.stdout.splitlines()[0] != r.stdout.splitlines()[0], other.output
+    assert "warning: fora was tuned at 6 steps and runs at 4" in other.stderr
     (tmp_path / "peer.json").write_text(
         json.dumps(
             {

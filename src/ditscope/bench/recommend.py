@@ -15,7 +15,7 @@ A fitted candidate holds when the lower end of the 95% bootstrap interval of the
 executed FLOPs (`torch.utils.flop_counter`, counted on the held-out run, `bench/runner.py`) against the uncached
 model: on a machine shared with other work, measured time would rank the candidates by the neighbours' load.
 The recommendation is the fastest candidate that holds (ties: the better lower end); one that misses is listed,
-never chosen; when none holds, no cache.
+never chosen, and so is one that saves no work (1.00x FLOPs); when none is left, no cache.
 
 Time box: candidates run in the order given (the default puts the cheap fits that did well on the zoo models
 first: `benchmarks/RESULTS.md`). One is started only while the budget leaves time for a fit step and its scoring,
@@ -134,9 +134,17 @@ def summarize(record: dict, reference_flops: float | None, goal: Target) -> dict
     return row
 
 
+SAVES_NOTHING = 1e-6  # a FLOPs speedup within this of 1
+
+
 def choose(rows: list[dict], goal: Target) -> dict | None:
-    """The fastest scored row that holds `goal` on the held-out prompts (ties: the higher lower end), or None."""
-    held = [r for r in rows if r["status"] == "scored" and r[goal.field()] >= goal.value]
+    """The fastest scored row that holds `goal` on the held-out prompts (ties: the higher lower end), or None.
+    A row that saves no work (1.00x FLOPs: a knob fitted so mild that it computes everything) is no cache."""
+    held = [
+        r
+        for r in rows
+        if r["status"] == "scored" and r[goal.field()] >= goal.value and r["speedup"] > 1 + SAVES_NOTHING
+    ]
     if not held:
         return None
     return max(held, key=lambda r: (r["speedup"], r[goal.field()]))
@@ -195,7 +203,7 @@ class Recommendation:
         """The one-line answer, e.g. `use: --cache fora.json   2.84x FLOPs, 38.7 dB on 16 held-out prompts`."""
         n = f"{self.n_test} held-out prompts"
         if self.chosen is None:
-            return f"use: no cache (no candidate held {self.goal} on the {n})"
+            return f"use: no cache (no candidate that saves work held {self.goal} on the {n})"
         r = self.chosen
         quality = (
             f"{r['psnr']:.1f} dB (lower {r['psnr_lo']:.1f})"

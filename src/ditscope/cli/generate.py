@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -95,9 +96,18 @@ def generate(
     if compare and config is None:
         raise DitscopeError("--compare needs --cache METHOD: it compares a cached run with the uncached one")
     pipe, entry = load_model(model, device, dtype)
+    tuned_steps = None
     if tuned is not None:
         tuned.config(pipe)  # refused on a model other than the one it was tuned on
-    steps = steps or (entry.steps if entry else 20)
+        tuned_steps = tuned.meta.get("num_inference_steps")
+    # a tuned knob holds its target at the step count it was fitted at: that is the default, and another warns
+    steps = steps or tuned_steps or (entry.steps if entry else 20)
+    if tuned_steps and steps != tuned_steps:
+        print(
+            f"warning: {tuned.method} was tuned at {tuned_steps} steps and runs at {steps}: its fitted setting "
+            f"may miss its target there; tune again with --steps {steps}",
+            file=sys.stderr,
+        )
     configure_scheduler(pipe, None, steps)
     handle = None
     guidance = guidance_scale if guidance_scale is not None else (entry.guidance_scale if entry else 4.5)
