@@ -210,38 +210,15 @@ def test_cli_tune_writes_a_config_generate_takes(tmp_path, monkeypatch):
     fitted = json.loads((tmp_path / "f.json").read_text())
     assert fitted["method"] == "fora" and fitted["meta"]["quality"]["psnr_lo"] >= 20
     assert fitted["meta"]["model_signature"]["class"] == "PixArtTransformer2DModel"  # what it runs on
-    r = _cli(
-        "generate",
-        "tiny-pixart",
-        "--prompt",
-        "a red circle",
-        "--steps",
-        "6",
-        "--out",
-        "x.png",
-        "--cache",
-        "f.json",
-    )
+    generate = ["generate", "tiny-pixart", "--prompt", "a red circle", "--out", "x.png", "--cache", "f.json"]
+    r = _cli(*generate, "--steps", "6")
     assert r.exit_code == 0 and r.stdout.startswith("fora:"), r.output
     assert "warning" not in r.stderr
     # without --steps it runs at the 6 steps it was tuned at (the same module counts); at another count it warns
-    default = _cli(
-        "generate", "tiny-pixart", "--prompt", "a red circle", "--out", "x.png", "--cache", "f.json"
-    )
+    default = _cli(*generate)
     assert default.exit_code == 0 and "warning" not in default.stderr, default.output
     assert default.stdout.splitlines()[0] == r.stdout.splitlines()[0]
-    other = _cli(
-        "generate",
-        "tiny-pixart",
-        "--prompt",
-        "a red circle",
-        "--steps",
-        "4",
-        "--out",
-        "x.png",
-        "--cache",
-        "f.json",
-    )
+    other = _cli(*generate, "--steps", "4")
     assert other.exit_code == 0 and other.stdout.splitlines()[0] != r.stdout.splitlines()[0], other.output
     assert "warning: fora was tuned at 6 steps and runs at 4" in other.stderr
     (tmp_path / "peer.json").write_text(
