@@ -207,6 +207,8 @@ def test_cli_tune_writes_a_config_generate_takes(tmp_path, monkeypatch):
     )
     assert r.exit_code == 0, r.output
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the work folder is gone
+    # without a terminal each progress message is one whole line, not wrapped at 80 columns
+    assert r.stderr and all(line.startswith("tune: ") for line in r.stderr.splitlines()), r.stderr
     fitted = json.loads((tmp_path / "f.json").read_text())
     assert fitted["method"] == "fora" and fitted["meta"]["quality"]["psnr_lo"] >= 20
     assert fitted["meta"]["model_signature"]["class"] == "PixArtTransformer2DModel"  # what it runs on

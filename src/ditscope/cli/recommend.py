@@ -6,6 +6,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from textwrap import shorten
 from typing import Annotated
 
 import typer
@@ -168,7 +169,9 @@ def recommend(
                 guidance_scale=guidance,
                 work_dir=work,
                 started=started,
-                progress=lambda text: bar.update(task, description=f"recommend: {text}"[:70]),
+                progress=lambda text: bar.update(
+                    task, description=shorten(f"recommend: {text}", 70, placeholder=" ...")
+                ),
                 advance=lambda done, total: bar.update(task, completed=done),
             )
         except KeyboardInterrupt:

@@ -122,7 +122,9 @@ def tune(
                 knob=knob,
                 assurance=assurance,
                 work_dir=work,
-                progress=lambda text: writes() and console.print(f"tune: {text}", highlight=False),
+                progress=lambda text: (
+                    writes() and console.print(f"tune: {text}", highlight=False, soft_wrap=True)
+                ),
             )
         except (
             DitscopeError
