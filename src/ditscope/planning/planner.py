@@ -387,7 +387,7 @@ def plan(
     def plain_run():
         return generate(pipe, first, num_inference_steps, seed, cal_batch, guidance_scale)
 
-    plain_seconds = _plain_seconds(plain_run, work if resumed else None, work)
+    plain_seconds = _plain_seconds(plain_run, work, resumed)
     costs = costs_from(
         cal,
         plain_seconds / num_inference_steps,
@@ -804,24 +804,24 @@ def _checks(cal, evaluate: Evaluations) -> dict:
     return {"count": len(pairs), "rank_correlation": rho, "predicted_error_and_psnr": pairs}
 
 
-def _plain_seconds(plain_run, read_from: Path | None, write_to: Path | None) -> float:
-    """The uncached first batch's seconds: read from the work folder of a resumed run (`read_from`), so that it
-    takes the decisions the interrupted one would have (the search's prices and the finalists' speedups scale
+def _plain_seconds(plain_run, work: Path | None, resumed: bool) -> float:
+    """The uncached first batch's seconds, kept in `work`: read back when the calibration was resumed, so that the
+    run takes the decisions the interrupted one would have (the search's prices and the finalists' speedups scale
     with it; re-timed, a resumed run planned a different schedule from the same checks), else timed in one pass
-    (after the calibration's run, or a warm-up pass where the calibration was read) and kept in `write_to`."""
-    kept = read_from / "plain_seconds.json" if read_from is not None else None
+    (after the calibration's run, or a warm-up pass where the calibration was read)."""
+    kept = work / "plain_seconds.json" if work is not None else None
     seconds = None
-    if kept is not None and kept.exists():
+    if resumed and kept.exists():
         try:
             seconds = float(json.loads(kept.read_text())["seconds"])
         except (ValueError, KeyError, TypeError):  # damaged: the work folder is a cache, so time it again
-            pass
+            seconds = None
     seconds = from_first(seconds)  # every rank times, or none does
     if seconds is not None:
         return seconds
-    seconds = median_seconds(plain_run, repeats=1, warmup=read_from is not None)
-    if write_to is not None and writes():
-        write_text_atomic(write_to / "plain_seconds.json", json.dumps({"seconds": seconds}))
+    seconds = median_seconds(plain_run, repeats=1, warmup=resumed)
+    if kept is not None and writes():
+        write_text_atomic(kept, json.dumps({"seconds": seconds}))
     return seconds
 
 
