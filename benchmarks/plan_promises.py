@@ -24,7 +24,7 @@ import zoo_split
 
 import ditscope
 from ditscope import Schedule
-from ditscope.cli.plan import checks_on
+from ditscope.cli.plan import zoo_count
 from ditscope.planning.planner import plan
 from ditscope.profiling.workload import generate
 from ditscope.stats.quality import per_sample_psnr_ssim
@@ -43,13 +43,20 @@ def main():
         "(default: the zoo row's)",
     )
     ap.add_argument(
+        "--measure-prompts",
+        type=int,
+        default=None,
+        help="the calibration measures the errors on this many calibration prompts (default: the zoo row's)",
+    )
+    ap.add_argument(
         "--tag", default="", help="appended to the folder and table names: a run of another version"
     )
     args = ap.parse_args()
     split = zoo_split.load(args)
     pipe, steps, guidance, batch = split.pipe, split.steps, split.guidance, args.batch_size
     calib, test = split.calibration, split.test
-    checks = checks_on(args.model, args.check_prompts, len(calib))
+    checks = zoo_count(args.model, "check_prompts", args.check_prompts, len(calib))
+    measured = zoo_count(args.model, "measure_prompts", args.measure_prompts, len(calib))
     name = args.model + (f"-calibration{len(calib)}" if len(calib) != 8 else "") + args.tag
     folder = Path("runs/promises") / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,6 +75,7 @@ def main():
                     guidance_scale=guidance,
                     cost=args.cost,
                     check_prompts=checks,
+                    measure_prompts=measured,
                     work_dir=folder / f"{target.replace('=', '')}.work",
                     progress=lambda text: print(f"  {text}", flush=True),
                 )
@@ -85,7 +93,8 @@ def main():
                 "(the calibration columns are theirs)."
                 if checks
                 else "."
-            ),
+            )
+            + (f" The errors were measured on the first {measured}." if measured else ""),
             "",
             "| target | checks | planning s | calib mean / lower / p5 | test mean / p5 | test - target (mean; p5 for psnr_p5=) "
             "| predicted speedup | measured speedup (planning) | served |",

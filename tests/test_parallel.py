@@ -102,7 +102,8 @@ def test_a_compiled_transformer_is_cached_like_the_eager_one(name, how):
 def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkeypatch):
     """`torchrun --nproc-per-node 2 -m ditscope plan` shares the calibration prompts over the ranks (each a share,
     the images gathered) and writes the plan one process writes, with the layout it was made in; its checks
-    run on the same hardest prompts, shared over the ranks too."""
+    run on the same hardest prompts, shared over the ranks too. The errors are measured on the first two of
+    four prompts (one per rank), the other two run uncached, one per rank, and time the plain pass."""
     from typer.testing import CliRunner
 
     from ditscope.cli.main import app
@@ -116,12 +117,14 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
         "--steps",
         "6",
         "--n-prompts",
-        "3",
+        "4",
         "--cost",
         "flops",
         "--iterations",
         "3",
         "--check-prompts",
+        "2",
+        "--measure-prompts",
         "2",
     ]
     one = CliRunner().invoke(app, [*args, "--out", "one.plan.json"])
@@ -133,6 +136,7 @@ def test_a_plan_made_on_two_ranks_is_the_plan_one_process_makes(tmp_path, monkey
     assert len(a["meta"]["calibration"]["check_prompts"]) == 2
     assert a["meta"]["calibration"]["check_prompts"] == b["meta"]["calibration"]["check_prompts"]
     assert a["meta"]["layout"]["world_size"] == 1 and b["meta"]["layout"]["world_size"] == 2
+    assert a["meta"]["calibration"]["measured_prompts"] == b["meta"]["calibration"]["measured_prompts"] == 2
     for key in ("psnr", "ssim"):
         assert abs(a["meta"]["quality"][key] - b["meta"]["quality"][key]) < 1e-3
     assert two.stdout.count("wrote two.plan.json") == 1  # the first rank writes and reports

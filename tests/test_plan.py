@@ -1267,7 +1267,13 @@ def test_finalists_are_timed_by_their_checks_or_in_rounds_when_the_checks_were_n
         ), finalist
     # the same plan from a work folder whose rows kept no timing: the finalists are timed in rounds
     saved.write_text(
-        "".join(json.dumps({k: v for k, v in r.items() if k != "first_batch_seconds"}) + "\n" for r in lines)
+        "".join(
+            json.dumps(
+                {k: v for k, v in r.items() if k not in ("first_batch_seconds", "first_batch_prompts")}
+            )
+            + "\n"
+            for r in lines
+        )
     )
     rounds = []
 
@@ -1379,13 +1385,31 @@ def test_checks_after_the_first_run_on_the_prompts_it_found_hardest_recomputed_b
                 work_dir=tmp_path,
             )
 
+    rounds = []
+
+    def in_rounds(plain, runs, rounds_=2):  # only a check whose timed batch was not the plain pass's
+        rounds.append(len(runs))
+        return [7.0] * len(runs)
+
     monkeypatch.setattr(type(pipe), "__call__", counting)
-    monkeypatch.setattr(planner, "_speedups", _no_timing_rounds)
+    monkeypatch.setattr(planner, "_speedups", in_rounds)
     plan = planned()
     monkeypatch.setattr(type(pipe), "__call__", call)
     rows = [json.loads(line) for line in (tmp_path / "evaluations.jsonl").read_text().splitlines()]
     first, later = rows[0], rows[1:]
     assert first["ran_on"] is None and len(first["psnr_each"]) == 4 and later
+    # the first check timed a batch of all four, the later ones of their two: the plain pass ran on two, and the
+    # finalists are timed against it by their checks, the first check's in rounds
+    assert first["first_batch_prompts"] == 4 and {r["first_batch_prompts"] for r in later} == {2}
+    for finalist in plan.meta["finalists"]:
+        if finalist["measured_speedup"] is None:
+            continue
+        own = [r for r in rows if round(r["psnr"], 4) == finalist["psnr"]]
+        by_check = [plan.meta["plain_seconds"] / r["first_batch_seconds"] for r in own if r is not first]
+        assert any(finalist["measured_speedup"] == pytest.approx(x, abs=6e-4) for x in by_check) or (
+            first in own and finalist["measured_speedup"] == 7.0
+        ), finalist
+    assert sum(rounds) <= 1
     # the two of lowest PSNR in the first check, by a plain scan
     lowest = []
     for _ in range(2):
@@ -1396,8 +1420,10 @@ def test_checks_after_the_first_run_on_the_prompts_it_found_hardest_recomputed_b
         lowest.append(best)
     checked = plan.meta["calibration"]["check_prompts"]
     assert checked == sorted(lowest)
-    # calls: the calibration and the plain timing pass, the first check on all four, then only the two
-    assert calls[2] == prompts and all(c == [prompts[i] for i in checked] for c in calls[3:])
+    # calls: the calibration, the plain timing pass on as many prompts as the later checks run (the first two),
+    # the first check on all four, then only the two
+    assert calls[:3] == [prompts, prompts[:2], prompts]
+    assert all(c == [prompts[i] for i in checked] for c in calls[3:])
     assert first["psnr"] == pytest.approx(sum(first["psnr_each"][i] for i in checked) / 2, abs=1e-4)
     for row in later:
         assert row["ran_on"] == checked and row["psnr"] == pytest.approx(sum(row["psnr_each"]) / 2, abs=1e-4)
@@ -1425,14 +1451,107 @@ def test_checks_after_the_first_run_on_the_prompts_it_found_hardest_recomputed_b
 def test_the_zoo_decides_how_many_prompts_the_checks_run_on_unless_told(tmp_path):
     """tiny-latte checks on the 4 hardest of its 8 videos; fewer calibration prompts than that, or a model
     without a count, check on every one; a count given is used, and one outside 1..N is refused."""
-    from ditscope.cli.plan import checks_on
+    from ditscope.cli.plan import zoo_count
 
     assert zoo.ZOO["tiny-latte"].check_prompts == 4
-    assert checks_on("tiny-latte", None, 8) == 4
-    assert checks_on("tiny-latte", None, 4) is None
-    assert checks_on("tiny-pixart", None, 24) is None
-    assert checks_on("tiny-pixart", 6, 24) == 6
+    assert zoo_count("tiny-latte", "check_prompts", None, 8) == 4
+    assert zoo_count("tiny-latte", "check_prompts", None, 4) is None
+    assert zoo_count("tiny-pixart", "check_prompts", None, 24) is None
+    assert zoo_count("tiny-pixart", "check_prompts", 6, 24) == 6
+    assert zoo_count("tiny-latte", "measure_prompts", None, 8) == 4
+    assert zoo_count("tiny-mmdit", "measure_prompts", None, 24) is None
     with pytest.raises(
         EveryRankError, match=r"check_prompts \(--check-prompts\) must be between 1 and the 2"
     ):
         ditscope.plan(zoo.load("tiny-pixart"), PROMPTS, "psnr=30", STEPS, check_prompts=3)
+    with pytest.raises(
+        EveryRankError, match=r"measure_prompts \(--measure-prompts\) must be between 1 and the 2"
+    ):
+        ditscope.plan(zoo.load("tiny-pixart"), PROMPTS, "psnr=30", STEPS, measure_prompts=0)
+
+
+def test_a_calibration_measuring_some_prompts_measures_them_alone_and_times_the_others_first_batch(
+    pipe, monkeypatch
+):
+    """`measure=2` of 5 prompts: the profile is the calibration of the first two alone (same batches, so equal to
+    the digit); the other three run once uncached, their images those of a run of every prompt, and the first
+    batch of them (2 of 3, at the calibration's batch) is timed on a clock the pipeline advances by 10 per image
+    it makes: 20, not the 30 of the three."""
+    from ditscope.planning import planner
+    from ditscope.profiling.workload import generate
+
+    prompts = [*PROMPTS, "a green triangle at the top", "a yellow circle", "a blue triangle on the right"]
+    with torch.inference_mode():
+        alone, alone_images = calibrate(pipe, prompts[:2], STEPS, batch_size=2, max_lag=3, forecast_lag=2)
+        every = generate(pipe, prompts, STEPS, batch_size=2)
+    clock = [100.0]
+    call = type(pipe).__call__
+    calls = []
+
+    def advancing(self, prompt, *args, **kwargs):
+        out = call(self, prompt, *args, **kwargs)
+        calls.append(list(prompt))
+        clock[0] += 10.0 * len(out.images)
+        return out
+
+    monkeypatch.setattr(type(pipe), "__call__", advancing)
+    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock[0])
+    with torch.inference_mode():
+        some, images = calibrate(pipe, prompts, STEPS, batch_size=2, max_lag=3, forecast_lag=2, measure=2)
+    assert calls == [prompts[:2], prompts[2:4], prompts[4:]]
+    assert some.n_prompts == 2 and some.keys == alone.keys
+    assert np.array_equal(some.values, alone.values, equal_nan=True)
+    assert some.meta["measured_prompts"] == 2 and some.meta["n_prompts_total"] == 5
+    assert some.meta["plain_batch_prompts"] == 2 and some.meta["plain_batch_seconds"] == 20.0
+    assert images.shape[0] == 5 and torch.equal(images[:2], alone_images)
+    torch.testing.assert_close(images, every, atol=1e-5, rtol=0)
+    with pytest.raises(DitscopeError, match="measures between 1 and 5 prompts, not 6"):
+        calibrate(pipe, prompts, STEPS, measure=6)
+
+
+def _prompts_called(pipe, monkeypatch) -> list:
+    """The prompts of every pipeline call from now on (this test's), one list per call."""
+    calls = []
+    call = type(pipe).__call__
+
+    def counting(self, prompt, *args, **kwargs):
+        calls.append(list(prompt))
+        return call(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    return calls
+
+
+def test_a_plan_measuring_some_prompts_times_no_plain_pass_of_its_own_and_checks_on_every_prompt(
+    pipe, tmp_path, monkeypatch
+):
+    """`measure_prompts=2` of 4 with the checks narrowed to 2: the calibration measures the first two and runs
+    the other two uncached, whose first batch (2 prompts, as the later checks') is the plain seconds the plan
+    records: no other plain pass runs. The first check runs on all four; the plan says on how many the errors
+    were measured, and its summary says so."""
+    from ditscope.planning import planner
+    from ditscope.planning.show import summary_rows
+
+    prompts = [*PROMPTS, "a green triangle", "a small yellow star"]
+    calls = _prompts_called(pipe, monkeypatch)
+    monkeypatch.setattr(planner, "_speedups", _no_timing_rounds)
+    with torch.inference_mode():
+        plan = ditscope.plan(
+            pipe,
+            prompts,
+            "psnr=22",
+            STEPS,
+            batch_size=2,
+            assurance="mean",
+            max_checks=4,
+            check_prompts=2,
+            measure_prompts=2,
+            work_dir=tmp_path,
+        )
+    cal = ditscope.Profile.load(tmp_path / "calibration.ditscope")
+    assert cal.n_prompts == 2 and cal.meta["plain_batch_prompts"] == 2
+    assert plan.meta["plain_seconds"] == pytest.approx(cal.meta["plain_batch_seconds"], rel=1e-5)
+    # the calibration's two runs, then the first check on all four (in two batches): no plain pass between
+    assert calls[:4] == [prompts[:2], prompts[2:], prompts[:2], prompts[2:]]
+    assert plan.meta["calibration"]["measured_prompts"] == 2 and plan.meta["calibration"]["n_prompts"] == 4
+    assert "errors measured on the first 2" in dict(summary_rows(plan))["calibration prompts"]

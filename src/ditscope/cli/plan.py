@@ -106,6 +106,13 @@ def plan(
             "found hardest (lowest PSNR) [default: every one; tiny-latte: 4 of its 8 videos]"
         ),
     ] = None,
+    measure_prompts: Annotated[
+        int | None,
+        typer.Option(
+            help="the calibration measures the errors on the first N calibration prompts and runs the others "
+            "uncached, for the checks alone [default: every one; tiny-latte: 4 of its 8 videos]"
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -146,15 +153,15 @@ def plan(
     pipe, prompt_list, n_steps, guidance = calibration_run(
         model, out, "model.plan.json", prompts, n_prompts, prompt_seed, steps, guidance_scale, device, dtype
     )
-    check_prompts = checks_on(model, check_prompts, len(prompt_list))
+    check_prompts = zoo_count(model, "check_prompts", check_prompts, len(prompt_list))
+    measure_prompts = zoo_count(model, "measure_prompts", measure_prompts, len(prompt_list))
     made = missing_folders(out.parent)  # removed again if the run is refused
     work = out.parent / f".{out.name}.work"  # calibration and evaluations: a rerun resumes from them
     from rich.console import Console
 
     console = Console(stderr=True)
     first = writes()  # under torchrun the first rank reports and writes; every rank plans the same
-    if first and work.exists():
-        print(f"resuming from {work}: {kept_work(work)} (reused where they match this run)", file=sys.stderr)
+    say_resuming(work)
     with progress_status("planning") if first else nullcontext(_Silent()) as status, torch.inference_mode():
         try:
             result = make_plan(
@@ -171,6 +178,7 @@ def plan(
                 iterations=iterations,
                 max_checks=max_checks,
                 check_prompts=check_prompts,
+                measure_prompts=measure_prompts,
                 work_dir=work,
                 progress=lambda text: status.update(f"planning: {text}"),
                 log=console.print if first else None,
@@ -203,16 +211,26 @@ def plan(
         print(f"  {key:24s} {value}")
 
 
-def checks_on(model: str, check_prompts: int | None, n_prompts: int) -> int | None:
-    """How many calibration prompts the checks run on: the given count (`ditscope.plan` checks it), else the
-    zoo row's where there are more prompts than that, else every one (None)."""
+def zoo_count(model: str, field: str, given: int | None, n_prompts: int) -> int | None:
+    """How many calibration prompts the checks run on (`field` "check_prompts") or the errors are measured on
+    ("measure_prompts"): the given count (`ditscope.plan` checks it), else the zoo row's where there are more
+    prompts than that, else every one (None)."""
     from .. import zoo
 
-    if check_prompts is not None:
-        return check_prompts
+    if given is not None:
+        return given
     entry = zoo.ZOO.get(model)
-    default = entry.check_prompts if entry else None
+    default = getattr(entry, field) if entry else None
     return default if default is not None and default < n_prompts else None
+
+
+def say_resuming(work: Path) -> None:
+    """Says what a rerun resumes from. Every rank looks before any goes on: under torchrun another rank's run
+    makes the folder, and the first rank then said it resumed from nothing."""
+    existed = work.exists()
+    barrier()
+    if existed and writes():
+        print(f"resuming from {work}: {kept_work(work)} (reused where they match this run)", file=sys.stderr)
 
 
 def kept_work(work: Path) -> str:

@@ -16,7 +16,7 @@ from ..profiling.workload import barrier, writes
 from ..runtime import check_steps
 from .common import app, user_errors
 from .generate import split_cache_opts
-from .plan import CALIBRATION_SEED, calibration_run, kept_work, seed_of_prompts
+from .plan import CALIBRATION_SEED, calibration_run, kept_work, say_resuming, seed_of_prompts
 
 
 @app.command()
@@ -106,8 +106,7 @@ def tune(
     from rich.console import Console
 
     console = Console(stderr=True)
-    if writes() and work.exists():
-        print(f"resuming from {work}: {kept_work(work)} (reused where they match this run)", file=sys.stderr)
+    say_resuming(work)
     with torch.inference_mode():
         try:
             result = fit(

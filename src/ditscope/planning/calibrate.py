@@ -40,7 +40,15 @@ from ..cache.predictors import WEIGHTS_OF, fitted_weights, squared_error
 from ..cache.schedule_data import STACK, config_hash, model_signature, weights_fingerprint
 from ..errors import DitscopeError
 from ..parallel import launched
-from ..profiling.workload import data_parallel, from_first, gather, generate
+from ..profiling.workload import (
+    FirstBatchClock,
+    data_parallel,
+    first_batch_prompts,
+    from_first,
+    gather,
+    generate,
+    share,
+)
 from ..runtime import free_memory
 from ..stats.running import RunningStats
 
@@ -74,6 +82,7 @@ def calibrate(
     progress=None,
     layout=None,
     memory_budget: float | None = None,
+    measure: int | None = None,
 ) -> tuple[Profile, torch.Tensor]:
     """Measure every unit's reuse / forecast error and its cost on `prompts` with the uncached model.
 
@@ -83,15 +92,39 @@ def calibrate(
     steps, which grows with the batch: when that would take more than `memory_budget` bytes (default: a
     third of the device's free memory), the calibration runs in smaller batches, and its metadata says
     which (`calibration_batch`).
+
+    `measure`: the errors are measured on the first `measure` prompts only (the profile's prompts); the others
+    run once uncached, at the calibration's batch, for their images alone. That run's first batch is timed
+    (`plain_batch_seconds`, of `plain_batch_prompts` prompts on the first rank; when every rank has one): a
+    plan needs that time and would otherwise run a pass for it.
     """
     from ..cache.layout import find_transformer
 
     if len(prompts) < 1:
         raise DitscopeError("calibration needs at least one prompt")
+    measure = len(prompts) if measure is None else measure
+    if not 1 <= measure <= len(prompts):
+        raise DitscopeError(f"the calibration measures between 1 and {len(prompts)} prompts, not {measure}")
     transformer, _ = find_transformer(pipe)
     if memory_budget is None:
         free = free_memory(next(transformer.parameters()).device)
         memory_budget = free / 3 if free is not None else math.inf
+    rank, world = data_parallel(pipe)
+    measured_here, rest_here = (
+        len(share(measure, rank, world)),
+        len(share(len(prompts) - measure, rank, world)),
+    )
+
+    def measured_progress(done, _):  # this rank's prompts, over both runs
+        if progress is not None:
+            progress(done, measured_here + rest_here)
+
+    def rest_progress(done, _):
+        if clock is not None:
+            clock.tick()
+        measured_progress(measured_here + done, None)
+
+    clock = FirstBatchClock() if len(prompts) - measure >= world else None
     batch = batch_size
     while True:
         observer = Calibrator(max_lag, forecast_lag)
@@ -99,14 +132,43 @@ def calibrate(
             observer.check_memory = _batch_check(batch, min(observer.keep + 1, steps), memory_budget)
         try:
             ctx, images = _observe(
-                pipe, observer, prompts, steps, seed, batch, guidance_scale, progress, layout
+                pipe,
+                observer,
+                prompts[:measure],
+                steps,
+                seed,
+                batch,
+                guidance_scale,
+                measured_progress,
+                layout,
             )
             break
         except _SmallerBatch as e:
             batch = e.batch
-    _merge_ranks(observer, data_parallel(pipe)[1])
+    plain = {}
+    if measure < len(
+        prompts
+    ):  # the prompts whose images alone are needed: the plain model, its first batch timed
+        rest = generate(
+            pipe,
+            prompts,
+            steps,
+            seed,
+            batch,
+            guidance_scale,
+            clock.tick if clock else None,
+            rest_progress,
+            items=list(range(measure, len(prompts))),
+        )
+        images = torch.cat([images, rest.to(images.device)])
+        if clock is not None:
+            plain = {
+                "plain_batch_seconds": clock.seconds(),
+                "plain_batch_prompts": first_batch_prompts(len(prompts) - measure, batch, world),
+            }
+    _merge_ranks(observer, world)
     weights = fit_forecasts(observer)
-    profile = _to_profile(observer, ctx, len(prompts), steps, max_lag, forecast_lag)
+    profile = _to_profile(observer, ctx, measure, steps, max_lag, forecast_lag)
     profile.meta.update(
         model=type(transformer).__name__,
         model_signature=model_signature(transformer),
@@ -115,9 +177,11 @@ def calibrate(
         seed=seed,
         prompts_hash=sha256_of([str(p) for p in prompts]),
         n_prompts_total=len(prompts),
+        measured_prompts=measure,
         guidance_scale=guidance_scale,
         batch_size=batch_size,
         calibration_batch=batch,
+        timed_batch_prompts=first_batch_prompts(measure, batch, world),  # what `seconds` were timed on
         kind="calibration",
         calibration_version=VERSION,
         identity=pipeline_identity(pipe),
@@ -126,6 +190,7 @@ def calibrate(
         flops=observer.flops,
         signal=_signal(observer, len(prompts), steps),
         fitted_weights=weights,
+        **plain,
     )
     return profile, images
 

@@ -38,14 +38,14 @@ from ..files import load_images, save_images, write_text_atomic
 from ..holds import hold
 from ..parallel import run_layout
 from ..profiling.workload import (
-    barrier,
+    FirstBatchClock,
     data_parallel,
+    first_batch_prompts,
     from_first,
     generate,
     median_seconds,
     writes,
 )
-from ..runtime import synchronize
 from ..stats.intervals import mean_interval, quantile_lower_bound
 from ..stats.quality import per_sample_psnr_ssim
 from .calibrate import VERSION as CALIBRATION_VERSION
@@ -121,7 +121,7 @@ def check_calibration(prompts, batch_size, what: str) -> None:
 
 
 # an evaluation row's fields that are not a quality
-NOT_QUALITY = ("key", "stamp", "speedup", "first_batch_seconds", "ran_on", "psnr_each")
+NOT_QUALITY = ("key", "stamp", "speedup", "first_batch_seconds", "first_batch_prompts", "ran_on", "psnr_each")
 
 
 class Evaluations:
@@ -202,18 +202,10 @@ class Evaluations:
         remove function); with `timed`, also the measured speedup on the first batch."""
         if key not in self.done or (timed and "speedup" not in self.done[key]):
             remove = applied()
-            # this rank's first batch: its start and end, the ranks in step as `timed` has them
-            clock: list[float] = []
-
-            def tick(*_):
-                if len(clock) < 2:
-                    barrier()
-                    synchronize()
-                    clock.append(time.perf_counter())
-
+            clock = FirstBatchClock()
             ran_on = self.items
             try:
-                images = self._generate(ran_on, before_batch=tick, after_batch=tick)
+                images = self._generate(ran_on, before_batch=clock.tick, after_batch=clock.tick)
                 seconds = self.seconds_per_run() if timed else None
             finally:
                 remove()
@@ -239,7 +231,12 @@ class Evaluations:
                 "ssim": statistics.fmean(ssim),
                 "ssim_lo": mean_interval(ssim)[1],
                 # one timed pass of the first batch, which the planner's finalists are compared by (no extra runs)
-                "first_batch_seconds": from_first(clock[1] - clock[0]),
+                "first_batch_seconds": clock.seconds(),
+                "first_batch_prompts": first_batch_prompts(
+                    len(self.prompts if ran_on is None else ran_on),
+                    self.batch_size,
+                    data_parallel(self.pipe)[1],
+                ),
             }
             if timed:
                 row["speedup"] = self.plain_seconds() / seconds
@@ -301,6 +298,7 @@ def plan(
     layout=None,
     predictors: str = PREDICTORS,
     check_prompts: int | None = None,
+    measure_prompts: int | None = None,
 ) -> Schedule:
     """Plan the cache of `pipe` from its measured redundancy on `prompts` so that `target` holds.
 
@@ -320,7 +318,9 @@ def plan(
     calibration prompts); `iterations`: speed targets scan this many prices per search line.
     `check_prompts`: the first check runs on every calibration prompt, the later ones only on the
     `check_prompts` it found hardest (lowest PSNR; default: every check on every prompt), and every check's
-    quality, the plan's too, is over those.
+    quality, the plan's too, is over those. `measure_prompts`: the calibration measures the units' errors on
+    the first `measure_prompts` prompts only, and runs the others uncached for the checks' reference alone
+    (default: it measures on every prompt); the checks still run on every prompt (or the hardest of them).
     """
     goal = Target.parse(target)
     if cost not in ("time", "flops", "uniform"):
@@ -355,10 +355,24 @@ def plan(
             f"check_prompts (--check-prompts) must be between 1 and the {len(prompts)} calibration prompts, "
             f"not {check_prompts!r}"
         )
+    if measure_prompts is not None and (
+        not isinstance(measure_prompts, int)
+        or isinstance(measure_prompts, bool)
+        or not 1 <= measure_prompts <= len(prompts)
+    ):
+        raise EveryRankError(
+            f"measure_prompts (--measure-prompts) must be between 1 and the {len(prompts)} calibration prompts, "
+            f"not {measure_prompts!r}"
+        )
     world = data_parallel(pipe)[1]  # the ranks the prompts are shared over
     if check_prompts is not None and check_prompts < min(len(prompts), world):
         raise EveryRankError(
             f"{world} ranks share the checks' {check_prompts} prompts: give at least one per rank"
+        )
+    if measure_prompts is not None and measure_prompts < min(len(prompts), world):
+        raise EveryRankError(
+            f"{world} ranks share the {measure_prompts} prompts the errors are measured on: give at least one "
+            "per rank"
         )
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"planning needs num_inference_steps >= 2, not {num_inference_steps!r}")
@@ -371,7 +385,17 @@ def plan(
 
     # 1. calibration (resumed from the work folder when it matches)
     cal, reference, resumed = _calibration(
-        pipe, transformer, prompts, num_inference_steps, seed, batch_size, guidance_scale, work, say, layout
+        pipe,
+        transformer,
+        prompts,
+        num_inference_steps,
+        seed,
+        batch_size,
+        guidance_scale,
+        work,
+        say,
+        layout,
+        measure_prompts,
     )
     # the plain model's step time on this machine, for the cost model and the finalists' measured speedups
     # timed at the calibration's batch, which the unit times were measured at (smaller where memory asked)
@@ -381,16 +405,31 @@ def plan(
             f"calibration: ran in batches of {cal_batch}, as {batch_size} prompts' kept outputs would not fit in "
             "memory; the checks run in those batches too"
         )
-    # each rank's share of these is one batch, of the size of its first calibration batch and its checks' first
-    first = prompts[: cal_batch * world]
+    # each rank's share of these is one batch, the size of its checks' first (after the first check, where they
+    # run on the hardest prompts alone): what a check's timed batch is compared with
+    checked = check_prompts if check_prompts is not None else len(prompts)
+    first = prompts[: min(cal_batch * world, checked)]
+    plain_prompts = first_batch_prompts(len(first), cal_batch, world)
 
     def plain_run():
         return generate(pipe, first, num_inference_steps, seed, cal_batch, guidance_scale)
 
-    plain_seconds = _plain_seconds(plain_run, work, resumed)
+    timed_in_calibration = (
+        cal.meta["plain_batch_seconds"] if cal.meta.get("plain_batch_prompts") == plain_prompts else None
+    )
+    plain_seconds = _plain_seconds(plain_run, work, resumed, timed_in_calibration)
+    # the units were timed on the calibration's first batch, which can hold more prompts than the checks' later
+    # ones: the plain step's time at that batch, taken as linear in the prompts, so that what no unit covers
+    # is what is left of it
+    per_step = (
+        plain_seconds
+        / num_inference_steps
+        * cal.meta.get("timed_batch_prompts", plain_prompts)
+        / plain_prompts
+    )
     costs = costs_from(
         cal,
-        plain_seconds / num_inference_steps,
+        per_step,
         uniform=cost == "uniform",
         flops=cost == "flops" or goal.kind == "flops",
     )
@@ -497,18 +536,27 @@ def plan(
             pipe, schedule, first, num_inference_steps, seed, cal_batch, guidance_scale, layout
         )
 
-    # every finalist ran its first batch once in its check, timed there against the plain pass timed above on the
-    # same batch: no run of its own (on tiny-latte the finalists' timing rounds took 40% of the planning). Rows
-    # read from an older work folder, which kept no timing, are timed in interleaved rounds with the plain model
-    # instead. Every one already ran, so no warm-up.
+    # every finalist ran its first batch once in its check, timed there against the plain pass timed above on a
+    # batch of as many prompts: no run of its own (on tiny-latte the finalists' timing rounds took 40% of the
+    # planning). A row whose timed batch held another number of prompts (the first check, on every prompt where
+    # the later ones run on the hardest; or a row of an older work folder, which kept no timing) is timed in
+    # interleaved rounds with the plain model instead. Every one already ran, so no warm-up.
     timed: dict[int, float] = {}
 
     def speedups_of(schedules: list) -> list[float]:
         rows = [evaluate(s) for s in schedules]
-        if all("first_batch_seconds" in r for r in rows):
-            speedups = [plain_seconds / r["first_batch_seconds"] for r in rows]
-        else:
-            speedups = _speedups(plain_run, [runner(s) for s in schedules])
+        untimed = [
+            i
+            for i, r in enumerate(rows)
+            if "first_batch_seconds" not in r or r.get("first_batch_prompts") != plain_prompts
+        ]
+        speedups = [
+            None if i in untimed else plain_seconds / r["first_batch_seconds"] for i, r in enumerate(rows)
+        ]
+        for i, x in zip(
+            untimed, _speedups(plain_run, [runner(schedules[i]) for i in untimed]) if untimed else []
+        ):
+            speedups[i] = x
         timed.update({id(s): x for s, x in zip(schedules, speedups)})
         return speedups
 
@@ -541,6 +589,9 @@ def plan(
         "layout": run_layout(getattr(pipe, "transformer", transformer)),  # where the costs were measured
         "calibration": {
             "n_prompts": len(prompts),
+            "measured_prompts": cal.meta.get(
+                "measured_prompts", len(prompts)
+            ),  # the first ones; errors on these
             "prompts_hash": sha256_of([str(p) for p in prompts]),
             "seed": seed,
             "guidance_scale": guidance_scale,
@@ -804,11 +855,12 @@ def _checks(cal, evaluate: Evaluations) -> dict:
     return {"count": len(pairs), "rank_correlation": rho, "predicted_error_and_psnr": pairs}
 
 
-def _plain_seconds(plain_run, work: Path | None, resumed: bool) -> float:
+def _plain_seconds(plain_run, work: Path | None, resumed: bool, timed_in_calibration: float | None) -> float:
     """The uncached first batch's seconds, kept in `work`: read back when the calibration was resumed, so that the
     run takes the decisions the interrupted one would have (the search's prices and the finalists' speedups scale
-    with it; re-timed, a resumed run planned a different schedule from the same checks), else timed in one pass
-    (after the calibration's run, or a warm-up pass where the calibration was read)."""
+    with it; re-timed, a resumed run planned a different schedule from the same checks), else the calibration's
+    (`timed_in_calibration`: its unmeasured prompts' first batch, when it held as many prompts), else timed in
+    one pass (after the calibration's run, or a warm-up pass where the calibration was read)."""
     kept = work / "plain_seconds.json" if work is not None else None
     seconds = None
     if resumed and kept.exists():
@@ -819,7 +871,10 @@ def _plain_seconds(plain_run, work: Path | None, resumed: bool) -> float:
     seconds = from_first(seconds)  # every rank times, or none does
     if seconds is not None:
         return seconds
-    seconds = median_seconds(plain_run, repeats=1, warmup=resumed)
+    if timed_in_calibration is not None:
+        seconds = timed_in_calibration
+    else:
+        seconds = median_seconds(plain_run, repeats=1, warmup=resumed)
     if kept is not None and writes():
         write_text_atomic(kept, json.dumps({"seconds": seconds}))
     return seconds
@@ -841,8 +896,19 @@ def _speedups(plain, runs: list, rounds: int = 2) -> list[float]:
 
 
 def _calibration(
-    pipe, transformer, prompts, steps, seed, batch_size, guidance_scale, work: Path | None, say, layout=None
+    pipe,
+    transformer,
+    prompts,
+    steps,
+    seed,
+    batch_size,
+    guidance_scale,
+    work: Path | None,
+    say,
+    layout=None,
+    measure: int | None = None,
 ):
+    measure = measure or len(prompts)
     expected = {
         "model_signature": model_signature(transformer),
         "num_inference_steps": steps,
@@ -852,6 +918,7 @@ def _calibration(
         "batch_size": batch_size,
         "identity": pipeline_identity(pipe),
         "calibration_version": CALIBRATION_VERSION,
+        "measured_prompts": measure,
     }
     if (
         work is not None
@@ -867,7 +934,8 @@ def _calibration(
         if cal is not None and all(cal.meta.get(k) == v for k, v in expected.items()):
             say("calibration: resumed from the work folder")
             return cal, reference, True
-    say(f"calibration: {len(prompts)} prompts x {steps} steps")
+    measured = f", errors measured on the first {measure}" if measure < len(prompts) else ""
+    say(f"calibration: {len(prompts)} prompts x {steps} steps{measured}")
     cal, reference = calibrate(
         pipe,
         prompts,
@@ -877,6 +945,7 @@ def _calibration(
         guidance_scale,
         layout=layout,
         progress=lambda done, total: say(f"calibration: {done}/{total} prompts"),
+        measure=measure,
     )
     cal.meta = json.loads(json.dumps(cal.meta, default=str))
     if work is not None and writes():

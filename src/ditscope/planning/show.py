@@ -53,6 +53,11 @@ def summary_rows(plan: Schedule) -> list[tuple[str, str]]:
                 "calibration prompts",
                 f"{c.get('n_prompts')} (hash {c.get('prompts_hash')}, seed {c.get('seed')})"
                 + (
+                    f"; errors measured on the first {c['measured_prompts']}"
+                    if c.get("measured_prompts", c.get("n_prompts")) != c.get("n_prompts")
+                    else ""
+                )
+                + (
                     f"; checks on the hardest {len(checked)}: {', '.join(map(str, checked))}"
                     if checked
                     else ""

@@ -159,6 +159,30 @@ def median_seconds(fn, repeats: int = 3, warmup: bool = True) -> float:
     return from_first(statistics.median(timed(fn)[1] for _ in range(repeats)))
 
 
+class FirstBatchClock:
+    """Times this rank's first batch of a `generate` run, the ranks in step (a barrier at its start and end):
+    pass `tick` as both `before_batch` and `after_batch`. `seconds()` is the first rank's, on every rank; every
+    rank must have a batch."""
+
+    def __init__(self):
+        self.clock: list[float] = []
+
+    def tick(self, *_):
+        if len(self.clock) < 2:
+            barrier()
+            synchronize()
+            self.clock.append(time.perf_counter())
+
+    def seconds(self) -> float:
+        return from_first(self.clock[1] - self.clock[0])
+
+
+def first_batch_prompts(n: int, batch_size: int, world: int) -> int:
+    """How many prompts the first rank's first batch holds when `generate` runs `n` prompts over `world`
+    ranks in batches of `batch_size`: what a `FirstBatchClock` times."""
+    return min(batch_size, len(share(n, 0, world)))
+
+
 def generate(
     pipe,
     prompts: list,
