@@ -67,7 +67,7 @@ def test_bench_rows_metrics_and_outputs(pipe, tmp_path):
     assert cached["psnr_lo"] <= cached["psnr"] <= cached["psnr_hi"] and cached["psnr_p5"] <= cached["psnr"]
     assert by.loc["fora interval=1", "all_drop"] == 0 and by.loc["fora interval=1", "accuracy_drop_hi"] == 0
     md = (tmp_path / "results.md").read_text()
-    assert "undecided: 2 < 64 samples" in md or "| - | - |" in md  # 2 images decide no bar
+    assert "undecided: 2 < 64 samples" in md and "| - |" not in md  # 2 images decide no bar
     assert "per_sample" not in (tmp_path / "results.csv").read_text().splitlines()[0]
 
 
@@ -108,6 +108,12 @@ def test_paired_drops_intervals_and_bars_decided_only_on_enough_samples(n):
         _row(
             "fora interval=4", {"psnr": [35.0] * n, "ssim": [0.8] * n, "accuracy": broken, "all": broken}, 2.5
         ),
+        _row(
+            "toca ratio=0.9",
+            {"psnr": [20.0] * n, "ssim": [0.5] * n, "accuracy": broken, "all": broken},
+            2.0,
+            method="toca",
+        ),
     ]
     df = table(rows).set_index("label")
     assert df.loc["fora interval=4", "all_drop"] == pytest.approx(100 / 16)
@@ -118,6 +124,9 @@ def test_paired_drops_intervals_and_bars_decided_only_on_enough_samples(n):
     # interval 4 drops 6.25 points: it misses near-lossless, interval 2 (2x) is the best there
     assert best["near-lossless"].startswith("2.00x (fora interval=2")
     assert ("undecided" in best["near-lossless"]) == (n < 64)
+    # a method none of whose settings meets a bar: "-", and on too few samples that is undecided too
+    worst = best_at_bars(table(rows)).set_index("method").loc["toca"]
+    assert worst["near-lossless"] == ("- undecided: 16 < 64 samples" if n < 64 else "-")
 
 
 def test_killed_bench_resumes_without_redoing_finished_settings(pipe, tmp_path):

@@ -90,7 +90,8 @@ def meets(df: pd.DataFrame, psnr_floor: float, max_drop: float) -> pd.Series:
 
 def best_at_bars(df: pd.DataFrame) -> pd.DataFrame:
     """Per method: the best wall-clock speedup among its settings that meet each quality bar, with the
-    PSNR and accuracy-drop intervals of that setting; marked undecided on fewer samples than MIN_SAMPLES."""
+    PSNR and accuracy-drop intervals of that setting, or "-" where none does; either is marked undecided on
+    fewer samples than MIN_SAMPLES (none meeting a bar on a few samples does not decide it either)."""
     ran = df[df["method"] != BASELINE].dropna(subset=["speedup"])
     need = min_samples(df)
     out = []
@@ -99,7 +100,10 @@ def best_at_bars(df: pd.DataFrame) -> pd.DataFrame:
         for name, floor, drop in QUALITY_BARS:
             ok = group[meets(group, floor, drop)]
             if ok.empty:
-                row[name] = "-"
+                n = group["n_images"].max() if "n_images" in group else None
+                row[name] = "-" + (
+                    f" undecided: {int(n)} < {need} samples" if not _missing(n) and n < need else ""
+                )
                 continue
             best = ok.loc[ok["speedup"].idxmax()]
             text = f"{best['speedup']:.2f}x ({best['label']}; PSNR {_with_interval(best, 'psnr', '{:.1f}')}"

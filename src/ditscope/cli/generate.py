@@ -19,7 +19,7 @@ from .zoo import load_model
 @user_errors
 def generate(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="zoo name or local pipeline folder")],
+    model: Annotated[str, typer.Argument(help="zoo name, local diffusers folder or hub id")],
     prompt: Annotated[str, typer.Option(help="text prompt (tiny-dit: a class index or '<colour> <shape>')")],
     out: Annotated[
         Path | None,

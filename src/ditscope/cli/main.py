@@ -124,7 +124,9 @@ def _print_summary(prof) -> None:
         table.add_row(str(layer), prof.layer_names[layer], *[f"{m:.3g}" for m in means], best)
     console.print(table)
     cov = prof.cov_table()
-    cov_table = Table(title="coefficient of variation over prompts (mean over layers and steps)")
+    # a title wider than this narrow table would be folded to its width: a line of its own instead
+    console.print("[italic]coefficient of variation over prompts (mean over layers and steps)[/italic]")
+    cov_table = Table()
     for col in cov.columns:
         cov_table.add_column(str(col))
     for row in cov.itertuples(index=False):
