@@ -1503,6 +1503,7 @@ def test_a_calibration_measuring_some_prompts_measures_them_alone_and_times_the_
     assert np.array_equal(some.values, alone.values, equal_nan=True)
     assert some.meta["measured_prompts"] == 2 and some.meta["n_prompts_total"] == 5
     assert some.meta["plain_batch_prompts"] == 2 and some.meta["plain_batch_seconds"] == 20.0
+    assert some.meta["signal"] == alone.meta["signal"]  # the adaptive plan's signal: the measured prompts
     assert images.shape[0] == 5 and torch.equal(images[:2], alone_images)
     torch.testing.assert_close(images, every, atol=1e-5, rtol=0)
     with pytest.raises(DitscopeError, match="measures between 1 and 5 prompts, not 6"):

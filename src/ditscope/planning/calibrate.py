@@ -146,9 +146,8 @@ def calibrate(
         except _SmallerBatch as e:
             batch = e.batch
     plain = {}
-    if measure < len(
-        prompts
-    ):  # the prompts whose images alone are needed: the plain model, its first batch timed
+    if measure < len(prompts):
+        # the prompts whose images alone are needed: the plain model, its first batch timed
         rest = generate(
             pipe,
             prompts,
@@ -188,7 +187,7 @@ def calibrate(
         units=_units(ctx),
         seconds={u: statistics.median(v) for u, v in observer.seconds.items()},
         flops=observer.flops,
-        signal=_signal(observer, len(prompts), steps),
+        signal=_signal(observer, measure, steps),
         fitted_weights=weights,
         **plain,
     )

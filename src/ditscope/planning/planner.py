@@ -589,9 +589,8 @@ def plan(
         "layout": run_layout(getattr(pipe, "transformer", transformer)),  # where the costs were measured
         "calibration": {
             "n_prompts": len(prompts),
-            "measured_prompts": cal.meta.get(
-                "measured_prompts", len(prompts)
-            ),  # the first ones; errors on these
+            # the errors were measured on the first ones of the prompts
+            "measured_prompts": cal.meta.get("measured_prompts", len(prompts)),
             "prompts_hash": sha256_of([str(p) for p in prompts]),
             "seed": seed,
             "guidance_scale": guidance_scale,
