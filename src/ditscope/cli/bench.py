@@ -51,7 +51,7 @@ def bench(
         int | None,
         typer.Option(
             help="zoo models: seed of the drawn prompts; fit a plan or threshold "
-            "on one seed and score it on another [default: 3000]"
+            "on one seed and score it on another (default: 3000)"
         ),
     ] = None,
     calibration_seed: Annotated[

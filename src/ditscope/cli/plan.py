@@ -37,7 +37,7 @@ def plan(
             help="psnr=DB, ssim=S (the lower end of their 95% interval on the calibration prompts), "
             "psnr_p5=DB (their worst images: a 95% lower bound of the 5th percentile, the worst image "
             "below 59 prompts), speedup=X or flops=X "
-            "[default: psnr=35]"
+            "(default: psnr=35)"
         ),
     ] = None,
     speedup: Annotated[float | None, typer.Option(help="shorthand for --target speedup=X")] = None,
@@ -48,12 +48,12 @@ def plan(
         int | None,
         typer.Option(
             help="calibration prompts drawn for zoo models, or the first N of "
-            "--prompts [default: the zoo model's (24 images; tiny-latte: 8 videos); a file: up to 8]"
+            "--prompts (default: the zoo model's (24 images; tiny-latte: 8 videos); a file: up to 8)"
         ),
     ] = None,
     prompt_seed: Annotated[
         int | None,
-        typer.Option(help=f"zoo models: seed of the drawn calibration prompts [default: {CALIBRATION_SEED}]"),
+        typer.Option(help=f"zoo models: seed of the drawn calibration prompts (default: {CALIBRATION_SEED})"),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
@@ -103,14 +103,14 @@ def plan(
         int | None,
         typer.Option(
             help="quality targets: the first check runs on every calibration prompt, the others on the N it "
-            "found hardest (lowest PSNR) [default: every one; tiny-latte: 4 of its 8 videos]"
+            "found hardest (lowest PSNR) (default: every one; tiny-latte: 4 of its 8 videos)"
         ),
     ] = None,
     measure_prompts: Annotated[
         int | None,
         typer.Option(
             help="the calibration measures the errors on the first N calibration prompts and runs the others "
-            "uncached, for the checks alone [default: every one; tiny-latte: 4 of its 8 videos]"
+            "uncached, for the checks alone (default: every one; tiny-latte: 4 of its 8 videos)"
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="plan file (default plans/MODEL.plan.json)")] = None,

@@ -49,12 +49,12 @@ def tune(
         int | None,
         typer.Option(
             help="calibration prompts drawn for zoo models, or the first N of "
-            "--prompts [default: the zoo model's (24 images; tiny-latte: 8 videos); a file: up to 8]"
+            "--prompts (default: the zoo model's (24 images; tiny-latte: 8 videos); a file: up to 8)"
         ),
     ] = None,
     prompt_seed: Annotated[
         int | None,
-        typer.Option(help=f"zoo models: seed of the drawn calibration prompts [default: {CALIBRATION_SEED}]"),
+        typer.Option(help=f"zoo models: seed of the drawn calibration prompts (default: {CALIBRATION_SEED})"),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
