@@ -46,9 +46,28 @@ def test_profile_with_no_arguments_writes_profile_and_figures(tmp_path):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
         assert (out / "figures" / f"{name}.svg").stat().st_size > 1000
     assert not list(out.glob("*.partial"))
-    # a rerun finds the finished profile and computes nothing
+    # a rerun finds the finished profile and computes nothing, and its figures are up to date: none is drawn
+    figures = sorted(f for f in (out / "figures").iterdir() if not f.name.startswith("."))  # not the stamp
+    drawn = {f: f.stat().st_mtime_ns for f in figures}
     again = cli("profile", cwd=tmp_path)
     assert again.exit_code == 0 and "already complete" in again.stderr
+    assert (
+        f"the {len(figures)} figure files in runs/{zoo.DEFAULT_MODEL}/figures are up to date" in again.stdout
+    )
+    assert {f: f.stat().st_mtime_ns for f in figures} == drawn
+    # a figure removed, and they are drawn again
+    from ditscope.cli.main import draw_figures
+
+    calls = []
+
+    class Recorded(Profile):
+        def plot(self, folder):
+            calls.append(folder)
+            return figures
+
+    figures[0].unlink()
+    draw_figures(Recorded.load(out / "profile.ditscope"), out / "profile.ditscope")
+    assert calls == [out / "figures"]
 
 
 def test_prompt_formats_show_plot_merge(tmp_path, one_thread):

@@ -81,9 +81,43 @@ def profile(
         return
     print(f"wrote {path}")
     if plot and shard is None:
-        figures = result.plot(path.parent / "figures")
-        print(f"wrote {len(figures)} figure files to {path.parent / 'figures'}")
+        draw_figures(result, path)
     _print_summary(result)
+
+
+def draw_figures(result, path: Path) -> None:
+    """The profile's figures, in `figures/` beside its file `path`: drawn again only where the profile, or the
+    code that draws them, changed since the stamp kept beside them was written (a rerun of the README's main
+    job read a finished profile and then spent most of its time drawing the same figures again)."""
+    import hashlib
+    import json
+
+    from .. import plots
+    from ..files import write_text_atomic
+
+    folder = path.parent / "figures"
+    stamp_file = folder / ".drawn.json"
+    stamp = {
+        "profile": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "drawn_by": hashlib.sha256(Path(plots.__file__).read_bytes()).hexdigest(),
+    }
+    try:
+        kept = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    files = kept.get("files") if isinstance(kept, dict) else None
+    if (
+        files
+        and all(kept.get(k) == v for k, v in stamp.items())
+        and all((folder / f).is_file() for f in files)
+    ):
+        print(f"the {len(files)} figure files in {folder} are up to date")
+        return
+    figures = result.plot(folder)
+    write_text_atomic(
+        stamp_file, json.dumps(stamp | {"files": sorted(str(f.relative_to(folder)) for f in figures)})
+    )
+    print(f"wrote {len(figures)} figure files to {folder}")
 
 
 # --------------------------------------------------------------------------- show, merge, plot
