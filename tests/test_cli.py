@@ -50,7 +50,8 @@ def test_profile_with_no_arguments_writes_profile_and_figures(tmp_path):
     figures = sorted(f for f in (out / "figures").iterdir() if not f.name.startswith("."))  # not the stamp
     drawn = {f: f.stat().st_mtime_ns for f in figures}
     again = cli("profile", cwd=tmp_path)
-    assert again.exit_code == 0 and "already complete" in again.stderr
+    assert again.exit_code == 0 and "already complete" in again.stderr and "wrote" not in again.stdout
+    assert f"wrote runs/{zoo.DEFAULT_MODEL}/profile.ditscope" in result.stdout
     assert (
         f"the {len(figures)} figure files in runs/{zoo.DEFAULT_MODEL}/figures are up to date" in again.stdout
     )

@@ -79,7 +79,6 @@ def profile(
     )
     if result is None:  # a torchrun rank other than 0
         return
-    print(f"wrote {path}")
     if plot and shard is None:
         draw_figures(result, path)
     _print_summary(result)

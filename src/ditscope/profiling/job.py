@@ -169,12 +169,14 @@ def profile_model(
 
         if rank == 0:
             result.save(final)
+            print(f"wrote {final}")
         dist.barrier()
         state.unlink(missing_ok=True)
         dist.destroy_process_group()
         return (result, final) if rank == 0 else (None, None)
     target_file = final if part is None else out / f"profile.shard{part[0]}of{part[1]}.ditscope"
     result.save(target_file)
+    print(f"wrote {target_file}")
     state.unlink(missing_ok=True)
     return result, target_file
 
