@@ -346,34 +346,9 @@ def plan(
         raise DitscopeError(
             f"planning needs max_checks >= 1 (end-to-end checks per plan), not {max_checks!r}"
         )
-    if check_prompts is not None and (
-        not isinstance(check_prompts, int)
-        or isinstance(check_prompts, bool)
-        or not 1 <= check_prompts <= len(prompts)
-    ):
-        raise EveryRankError(  # every rank finds it: each says so before torchrun stops them
-            f"check_prompts (--check-prompts) must be between 1 and the {len(prompts)} calibration prompts, "
-            f"not {check_prompts!r}"
-        )
-    if measure_prompts is not None and (
-        not isinstance(measure_prompts, int)
-        or isinstance(measure_prompts, bool)
-        or not 1 <= measure_prompts <= len(prompts)
-    ):
-        raise EveryRankError(
-            f"measure_prompts (--measure-prompts) must be between 1 and the {len(prompts)} calibration prompts, "
-            f"not {measure_prompts!r}"
-        )
     world = data_parallel(pipe)[1]  # the ranks the prompts are shared over
-    if check_prompts is not None and check_prompts < min(len(prompts), world):
-        raise EveryRankError(
-            f"{world} ranks share the checks' {check_prompts} prompts: give at least one per rank"
-        )
-    if measure_prompts is not None and measure_prompts < min(len(prompts), world):
-        raise EveryRankError(
-            f"{world} ranks share the {measure_prompts} prompts the errors are measured on: give at least one "
-            "per rank"
-        )
+    _check_prompt_count("check_prompts", check_prompts, len(prompts), world, "the checks run on")
+    _check_prompt_count("measure_prompts", measure_prompts, len(prompts), world, "the errors are measured on")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise DitscopeError(f"planning needs num_inference_steps >= 2, not {num_inference_steps!r}")
     say = progress or (lambda text: None)
@@ -852,6 +827,20 @@ def _checks(cal, evaluate: Evaluations) -> dict:
     if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
         rho = round(float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic), 4)
     return {"count": len(pairs), "rank_correlation": rho, "predicted_error_and_psnr": pairs}
+
+
+def _check_prompt_count(name: str, count, n_prompts: int, world: int, what: str) -> None:
+    """Refuses, on every rank, a count of calibration prompts (`check_prompts`, `measure_prompts`) outside
+    1..n_prompts, or one that leaves a rank without a prompt where there are prompts enough for every rank."""
+    if count is None:
+        return
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= n_prompts:
+        raise EveryRankError(  # every rank finds it: each says so before torchrun stops them
+            f"{name} (--{name.replace('_', '-')}) must be between 1 and the {n_prompts} calibration prompts, "
+            f"not {count!r}"
+        )
+    if count < min(n_prompts, world):
+        raise EveryRankError(f"{world} ranks share the {count} prompts {what}: give at least one per rank")
 
 
 def _plain_seconds(plain_run, work: Path | None, resumed: bool, timed_in_calibration: float | None) -> float:
